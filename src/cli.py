@@ -1,0 +1,187 @@
+"""`medq` command line: parses arguments, loads the config, calls one stage function. Nothing else lives here."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from medq.errors import MedqError
+
+DEFAULT_CONFIG = "configs/default.yaml"
+log = logging.getLogger("medq")
+
+
+def _quiet_tensorflow(verbose: bool) -> None:
+    """Keep TF/oneDNN/INC start-up chatter out of the terminal unless --verbose (must run before TF is imported)."""
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        os.environ.setdefault("KMP_WARNINGS", "0")
+
+
+def _setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    root = logging.getLogger("medq")
+    root.setLevel(logging.DEBUG)
+    root.handlers.clear()
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(level)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setLevel(logging.DEBUG)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root.addHandler(handler)
+    root.propagate = False
+
+
+def _load(args: argparse.Namespace):
+    from medq.config import load_config
+
+    path = args.config
+    if path is None and Path(DEFAULT_CONFIG).is_file():
+        path = DEFAULT_CONFIG
+    overrides = list(args.set or [])
+    if getattr(args, "run_name", None):
+        overrides.append(f"run.name={args.run_name}")
+    config = load_config(path, overrides)
+    _setup_logging(args.verbose, args.quiet, config.run_dir / "logs" / f"{args.command}.log")
+    return config
+
+
+# --- stage commands: each loads the config and calls one function ----------------------------------------------
+
+def cmd_data(args: argparse.Namespace) -> int:
+    if args.action == "check":
+        from medq.data.check import check_dataset, format_check_report
+
+        if not args.path:
+            raise MedqError("medq data check: give the dataset folder, e.g. medq data check data/chest_xray")
+        report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
+        print(json.dumps(report, indent=2, default=str) if args.json else format_check_report(report))
+        return 0
+    from medq.pipeline import run_data
+
+    run_data(_load(args))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medq.train import run_train
+
+    config = _load(args)
+    result = run_train(config, verbose=2 if args.verbose else 0)
+    log.info("best epoch %d: validation %s", result.best_epoch, _short_metrics(result.val_metrics))
+    log.info("model: %s", config.run_dir / "model.keras")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from medq.tune import run_tune
+
+    run_tune(_load(args))
+    return 0
+
+
+def cmd_freeze(args: argparse.Namespace) -> int:
+    from medq.freeze import run_freeze
+
+    log.info("frozen graph: %s", run_freeze(_load(args)))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from medq.quantize import run_quantize
+
+    log.info("INT8 graph: %s", run_quantize(_load(args), verbose=args.verbose))
+    return 0
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from medq.benchmark import run_benchmark, summary_text
+
+    config = _load(args)
+    report = run_benchmark(config, verbose=args.verbose)
+    print(summary_text(report))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from medq.benchmark import summary_text
+    from medq.pipeline import run_all
+
+    config = _load(args)
+    report = run_all(config, verbose=args.verbose)
+    print(summary_text(report))
+    print(f"report: {config.run_dir / 'benchmark.md'}")
+    return 0
+
+
+def _short_metrics(metrics: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "auc") if isinstance(metrics.get(k), float))
+
+
+# --- parser -----------------------------------------------------------------------------------------------------
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", metavar="YAML",
+                        help=f"config file (default: {DEFAULT_CONFIG} if present, else built-in defaults)")
+    parser.add_argument("--set", "-s", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    parser.add_argument("--run-name", help="shorthand for --set run.name=NAME (the folder under run.output_dir)")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("--verbose", "-v", action="store_true", help="show TF/INC logs and per-epoch Keras output")
+    noise.add_argument("--quiet", "-q", action="store_true", help="only warnings, errors and final results")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "data": (cmd_data, "generate the phantom dataset or read and report a dataset (`medq data check PATH`)"),
+    "train": (cmd_train, "train the configured model; the best validation epoch is kept"),
+    "tune": (cmd_tune, "keras-tuner search; the best trial becomes the run's model if it beats it"),
+    "freeze": (cmd_freeze, "Keras model → frozen GraphDef model_fp32.pb (input:0 → output:0), parity-checked"),
+    "quantize": (cmd_quantize, "INC post-training static quantization driven by deploy.yaml → model_int8.pb"),
+    "benchmark": (cmd_benchmark, "FP32 vs INT8 (and BF16) latency, throughput and test metric, each in its own process"),
+    "run": (cmd_run, "all stages in order on the config's data (the main job)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medq", description="Train, quantize (Intel Neural Compressor) and "
+                                     "benchmark medical image classifiers on Intel Xeon CPUs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p)
+        p.set_defaults(func=fn)
+        if name == "data":
+            p.add_argument("action", nargs="?", choices=["prepare", "check"], default="prepare",
+                           help="prepare (default): generate phantoms if needed and report; check PATH: inspect a folder")
+            p.add_argument("path", nargs="?", help="with check: the dataset folder")
+            p.add_argument("--format", help="with check: the layout (default: detect)")
+            p.add_argument("--variant", help="with check: e.g. 3-class")
+            p.add_argument("--json", action="store_true", help="with check: print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_tensorflow(args.verbose)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        return args.func(args)
+    except MedqError as exc:
+        print(f"medq {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medq {args.command}: interrupted; finished artifacts are kept, rerun to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

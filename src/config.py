@@ -1,0 +1,337 @@
+"""One typed config object for every stage.
+
+Loaded from a YAML file (``yaml.safe_load``), checked field by field against the dataclasses below (unknown keys and
+wrong types are errors that name the file and the key), then overridden from the command line with
+``--set section.key=value``. String values may use ``${VAR}`` or ``${VAR:-default}`` so that ``DATA_DIR`` and
+``OUTPUT_DIR`` (the reference kit's habit) work without editing the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from medq.errors import ConfigError
+
+DatasetFormat = Literal["auto", "kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi", "folder", "csv"]
+PhantomKind = Literal["chest-pneumonia", "chest-multilabel", "rsna-dicom", "busi"]
+Task = Literal["binary", "multiclass", "multilabel"]
+Normalization = Literal["unit", "imagenet", "symmetric"]
+Precision = Literal["fp32", "bf16", "int8", "int8-bf16"]
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    output_dir: str = "${OUTPUT_DIR:-output}"
+    seed: int = 42
+
+
+@dataclass
+class PhantomConfig:
+    """The built-in offline dataset: written to ``data.root`` in the real layout of its kind, then read back."""
+
+    kind: PhantomKind = "chest-pneumonia"
+    n_train: int = 800
+    n_val: int = 16  # the Kaggle archive's tiny val split, mimicked; medq validates on a patient-wise carve of train
+    n_test: int = 200
+    size: int = 128
+    seed: int = 7
+
+
+@dataclass
+class DataConfig:
+    format: DatasetFormat = "auto"
+    root: str = "${DATA_DIR:-data}/chest_xray"
+    variant: Optional[str] = None  # e.g. kaggle-pneumonia "3-class", busi "3-class"
+    # 'from-train': validation is a patient-wise fraction of train (the Kaggle val split holds 16 images);
+    # 'official': the layout's own split where it has one.
+    val_split: Literal["from-train", "official"] = "from-train"
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2  # for layouts without a test split
+    strict: bool = False  # unreadable files: error instead of listed skip
+    generate: bool = True  # generate the phantom dataset at root when root does not exist
+    phantom: PhantomConfig = field(default_factory=PhantomConfig)
+
+
+@dataclass
+class PreprocessConfig:
+    image_size: int = 96
+    channels: Literal[1, 3] = 1
+    normalization: Normalization = "unit"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "refkit-cnn"
+    params: dict[str, Any] = field(default_factory=dict)
+    weights: Optional[str] = None  # a local weights file; nothing is ever downloaded
+
+
+@dataclass
+class AugmentConfig:
+    rotation_deg: float = 5.0
+    shift: float = 0.05
+    zoom: float = 0.08
+    brightness: float = 0.08
+    contrast: float = 0.1
+    horizontal_flip: bool = False  # anatomy is not left-right symmetric: off unless the task allows it
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
+    loss: Literal["auto", "bce", "weighted-bce", "focal", "cce"] = "auto"
+    class_weight: Literal["balanced", "none"] = "balanced"
+    dropout: float = 0.2
+    early_stopping_patience: int = 6
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class TuneConfig:
+    enabled: bool = True
+    tuner: Literal["random", "hyperband", "bayesian"] = "random"
+    max_trials: int = 3
+    epochs: int = 4
+    # name -> list of choices; learning_rate and batch_size as the reference kit's grid, plus what the model allows
+    search_space: dict[str, list[Any]] = field(
+        default_factory=lambda: {"learning_rate": [1e-3, 3e-3], "batch_size": [16, 32]}
+    )
+
+
+@dataclass
+class FreezeConfig:
+    input_name: str = "input"
+    output_name: str = "output"
+
+
+@dataclass
+class QuantizeConfig:
+    deploy: str = "configs/deploy.yaml"
+
+
+@dataclass
+class BenchmarkConfig:
+    precisions: list[Precision] = field(default_factory=lambda: ["fp32", "int8"])
+    batch_size: int = 32
+    warmup: int = 5
+    latency_iterations: int = 60
+    throughput_iterations: int = 10
+
+
+@dataclass
+class RuntimeConfig:
+    """Thread settings applied (as environment variables, before TensorFlow starts) in every measuring process."""
+
+    intra_op_threads: int = 0  # 0: every physical core
+    inter_op_threads: int = 1
+    kmp_blocktime: int = 1
+    kmp_affinity: str = "granularity=fine,compact,1,0"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source: Optional[str] = None  # the file this was loaded from (set by load_config, not by the user)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, where: str) -> str:
+    def sub(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name) or default
+        if value is None:
+            raise ConfigError(f"{where}: ${{{name}}} is not set; export {name} or write ${{{name}:-default}}")
+        return value
+
+    return _ENV.sub(sub, text)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        return {list: "a list", dict: "a mapping"}[origin]
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int → float, env expanded)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [o for o in options if o is not type(None)]
+        return _coerce(value, inner, where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            raise ConfigError(f"{where}: {value!r} is not allowed; use {_type_name(tp)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of settings, got {value!r}")
+        return _build(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        _, inner = typing.get_args(tp)
+        return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return expand_env(value, where)
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        section = f"{where}: " if where else ""
+        raise ConfigError(f"{section}unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name in data:
+            kwargs[f.name] = _coerce(data[f.name], hints[f.name], key)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _build(hints[f.name], {}, key)
+        elif isinstance(f.default, str):
+            kwargs[f.name] = expand_env(f.default, key)
+    obj = cls(**kwargs)
+    _check_ranges(obj, where)
+    return obj
+
+
+_POSITIVE = {
+    "n_train", "size", "image_size", "epochs", "batch_size", "max_trials", "latency_iterations",
+    "throughput_iterations", "early_stopping_patience",
+}
+_FRACTIONS = {"val_fraction", "test_fraction", "dropout", "zoom", "shift", "brightness", "contrast"}
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{where}.{f.name}" if where else f.name
+        if f.name in _POSITIVE and isinstance(value, (int, float)) and value <= 0:
+            raise ConfigError(f"{key}: must be greater than 0, got {value}")
+        if f.name in _FRACTIONS and isinstance(value, float) and not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key}: must be in [0, 1), got {value}")
+        if f.name == "learning_rate" and isinstance(value, float) and not 0.0 < value < 10.0:
+            raise ConfigError(f"{key}: must be a positive learning rate, got {value}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'train.epochs=3'`` → (['train', 'epochs'], 3); the value is read as YAML (numbers, lists, true/false)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: write it as section.key=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass an existing file with --config (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (run:, data:, ...), got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults ← file ← ``--set`` overrides, validated as a whole."""
+    data: dict[str, Any] = read_yaml(Path(path)) if path else {}
+    source = str(path) if path else "defaults"
+    for text in overrides:
+        keys, value = parse_override(text)
+        _merge(data, keys, value)
+    try:
+        config = _build(Config, data, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    config.source = source
+    return config
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved in a run's manifest."""
+    data = {k: v for k, v in data.items() if k != "source"}
+    return _build(Config, data, "")

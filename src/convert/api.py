@@ -1,0 +1,238 @@
+"""The converter's two entry points: ``convert`` (PyTorch / ONNX in → medq run folder) and ``export_onnx`` (medq
+model → ONNX). One function per step; these two only put the steps in order and write the run folder."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from medq import artifacts
+from medq.convert import head, onnx_graph, parity
+from medq.errors import MedqError
+from medq.preprocess import PreprocessSpec
+
+DEFAULT_IMAGE_SIZE = 224
+DEFAULT_OPSET = 17
+OPSETS = range(13, 18)  # what this stack was tested with (torch exporter, onnx2tf 1.28, tf2onnx 1.17)
+PARITY_TOLERANCE = 1e-4  # absolute, on probabilities
+PARITY_IMAGES = 8
+NORMALIZATIONS = ("imagenet", "symmetric", "unit")
+CHEXNET_CLASSES = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+FROZEN_FP32 = "model_fp32.pb"  # the name medq.freeze writes: later stages find it through the manifest either way
+ONNX_FILE = "model.onnx"
+ONNX_FP32_FILE = "model_fp32.onnx"
+SAVED_MODEL_DIR = "saved_model"
+PARITY_FILE = "parity.json"
+EXPORT_PARITY_FILE = "parity_onnx.json"
+
+
+@dataclass
+class ConvertResult:
+    run_dir: Path
+    fp32_pb: Path
+    onnx: Path
+    saved_model: Path
+    task: str
+    classes: list[str]
+    preprocess: PreprocessSpec
+    parity: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+@dataclass
+class ExportResult:
+    run_dir: Path
+    onnx: Path
+    parity: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+@dataclass
+class _Source:
+    """A model read from the user's file: its ONNX graph as exported, and the engine the parity check trusts."""
+
+    onnx_model: Any
+    engine: str
+    predict: Callable[[np.ndarray], np.ndarray]  # NCHW batch → raw outputs (before the appended head)
+    image_size: int
+    info: dict[str, Any]
+    arch: str | None = None
+
+
+def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
+    model = onnx_graph.load_onnx(path)
+    sig = onnx_graph.signature(model, path)
+    if sig.height != sig.width:
+        raise MedqError(f"{path}: input is {sig.height}x{sig.width}; medq feeds square images")
+    if image_size is not None and sig.height is not None and image_size != sig.height:
+        raise MedqError(f"{path}: the model takes {sig.height}x{sig.width} images, not {image_size}; "
+                        f"drop image_size or pass {sig.height}")
+    size = sig.height or image_size or DEFAULT_IMAGE_SIZE
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    info = {"kind": "onnx", "opset": opset, "input": onnx_graph.real_inputs(model.graph)[0].name,
+            "output": model.graph.output[0].name, "producer": model.producer_name or None}
+    return _Source(model, "source-onnx", lambda x: onnx_graph.run_onnx(path, x),
+                   size, info)
+
+
+def _read_torch_source(path: Path, arch: str | None, image_size: int | None, opset: int, work: Path,
+                       trust_torchscript: bool) -> _Source:
+    import onnx
+
+    from medq.convert import torch_models
+
+    torch_models.require_torch(path)
+    size = image_size or DEFAULT_IMAGE_SIZE
+    if torch_models.is_torchscript(path):
+        if arch is not None:
+            raise MedqError(f"{path}: a TorchScript file carries its own architecture; drop arch={arch!r}")
+        loaded = torch_models.load_torchscript(path, size, trust_torchscript)
+    else:
+        loaded = torch_models.load_checkpoint_model(path, arch)
+    target = torch_models.export_onnx_from_torch(loaded, work / "source.onnx", size, opset, path)
+    info = {**loaded.info, "in_channels": loaded.in_channels, "num_outputs": loaded.num_outputs, "opset": opset}
+    return _Source(onnx.load(str(target)), "pytorch", lambda x: torch_models.torch_predict(loaded.model, x), size,
+                   info, arch)
+
+
+def _class_names(classes: list[str] | None, arch: str | None, n: int, where: Path) -> list[str]:
+    if classes is not None:
+        classes = [str(c) for c in classes]
+        if len(classes) != n or len(set(classes)) != n:
+            raise MedqError(f"{where}: {len(classes)} class names given for a model with {n} outputs "
+                            "(or names repeat); pass one distinct name per output, in output order")
+        return classes
+    if arch == "chexnet" and n == len(CHEXNET_CLASSES):
+        return list(CHEXNET_CLASSES)
+    return [f"class_{i}" for i in range(n)]
+
+
+def _normalization(requested: str | None, arch: str | None, where: Path) -> str:
+    if requested is None and arch is not None:
+        from medq.convert.torch_models import ARCHITECTURES
+
+        requested = ARCHITECTURES[arch].normalization
+    if requested not in NORMALIZATIONS:
+        got = f"{requested!r} is not one" if requested else "it is not known for this model"
+        raise MedqError(f"{where}: pass normalization, the preprocessing the model was trained with ({got}): "
+                        "imagenet (ImageNet mean/std), symmetric (mean 0.5, std 0.5) or unit ([0, 1])")
+    return requested
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Move a finished folder into place; the previous one is removed only after the new one is there."""
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None, classes: list[str] | None = None,
+            task: str | None = None, image_size: int | None = None, normalization: str | None = None,
+            opset: int = DEFAULT_OPSET, tolerance: float = PARITY_TOLERANCE, parity_images: int = PARITY_IMAGES,
+            trust_torchscript: bool = False, verbose: bool = True) -> ConvertResult:
+    """A PyTorch checkpoint (with ``arch``), a trusted TorchScript file or an ONNX file → a medq run folder.
+
+    Writes ``model_fp32.pb`` (``input:0`` [N, S, S, C] → ``output:0`` probabilities), ``model.onnx`` (NCHW, same
+    head), ``saved_model/``, ``parity.json`` and the manifest entries later stages read. Raises ``MedqError`` (one
+    line naming the file) on bad input or when the engines disagree by more than ``tolerance``; nothing but
+    ``parity.json`` is written then.
+    """
+    source, run_dir = Path(source), Path(run_dir)
+    if not source.is_file():
+        raise MedqError(f"{source}: model file not found")
+    if opset not in OPSETS:
+        raise MedqError(f"{source}: opset {opset} is outside the tested range {OPSETS.start}-{OPSETS.stop - 1}")
+    if parity_images < 2:
+        raise MedqError(f"{source}: parity needs at least 2 images (a batch), got {parity_images}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".convert-", dir=run_dir) as tmp:
+        work = Path(tmp)
+        if source.suffix.lower() == ".onnx":
+            src = _read_onnx_source(source, image_size)
+        else:
+            src = _read_torch_source(source, arch, image_size, opset, work, trust_torchscript)
+        sig = onnx_graph.signature(src.onnx_model, source)
+        plan = head.plan_head(head.model_ending(src.onnx_model), sig.num_outputs, task, source)
+        names = _class_names(classes, src.arch, plan.num_classes, source)
+        spec = PreprocessSpec(src.image_size, sig.channels, _normalization(normalization, src.arch, source))
+
+        model = head.append_head(onnx_graph.standardize(src.onnx_model, spec.image_size, source), plan)
+        onnx_path = work / ONNX_FILE
+        onnx_path.write_bytes(model.SerializeToString())
+        saved_model = onnx_graph.onnx_to_saved_model(onnx_path, work / SAVED_MODEL_DIR, source)
+        graph_def = onnx_graph.freeze_saved_model(saved_model, spec.input_shape)
+
+        x = parity.phantom_batch(spec, parity_images)
+        x_nchw = x.transpose(0, 3, 1, 2)
+        outputs = {src.engine: head.apply_head(plan, src.predict(x_nchw)),
+                   "onnxruntime": onnx_graph.run_onnx(onnx_path, x_nchw),
+                   "tensorflow": parity.run_frozen(graph_def, x)}
+        report = parity.parity_report(outputs, spec, tolerance)
+        parity.record(report, run_dir / PARITY_FILE, source, verbose)
+
+        fp32_pb = artifacts.write_bytes(run_dir / FROZEN_FP32, graph_def.SerializeToString())
+        os.replace(onnx_path, run_dir / ONNX_FILE)
+        _replace_dir(saved_model, run_dir / SAVED_MODEL_DIR)
+
+    source_info = {**src.info, "path": str(source.resolve()), "sha256": artifacts.sha256(source),
+                   "model_ends_in": plan.model_ends_in, "appended_head": list(plan.appended),
+                   "normalization_from": "argument" if normalization else "architecture default"}
+    manifest = artifacts.update_manifest(
+        run_dir, "convert", artifacts={"fp32_pb": fp32_pb, "onnx": run_dir / ONNX_FILE},
+        top={"input_name": "input", "output_name": "output", "input_shape": list(spec.input_shape),
+             "classes": names, "task": plan.task, "preprocess": spec.to_dict(), "source_model": source_info},
+        saved_model=SAVED_MODEL_DIR, onnx_input_layout="NCHW", parity=parity.summary(report))
+    return ConvertResult(run_dir, fp32_pb, run_dir / ONNX_FILE, run_dir / SAVED_MODEL_DIR, plan.task, names, spec,
+                         report, manifest)
+
+
+def export_onnx(run_dir: str | Path, *, source: str | Path | None = None, opset: int = DEFAULT_OPSET,
+                tolerance: float = PARITY_TOLERANCE, parity_images: int = PARITY_IMAGES,
+                verbose: bool = True) -> ExportResult:
+    """A medq run's model (its frozen ``fp32_pb``, else its ``keras_model``, or ``source``) → ``model_fp32.onnx``
+    with tf2onnx, checked in onnxruntime against TensorFlow. The ONNX model takes the same NHWC ``input`` as the
+    frozen graph. Recorded as artifact ``fp32_onnx``."""
+    from medq.graph import read_graph_def
+
+    run_dir = Path(run_dir)
+    manifest = artifacts.read_manifest(run_dir)
+    if "preprocess" not in manifest:
+        raise MedqError(f"{run_dir / artifacts.MANIFEST}: no preprocessing recorded (not a medq run folder, or no "
+                        "model yet); run `medq train` and `medq freeze`, or `medq convert`, for this run first")
+    if opset not in OPSETS:
+        raise MedqError(f"{run_dir}: opset {opset} is outside the tested range {OPSETS.start}-{OPSETS.stop - 1}")
+    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    input_name, output_name = manifest.get("input_name", "input"), manifest.get("output_name", "output")
+    path = Path(source) if source else (artifacts.artifact_path(run_dir, "fp32_pb")
+                                        or artifacts.artifact_path(run_dir, "keras_model"))
+    if path is None:
+        raise MedqError(f"{run_dir}: no fp32_pb or keras_model in this run's manifest; run `medq freeze` first")
+    x = parity.phantom_batch(spec, parity_images)
+    if path.suffix == ".pb":
+        graph_def = read_graph_def(path)
+        reference = parity.run_frozen(graph_def, x, input_name, output_name)
+    else:
+        from medq.freeze import freeze_keras, load_keras_model
+
+        keras_model = load_keras_model(path)
+        graph_def = freeze_keras(keras_model, input_name, output_name)
+        reference = keras_model.predict(x, batch_size=len(x), verbose=0)
+    model = onnx_graph.graph_def_to_onnx(graph_def, opset, path, input_name, output_name)
+    report = parity.parity_report({"tensorflow": reference, "onnxruntime": onnx_graph.run_onnx(model, x)}, spec,
+                                  tolerance)
+    parity.record(report, run_dir / EXPORT_PARITY_FILE, path, verbose)
+    target = artifacts.write_bytes(run_dir / ONNX_FP32_FILE, model.SerializeToString())
+    manifest = artifacts.update_manifest(run_dir, "export-onnx", artifacts={"fp32_onnx": target},
+                                         source=os.path.relpath(path, run_dir), opset=opset,
+                                         onnx_input_layout="NHWC", parity=parity.summary(report))
+    return ExportResult(run_dir, target, report, manifest)

@@ -1,0 +1,130 @@
+"""The output head: medq graphs return probabilities, so a model that ends in logits gets an activation appended.
+
+What the source model ends with (found in its ONNX graph) and the task decide the steps:
+
+| model ends in | outputs | task (None = inferred)        | appended                         |
+|---------------|---------|-------------------------------|----------------------------------|
+| Sigmoid       | N ≥ 2   | multilabel                    | nothing                          |
+| Sigmoid       | 1       | binary                        | two-column: [1 - p, p]           |
+| Softmax       | N ≥ 2   | binary (N = 2) / multiclass   | nothing                          |
+| LogSoftmax    | N ≥ 2   | binary (N = 2) / multiclass   | exp                              |
+| logits        | N ≥ 2   | binary/multiclass (required)  | softmax                          |
+| logits        | N ≥ 2   | multilabel (required)         | sigmoid                          |
+| logits        | 1       | binary                        | sigmoid, two-column              |
+
+Binary is two one-hot columns everywhere in medq, hence the two-column step for single-output models.
+The same steps exist twice, as ONNX nodes (``append_head``) and in numpy (``apply_head``, for the reference side of
+the parity check), and are recorded in the manifest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medq.errors import MedqError
+
+TASKS = ("binary", "multiclass", "multilabel")
+# ONNX ops that end a network in probabilities, and ops that may sit between them and the graph output.
+_ENDINGS = {"Sigmoid": "sigmoid", "Softmax": "softmax", "LogSoftmax": "log-softmax"}
+_PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    model_ends_in: str  # 'sigmoid' | 'softmax' | 'log-softmax' | 'logits'
+    task: str
+    appended: tuple[str, ...]  # steps from: 'exp', 'softmax', 'sigmoid', 'two-column'
+    num_classes: int
+
+
+def model_ending(model) -> str:
+    """Walk back from the graph output through shape-only ops to the op that makes it."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    name = model.graph.output[0].name
+    while name in producers:
+        node = producers[name]
+        if node.op_type in _ENDINGS:
+            return _ENDINGS[node.op_type]
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            break
+        name = node.input[0]
+    return "logits"
+
+
+def plan_head(model_ends_in: str, num_outputs: int, task: str | None, where: str | Path) -> HeadPlan:
+    if task is not None and task not in TASKS:
+        raise MedqError(f"{where}: unknown task {task!r}; use one of {', '.join(TASKS)}")
+
+    def wrong(why: str) -> MedqError:
+        return MedqError(f"{where}: the model has {num_outputs} output(s) ending in {model_ends_in}, {why}")
+
+    if num_outputs == 1:
+        if task not in (None, "binary"):
+            raise wrong(f"which is a binary classifier, not {task}; pass task=binary")
+        if model_ends_in in ("softmax", "log-softmax"):
+            raise wrong("a softmax over one value is always 1; export the logits instead")
+        steps = () if model_ends_in == "sigmoid" else ("sigmoid",)
+        return HeadPlan(model_ends_in, "binary", steps + ("two-column",), 2)
+    if model_ends_in == "sigmoid":
+        if task not in (None, "multilabel"):
+            raise wrong(f"which is multi-label; {task} needs a softmax: pass task=multilabel, or export the logits")
+        return HeadPlan(model_ends_in, "multilabel", (), num_outputs)
+    if task is None:
+        if model_ends_in == "logits":
+            raise wrong("logits: pass task (binary or multiclass appends a softmax, multilabel a sigmoid)")
+        task = "binary" if num_outputs == 2 else "multiclass"
+    if task == "binary" and num_outputs != 2:
+        raise wrong("and binary means 2 classes; pass task=multiclass or task=multilabel")
+    if model_ends_in in ("softmax", "log-softmax"):
+        if task == "multilabel":
+            raise wrong("which is single-label; pass task=multiclass (or binary)")
+        return HeadPlan(model_ends_in, task, ("exp",) if model_ends_in == "log-softmax" else (), num_outputs)
+    return HeadPlan(model_ends_in, task, ("sigmoid",) if task == "multilabel" else ("softmax",), num_outputs)
+
+
+def apply_head(plan: HeadPlan, y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y, dtype=np.float32)
+    for step in plan.appended:
+        if step == "exp":
+            y = np.exp(y)
+        elif step == "sigmoid":
+            y = 1.0 / (1.0 + np.exp(-y))
+        elif step == "softmax":
+            e = np.exp(y - y.max(axis=1, keepdims=True))
+            y = e / e.sum(axis=1, keepdims=True)
+        elif step == "two-column":
+            y = np.concatenate([1.0 - y, y], axis=1)
+    return y.astype(np.float32)
+
+
+def append_head(model, plan: HeadPlan, output_name: str = "output"):
+    """Append the plan's steps as ONNX nodes after the graph output (renamed ``<output>_model``)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from medq.convert.onnx_graph import rename_tensor
+
+    if not plan.appended:
+        return model
+    graph = model.graph
+    current = f"{output_name}_model"
+    rename_tensor(graph, output_name, current)
+    graph.output.pop()
+    for i, step in enumerate(plan.appended):
+        out = output_name if i == len(plan.appended) - 1 else f"medq_head_{i}"
+        if step == "two-column":
+            one = f"medq_head_{i}_one"
+            graph.initializer.append(helper.make_tensor(one, TensorProto.FLOAT, [], [1.0]))
+            graph.node.append(helper.make_node("Sub", [one, current], [f"{out}_neg"], name=f"medq_head_{i}_sub"))
+            graph.node.append(helper.make_node("Concat", [f"{out}_neg", current], [out], axis=1,
+                                               name=f"medq_head_{i}_concat"))
+        else:
+            op = {"exp": "Exp", "sigmoid": "Sigmoid", "softmax": "Softmax"}[step]
+            attrs = {"axis": 1} if op == "Softmax" else {}
+            graph.node.append(helper.make_node(op, [current], [out], name=f"medq_head_{i}_{step}", **attrs))
+        current = out
+    graph.output.append(helper.make_tensor_value_info(output_name, TensorProto.FLOAT, ["N", plan.num_classes]))
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,187 @@
+"""ONNX and TensorFlow side of the converter (no torch here).
+
+- ``standardize``: one NCHW image input named ``input`` with a dynamic batch and a fixed size, one ``[N, classes]``
+  output named ``output``.
+- ``onnx_to_saved_model``: onnx2tf → an NHWC TensorFlow SavedModel with one serving signature.
+- ``freeze_saved_model``: that signature → frozen GraphDef ``input:0 → output:0`` (``medq.freeze.freeze_callable``).
+- ``graph_def_to_onnx``: a medq frozen graph → ONNX with tf2onnx (the other direction).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medq.errors import MedqError
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line, for MedqError messages."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def load_onnx(path: str | Path):
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise MedqError(f"{path}: ONNX file not found")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise MedqError(f"{path}: not a valid ONNX model ({first_line(exc)})") from None
+    return model
+
+
+def real_inputs(graph) -> list:
+    """Graph inputs that are fed at run time (older exporters also list every initializer as an input)."""
+    initializers = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in initializers]
+
+
+def _dims(value_info) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value_info.type.tensor_type.shape.dim]
+
+
+@dataclass(frozen=True)
+class OnnxSignature:
+    """What a classifier's ONNX graph says about itself: NCHW input dims (None where dynamic), number of outputs."""
+
+    batch: int | None
+    channels: int
+    height: int | None
+    width: int | None
+    num_outputs: int
+
+
+def signature(model, where: str | Path) -> OnnxSignature:
+    inputs, outputs = real_inputs(model.graph), list(model.graph.output)
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise MedqError(f"{where}: expected one image input and one output, found {len(inputs)} input(s) "
+                        f"({', '.join(i.name for i in inputs)}) and {len(outputs)} output(s)")
+    in_dims, out_dims = _dims(inputs[0]), _dims(outputs[0])
+    if len(in_dims) != 4 or in_dims[1] not in (1, 3):
+        raise MedqError(f"{where}: input {inputs[0].name!r} has shape {in_dims}; medq converts image classifiers "
+                        "with an NCHW input of 1 or 3 channels (the PyTorch layout)")
+    if len(out_dims) != 2 or not out_dims[1]:
+        raise MedqError(f"{where}: output {outputs[0].name!r} has shape {out_dims}; expected [N, classes]")
+    return OnnxSignature(in_dims[0], in_dims[1], in_dims[2], in_dims[3], out_dims[1])
+
+
+def rename_tensor(graph, old: str, new: str) -> None:
+    if old == new:
+        return
+    taken = {n for node in graph.node for n in node.output} | {t.name for t in graph.initializer} | \
+        {i.name for i in graph.input}
+    if new in taken:
+        raise MedqError(f"cannot rename tensor {old!r} to {new!r}: the graph already has a tensor named {new!r}")
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def standardize(model, image_size: int, where: str | Path, input_name: str = "input", output_name: str = "output"):
+    """A copy of ``model`` with the tensor names medq uses, a dynamic batch axis and a fixed ``image_size``.
+
+    A static batch would make onnx2tf try to download calibration images (offline: failure); a model that really
+    depends on a fixed batch (a Reshape to [1, ...]) fails the parity check, which runs several images at once.
+    """
+    import onnx
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    rename_tensor(graph, real_inputs(graph)[0].name, input_name)
+    rename_tensor(graph, graph.output[0].name, output_name)
+    inp = next(i for i in graph.input if i.name == input_name)
+    for axis, size in ((2, image_size), (3, image_size)):
+        inp.type.tensor_type.shape.dim[axis].dim_value = size
+    for value in (inp, graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "N"
+    del graph.value_info[:]  # intermediate shapes recorded for the old input size/batch are re-inferred
+    try:
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise MedqError(f"{where}: the model does not accept a {image_size}x{image_size} input with a free batch "
+                        f"size ({first_line(exc)}); pass its own image size or re-export with a dynamic batch") from None
+    return model
+
+
+def run_onnx(model_or_path, x: np.ndarray) -> np.ndarray:
+    """Run an ONNX model in onnxruntime; a model with a fixed batch size is fed in chunks of that size."""
+    import onnxruntime as ort
+
+    source = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    feed = session.get_inputs()[0]
+    batch = feed.shape[0] if isinstance(feed.shape[0], int) and feed.shape[0] > 0 else len(x)
+    outputs = []
+    for i in range(0, len(x), batch):
+        chunk = x[i:i + batch]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)]) if len(chunk) < batch else chunk
+        outputs.append(session.run(None, {feed.name: padded})[0][:len(chunk)])
+    return np.concatenate(outputs, axis=0)
+
+
+def onnx_to_saved_model(onnx_path: Path, target: Path, where: str | Path) -> Path:
+    """onnx2tf → Keras (NHWC) → a SavedModel with one ``serving_default`` signature ``input → {output}``.
+
+    onnx2tf rewrites the file it is given, so it works on a copy. The SavedModel is written from a signature traced
+    without autograph: saving the onnx2tf Keras object itself re-traces every layer (47 s instead of 1.5 s on
+    DenseNet121) and makes TFLite files nobody asked for.
+    """
+    import onnx2tf
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory(prefix="medq-onnx2tf-") as tmp:
+        work = Path(tmp) / "model.onnx"
+        shutil.copyfile(onnx_path, work)
+        try:
+            keras_model = onnx2tf.convert(input_onnx_file_path=str(work), output_folder_path=str(Path(tmp) / "out"),
+                                          not_use_onnxsim=True, disable_model_save=True, verbosity="error")
+        except (Exception, SystemExit) as exc:  # onnx2tf calls sys.exit() on some unsupported graphs
+            raise MedqError(f"{where}: onnx2tf could not convert the ONNX graph ({first_line(exc)}); "
+                            "try another opset") from None
+    spec = tf.TensorSpec(keras_model.inputs[0].shape, tf.float32, name="input")
+    serve = tf.function(lambda x: {"output": keras_model(x, training=False)}, input_signature=[spec], autograph=False)
+    module = tf.Module()
+    module.model_variables = list(keras_model.variables)  # onnx2tf folds weights into constants; kept if any
+    tf.saved_model.save(module, str(target), signatures={"serving_default": serve.get_concrete_function()})
+    return target
+
+
+def freeze_saved_model(saved_model_dir: Path, input_shape: tuple[int, ...], input_name: str = "input",
+                       output_name: str = "output"):
+    """The SavedModel's serving signature → frozen GraphDef ``input:0 → output:0``."""
+    import tensorflow as tf
+
+    from medq.freeze import freeze_callable
+
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    serve = loaded.signatures["serving_default"]
+    (arg,) = serve.structured_input_signature[1]
+    (out,) = serve.structured_outputs
+    return freeze_callable(lambda x: serve(**{arg: x})[out], input_shape, input_name, output_name)
+
+
+def graph_def_to_onnx(graph_def, opset: int, where: str | Path, input_name: str = "input",
+                      output_name: str = "output"):
+    """tf2onnx on a frozen graph; the ONNX model keeps the graph's NHWC input, named ``input`` / ``output``."""
+    import tf2onnx
+
+    try:
+        model, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=[f"{input_name}:0"],
+                                                  output_names=[f"{output_name}:0"], opset=opset)
+    except Exception as exc:
+        raise MedqError(f"{where}: tf2onnx could not convert the graph ({first_line(exc)}); try another opset") from None
+    rename_tensor(model.graph, f"{input_name}:0", input_name)
+    rename_tensor(model.graph, f"{output_name}:0", output_name)
+    return model

@@ -1,0 +1,80 @@
+"""Load and run frozen GraphDefs (FP32, INT8, BF16-rewritten): the inference engine of evaluation and benchmarks."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from medq.errors import MedqError
+
+
+class ModelFileError(MedqError):
+    """A model file is missing, not a frozen graph, or lacks the named tensors."""
+
+
+def read_graph_def(path: str | Path):
+    import tensorflow as tf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found; run the stage that writes it (freeze/quantize) first")
+    graph_def = tf.compat.v1.GraphDef()
+    try:
+        graph_def.ParseFromString(path.read_bytes())
+    except Exception:  # protobuf raises DecodeError or RuntimeWarning-wrapped errors depending on the backend
+        raise ModelFileError(f"{path}: not a frozen TensorFlow GraphDef (.pb); pass the file `medq freeze` wrote") from None
+    if not graph_def.node:
+        raise ModelFileError(f"{path}: empty GraphDef; re-run `medq freeze`")
+    return graph_def
+
+
+def session_config(intra_op_threads: int = 0, inter_op_threads: int = 1, bf16_rewrite: bool = False):
+    import tensorflow as tf
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads,
+                                      inter_op_parallelism_threads=inter_op_threads)
+    if bf16_rewrite:
+        # oneDNN's auto-mixed-precision pass rewrites eligible FP32 ops to BF16 (AVX512-BF16 / AMX hardware).
+        config.graph_options.rewrite_options.auto_mixed_precision_onednn_bfloat16 = rewriter_config_pb2.RewriterConfig.ON
+    return config
+
+
+class FrozenGraph:
+    """A frozen graph in its own tf.compat.v1 Session; ``predict`` runs it batch by batch."""
+
+    def __init__(self, graph_or_path, input_name: str = "input", output_name: str = "output", *,
+                 intra_op_threads: int = 0, inter_op_threads: int = 1, bf16_rewrite: bool = False):
+        import tensorflow as tf
+
+        graph_def = read_graph_def(graph_or_path) if isinstance(graph_or_path, (str, Path)) else graph_or_path
+        source = graph_or_path if isinstance(graph_or_path, (str, Path)) else "graph"
+        names = {n.name for n in graph_def.node}
+        for name in (input_name, output_name):
+            if name not in names:
+                raise ModelFileError(f"{source}: no tensor named {name!r}:0 in the graph; "
+                                     "pass the names recorded in the run's manifest.json")
+        self.graph = tf.Graph()
+        with self.graph.as_default():
+            tf.compat.v1.import_graph_def(graph_def, name="")
+        self.input = self.graph.get_tensor_by_name(f"{input_name}:0")
+        self.output = self.graph.get_tensor_by_name(f"{output_name}:0")
+        self.session = tf.compat.v1.Session(graph=self.graph, config=session_config(
+            intra_op_threads, inter_op_threads, bf16_rewrite))
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(self.output, {self.input: batch})
+
+    def predict(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        outputs = [self.run(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
+        return np.concatenate(outputs, axis=0) if outputs else np.zeros((0,), np.float32)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def op_type_counts(graph_def) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph_def.node:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    return dict(sorted(counts.items()))

@@ -1,0 +1,102 @@
+"""The data stage and `medq run`: every stage in order, each reading the previous stage's output from the run folder."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from medq import artifacts
+from medq.data.index import DatasetIndex
+from medq.errors import DataError
+
+log = logging.getLogger("medq")
+
+PHANTOM_MARKER = ".medq-phantom.json"
+
+
+def ensure_phantoms(config: Any) -> bool:
+    """Generate the built-in phantom dataset at ``data.root`` when it is missing (or was generated differently).
+
+    Only a folder medq generated itself (it carries a marker file) is ever replaced; a user's data never is.
+    Returns True when it generated.
+    """
+    from medq.data.phantoms import generate_phantoms
+
+    root = Path(config.data.root)
+    params = asdict(config.data.phantom)
+    marker = root / PHANTOM_MARKER
+    if root.exists():
+        if not marker.is_file():
+            return False  # the user's own dataset
+        if json.loads(marker.read_text()) == params:
+            return False
+        log.info("phantom settings changed: regenerating %s", root)
+        shutil.rmtree(root)
+    elif not config.data.generate:
+        raise DataError(f"{root}: dataset folder not found; set data.root (or DATA_DIR) to your dataset, "
+                        "or data.generate: true for the built-in phantoms")
+    start = time.perf_counter()
+    p = config.data.phantom
+    counts = generate_phantoms(p.kind, root, n_train=p.n_train, n_val=p.n_val, n_test=p.n_test, size=p.size,
+                               seed=p.seed)
+    artifacts.write_json(marker, params)
+    log.info("generated %s phantoms in %s (%.1f s): %s", p.kind, root, time.perf_counter() - start, counts)
+    return True
+
+
+def run_data(config: Any) -> DatasetIndex:
+    """Stage 1: make sure the dataset is there, read it, report counts, skips and patient overlap."""
+    from medq.data.readers import read_dataset
+
+    ensure_phantoms(config)
+    index = read_dataset(config.data, seed=config.run.seed)
+    for note in index.notes:
+        log.info("%s", note)
+    for split, samples in index.splits.items():
+        log.info("%-5s %5d images  %s", split, len(samples), index.counts(split))
+    if index.skipped:
+        log.warning("skipped %d unreadable files (first: %s — %s)", len(index.skipped), *index.skipped[0])
+    overlap = index.patient_overlap()
+    if any(overlap.values()):
+        log.warning("patients shared between splits: %s", overlap)
+    artifacts.update_manifest(
+        config.run_dir, "data", config=config, format=index.format, task=index.task, classes=index.classes,
+        split_sizes={k: len(v) for k, v in index.splits.items()},
+        class_counts={k: index.counts(k) for k in index.splits}, patient_overlap=overlap,
+        skipped=[{"path": p, "reason": r} for p, r in index.skipped], notes=index.notes,
+    )
+    return index
+
+
+def run_all(config: Any, verbose: bool = False) -> dict[str, Any]:
+    """`medq run`: data → train → tune → freeze → quantize → benchmark; returns the benchmark report."""
+    from medq.benchmark import run_benchmark
+    from medq.freeze import run_freeze
+    from medq.quantize import run_quantize
+    from medq.train import run_train
+    from medq.tune import run_tune
+
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        log.info("── %s ──", name)
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        timings[name] = round(time.perf_counter() - start, 1)
+        log.info("%s done in %.1f s", name, timings[name])
+        return result
+
+    index = timed("data", run_data, config)
+    timed("train", run_train, config, index=index, verbose=2 if verbose else 0)
+    if config.tune.enabled:
+        timed("tune", run_tune, config, index=index)
+    timed("freeze", run_freeze, config)
+    timed("quantize", run_quantize, config, verbose=verbose)
+    report = timed("benchmark", run_benchmark, config, verbose=verbose)
+    artifacts.update_manifest(config.run_dir, "run", stage_seconds=timings,
+                              total_seconds=round(sum(timings.values()), 1))
+    return report

@@ -1,0 +1,77 @@
+"""The one preprocessing function. Training, calibration, evaluation, benchmarking and prediction all call it.
+
+decoded image in [0, 1] (any size, gray or RGB) → resize → channel count the model expects → normalisation.
+The reference kit divided calibration images by 255 twice; here scaling to [0, 1] happens exactly once, in decoding.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from medq.data.decode import load_image
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    image_size: int
+    channels: int
+    normalization: str  # 'unit' | 'imagenet' | 'symmetric'
+
+    @classmethod
+    def from_config(cls, config: Any) -> "PreprocessSpec":
+        pre = config.preprocess
+        return cls(image_size=pre.image_size, channels=pre.channels, normalization=pre.normalization)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PreprocessSpec":
+        return cls(image_size=int(data["image_size"]), channels=int(data["channels"]),
+                   normalization=str(data["normalization"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+
+def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """float32 [0, 1] image, [H, W] or [H, W, 3] → float32 [S, S, C] ready for the model."""
+    if image.ndim == 3 and spec.channels == 1:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    size = (spec.image_size, spec.image_size)
+    shrinking = image.shape[0] > spec.image_size or image.shape[1] > spec.image_size
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    if image.ndim == 2:
+        image = image[:, :, None]
+        if spec.channels == 3:
+            image = np.repeat(image, 3, axis=2)
+    image = image.astype(np.float32)
+    if spec.normalization == "imagenet":
+        mean = IMAGENET_MEAN if spec.channels == 3 else IMAGENET_MEAN.mean(keepdims=True)
+        std = IMAGENET_STD if spec.channels == 3 else IMAGENET_STD.mean(keepdims=True)
+        image = (image - mean) / std
+    elif spec.normalization == "symmetric":
+        image = image * 2.0 - 1.0
+    elif spec.normalization != "unit":
+        raise ValueError(f"unknown normalization {spec.normalization!r}")
+    return image
+
+
+def load_and_preprocess(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    return preprocess(load_image(path), spec)
+
+
+def load_batch(paths: list[str], spec: PreprocessSpec) -> np.ndarray:
+    """Preprocess many files into one [N, S, S, C] array (evaluation, calibration, benchmark inputs)."""
+    out = np.empty((len(paths), *spec.input_shape), dtype=np.float32)
+    for i, path in enumerate(paths):
+        out[i] = load_and_preprocess(path, spec)
+    return out

@@ -1,0 +1,112 @@
+"""tf.data input pipelines built on the one preprocessing function (medq.preprocess).
+
+Files that fail to decode mid-epoch are dropped from the batch and counted, never a crash and never a wrong label.
+Augmentation runs on training batches only, after preprocessing, in the model's input units.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from medq.data.decode import UnreadableImage
+from medq.preprocess import PreprocessSpec, load_and_preprocess
+
+# One unit of brightness in [0, 1] image terms, expressed in each normalisation's units.
+_INTENSITY_SCALE = {"unit": 1.0, "symmetric": 2.0, "imagenet": 1.0 / 0.226}
+
+
+def _loader(spec: PreprocessSpec):
+    def load(path: bytes) -> tuple[np.ndarray, bool]:
+        try:
+            return load_and_preprocess(path.decode(), spec), True
+        except UnreadableImage:
+            return np.zeros(spec.input_shape, np.float32), False
+
+    return load
+
+
+def image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *, batch_size: int,
+                  shuffle: bool = False, seed: int = 0, cache: bool = True, augment: Any = None):
+    """(images [B, S, S, C], labels [B, K]) batches; ``augment`` is an AugmentConfig for training, else None."""
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths), labels.astype(np.float32)))
+    load = _loader(spec)
+
+    def decode(path, label):
+        image, ok = tf.numpy_function(load, [path], [tf.float32, tf.bool], stateful=False)
+        image.set_shape(spec.input_shape)
+        return image, label, ok
+
+    def decoded(image, label, ok):
+        return ok
+
+    def drop_flag(image, label, ok):
+        return image, label
+
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.filter(decoded).map(drop_flag)
+    if cache:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(min(len(paths), 4096), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size)
+    if augment is not None:
+        augmenter = build_augmenter(augment, spec, seed)
+
+        def augment_batch(x, y):
+            return augmenter(x, training=True), y
+
+        ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def build_augmenter(augment: Any, spec: PreprocessSpec, seed: int = 0):
+    """Small geometric and intensity changes a radiograph tolerates; left-right flip only when allowed."""
+    import tensorflow as tf
+
+    layers = tf.keras.layers
+    steps = []
+    if augment.rotation_deg > 0:
+        steps.append(layers.RandomRotation(augment.rotation_deg / 360.0, fill_mode="reflect", seed=seed))
+    if augment.shift > 0:
+        steps.append(layers.RandomTranslation(augment.shift, augment.shift, fill_mode="reflect", seed=seed + 1))
+    if augment.zoom > 0:
+        steps.append(layers.RandomZoom(augment.zoom, fill_mode="reflect", seed=seed + 2))
+    if augment.horizontal_flip:
+        steps.append(layers.RandomFlip("horizontal", seed=seed + 3))
+    if augment.contrast > 0:
+        steps.append(layers.RandomContrast(augment.contrast, seed=seed + 4))
+    if augment.brightness > 0:
+        delta = augment.brightness * _INTENSITY_SCALE[spec.normalization]
+        steps.append(_RandomShift(delta, seed=seed + 5))
+    return tf.keras.Sequential(steps, name="augment")
+
+
+def _RandomShift(delta: float, seed: int):
+    import tensorflow as tf
+
+    class RandomShift(tf.keras.layers.Layer):
+        """Adds one uniform brightness offset per image."""
+
+        def call(self, x, training=None):
+            if not training:
+                return x
+            offset = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], -delta, delta, seed=seed)
+            return x + offset
+
+    return RandomShift(name="random_brightness")
+
+
+def load_split_arrays(paths: list[str], spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess files into memory; returns (images, index of the files kept) — unreadable files are dropped."""
+    images, kept = [], []
+    load = _loader(spec)
+    for i, path in enumerate(paths):
+        image, ok = load(path.encode())
+        if ok:
+            images.append(image)
+            kept.append(i)
+    shape = (0, *spec.input_shape)
+    return (np.stack(images) if images else np.zeros(shape, np.float32)), np.asarray(kept, dtype=int)
