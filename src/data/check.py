@@ -1,0 +1,171 @@
+"""``medq data check PATH``: what a dataset folder holds and whether medq can use it; and full-decode verification.
+
+- :func:`verify_images` decodes every file of an index and moves failures to ``skipped`` (or raises under strict).
+  The data stage calls it for small datasets; indexing itself only checks file headers, and training skips any file
+  that still fails to decode.
+- :func:`check_dataset` reads a folder as medq would and reports: the format (and whether it was detected), per
+  split per class counts (per label for multi-label), image size / channel / bit-depth statistics from a sample of
+  files per split, unreadable files with the reason, and patients shared between splits.
+- :func:`format_check_report` renders that report as text.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medq.data.decode import UnreadableImage, decode_image
+from medq.data.index import DatasetIndex
+from medq.errors import DataError
+
+SAMPLE_PER_SPLIT = 200
+VERIFY_ALL_UP_TO = 3000  # check_dataset decodes every file of datasets up to this size, else a sample per split
+
+
+def _decode_all(paths: list[str]) -> list[tuple[dict[str, Any] | None, str | None]]:
+    """(info, None) or (None, reason) per path, in order; decoded on a few threads (OpenCV releases the GIL)."""
+    def one(path: str) -> tuple[dict[str, Any] | None, str | None]:
+        try:
+            return decode_image(path)[1], None
+        except UnreadableImage as exc:
+            text = str(exc)
+            return None, text[len(path) + 2:] if text.startswith(f"{path}: ") else text
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is a property of the file
+            return None, f"decoding failed ({type(exc).__name__}: {exc})"
+
+    if len(paths) < 8:
+        return [one(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, paths))
+
+
+def verify_images(index: DatasetIndex, strict: bool = False) -> DatasetIndex:
+    """Decode every image; files that fail move to ``skipped`` with the reason (``strict``: UnreadableImage)."""
+    splits, skipped, failed = {}, list(index.skipped), 0
+    for name, samples in index.splits.items():
+        results = _decode_all([s.path for s in samples])
+        kept = []
+        for sample, (_, reason) in zip(samples, results):
+            if reason is None:
+                kept.append(sample)
+                continue
+            if strict:
+                raise UnreadableImage(f"{sample.path}: {reason}; fix or remove the file, or set data.strict: false "
+                                      "to skip it")
+            skipped.append((sample.path, reason))
+            failed += 1
+        splits[name] = kept
+    if not splits.get("train"):
+        raise DataError(f"{index.format}: no decodable training images left after verification")
+    total = sum(len(v) for v in index.splits.values())
+    notes = list(index.notes) + [f"verified {total} images by decoding them: {failed} unreadable, moved to skipped"]
+    return replace(index, splits=splits, skipped=skipped, notes=notes)
+
+
+def _stats(values: list[int]) -> dict[str, int]:
+    return {"min": int(min(values)), "median": int(np.median(values)), "max": int(max(values))} if values else {}
+
+
+def _tally(items: list[Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[str(item)] = out.get(str(item), 0) + 1
+    return dict(sorted(out.items()))
+
+
+def check_dataset(root: Path, format: str = "auto", variant: str | None = None, seed: int = 42,
+                  val_fraction: float = 0.2, test_fraction: float = 0.2, *,
+                  verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT) -> dict:
+    """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds."""
+    from medq.config import DataConfig
+    from medq.data.readers import read_dataset
+
+    config = DataConfig(format=format, root=str(root), variant=variant, val_fraction=val_fraction,
+                        test_fraction=test_fraction, strict=False, generate=False)
+    index = read_dataset(config, seed=seed)
+    total = sum(len(s) for s in index.splits.values())
+    decode_everything = total <= verify_all_up_to
+    rng = np.random.default_rng(seed)
+    splits: dict[str, Any] = {}
+    image_stats: dict[str, Any] = {}
+    unreadable = [{"path": p, "reason": r} for p, r in index.skipped]
+    for name, samples in index.splits.items():
+        splits[name] = {"images": len(samples), "patients": len({s.patient for s in samples}),
+                        "per_class": index.counts(name) if samples else {c: 0 for c in index.classes}}
+        if index.task == "multilabel":
+            splits[name]["no_label"] = int((index.labels(name).sum(axis=1) == 0).sum()) if samples else 0
+        chosen = list(range(len(samples)))
+        if not decode_everything and len(chosen) > sample_per_split:
+            chosen = sorted(rng.choice(len(samples), sample_per_split, replace=False).tolist())
+        results = _decode_all([samples[i].path for i in chosen])
+        infos = [info for info, _ in results if info is not None]
+        unreadable += [{"path": samples[i].path, "reason": reason}
+                       for i, (_, reason) in zip(chosen, results) if reason is not None]
+        image_stats[name] = {
+            "decoded": len(chosen), "of": len(samples), "sample": len(chosen) < len(samples),
+            "width": _stats([i["width"] for i in infos]), "height": _stats([i["height"] for i in infos]),
+            "channels": _tally([i["channels"] for i in infos]), "bits": _tally([i["bits"] for i in infos]),
+            "formats": _tally([i["format"] for i in infos]),
+        }
+    overlap = index.patient_overlap()
+    return {
+        "root": str(root), "format": index.format, "detected": format == "auto", "task": index.task,
+        "classes": list(index.classes), "notes": list(index.notes), "splits": splits, "images": total,
+        "image_stats": image_stats, "verified": "all" if decode_everything else "sample",
+        "unreadable": unreadable, "patient_overlap": overlap,
+        "ok": not unreadable and not any(overlap.values()) and all(splits[s]["images"] for s in ("train", "val")),
+    }
+
+
+def format_check_report(report: dict) -> str:
+    """The report of :func:`check_dataset` as text for the terminal."""
+    how = "detected" if report["detected"] else "as configured"
+    lines = [f"dataset: {report['root']}", f"format: {report['format']} ({how}); task: {report['task']}; "
+             f"{len(report['classes'])} classes; {report['images']} images"]
+    lines += [f"  - {note}" for note in report["notes"]]
+    lines.append("")
+    classes = report["classes"]
+    width = max([len(c) for c in classes] + [10])
+    split_names = list(report["splits"])
+    lines.append(f"{'images per ' + ('label' if report['task'] == 'multilabel' else 'class'):<{width}}  "
+                 + "  ".join(f"{s:>8}" for s in split_names))
+    for c in classes:
+        lines.append(f"{c:<{width}}  " + "  ".join(f"{report['splits'][s]['per_class'].get(c, 0):>8}"
+                                                    for s in split_names))
+    if report["task"] == "multilabel":
+        lines.append(f"{'(no label)':<{width}}  " + "  ".join(f"{report['splits'][s].get('no_label', 0):>8}"
+                                                           for s in split_names))
+    for key in ("images", "patients"):
+        lines.append(f"{'= ' + key:<{width}}  " + "  ".join(f"{report['splits'][s][key]:>8}" for s in split_names))
+    lines.append("")
+    kind = "every image decoded" if report["verified"] == "all" else \
+        "from a random sample of each split (up to the number shown)"
+    lines.append(f"image files ({kind}):")
+    for split, st in report["image_stats"].items():
+        if not st["decoded"]:
+            lines.append(f"  {split}: no images")
+            continue
+        size = "?" if not st["width"] else (
+            f"width {st['width']['min']}/{st['width']['median']}/{st['width']['max']}, "
+            f"height {st['height']['min']}/{st['height']['median']}/{st['height']['max']} (min/median/max)")
+        lines.append(f"  {split}: {st['decoded']} of {st['of']} decoded; {size}; channels "
+                     + ", ".join(f"{k} {v}" for k, v in st["channels"].items()) + "; bits "
+                     + ", ".join(f"{k}-bit {v}" for k, v in st["bits"].items()) + "; "
+                     + ", ".join(f"{k} {v}" for k, v in st["formats"].items()))
+    lines.append("")
+    bad = report["unreadable"]
+    lines.append(f"skipped or unreadable: {len(bad)}")
+    for entry in bad[:20]:
+        lines.append(f"  {entry['path']}: {entry['reason']}")
+    if len(bad) > 20:
+        lines.append(f"  ... and {len(bad) - 20} more (--json lists all)")
+    overlap = report["patient_overlap"]
+    lines.append("patients in two splits: " + ", ".join(f"{pair} {n}" for pair, n in overlap.items())
+                 + ("  (none)" if not any(overlap.values()) else "  ← leaks between splits"))
+    lines.append("verdict: " + ("OK" if report["ok"] else "usable with the problems listed above"
+                                if report["splits"]["train"]["images"] else "NOT usable"))
+    return "\n".join(lines)

@@ -1,0 +1,178 @@
+"""What every reader shares: the registry, junk filtering, file intake (skip or raise), patient-wise splits.
+
+Split rules (the same for every layout):
+- A split medq makes never puts one patient in two splits, and is deterministic for the seed. Patients are
+  stratified by the label of their first image, so small classes land in every split in proportion.
+- ``test_fraction`` carves a test split out of all images when the layout has none.
+- ``val_fraction`` is the share of the remaining (non-test) images that become validation. With
+  ``val_split: from-train`` (the default) validation is always carved from train, and a layout's own val split is
+  left unused (Kaggle's holds 16 images); with ``val_split: official`` the layout's val split is used when it has one.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+
+from medq.data.decode import UnreadableImage, check_header
+from medq.data.index import DatasetIndex, Sample
+from medq.errors import DataError
+
+Reader = Callable[..., DatasetIndex]
+READERS: dict[str, Reader] = {}
+DETECTORS: list[tuple[str, Callable[[Path], bool]]] = []
+
+JUNK_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+SPLITS = ("train", "val", "test")
+TEST_SEED_OFFSET = 1_000_003  # the test carve uses another random stream than the validation carve
+
+
+def register(name: str, detect: Callable[[Path], bool] | None = None):
+    def wrap(fn: Reader) -> Reader:
+        READERS[name] = fn
+        if detect is not None:
+            DETECTORS.append((name, detect))
+        return fn
+
+    return wrap
+
+
+def is_junk(path: Path) -> bool:
+    """macOS resource forks and archive debris that ship inside the Kaggle and BUSI archives."""
+    return path.name in JUNK_NAMES or path.name.startswith("._") or "__MACOSX" in path.parts
+
+
+def one_hot(index: int, n: int) -> tuple[float, ...]:
+    return tuple(1.0 if i == index else 0.0 for i in range(n))
+
+
+def child_dir(folder: Path, name: str) -> Path | None:
+    """``folder/name`` matched case-insensitively (archives differ: NORMAL/normal, Benign/benign)."""
+    exact = folder / name
+    if exact.is_dir():
+        return exact
+    if not folder.is_dir():
+        return None
+    for entry in os.scandir(folder):
+        if entry.name.lower() == name.lower() and entry.is_dir() and not is_junk(Path(entry.path)):
+            return Path(entry.path)
+    return None
+
+
+def subdirs(folder: Path) -> list[Path]:
+    """Non-junk sub-folders, sorted by name."""
+    return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir() and not is_junk(Path(e.path)))
+
+
+class Intake:
+    """Admits files into an index: junk is ignored (and counted), unreadable files are listed with the reason —
+    or, under ``strict``, raised as a one-line error naming the file."""
+
+    def __init__(self, strict: bool = False):
+        self.strict = strict
+        self.skipped: list[tuple[str, str]] = []
+        self.junk = 0
+
+    def skip(self, path: str | Path, reason: str, *, file_problem: bool = True) -> None:
+        """List a skip. File problems (unreadable, missing) raise under strict; label problems are always listed."""
+        if self.strict and file_problem:
+            raise UnreadableImage(f"{path}: {reason}; fix or remove the file, or set data.strict: false to skip it")
+        self.skipped.append((str(path), reason))
+
+    def admit(self, path: Path) -> bool:
+        reason = check_header(path)
+        if reason is None:
+            return True
+        self.skip(path, reason)
+        return False
+
+    def files(self, folder: Path, recursive: bool = False) -> list[Path]:
+        """Every non-junk file under ``folder`` (sorted); junk counted, not listed."""
+        found: list[Path] = []
+        stack = [folder]
+        while stack:
+            current = stack.pop()
+            for entry in os.scandir(current):
+                path = Path(entry.path)
+                if is_junk(path):
+                    self.junk += 1
+                elif entry.is_dir():
+                    if recursive:
+                        stack.append(path)
+                elif entry.is_file():
+                    found.append(path)
+        return sorted(found)
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.junk:
+            out.append(f"ignored {self.junk} archive junk entries (__MACOSX, ._*, .DS_Store)")
+        if self.skipped:
+            out.append(f"skipped {len(self.skipped)} files (see skipped for each reason)")
+        return out
+
+
+def _stratum(samples: list[Sample]) -> tuple[float, ...]:
+    return samples[0].label
+
+
+def patient_split(samples: list[Sample], fraction: float, seed) -> tuple[list[Sample], list[Sample]]:
+    """Split off about ``fraction`` of the patients (whole patients, stratified by label); deterministic for a seed.
+
+    Returns (kept, taken).
+    """
+    if fraction <= 0 or not samples:
+        return list(samples), []
+    by_patient: dict[str, list[Sample]] = {}
+    for s in samples:
+        by_patient.setdefault(s.patient, []).append(s)
+    patients = sorted(by_patient)
+    rng = np.random.default_rng(seed)
+    order_key = dict(zip(patients, rng.permutation(len(patients))))
+    ordered = sorted(patients, key=lambda p: (_stratum(by_patient[p]), order_key[p]))
+    # Systematic sampling along the stratified order: about fraction * n patients, proportional in every stratum.
+    offset = rng.random()
+    taken = {p for i, p in enumerate(ordered)
+             if math.floor((i + 1) * fraction + offset) > math.floor(i * fraction + offset)}
+    if not taken and len(patients) > 1:
+        taken = {ordered[int(rng.integers(len(ordered)))]}
+    return [s for s in samples if s.patient not in taken], [s for s in samples if s.patient in taken]
+
+
+def describe(samples: Iterable[Sample]) -> str:
+    samples = list(samples)
+    return f"{len(samples)} images of {len({s.patient for s in samples})} patients"
+
+
+def make_splits(splits: dict[str, list[Sample]], *, val_split: str, val_fraction: float, test_fraction: float,
+                seed: int, notes: list[str]) -> dict[str, list[Sample]]:
+    """Complete train/val/test from what the layout provides (missing splits carved patient-wise from train)."""
+    out = {name: list(splits.get(name, [])) for name in SPLITS}
+    if not out["test"]:
+        if test_fraction <= 0:
+            notes.append("test: none (the layout has no test split and data.test_fraction is 0)")
+        else:
+            out["train"], out["test"] = patient_split(out["train"], test_fraction, seed + TEST_SEED_OFFSET)
+            notes.append(f"test: {describe(out['test'])} carved patient-wise (test_fraction={test_fraction})")
+    own_val = out["val"]
+    if val_split == "official" and own_val:
+        notes.append(f"validation: the layout's own val split ({describe(own_val)})")
+    else:
+        out["train"], out["val"] = patient_split(out["train"], val_fraction, seed)
+        unused = f"; the layout's own val split ({len(own_val)} images) is unused" if own_val else ""
+        notes.append(f"validation: {describe(out['val'])} carved patient-wise from train "
+                     f"(val_fraction={val_fraction}){unused}")
+    return out
+
+
+def finish(name: str, task: str, classes: list[str], splits: dict[str, list[Sample]], intake: Intake,
+           notes: list[str], where: Path) -> DatasetIndex:
+    """The reader's result; a DataError if nothing usable is left to train on."""
+    if not splits.get("train"):
+        first = f" (first skip: {intake.skipped[0][0]}: {intake.skipped[0][1]})" if intake.skipped else ""
+        raise DataError(f"{where}: no usable training images{first}; check data.root and data.format")
+    return DatasetIndex(name, task, classes, {s: splits.get(s, []) for s in SPLITS}, intake.skipped,
+                        notes + intake.notes())

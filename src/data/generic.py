@@ -1,0 +1,209 @@
+"""The generic layouts: a table of paths and labels (``csv``) and a folder per class (``folder``).
+
+csv: a header row; one path column (``path``, ``image``, ``file``, ``filename``, ``image_path`` or ``filepath``),
+relative to the table's folder or absolute; optional ``patient`` and ``split`` (train/val/test) columns; every other
+column is a label. One label column: single-label, the classes are its distinct values. Several label columns:
+multi-label, each a 0/1 column named after its class. Without a patient column each image is its own patient.
+
+folder: ``root/<class>/*`` or ``root/{train,val,test}/<class>/*`` (files below a class folder, at any depth, are that
+class); PNG, JPEG or DICOM by content, whatever the suffix. Missing splits are carved patient-wise by fraction.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from medq.data.common import Intake, finish, make_splits, one_hot, register, subdirs
+from medq.data.index import DatasetIndex, Sample
+from medq.errors import DataError
+
+SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "test": "test", "testing": "test"}
+PATH_COLUMNS = ("path", "image", "file", "filename", "image_path", "filepath")
+PATIENT_COLUMNS = ("patient", "patient_id", "patientid", "subject")
+TRUE, FALSE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", ""}
+
+
+def _task(classes: list[str], multilabel: bool = False) -> str:
+    return "multilabel" if multilabel else ("binary" if len(classes) == 2 else "multiclass")
+
+
+def _sorted_values(values: set[str]) -> list[str]:
+    """Class names in a stable order: numerically if they are all integers, else alphabetically."""
+    if all(v.lstrip("-").isdigit() for v in values):
+        return sorted(values, key=int)
+    return sorted(values)
+
+
+# --- a CSV table -----------------------------------------------------------------------------------------------
+
+def _header(table: Path) -> list[str]:
+    try:
+        with open(table, newline="", encoding="utf-8-sig") as fh:
+            return [h.strip() for h in next(csv.reader(fh), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return []
+
+
+def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
+    lowered = [h.lower() for h in header]
+    for name in names:
+        if name in lowered:
+            return lowered.index(name)
+    return None
+
+
+def csv_table(root: Path) -> Path | None:
+    """``root`` if it is a .csv file, or the one .csv in ``root`` whose header has a path column."""
+    if root.is_file():
+        return root if root.suffix.lower() == ".csv" else None
+    if not root.is_dir():
+        return None
+    tables = [t for t in sorted(root.glob("*.csv")) if _pick(_header(t), PATH_COLUMNS) is not None]
+    return tables[0] if len(tables) == 1 else None
+
+
+def _detect_csv(root: Path) -> bool:
+    return csv_table(root) is not None
+
+
+@register("csv", _detect_csv)
+def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "from-train",
+                   val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
+                   **_: object) -> DatasetIndex:
+    root = Path(root)
+    table = csv_table(root)
+    if table is None:
+        candidates = sorted(root.glob("*.csv")) if root.is_dir() else []
+        which = f" (found {', '.join(p.name for p in candidates)})" if candidates else ""
+        raise DataError(f"{root}: no single CSV table with a path column{which}; set data.root to the .csv file "
+                        f"(header: {PATH_COLUMNS[0]},label[,label...])")
+    header = _header(table)
+    i_path = _pick(header, PATH_COLUMNS)
+    if i_path is None:
+        raise DataError(f"{table}: no path column in the header; name it one of {', '.join(PATH_COLUMNS)}")
+    i_patient, i_split = _pick(header, PATIENT_COLUMNS), _pick(header, ("split",))
+    label_cols = [i for i, h in enumerate(header) if h and i not in (i_path, i_patient, i_split)]
+    if not label_cols:
+        raise DataError(f"{table}: no label column; add one (class names) or several 0/1 columns (multi-label)")
+    if variant is not None:
+        raise DataError(f"{table}: the csv format has no variants; the label columns define the task")
+    intake = Intake(strict)
+    with open(table, newline="", encoding="utf-8-sig") as fh:
+        rows = [(line, row) for line, row in enumerate(csv.reader(fh), start=1) if line > 1 and any(c.strip()
+                                                                                                    for c in row)]
+    multilabel = len(label_cols) > 1
+    if multilabel:
+        classes = [header[i] for i in label_cols]
+    else:
+        values = {row[label_cols[0]].strip() for _, row in rows if len(row) > label_cols[0]}
+        classes = _sorted_values(values - {""})
+        if len(classes) < 2:
+            raise DataError(f"{table}: column {header[label_cols[0]]!r} holds {len(classes)} distinct label(s); "
+                            "a classifier needs at least two")
+    splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    seen: set[str] = set()
+    width = max([i_path, *label_cols] + [i for i in (i_patient, i_split) if i is not None]) + 1
+    for line, row in rows:
+        where = f"{table.name} line {line}"
+        if len(row) < width:
+            intake.skip(f"{table}:{line}", "row has too few columns", file_problem=False)
+            continue
+        cell = row[i_path].strip()
+        path = Path(cell) if Path(cell).is_absolute() else table.parent / cell
+        if multilabel:
+            cells = [row[i].strip().lower() for i in label_cols]
+            bad = [header[i] for i, c in zip(label_cols, cells) if c not in TRUE | FALSE]
+            if bad:
+                intake.skip(path, f"{where}: column {bad[0]!r} is not 0 or 1", file_problem=False)
+                continue
+            label = tuple(1.0 if c in TRUE else 0.0 for c in cells)
+        else:
+            value = row[label_cols[0]].strip()
+            if not value:
+                intake.skip(path, f"{where}: empty label", file_problem=False)
+                continue
+            label = one_hot(classes.index(value), len(classes))
+        split = "train"
+        if i_split is not None:
+            split = SPLIT_ALIASES.get(row[i_split].strip().lower(), "")
+            if not split:
+                intake.skip(path, f"{where}: split {row[i_split]!r} is not train, val or test", file_problem=False)
+                continue
+        if str(path) in seen:
+            intake.skip(path, f"{where}: the same file is listed twice", file_problem=False)
+            continue
+        seen.add(str(path))
+        if not path.is_file():
+            intake.skip(path, f"{where}: file not found")
+            continue
+        if not intake.admit(path):
+            continue
+        patient = row[i_patient].strip() if i_patient is not None else ""
+        splits[split].append(Sample(str(path), label, patient or f"file:{cell}"))
+    notes = [f"table: {table.name}, " + (f"multi-label over columns {', '.join(classes)}" if multilabel
+                                         else f"classes from column {header[label_cols[0]]!r}: {', '.join(classes)}"),
+             "patients: " + (f"column {header[i_patient]!r}" if i_patient is not None
+                             else "no patient column, so each image is its own patient"),
+             "split: " + (f"column {header[i_split]!r}" if i_split is not None else "none in the table")]
+    splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
+                         seed=seed, notes=notes)
+    return finish("csv", _task(classes, multilabel), classes, splits, intake, notes, table)
+
+
+# --- folder per class ------------------------------------------------------------------------------------------
+
+def folder_splits(root: Path) -> dict[str, Path]:
+    """{'train': ..., 'val': ..., 'test': ...} for the split folders present, or {'train': root} without them."""
+    if not root.is_dir():
+        return {}
+    found = {SPLIT_ALIASES[d.name.lower()]: d for d in subdirs(root) if d.name.lower() in SPLIT_ALIASES}
+    return found or {"train": root}
+
+
+def _has_file(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(e.is_file() and not e.name.startswith(".") for e in entries)
+
+
+def _detect_folder(root: Path) -> bool:
+    train = folder_splits(root).get("train")
+    if train is None:
+        return False
+    return sum(1 for d in subdirs(train) if _has_file(d)) >= 2
+
+
+@register("folder", _detect_folder)  # detected last: almost any tree matches
+def read_folder(root: Path, *, variant: str | None = None, val_split: str = "from-train", val_fraction: float = 0.2,
+                test_fraction: float = 0.2, strict: bool = False, seed: int = 42, **_: object) -> DatasetIndex:
+    root = Path(root)
+    if variant is not None:
+        raise DataError(f"{root}: the folder layout has no variants; the class folders are the classes")
+    layout = folder_splits(root)
+    if "train" not in layout:
+        raise DataError(f"{root}: expected class folders (root/<class>/*) or split folders with a train/ "
+                        "(root/train/<class>/*)")
+    classes = sorted({d.name for folder in layout.values() for d in subdirs(folder)})
+    if len(classes) < 2:
+        raise DataError(f"{layout['train']}: found {len(classes)} class folder(s); a classifier needs at least two "
+                        "(root/<class>/image files)")
+    intake = Intake(strict)
+    splits: dict[str, list[Sample]] = {}
+    for split, folder in layout.items():
+        splits[split] = []
+        for class_dir in subdirs(folder):
+            label = one_hot(classes.index(class_dir.name), len(classes))
+            for path in intake.files(class_dir, recursive=True):
+                if intake.admit(path):
+                    splits[split].append(Sample(str(path), label, f"file:{path.relative_to(folder)}"))
+        for path in intake.files(folder):
+            intake.skip(path, "not inside a class folder", file_problem=False)
+    given = "none (class folders directly under the root)" if layout == {"train": root} else \
+        ", ".join(s for s in ("train", "val", "test") if s in layout)
+    notes = [f"classes (folder names): {', '.join(classes)}", f"split folders: {given}",
+             "patients: the folder layout does not identify them, so each image is its own patient "
+             "(use format: csv with a patient column when several images share one)"]
+    splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
+                         seed=seed, notes=notes)
+    return finish("folder", _task(classes), classes, splits, intake, notes, layout["train"])

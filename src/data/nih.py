@@ -1,0 +1,171 @@
+"""NIH ChestX-ray14: ``Data_Entry_2017*.csv`` + ``images_*/images/*.png``, 14 labels in CheXNet's order.
+
+- ``No Finding`` is the all-zero label vector; a label name outside the 14 (or ``No Finding`` mixed with findings)
+  makes the row a listed skip rather than a silently wrong label.
+- The official ``train_val_list.txt`` / ``test_list.txt`` (patient-disjoint) are used when present, validation carved
+  patient-wise from train_val; without them the split is patient-wise by ``Patient ID``.
+- Image files are found with one directory scan per ``images*`` folder (a name → path dict), so a 112,120-row table
+  is indexed in seconds. Rows whose file is missing (e.g. only some of the 12 archives unpacked) are counted and
+  listed as skips, not fatal unless nothing is left (or ``strict`` is set).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from medq.data.common import Intake, finish, make_splits, register, subdirs
+from medq.data.index import DatasetIndex, Sample
+from medq.errors import DataError
+
+CHEXNET_CLASSES = [
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
+    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+]
+NO_FINDING = "No Finding"
+ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+CSV_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
+               "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
+TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
+VARIANTS = (None, "14-label", "chexnet")
+
+
+def entry_table(root: Path) -> Path | None:
+    """Data_Entry_2017_v2020.csv if present (the corrected release), else Data_Entry_2017.csv (or any variant)."""
+    if not root.is_dir():
+        return None
+    tables = sorted(root.glob("Data_Entry_2017*.csv"))
+    if not tables:
+        return None
+    newest = [t for t in tables if "v2020" in t.name.lower()]
+    return (newest or tables)[0]
+
+
+def _detect_nih(root: Path) -> bool:
+    return entry_table(root) is not None
+
+
+def image_files(root: Path) -> tuple[dict[str, str], int]:
+    """name → path of every file in ``root/images*/images/`` (or ``root/images*/``): one scan per folder.
+
+    Returns (the dict, how many names occurred in more than one folder — the first is kept)."""
+    names: dict[str, str] = {}
+    duplicates = 0
+    for folder in subdirs(root):
+        if not folder.name.lower().startswith("images"):
+            continue
+        inner = folder / "images"
+        scan = inner if inner.is_dir() else folder
+        with os.scandir(scan) as entries:
+            for entry in entries:
+                if entry.name.startswith("._") or not entry.name.lower().endswith(".png"):
+                    continue
+                if entry.name in names:
+                    duplicates += 1
+                else:
+                    names[entry.name] = entry.path
+    return names, duplicates
+
+
+def label_vector(text: str, cache: dict[str, tuple[float, ...] | str]) -> tuple[float, ...] | str:
+    """'Cardiomegaly|Effusion' → multi-hot in CheXNet order; 'No Finding' → zeros; a str is the reason to skip."""
+    if text in cache:
+        return cache[text]
+    names = [t.strip() for t in text.split("|") if t.strip()]
+    if not names:
+        result: tuple[float, ...] | str = "empty Finding Labels"
+    elif NO_FINDING in names:
+        result = (0.0,) * len(CHEXNET_CLASSES) if names == [NO_FINDING] else \
+            f"'{NO_FINDING}' together with findings ({text})"
+    else:
+        unknown = [n for n in names if n not in CHEXNET_CLASSES]
+        result = f"unknown finding {unknown[0]!r}" if unknown else \
+            tuple(1.0 if c in names else 0.0 for c in CHEXNET_CLASSES)
+    cache[text] = result
+    return result
+
+
+def _read_list(path: Path) -> set[str]:
+    with open(path, encoding="utf-8-sig") as fh:
+        return {line.strip() for line in fh if line.strip()}
+
+
+@register("nih-chestxray14", _detect_nih)
+def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: str = "from-train",
+                         val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
+                         seed: int = 42, **_: object) -> DatasetIndex:
+    root = Path(root)
+    table = entry_table(root)
+    if table is None:
+        raise DataError(f"{root}: no Data_Entry_2017*.csv; point data.root at the folder holding it and images_*/")
+    if variant not in VARIANTS:
+        raise DataError(f"{root}: nih-chestxray14 has no variant {variant!r}; it is the 14-label task")
+    files, duplicate_files = image_files(root)
+    intake = Intake(strict)
+    cache: dict[str, tuple[float, ...] | str] = {}
+    samples: dict[str, Sample] = {}
+    missing = 0
+    listed: set[str] = set()
+    with open(table, newline="", encoding="utf-8-sig") as fh:
+        rows = csv.reader(fh)
+        header = [h.strip() for h in next(rows, [])]
+        columns = {h: i for i, h in enumerate(header) if h}
+        absent = [c for c in ENTRY_COLUMNS if c not in columns]
+        if absent:
+            raise DataError(f"{table}: no column {absent[0]!r} in the header; expected the NIH Data_Entry columns "
+                            f"({', '.join(ENTRY_COLUMNS)}, ...)")
+        i_name, i_labels, i_patient = (columns[c] for c in ENTRY_COLUMNS)
+        width = max(i_name, i_labels, i_patient) + 1
+        for line, row in enumerate(rows, start=2):
+            if len(row) < width:
+                if any(cell.strip() for cell in row):
+                    intake.skip(f"{table}:{line}", "row has too few columns", file_problem=False)
+                continue
+            name = row[i_name].strip()
+            listed.add(name)
+            label = label_vector(row[i_labels], cache)
+            if isinstance(label, str):
+                intake.skip(name, label, file_problem=False)
+                continue
+            if name in samples:
+                intake.skip(name, f"duplicate row for this image ({table.name} line {line})", file_problem=False)
+                continue
+            path = files.get(name)
+            if path is None:
+                missing += 1
+                intake.skip(name, "listed in the table but no such file in images_*/images/")
+                continue
+            patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
+            samples[name] = Sample(path, label, patient)
+    checked = {name: s for name, s in samples.items() if intake.admit(Path(s.path))}
+    notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
+    if missing:
+        notes.append(f"missing image files: {missing} of the table's rows have no file (unpack every images_*.tar.gz "
+                     "to use them); listed in skipped")
+    if duplicate_files:
+        notes.append(f"{duplicate_files} image names occur in two images_* folders; the first copy is used")
+    unlisted = len(set(files) - listed)
+    if unlisted:
+        notes.append(f"{unlisted} PNG files are not in {table.name} and are unused")
+    splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
+    lists = root / TRAIN_VAL_LIST, root / TEST_LIST
+    if all(p.is_file() for p in lists):
+        train_val, test = (_read_list(p) for p in lists)
+        neither = 0
+        for name, sample in checked.items():
+            if name in test:
+                splits["test"].append(sample)
+            elif name in train_val:
+                splits["train"].append(sample)
+            else:
+                neither += 1
+        notes.append(f"split: the official {TRAIN_VAL_LIST} / {TEST_LIST}"
+                     + (f"; {neither} images in neither list are unused" if neither else ""))
+        if val_split == "official":
+            notes.append("the official lists have no validation split: it is carved from train_val")
+    else:
+        splits["train"] = list(checked.values())
+        notes.append(f"split: patient-wise by Patient ID ({TRAIN_VAL_LIST} / {TEST_LIST} not found)")
+    splits = make_splits(splits, val_split="from-train", val_fraction=val_fraction, test_fraction=test_fraction,
+                         seed=seed, notes=notes)
+    return finish("nih-chestxray14", "multilabel", list(CHEXNET_CLASSES), splits, intake, notes, table)
