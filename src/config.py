@@ -224,6 +224,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -232,6 +234,14 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return expand_env(value, where)
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _yaml11_float(text: str) -> float | str:
+    """PyYAML reads ``1e-3`` (no dot) as a string; users mean a number."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:

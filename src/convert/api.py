@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medq import artifacts
-from medq.convert import head, onnx_graph, parity
+from medq.convert import head, onnx_graph, parity, torch_models
 from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec
 
@@ -87,9 +87,6 @@ def _read_torch_source(path: Path, arch: str | None, image_size: int | None, ops
                        trust_torchscript: bool) -> _Source:
     import onnx
 
-    from medq.convert import torch_models
-
-    torch_models.require_torch(path)
     size = image_size or DEFAULT_IMAGE_SIZE
     if torch_models.is_torchscript(path):
         if arch is not None:
@@ -117,9 +114,7 @@ def _class_names(classes: list[str] | None, arch: str | None, n: int, where: Pat
 
 def _normalization(requested: str | None, arch: str | None, where: Path) -> str:
     if requested is None and arch is not None:
-        from medq.convert.torch_models import ARCHITECTURES
-
-        requested = ARCHITECTURES[arch].normalization
+        requested = torch_models.get_architecture(arch, where).normalization
     if requested not in NORMALIZATIONS:
         got = f"{requested!r} is not one" if requested else "it is not known for this model"
         raise MedqError(f"{where}: pass normalization, the preprocessing the model was trained with ({got}): "
@@ -154,17 +149,23 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
         raise MedqError(f"{source}: opset {opset} is outside the tested range {OPSETS.start}-{OPSETS.stop - 1}")
     if parity_images < 2:
         raise MedqError(f"{source}: parity needs at least 2 images (a batch), got {parity_images}")
+    is_onnx = source.suffix.lower() == ".onnx"
+    if is_onnx and arch is not None:
+        raise MedqError(f"{source}: an ONNX file carries its own architecture; drop arch={arch!r}")
+    if not is_onnx:
+        torch_models.require_torch(source)
+    norm = _normalization(normalization, arch, source)  # checked before the slow steps
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=run_dir) as tmp:
         work = Path(tmp)
-        if source.suffix.lower() == ".onnx":
+        if is_onnx:
             src = _read_onnx_source(source, image_size)
         else:
             src = _read_torch_source(source, arch, image_size, opset, work, trust_torchscript)
         sig = onnx_graph.signature(src.onnx_model, source)
         plan = head.plan_head(head.model_ending(src.onnx_model), sig.num_outputs, task, source)
         names = _class_names(classes, src.arch, plan.num_classes, source)
-        spec = PreprocessSpec(src.image_size, sig.channels, _normalization(normalization, src.arch, source))
+        spec = PreprocessSpec(src.image_size, sig.channels, norm)
 
         model = head.append_head(onnx_graph.standardize(src.onnx_model, spec.image_size, source), plan)
         onnx_path = work / ONNX_FILE

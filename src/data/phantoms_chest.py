@@ -108,13 +108,13 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
     if pneumo_side >= 0:
         cy, cx, ry, rx, angle = a.lungs[pneumo_side]
         side = -1 if pneumo_side == 0 else 1
-        shrink_x, shrink_y = rng.uniform(0.5, 0.7), rng.uniform(0.8, 0.9)
+        shrink_x, shrink_y = rng.uniform(0.4, 0.65), rng.uniform(0.75, 0.9)
         collapsed_e = (cy + ry * (1 - shrink_y) * 0.5, cx - side * rx * (1 - shrink_x) * 0.9, ry * shrink_y,
                        rx * shrink_x, angle)
         r2 = _ellipse(h, w, collapsed_e)
         marked[pneumo_side] = soft(r2, 0.08) * lung_masks[pneumo_side]
         beyond = np.clip(lung_masks[pneumo_side] - soft(r2, 0.08), 0, 1)
-        img -= beyond * rng.uniform(0.05, 0.09)
+        img -= beyond * rng.uniform(0.08, 0.12)
         pleural_line = np.exp(-((np.sqrt(r2) - 1.0) / 0.05) ** 2) * (lung_masks[pneumo_side] > 0.5)
         img += pleural_line.astype(np.float32) * rng.uniform(0.08, 0.13)
     lungs = np.maximum(*lung_masks)
@@ -138,6 +138,8 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
     wide = rng.uniform(1.45, 1.7) if "cardiomegaly" in wanted else 1.0
     heart = soft(_ellipse(h, w, a.heart, scale_y=1.0 + (wide - 1.0) * 0.35, scale_x=wide), 0.1)
     img += np.maximum(med, heart) * a.heart_density
+    # Where a lesion shows: lung not hidden behind the mediastinum and heart.
+    clear = [m * (1.0 - np.maximum(med, heart)) for m in lung_masks]
 
     if a.breast_density:
         for side in (-1, 1):
@@ -149,8 +151,9 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
     # several fainter, ground-glass patches, often in both lungs.
     fill = np.zeros((h, w), np.float32)
     if "consolidation" in wanted:
-        lung = lung_masks[rng.integers(2)]
-        y, x = _point_in(rng, lung, 0.9)
+        side = int(rng.integers(2))
+        lung = lung_masks[side]
+        y, x = _point_in(rng, clear[side], 0.9)
         blob = ellipse_r2(h, w, y, x, h * rng.uniform(0.08, 0.16), w * rng.uniform(0.06, 0.12), rng.uniform(0, np.pi))
         grain = 0.8 + 0.2 * smooth_noise(rng, h, w, size / 12)
         fill = np.maximum(fill, soft(blob, 0.4) * grain * lung * rng.uniform(0.9, 1.4))
@@ -174,13 +177,12 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
             level = h * (cy + ry * rng.uniform(0.2, 0.5)) - outward * h * ry * rng.uniform(0.15, 0.3)
             fluid = 1.0 / (1.0 + np.exp(-(yy - level) / max(0.6, size / 120)))
             img += lung_masks[s] * fluid * (a.lung_darkness * rng.uniform(0.8, 1.0) + 0.04)
-    for kind, count, radius, density in (("nodule", rng.integers(1, 4), (0.025, 0.04), (0.16, 0.26)),
+    for kind, count, radius, density in (("nodule", rng.integers(1, 4), (0.03, 0.045), (0.18, 0.28)),
                                          ("mass", 1, (0.07, 0.11), (0.16, 0.26))):
         if kind not in wanted:
             continue
         for _ in range(int(count)):
-            lung = lung_masks[rng.integers(2)]
-            y, x = _point_in(rng, lung, 0.95)
+            y, x = _point_in(rng, clear[int(rng.integers(2))], 0.95)
             r = size * rng.uniform(*radius)
             r2 = ellipse_r2(h, w, y, x, r * rng.uniform(0.85, 1.15), r, rng.uniform(0, np.pi))
             if kind == "mass":  # lobulated outline

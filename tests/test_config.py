@@ -1,0 +1,88 @@
+from pathlib import Path
+
+import pytest
+
+from medq.config import Config, load_config, parse_override
+from medq.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_without_a_file():
+    config = load_config(None)
+    assert isinstance(config, Config)
+    assert config.freeze.input_name == "input" and config.freeze.output_name == "output"
+
+
+def test_all_shipped_stage_configs_load(repo_root):
+    configs = [p for p in (Path(repo_root) / "configs").glob("*.yaml") if p.name != "deploy.yaml"]
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_file_values_and_overrides_apply_in_order(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 7\n  learning_rate: 0.01\nrun:\n  name: a\n")
+    config = load_config(path, ["train.epochs=2", "tune.search_space.batch_size=[8, 16]"])
+    assert config.train.epochs == 2
+    assert config.train.learning_rate == 0.01
+    assert config.tune.search_space["batch_size"] == [8, 16]
+    assert config.run_dir.name == "a"
+
+
+def test_int_is_accepted_where_float_is_expected(tmp_path):
+    config = load_config(write(tmp_path, "train:\n  learning_rate: 1\n"))
+    assert config.train.learning_rate == 1.0 and isinstance(config.train.learning_rate, float)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("train:\n  epochs: three\n", "train.epochs: expected an integer, got 'three'"),
+    ("train:\n  epochs: 0\n", "train.epochs: must be greater than 0"),
+    ("train:\n  epcohs: 3\n", "train: unknown key 'epcohs'"),
+    ("trian:\n  epochs: 3\n", "unknown key 'trian'"),
+    ("preprocess:\n  channels: 2\n", "preprocess.channels: 2 is not allowed"),
+    ("preprocess:\n  normalization: zscore\n", "preprocess.normalization: 'zscore' is not allowed"),
+    ("data:\n  val_fraction: 1.5\n", "data.val_fraction: must be in [0, 1)"),
+    ("data:\n  strict: 'yes'\n", "data.strict: expected true or false"),
+    ("benchmark:\n  precisions: [fp32, fp64]\n", "benchmark.precisions[1]: 'fp64' is not allowed"),
+    ("- just\n- a list\n", "expected a mapping of sections"),
+    ("train: [\n", "not valid YAML at line"),
+])
+def test_bad_values_are_rejected_with_file_and_key(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert fragment in message
+    assert str(path) in message
+    assert "\n" not in message
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_environment_variables_expand_with_defaults(tmp_path, monkeypatch):
+    path = write(tmp_path, "data:\n  root: ${DATA_DIR:-data}/chest_xray\nrun:\n  output_dir: ${MEDQ_TEST_OUT}\n")
+    monkeypatch.setenv("DATA_DIR", "/mnt/d")
+    monkeypatch.setenv("MEDQ_TEST_OUT", "/mnt/o")
+    config = load_config(path)
+    assert config.data.root == "/mnt/d/chest_xray"
+    assert config.run.output_dir == "/mnt/o"
+    monkeypatch.delenv("DATA_DIR")
+    assert load_config(path).data.root == "data/chest_xray"
+    monkeypatch.delenv("MEDQ_TEST_OUT")
+    with pytest.raises(ConfigError, match=r"\$\{MEDQ_TEST_OUT\} is not set"):
+        load_config(path)
+
+
+def test_override_syntax_errors_are_clear():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("train.epochs")
+    assert load_config(None, ["train.learning_rate=1e-3"]).train.learning_rate == 1e-3
+    assert parse_override("a.b=true") == (["a", "b"], True)

@@ -1,0 +1,54 @@
+import cv2
+import numpy as np
+import pytest
+
+from medq.data.decode import UnreadableImage, load_image
+from medq.preprocess import PreprocessSpec, load_and_preprocess, preprocess
+
+
+def test_jpeg_gray_rgb_and_16bit_png_decode_to_the_same_unit_range(tmp_path):
+    gray = (np.arange(64 * 64).reshape(64, 64) % 256).astype(np.uint8)
+    cv2.imwrite(str(tmp_path / "g.png"), gray)
+    cv2.imwrite(str(tmp_path / "rgb.png"), np.stack([gray] * 3, axis=2))
+    cv2.imwrite(str(tmp_path / "g16.png"), gray.astype(np.uint16) * 257)
+    spec = PreprocessSpec(32, 1, "unit")
+    a, b, c = (load_and_preprocess(tmp_path / n, spec) for n in ("g.png", "rgb.png", "g16.png"))
+    assert a.shape == (32, 32, 1) and a.dtype == np.float32
+    np.testing.assert_allclose(a, b, atol=1 / 255)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+    assert 0.0 <= a.min() and a.max() <= 1.0
+
+
+def test_scaling_to_unit_happens_exactly_once(tmp_path):
+    """The reference kit divided by 255 twice; a white image must come out at 1.0, not 1/255."""
+    cv2.imwrite(str(tmp_path / "w.png"), np.full((40, 40), 255, np.uint8))
+    x = load_and_preprocess(tmp_path / "w.png", PreprocessSpec(20, 1, "unit"))
+    assert x.max() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("normalization, expected", [("unit", 0.5), ("symmetric", 0.0),
+                                                     ("imagenet", (0.5 - 0.449) / 0.226)])
+def test_normalisations(normalization, expected):
+    x = preprocess(np.full((10, 10), 0.5, np.float32), PreprocessSpec(8, 1, normalization))
+    assert x.shape == (8, 8, 1)
+    assert float(x.mean()) == pytest.approx(expected, abs=1e-3)
+
+
+def test_channel_count_follows_the_model():
+    rgb = np.random.default_rng(0).uniform(0, 1, (20, 30, 3)).astype(np.float32)
+    gray = rgb.mean(axis=2)
+    assert preprocess(rgb, PreprocessSpec(16, 1, "unit")).shape == (16, 16, 1)
+    three = preprocess(gray, PreprocessSpec(16, 3, "unit"))
+    assert three.shape == (16, 16, 3)
+    assert np.array_equal(three[..., 0], three[..., 2])
+    imagenet = preprocess(rgb, PreprocessSpec(16, 3, "imagenet"))
+    assert not np.allclose(imagenet[..., 0], imagenet[..., 2])
+
+
+@pytest.mark.parametrize("content, reason", [(b"", "empty file"), (b"not an image at all", "bad.jpeg: not a")])
+def test_unreadable_files_raise_a_clear_error(tmp_path, content, reason):
+    path = tmp_path / "bad.jpeg"
+    path.write_bytes(content)
+    with pytest.raises(UnreadableImage, match=reason) as info:
+        load_image(path)
+    assert str(path) in str(info.value)
