@@ -40,7 +40,8 @@ def _setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> 
     root.propagate = False
 
 
-def _load(args: argparse.Namespace):
+def _read_config(args: argparse.Namespace):
+    """The config from --config/--set/--run-name, without a log file (for commands that only read runs)."""
     from medq.config import load_config
 
     path = args.config
@@ -49,7 +50,11 @@ def _load(args: argparse.Namespace):
     overrides = list(args.set or [])
     if getattr(args, "run_name", None):
         overrides.append(f"run.name={args.run_name}")
-    config = load_config(path, overrides)
+    return load_config(path, overrides)
+
+
+def _load(args: argparse.Namespace):
+    config = _read_config(args)
     _setup_logging(args.verbose, args.quiet, config.run_dir / "logs" / f"{args.command}.log")
     return config
 
@@ -122,6 +127,39 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from medq.hwinfo import thread_environment
+    from medq.predict import run_predict
+    from medq.runs import resolve_run
+
+    config = _read_config(args)  # no log file: the run folder may be a read-only mount
+    run_dir = resolve_run(args.run, config)
+    for key, value in thread_environment(config.runtime).items():
+        os.environ.setdefault(key, value)  # before TensorFlow starts; the user's own settings win
+    summary = run_predict(run_dir, args.inputs, model=args.model, model_file=args.model_file, output=args.output,
+                          ten_crop=args.ten_crop, heatmap_dir=args.heatmap, heatmap_classes=args.heatmap_classes,
+                          heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
+                          quiet=args.quiet, intra_op_threads=config.runtime.intra_op_threads,
+                          inter_op_threads=config.runtime.inter_op_threads)
+    print(f"medq predict: {summary.line()}", file=sys.stderr)
+    return summary.exit_code
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from medq.runs import format_run, format_runs, list_runs, resolve_run, run_summary
+
+    config = _read_config(args)
+    if args.action == "list":
+        rows = list_runs(config.run.output_dir)
+        print(json.dumps(rows, indent=2, default=str) if args.json else format_runs(rows, config.run.output_dir))
+        return 0
+    if not args.name:
+        raise MedqError("medq runs show: give a run name or folder, e.g. medq runs show default")
+    summary = run_summary(resolve_run(args.name, config))
+    print(json.dumps(summary, indent=2, default=str) if args.json else format_run(summary))
+    return 0
+
+
 def _short_metrics(metrics: dict[str, Any]) -> str:
     return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "auc") if isinstance(metrics.get(k), float))
 
@@ -147,6 +185,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "quantize": (cmd_quantize, "INC post-training static quantization driven by deploy.yaml → model_int8.pb"),
     "benchmark": (cmd_benchmark, "FP32 vs INT8 (and BF16) latency, throughput and test metric, each in its own process"),
     "run": (cmd_run, "all stages in order on the config's data (the main job)"),
+    "predict": (cmd_predict, "class probabilities (JSON lines) for image files or folders from a run's model, "
+                             "optional ten-crop averaging and Grad-CAM heatmaps"),
+    "runs": (cmd_runs, "list the runs under run.output_dir (`medq runs list`) or show one (`medq runs show NAME`)"),
 }
 
 
@@ -165,7 +206,39 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", help="with check: the layout (default: detect)")
             p.add_argument("--variant", help="with check: e.g. 3-class")
             p.add_argument("--json", action="store_true", help="with check: print JSON")
+        if name == "predict":
+            _predict_arguments(p)
+        if name == "runs":
+            p.add_argument("action", nargs="?", choices=["list", "show"], default="list",
+                           help="list (default): every run under run.output_dir; show NAME: one run in detail")
+            p.add_argument("name", nargs="?", help="with show: the run name (or its folder)")
+            p.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _predict_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="PNG/JPEG/DICOM files, or folders searched recursively for them")
+    p.add_argument("--run", metavar="DIR_OR_NAME",
+                   help="the run folder (output/<name>) or a run name under run.output_dir (default: the config's run)")
+    p.add_argument("--model", choices=["fp32", "int8", "keras"], default="fp32",
+                   help="which of the run's models: model_fp32.pb (default), model_int8.pb or model.keras")
+    p.add_argument("--model-file", metavar="PATH",
+                   help="a .pb frozen graph or .keras model to use instead; classes and preprocessing still come "
+                        "from --run's manifest")
+    p.add_argument("--output", "-o", metavar="FILE.jsonl",
+                   help="write JSON lines here (atomically) instead of stdout")
+    p.add_argument("--ten-crop", action="store_true",
+                   help="average ten crops (resize to S*256/224; corners, centre and their flips), as CheXNet did")
+    p.add_argument("--heatmap", metavar="DIR",
+                   help="write a Grad-CAM overlay PNG per image and class here (uses the run's Keras model)")
+    p.add_argument("--heatmap-classes", choices=["all", "predicted"], default="all",
+                   help="heatmaps for every class (default) or only the predicted class / findings")
+    p.add_argument("--heatmap-layer", metavar="NAME",
+                   help="the Keras layer Grad-CAM reads (default: the last convolutional feature map)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="multi-label: a finding is reported when its probability reaches this (default 0.5)")
 
 
 def main(argv: list[str] | None = None) -> int:

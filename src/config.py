@@ -95,6 +95,10 @@ class TrainConfig:
     class_weight: Literal["balanced", "none"] = "balanced"
     dropout: float = 0.2
     early_stopping_patience: int = 6
+    focal_gamma: float = 2.0  # loss: focal
+    # data-parallel training: 'mirrored' (this machine's devices) or 'multi-worker' (TF_CONFIG names the cluster)
+    distribute: Literal["none", "mirrored", "multi-worker"] = "none"
+    tensorboard: bool = True  # event files in <run>/logs/tensorboard (a CSV log is always written)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -104,10 +108,14 @@ class TuneConfig:
     tuner: Literal["random", "hyperband", "bayesian"] = "random"
     max_trials: int = 3
     epochs: int = 4
-    # name -> list of choices; learning_rate and batch_size as the reference kit's grid, plus what the model allows
+    # name -> list of choices, or a range [loguniform|uniform, low, high] / [int, low, high]. Names: learning_rate,
+    # batch_size, dropout, optimizer, loss, and any model.params key (scaled-densenet: alpha, beta, phi).
     search_space: dict[str, list[Any]] = field(
         default_factory=lambda: {"learning_rate": [1e-3, 3e-3], "batch_size": [16, 32]}
     )
+    hyperband_factor: int = 3  # tuner: hyperband (its max epochs is tune.epochs)
+    latency_runs: int = 10  # batch-1 Keras latency of each trial's model: median of this many runs
+    tradeoff_tolerance: float = 0.01  # the trade-off pick: the fastest trial within this of the best metric
 
 
 @dataclass
@@ -118,7 +126,12 @@ class FreezeConfig:
 
 @dataclass
 class QuantizeConfig:
-    deploy: str = "configs/deploy.yaml"
+    deploy: str = "configs/deploy.yaml"  # INC 2.x deploy.yaml: calibration size, criterion, exit policy, seed
+    # The task metric INC's accuracy-aware tuning is judged by, on the validation split.
+    # auto: mean AUC for multilabel, accuracy otherwise.
+    metric: Literal["auto", "accuracy", "auc"] = "auto"
+    # Precision paths whose validation metric is measured; paths this CPU cannot run are skipped with the reason.
+    precisions: list[Precision] = field(default_factory=lambda: ["fp32", "bf16", "int8", "int8-bf16"])
 
 
 @dataclass
@@ -128,6 +141,19 @@ class BenchmarkConfig:
     warmup: int = 5
     latency_iterations: int = 60
     throughput_iterations: int = 10
+    # Throughput sweep (batch_size is always measured too); latency is always at batch 1.
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 16, 32])
+    # Multi-instance throughput layouts "INSTANCESxCORES" (e.g. "2x1"); "auto": 1 x all cores and all cores x 1.
+    # The quantize deploy.yaml's performance configs (num_of_instance, cores_per_instance) are added; [] = none.
+    instances: list[str] = field(default_factory=lambda: ["auto"])
+    instance_precisions: list[Precision] = field(default_factory=lambda: ["fp32", "int8"])  # TF rows measured so
+    # Optional reference rows, each skipped with the reason when its package is not installed (the `reference` extra).
+    reference: list[Literal["onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8",
+                            "openvino-int8-bf16"]] = field(default_factory=lambda: [
+                                "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"])
+    calibration_images: int = 100  # reference INT8 calibration (train split) when the quantize stage recorded none
+    onnx_opset: int = 17
+    worker_timeout: int = 1800  # seconds per measuring process
 
 
 @dataclass

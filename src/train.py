@@ -1,13 +1,24 @@
 """Stage 2: train a registered model on the dataset's train split, select the best epoch on the validation split.
 
-The validation split is never trained on; the test split is not touched here (the benchmark stage evaluates on it).
+The validation split is never trained on; the test split is not touched here (the benchmark stage evaluates on it,
+and :func:`run_evaluate` reports single-crop and 10-crop metrics on it).
+
+Callbacks: per-image validation metrics (the best epoch's model is saved atomically as ``model.keras``), early
+stopping and reduce-on-plateau on that metric, a CSV log and TensorBoard events in ``<run>/logs/``, and a last-epoch
+checkpoint (weights + optimizer + callback state) in ``<run>/checkpoints/`` that ``run_train(config, resume=True)``
+continues from.
 """
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
+import logging
+import shutil
+import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,14 +27,19 @@ import numpy as np
 from medq import artifacts
 from medq.data.index import DatasetIndex
 from medq.data.readers import read_dataset
-from medq.errors import DataError
+from medq.errors import ConfigError, DataError, MedqError
 from medq.losses import make_loss
 from medq.metrics import primary_metric, task_metrics
 from medq.models import build_model
 from medq.preprocess import PreprocessSpec
 from medq.tfdata import image_dataset
 
+log = logging.getLogger("medq")
+
 KERAS_MODEL = "model.keras"
+CHECKPOINT_DIR = "checkpoints"
+LAST_STATE = "last_epoch.json"
+EVALUATION = "evaluation.json"
 
 
 @dataclass
@@ -33,6 +49,8 @@ class FitResult:
     val_metrics: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    facts: dict[str, Any] = field(default_factory=dict)  # parameters, FLOPs, input shape (medq.flops.model_facts)
+    epochs_run: int = 0  # epochs trained by this call (less than the history after a resume)
 
 
 def class_weights(labels: np.ndarray, task: str, mode: str) -> dict[int, float] | None:
@@ -52,6 +70,50 @@ def predict_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
         ys.append(y.numpy())
     return np.concatenate(ys), np.concatenate(ps)
 
+
+def is_better(metrics: dict[str, Any], than: dict[str, Any] | None, task: str) -> bool:
+    """The selection rule everywhere (epochs, trials, tune vs train): higher primary metric, ties by higher AUC."""
+    if not than:
+        return True
+    key = primary_metric(task)
+
+    def score(m: dict[str, Any], k: str) -> float:
+        v = m.get(k)
+        return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else -np.inf
+
+    a, b = score(metrics, key), score(than, key)
+    return a > b or (a == b and score(metrics, "auc") > score(than, "auc"))
+
+
+# --- distribution ------------------------------------------------------------------------------------------------
+
+_STRATEGIES: dict[str, Any] = {}
+
+
+def make_strategy(name: str):
+    """'none' → the default strategy; 'mirrored' → MirroredStrategy over this machine's devices; 'multi-worker' →
+    MultiWorkerMirroredStrategy over the cluster in TF_CONFIG (one local worker when TF_CONFIG is unset).
+    Created once per process (TensorFlow allows one multi-worker strategy per process)."""
+    import tensorflow as tf
+
+    if name not in _STRATEGIES:
+        if name == "none":
+            _STRATEGIES[name] = tf.distribute.get_strategy()
+        elif name == "mirrored":
+            _STRATEGIES[name] = tf.distribute.MirroredStrategy()
+        elif name == "multi-worker":
+            _STRATEGIES[name] = tf.distribute.MultiWorkerMirroredStrategy()
+        else:
+            raise ConfigError(f"train.distribute: {name!r} is not one of none, mirrored, multi-worker")
+    return _STRATEGIES[name]
+
+
+def is_chief(strategy) -> bool:
+    """Whether this process writes the run's files (always, except on non-chief multi-worker workers)."""
+    return bool(getattr(strategy.extended, "should_checkpoint", True))
+
+
+# --- callbacks ---------------------------------------------------------------------------------------------------
 
 def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path | None):
     import tensorflow as tf
@@ -74,10 +136,10 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
             logs = logs if logs is not None else {}
             logs["val_primary"] = metrics[key]
             logs["val_auc"] = metrics["auc"]
-            score = metrics[key] if np.isfinite(metrics[key]) else -np.inf
             # Ties go to the later epoch only when AUC improved: accuracy saturates on easy splits.
-            if score > self.best or (score == self.best and metrics["auc"] > self.best_metrics.get("auc", -1)):
-                self.best, self.best_epoch, self.best_metrics = score, epoch, metrics
+            if self.best_epoch < 0 or is_better(metrics, self.best_metrics, task):
+                self.best = metrics[key] if np.isfinite(metrics[key]) else -np.inf
+                self.best_epoch, self.best_metrics = epoch, metrics
                 self.best_weights = self.model.get_weights()
                 if save_path is not None:
                     with artifacts.atomic_path(save_path) as tmp:
@@ -86,11 +148,95 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
     return ValidationMetrics()
 
 
+def _epoch_log(rows: list[dict[str, float]]):
+    import tensorflow as tf
+
+    class EpochLog(tf.keras.callbacks.Callback):
+        """Every epoch's logs (after the validation metrics and the learning-rate schedule wrote theirs)."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            row = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or getattr(v, "shape", None) == ()}
+            rows.append(row | {"epoch": epoch + 1})
+
+    return EpochLog()
+
+
+# The attributes of Keras' EarlyStopping / ReduceLROnPlateau that on_train_begin resets and a resume must restore.
+_CALLBACK_STATE = {"early_stopping": ("wait", "best", "best_epoch"), "plateau": ("wait", "best", "cooldown_counter")}
+
+
+def _last_epoch_callback(manager, state_path: Path, fingerprint: str, validation, watched: dict[str, Any],
+                         rows: list[dict[str, float]]):
+    import tensorflow as tf
+
+    class LastEpoch(tf.keras.callbacks.Callback):
+        """After every epoch: checkpoint weights + optimizer, then (atomically) the epoch number and callback state."""
+
+        def on_epoch_end(self, epoch, logs=None):
+            path = manager.save(checkpoint_number=epoch + 1)
+            state = {"epoch": epoch + 1, "checkpoint": Path(path).name, "fingerprint": fingerprint,
+                     "best": _plain(float(validation.best)), "best_epoch": validation.best_epoch,
+                     "best_metrics": validation.best_metrics,
+                     "callbacks": {name: {a: _plain(getattr(cb, a, None)) for a in _CALLBACK_STATE[name]}
+                                   for name, cb in watched.items()},
+                     "history": rows, "finished": False}
+            artifacts.write_json(state_path, state)
+
+    return LastEpoch()
+
+
+def _restore_callback(watched: dict[str, Any], saved: dict[str, dict[str, Any]]):
+    import tensorflow as tf
+
+    class RestoreState(tf.keras.callbacks.Callback):
+        """Runs after the watched callbacks' on_train_begin (which reset them) and puts their saved state back."""
+
+        def on_train_begin(self, logs=None):
+            for name, cb in watched.items():
+                for attr, value in saved.get(name, {}).items():
+                    if value is not None:
+                        setattr(cb, attr, value)
+
+    return RestoreState()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None  # JSON has no inf; None leaves the callback's fresh value in place
+    return value
+
+
+def _fingerprint(config: Any) -> str:
+    """What a resumed training must share with the interrupted one (not the epoch budget or patience)."""
+    train = {k: v for k, v in asdict(config.train).items() if k not in ("epochs", "early_stopping_patience",
+                                                                        "tensorboard")}
+    data = {"root": config.data.root, "format": config.data.format, "variant": config.data.variant,
+            "val_fraction": config.data.val_fraction, "seed": config.run.seed}
+    blob = json.dumps({"model": asdict(config.model), "preprocess": asdict(config.preprocess), "train": train,
+                       "data": data}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- fitting -----------------------------------------------------------------------------------------------------
+
 def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None = None, batch_size: int | None = None,
               epochs: int | None = None, model_params: dict[str, Any] | None = None, dropout: float | None = None,
-              save_path: Path | None = None, extra_callbacks: list | None = None, verbose: int = 0) -> FitResult:
-    """Build and train one model; returns it with the weights of its best validation epoch restored."""
+              save_path: Path | None = None, extra_callbacks: list | None = None, verbose: int = 0,
+              optimizer: str | None = None, loss: str | None = None, initial_model: str | Path | None = None,
+              checkpoint_dir: Path | None = None, resume: bool = False, log_dir: Path | None = None,
+              distribute: str | None = None) -> FitResult:
+    """Build and train one model; returns it with the weights of its best validation epoch restored.
+
+    ``optimizer``/``loss`` override the config (the tuner's choices); ``initial_model`` is a .keras file whose
+    weights start the training (Hyperband's continued trials); ``checkpoint_dir`` enables the last-epoch checkpoint
+    and ``resume`` continues from it; ``log_dir`` receives ``train.csv`` and (``train.tensorboard``) TensorBoard
+    events; ``distribute`` overrides ``train.distribute``.
+    """
     import tensorflow as tf
+
+    from medq.flops import model_facts
 
     tf.keras.utils.set_random_seed(config.run.seed)
     spec = PreprocessSpec.from_config(config)
@@ -109,40 +255,124 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
 
     params = dict(config.model.params)
     params.update(model_params or {})
-    model = build_model(config.model.name, spec.input_shape, len(index.classes), index.task,
-                        dropout=tc.dropout if dropout is None else dropout, weights=config.model.weights, **params)
-    optimizer = {"adam": tf.keras.optimizers.Adam, "sgd": tf.keras.optimizers.SGD,
-                 "rmsprop": tf.keras.optimizers.RMSprop}[tc.optimizer](learning_rate=lr)
-    model.compile(optimizer=optimizer, loss=make_loss(tc.loss, index.task, y_train.mean(axis=0)))
+    strategy = make_strategy(distribute or tc.distribute)
+    opt_name = optimizer or tc.optimizer
+    optimizers = {"adam": tf.keras.optimizers.Adam, "sgd": tf.keras.optimizers.SGD,
+                  "rmsprop": tf.keras.optimizers.RMSprop}
+    if opt_name not in optimizers:
+        raise ConfigError(f"optimizer {opt_name!r}: use one of {', '.join(optimizers)}")
+    with strategy.scope():
+        model = build_model(config.model.name, spec.input_shape, len(index.classes), index.task,
+                            dropout=tc.dropout if dropout is None else dropout, weights=config.model.weights,
+                            **params)
+        if initial_model is not None:
+            _copy_weights(initial_model, model)
+        opt = optimizers[opt_name](learning_rate=lr)
+        model.compile(optimizer=opt, loss=make_loss(loss or tc.loss, index.task, y_train.mean(axis=0),
+                                                    gamma=tc.focal_gamma))
+    facts = model_facts(model)
 
+    rows: list[dict[str, float]] = []
     validation = _validation_callback(val_ds, index.task, index.classes, save_path)
-    callbacks = [validation,
-                 tf.keras.callbacks.EarlyStopping("val_primary", mode="max", patience=tc.early_stopping_patience),
-                 tf.keras.callbacks.ReduceLROnPlateau("val_primary", mode="max", factor=0.3,
-                                                      patience=max(1, tc.early_stopping_patience // 2))]
+    early = tf.keras.callbacks.EarlyStopping("val_primary", mode="max", patience=tc.early_stopping_patience)
+    plateau = tf.keras.callbacks.ReduceLROnPlateau("val_primary", mode="max", factor=0.3,
+                                                   patience=max(1, tc.early_stopping_patience // 2))
+    watched = {"early_stopping": early, "plateau": plateau}
+    callbacks = [validation, early, plateau, _epoch_log(rows)]
+    initial_epoch = 0
+    state_path = manager = None
+    finished = False
+    if checkpoint_dir is not None:
+        checkpoint_dir = Path(checkpoint_dir)
+        state_path = checkpoint_dir / LAST_STATE
+        fingerprint = _fingerprint(config)
+        if not resume and checkpoint_dir.exists():
+            shutil.rmtree(checkpoint_dir)  # a fresh training must not be resumed from an older one
+        ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
+        manager = tf.train.CheckpointManager(ckpt, str(checkpoint_dir), max_to_keep=2, checkpoint_name="last")
+        if resume and state_path.is_file():
+            state = json.loads(state_path.read_text())
+            if state.get("fingerprint") != fingerprint:
+                raise MedqError(f"{state_path}: this checkpoint was written with a different model, data or "
+                                "training config; rerun without --resume to start over")
+            ckpt.restore(str(checkpoint_dir / state["checkpoint"])).expect_partial()
+            initial_epoch, finished = int(state["epoch"]), bool(state.get("finished"))
+            rows.extend(state.get("history", []))
+            _restore_best(validation, state, save_path, model)
+            callbacks.append(_restore_callback(watched, state.get("callbacks", {})))
+            log.info("resuming from epoch %d of %d (%s)", initial_epoch, n_epochs, state_path)
+        elif resume:
+            log.info("no checkpoint in %s: training from the start", checkpoint_dir)
+        callbacks.append(_last_epoch_callback(manager, state_path, fingerprint, validation, watched, rows))
+    if log_dir is not None:
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+        callbacks.append(tf.keras.callbacks.CSVLogger(str(Path(log_dir) / "train.csv"), append=initial_epoch > 0))
+        if tc.tensorboard:
+            callbacks.append(tf.keras.callbacks.TensorBoard(str(Path(log_dir) / "tensorboard"), write_graph=False,
+                                                            profile_batch=0))
     start = time.perf_counter()
-    history = model.fit(train_ds, epochs=n_epochs, callbacks=callbacks + list(extra_callbacks or []),
-                        class_weight=class_weights(y_train, index.task, tc.class_weight), verbose=verbose)
+    epochs_before = len(rows)
+    if not finished and initial_epoch < n_epochs:
+        model.fit(train_ds, epochs=n_epochs, initial_epoch=initial_epoch,
+                  callbacks=callbacks + list(extra_callbacks or []),
+                  class_weight=class_weights(y_train, index.task, tc.class_weight), verbose=verbose)
     seconds = time.perf_counter() - start
+    if state_path is not None and state_path.is_file():
+        state = json.loads(state_path.read_text())
+        artifacts.write_json(state_path, state | {"finished": True})
     if validation.best_weights is not None:
         model.set_weights(validation.best_weights)
-    rows = [{k: float(v[i]) for k, v in history.history.items()} | {"epoch": i + 1}
-            for i in range(len(history.history.get("loss", [])))]
-    return FitResult(model, validation.best_epoch + 1, validation.best_metrics, rows, seconds)
+    return FitResult(model, validation.best_epoch + 1, validation.best_metrics, rows, seconds, facts,
+                     len(rows) - epochs_before)
 
 
-def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -> FitResult:
-    """Train the configured model; the best validation epoch becomes the run's Keras model."""
+def _copy_weights(source: str | Path, model) -> None:
+    from medq.freeze import load_keras_model
+
+    model.set_weights(load_keras_model(source).get_weights())
+
+
+def _restore_best(validation, state: dict[str, Any], save_path: Path | None, model) -> None:
+    """Put the interrupted training's best epoch back (its model file holds the weights)."""
+    if state.get("best_epoch", -1) < 0:
+        return
+    validation.best_epoch = int(state["best_epoch"])
+    validation.best_metrics = state["best_metrics"]
+    validation.best = state["best"] if state.get("best") is not None else -np.inf
+    if save_path is not None and Path(save_path).is_file():
+        from medq.freeze import load_keras_model
+
+        validation.best_weights = load_keras_model(save_path).get_weights()
+    else:
+        validation.best_weights = model.get_weights()
+
+
+def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, resume: bool = False) -> FitResult:
+    """Train the configured model; the best validation epoch becomes the run's Keras model.
+
+    ``resume=True`` continues an interrupted training from ``<run>/checkpoints/`` (the last finished epoch, with
+    its optimizer and callback state); without a checkpoint it trains from the start.
+    """
     index = index or read_dataset(config.data, seed=config.run.seed)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    result = fit_model(config, index, save_path=run_dir / KERAS_MODEL, verbose=verbose)
+    strategy = make_strategy(config.train.distribute)
+    if not is_chief(strategy):
+        # Multi-worker: every worker trains (the collectives need them all), only the chief writes the run.
+        with tempfile.TemporaryDirectory(prefix="medq-worker-") as tmp:
+            return fit_model(config, index, save_path=Path(tmp) / KERAS_MODEL, checkpoint_dir=Path(tmp) / "ckpt",
+                             verbose=verbose)
+    result = fit_model(config, index, save_path=run_dir / KERAS_MODEL, verbose=verbose,
+                       checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume, log_dir=run_dir / "logs")
     history_path = artifacts.write_text(run_dir / "train_history.csv", _history_csv(result.history))
+    log.info("%s: %s parameters, %s FLOPs at %s", config.model.name, f"{result.facts['parameters']:,}",
+             f"{result.facts['flops']:,}", "x".join(map(str, result.facts["input_shape"])))
     artifacts.update_manifest(
         run_dir, "train", config=config,
         artifacts={"keras_model": run_dir / KERAS_MODEL, "train_history": history_path},
-        model=config.model.name, parameters=int(result.model.count_params()), best_epoch=result.best_epoch,
-        val_metrics=result.val_metrics, seconds=round(result.seconds, 1),
+        model=config.model.name, parameters=int(result.model.count_params()), flops=result.facts["flops"],
+        best_epoch=result.best_epoch, val_metrics=result.val_metrics, seconds=round(result.seconds, 1),
+        epochs_run=result.epochs_run, resumed=resume and result.epochs_run < len(result.history),
         split_sizes={k: len(v) for k, v in index.splits.items()}, skipped=len(index.skipped), notes=index.notes,
         top=dataset_facts(config, index) | {"model_source": "train", "selected_val_metrics": result.val_metrics},
     )
@@ -159,7 +389,97 @@ def _history_csv(rows: list[dict[str, float]]) -> str:
     if not rows:
         return ""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["epoch"] + [k for k in rows[0] if k != "epoch"])
+    names = ["epoch"] + sorted({k for row in rows for k in row if k != "epoch"})
+    writer = csv.DictWriter(out, fieldnames=names, restval="")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
+
+
+# --- evaluation: single crop and CheXNet's 10-crop ---------------------------------------------------------------
+
+def ten_crops(image: np.ndarray, size: int) -> np.ndarray:
+    """[L, L, C] → [10, size, size, C]: four corners and the centre, then the same five mirrored left-right."""
+    big = image.shape[0]
+    o, c = big - size, (big - size) // 2
+    crops = [image[:size, :size], image[:size, o:], image[o:, :size], image[o:, o:], image[c:c + size, c:c + size]]
+    crops += [crop[:, ::-1] for crop in crops]
+    return np.stack(crops)
+
+
+def ten_crop_size(size: int) -> int:
+    """Seed 000 resized to 256 and cropped 224; other input sizes keep that ratio: round(S · 256 / 224)."""
+    return int(round(size * 256 / 224))
+
+
+def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: PreprocessSpec, ten_crop: bool = False, *,
+                   task: str | None = None, classes: list[str] | None = None, batch_size: int = 32,
+                   threshold: float = 0.5) -> dict[str, Any]:
+    """Task metrics of ``model`` on images, single-crop and (``ten_crop``) 10-crop averaged, side by side.
+
+    Both views come from the same decode → :func:`medq.preprocess.preprocess` path: single crop at
+    ``spec.image_size`` S, ten crops of S from the image preprocessed at round(S · 256/224). Unreadable files are
+    dropped from both and counted. Returns ``{'single_crop': metrics, 'ten_crop': metrics | None, 'n_skipped': k}``.
+    """
+    from dataclasses import replace
+
+    from medq.data.decode import UnreadableImage, load_image
+    from medq.preprocess import preprocess
+
+    labels = np.asarray(labels, dtype=np.float32)
+    if task is None:
+        head = model.get_layer("probabilities").activation.__name__
+        task = "multilabel" if head == "sigmoid" else ("binary" if labels.shape[1] == 2 else "multiclass")
+    classes = classes or [f"class{k}" for k in range(labels.shape[1])]
+    big_spec = replace(spec, image_size=ten_crop_size(spec.image_size))
+    single, tens, kept = [], [], []
+    for i, path in enumerate(paths):
+        try:
+            image = load_image(path)
+        except UnreadableImage:
+            continue
+        kept.append(i)
+        single.append(preprocess(image, spec))
+        if ten_crop:
+            tens.append(ten_crops(preprocess(image, big_spec), spec.image_size))
+    y = labels[kept]
+    out: dict[str, Any] = {"n_skipped": len(paths) - len(kept), "ten_crop": None}
+    if not kept:
+        raise DataError("evaluate: none of the images could be decoded")
+    p_single = model.predict(np.stack(single), batch_size=batch_size, verbose=0)
+    out["single_crop"] = task_metrics(task, y, p_single, classes, threshold)
+    if ten_crop:
+        crops = np.concatenate(tens)
+        p_ten = model.predict(crops, batch_size=batch_size, verbose=0).reshape(len(kept), 10, -1).mean(axis=1)
+        out["ten_crop"] = task_metrics(task, y, p_ten, classes, threshold)
+    return out
+
+
+def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
+                 index: DatasetIndex | None = None) -> dict[str, Any]:
+    """Evaluate the run's Keras model on ``split``; writes ``evaluation.json`` and the manifest's 'evaluate' entry."""
+    from medq.freeze import load_keras_model
+
+    run_dir = config.run_dir
+    keras_path = artifacts.artifact_path(run_dir, "keras_model")
+    if keras_path is None:
+        raise MedqError(f"{run_dir}: no trained model in this run; run `medq train --config {config.source}` first")
+    manifest = artifacts.read_manifest(run_dir)
+    index = index or read_dataset(config.data, seed=config.run.seed)
+    if split not in index.splits or not index.splits[split]:
+        raise DataError(f"{config.data.root}: the {split} split is empty")
+    spec = PreprocessSpec.from_dict(manifest["preprocess"]) if "preprocess" in manifest else \
+        PreprocessSpec.from_config(config)
+    result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec, ten_crop,
+                            task=index.task, classes=index.classes)
+    result |= {"split": split, "n_images": len(index.paths(split))}
+    path = artifacts.write_json(run_dir / EVALUATION, result)
+    artifacts.update_manifest(run_dir, "evaluate", artifacts={"evaluation": path}, split=split, ten_crop=ten_crop,
+                              single_crop=_summary(result["single_crop"]), ten_crop_metrics=_summary(result["ten_crop"]))
+    return result
+
+
+def _summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    return {k: metrics[k] for k in ("accuracy", "auc", "sensitivity", "specificity", "n_images") if k in metrics}

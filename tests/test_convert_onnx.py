@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from medq import artifacts
 from medq.convert import convert, export_onnx
-from medq.convert.parity import phantom_batch
+from medq.convert.parity import parity_report, phantom_batch
 from medq.errors import MedqError
 from medq.graph import FrozenGraph
 from medq.preprocess import PreprocessSpec
@@ -141,11 +141,23 @@ def test_parity_failure_stops_the_conversion(tmp_path, monkeypatch):
     real = parity.run_frozen
     monkeypatch.setattr(parity, "run_frozen", lambda *a, **k: real(*a, **k) + 1e-3)  # a subtly wrong TF graph
     run = tmp_path / "run"
-    with pytest.raises(MedqError, match=r"m\.onnx: converted model does not match .*1\.00e-03 > tolerance 1e-04"):
+    with pytest.raises(MedqError, match=r"m\.onnx: converted model does not match the source \(max \|diff\| 1\.00e-03, "
+                                        r"logits relative .* > tolerance 1e-04\)"):
         convert(tiny_onnx(tmp_path / "m.onnx"), run_dir=run, task="multiclass", normalization="unit", verbose=False)
     report = json.loads((run / "parity.json").read_text())
     assert report["passed"] is False and report["pairs"]["onnxruntime~tensorflow"]["max_abs_diff"] > 1e-4
     assert not (run / "model_fp32.pb").exists() and "fp32_pb" not in artifacts.read_manifest(run).get("artifacts", {})
+
+
+def test_saturated_probabilities_do_not_hide_different_logits():
+    logits = np.array([[40.0, -40.0], [-35.0, 35.0]], np.float32)
+    probs = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)  # what softmax gives in float32 for either logits
+    spec = PreprocessSpec(32, 1, "unit")
+    same = parity_report({"a": probs, "b": probs}, spec, 1e-4, {"a": logits, "b": logits})
+    differ = parity_report({"a": probs, "b": probs}, spec, 1e-4, {"a": logits, "b": logits * 1.01})
+    assert same["passed"] and same["saturated_fraction"] == 1.0
+    assert not differ["passed"] and differ["max_abs_diff"] == 0.0
+    assert differ["raw_outputs"]["max_rel_diff"] == pytest.approx(0.01, rel=1e-3)
 
 
 def test_medq_keras_model_round_trips_to_onnx(tmp_path):

@@ -79,8 +79,7 @@ def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     info = {"kind": "onnx", "opset": opset, "input": onnx_graph.real_inputs(model.graph)[0].name,
             "output": model.graph.output[0].name, "producer": model.producer_name or None}
-    return _Source(model, "source-onnx", lambda x: onnx_graph.run_onnx(path, x),
-                   size, info)
+    return _Source(model, "source-onnx", lambda x: onnx_graph.run_onnx(path, x), size, info)
 
 
 def _read_torch_source(path: Path, arch: str | None, image_size: int | None, opset: int, work: Path,
@@ -122,6 +121,13 @@ def _normalization(requested: str | None, arch: str | None, where: Path) -> str:
     return requested
 
 
+def _check_settings(where: Path, opset: int, parity_images: int) -> None:
+    if opset not in OPSETS:
+        raise MedqError(f"{where}: opset {opset} is outside the tested range {OPSETS.start}-{OPSETS.stop - 1}")
+    if parity_images < 2:
+        raise MedqError(f"{where}: parity needs at least 2 images (a batch), got {parity_images}")
+
+
 def _replace_dir(source: Path, target: Path) -> None:
     """Move a finished folder into place; the previous one is removed only after the new one is there."""
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -138,23 +144,27 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
     """A PyTorch checkpoint (with ``arch``), a trusted TorchScript file or an ONNX file → a medq run folder.
 
     Writes ``model_fp32.pb`` (``input:0`` [N, S, S, C] → ``output:0`` probabilities), ``model.onnx`` (NCHW, same
-    head), ``saved_model/``, ``parity.json`` and the manifest entries later stages read. Raises ``MedqError`` (one
+    head), ``saved_model/`` (the network as onnx2tf converted it, NHWC, its own outputs: no appended head),
+    ``parity.json`` and the manifest entries later stages read. Raises ``MedqError`` (one
     line naming the file) on bad input or when the engines disagree by more than ``tolerance``; nothing but
     ``parity.json`` is written then.
     """
     source, run_dir = Path(source), Path(run_dir)
     if not source.is_file():
         raise MedqError(f"{source}: model file not found")
-    if opset not in OPSETS:
-        raise MedqError(f"{source}: opset {opset} is outside the tested range {OPSETS.start}-{OPSETS.stop - 1}")
-    if parity_images < 2:
-        raise MedqError(f"{source}: parity needs at least 2 images (a batch), got {parity_images}")
+    _check_settings(source, opset, parity_images)
     is_onnx = source.suffix.lower() == ".onnx"
     if is_onnx and arch is not None:
         raise MedqError(f"{source}: an ONNX file carries its own architecture; drop arch={arch!r}")
     if not is_onnx:
         torch_models.require_torch(source)
-    norm = _normalization(normalization, arch, source)  # checked before the slow steps
+        if not torch_models.is_torchscript(source):
+            torch_models.get_architecture(arch, source)
+    norm = _normalization(normalization, arch, source)  # all arguments are checked before the slow steps
+    trained = sorted(set(artifacts.read_manifest(run_dir).get("stages", {})) & {"train", "tune", "freeze"})
+    if trained:
+        raise MedqError(f"{run_dir}: holds a model medq trained ({', '.join(trained)} recorded); convert into a new "
+                        "run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=run_dir) as tmp:
         work = Path(tmp)
@@ -167,18 +177,23 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
         names = _class_names(classes, src.arch, plan.num_classes, source)
         spec = PreprocessSpec(src.image_size, sig.channels, norm)
 
-        model = head.append_head(onnx_graph.standardize(src.onnx_model, spec.image_size, source), plan)
+        network = onnx_graph.standardize(src.onnx_model, spec.image_size, source)  # the source's own outputs
+        network_path = work / "network.onnx"
+        network_path.write_bytes(network.SerializeToString())
         onnx_path = work / ONNX_FILE
-        onnx_path.write_bytes(model.SerializeToString())
-        saved_model = onnx_graph.onnx_to_saved_model(onnx_path, work / SAVED_MODEL_DIR, source)
-        graph_def = onnx_graph.freeze_saved_model(saved_model, spec.input_shape)
+        onnx_path.write_bytes(head.append_head(network, plan).SerializeToString())
+        # The SavedModel is the network as onnx2tf converts it; the head is added in TF when freezing.
+        saved_model = onnx_graph.onnx_to_saved_model(network_path, work / SAVED_MODEL_DIR, source)
+        graph_def = onnx_graph.freeze_saved_model(saved_model, spec.input_shape, head.tf_head(plan))
 
         x = parity.phantom_batch(spec, parity_images)
         x_nchw = x.transpose(0, 3, 1, 2)
-        outputs = {src.engine: head.apply_head(plan, src.predict(x_nchw)),
-                   "onnxruntime": onnx_graph.run_onnx(onnx_path, x_nchw),
-                   "tensorflow": parity.run_frozen(graph_def, x)}
-        report = parity.parity_report(outputs, spec, tolerance)
+        raw = {src.engine: src.predict(x_nchw), "onnxruntime": onnx_graph.run_onnx(network, x_nchw),
+               "tensorflow": onnx_graph.load_serving(saved_model)(x).numpy()}
+        probabilities = {src.engine: head.apply_head(plan, raw[src.engine]),
+                         "onnxruntime": onnx_graph.run_onnx(onnx_path, x_nchw),
+                         "tensorflow": parity.run_frozen(graph_def, x)}
+        report = parity.parity_report(probabilities, spec, tolerance, raw if plan.appended else None)
         parity.record(report, run_dir / PARITY_FILE, source, verbose)
 
         fp32_pb = artifacts.write_bytes(run_dir / FROZEN_FP32, graph_def.SerializeToString())
@@ -191,8 +206,10 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
     manifest = artifacts.update_manifest(
         run_dir, "convert", artifacts={"fp32_pb": fp32_pb, "onnx": run_dir / ONNX_FILE},
         top={"input_name": "input", "output_name": "output", "input_shape": list(spec.input_shape),
-             "classes": names, "task": plan.task, "preprocess": spec.to_dict(), "source_model": source_info},
-        saved_model=SAVED_MODEL_DIR, onnx_input_layout="NCHW", parity=parity.summary(report))
+             "classes": names, "task": plan.task, "preprocess": spec.to_dict(), "model_source": "convert",
+             "source_model": source_info},
+        saved_model=SAVED_MODEL_DIR, saved_model_outputs="the network's own outputs, before the appended head",
+        onnx_input_layout="NCHW", parity=parity.summary(report))
     return ConvertResult(run_dir, fp32_pb, run_dir / ONNX_FILE, run_dir / SAVED_MODEL_DIR, plan.task, names, spec,
                          report, manifest)
 
@@ -210,8 +227,7 @@ def export_onnx(run_dir: str | Path, *, source: str | Path | None = None, opset:
     if "preprocess" not in manifest:
         raise MedqError(f"{run_dir / artifacts.MANIFEST}: no preprocessing recorded (not a medq run folder, or no "
                         "model yet); run `medq train` and `medq freeze`, or `medq convert`, for this run first")
-    if opset not in OPSETS:
-        raise MedqError(f"{run_dir}: opset {opset} is outside the tested range {OPSETS.start}-{OPSETS.stop - 1}")
+    _check_settings(run_dir, opset, parity_images)
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     input_name, output_name = manifest.get("input_name", "input"), manifest.get("output_name", "output")
     path = Path(source) if source else (artifacts.artifact_path(run_dir, "fp32_pb")

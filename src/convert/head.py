@@ -13,13 +13,15 @@ What the source model ends with (found in its ONNX graph) and the task decide th
 | logits        | 1       | binary                        | sigmoid, two-column              |
 
 Binary is two one-hot columns everywhere in medq, hence the two-column step for single-output models.
-The same steps exist twice, as ONNX nodes (``append_head``) and in numpy (``apply_head``, for the reference side of
-the parity check), and are recorded in the manifest.
+The same steps exist three times: as ONNX nodes (``append_head``, in ``model.onnx``), as TensorFlow ops
+(``tf_head``, added when freezing, so the SavedModel keeps the network's own outputs and the parity check can compare
+logits) and in numpy (``apply_head``, the reference side of the parity check). They are recorded in the manifest.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -99,13 +101,29 @@ def apply_head(plan: HeadPlan, y: np.ndarray) -> np.ndarray:
     return y.astype(np.float32)
 
 
+def tf_head(plan: HeadPlan) -> Callable:
+    """The plan's steps as TensorFlow ops, ``y → probabilities``."""
+    import tensorflow as tf
+
+    ops = {"exp": tf.exp, "sigmoid": tf.sigmoid, "softmax": lambda y: tf.nn.softmax(y, axis=-1),
+           "two-column": lambda y: tf.concat([1.0 - y, y], axis=1)}
+
+    def apply(y):
+        for step in plan.appended:
+            y = ops[step](y)
+        return y
+
+    return apply
+
+
 def append_head(model, plan: HeadPlan, output_name: str = "output"):
-    """Append the plan's steps as ONNX nodes after the graph output (renamed ``<output>_model``)."""
+    """A copy of ``model`` with the plan's steps as ONNX nodes after the graph output (renamed ``<output>_model``)."""
     import onnx
     from onnx import TensorProto, helper
 
     from medq.convert.onnx_graph import rename_tensor
 
+    model = onnx.ModelProto.FromString(model.SerializeToString())
     if not plan.appended:
         return model
     graph = model.graph

@@ -3,7 +3,8 @@
 - ``standardize``: one NCHW image input named ``input`` with a dynamic batch and a fixed size, one ``[N, classes]``
   output named ``output``.
 - ``onnx_to_saved_model``: onnx2tf → an NHWC TensorFlow SavedModel with one serving signature.
-- ``freeze_saved_model``: that signature → frozen GraphDef ``input:0 → output:0`` (``medq.freeze.freeze_callable``).
+- ``freeze_saved_model``: that signature (plus the head) → frozen GraphDef ``input:0 → output:0``
+  (``medq.freeze.freeze_callable``).
 - ``graph_def_to_onnx``: a medq frozen graph → ONNX with tf2onnx (the other direction).
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -158,18 +160,29 @@ def onnx_to_saved_model(onnx_path: Path, target: Path, where: str | Path) -> Pat
     return target
 
 
-def freeze_saved_model(saved_model_dir: Path, input_shape: tuple[int, ...], input_name: str = "input",
-                       output_name: str = "output"):
-    """The SavedModel's serving signature → frozen GraphDef ``input:0 → output:0``."""
+def load_serving(saved_model_dir: Path) -> Callable:
+    """The SavedModel's ``serving_default`` signature as ``fn(x) -> y`` (tensors in and out)."""
     import tensorflow as tf
-
-    from medq.freeze import freeze_callable
 
     loaded = tf.saved_model.load(str(saved_model_dir))
     serve = loaded.signatures["serving_default"]
     (arg,) = serve.structured_input_signature[1]
     (out,) = serve.structured_outputs
-    return freeze_callable(lambda x: serve(**{arg: x})[out], input_shape, input_name, output_name)
+
+    def fn(x):
+        return serve(**{arg: x})[out]
+
+    fn.loaded = loaded  # keeps the restored objects alive as long as the function
+    return fn
+
+
+def freeze_saved_model(saved_model_dir: Path, input_shape: tuple[int, ...], then: Callable = lambda y: y,
+                       input_name: str = "input", output_name: str = "output"):
+    """The SavedModel's serving signature, followed by ``then`` (the head), → frozen GraphDef ``input:0 → output:0``."""
+    from medq.freeze import freeze_callable
+
+    serve = load_serving(saved_model_dir)
+    return freeze_callable(lambda x: then(serve(x)), input_shape, input_name, output_name)
 
 
 def graph_def_to_onnx(graph_def, opset: int, where: str | Path, input_name: str = "input",

@@ -1,7 +1,8 @@
 """Numerical parity between engines on phantom chest radiographs, preprocessed exactly as the model will be fed.
 
-Every pair of engines gets the max and mean absolute difference of the probabilities and the top-class agreement;
-the report goes to a JSON file in the run folder and to the console, and a difference above the tolerance (or a
+Every pair of engines gets the max and mean absolute difference of the probabilities and the top-class agreement,
+and, when medq appended the head, the difference of the network's own outputs (logits) relative to their size.
+The report goes to a JSON file in the run folder and to the console; a difference above the tolerance (or a
 non-finite output) stops the conversion.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec, preprocess
 
 CAUSES = ("normal", "bacteria", "virus")
+SATURATED = 1e-6  # a probability this close to 0 or 1 says little about the network behind it
 
 
 def phantom_batch(spec: PreprocessSpec, n: int) -> np.ndarray:
@@ -40,40 +42,67 @@ def run_frozen(graph_def, x: np.ndarray, input_name: str = "input", output_name:
 def _pair(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
     finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    scale = max(1.0, float(np.abs(a).max())) if finite else 1.0
     return {"max_abs_diff": float(diff.max()) if finite else float("nan"),
             "mean_abs_diff": float(diff.mean()) if finite else float("nan"),
+            "max_rel_diff": float(diff.max()) / scale if finite else float("nan"),
             "top1_agreement": float(np.mean(a.argmax(axis=1) == b.argmax(axis=1)))}
 
 
-def parity_report(outputs: dict[str, np.ndarray], spec: PreprocessSpec, tolerance: float) -> dict[str, Any]:
-    """``outputs``: engine name → probabilities ``[n, classes]`` on the same ``phantom_batch``."""
+def _compare(outputs: dict[str, np.ndarray]) -> dict[str, Any] | str:
     shapes = {name: list(y.shape) for name, y in outputs.items()}
     if len({tuple(s) for s in shapes.values()}) != 1:
-        return {"passed": False, "tolerance": tolerance, "error": f"output shapes differ: {shapes}"}
-    pairs = {f"{a}~{b}": _pair(outputs[a], outputs[b]) for a, b in itertools.combinations(outputs, 2)}
-    worst = max(p["max_abs_diff"] for p in pairs.values())
-    passed = bool(np.isfinite(worst) and worst <= tolerance)
-    n = len(next(iter(outputs.values())))
-    return {
-        "passed": passed,
-        "tolerance": tolerance,
-        "max_abs_diff": worst,
-        "images": n,
+        return f"output shapes differ: {shapes}"
+    return {f"{a}~{b}": _pair(outputs[a], outputs[b]) for a, b in itertools.combinations(outputs, 2)}
+
+
+def _worst(pairs: dict[str, Any], key: str) -> float:
+    values = [p[key] for p in pairs.values()]
+    return float("nan") if any(np.isnan(values)) else max(values)
+
+
+def parity_report(probabilities: dict[str, np.ndarray], spec: PreprocessSpec, tolerance: float,
+                  raw: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """``probabilities``: engine → ``[n, classes]`` on the same ``phantom_batch``; the first engine is the reference.
+
+    ``raw``: the same engines' outputs before medq's head (logits), when one was appended. Saturated probabilities
+    (exactly 0 or 1) agree whatever the network computes, so logits are compared too, relative to their magnitude.
+    """
+    n = len(next(iter(probabilities.values())))
+    report: dict[str, Any] = {
+        "passed": False, "tolerance": tolerance, "images": n,
         "inputs": f"medq.data.phantoms.draw_chest seeds 0..{n - 1} ({'/'.join(CAUSES)} in turn), "
                   f"preprocessed with {spec.to_dict()}",
-        "engines": list(outputs),
-        "pairs": pairs,
+        "engines": list(probabilities),
     }
+    pairs = _compare(probabilities)
+    raw_pairs = _compare(raw) if raw else {}
+    if isinstance(pairs, str) or isinstance(raw_pairs, str):
+        return report | {"error": pairs if isinstance(pairs, str) else raw_pairs}
+    reference = next(iter(probabilities.values()))
+    report |= {"max_abs_diff": _worst(pairs, "max_abs_diff"), "pairs": pairs,
+               "saturated_fraction": float(np.mean(np.minimum(reference, 1.0 - reference) < SATURATED))}
+    failed = not report["max_abs_diff"] <= tolerance  # NaN fails too
+    if raw_pairs:
+        report["raw_outputs"] = {"max_rel_diff": _worst(raw_pairs, "max_rel_diff"), "pairs": raw_pairs}
+        failed = failed or not report["raw_outputs"]["max_rel_diff"] <= tolerance
+    report["passed"] = not failed
+    return report
 
 
 def format_report(report: dict[str, Any]) -> str:
-    if "pairs" not in report:
+    if "error" in report:
         return f"parity: FAILED ({report['error']})"
     lines = [f"parity on {report['images']} phantom images, tolerance {report['tolerance']:.0e}: "
              + ("passed" if report["passed"] else "FAILED")]
     for name, p in report["pairs"].items():
         lines.append(f"  {name:<28} max |diff| {p['max_abs_diff']:.2e}  mean {p['mean_abs_diff']:.2e}  "
                      f"top-1 agreement {p['top1_agreement']:.0%}")
+    for name, p in report.get("raw_outputs", {}).get("pairs", {}).items():
+        lines.append(f"  {name + ' (logits)':<28} max |diff| {p['max_abs_diff']:.2e}  relative {p['max_rel_diff']:.2e}")
+    if report["saturated_fraction"] > 0.5 and "raw_outputs" not in report:
+        lines.append(f"  warning: {report['saturated_fraction']:.0%} of the probabilities are saturated at 0 or 1 on "
+                     "these inputs, where engines agree whatever they compute; check on real images too")
     return "\n".join(lines)
 
 
@@ -83,10 +112,16 @@ def record(report: dict[str, Any], target: Path, where: str | Path, verbose: boo
     if verbose:
         print(format_report(report))
     if not report["passed"]:
-        detail = report.get("error") or f"max |diff| {report['max_abs_diff']:.2e} > tolerance {report['tolerance']:.0e}"
+        detail = report.get("error") or f"max |diff| {report['max_abs_diff']:.2e}"
+        if "raw_outputs" in report:
+            detail += f", logits relative {report['raw_outputs']['max_rel_diff']:.2e}"
+        detail += f" > tolerance {report['tolerance']:.0e}" if "error" not in report else ""
         raise MedqError(f"{where}: converted model does not match the source ({detail}); details in {target}")
 
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The parity facts the manifest keeps."""
-    return {k: report[k] for k in ("passed", "tolerance", "max_abs_diff", "images") if k in report}
+    facts = {k: report[k] for k in ("passed", "tolerance", "max_abs_diff", "saturated_fraction", "images") if k in report}
+    if "raw_outputs" in report:
+        facts["logits_max_rel_diff"] = report["raw_outputs"]["max_rel_diff"]
+    return facts

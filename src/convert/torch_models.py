@@ -274,7 +274,9 @@ def load_torchscript(path: str | Path, image_size: int, trust: bool) -> LoadedMo
                         "only when told the file is trusted (trust_torchscript=True / --trust-torchscript); "
                         "otherwise convert a state_dict checkpoint with --arch, or an ONNX export")
     try:
-        model = torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # "torch.jit.load is deprecated": not the user's to fix
+            model = torch.jit.load(str(path), map_location="cpu").eval()
     except Exception as exc:
         raise MedqError(f"{path}: not a loadable TorchScript file ({first_line(exc)})") from None
     convs = [t for t in model.state_dict().values() if t.ndim == 4]

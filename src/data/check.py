@@ -116,6 +116,7 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
         "root": str(root), "format": index.format, "detected": format == "auto", "task": index.task,
         "classes": list(index.classes), "notes": list(index.notes), "splits": splits, "images": total,
         "image_stats": image_stats, "verified": "all" if decode_everything else "sample",
+        "sample_per_split": sample_per_split,
         "unreadable": unreadable, "patient_overlap": overlap,
         "ok": not unreadable and not any(overlap.values()) and all(splits[s]["images"] for s in ("train", "val")),
     }
@@ -129,10 +130,10 @@ def format_check_report(report: dict) -> str:
     lines += [f"  - {note}" for note in report["notes"]]
     lines.append("")
     classes = report["classes"]
-    width = max([len(c) for c in classes] + [10])
+    title = "images per " + ("label" if report["task"] == "multilabel" else "class")
+    width = max([len(c) for c in classes] + [len(title)])
     split_names = list(report["splits"])
-    lines.append(f"{'images per ' + ('label' if report['task'] == 'multilabel' else 'class'):<{width}}  "
-                 + "  ".join(f"{s:>8}" for s in split_names))
+    lines.append(f"{title:<{width}}  " + "  ".join(f"{s:>8}" for s in split_names))
     for c in classes:
         lines.append(f"{c:<{width}}  " + "  ".join(f"{report['splits'][s]['per_class'].get(c, 0):>8}"
                                                     for s in split_names))
@@ -143,7 +144,7 @@ def format_check_report(report: dict) -> str:
         lines.append(f"{'= ' + key:<{width}}  " + "  ".join(f"{report['splits'][s][key]:>8}" for s in split_names))
     lines.append("")
     kind = "every image decoded" if report["verified"] == "all" else \
-        "from a random sample of each split (up to the number shown)"
+        f"a random sample of up to {report['sample_per_split']} images per split decoded"
     lines.append(f"image files ({kind}):")
     for split, st in report["image_stats"].items():
         if not st["decoded"]:

@@ -82,7 +82,7 @@ class Intake:
             raise UnreadableImage(f"{path}: {reason}; fix or remove the file, or set data.strict: false to skip it")
         self.skipped.append((str(path), reason))
 
-    def admit(self, path: Path) -> bool:
+    def admit(self, path: str | Path) -> bool:
         reason = check_header(path)
         if reason is None:
             return True

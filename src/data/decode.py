@@ -68,21 +68,24 @@ def _truncation(kind: str, tail: bytes) -> str | None:
 
 
 def check_header(path: str | Path) -> str | None:
-    """Why ``path`` cannot be an image (empty, not PNG/JPEG/DICOM, truncated), or None if its header looks right."""
-    path = Path(path)
+    """Why ``path`` cannot be an image (empty, not PNG/JPEG/DICOM, truncated), or None if its header looks right.
+
+    One open and two small reads, no pathlib: it runs on every file of 100k-image datasets at index time."""
+    name = os.fspath(path)
     try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size == 0:
-                return "empty file (0 bytes)"
+        with open(name, "rb", buffering=0) as fh:
             head = fh.read(132)
-            kind = sniff(head, path.suffix)
+            if not head:
+                return "empty file (0 bytes)"
+            suffix = os.path.splitext(name)[1]
+            kind = sniff(head, suffix)
             if kind is None:
-                return f"not a PNG, JPEG or DICOM file: named {path.suffix or '(no suffix)'}, content is " \
+                return f"not a PNG, JPEG or DICOM file: named {suffix or '(no suffix)'}, content is " \
                        f"{_describe_content(head)}"
             if kind == "dicom":
-                return None if size > 132 else "truncated DICOM (header only)"
-            fh.seek(max(0, size - _TAIL))
+                return None if len(head) == 132 and fh.read(1) else "truncated DICOM (header only)"
+            size = fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, size - (_TAIL if kind == "jpeg" else 12)))
             return _truncation(kind, fh.read())
     except FileNotFoundError:
         return "file not found"

@@ -196,7 +196,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
             label = one_hot(classes.index(class_dir.name), len(classes))
             for path in intake.files(class_dir, recursive=True):
                 if intake.admit(path):
-                    splits[split].append(Sample(str(path), label, f"file:{path.relative_to(folder)}"))
+                    splits[split].append(Sample(str(path), label, f"file:{path.relative_to(root)}"))
         for path in intake.files(folder):
             intake.skip(path, "not inside a class folder", file_problem=False)
     given = "none (class folders directly under the root)" if layout == {"train": root} else \

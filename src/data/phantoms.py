@@ -99,7 +99,8 @@ def generate_phantoms(kind: str, root: Path, n_train: int, n_val: int, n_test: i
     ``root`` is the folder the reader is pointed at (data.root): the chest_xray folder, the NIH folder, the RSNA
     folder, Dataset_BUSI_with_GT. Layouts without a split of their own (RSNA, BUSI) get n_train + n_val + n_test
     images; NIH puts n_train + n_val in train_val_list.txt and n_test in test_list.txt (patient-disjoint).
-    Returns {kind, format (the reader to use), root, images, counts}.
+    Returns {kind, format (the reader to use), root, images, counts, and facts of the kind (rsna: storage,
+    duplicate_rows; busi: masks)}.
     """
     from medq.data.phantoms_busi import generate_busi
     from medq.data.phantoms_nih import generate_chest_multilabel
@@ -109,11 +110,10 @@ def generate_phantoms(kind: str, root: Path, n_train: int, n_val: int, n_test: i
         raise ValueError(f"unknown phantom kind {kind!r}; use one of {', '.join(PHANTOM_FORMATS)}")
     root = Path(root)
     if kind == "chest-pneumonia":
-        counts: dict[str, Any] = generate_chest_pneumonia(root, n_train, n_val, n_test, size=size, seed=seed)
-        images = sum(sum(c.values()) for c in counts.values())
+        counts = generate_chest_pneumonia(root, n_train, n_val, n_test, size=size, seed=seed)
+        result: dict[str, Any] = {"images": sum(sum(c.values()) for c in counts.values()), "counts": counts}
     else:
         generate = {"chest-multilabel": generate_chest_multilabel, "rsna-dicom": generate_rsna_dicom,
                     "busi": generate_busi}[kind]
         result = generate(root, n_train, n_val, n_test, size=size, seed=seed)
-        counts, images = result["counts"], result["images"]
-    return {"kind": kind, "format": PHANTOM_FORMATS[kind], "root": str(root), "images": images, "counts": counts}
+    return {"kind": kind, "format": PHANTOM_FORMATS[kind], "root": str(root), **result}

@@ -6,9 +6,10 @@ Each B-mode image is tissue echogenicity turned into speckle: layered breast ana
 line, dark lobulated subcutaneous fat, brighter fibroglandular tissue, striated pectoral muscle, dark chest wall),
 multiplied by complex Gaussian scatterers, blurred by an anisotropic point-spread function, envelope-detected and
 log-compressed, with depth attenuation. Lesions are hypoechoic:
-- benign: oval, circumscribed, wider than tall (parallel to the skin), posterior acoustic enhancement; some
+- benign: oval, circumscribed, wider than tall (parallel to the skin), often posterior acoustic enhancement; some
   images hold a second small benign lesion (its own ``_mask_1.png``);
-- malignant: irregular, spiculated margin, taller than wide, posterior acoustic shadowing;
+- malignant: irregular, spiculated, indistinct margin, taller than wide, usually posterior acoustic shadowing;
+- one lesion in four is atypical (features between the classes), so the task is learnable but not trivial;
 - normal: no lesion (an all-black mask, as in BUSI).
 Caliper marks ('+') sit around a share of lesions of both kinds, as on real scans, carrying no class information.
 Images are written as 3-channel PNGs (as BUSI's are), a share as 8-bit grayscale; sizes vary.
@@ -51,26 +52,36 @@ def _tissue(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 def _lesion_mask(rng: np.random.Generator, h: int, w: int, cy: float, cx: float, ry: float, rx: float,
-                 malignant: bool) -> np.ndarray:
-    """0..1 mask of a lesion with a smooth oval (benign) or an irregular, spiculated (malignant) margin."""
+                 irregularity: float, edge: float) -> np.ndarray:
+    """0..1 mask of a lesion: a smooth oval at irregularity 0, lobulated and spiculated towards 1."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle = rng.uniform(-0.3, 0.3)
     dy, dx = yy - cy, xx - cx
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / rx
     v = (-dx * np.sin(angle) + dy * np.cos(angle)) / ry
     r, theta = np.sqrt(u * u + v * v), np.arctan2(v, u)
-    if malignant:
-        k = np.arange(1, 7)
-        boundary = 1.0 + (rng.normal(0, 0.12, 6)[:, None, None] / k[:, None, None]
-                          * np.cos(k[:, None, None] * theta + rng.uniform(0, 2 * np.pi, 6)[:, None, None])).sum(0)
-        for spike in rng.uniform(-np.pi, np.pi, int(rng.integers(8, 17))):
-            gap = np.angle(np.exp(1j * (theta - spike)))
-            boundary += rng.uniform(0.15, 0.45) * np.exp(-(gap / rng.uniform(0.04, 0.09)) ** 2)
-        edge = 0.08
-    else:  # smooth, at most gently lobulated
-        k = rng.integers(2, 4)
-        boundary, edge = 1.0 + rng.uniform(0, 0.05) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)), 0.05
+    k = np.arange(2, 8)[:, None, None]
+    bumps = rng.normal(0, 0.16 * irregularity, (6, 1, 1)) / (k / 2) * np.cos(k * theta + rng.uniform(0, 6.3, (6, 1, 1)))
+    boundary = 1.0 + bumps.sum(0)
+    for spike in rng.uniform(-np.pi, np.pi, int(round(irregularity * 16))):
+        gap = np.angle(np.exp(1j * (theta - spike)))
+        boundary += irregularity * rng.uniform(0.15, 0.45) * np.exp(-(gap / rng.uniform(0.04, 0.09)) ** 2)
     return np.clip((boundary - r) / edge + 0.5, 0.0, 1.0).astype(np.float32)
+
+
+def _lesion_features(rng: np.random.Generator, malignant: bool) -> tuple[float, float, float, float]:
+    """(irregularity, height/width, margin softness, posterior gain) — typical of the class three times in four;
+    atypical lesions take features between the classes, as real ones do."""
+    typical = rng.random() < 0.75
+    if malignant:
+        irregularity = rng.uniform(0.45, 1.0) if typical else rng.uniform(0.2, 0.5)
+        tall = rng.uniform(1.05, 1.5) if typical else rng.uniform(0.7, 1.05)
+        posterior = rng.uniform(0.3, 0.6) if rng.random() < 0.7 else rng.uniform(0.95, 1.15)
+        return irregularity, tall, rng.uniform(0.08, 0.15), posterior
+    irregularity = rng.uniform(0.0, 0.3) if typical else rng.uniform(0.3, 0.55)
+    tall = 1 / rng.uniform(1.2, 1.8) if typical else 1 / rng.uniform(0.9, 1.25)
+    posterior = rng.uniform(1.2, 1.5) if rng.random() < 0.6 else 1.0
+    return irregularity, tall, rng.uniform(0.04, 0.07), posterior
 
 
 def draw_ultrasound(rng: np.random.Generator, h: int, w: int, kind: str, lesions: int = 1
@@ -81,19 +92,17 @@ def draw_ultrasound(rng: np.random.Generator, h: int, w: int, kind: str, lesions
     masks = []
     for n in range(lesions if kind != "normal" else 0):
         malignant = kind == "malignant"
-        size = min(h, w) * (rng.uniform(0.12, 0.2) if not malignant else rng.uniform(0.1, 0.17))
-        if n > 0:
-            size *= 0.5
-        rx, ry = (size * rng.uniform(1.3, 1.8), size) if not malignant else (size, size * rng.uniform(1.05, 1.5))
+        irregularity, tall, edge, posterior = _lesion_features(rng, malignant)
+        size = min(h, w) * rng.uniform(0.1, 0.19) * (0.5 if n else 1.0)
+        rx, ry = size / np.sqrt(tall), size * np.sqrt(tall)
         cy, cx = h * rng.uniform(0.35, 0.6), w * rng.uniform(0.25, 0.75)
-        mask = _lesion_mask(rng, h, w, cy, cx, ry, rx, malignant)
+        mask = _lesion_mask(rng, h, w, cy, cx, ry, rx, irregularity, edge)
         inside = rng.uniform(0.08, 0.2) * (1 + (0.6 if malignant else 0.25) * smooth_noise(rng, h, w, 4.0))
         echo = echo * (1 - mask) + mask * inside
-        # Posterior acoustic enhancement (benign) or shadowing (malignant): a band beneath the lesion.
+        # Posterior acoustic enhancement (> 1) or shadowing (< 1): a band beneath the lesion.
         column = cv2.GaussianBlur(mask.max(axis=0, keepdims=True), (0, 0), max(1.0, rx / 3))
         below = np.clip((np.arange(h, dtype=np.float32)[:, None] - cy - ry * 0.3) / (0.4 * ry), 0, 1)
-        factor = rng.uniform(1.3, 1.6) if not malignant else rng.uniform(0.25, 0.5)
-        gain *= 1 + (factor - 1) * below * np.clip(column * 1.3, 0, 1) * (1 - mask)
+        gain *= 1 + (posterior - 1) * below * np.clip(column * 1.3, 0, 1) * (1 - mask)
         masks.append((mask > 0.5).astype(np.uint8))
     echo = np.clip(echo * gain, 0, 1.2)
     # Speckle: complex Gaussian scatterers, an anisotropic point-spread blur (longer laterally), envelope detection;

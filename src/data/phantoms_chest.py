@@ -114,9 +114,9 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
         r2 = _ellipse(h, w, collapsed_e)
         marked[pneumo_side] = soft(r2, 0.08) * lung_masks[pneumo_side]
         beyond = np.clip(lung_masks[pneumo_side] - soft(r2, 0.08), 0, 1)
-        img -= beyond * rng.uniform(0.08, 0.12)
+        img -= beyond * rng.uniform(0.1, 0.14)
         pleural_line = np.exp(-((np.sqrt(r2) - 1.0) / 0.05) ** 2) * (lung_masks[pneumo_side] > 0.5)
-        img += pleural_line.astype(np.float32) * rng.uniform(0.08, 0.13)
+        img += pleural_line.astype(np.float32) * rng.uniform(0.1, 0.16)
     lungs = np.maximum(*lung_masks)
 
     texture = np.random.default_rng(a.texture_seed)
@@ -155,8 +155,9 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
         lung = lung_masks[side]
         y, x = _point_in(rng, clear[side], 0.9)
         blob = ellipse_r2(h, w, y, x, h * rng.uniform(0.08, 0.16), w * rng.uniform(0.06, 0.12), rng.uniform(0, np.pi))
+        blob = blob * (1.0 + 0.35 * smooth_noise(rng, h, w, size / 10))  # ill-defined, irregular outline
         grain = 0.8 + 0.2 * smooth_noise(rng, h, w, size / 12)
-        fill = np.maximum(fill, soft(blob, 0.4) * grain * lung * rng.uniform(0.9, 1.4))
+        fill = np.maximum(fill, soft(blob, 0.6) * grain * lung * rng.uniform(0.9, 1.4))
     if "patchy" in wanted:
         patches = np.zeros((h, w), np.float32)
         for _ in range(rng.integers(4, 8)):
@@ -177,8 +178,8 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
             level = h * (cy + ry * rng.uniform(0.2, 0.5)) - outward * h * ry * rng.uniform(0.15, 0.3)
             fluid = 1.0 / (1.0 + np.exp(-(yy - level) / max(0.6, size / 120)))
             img += lung_masks[s] * fluid * (a.lung_darkness * rng.uniform(0.8, 1.0) + 0.04)
-    for kind, count, radius, density in (("nodule", rng.integers(1, 4), (0.03, 0.045), (0.18, 0.28)),
-                                         ("mass", 1, (0.07, 0.11), (0.16, 0.26))):
+    for kind, count, radius, density in (("nodule", rng.integers(1, 4), (0.035, 0.05), (0.2, 0.3)),
+                                         ("mass", 1, (0.07, 0.11), (0.2, 0.3))):
         if kind not in wanted:
             continue
         for _ in range(int(count)):
@@ -187,7 +188,7 @@ def draw_chest(rng: np.random.Generator, size: int, cause: str = "normal", *, fi
             r2 = ellipse_r2(h, w, y, x, r * rng.uniform(0.85, 1.15), r, rng.uniform(0, np.pi))
             if kind == "mass":  # lobulated outline
                 r2 = r2 * (1.0 + 0.15 * smooth_noise(rng, h, w, max(2.0, r / 2)))
-            img += soft(r2, 0.25) * rng.uniform(*density)
+            img += soft(r2, 0.1) * rng.uniform(*density)  # sharp, homogeneous: unlike airspace disease
 
     # Acquisition: exposure/contrast (gamma), positioning, blur, quantum noise.
     img = np.clip(img, 0, 1) ** rng.uniform(0.8, 1.25)

@@ -119,12 +119,23 @@ def read_kaggle_pneumonia(root: Path, *, variant: str | None = None, val_split: 
 
 # --- dispatch ---------------------------------------------------------------------------------------------------
 
-# The other layouts register themselves on import; the order here is the detection order (generic layouts last).
+# The other layouts register themselves on import.
 from medq.data import nih, rsna, busi, generic  # noqa: E402,F401
+
+DETECTION_ORDER = ("kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi")
+GENERIC = ("csv", "folder")  # they match almost any tree: tried after every specific layout, in this order
+
+
+def _detection_rank(entry: tuple[str, object]) -> tuple[int, int]:
+    name = entry[0]
+    if name in GENERIC:
+        return 2, GENERIC.index(name)
+    return (0, DETECTION_ORDER.index(name)) if name in DETECTION_ORDER else (1, 0)
 
 
 def detect_format(root: Path) -> str:
-    """The first layout whose detector recognises ``root``."""
+    """The first layout whose detector recognises ``root`` (specific layouts first, generic ones last)."""
+    DETECTORS.sort(key=_detection_rank)  # stable: layouts registered later keep their order among themselves
     for name, detect in DETECTORS:
         try:
             if detect(root):
@@ -155,3 +166,6 @@ def read_dataset(data_config, seed: int = 42) -> DatasetIndex:
         index.notes.append("patients in two splits (from the dataset's own split files): "
                            + ", ".join(f"{pair}: {n}" for pair, n in shared.items()))
     return index
+
+
+DETECTORS.sort(key=_detection_rank)

@@ -110,7 +110,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         if path is None:
             intake.skip(images / f"{patient}.dcm", f"listed in {table.name} but the file is missing")
             continue
-        if not intake.admit(Path(path)):
+        if not intake.admit(path):
             continue
         index = int(name == OPACITY) if binary else RSNA_CLASSES.index(name)
         samples.append(Sample(path, one_hot(index, len(classes)), patient))

@@ -1,0 +1,240 @@
+"""benchmark.json → comparisons against TensorFlow FP32, benchmark.md, benchmark.png and the one-screen summary."""
+from __future__ import annotations
+
+import io
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from medq import artifacts
+
+BENCHMARK_JSON = "benchmark.json"
+BENCHMARK_MD = "benchmark.md"
+BENCHMARK_PNG = "benchmark.png"
+FLAG_NAMES = (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "AVX512-BF16"),
+              ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
+VERSION_KEYS = ("python", "intel-tensorflow", "numpy", "neural-compressor", "onnxruntime", "tf2onnx", "openvino", "nncf")
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    return float(a) / float(b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else None
+
+
+def _delta(a: Any, b: Any) -> float | None:
+    return float(a) - float(b) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
+
+
+def baseline_row(report: dict[str, Any]) -> dict[str, Any] | None:
+    return next((r for r in report["results"] if r["id"] == report.get("baseline")), None)
+
+
+def add_comparisons(report: dict[str, Any]) -> None:
+    """Each row's ``vs_fp32``: throughput (main batch) and latency p50 speed-ups over TensorFlow FP32, per-batch and
+    multi-instance throughput ratios, and metric deltas. All None when the FP32 row is missing."""
+    base = baseline_row(report)
+    for row in report["results"]:
+        b = base or {}
+        bm, rm = b.get("metrics", {}), row.get("metrics", {})
+        row["vs_fp32"] = {
+            "throughput_speedup": _ratio(row.get("throughput_ips"), b.get("throughput_ips")),
+            "latency_speedup": _ratio(b.get("latency_ms", {}).get("p50"), row["latency_ms"]["p50"]),
+            "throughput_speedup_by_batch": {bs: _ratio(v, b.get("throughput_by_batch", {}).get(bs))
+                                            for bs, v in row.get("throughput_by_batch", {}).items()},
+            "accuracy_delta": _delta(rm.get("accuracy"), bm.get("accuracy")),
+            "auc_delta": _delta(rm.get("auc"), bm.get("auc")),
+        }
+        base_mi = {m["layout"]: m for m in b.get("multi_instance", []) if "throughput_ips" in m}
+        for m in row.get("multi_instance", []):
+            if "throughput_ips" in m:
+                m["speedup_vs_fp32"] = _ratio(m["throughput_ips"], base_mi.get(m["layout"], {}).get("throughput_ips"))
+
+
+# --- formatting helpers -----------------------------------------------------------------------------------------
+
+def _f(value: Any, digits: int = 2, suffix: str = "") -> str:
+    return f"{value:.{digits}f}{suffix}" if isinstance(value, (int, float)) else "—"
+
+
+def _x(value: Any) -> str:
+    return f"{value:.2f}×" if isinstance(value, (int, float)) else "—"
+
+
+def _signed(value: Any) -> str:
+    return f"{value:+.4f}" if isinstance(value, (int, float)) else "—"
+
+
+def _size(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "—"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def environment_lines(report: dict[str, Any]) -> list[str]:
+    env = report["environment"]
+    cpu = env["cpu"]
+    flags = ", ".join(f"{label} {'yes' if cpu.get(key) else 'no'}" for key, label in FLAG_NAMES)
+    threads = ", ".join(f"{k}={v}" for k, v in env["thread_environment"].items())
+    versions = ", ".join(f"{k} {env['versions'][k]}" for k in VERSION_KEYS if k in env["versions"])
+    load = env.get("load_average", {})
+    return [f"CPU: {cpu.get('model')} ({cpu.get('physical_cores')} physical cores, {cpu.get('logical_cpus')} logical)",
+            f"Flags: {flags}", f"Threads: {threads}", f"Versions: {versions}",
+            f"Load average (1 min) before/after: {_f((load.get('before') or [None])[0])} / "
+            f"{_f((load.get('after') or [None])[0])}"]
+
+
+def main_table(report: dict[str, Any]) -> str:
+    bs = report["settings"]["batch_size"]
+    header = ["engine", "precision", "size", "p50 ms", "p90 ms", "p99 ms", f"img/s @{bs}", "× throughput",
+              "× latency", "accuracy", "AUC", "Δ accuracy", "Δ AUC"]
+    rows = []
+    for r in report["results"]:
+        lat, vs, m = r["latency_ms"], r.get("vs_fp32", {}), r.get("metrics", {})
+        rows.append([r["engine"], r["precision"], _size(r.get("model_bytes")), _f(lat["p50"]), _f(lat["p90"]),
+                     _f(lat["p99"]), _f(r["throughput_ips"], 1), _x(vs.get("throughput_speedup")),
+                     _x(vs.get("latency_speedup")), _f(m.get("accuracy"), 4), _f(m.get("auc"), 4),
+                     _signed(vs.get("accuracy_delta")), _signed(vs.get("auc_delta"))])
+    return _table(header, rows)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, inputs = report["settings"], report["inputs"]
+    out = [f"# Benchmark: {report['run']}", "",
+           f"{report['created_at']} · {report['task']} · test split: {inputs['n_images']} images "
+           f"(`{inputs['path']}`, sha256 `{inputs['sha256'][:16]}…`, identical for every row) · "
+           f"primary metric: {report['primary_metric']}", "", "## Environment", ""]
+    out += [f"- {line}" for line in environment_lines(report)]
+    out += ["", f"## Results (speed-ups and deltas against {report['baseline']})", "", main_table(report), ""]
+    if report["results"]:
+        sizes = [str(b) for b in s["batch_sizes"]]
+        out += ["## Throughput by batch size (img/s; speed-up vs TF FP32)", "",
+                _table(["engine", "precision"] + [f"batch {b}" for b in sizes],
+                       [[r["engine"], r["precision"]] + [
+                           f"{_f(r['throughput_by_batch'].get(b), 1)} ({_x(r['vs_fp32']['throughput_speedup_by_batch'].get(b))})"
+                           for b in sizes] for r in report["results"]]), ""]
+    layouts = s.get("instances") or []
+    mi_rows = [r for r in report["results"] if r.get("multi_instance")]
+    if layouts and mi_rows:
+        out += [f"## Multi-instance throughput (img/s at batch {s['batch_size']}, instances × cores each, "
+                "each instance pinned to its cores)", ""]
+        cells = []
+        for r in mi_rows:
+            by = {m["layout"]: m for m in r["multi_instance"]}
+            cells.append([r["engine"], r["precision"]] + [
+                (f"{_f(by[name]['throughput_ips'], 1)} ({_x(by[name].get('speedup_vs_fp32'))})"
+                 if "throughput_ips" in by.get(name, {}) else "failed" if name in by else "—") for name in layouts])
+        out += [_table(["engine", "precision"] + [name.replace("x", " × ") for name in layouts], cells), ""]
+    if report["task"] in ("multilabel", "multiclass") and report["results"]:
+        out += ["## Per-class AUC", "",
+                _table(["class"] + [r["id"] for r in report["results"]],
+                       [[c] + [_f(r["metrics"].get("per_class_auc", {}).get(c), 4) for r in report["results"]]
+                        for c in report["classes"]]), ""]
+    if any("max_abs_diff_vs_fp32" in r for r in report["results"]):
+        out += ["## Agreement with TF FP32", "",
+                _table(["row", "max |Δ probability|", "same decisions"],
+                       [[r["id"], _f(r.get("max_abs_diff_vs_fp32"), 5), _f(r.get("agreement_vs_fp32"), 4)]
+                        for r in report["results"]]), ""]
+    if report["skipped"]:
+        out += ["## Skipped", ""] + [f"- **{s_['id']}**: {s_['reason']}" for s_ in report["skipped"]] + [""]
+    preset = report.get("preset")
+    if preset:
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in preset["stage_seconds"].items())
+        out += ["## Preset", "", f"- Command: `{preset['command']}` (config `{preset['config']}`)",
+                f"- Wall time: {preset['total_seconds']:.0f} s ({stages})", ""]
+    out += ["## Method", "",
+            f"- Each row ran in its own process (`python -m medq.benchmark.worker`), one after another; the "
+            "multi-instance rows run their instances concurrently on purpose, each pinned with sched_setaffinity.",
+            f"- Latency: batch 1, {s['warmup']} warm-up runs, then {s['latency_iterations']} timed runs "
+            "(percentiles of those). Throughput: per batch size, "
+            f"{s['warmup']} warm-up + {s['throughput_iterations']} timed batches.",
+            "- Metrics: every test image, predicted in the same process after timing; the thread environment above "
+            "was set for every worker before its runtime started.",
+            "- OpenVINO rows set INFERENCE_PRECISION_HINT explicitly (f32 or bf16): its CPU default on AMX hardware "
+            "is bf16."]
+    out += [f"- Note: {n}" for n in report.get("notes", [])]
+    return "\n".join(out) + "\n"
+
+
+def chart_png(report: dict[str, Any]) -> bytes:
+    """Throughput at the main batch size, latency p50 (p90/p99 whiskers) and the primary metric, one bar per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["results"]
+    labels = [r["id"] for r in rows] or ["(no rows)"]
+    primary = report["primary_metric"]
+    footer = "\n".join(textwrap.fill(line, 200) for line in environment_lines(report)[:4])
+    footer_inches = 0.16 + 0.13 * (footer.count("\n") + 1)
+    height = 1.8 + 0.45 * len(labels) + footer_inches
+    fig, axes = plt.subplots(1, 3, figsize=(15, height), sharey=True)
+    y = range(len(rows))
+    thr = [r["throughput_ips"] for r in rows]
+    axes[0].barh(list(y), thr, color="#4C72B0")
+    for i, r in enumerate(rows):
+        axes[0].text(thr[i], i, f" {_x(r['vs_fp32']['throughput_speedup'])}", va="center", fontsize=8)
+    axes[0].set_title(f"throughput, batch {report['settings']['batch_size']} (img/s)")
+    p50 = [r["latency_ms"]["p50"] for r in rows]
+    whisker = [[0 for _ in rows], [r["latency_ms"]["p99"] - r["latency_ms"]["p50"] for r in rows]]
+    axes[1].barh(list(y), p50, xerr=whisker if rows else None, color="#DD8452", capsize=3)
+    for i, r in enumerate(rows):
+        axes[1].text(p50[i], i, f" {_x(r['vs_fp32']['latency_speedup'])}", va="bottom", fontsize=8)
+    axes[1].set_title("latency, batch 1 (ms; p50, whisker to p99)")
+    values = [r["metrics"].get(primary) or 0.0 for r in rows]
+    axes[2].barh(list(y), values, color="#55A868")
+    for i, v in enumerate(values):
+        axes[2].text(v, i, f" {v:.4f}", va="center", fontsize=8)
+    axes[2].set_xlim(0, 1.12)
+    axes[2].set_title(f"test {primary}")
+    axes[0].set_yticks(list(range(len(labels))))
+    axes[0].set_yticklabels(labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(f"medq benchmark: {report['run']}", fontsize=11)
+    fig.text(0.01, 0.01, footer, fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, (footer_inches + 0.1) / height, 1, 1 - 0.35 / height))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_reports(run_dir: str | Path, report: dict[str, Any]) -> dict[str, Path]:
+    """benchmark.json, benchmark.md, benchmark.png in the run folder, each written atomically."""
+    run_dir = Path(run_dir)
+    return {"benchmark_json": artifacts.write_json(run_dir / BENCHMARK_JSON, report),
+            "benchmark_md": artifacts.write_text(run_dir / BENCHMARK_MD, markdown(report)),
+            "benchmark_png": artifacts.write_bytes(run_dir / BENCHMARK_PNG, chart_png(report))}
+
+
+def summary_text(report: dict[str, Any]) -> str:
+    """One screen: each row's latency, throughput, metric and speed-up against TF FP32, then INT8 vs FP32."""
+    bs = report["settings"]["batch_size"]
+    primary = report["primary_metric"]
+    cpu = report["environment"]["cpu"]
+    flags = "/".join(label for key, label in (("vnni", "VNNI"), ("bf16", "BF16"), ("amx_int8", "AMX")) if cpu.get(key))
+    lines = [f"benchmark {report['run']}: {report['inputs']['n_images']} test images, {cpu.get('model')} "
+             f"({flags or 'no VNNI/BF16/AMX'}), {report['environment']['thread_environment'].get('OMP_NUM_THREADS')} "
+             "threads",
+             f"{'row':<26}{'p50 ms':>9}{'img/s@' + str(bs):>11}{'×thr':>7}{'×lat':>7}{primary:>10}{'Δ':>9}"]
+    for r in report["results"]:
+        vs = r["vs_fp32"]
+        delta = vs.get("auc_delta" if primary == "auc" else "accuracy_delta")
+        lines.append(f"{r['id']:<26}{_f(r['latency_ms']['p50']):>9}{_f(r['throughput_ips'], 1):>11}"
+                     f"{_x(vs['throughput_speedup']):>7}{_x(vs['latency_speedup']):>7}"
+                     f"{_f(r['metrics'].get(primary), 4):>10}{_signed(delta):>9}")
+    by_id = {r["id"]: r for r in report["results"]}
+    if "tensorflow-int8" in by_id and "tensorflow-fp32" in by_id:
+        vs = by_id["tensorflow-int8"]["vs_fp32"]
+        delta = vs.get("auc_delta" if primary == "auc" else "accuracy_delta")
+        lines.append(f"INT8 vs FP32 (TensorFlow): {_x(vs['throughput_speedup'])} throughput, "
+                     f"{_x(vs['latency_speedup'])} latency, {primary} {_signed(delta)}")
+    for s in report["skipped"]:
+        lines.append(f"skipped {s['id']}: {s['reason'][:110]}")
+    lines += [f"note: {n[:120]}" for n in report.get("notes", []) if n.startswith("the machine was busy")]
+    return "\n".join(lines)

@@ -1,0 +1,457 @@
+"""The benchmark stage: the parent process. It never imports an inference runtime; it preprocesses the test split
+once, starts one worker process per row (one after another), computes the metrics from the probabilities the
+workers write, and writes benchmark.json / benchmark.md / benchmark.png through medq.artifacts."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medq import artifacts, hwinfo
+from medq.benchmark import plan, reference, report
+from medq.errors import ConfigError, MedqError
+
+log = logging.getLogger("medq")
+
+BENCH_DIR = "benchmark"  # inputs, jobs, worker logs, probabilities and reference models of the stage
+INPUTS = "test_inputs.npy"
+CALIBRATION = "calibration_inputs.npy"
+PREPROCESS_CHUNK = 256
+
+
+class WorkerError(Exception):
+    """A worker process failed; the row is recorded as skipped with this message."""
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------
+
+def write_inputs(paths: list[str], spec: Any, target: Path) -> np.ndarray:
+    """Preprocess ``paths`` into ``target`` (.npy, written chunk by chunk so a large split never sits in memory);
+    returns the indices of the files kept (unreadable files are dropped)."""
+    from medq.tfdata import load_split_arrays
+
+    n = len(paths)
+    kept: list[int] = []
+    with artifacts.atomic_path(target) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *spec.input_shape))
+        for start in range(0, n, PREPROCESS_CHUNK):
+            x, k = load_split_arrays(paths[start:start + PREPROCESS_CHUNK], spec)
+            out[len(kept):len(kept) + len(x)] = x
+            kept.extend(int(start + i) for i in k)
+        out.flush()
+        del out
+        if len(kept) < n:  # rewrite without the rows of the unreadable files
+            full = np.load(tmp, mmap_mode="r")
+            trimmed = tmp.with_name(tmp.name + ".trim.npy")
+            dst = np.lib.format.open_memmap(trimmed, mode="w+", dtype=np.float32, shape=(len(kept), *spec.input_shape))
+            dst[:] = full[:len(kept)]
+            dst.flush()
+            del dst, full
+            os.replace(trimmed, tmp)
+    return np.asarray(kept, dtype=int)
+
+
+def test_inputs(config: Any, manifest: dict[str, Any], index: Any, bench: Path) -> dict[str, Any]:
+    """The test split, preprocessed once with the run's recorded preprocessing: every engine loads this file."""
+    from medq.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    paths = index.paths("test")
+    if not paths:
+        raise MedqError(f"{config.data.root}: the test split is empty; the benchmark measures the task metric on it")
+    target = bench / INPUTS
+    kept = write_inputs(paths, spec, target)
+    if not len(kept):
+        raise MedqError(f"{config.data.root}: no test image could be decoded; run `medq data check {config.data.root}`")
+    labels = index.labels("test")[kept]
+    recorded = manifest.get("stages", {}).get("train", {}).get("split_sizes", {}).get("test")
+    return {"path": target, "sha256": artifacts.sha256(target), "n_images": int(len(kept)),
+            "dropped": len(paths) - len(kept), "shape": [int(len(kept)), *spec.input_shape], "split": "test",
+            "recorded_test_size": recorded, "labels": labels}
+
+
+def calibration_inputs(config: Any, manifest: dict[str, Any], index: Any, bench: Path) -> dict[str, Any]:
+    """The calibration images of the reference INT8 models: the images `medq quantize` calibrates INC with (same
+    deploy.yaml sampling size and seed, same stratified choice from the train split), else — without a usable
+    deploy.yaml — a seeded sample of ``benchmark.calibration_images`` train images."""
+    from medq.preprocess import PreprocessSpec
+
+    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    target = bench / CALIBRATION
+    try:
+        from medq.inc.deploy import load_deploy
+        from medq.quantize import load_calibration
+
+        deploy = load_deploy(config.quantize.deploy)
+        x, _, paths = load_calibration(index, spec, deploy.sampling_sizes, deploy.random_seed)
+        source = (f"the INC calibration set: {len(paths)} train-split images chosen as `medq quantize` chooses them "
+                  f"({deploy.path}: sampling_size {deploy.sampling_sizes}, seed {deploy.random_seed})")
+        with artifacts.atomic_path(target) as tmp:
+            np.save(tmp, x)
+        n = len(paths)
+    except (ImportError, MedqError) as exc:
+        train = index.paths("train")
+        n = min(config.benchmark.calibration_images, len(train))
+        pick = np.sort(np.random.default_rng(config.run.seed).choice(len(train), n, replace=False))
+        n = len(write_inputs([train[i] for i in pick], spec, target))
+        source = f"{n} train-split images sampled with seed {config.run.seed} (no INC calibration set: {exc})"
+    return {"path": target, "sha256": artifacts.sha256(target), "n_images": n, "source": source}
+
+
+# --- worker processes -------------------------------------------------------------------------------------------
+
+def worker_command(job_path: Path) -> list[str]:
+    return [sys.executable, "-m", "medq.benchmark.worker", str(job_path)]
+
+
+def worker_env(thread_env: dict[str, str], **overrides: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(thread_env)
+    env.update(overrides)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    return env
+
+
+def _paths(bench: Path, name: str) -> dict[str, Path]:
+    safe = name.replace("/", "_").replace("@", "_at_").replace("#", "_")
+    paths = {"job": bench / "jobs" / f"{safe}.json", "result": bench / "results" / f"{safe}.json",
+             "log": bench / "logs" / f"{safe}.log"}
+    for path in paths.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    paths["result"].unlink(missing_ok=True)
+    return paths
+
+
+def _tail(log_path: Path, lines: int = 3) -> str:
+    try:
+        text = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return " | ".join(text[-lines:])[-600:]
+
+
+def _start(job: dict[str, Any], bench: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict[str, Path]]:
+    paths = _paths(bench, job["id"])
+    job["result"] = str(paths["result"])
+    artifacts.write_json(paths["job"], job)
+    with open(paths["log"], "wb") as log_file:
+        proc = subprocess.Popen(worker_command(paths["job"]), env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    return proc, paths
+
+
+def _finish(proc: subprocess.Popen, paths: dict[str, Path]) -> dict[str, Any]:
+    if proc.returncode != 0 or not paths["result"].is_file():
+        raise WorkerError(f"worker exited with code {proc.returncode}: {_tail(paths['log'])} (log: {paths['log']})")
+    result = json.loads(paths["result"].read_text())
+    result["command"] = worker_command(paths["job"])
+    result["log"] = str(paths["log"])
+    return result
+
+
+def run_worker(job: dict[str, Any], bench: Path, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run one worker to completion (nothing else measuring meanwhile) and return its result JSON."""
+    proc, paths = _start(job, bench, env)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise WorkerError(f"worker timed out after {timeout:.0f} s (benchmark.worker_timeout; log: {paths['log']})")
+    return _finish(proc, paths)
+
+
+def run_instances(job: dict[str, Any], layout: plan.Layout, groups: list[list[int]], bench: Path,
+                  thread_env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """The deliberate concurrent measurement: ``layout.instances`` workers, each pinned to its own cores; all load
+    and warm up, then the parent releases them together and the aggregate throughput is the sum of theirs."""
+    c = layout.cores_per_instance
+    env = worker_env(thread_env, OMP_NUM_THREADS=str(c), TF_NUM_INTRAOP_THREADS=str(c))
+    sync = bench / "sync"
+    sync.mkdir(parents=True, exist_ok=True)
+    go = sync / f"{job['id']}-{layout.name}.go"
+    go.unlink(missing_ok=True)
+    started: list[tuple[subprocess.Popen, dict[str, Path], Path]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        for i, cpus in enumerate(plan.instance_cpus(layout, groups)):
+            ready = sync / f"{job['id']}-{layout.name}-{i}.ready"
+            ready.unlink(missing_ok=True)
+            instance_job = job | {"kind": "instance", "id": f"{job['id']}@{layout.name}#{i}", "cpus": cpus,
+                                  "intra_op_threads": c, "ready": str(ready), "go": str(go)}
+            proc, paths = _start(instance_job, bench, env)
+            started.append((proc, paths, ready))
+        while not all(ready.exists() for _, _, ready in started):
+            failed = [(p, paths) for p, paths, _ in started if p.poll() is not None]
+            if failed:
+                raise WorkerError(f"an instance exited during loading: {_tail(failed[0][1]['log'])}")
+            if time.monotonic() > deadline:
+                raise WorkerError(f"instances did not load within {timeout:.0f} s")
+            time.sleep(0.05)
+        go.touch()
+        results = []
+        for proc, paths, _ in started:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            results.append(_finish(proc, paths))
+    except subprocess.TimeoutExpired:
+        raise WorkerError(f"instances timed out after {timeout:.0f} s (benchmark.worker_timeout)") from None
+    finally:
+        for proc, _, ready in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            ready.unlink(missing_ok=True)
+        go.unlink(missing_ok=True)
+    span = max(r["end"] for r in results) - min(r["start"] for r in results)
+    return {"layout": layout.name, "instances": layout.instances, "cores_per_instance": c, "source": layout.source,
+            "batch_size": job["batch_size"], "throughput_ips": float(sum(r["throughput_ips"] for r in results)),
+            "wall_throughput_ips": float(sum(r["images"] for r in results) / span) if span > 0 else None,
+            "per_instance_ips": [float(r["throughput_ips"]) for r in results],
+            "per_instance_p50_ms": [r["batch_latency_ms"]["p50"] for r in results],
+            "cpus": [r["cpus"] for r in results], "pids": [r["pid"] for r in results],
+            "inputs_sha256": sorted({r.get("inputs_sha256") for r in results})}
+
+
+# --- the stage --------------------------------------------------------------------------------------------------
+
+def _check_settings(bc: Any) -> list[int]:
+    if bc.warmup < 0:
+        raise ConfigError(f"benchmark.warmup: must be 0 or more, got {bc.warmup}")
+    sizes = sorted(set(bc.batch_sizes) | {bc.batch_size})
+    if any(b <= 0 for b in sizes):
+        raise ConfigError(f"benchmark.batch_sizes: every batch size must be greater than 0, got {bc.batch_sizes}")
+    if bc.calibration_images <= 0:
+        raise ConfigError(f"benchmark.calibration_images: must be greater than 0, got {bc.calibration_images}")
+    return sizes
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf → None, numpy scalars → Python."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def _row_entry(row: plan.Row, result: dict[str, Any], run_dir: Path, main_bs: int) -> dict[str, Any]:
+    sweep = {int(s["batch_size"]): s for s in result["sweep"]}
+    return {
+        "id": row.id, "engine": row.engine, "precision": row.precision,
+        "model": os.path.relpath(row.model, run_dir), "model_bytes": reference.model_bytes(row.model),
+        "options": row.options,
+        "latency_ms": result["latency_ms"], "batch_size": main_bs, "throughput_ips": sweep[main_bs]["throughput_ips"],
+        "throughput_by_batch": {str(b): s["throughput_ips"] for b, s in sorted(sweep.items())},
+        "batch_latency_p50_ms": {str(b): s["batch_latency_ms"]["p50"] for b, s in sorted(sweep.items())},
+        "multi_instance": [], "pid": result["pid"], "parent_pid": result["parent_pid"],
+        "inputs_sha256": result["inputs_sha256"], "cpus": result["cpus"], "threads": result["threads"],
+        "intra_op_threads": result["intra_op_threads"], "inter_op_threads": result["inter_op_threads"],
+        "engine_facts": result["engine_facts"], "seconds": result["seconds"],
+        "log": os.path.relpath(result["log"], run_dir), "command": result["command"],
+    }
+
+
+def _metrics(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    from medq.metrics import task_metrics
+
+    return _clean(task_metrics(task, labels, probs, classes))
+
+
+def _agreement(task: str, probs: np.ndarray, base: np.ndarray) -> float:
+    """Share of decisions equal to the baseline's: the arg-max class, or every thresholded label (multi-label)."""
+    if task == "multilabel":
+        return float(((probs >= 0.5) == (base >= 0.5)).mean())
+    return float((probs.argmax(axis=1) == base.argmax(axis=1)).mean())
+
+
+def _job(row: plan.Row, manifest: dict[str, Any], inputs: dict[str, Any], bc: Any, sizes: list[int],
+         threads: int, inter: int, bench: Path) -> dict[str, Any]:
+    return {"kind": "measure", "id": row.id, "engine": row.engine, "precision": row.precision, "model": str(row.model),
+            "input_name": manifest.get("input_name", "input"), "output_name": manifest.get("output_name", "output"),
+            **row.options, "intra_op_threads": threads, "inter_op_threads": inter, "inputs": str(inputs["path"]),
+            "warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
+            "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size, "batch_sizes": sizes,
+            "probs": str(bench / "probs" / f"{row.id}.npy")}
+
+
+def _prepare_reference(rows: list[plan.Row], config: Any, manifest: dict[str, Any], index: Any, fp32_pb: Path,
+                       bench: Path, env: dict[str, str], notes: list[str]) -> dict[str, str]:
+    """Build (or reuse) the reference models; sets each row's model. Returns {row id: reason} for rows whose model
+    could not be built."""
+    wanted = {plan.REFERENCE_MODEL[r.id] for r in rows}
+    ref_dir = bench / "reference"
+    ref_dir.mkdir(parents=True, exist_ok=True)
+    models = {name: ref_dir / reference.FILES[name] for name in reference.FILES}
+    calibration = None
+    if wanted & reference.NEEDS_CALIBRATION:
+        calibration = calibration_inputs(config, manifest, index, bench)
+        notes.append(f"reference INT8 calibration: {calibration['source']} (sha256 {calibration['sha256'][:12]})")
+    cache_file = ref_dir / reference.CACHE
+    cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    fp32_sha = artifacts.sha256(fp32_pb)
+    keys = {name: reference.cache_key(name, fp32_sha, calibration and calibration["sha256"], config.benchmark.onnx_opset)
+            for name in reference.needed(wanted)}
+    build = [name for name, key in keys.items() if not (models[name].is_file() and cache.get(name) == key)]
+    failures: dict[str, str] = {}
+    if build:
+        log.info("benchmark: building reference models %s (not timed)", ", ".join(build))
+        job = {"kind": "prepare", "id": "prepare-reference", "build": build,
+               "models": {k: str(v) for k, v in models.items()}, "fp32_pb": str(fp32_pb),
+               "opset": config.benchmark.onnx_opset, "input_name": manifest.get("input_name", "input"),
+               "output_name": manifest.get("output_name", "output"),
+               "calibration": str(calibration["path"]) if calibration else None}
+        try:
+            built = run_worker(job, bench, env, config.benchmark.worker_timeout)["built"]
+        except WorkerError as exc:
+            built = {name: {"ok": False, "error": str(exc)} for name in build}
+        for name, outcome in built.items():
+            if outcome["ok"]:
+                cache[name] = keys[name]
+            else:
+                cache.pop(name, None)
+                failures[name] = outcome["error"]
+        artifacts.write_json(cache_file, cache)
+    skipped = {}
+    for row in rows:
+        name = plan.REFERENCE_MODEL[row.id]
+        if name in failures or not models[name].is_file():
+            skipped[row.id] = f"could not build the {name} model: {failures.get(name, 'missing')}"
+        else:
+            row.model = models[name]
+    return skipped
+
+
+def _progress(i: int, n: int, entry: dict[str, Any], primary: str) -> str:
+    metric = entry["metrics"].get(primary)
+    metric_text = f", {primary} {metric:.4f}" if isinstance(metric, float) else ""
+    return (f"benchmark [{i}/{n}] {entry['id']}: p50 {entry['latency_ms']['p50']:.2f} ms, "
+            f"{entry['throughput_ips']:.1f} img/s at batch {entry['batch_size']}{metric_text} ({entry['seconds']:.0f} s)")
+
+
+def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
+    """Measure every precision path (and the reference engines) of the run, each in its own process; write
+    benchmark.json, benchmark.md and benchmark.png into the run folder and return the benchmark.json content."""
+    from medq.data.readers import read_dataset
+    from medq.metrics import primary_metric
+
+    started = time.perf_counter()
+    run_dir = config.run_dir
+    manifest = artifacts.read_manifest(run_dir)
+    fp32_pb = artifacts.artifact_path(run_dir, "fp32_pb")
+    if fp32_pb is None or not fp32_pb.is_file():
+        raise MedqError(f"{run_dir}: no frozen FP32 graph (fp32_pb) in this run; run `medq freeze` first")
+    missing = [k for k in ("preprocess", "task", "classes") if k not in manifest]
+    if missing:
+        raise MedqError(f"{run_dir / artifacts.MANIFEST}: no {', '.join(missing)} recorded; run `medq train` first")
+    bc = config.benchmark
+    sizes = _check_settings(bc)
+    task, classes = manifest["task"], list(manifest["classes"])
+    primary = primary_metric(task)
+    features = hwinfo.cpu_features()
+    load_before = os.getloadavg()
+    int8_pb = artifacts.artifact_path(run_dir, "int8_pb")
+    rows, skipped = plan.plan_rows(bc.precisions, bc.reference, features, fp32_pb, int8_pb)
+    cores = int(features.get("physical_cores") or hwinfo.physical_cores())
+    performance = plan.deploy_performance(config.quantize.deploy, config.source)
+    layouts, layout_skips = plan.plan_layouts(bc.instances, cores, performance)
+    for row_id, reason in {**skipped, **{f"multi-instance {k}": v for k, v in layout_skips.items()}}.items():
+        log.warning("benchmark: skipping %s: %s", row_id, reason)
+    notes: list[str] = []
+    if not features.get("vnni") and any(r.precision.startswith("int8") for r in rows):
+        notes.append("the CPU has no VNNI: INT8 runs without its dot-product instructions, expect little speed-up")
+
+    bench = run_dir / BENCH_DIR
+    bench.mkdir(parents=True, exist_ok=True)
+    index = read_dataset(config.data, seed=config.run.seed)
+    inputs = test_inputs(config, manifest, index, bench)
+    if inputs["recorded_test_size"] not in (None, len(index.paths("test"))):
+        notes.append(f"the test split has {len(index.paths('test'))} images now, {inputs['recorded_test_size']} when "
+                     "the model was trained: check data.root and run.seed")
+    if inputs["dropped"]:
+        notes.append(f"{inputs['dropped']} unreadable test images were dropped")
+    thread_env = hwinfo.thread_environment(config.runtime)
+    threads = int(thread_env["TF_NUM_INTRAOP_THREADS"])
+    env = worker_env(thread_env)
+    groups = plan.core_groups(allowed=os.sched_getaffinity(0))
+    log.info("benchmark: %d test images (%s), %d rows, threads %s", inputs["n_images"],
+             inputs["sha256"][:12], len(rows), thread_env["OMP_NUM_THREADS"])
+
+    tf_rows = [r for r in rows if not r.reference]
+    ref_rows = [r for r in rows if r.reference]
+    if ref_rows:
+        skipped.update(_prepare_reference(ref_rows, config, manifest, index, fp32_pb, bench, env, notes))
+        ref_rows = [r for r in ref_rows if r.id not in skipped]
+    results: list[dict[str, Any]] = []
+    base_probs = None
+    todo = tf_rows + ref_rows
+    for i, row in enumerate(todo, 1):
+        log.info("benchmark [%d/%d] %s: measuring %s", i, len(todo), row.id, row.model.name)
+        job = _job(row, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench)
+        try:
+            entry = _row_entry(row, run_worker(job, bench, env, bc.worker_timeout), run_dir, bc.batch_size)
+        except WorkerError as exc:
+            skipped[row.id] = f"failed: {exc}"
+            log.error("benchmark: %s failed: %s", row.id, exc)
+            continue
+        probs = np.load(job["probs"])
+        entry["metrics"] = _metrics(task, classes, inputs["labels"], probs)
+        if row.id == plan.BASELINE:
+            base_probs = probs
+        if base_probs is not None:
+            entry["max_abs_diff_vs_fp32"] = float(np.max(np.abs(probs - base_probs)))
+            entry["agreement_vs_fp32"] = _agreement(task, probs, base_probs)
+        if not row.reference and row.precision in bc.instance_precisions:
+            for layout in layouts:
+                log.info("benchmark [%d/%d] %s: %d instance(s) x %d core(s)", i, len(todo), row.id,
+                         layout.instances, layout.cores_per_instance)
+                try:
+                    entry["multi_instance"].append(
+                        run_instances(job, layout, groups, bench, thread_env, bc.worker_timeout))
+                except WorkerError as exc:
+                    entry["multi_instance"].append({"layout": layout.name, "error": str(exc)})
+                    log.error("benchmark: %s multi-instance %s failed: %s", row.id, layout.name, exc)
+        results.append(entry)
+        log.info("%s", _progress(i, len(todo), entry, primary))
+
+    load_after = os.getloadavg()
+    busy = max(load_before[0], load_after[0])
+    if busy > cores:
+        notes.append(f"the machine was busy (1-minute load average up to {busy:.1f} on {cores} cores): "
+                     "absolute times are inflated and noisy; compare the ratios")
+    out = {
+        "schema": 1, "run": config.run.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "task": task, "classes": classes, "primary_metric": primary, "baseline": plan.BASELINE,
+        "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
+        "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
+                     "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,
+                     "batch_sizes": sizes, "instances": [layout.name for layout in layouts],
+                     "deploy_performance": performance or None},
+        "environment": {"cpu": features, "thread_environment": thread_env,
+                        "runtime": dataclasses.asdict(config.runtime), "versions": artifacts.package_versions(),
+                        "platform": platform.platform(), "python": sys.executable,
+                        "parent_pid": os.getpid(), "parent_cpus": sorted(os.sched_getaffinity(0)),
+                        "load_average": {"before": list(load_before), "after": list(load_after)}},
+        "results": results,
+        "skipped": [{"id": k, "reason": v} for k, v in skipped.items()]
+        + [{"id": f"multi-instance {k}", "reason": v} for k, v in layout_skips.items()],
+        "notes": notes, "seconds": round(time.perf_counter() - started, 1),
+    }
+    report.add_comparisons(out)
+    out = _clean(out)
+    written = report.write_reports(run_dir, out)
+    artifacts.update_manifest(run_dir, "benchmark", artifacts=written, rows=[r["id"] for r in results],
+                              skipped=out["skipped"], seconds=out["seconds"],
+                              inputs_sha256=inputs["sha256"])
+    return out

@@ -1,0 +1,378 @@
+"""`medq predict`: class probabilities for image files (PNG, JPEG, DICOM) from a run's FP32 or INT8 frozen graph or
+its Keras model, optionally averaged over ten crops, optionally with Grad-CAM heatmaps.
+
+The run's manifest supplies the class names, the task and the preprocessing. Every image goes through the same
+decode → preprocess functions as training, calibration and the benchmark (medq.data.decode.load_image,
+medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
+
+Output: one JSON object per input file, in input order —
+``{"file", "probabilities": {class: p}, "prediction": class}`` (binary/multiclass: the arg-max class),
+``{"file", "probabilities": {label: p}, "findings": [labels with p >= threshold], "threshold"}`` (multilabel),
+``{"file", "error"}`` for a file that cannot be decoded (it is skipped, counted, and the rest are predicted).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Sequence, TextIO
+
+import numpy as np
+
+from medq import artifacts
+from medq.data.common import is_junk
+from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, is_dicom, load_image
+from medq.errors import MedqError
+from medq.preprocess import PreprocessSpec, preprocess
+from medq.progress import progress
+
+# --model choice → (manifest artifact key, the file's usual name, the stage that writes it)
+MODELS = {
+    "fp32": ("fp32_pb", "model_fp32.pb", "medq freeze"),
+    "int8": ("int8_pb", "model_int8.pb", "medq quantize"),
+    "keras": ("keras_model", "model.keras", "medq train"),
+}
+KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
+TEN_CROP_SCALE = 256 / 224  # CheXNet: resize to 256, ten 224 crops
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What prediction needs from a run's manifest."""
+
+    run_dir: Path
+    classes: list[str]
+    task: str
+    spec: PreprocessSpec
+    input_name: str = "input"
+    output_name: str = "output"
+
+
+def read_run(run_dir: str | Path) -> RunInfo:
+    """The run's classes, task, preprocessing and tensor names; one-line errors for anything missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MedqError(f"{run_dir}: no such run folder; pass --run output/<name> of a trained run "
+                        "(`medq runs list` shows them)")
+    manifest_path = run_dir / artifacts.MANIFEST
+    if not manifest_path.is_file():
+        raise MedqError(f"{run_dir}: not a medq run (no {artifacts.MANIFEST}); pass --run output/<name> of a "
+                        "trained run (`medq runs list` shows them)")
+    try:
+        manifest = artifacts.read_manifest(run_dir)
+    except (ValueError, OSError) as exc:
+        raise MedqError(f"{manifest_path}: unreadable ({type(exc).__name__}); re-run `medq train` for this run") from None
+    missing = [key for key in ("classes", "task", "preprocess") if not manifest.get(key)]
+    if missing:
+        raise MedqError(f"{manifest_path}: no {', '.join(missing)} recorded; run `medq train` for this run first")
+    try:
+        spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    except (KeyError, TypeError, ValueError):
+        raise MedqError(f"{manifest_path}: 'preprocess' must hold image_size, channels and normalization; "
+                        "re-run `medq train` for this run") from None
+    return RunInfo(run_dir, [str(c) for c in manifest["classes"]], str(manifest["task"]), spec,
+                   str(manifest.get("input_name", "input")), str(manifest.get("output_name", "output")))
+
+
+def model_location(info: RunInfo, model: str = "fp32", model_file: str | Path | None = None) -> tuple[str, Path]:
+    """('graph' | 'keras', path) for ``--model`` or ``--model-file``."""
+    if model_file is not None:
+        path = Path(model_file)
+        if not path.exists():
+            raise MedqError(f"{path}: model file not found; pass a .pb frozen graph or a .keras model")
+        return ("keras" if path.suffix.lower() in KERAS_SUFFIXES or path.is_dir() else "graph"), path
+    if model not in MODELS:
+        raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
+    key, usual, stage = MODELS[model]
+    path = artifacts.artifact_path(info.run_dir, key)
+    if path is None:
+        raise MedqError(f"{info.run_dir}: this run has no {model.upper() if model != 'keras' else 'Keras'} model "
+                        f"({usual}); run `{stage}` for it first, or choose another --model")
+    if not path.exists():
+        raise MedqError(f"{path}: recorded in the manifest but missing; re-run `{stage}` for this run")
+    return ("keras" if model == "keras" else "graph"), path
+
+
+class Predictor:
+    """Probabilities [N, K] for preprocessed images [N, S, S, C] from a frozen graph or a Keras model."""
+
+    def __init__(self, info: RunInfo, kind: str, path: Path, *, intra_op_threads: int = 0,
+                 inter_op_threads: int = 1):
+        self.kind, self.path, self.info = kind, Path(path), info
+        self.keras_model = None
+        self.graph = None
+        if kind == "keras":
+            from medq.freeze import load_keras_model
+
+            self.keras_model = load_keras_model(path)
+        else:
+            from medq.graph import FrozenGraph
+
+            self.graph = FrozenGraph(path, info.input_name, info.output_name, intra_op_threads=intra_op_threads,
+                                     inter_op_threads=inter_op_threads)
+
+    def __call__(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        if self.graph is not None:
+            probs = self.graph.predict(x, batch_size=batch_size)
+        else:
+            probs = np.concatenate([np.asarray(self.keras_model.predict_on_batch(x[i:i + batch_size]))
+                                    for i in range(0, len(x), batch_size)])
+        if probs.ndim != 2 or probs.shape[1] != len(self.info.classes):
+            raise MedqError(f"{self.path}: the model gives {probs.shape[1:]} outputs per image but the run lists "
+                            f"{len(self.info.classes)} classes; the model file does not belong to {self.info.run_dir}")
+        return probs
+
+    def close(self) -> None:
+        if self.graph is not None:
+            self.graph.close()
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageInput:
+    path: Path
+    root: Path | None = None  # the folder argument it was found under (heatmap names keep the sub-folders)
+
+
+def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], int]:
+    """Files as given (whatever their name: content decides) and image files under folders (recursive, sorted).
+
+    Returns (inputs, number of non-image files ignored in folders).
+    """
+    found: list[ImageInput] = []
+    ignored = 0
+    for argument in arguments:
+        path = Path(argument)
+        if not path.is_dir():
+            found.append(ImageInput(path))
+            continue
+        for current, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_junk(Path(current) / d))
+            for name in sorted(files):
+                file = Path(current) / name
+                if name.startswith(".") or is_junk(file):
+                    continue
+                suffix = file.suffix.lower()
+                if suffix in IMAGE_SUFFIXES or (not suffix and is_dicom(file)):
+                    found.append(ImageInput(file, path))
+                else:
+                    ignored += 1
+    return found, ignored
+
+
+def ten_crops(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """[10, S, S, C]: the image preprocessed at round(S·256/224), its four corner and centre S crops, and their
+    horizontal flips. Normalisation is per pixel, so cropping after it equals normalising each crop."""
+    size = spec.image_size
+    large = round(size * TEN_CROP_SCALE)
+    big = preprocess(image, replace(spec, image_size=large))
+    edge, mid = large - size, (large - size) // 2
+    crops = [big[y:y + size, x:x + size] for y, x in ((0, 0), (0, edge), (edge, 0), (edge, edge), (mid, mid))]
+    crops += [crop[:, ::-1] for crop in crops]
+    return np.ascontiguousarray(np.stack(crops))
+
+
+def record(path: Path, probs: np.ndarray, info: RunInfo, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """The JSON object for one image."""
+    out: dict[str, Any] = {"file": str(path),
+                           "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
+    if info.task == "multilabel":
+        out["findings"] = [c for c, p in zip(info.classes, probs) if p >= threshold]
+        out["threshold"] = threshold
+    else:
+        out["prediction"] = info.classes[int(np.argmax(probs))]
+    return out
+
+
+def _error_text(path: Path, exc: Exception) -> str:
+    text = str(exc)
+    prefix = f"{path}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+# --- heatmaps ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class HeatmapWriter:
+    """Grad-CAM overlays from the run's Keras model: ``<dir>/<sub-folders>/<stem>_<CLASS>.png``, original size."""
+
+    directory: Path
+    model: Any
+    info: RunInfo
+    classes: str = "all"  # 'all' | 'predicted'
+    layer: str | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    _used: set[Path] = field(default_factory=set)
+
+    def __post_init__(self):
+        from medq.heatmap import GradCAM
+
+        self.cam = GradCAM(self.model, self.layer)
+
+    def chosen(self, probs: np.ndarray) -> list[int]:
+        if self.classes == "all":
+            return list(range(len(self.info.classes)))
+        if self.info.task == "multilabel":
+            return [k for k, p in enumerate(probs) if p >= self.threshold]
+        return [int(np.argmax(probs))]
+
+    def target(self, item: ImageInput, class_name: str) -> Path:
+        rel_parent = Path()
+        if item.root is not None:
+            rel_parent = item.path.parent.relative_to(item.root)
+        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", class_name)
+        base = self.directory / rel_parent / f"{item.path.stem}_{safe}"
+        path, n = base.with_name(base.name + ".png"), 2
+        while path in self._used:
+            path, n = base.with_name(f"{base.name}-{n}.png"), n + 1
+        self._used.add(path)
+        return path
+
+    def write(self, items: list[ImageInput], images: list[np.ndarray], x: np.ndarray,
+              probs: np.ndarray) -> list[dict[str, str]]:
+        """One overlay per image and chosen class; returns {class: png path} per image."""
+        from medq.heatmap import write_overlay
+
+        wanted = [self.chosen(p) for p in probs]
+        union = sorted({k for ks in wanted for k in ks})
+        maps = self.cam.cams(x, union) if union else None
+        out = []
+        for i, (item, image) in enumerate(zip(items, images)):
+            written = {}
+            for k in wanted[i]:
+                name = self.info.classes[k]
+                written[name] = str(write_overlay(self.target(item, name), image, maps[i, union.index(k)]))
+            out.append(written)
+        return out
+
+
+# --- the loop ---------------------------------------------------------------------------------------------------
+
+def _load_one(item: ImageInput, spec: PreprocessSpec, ten_crop: bool, keep_image: bool):
+    """(model input [S,S,C] or [10,S,S,C], decoded image or None, error text or None)."""
+    try:
+        image = load_image(item.path)
+        x = ten_crops(image, spec) if ten_crop else preprocess(image, spec)
+        return x, (image if keep_image else None), None
+    except UnreadableImage as exc:
+        return None, None, _error_text(item.path, exc)
+
+
+def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_size: int = 32,
+                     ten_crop: bool = False, threshold: float = DEFAULT_THRESHOLD,
+                     heatmaps: HeatmapWriter | None = None, quiet: bool = False,
+                     workers: int | None = None) -> Iterator[dict[str, Any]]:
+    """One JSON-ready dict per input, in input order; files are decoded in a thread pool, batch by batch."""
+    info = predictor.info
+    workers = workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, \
+            progress(total=len(inputs), desc="predict", unit="img", quiet=quiet) as bar:
+        for start in range(0, len(inputs), batch_size):
+            chunk = inputs[start:start + batch_size]
+            loaded = list(pool.map(lambda item: _load_one(item, info.spec, ten_crop, heatmaps is not None), chunk))
+            good = [i for i, (x, _, error) in enumerate(loaded) if error is None]
+            results: dict[int, dict[str, Any]] = {}
+            if good:
+                x = np.stack([loaded[i][0] for i in good])
+                if ten_crop:  # [B, 10, S, S, C] → mean over the ten crops of each image
+                    probs = predictor(x.reshape(-1, *x.shape[2:]), batch_size).reshape(len(good), 10, -1).mean(1)
+                else:
+                    probs = predictor(x, batch_size)
+                for j, i in enumerate(good):
+                    results[i] = record(chunk[i].path, probs[j], info, threshold)
+                if heatmaps is not None:
+                    plain = x if not ten_crop else np.stack([preprocess(loaded[i][1], info.spec) for i in good])
+                    maps = heatmaps.write([chunk[i] for i in good], [loaded[i][1] for i in good], plain, probs)
+                    for j, i in enumerate(good):
+                        results[i]["heatmaps"] = maps[j]
+            for i, item in enumerate(chunk):
+                yield results.get(i) or {"file": str(item.path), "error": loaded[i][2]}
+            bar.update(len(chunk))
+
+
+@dataclass
+class PredictSummary:
+    predicted: int = 0
+    errors: int = 0
+    ignored: int = 0
+    first_error: str | None = None
+    model: str = ""
+    output: Path | None = None
+    heatmap_dir: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when at least one image was predicted (unreadable files are reported, not fatal), else 1."""
+        return 0 if self.predicted else 1
+
+    def line(self) -> str:
+        text = f"{self.predicted} image{'s' if self.predicted != 1 else ''} predicted with {self.model}"
+        if self.errors:
+            text += f"; {self.errors} unreadable file{'s' if self.errors != 1 else ''} skipped " \
+                    f"(first: {self.first_error})"
+        if self.ignored:
+            text += f"; {self.ignored} non-image file{'s' if self.ignored != 1 else ''} in the folders ignored"
+        if self.output is not None:
+            text += f" → {self.output}"
+        if self.heatmap_dir is not None:
+            text += f"; heatmaps in {self.heatmap_dir}"
+        return text
+
+
+def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str = "fp32",
+                model_file: str | Path | None = None, output: str | Path | None = None, ten_crop: bool = False,
+                heatmap_dir: str | Path | None = None, heatmap_classes: str = "all", heatmap_layer: str | None = None,
+                batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, quiet: bool = False,
+                intra_op_threads: int = 0, inter_op_threads: int = 1, stdout: TextIO | None = None) -> PredictSummary:
+    """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``."""
+    if batch_size <= 0:
+        raise MedqError(f"--batch-size {batch_size}: must be greater than 0")
+    if not 0.0 < threshold < 1.0:
+        raise MedqError(f"--threshold {threshold}: must be between 0 and 1")
+    info = read_run(run_dir)
+    kind, path = model_location(info, model, model_file)
+    items, ignored = collect_inputs(inputs)
+    if not items:
+        raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
+                        "folders holding them")
+    keras_path = path if kind == "keras" else None
+    if heatmap_dir is not None and keras_path is None:
+        _, keras_path = model_location(info, "keras")  # Grad-CAM needs gradients: the run's Keras model
+    predictor = Predictor(info, kind, path, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    heatmaps = None
+    if heatmap_dir is not None:
+        from medq.freeze import load_keras_model
+
+        cam_model = predictor.keras_model if kind == "keras" else load_keras_model(keras_path)
+        heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, threshold)
+    summary = PredictSummary(ignored=ignored, model=f"{model if model_file is None else kind} model {path}",
+                             output=Path(output) if output is not None else None,
+                             heatmap_dir=Path(heatmap_dir) if heatmap_dir is not None else None)
+    stream = iter_predictions(predictor, items, batch_size=batch_size, ten_crop=ten_crop, threshold=threshold,
+                              heatmaps=heatmaps, quiet=quiet)
+    try:
+        if output is None:
+            _write_lines(stream, stdout or sys.stdout, summary)
+        else:
+            with artifacts.atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+                _write_lines(stream, fh, summary)
+    finally:
+        predictor.close()
+    return summary
+
+
+def _write_lines(stream: Iterator[dict[str, Any]], fh: TextIO, summary: PredictSummary) -> None:
+    for rec in stream:
+        if "error" in rec:
+            summary.errors += 1
+            summary.first_error = summary.first_error or f"{rec['file']}: {rec['error']}"
+        else:
+            summary.predicted += 1
+        fh.write(json.dumps(rec) + "\n")
+    fh.flush()

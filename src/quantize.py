@@ -1,0 +1,498 @@
+"""Stage 5: INC post-training static quantization of the run's frozen FP32 graph, driven by deploy.yaml.
+
+What the reference kit got wrong, and what happens here instead:
+
+- its deploy.yaml was parsed and never given to INC → every INC setting comes from the validated deploy.yaml
+  (:mod:`medq.inc.deploy`) or from INC's default, printed;
+- it had no evaluation function, so "meets the accuracy goal" meant nothing → INC's tuning evaluates the task metric
+  (accuracy, or mean AUC for multi-label) on the validation split, with the training preprocessing;
+- it calibrated on validation/test images divided by 255 twice → calibration images are drawn (class-stratified) from
+  the training split only (:func:`calibration_indices`), preprocessed once by :mod:`medq.preprocess`, and the files
+  INC actually consumed are recorded.
+
+Besides ``model_int8.pb`` and ``quantized_ops.json`` (INC's op table), the stage measures the validation metric of
+each precision path the CPU can run (:func:`select_precisions`): FP32, BF16 (oneDNN's auto-mixed-precision rewrite
+of the FP32 graph), INT8, and INT8 with the BF16 rewrite for the ops left out of INT8.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from functools import reduce
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from medq import artifacts
+from medq.errors import DataError, MedqError
+
+INT8_PB = "model_int8.pb"
+QUANTIZED_OPS = "quantized_ops.json"
+PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
+BF16_PATHS = ("bf16", "int8-bf16")
+CALIBRATION_SPLIT = "train"
+MAX_CALIBRATION_BATCH = 32
+# Float op types that INC's TensorFlow adaptor can turn into quantized kernels: the ones worth reporting when they
+# stay FP32 ("fallback ops").
+COMPUTE_OPS = frozenset({
+    "Conv2D", "_FusedConv2D", "Conv3D", "_FusedConv3D", "DepthwiseConv2dNative", "_FusedDepthwiseConv2dNative",
+    "MatMul", "_FusedMatMul", "BatchMatMul", "BatchMatMulV2", "Conv2DBackpropInput", "Conv3DBackpropInputV2",
+})
+
+
+# --- precision paths ----------------------------------------------------------------------------------------------
+
+def select_precisions(requested: list[str], features: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The requested precision paths this CPU can run, in order, and ``{skipped path: reason}``.
+
+    ``features`` is :func:`medq.hwinfo.cpu_features` (or a simulated dict with ``bf16``/``avx512_bf16``/``amx_bf16``).
+    FP32 and INT8 run everywhere (without VNNI oneDNN's INT8 kernels are merely slower); the BF16 paths need
+    AVX512-BF16 or AMX-BF16, otherwise oneDNN's BF16 rewrite would run emulated or not at all.
+    """
+    kept: list[str] = []
+    skipped: dict[str, str] = {}
+    has_bf16 = bool(features.get("bf16") or features.get("avx512_bf16") or features.get("amx_bf16"))
+    for path in requested:
+        if path in kept or path in skipped:
+            continue
+        if path not in PRECISIONS:
+            skipped[path] = f"unknown precision path; medq knows {', '.join(PRECISIONS)}"
+        elif path in BF16_PATHS and not has_bf16:
+            skipped[path] = ("this CPU has neither AVX512-BF16 nor AMX-BF16, so oneDNN's BF16 rewrite would not "
+                             "run natively")
+        else:
+            kept.append(path)
+    return kept, skipped
+
+
+def describe_cpu(features: dict[str, Any]) -> str:
+    """'<model>: VNNI yes, AVX512-BF16 no, AMX-BF16 no, AMX-INT8 no'."""
+    def yes(flag: str) -> str:
+        return "yes" if features.get(flag) else "no"
+
+    return (f"{features.get('model', 'unknown CPU')}: VNNI {yes('vnni')}, AVX512-BF16 {yes('avx512_bf16')}, "
+            f"AMX-BF16 {yes('amx_bf16')}, AMX-INT8 {yes('amx_int8')}")
+
+
+# --- calibration --------------------------------------------------------------------------------------------------
+
+def calibration_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """``min(n, N)`` indices into the training split's ``labels`` [N, K], stratified by class.
+
+    Each class (the first positive label; none for an all-negative multi-label row) is shuffled with ``seed`` and
+    spread evenly over the order, so every prefix keeps the split's class proportions: asking for all N gives the
+    order in which to replace unreadable files.
+    """
+    labels = np.asarray(labels, dtype=np.float32)
+    total = len(labels)
+    if total == 0 or n <= 0:
+        return np.zeros(0, dtype=int)
+    rng = np.random.default_rng(seed)
+    keys = np.where(labels.max(axis=1) > 0, labels.argmax(axis=1), -1)
+    position = np.empty(total, dtype=np.float64)
+    for key in np.unique(keys):
+        members = rng.permutation(np.flatnonzero(keys == key))
+        position[members] = (np.arange(len(members)) + 0.5) / len(members)
+    order = np.lexsort((keys, position))
+    return order[:min(n, total)].astype(int)
+
+
+def calibration_batch_size(sampling_sizes: list[int], limit: int = MAX_CALIBRATION_BATCH) -> int:
+    """The largest batch ≤ ``limit`` dividing every sampling size, so INC consumes exactly that many images."""
+    common = reduce(math.gcd, sampling_sizes)
+    return max(d for d in range(1, min(limit, common) + 1) if common % d == 0)
+
+
+class CalibrationLoader:
+    """INC's calibration dataloader: ``batch_size`` and ``(images, labels)`` batches; it records, per pass, the
+    files it handed to INC."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, paths: list[str], batch_size: int):
+        self.images, self.labels, self.paths = images, labels, list(paths)
+        self.batch_size = batch_size
+        self.passes: list[list[str]] = []
+
+    def __iter__(self):
+        fed: list[str] = []
+        self.passes.append(fed)
+        for start in range(0, len(self.images), self.batch_size):
+            stop = start + self.batch_size
+            fed.extend(self.paths[start:stop])
+            yield self.images[start:stop], self.labels[start:stop]
+
+    @property
+    def paths_fed(self) -> set[str]:
+        return {p for fed in self.passes for p in fed}
+
+    @property
+    def images_per_pass(self) -> list[int]:
+        return [len(fed) for fed in self.passes]
+
+
+def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int):
+    """(images, labels, paths) of up to ``max(sampling_sizes)`` readable training images, in stratified order."""
+    from medq.tfdata import load_split_arrays
+
+    train = index.splits[CALIBRATION_SPLIT]
+    wanted = max(sampling_sizes)
+    order = calibration_indices(index.labels(CALIBRATION_SPLIT), len(train), seed)
+    images, labels, paths = [], [], []
+    position = 0
+    while len(paths) < wanted and position < len(order):
+        chunk = [train[i] for i in order[position:position + wanted - len(paths)]]
+        position += len(chunk)
+        loaded, kept = load_split_arrays([s.path for s in chunk], spec)  # unreadable files are dropped
+        images.extend(loaded)
+        labels.extend(chunk[k].label for k in kept)
+        paths.extend(chunk[k].path for k in kept)
+    shape = (0, *spec.input_shape)
+    return (np.stack(images) if images else np.zeros(shape, np.float32),
+            np.asarray(labels, np.float32).reshape(len(paths), -1), paths)
+
+
+# --- evaluation ---------------------------------------------------------------------------------------------------
+
+def graph_metrics(graph_def, x: np.ndarray, y: np.ndarray, task: str, classes: list[str], input_name: str,
+                  output_name: str, bf16_rewrite: bool = False) -> dict[str, Any]:
+    from medq.graph import FrozenGraph
+    from medq.metrics import task_metrics
+
+    runner = FrozenGraph(graph_def, input_name, output_name, bf16_rewrite=bf16_rewrite)
+    try:
+        probabilities = runner.predict(x, batch_size=64)
+    finally:
+        runner.close()
+    return task_metrics(task, y, probabilities, classes)
+
+
+def make_eval_func(x: np.ndarray, y: np.ndarray, task: str, classes: list[str], metric: str, input_name: str,
+                   output_name: str) -> Callable[[Any], float]:
+    """INC's ``eval_func``: the task metric of a candidate graph (a tf.Graph or GraphDef) on the validation split."""
+    def evaluate(model) -> float:
+        graph_def = model.as_graph_def() if hasattr(model, "as_graph_def") else model
+        return float(graph_metrics(graph_def, x, y, task, classes, input_name, output_name)[metric])
+
+    return evaluate
+
+
+# --- what stayed FP32, and why ------------------------------------------------------------------------------------
+
+def quantized_names(graph_def) -> set[str]:
+    """Original op names of the quantized kernels in an INC INT8 graph ('<name>_eightbit_requantize' → '<name>')."""
+    return {node.name.split("_eightbit")[0] for node in graph_def.node if "Quantized" in node.op}
+
+
+def fallback_ops(fp32_graph, int8_graph, result: Any, deploy: Any) -> list[dict[str, str]]:
+    """Conv/MatMul-type ops of the FP32 graph that are not quantized kernels in the INT8 graph, with the reason."""
+    import re
+
+    quantized = quantized_names(int8_graph)
+    in_int8 = {node.name: node.op for node in int8_graph.node}
+    capable = {name for name, _ in result.capability}
+    compute = [(node.name, node.op) for node in fp32_graph.node if node.op in COMPUTE_OPS]
+    user_fp32 = [(pattern, "op_wise") for pattern, s in (deploy.op_wise or {}).items() if _asks_fp32(s)]
+    type_fp32 = [(pattern, "optype_wise") for pattern, s in (deploy.optype_wise or {}).items() if _asks_fp32(s)]
+    out = []
+    for position, (name, op_type) in enumerate(compute):
+        if name in quantized:
+            continue
+        earlier = [t for t in result.trials if name in t.int8_ops]
+        if name in result.bf16_ops:
+            reason = "INC runs it in BF16 (use_bf16: true)"
+        elif any(re.fullmatch(p, name) for p, _ in user_fp32) or any(re.fullmatch(p, op_type) for p, _ in type_fp32) \
+                or (deploy.model_wise and _asks_fp32(deploy.model_wise)):
+            reason = "deploy.yaml asks for FP32 (quantization.op_wise / optype_wise / model_wise)"
+        elif position == 0 and not deploy.recipes.get("first_conv_or_matmul_quantization", True):
+            reason = "recipe first_conv_or_matmul_quantization: false"
+        elif position == len(compute) - 1 and not deploy.recipes.get("last_conv_or_matmul_quantization", True):
+            reason = "recipe last_conv_or_matmul_quantization: false"
+        elif earlier:
+            t = earlier[-1]
+            value = "n/a" if t.metric is None else f"{t.metric:.4f}"
+            reason = (f"INC's tuning fell back to FP32 to meet the accuracy criterion (INT8 in trial {t.number}: "
+                      f"metric {value})")
+        elif name not in capable:
+            reason = "INC's TensorFlow adaptor has no INT8 pattern for it in this graph (not in its capability)"
+        else:
+            reason = "INC's tuning kept it in FP32 (never INT8 in any trial)"
+        out.append({"name": name, "op_type": op_type, "in_int8_graph": in_int8.get(name, "fused/removed"),
+                    "reason": reason})
+    return out
+
+
+def _asks_fp32(settings: dict[str, Any]) -> bool:
+    return any("fp32" in (side or {}).get("dtype", []) and "int8" not in (side or {}).get("dtype", [])
+               and "uint8" not in (side or {}).get("dtype", []) for side in settings.values())
+
+
+# --- the stage ----------------------------------------------------------------------------------------------------
+
+def run_quantize(config: Any, verbose: bool = False) -> Path:
+    """Quantize the run's ``model_fp32.pb`` with INC as ``config.quantize.deploy`` says; returns ``model_int8.pb``.
+
+    Prints a short summary; INC's log (and TensorFlow's, unless ``verbose``) goes to ``<run>/logs/quantize.log``.
+    """
+    from medq.graph import read_graph_def
+    from medq.inc.deploy import load_deploy
+
+    start = time.perf_counter()
+    run_dir = config.run_dir
+    deploy = load_deploy(config.quantize.deploy)
+    manifest = artifacts.read_manifest(run_dir)
+    fp32_path = artifacts.artifact_path(run_dir, "fp32_pb")
+    if fp32_path is None:
+        raise MedqError(f"{run_dir}: no frozen FP32 graph in this run (manifest.json has no fp32_pb); "
+                        f"run `medq freeze --config {config.source}` first")
+    if not fp32_path.is_file():
+        raise MedqError(f"{fp32_path}: the run's frozen FP32 graph is missing; re-run `medq freeze --config "
+                        f"{config.source}`")
+    missing = [k for k in ("task", "classes", "preprocess", "input_name", "output_name") if k not in manifest]
+    if missing:
+        raise MedqError(f"{run_dir / artifacts.MANIFEST}: lacks {', '.join(missing)}; re-run `medq train` and "
+                        "`medq freeze` for this run")
+    inputs = _tensor_names(deploy, "inputs", deploy.inputs, manifest["input_name"])
+    outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest["output_name"])
+    log_path = run_dir / "logs" / "quantize.log"
+    with output_to_log(log_path, verbose) as say:
+        _announce(say, deploy, inputs, outputs)
+        fp32_graph = read_graph_def(fp32_path)
+        run = _QuantizeRun(config, manifest, deploy, say)
+        return run.execute(fp32_graph, inputs, outputs, log_path, verbose, start)
+
+
+class _QuantizeRun:
+    """The stage's state: the data, the INC result, the numbers recorded in the manifest."""
+
+    def __init__(self, config: Any, manifest: dict[str, Any], deploy: Any, say: Callable[[str], None]):
+        from medq.metrics import primary_metric
+
+        self.config, self.deploy, self.say = config, deploy, say
+        self.run_dir = config.run_dir
+        self.task, self.classes = manifest["task"], list(manifest["classes"])
+        self.input_name, self.output_name = manifest["input_name"], manifest["output_name"]
+        self.preprocess = manifest["preprocess"]
+        self.trained_config = manifest.get("config") or {}
+        self.metric = primary_metric(self.task) if config.quantize.metric == "auto" else config.quantize.metric
+
+    def metrics(self, graph_def, bf16_rewrite: bool = False) -> dict[str, Any]:
+        return graph_metrics(graph_def, self.x_val, self.y_val, self.task, self.classes, self.input_name,
+                             self.output_name, bf16_rewrite=bf16_rewrite)
+
+    def load_data(self) -> CalibrationLoader:
+        """Calibration images from the training split, validation images for the tuning metric; never test."""
+        from medq.data.readers import read_dataset
+        from medq.preprocess import PreprocessSpec
+        from medq.tfdata import load_split_arrays
+
+        data = self.config.data
+        trained = self.trained_config
+        if trained and (trained.get("data") != self.config.to_dict()["data"]
+                        or trained.get("run", {}).get("seed") != self.config.run.seed):
+            self.say("  warning: data settings or run.seed differ from the ones the model was trained with; the "
+                     "train/val split may differ from training's")
+        index = read_dataset(data, seed=self.config.run.seed)
+        if list(index.classes) != self.classes:
+            raise DataError(f"{data.root}: the dataset's classes {index.classes} differ from the trained model's "
+                            f"{self.classes}; quantize with the dataset the run was trained on")
+        for split in (CALIBRATION_SPLIT, "val"):
+            if not index.splits[split]:
+                raise DataError(f"{data.root}: the {split} split is empty; quantization needs training images to "
+                                "calibrate and validation images to judge the accuracy")
+        spec = PreprocessSpec.from_dict(self.preprocess)
+        x_cal, y_cal, cal_paths = load_calibration(index, spec, self.deploy.sampling_sizes, self.deploy.random_seed)
+        if not cal_paths:
+            raise DataError(f"{data.root}: no readable training image to calibrate with")
+        self.sizes = sorted({min(s, len(cal_paths)) for s in self.deploy.sampling_sizes})
+        if self.sizes != sorted(set(self.deploy.sampling_sizes)):
+            self.say(f"  note: quantization.calibration.sampling_size {self.deploy.sampling_sizes} exceeds the "
+                     f"{len(cal_paths)} readable training images; calibrating on {self.sizes}")
+        self.x_val, kept = load_split_arrays(index.paths("val"), spec)
+        self.y_val = index.labels("val")[kept]
+        self.balance = {c: int(n) for c, n in zip(self.classes, y_cal.sum(axis=0))}
+        loader = CalibrationLoader(x_cal, y_cal, cal_paths, calibration_batch_size(self.sizes))
+        self.say(f"  calibration: {len(cal_paths)} images from the {CALIBRATION_SPLIT} split "
+                 f"({', '.join(f'{c} {n}' for c, n in self.balance.items())}), batch {loader.batch_size}; "
+                 f"tuning metric: {self.metric} on {len(self.x_val)} validation images")
+        return loader
+
+    def execute(self, fp32_graph, inputs: list[str], outputs: list[str], log_path: Path, verbose: bool,
+                start: float) -> Path:
+        from medq.graph import op_type_counts
+        from medq.hwinfo import cpu_features
+        from medq.inc.ptq import check_with_inc, run_ptq
+
+        deploy, metric, say = self.deploy, self.metric, self.say
+        features = cpu_features()
+        kept, skipped = select_precisions(list(self.config.quantize.precisions), features)
+        say(f"  CPU {describe_cpu(features)}")
+        say(f"  precision paths: {', '.join(kept) or 'none'}"
+            + "".join(f"; skipped {p}: {why}" for p, why in skipped.items()))
+        check_with_inc(deploy)
+        loader = self.load_data()
+        fp32_val = self.metrics(fp32_graph)
+        baseline = fp32_val[metric]
+        if not np.isfinite(baseline):
+            raise DataError(f"{self.config.data.root}: the FP32 {metric} on the validation split is undefined (a "
+                            "class is missing there); set quantize.metric: accuracy or raise data.val_fraction")
+        workspace = Path(deploy.workspace) if deploy.workspace else self.run_dir / "nc_workspace"
+        result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
+                         calib_dataloader=loader, workspace=workspace, log_path=log_path, verbose=verbose,
+                         eval_func=make_eval_func(self.x_val, self.y_val, self.task, self.classes, metric,
+                                                  self.input_name, self.output_name))
+        threshold = deploy.criterion.threshold(baseline)
+        criterion = {"kind": deploy.criterion.kind, "tolerance": deploy.criterion.tolerance, "metric": metric,
+                     "split": "val", "fp32": baseline, "threshold": threshold}
+        facts = {"deploy": _deploy_facts(deploy), "cpu_features": features,
+                 "calibration": {"n": len(loader.paths), "source_split": CALIBRATION_SPLIT,
+                                 "class_balance": self.balance, "sampling_sizes": self.sizes,
+                                 "batch_size": loader.batch_size, "images_fed_per_pass": loader.images_per_pass,
+                                 "distinct_images_fed": len(loader.paths_fed)},
+                 "precision_paths": {"kept": kept, "skipped": skipped}, "trials": _trial_facts(result),
+                 "inc_received": result.received, "log": os.path.relpath(log_path, self.run_dir)}
+        if result.graph_def is None:
+            tried = [t.metric for t in result.trials if t.metric is not None]
+            best = max(tried) if tried else float("nan")
+            artifacts.update_manifest(self.run_dir, "quantize", status="failed", criterion=criterion | {"met": False},
+                                      fp32_val=fp32_val, best_int8_val=best, **facts)
+            if not tried:
+                raise MedqError(f"{deploy.path}: INC could not produce an INT8 graph in any of its "
+                                f"{len(result.trials)} trial(s); its error is in {log_path}")
+            raise MedqError(
+                f"{deploy.path}: INC found no INT8 model within the accuracy criterion ({deploy.criterion.describe()}"
+                f": FP32 val {metric} {baseline:.4f} needs INT8 ≥ {threshold:.4f}; best of {len(tried)} trial(s) "
+                f"{best:.4f}); raise tuning.exit_policy.max_trials, relax tuning.accuracy_criterion, or raise "
+                f"quantization.calibration.sampling_size (INC's log: {log_path})")
+
+        int8_graph = result.graph_def
+        int8_val = self.metrics(int8_graph)
+        if not deploy.criterion.met(baseline, int8_val[metric]):  # INC's evaluation said yes; ours must agree
+            raise MedqError(f"{deploy.path}: the INT8 graph INC returned scores {int8_val[metric]:.4f} {metric} on "
+                            f"validation, below {threshold:.4f} ({deploy.criterion.describe()}); this is a bug, "
+                            f"please report it with {log_path}")
+        paths_val = self.precision_paths(kept, fp32_graph, int8_graph, fp32_val, int8_val)
+        fallbacks = fallback_ops(fp32_graph, int8_graph, result, deploy)
+        int8_counts = op_type_counts(int8_graph)
+        target = artifacts.write_bytes(self.run_dir / INT8_PB, int8_graph.SerializeToString())
+        ops_path = artifacts.write_json(self.run_dir / QUANTIZED_OPS, result.op_table)
+        artifacts.update_manifest(
+            self.run_dir, "quantize", artifacts={"int8_pb": target, "quantized_ops": ops_path}, status="ok",
+            metric=metric, fp32_val=fp32_val, int8_val=int8_val, criterion=criterion | {"met": True},
+            op_table=result.op_table, fallback_ops=fallbacks, precision_val=paths_val,
+            quantized_kernels=sum(n for op, n in int8_counts.items() if "Quantized" in op),
+            seconds=round(time.perf_counter() - start, 1), **facts)
+        _summary(say, result, metric, baseline, int8_val[metric], threshold, deploy, fallbacks, paths_val,
+                 log_path, target)
+        return target
+
+    def precision_paths(self, kept: list[str], fp32_graph, int8_graph, fp32_val: dict[str, Any],
+                        int8_val: dict[str, Any]) -> dict[str, dict[str, float]]:
+        """The validation metrics of each precision path this CPU runs (BF16: oneDNN's rewrite, measured)."""
+        out = {}
+        for path in kept:
+            if path == "fp32":
+                values = fp32_val
+            elif path == "int8":
+                values = int8_val
+            else:
+                values = self.metrics(fp32_graph if path == "bf16" else int8_graph, bf16_rewrite=True)
+            out[path] = {"accuracy": values["accuracy"], "auc": values["auc"], self.metric: values[self.metric]}
+        return out
+
+
+def _announce(say: Callable[[str], None], deploy: Any, inputs: list[str], outputs: list[str]) -> None:
+    say(f"quantize: {deploy.path} → INC 2.6 post-training static quantization (strategy {_strategy(deploy)}, "
+        f"criterion {deploy.criterion.describe()}, max_trials {deploy.max_trials}, timeout {deploy.timeout} s, "
+        f"random_seed {deploy.random_seed})")
+    for line in deploy.warnings:
+        say(f"  warning: {line}")
+    for line in deploy.notes:
+        say(f"  note: {line}")
+    defaults = deploy.inc_defaults()
+    if defaults:
+        say("  INC defaults used (not in the file): " + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
+    if not deploy.inputs or not deploy.outputs:
+        say(f"  model.inputs/outputs: empty in the file → {inputs}/{outputs} from the run's manifest")
+
+
+def _tensor_names(deploy: Any, key: str, given: list[str], recorded: str) -> list[str]:
+    from medq.inc.deploy import DeployError
+
+    if not given:
+        return [recorded]
+    if given != [recorded]:
+        raise DeployError(f"{deploy.path}: model.{key}: {given} is not the frozen graph's {key[:-1]} {recorded!r} "
+                          f"(recorded by `medq freeze` in manifest.json); write {key}: {recorded} or {key}: []")
+    return given
+
+
+def _strategy(deploy: Any) -> str:
+    if deploy.quant_level == "auto":
+        return "INC auto (quant_level auto)"
+    if deploy.quant_level == 0:
+        return "conservative (quant_level 0)"
+    return deploy.strategy
+
+
+def _deploy_facts(deploy: Any) -> dict[str, Any]:
+    facts = deploy.to_dict()
+    facts["strategy_run"] = _strategy(deploy)
+    return facts
+
+
+def _trial_facts(result: Any) -> list[dict[str, Any]]:
+    return [{"trial": t.number, "metric": t.metric, "int8_ops": len(t.int8_ops), "fp32_ops": t.fp32_ops,
+             "bf16_ops": t.bf16_ops} for t in result.trials]
+
+
+@contextlib.contextmanager
+def output_to_log(log_path: Path, verbose: bool) -> Iterator[Callable[[str], None]]:
+    """Unless ``verbose``, what INC and TensorFlow print to file descriptors 1 and 2 (Python's stdout/stderr and
+    warnings, the C++ runtime's log) goes to ``log_path``; yields ``say``, which prints a line to the terminal."""
+    if verbose:
+        yield _print
+        return
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", buffering=1) as log:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        terminal, saved_err = os.dup(1), os.dup(2)
+
+        def say(line: str) -> None:
+            os.write(terminal, (line + "\n").encode())
+
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield say
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(terminal, 1)
+            os.dup2(saved_err, 2)
+            os.close(terminal)
+            os.close(saved_err)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def _summary(say: Callable[[str], None], result: Any, metric: str, fp32: float, int8: float, threshold: float,
+             deploy: Any, fallbacks: list[dict[str, str]], paths_val: dict[str, dict[str, float]], log_path: Path,
+             target: Path) -> None:
+    say(f"  validation {metric}: FP32 {fp32:.4f}, INT8 {int8:.4f}; criterion {deploy.criterion.describe()}: "
+        f"INT8 ≥ {threshold:.4f} → met ({len(result.trials)} trial(s), {result.seconds:.0f} s in INC)")
+    table = ", ".join(f"{op} {c['int8']}/{c['total']} INT8" + (f" {c['bf16']} BF16" if c["bf16"] else "")
+                      for op, c in result.op_table.items())
+    say(f"  INC op table: {table or 'empty'}")
+    for op in fallbacks:
+        say(f"  FP32 fallback: {op['name']} ({op['op_type']}): {op['reason']}")
+    if not fallbacks:
+        say("  FP32 fallback: none (every Conv/MatMul is a quantized kernel)")
+    if paths_val:
+        say("  validation metric per precision path: " + ", ".join(f"{p} {v[metric]:.4f}" for p, v in paths_val.items()))
+    say(f"  wrote {target} and {target.parent / QUANTIZED_OPS}; INC's log: {log_path}")

@@ -1,0 +1,302 @@
+"""`medq runs list` / `medq runs show NAME`: what runs exist under run.output_dir and what each produced.
+
+Everything is read from each run's manifest.json (config summary, stage entries, artifacts) and benchmark.json
+(the benchmark's ``results`` rows). Partial runs (only some stages done) are shown as far as they got; a run whose
+manifest cannot be read gets a one-line warning and the listing goes on.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from medq import artifacts
+from medq.errors import MedqError
+
+log = logging.getLogger("medq")
+
+BENCHMARK_JSON = "benchmark.json"
+METRIC_KEYS = ("accuracy", "auc")
+SHORT = {"accuracy": "acc", "metric": "val"}
+PRECISION_PATHS = ("fp32", "bf16", "int8", "int8-bf16")
+
+
+def resolve_run(name_or_path: str | None, config: Any) -> Path:
+    """A run name under ``run.output_dir`` or a run folder; None → the config's own run (``run.name``)."""
+    if not name_or_path:
+        return config.run_dir
+    under_output = Path(config.run.output_dir) / name_or_path
+    path = Path(name_or_path)
+    if under_output.is_dir() or (not path.is_dir() and len(path.parts) == 1):
+        return under_output
+    return path
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+def _get(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _first_number(data: Any, *paths: str) -> float | None:
+    for path in paths:
+        value = _number(_get(data, path))
+        if value is not None:
+            return value
+    return None
+
+
+def _metrics(data: Any) -> dict[str, float]:
+    """accuracy / auc out of a metrics dict (or a bare number, taken as the primary metric)."""
+    if _number(data) is not None:
+        return {"metric": _number(data)}
+    if not isinstance(data, dict):
+        return {}
+    return {k: _number(data[k]) for k in METRIC_KEYS if _number(data.get(k)) is not None}
+
+
+def _precision_of(key: str) -> str | None:
+    tokens = re.split(r"[_\s.]+", key.lower())
+    return next((p for p in PRECISION_PATHS if p in tokens), None)
+
+
+def quantize_metrics(entry: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """{precision path: {accuracy, auc}} from the quantize stage entry (``fp32_val``/``int8_val`` and
+    ``precision_val: {fp32, bf16, int8, int8-bf16}``, or any key naming a precision); the first value found wins."""
+    found: dict[str, dict[str, float]] = {}
+
+    def scan(node: dict[str, Any], precision: str | None, depth: int) -> None:
+        for key, value in node.items():
+            here = _precision_of(str(key)) or precision
+            named = next((m for m in METRIC_KEYS if m in str(key).lower()), None)
+            if isinstance(value, dict):
+                metrics = _metrics(value)
+                if here and metrics:
+                    found.setdefault(here, metrics)
+                elif depth < 3:
+                    scan(value, here, depth + 1)
+            elif here and named and _number(value) is not None:
+                found.setdefault(here, {})[named] = _number(value)
+
+    scan(entry or {}, None, 0)
+    return {p: found[p] for p in PRECISION_PATHS if p in found}
+
+
+def benchmark_rows(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """(rows of engine, precision, latency_p50_ms, throughput_ips, accuracy, auc; a warning or None)."""
+    path = run_dir / BENCHMARK_JSON
+    if not path.is_file():
+        return [], None
+    try:
+        report = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        return [], f"{path}: unreadable ({type(exc).__name__}); re-run `medq benchmark`"
+    results = report.get("results", []) if isinstance(report, dict) else []
+    if isinstance(results, dict):
+        results = [dict(row, id=key) if isinstance(row, dict) else {"id": key} for key, row in results.items()]
+    rows = []
+    for row in results:
+        if not isinstance(row, dict):
+            continue
+        throughput = _first_number(row, "throughput_ips", "throughput.throughput_ips", "throughput",
+                                   "throughput.images_per_second", "images_per_second")
+        sweep = [_number(s.get("throughput_ips")) for s in row.get("sweep", []) if isinstance(s, dict)]
+        if throughput is None and any(v is not None for v in sweep):
+            throughput = max(v for v in sweep if v is not None)
+        metrics = _metrics(row.get("metrics")) or _metrics(row)
+        rows.append({
+            "engine": row.get("engine") or row.get("name") or row.get("id") or "?",
+            "precision": row.get("precision") or "",
+            "latency_p50_ms": _first_number(row, "latency_ms.p50", "latency.p50", "latency_p50_ms",
+                                            "latency_ms_p50", "p50_ms"),
+            "throughput_ips": throughput,
+            "accuracy": metrics.get("accuracy"),
+            "auc": metrics.get("auc"),
+        })
+    return rows, None
+
+
+def summarize(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What `medq runs` shows about one run."""
+    config = manifest.get("config") or {}
+    stages = manifest.get("stages") or {}
+    pre = manifest.get("preprocess") or config.get("preprocess") or {}
+    train = stages.get("train") or {}
+    present = {}
+    for key, entry in (manifest.get("artifacts") or {}).items():
+        if isinstance(entry, dict) and entry.get("path"):
+            file = run_dir / entry["path"]
+            present[key] = {"path": entry["path"], "bytes": entry.get("bytes"), "present": file.exists()}
+    bench, warning = benchmark_rows(run_dir)
+    if warning:
+        log.warning("%s", warning)
+    finished = [s.get("finished_at") for s in stages.values() if isinstance(s, dict) and s.get("finished_at")]
+    return {
+        "name": run_dir.name,
+        "path": str(run_dir),
+        "stages": list(stages),
+        "finished_at": max(finished) if finished else None,
+        "task": manifest.get("task"),
+        "classes": manifest.get("classes") or [],
+        "model": _get(config, "model.name") or train.get("model"),
+        "model_params": _get(config, "model.params") or {},
+        "model_source": manifest.get("model_source"),
+        "parameters": train.get("parameters"),
+        "data_format": manifest.get("dataset_format") or _get(config, "data.format"),
+        "data_root": _get(config, "data.root"),
+        "split_sizes": train.get("split_sizes") or _get(stages, "data.split_sizes") or {},
+        "image_size": pre.get("image_size"),
+        "channels": pre.get("channels"),
+        "normalization": pre.get("normalization"),
+        "val_metrics": _metrics(manifest.get("selected_val_metrics") or train.get("val_metrics")),
+        "best_epoch": train.get("best_epoch"),
+        "quantize": quantize_metrics(stages.get("quantize") or {}),
+        "quantize_status": (stages.get("quantize") or {}).get("status"),
+        "benchmark": bench,
+        "artifacts": present,
+    }
+
+
+def run_summary(run_dir: str | Path) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    if not (run_dir / artifacts.MANIFEST).is_file():
+        known = [r["name"] for r in list_runs(run_dir.parent, warn=False)] if run_dir.parent.is_dir() else []
+        hint = f"; runs in {run_dir.parent}: {', '.join(known)}" if known else "; `medq runs list` shows the runs"
+        raise MedqError(f"{run_dir}: not a medq run (no {artifacts.MANIFEST}){hint}")
+    try:
+        manifest = artifacts.read_manifest(run_dir)
+    except (ValueError, OSError) as exc:
+        raise MedqError(f"{run_dir / artifacts.MANIFEST}: unreadable ({type(exc).__name__}); the run cannot be "
+                        "shown — re-run its stages") from None
+    return summarize(run_dir, manifest)
+
+
+def list_runs(output_dir: str | Path, warn: bool = True) -> list[dict[str, Any]]:
+    """Every run folder (a folder with a manifest) under ``output_dir``, by name; unreadable manifests are warned
+    about in one line each and left out."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    rows = []
+    for run_dir in sorted(p for p in output_dir.iterdir() if p.is_dir() and (p / artifacts.MANIFEST).is_file()):
+        try:
+            manifest = artifacts.read_manifest(run_dir)
+            if not isinstance(manifest, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, OSError) as exc:
+            if warn:
+                log.warning("%s: unreadable manifest (%s); skipped", run_dir / artifacts.MANIFEST,
+                            str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__)
+            continue
+        rows.append(summarize(run_dir, manifest))
+    return rows
+
+
+# --- formatting --------------------------------------------------------------------------------------------------
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _metric_text(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "-"
+
+
+def _quant_text(quant: dict[str, dict[str, float]]) -> str:
+    """Every precision path the quantize stage measured on the validation split."""
+    return "; ".join(f"{p} {_metric_text(quant[p])}" for p in PRECISION_PATHS if p in quant) or "-"
+
+
+def _short(metrics: dict[str, float]) -> str:
+    return " ".join(f"{SHORT.get(k, k)} {v:.3f}" for k, v in metrics.items()) or "-"
+
+
+def _short_quant(quant: dict[str, dict[str, float]]) -> str:
+    """'acc 0.950→0.944' (FP32 → INT8 on the validation split)."""
+    fp32, int8 = quant.get("fp32", {}), quant.get("int8", {})
+    if not int8:
+        return "-"
+    return " ".join(f"{SHORT.get(k, k)} {fp32[k]:.3f}→{v:.3f}" if k in fp32 else f"{SHORT.get(k, k)} {v:.3f}"
+                    for k, v in int8.items())
+
+
+def _best_row(rows: list[dict[str, Any]]) -> str:
+    timed = [r for r in rows if r["throughput_ips"] is not None]
+    if not timed:
+        return "-"
+    best = max(timed, key=lambda r: r["throughput_ips"])
+    latency = f", p50 {best['latency_p50_ms']:.1f} ms" if best["latency_p50_ms"] is not None else ""
+    return f"{best['engine']} {best['precision']}".strip() + f" {best['throughput_ips']:.0f} img/s{latency}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def format_runs(rows: list[dict[str, Any]], output_dir: str | Path) -> str:
+    if not rows:
+        return f"no runs in {output_dir} (a run is a folder with a manifest.json; `medq run` makes one)"
+    table = [[r["name"], r["model"] or "-", r["data_format"] or "-", str(r["image_size"] or "-"),
+              ",".join(r["stages"]) or "-", _short(r["val_metrics"]), _short_quant(r["quantize"]),
+              _best_row(r["benchmark"])] for r in rows]
+    header = ["NAME", "MODEL", "DATA", "SIZE", "STAGES", "VALIDATION", "FP32→INT8 (VAL)", "FASTEST"]
+    return "\n".join([f"{len(rows)} run{'s' if len(rows) != 1 else ''} in {output_dir}", *_table(header, table)])
+
+
+def _size(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return "?"
+
+
+def format_run(s: dict[str, Any]) -> str:
+    classes = ", ".join(s["classes"]) or "-"
+    params = ", ".join(f"{k}={v}" for k, v in s["model_params"].items())
+    model = f"{s['model'] or '-'}" + (f" ({params})" if params else "")
+    if s["parameters"]:
+        model += f", {s['parameters']:,} parameters"
+    if s["model_source"]:
+        model += f", selected by {s['model_source']}"
+    splits = ", ".join(f"{k} {v}" for k, v in s["split_sizes"].items())
+    lines = [
+        f"run {s['name']}  ({s['path']})",
+        f"  stages      {', '.join(s['stages']) or 'none'}" + (f"  (last {s['finished_at']})" if s["finished_at"] else ""),
+        f"  task        {s['task'] or '-'}: {classes}",
+        f"  model       {model}",
+        f"  data        {s['data_format'] or '-'} at {s['data_root'] or '-'}" + (f"  ({splits})" if splits else ""),
+        f"  preprocess  {s['image_size'] or '-'} px, {s['channels'] or '-'} channel(s), {s['normalization'] or '-'}",
+        f"  validation  {_metric_text(s['val_metrics'])}" + (f"  (best epoch {s['best_epoch']})" if s["best_epoch"] else ""),
+        f"  quantize    {_quant_text(s['quantize'])}"
+        + (f"  ({s['quantize_status']})" if s.get("quantize_status") else ""),
+    ]
+    if s["artifacts"]:
+        lines.append("  artifacts")
+        lines += [f"    {key:<14} {a['path']}  {_size(a['bytes']) if a['present'] else 'MISSING'}"
+                  for key, a in s["artifacts"].items()]
+    if s["benchmark"]:
+        lines.append("  benchmark")
+        table = [[r["engine"], r["precision"], _fmt(r["latency_p50_ms"], 2), _fmt(r["throughput_ips"], 1),
+                  _fmt(r["accuracy"], 4), _fmt(r["auc"], 4)] for r in s["benchmark"]]
+        lines += ["    " + line for line in _table(["ENGINE", "PRECISION", "P50 MS", "IMG/S", "ACCURACY", "AUC"],
+                                                    table)]
+    else:
+        lines.append("  benchmark   - (not run)")
+    return "\n".join(lines)

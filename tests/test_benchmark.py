@@ -1,0 +1,315 @@
+"""The benchmark stage: plan rules (skips with reasons), report schema and formatting, and tiny end-to-end runs of
+every TensorFlow precision path and of the reference engines, each row in its own worker process.
+
+No timed assertions: the numbers only have to exist, be positive and be ordered (p50 ≤ p90 ≤ p99).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medq import artifacts, hwinfo
+from medq.benchmark import plan, report, run_benchmark, summary_text, worker
+from medq.config import load_config
+from medq.errors import ConfigError, MedqError
+
+TF_ROWS = [f"tensorflow-{p}" for p in plan.TF_PRECISIONS]
+FULL_CPU = {"model": "test CPU", "physical_cores": 2, "logical_cpus": 2, "vnni": True, "bf16": True,
+            "avx512_bf16": True, "amx_bf16": True, "amx_int8": True}
+NO_BF16_CPU = FULL_CPU | {"bf16": False, "avx512_bf16": False, "amx_bf16": False, "amx_int8": False}
+
+
+# --- the schema every benchmark.json must satisfy ----------------------------------------------------------------
+
+def check_schema(rep: dict) -> None:
+    for key in ("run", "task", "classes", "inputs", "settings", "environment", "results", "skipped"):
+        assert key in rep, key
+    env = rep["environment"]
+    assert {"model", "vnni", "bf16", "amx_int8"} <= set(env["cpu"])
+    assert "OMP_NUM_THREADS" in env["thread_environment"] and "numpy" in env["versions"]
+    for row in rep["results"]:
+        for key, kind in (("engine", str), ("precision", str), ("latency_ms", dict), ("throughput_ips", float),
+                          ("batch_size", int), ("metrics", dict), ("inputs_sha256", str), ("pid", int),
+                          ("model_bytes", int)):
+            assert isinstance(row[key], kind), (row["id"], key, row.get(key))
+        lat = row["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"], (row["id"], lat)
+        assert row["throughput_ips"] > 0
+        assert all(v > 0 for v in row["throughput_by_batch"].values())
+        for name in ("accuracy", "auc"):
+            assert isinstance(row["metrics"][name], float) and 0.0 <= row["metrics"][name] <= 1.0, (row["id"], name)
+        assert row["model_bytes"] > 0
+    for skip in rep["skipped"]:
+        assert skip["id"] and skip["reason"]
+    json.dumps(rep, allow_nan=False)  # strict JSON: no NaN
+
+
+# --- plan: what is measured and what is skipped, with the reason -------------------------------------------------
+
+def test_cpu_without_bf16_skips_the_bf16_paths_with_a_reason(tmp_path):
+    fp32, int8 = tmp_path / "fp32.pb", tmp_path / "int8.pb"
+    fp32.write_bytes(b"x")
+    int8.write_bytes(b"x")
+    rows, skipped = plan.plan_rows(plan.TF_PRECISIONS, ["openvino-bf16", "openvino-int8"], NO_BF16_CPU, fp32, int8,
+                                   is_installed=lambda m: True)
+    assert [r.id for r in rows] == ["tensorflow-fp32", "tensorflow-int8", "openvino-int8"]
+    for row_id in ("tensorflow-bf16", "tensorflow-int8-bf16", "openvino-bf16"):
+        assert "BF16" in skipped[row_id]
+    rows, skipped = plan.plan_rows(plan.TF_PRECISIONS, [], FULL_CPU, fp32, int8)
+    assert [r.id for r in rows] == TF_ROWS and not skipped
+    assert [r.options["bf16_rewrite"] for r in rows] == [False, True, False, True]
+    assert [r.model for r in rows] == [fp32, fp32, int8, int8]
+
+
+def test_missing_int8_graph_skips_the_int8_rows_telling_to_quantize(tmp_path):
+    fp32 = tmp_path / "fp32.pb"
+    fp32.write_bytes(b"x")
+    rows, skipped = plan.plan_rows(["fp32", "int8", "int8-bf16"], [], FULL_CPU, fp32, None)
+    assert [r.id for r in rows] == ["tensorflow-fp32"]
+    assert "medq quantize" in skipped["tensorflow-int8"] and "medq quantize" in skipped["tensorflow-int8-bf16"]
+
+
+def test_reference_rows_skip_cleanly_when_their_engines_are_absent(tmp_path):
+    fp32 = tmp_path / "fp32.pb"
+    fp32.write_bytes(b"x")
+    absent = {"onnxruntime", "openvino", "nncf"}
+    rows, skipped = plan.plan_rows(["fp32"], plan.REFERENCE_ROWS, FULL_CPU, fp32, None,
+                                   is_installed=lambda m: m not in absent)
+    assert [r.id for r in rows] == ["tensorflow-fp32"]
+    assert set(skipped) == set(plan.REFERENCE_ROWS)
+    assert "onnxruntime not installed" in skipped["onnxruntime-int8"]
+    assert "openvino, nncf not installed" in skipped["openvino-int8"]
+    assert all("requirements-reference.txt" in why for why in skipped.values())
+
+
+def test_layouts_auto_deploy_and_too_many_cores():
+    layouts, skipped = plan.plan_layouts(["auto", "4x1"], 2, {"num_of_instance": 1, "cores_per_instance": 2})
+    assert [layout.name for layout in layouts] == ["1x2", "2x1"]
+    assert "deploy.yaml" in layouts[0].source
+    assert "4 physical cores" in skipped["4x1"]
+    assert plan.plan_layouts([], 2, {"num_of_instance": 2, "cores_per_instance": 1}) == ([], {})
+    with pytest.raises(ConfigError, match="INSTANCESxCORES"):
+        plan.parse_layout("two")
+
+
+def test_instances_get_whole_physical_cores(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    blocks = [f"processor\t: {p}\nphysical id\t: 0\ncore id\t: {p % 2}\n" for p in range(4)]  # 2 cores x 2 threads
+    cpuinfo.write_text("\n".join(blocks))
+    groups = plan.core_groups(cpuinfo)
+    assert groups == [[0, 2], [1, 3]]
+    assert plan.instance_cpus(plan.Layout(2, 1), groups) == [[0, 2], [1, 3]]
+    assert plan.instance_cpus(plan.Layout(1, 2), groups) == [[0, 1, 2, 3]]
+
+
+def test_deploy_performance_section_is_read(repo_root):
+    perf = plan.deploy_performance(Path(repo_root) / "configs" / "deploy.yaml")
+    assert {"warmup", "iteration", "num_of_instance", "cores_per_instance"} <= set(perf)
+    assert plan.deploy_performance("no/such/deploy.yaml") == {}
+
+
+# --- worker timing helpers -----------------------------------------------------------------------------------------
+
+def test_timing_helpers():
+    stats = worker.percentiles_ms([0.003, 0.001, 0.002, 0.010])
+    assert stats["p50"] <= stats["p90"] <= stats["p99"] <= stats["max"]
+    x = np.arange(5, dtype=np.float32).reshape(5, 1)
+    batches = worker.make_batches(x, 4, 10)
+    assert len(batches) == 2 and batches[1][:, 0].tolist() == [4, 0, 1, 2]  # cycles through the inputs
+    assert worker.make_batches(x, 8, 3)[0].shape == (8, 1)  # fewer images than the batch: repeated
+    calls = []
+    times = worker.timed_calls(lambda b: calls.append(len(b)), batches, warmup=2, iterations=3)
+    assert len(calls) == 5 and len(times) == 3
+    assert worker.throughput([0.5, 0.5], 4)["throughput_ips"] == pytest.approx(8.0)
+
+
+def test_worker_usage_error():
+    assert worker.main([]) == 2
+
+
+# --- report: comparisons, markdown, chart, summary on a synthetic report ------------------------------------------
+
+def _row(row_id, p50, ips, auc):
+    engine, _, precision = row_id.partition("-")
+    return {"id": row_id, "engine": engine, "precision": precision, "model_bytes": 2_000_000,
+            "latency_ms": {"p50": p50, "p90": p50 * 1.1, "p99": p50 * 1.3}, "batch_size": 32, "throughput_ips": ips,
+            "throughput_by_batch": {"1": ips / 2, "32": ips}, "metrics": {"accuracy": 0.9, "auc": auc,
+                                                                           "per_class_auc": {"a": auc, "b": auc}},
+            "multi_instance": [{"layout": "2x1", "throughput_ips": ips * 1.2}], "inputs_sha256": "0" * 64, "pid": 1}
+
+
+def _synthetic() -> dict:
+    return {"run": "synthetic", "created_at": "now", "task": "multilabel", "classes": ["a", "b"],
+            "primary_metric": "auc", "baseline": "tensorflow-fp32",
+            "inputs": {"path": "benchmark/test_inputs.npy", "sha256": "0" * 64, "n_images": 10},
+            "settings": {"warmup": 1, "latency_iterations": 5, "throughput_iterations": 2, "batch_size": 32,
+                         "batch_sizes": [1, 32], "instances": ["2x1"]},
+            "environment": {"cpu": FULL_CPU, "thread_environment": {"OMP_NUM_THREADS": "2"},
+                            "versions": {"python": "3.11", "numpy": "1.26.4"},
+                            "load_average": {"before": [0.5], "after": [0.7]}},
+            "results": [_row("tensorflow-fp32", 40.0, 30.0, 0.80), _row("tensorflow-int8", 20.0, 60.0, 0.79)],
+            "skipped": [{"id": "tensorflow-bf16", "reason": "no BF16"}], "notes": []}
+
+
+def test_comparisons_markdown_chart_and_summary(tmp_path):
+    rep = _synthetic()
+    report.add_comparisons(rep)
+    vs = rep["results"][1]["vs_fp32"]
+    assert vs["throughput_speedup"] == pytest.approx(2.0) and vs["latency_speedup"] == pytest.approx(2.0)
+    assert vs["auc_delta"] == pytest.approx(-0.01)
+    assert rep["results"][1]["multi_instance"][0]["speedup_vs_fp32"] == pytest.approx(2.0)
+    check_schema(rep)
+    written = report.write_reports(tmp_path, rep)
+    md = written["benchmark_md"].read_text()
+    assert "| tensorflow | int8 |" in md and "2.00×" in md and "Per-class AUC" in md and "no BF16" in md
+    assert "AVX512-BF16 yes" in md and "numpy 1.26.4" in md
+    assert written["benchmark_png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(written["benchmark_json"].read_text())["results"][1]["vs_fp32"]["throughput_speedup"] == 2.0
+    text = summary_text(rep)
+    assert "INT8 vs FP32 (TensorFlow): 2.00× throughput, 2.00× latency, auc -0.0100" in text
+    assert len(text.splitlines()) < 25
+
+
+def test_missing_fp32_graph_is_one_line_error(tmp_path):
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=empty"])
+    with pytest.raises(MedqError, match="run `medq freeze` first") as info:
+        run_benchmark(config)
+    assert "\n" not in str(info.value)
+
+
+# --- end to end on a tiny trained model ---------------------------------------------------------------------------
+
+INC_SCRIPT = """
+import sys, numpy as np
+from neural_compressor import PostTrainingQuantConfig, quantization, set_workspace
+from neural_compressor.config import TuningCriterion
+from medq.graph import read_graph_def
+fp32, calib, target, workspace = sys.argv[1:5]
+set_workspace(workspace)
+x = np.load(calib)
+class Loader:
+    batch_size = 8
+    def __iter__(self):
+        for i in range(0, len(x), 8):
+            yield x[i:i + 8], np.zeros(len(x[i:i + 8]))
+conf = PostTrainingQuantConfig(inputs=["input"], outputs=["output"], calibration_sampling_size=[16],
+                               tuning_criterion=TuningCriterion(max_trials=1))
+quantization.fit(read_graph_def(fp32), conf, calib_dataloader=Loader()).save(target)
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A refkit-cnn trained 1 epoch on 80 phantoms, frozen, and quantized with INC (in a subprocess: the test is
+    about the benchmark, so INC runs with one trial and no accuracy tuning)."""
+    from medq.data.phantoms import generate_chest_pneumonia
+    from medq.freeze import run_freeze
+    from medq.preprocess import PreprocessSpec
+    from medq.train import run_train
+
+    base = tmp_path_factory.mktemp("bench")
+    root = base / "data" / "chest_xray"
+    generate_chest_pneumonia(root, 80, 16, 32, size=40, seed=3)
+    overrides = [f"run.output_dir={base / 'out'}", "run.name=tiny", f"data.root={root}", "data.format=kaggle-pneumonia",
+                 "preprocess.image_size=32", "train.epochs=1", "train.batch_size=16", "tune.enabled=false",
+                 "model.params={blocks: 2, filters: 8, dense_units: 16}",
+                 f"quantize.deploy={base / 'no-deploy.yaml'}",
+                 "benchmark.warmup=1", "benchmark.latency_iterations=8", "benchmark.throughput_iterations=2",
+                 "benchmark.batch_sizes=[1, 8]", "benchmark.batch_size=8", "benchmark.calibration_images=16"]
+    config = load_config(None, overrides)
+    run_train(config)
+    run_freeze(config)
+    run_dir = config.run_dir
+    from medq.data.readers import read_dataset
+    from medq.tfdata import load_split_arrays
+
+    index = read_dataset(config.data, seed=config.run.seed)
+    calib, _ = load_split_arrays(index.paths("train")[:16], PreprocessSpec.from_config(config))
+    np.save(base / "calib.npy", calib)
+    int8 = run_dir / "model_int8.pb"
+    subprocess.run([sys.executable, "-c", INC_SCRIPT, str(run_dir / "model_fp32.pb"), str(base / "calib.npy"),
+                    str(int8), str(base / "nc_workspace")], check=True, capture_output=True, timeout=600, cwd=base)
+    artifacts.update_manifest(run_dir, "quantize", artifacts={"int8_pb": int8})
+    return overrides
+
+
+def test_every_tensorflow_path_each_in_its_own_process(tiny_run):
+    config = load_config(None, tiny_run + ["benchmark.precisions=[fp32, bf16, int8, int8-bf16]",
+                                           "benchmark.reference=[]", "benchmark.instances=[2x1]",
+                                           "benchmark.instance_precisions=[int8]"])
+    rep = run_benchmark(config)
+    check_schema(rep)
+    features = hwinfo.cpu_features()
+    expected = TF_ROWS if features["bf16"] else ["tensorflow-fp32", "tensorflow-int8"]
+    assert [r["id"] for r in rep["results"]] == expected
+    rows = {r["id"]: r for r in rep["results"]}
+    # one process per row, started by this process, never the same one twice
+    pids = [r["pid"] for r in rep["results"]]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    assert all(r["parent_pid"] == os.getpid() for r in rep["results"])
+    # identical inputs: every worker hashed the same .npy, the one the parent wrote
+    npy = config.run_dir / rep["inputs"]["path"]
+    assert {r["inputs_sha256"] for r in rep["results"]} == {artifacts.sha256(npy)} == {rep["inputs"]["sha256"]}
+    assert rep["inputs"]["n_images"] == 32
+    # same thread settings in every worker, as the runtime config says
+    assert all(r["threads"]["OMP_NUM_THREADS"] == rep["environment"]["thread_environment"]["OMP_NUM_THREADS"]
+               for r in rep["results"])
+    assert rows["tensorflow-fp32"]["vs_fp32"]["throughput_speedup"] == pytest.approx(1.0)
+    assert rows["tensorflow-int8"]["model"] == "model_int8.pb"
+    # multi-instance: two concurrent workers, each pinned to its own core
+    (mi,) = rows["tensorflow-int8"]["multi_instance"]
+    assert mi["layout"] == "2x1" and mi["throughput_ips"] > 0 and len(mi["per_instance_ips"]) == 2
+    assert sorted(map(tuple, mi["cpus"])) == [(0,), (1,)] and len(set(mi["pids"])) == 2
+    assert mi["inputs_sha256"] == [rep["inputs"]["sha256"]]
+    assert rows["tensorflow-fp32"]["multi_instance"] == []
+    for name in ("benchmark.json", "benchmark.md", "benchmark.png"):
+        assert (config.run_dir / name).is_file()
+    assert json.loads((config.run_dir / "benchmark.json").read_text())["results"][0]["id"] == "tensorflow-fp32"
+    manifest = artifacts.read_manifest(config.run_dir)
+    assert {"benchmark_json", "benchmark_md", "benchmark_png"} <= set(manifest["artifacts"])
+    assert "INT8 vs FP32" in summary_text(rep)
+
+
+def test_simulated_cpu_without_bf16_and_absent_reference_engines(tiny_run, monkeypatch):
+    monkeypatch.setattr(hwinfo, "cpu_features", lambda *a, **k: dict(NO_BF16_CPU))
+    monkeypatch.setattr(plan, "installed", lambda module: module not in {"onnxruntime", "openvino", "nncf"})
+    config = load_config(None, tiny_run + ["benchmark.precisions=[fp32, bf16, int8-bf16]",
+                                           f"benchmark.reference={list(plan.REFERENCE_ROWS)}",
+                                           "benchmark.instances=[]"])
+    rep = run_benchmark(config)
+    check_schema(rep)
+    assert [r["id"] for r in rep["results"]] == ["tensorflow-fp32"]
+    reasons = {s["id"]: s["reason"] for s in rep["skipped"]}
+    assert "BF16" in reasons["tensorflow-bf16"] and "BF16" in reasons["tensorflow-int8-bf16"]
+    assert all("not installed" in reasons[r] for r in plan.REFERENCE_ROWS)
+    assert rep["environment"]["cpu"]["bf16"] is False
+    md = (config.run_dir / "benchmark.md").read_text()
+    assert "## Skipped" in md and "tensorflow-bf16" in md
+
+
+@pytest.mark.skipif(not all(plan.installed(m) for m in ("tf2onnx", "onnxruntime", "openvino", "nncf")),
+                    reason="the reference extra (env/requirements-reference.txt) is not installed")
+def test_reference_rows_run_in_their_own_processes_on_the_same_inputs(tiny_run, repo_root):
+    deploy = Path(repo_root) / "configs" / "deploy.yaml"  # its calibration set: what the reference INT8 models use
+    config = load_config(None, tiny_run + [f"quantize.deploy={deploy}", "benchmark.precisions=[fp32]",
+                                           "benchmark.instances=[]",
+                                           "benchmark.reference=[onnxruntime-fp32, onnxruntime-int8, "
+                                           "openvino-fp32, openvino-int8]"])
+    rep = run_benchmark(config)
+    check_schema(rep)
+    rows = {r["id"]: r for r in rep["results"]}
+    assert list(rows) == ["tensorflow-fp32", "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32",
+                          "openvino-int8"], rep["skipped"]
+    assert len({r["pid"] for r in rep["results"]}) == 5
+    assert {r["inputs_sha256"] for r in rep["results"]} == {rep["inputs"]["sha256"]}
+    # the FP32 exports compute what TensorFlow computes
+    assert rows["onnxruntime-fp32"]["max_abs_diff_vs_fp32"] < 1e-4
+    assert rows["openvino-fp32"]["max_abs_diff_vs_fp32"] < 1e-3
+    assert rows["openvino-fp32"]["engine_facts"]["inference_precision"] == "f32"
+    assert any("the INC calibration set" in note for note in rep["notes"]), rep["notes"]

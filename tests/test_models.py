@@ -1,0 +1,220 @@
+"""The model registry: every model builds for every head and channel count, trains a step, freezes and quantizes.
+
+The small models (refkit-cnn, a tiny scaled-densenet) run everything here; the keras.applications nets
+(chexnet/densenet121, densenet169, resnet50, vgg16) cost 10-40 s each at 32 px on 2 cores and are marked slow.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medq.errors import ConfigError
+from medq.flops import count_flops, model_facts
+from medq.freeze import freeze_keras, parity
+from medq.losses import make_loss
+from medq.models import build_model, custom_objects, head_activation, model_names
+from medq.models.zoo import compound_scaling, load_weights_file, scaled_image_size
+
+TINY = {"refkit-cnn": {"blocks": 2, "filters": 4, "dense_units": 8},
+        "scaled-densenet": {"base_depths": [1, 2, 1, 1], "base_growth": 8, "phi": 1.0}}
+HEAVY = ["chexnet", "densenet121", "densenet169", "resnet50", "vgg16"]
+TASKS = {"binary": 2, "multiclass": 3, "multilabel": 5}
+DEPLOY = Path(__file__).resolve().parents[1] / "configs" / "deploy.yaml"
+
+
+def _labels(task, n, k, seed=0):
+    rng = np.random.default_rng(seed)
+    if task == "multilabel":
+        y = (rng.uniform(size=(n, k)) < 0.4).astype(np.float32)
+        y[0], y[1] = 1, 0  # every label seen both ways
+        return y
+    return np.eye(k, dtype=np.float32)[np.arange(n) % k]
+
+
+def _build_train_freeze(name, size, channels, task, **params):
+    """Build, one optimizer step, freeze, parity; returns (model, graph_def, inputs)."""
+    import tensorflow as tf
+
+    k = TASKS[task]
+    model = build_model(name, (size, size, channels), k, task, **params)
+    assert model.layers[-1].name == "probabilities"
+    assert model.output_shape == (None, k)
+    x = np.random.default_rng(1).uniform(0, 1, (4, size, size, channels)).astype(np.float32)
+    y = _labels(task, 4, k)
+    model.compile(tf.keras.optimizers.Adam(1e-3), make_loss("auto", task, y.mean(axis=0)))
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights())), "one step changed nothing"
+    p = model.predict(x, verbose=0)
+    if task == "multilabel":
+        assert ((p > 0) & (p < 1)).all()
+    else:
+        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+    graph_def = freeze_keras(model)
+    assert parity(model, graph_def, x) < 1e-4
+    return model, graph_def, x
+
+
+def _quantize(graph_def, x, tmp_path):
+    """INC 2.6 post-training static quantization of a frozen graph (medq.inc.ptq.run_ptq with configs/deploy.yaml,
+    which also makes INC's calibration capture work under pytest); returns the INT8 GraphDef."""
+    from medq.inc.deploy import load_deploy
+    from medq.inc.ptq import run_ptq
+
+    class Calibration:
+        batch_size = 4
+
+        def __iter__(self):
+            for i in range(0, len(x), 4):
+                yield x[i:i + 4], np.zeros(len(x[i:i + 4]), np.int64)
+
+    result = run_ptq(graph_def, load_deploy(DEPLOY), inputs=["input"], outputs=["output"], sampling_sizes=[len(x)],
+                     calib_dataloader=Calibration(), eval_func=lambda model: 1.0, workspace=tmp_path / "inc",
+                     log_path=tmp_path / "inc.log")
+    assert result.graph_def is not None, f"INC returned no model (see {result.log_path})"
+    assert any(n.op.startswith("Quantized") for n in result.graph_def.node)
+    return result.graph_def
+
+
+def test_registry_lists_every_model():
+    assert set(model_names()) >= {"refkit-cnn", "chexnet", "scaled-densenet", "densenet121", "densenet169",
+                                  "resnet50", "vgg16"}
+    assert head_activation("multilabel") == "sigmoid" and head_activation("binary") == "softmax"
+    assert isinstance(custom_objects(), dict)
+    with pytest.raises(ConfigError, match="unknown model"):
+        build_model("alexnet", (32, 32, 1), 2, "binary")
+    with pytest.raises(ConfigError, match="does not take these parameters"):
+        build_model("refkit-cnn", (32, 32, 1), 2, "binary", depth=3)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_heads_and_channels(name):
+    """Binary and multi-class heads are softmax, multi-label sigmoid; 1- and 3-channel inputs both build."""
+    for task, channels in (("binary", 1), ("multiclass", 3), ("multilabel", 1)):
+        k = TASKS[task]
+        model = build_model(name, (32, 32, channels), k, task, **TINY[name])
+        p = model.predict(np.random.default_rng(0).uniform(0, 1, (2, 32, 32, channels)).astype(np.float32), verbose=0)
+        assert p.shape == (2, k)
+        if task == "multilabel":
+            assert model.get_layer("probabilities").activation.__name__ == "sigmoid"
+        else:
+            np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-5)
+        facts = model_facts(model)
+        assert facts["parameters"] == model.count_params() and facts["flops"] > 0
+        assert facts["input_shape"] == [32, 32, channels]
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_small_models_train_freeze_quantize(name, tmp_path):
+    from medq.graph import FrozenGraph
+
+    model, graph_def, _ = _build_train_freeze(name, 32, 1, "binary", **TINY[name])
+    x = np.random.default_rng(3).uniform(0, 1, (8, 32, 32, 1)).astype(np.float32)
+    runner = FrozenGraph(_quantize(graph_def, x, tmp_path))
+    try:
+        out = runner.predict(x)
+    finally:
+        runner.close()
+    assert out.shape == (8, 2)
+    assert np.abs(out - model.predict(x, verbose=0)).max() < 0.1  # INT8 stays close on a 2-class softmax
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", HEAVY)
+def test_application_models_build_train_freeze_quantize(name, tmp_path):
+    model, graph_def, x = _build_train_freeze(name, 32, 1, "multilabel")
+    assert model_facts(model)["flops"] > 1e6
+    if name in ("chexnet", "vgg16"):  # one DenseNet and one plain CNN through INC; the rest freeze only
+        _quantize(graph_def, np.concatenate([x, x]), tmp_path)
+
+
+def test_compound_scaling_follows_the_efficientnet_rule():
+    s = compound_scaling(1.2, 1.1, 2.0)
+    assert s["alpha"] * s["beta"] ** 2 * s["gamma"] ** 2 == pytest.approx(2.0)
+    assert s["depth"] == pytest.approx(1.44) and s["width"] == pytest.approx(1.21)
+    assert scaled_image_size(96, 1.2, 1.1, 0) == 96
+    assert scaled_image_size(96, 1.2, 1.1, 1) == 112  # 96 · 1.1736 = 112.7 → multiple of 8
+    with pytest.raises(ConfigError, match="alpha\\*beta\\^2 <= 2"):
+        compound_scaling(1.5, 1.3, 1.0)
+
+
+def test_scaled_densenet_depth_and_width_grow_with_phi():
+    small = build_model("scaled-densenet", (32, 32, 1), 2, "binary", base_depths=[1, 2, 1, 1], base_growth=8)
+    big = build_model("scaled-densenet", (32, 32, 1), 2, "binary", base_depths=[1, 2, 1, 1], base_growth=8,
+                      phi=2.0)
+    depth = lambda m: sum(1 for layer in m.layers if layer.name.endswith("_concat"))  # noqa: E731
+    assert depth(big) == 6 and depth(small) == 5  # depths [1, 2, 1, 1] · α^φ = [1.44, 2.88, 1.44, 1.44] → 1, 3, 1, 1
+    assert big.get_layer("conv1/conv").filters == 2 * round(8 * 1.1 ** 2)  # stem 2 · growth, growth 8·β^φ → 10
+    assert count_flops(big) > count_flops(small)
+
+
+def test_flops_count_matches_hand_count():
+    import tensorflow as tf
+
+    layers = tf.keras.layers
+    inputs = layers.Input((8, 8, 2))
+    x = layers.Conv2D(4, 3, padding="same")(inputs)  # 2 · 8·8·4 · 3·3·2 = 9216
+    x = layers.DepthwiseConv2D(3, padding="same")(x)  # 2 · 8·8·4 · 9 = 4608
+    x = layers.GlobalAveragePooling2D()(x)
+    outputs = layers.Dense(3)(x)  # 2 · 4 · 3 = 24
+    assert count_flops(tf.keras.Model(inputs, outputs)) == 9216 + 4608 + 24
+
+
+def test_rgb_weights_file_feeds_a_grayscale_model(tmp_path):
+    rgb = build_model("refkit-cnn", (32, 32, 3), 4, "multiclass", **TINY["refkit-cnn"])
+    path = tmp_path / "rgb.h5"
+    rgb.save_weights(str(path))
+    gray = build_model("refkit-cnn", (32, 32, 1), 2, "binary", weights=str(path), **TINY["refkit-cnn"])
+    kernel = rgb.get_layer("block1_conv1").get_weights()[0]
+    np.testing.assert_allclose(gray.get_layer("block1_conv1").get_weights()[0], kernel.sum(axis=2, keepdims=True),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(gray.get_layer("fc").get_weights()[0], rgb.get_layer("fc").get_weights()[0])
+    # the 4-class head does not fit the 2-class model: skipped, not an error
+    assert gray.get_layer("probabilities").get_weights()[0].shape == (8, 2)
+    counts = load_weights_file(gray, str(path))
+    assert counts["skipped"] == 1 and counts["loaded"] > 5
+    with pytest.raises(ConfigError, match="not found"):
+        build_model("refkit-cnn", (32, 32, 1), 2, "binary", weights=str(tmp_path / "none.h5"))
+    with pytest.raises(ConfigError, match="no weights for any layer"):
+        build_model("scaled-densenet", (32, 32, 1), 2, "binary", weights=str(path), **TINY["scaled-densenet"])
+
+
+@pytest.mark.slow
+def test_chexnet_loads_local_imagenet_style_weights(tmp_path):
+    """A keras.applications DenseNet121 notop file (here: untrained, saved locally) loads into a 1-channel CheXNet
+    and into scaled-densenet at phi = 0, whose layer names and shapes are DenseNet121's."""
+    import tensorflow as tf
+
+    notop = tf.keras.applications.DenseNet121(include_top=False, weights=None, input_shape=(32, 32, 3))
+    path = tmp_path / "densenet121_notop.h5"
+    notop.save_weights(str(path))
+    kernel = notop.get_layer("conv1/conv").get_weights()[0]
+    chexnet = build_model("chexnet", (32, 32, 1), 14, "multilabel", weights=str(path))
+    np.testing.assert_allclose(chexnet.get_layer("conv1/conv").get_weights()[0], kernel.sum(axis=2, keepdims=True),
+                               rtol=1e-5)
+    scaled = build_model("scaled-densenet", (32, 32, 1), 14, "multilabel", weights=str(path))
+    assert scaled.count_params() == chexnet.count_params()
+    np.testing.assert_array_equal(scaled.get_layer("conv5_block16_2_conv").get_weights()[0],
+                                  notop.get_layer("conv5_block16_2_conv").get_weights()[0])
+
+
+def test_losses_by_name():
+    import tensorflow as tf
+
+    y = tf.constant([[1.0, 0.0], [0.0, 1.0]])
+    p = tf.constant([[0.8, 0.3], [0.4, 0.9]])
+    bce = float(make_loss("bce", "multilabel")(y, p))
+    focal = float(make_loss("focal", "multilabel")(y, p))
+    assert 0 < focal < bce  # focal loss down-weights the easy examples
+    # CheXNet's weighting: positives of a rare label count more
+    rare = float(make_loss("weighted-bce", "multilabel", np.array([0.1, 0.5]))(tf.constant([[1.0, 0.0]]),
+                                                                                tf.constant([[0.5, 0.5]])))
+    common = float(make_loss("weighted-bce", "multilabel", np.array([0.5, 0.5]))(tf.constant([[1.0, 0.0]]),
+                                                                                  tf.constant([[0.5, 0.5]])))
+    assert rare > common
+    assert float(make_loss("cce", "binary")(y, p / tf.reduce_sum(p, axis=1, keepdims=True))) > 0
+    assert float(make_loss("focal", "multiclass")(y, p)) > 0
+    with pytest.raises(ConfigError, match="multilabel"):
+        make_loss("weighted-bce", "binary")
+    with pytest.raises(ConfigError, match="one class per image"):
+        make_loss("cce", "multilabel")

@@ -1,0 +1,298 @@
+"""`medq predict`: the same probabilities as the evaluation path, for PNG, JPEG and DICOM; heatmaps; ten-crop; bad
+input; and the plain-TensorFlow deploy snippet of docs/deploy.md, run against a tiny trained and quantized run."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from medq import artifacts
+from medq.cli import main
+from medq.data.dicom import dicom_bytes, load_dicom
+from medq.errors import MedqError
+from medq.graph import FrozenGraph
+from medq.hwinfo import thread_environment
+from medq.predict import (ImageInput, Predictor, RunInfo, collect_inputs, iter_predictions, model_location,
+                          read_run, record, run_predict, ten_crops)
+from medq.preprocess import PreprocessSpec, load_batch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 32-px refkit-cnn trained 2 epochs on 60 phantom radiographs, frozen and (if INC can) quantized."""
+    from medq.config import load_config
+    from medq.data.phantoms import generate_chest_pneumonia
+    from medq.freeze import run_freeze
+    from medq.train import run_train
+
+    root = tmp_path_factory.mktemp("predict")
+    data = root / "data"
+    generate_chest_pneumonia(data, n_train=40, n_val=4, n_test=16, size=48, seed=1)
+    config = load_config(None, [f"run.output_dir={root / 'output'}", f"data.root={data}", "run.name=tiny",
+                                "data.generate=false", "preprocess.image_size=32", "train.epochs=2",
+                                "model.params={blocks: 2, filters: 4, dense_units: 8}",
+                                f"quantize.deploy={REPO / 'configs' / 'deploy.yaml'}"])
+    run_train(config)
+    run_freeze(config)
+    int8_skip = _quantize(config, root)
+    test_files = sorted(str(p) for p in (data / "test").rglob("*.jpeg"))
+    return SimpleNamespace(config=config, run_dir=config.run_dir, root=root, test_files=test_files,
+                           spec=PreprocessSpec(32, 1, "unit"), int8_skip=int8_skip)
+
+
+def _quantize(config, root: Path) -> str | None:
+    """Run the real quantize stage (INC writes nc_workspace/ into the working directory: keep it in tmp)."""
+    try:
+        from medq.quantize import run_quantize
+    except ImportError:
+        return "medq.quantize is not available"
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        run_quantize(config)
+    except MedqError as exc:
+        return f"INC gave no INT8 graph for the tiny model: {exc}"
+    finally:
+        os.chdir(cwd)
+    return None
+
+
+def _frozen_probs(pb: Path, files: list[str], spec: PreprocessSpec) -> np.ndarray:
+    """The evaluation/benchmark path: FrozenGraph.predict on medq.preprocess.load_batch."""
+    graph = FrozenGraph(pb)
+    try:
+        return graph.predict(load_batch(files, spec), batch_size=8)
+    finally:
+        graph.close()
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _probs(rec: dict) -> np.ndarray:
+    return np.array(list(rec["probabilities"].values()))
+
+
+@pytest.fixture
+def clean_thread_env(monkeypatch):
+    """`medq predict` sets the thread variables (setdefault): undo that after the test."""
+    for key in list(thread_environment(SimpleNamespace(intra_op_threads=1, inter_op_threads=1, kmp_blocktime=1,
+                                                       kmp_affinity=""))):
+        monkeypatch.setenv(key, "placeholder")
+        monkeypatch.delenv(key)
+
+
+def _formats(folder: Path, source: str) -> dict[str, Path]:
+    """One radiograph as 8-bit PNG, JPEG, DICOM MONOCHROME2 and DICOM MONOCHROME1 (stored inverted)."""
+    gray = cv2.imread(source, cv2.IMREAD_GRAYSCALE)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {"png": folder / "film.png", "jpeg": folder / "film.jpeg", "mono2": folder / "film_m2.dcm",
+           "mono1": folder / "film_m1.dcm"}
+    cv2.imwrite(str(out["png"]), gray)
+    cv2.imwrite(str(out["jpeg"]), gray, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    out["mono2"].write_bytes(dicom_bytes(gray, photometric="MONOCHROME2", patient_id="P1"))
+    out["mono1"].write_bytes(dicom_bytes(255 - gray, photometric="MONOCHROME1", patient_id="P2"))
+    return out
+
+
+def test_png_jpeg_dicom_match_the_evaluation_path(tiny, tmp_path):
+    files = _formats(tmp_path / "in", tiny.test_files[0])
+    np.testing.assert_allclose(load_dicom(files["mono1"]), load_dicom(files["mono2"]), atol=1e-6)
+    paths = [str(p) for p in files.values()]
+    out = tmp_path / "preds.jsonl"
+    fp32 = artifacts.artifact_path(tiny.run_dir, "fp32_pb")
+    summary = run_predict(tiny.run_dir, paths, model="fp32", output=out, quiet=True)
+    assert (summary.predicted, summary.errors) == (4, 0)
+    recs = _read_jsonl(out)
+    assert [r["file"] for r in recs] == paths
+    expected = _frozen_probs(fp32, paths, tiny.spec)
+    for rec, want in zip(recs, expected):
+        np.testing.assert_allclose(_probs(rec), want, atol=2e-6)
+        assert list(rec["probabilities"]) == ["NORMAL", "PNEUMONIA"]
+        assert rec["prediction"] == ["NORMAL", "PNEUMONIA"][int(np.argmax(want))]
+    by_name = {Path(r["file"]).name: _probs(r) for r in recs}
+    np.testing.assert_allclose(by_name["film_m1.dcm"], by_name["film_m2.dcm"], atol=2e-6)  # inversion undone
+    np.testing.assert_allclose(by_name["film_m2.dcm"], by_name["film.png"], atol=2e-6)  # same pixels, same answer
+
+
+def test_keras_and_frozen_fp32_agree_and_int8_matches_its_graph(tiny):
+    info = read_run(tiny.run_dir)
+    items = [ImageInput(Path(p)) for p in tiny.test_files]
+    results = {}
+    for model in ("keras", "fp32"):
+        kind, path = model_location(info, model)
+        predictor = Predictor(info, kind, path)
+        results[model] = np.stack([_probs(r) for r in iter_predictions(predictor, items, batch_size=5, quiet=True)])
+        predictor.close()
+    np.testing.assert_allclose(results["keras"], results["fp32"], atol=1e-5)
+    if tiny.int8_skip:
+        pytest.skip(tiny.int8_skip)
+    kind, int8 = model_location(info, "int8")
+    predictor = Predictor(info, kind, int8)
+    got = np.stack([_probs(r) for r in iter_predictions(predictor, items, batch_size=8, quiet=True)])
+    predictor.close()
+    np.testing.assert_allclose(got, _frozen_probs(int8, tiny.test_files, tiny.spec), atol=2e-6)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_ten_crop_averages_ten_crops_of_the_same_preprocessing(tiny, tmp_path):
+    from medq.data.decode import load_image
+
+    image = load_image(tiny.test_files[1])
+    crops = ten_crops(image, tiny.spec)
+    assert crops.shape == (10, 32, 32, 1)
+    np.testing.assert_array_equal(crops[5], crops[0][:, ::-1])  # flips of the corner crops
+    big = PreprocessSpec(round(32 * 256 / 224), 1, "unit")
+    from medq.preprocess import preprocess
+
+    np.testing.assert_array_equal(crops[4], preprocess(image, big)[2:34, 2:34])  # centre crop of the 37-px image
+    out = tmp_path / "tc.jsonl"
+    run_predict(tiny.run_dir, tiny.test_files[:3], ten_crop=True, output=out, quiet=True)
+    graph = FrozenGraph(artifacts.artifact_path(tiny.run_dir, "fp32_pb"))
+    for rec, path in zip(_read_jsonl(out), tiny.test_files[:3]):
+        want = graph.predict(ten_crops(load_image(path), tiny.spec)).mean(axis=0)
+        np.testing.assert_allclose(_probs(rec), want, atol=2e-6)
+    graph.close()
+
+
+def test_heatmaps_have_the_original_size_and_show_something(tiny, tmp_path):
+    from medq.freeze import load_keras_model
+    from medq.heatmap import GradCAM, find_cam_layer
+
+    source = cv2.imread(tiny.test_files[2], cv2.IMREAD_GRAYSCALE)
+    folder = tmp_path / "in" / "ward"
+    folder.mkdir(parents=True)
+    cv2.imwrite(str(folder / "wide.png"), cv2.resize(source, (70, 45)))  # not square, not 32 px
+    cv2.imwrite(str(folder / "tall.jpeg"), cv2.resize(source, (40, 64)))
+    heat = tmp_path / "heat"
+    out = tmp_path / "p.jsonl"
+    run_predict(tiny.run_dir, [tmp_path / "in"], heatmap_dir=heat, output=out, quiet=True)
+    recs = {Path(r["file"]).name: r for r in _read_jsonl(out)}
+    assert set(recs) == {"wide.png", "tall.jpeg"}
+    for name, (h, w) in {"wide.png": (45, 70), "tall.jpeg": (64, 40)}.items():
+        written = recs[name]["heatmaps"]
+        assert set(written) == {"NORMAL", "PNEUMONIA"}
+        for cls, png in written.items():
+            assert Path(png).parent == heat / "ward" and Path(png).name == f"{Path(name).stem}_{cls}.png"
+            overlay = cv2.imread(png, cv2.IMREAD_UNCHANGED)
+            assert overlay.shape == (h, w, 3)
+        coloured = [cv2.imread(p) for p in written.values()]
+        assert any(np.ptp(img.astype(int)[:, :, 2] - img.astype(int)[:, :, 0]) > 20 for img in coloured)
+    model = load_keras_model(artifacts.artifact_path(tiny.run_dir, "keras_model"))
+    layer = model.get_layer(find_cam_layer(model))
+    assert tuple(layer.output.shape[1:3]) == (16, 16) and "pool" not in type(layer).__name__.lower()
+    cams = GradCAM(model).cams(load_batch(tiny.test_files[:6], tiny.spec), [0, 1])
+    assert cams.shape == (6, 2, 16, 16) and cams.min() >= 0 and cams.max() <= 1
+    assert all(cams[i].std(axis=(1, 2)).max() > 0.01 for i in range(6))  # every image: a map with structure
+
+
+def test_folder_with_a_corrupt_file_reports_it_and_predicts_the_rest(tiny, tmp_path, capsys, clean_thread_env):
+    folder = tmp_path / "batch"
+    (folder / "sub").mkdir(parents=True)
+    for i, src in enumerate(tiny.test_files[:3]):
+        shutil.copy(src, (folder / "sub" if i else folder) / Path(src).name)
+    good = Path(tiny.test_files[3]).read_bytes()
+    (folder / "broken.jpeg").write_bytes(good[: len(good) // 2])  # truncated download
+    (folder / "labels.csv").write_text("file,label\n")  # not an image: ignored, not an error
+    (folder / "._junk.jpeg").write_bytes(b"\x00\x05\x16\x07")  # macOS debris: ignored
+    code = main(["predict", "--run", str(tiny.run_dir), str(folder), "--quiet", "--batch-size", "2"])
+    captured = capsys.readouterr()
+    recs = [json.loads(line) for line in captured.out.splitlines()]
+    assert code == 0
+    assert len(recs) == 4 and sum("error" in r for r in recs) == 1
+    broken = next(r for r in recs if "error" in r)
+    assert broken["file"].endswith("broken.jpeg") and "truncated JPEG" in broken["error"]
+    last = captured.err.strip().splitlines()[-1]
+    assert re.search(r"3 images predicted .*1 unreadable file skipped .*broken\.jpeg.*1 non-image file", last)
+    assert os.environ["OMP_NUM_THREADS"]  # the runtime config's thread settings were applied
+
+    out = tmp_path / "out" / "preds.jsonl"
+    assert main(["predict", "--run", str(tiny.run_dir), str(folder), "-q", "-o", str(out)]) == 0
+    assert _read_jsonl(out) == recs and not list(out.parent.glob(".*tmp*"))
+    assert capsys.readouterr().out == ""
+
+
+def test_bad_run_or_missing_model_is_one_line(tiny, tmp_path, capsys, clean_thread_env):
+    image = tiny.test_files[0]
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    manifest = artifacts.read_manifest(tiny.run_dir)
+    manifest["artifacts"] = {k: v for k, v in manifest["artifacts"].items() if k != "int8_pb"}
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    cases = {
+        ("--run", str(tmp_path / "nope")): "no such run folder",
+        ("--run", str(tmp_path)): "not a medq run (no manifest.json)",
+        ("--run", str(partial), "--model", "int8"): "this run has no INT8 model (model_int8.pb); run `medq quantize`",
+        ("--run", str(partial), "--model", "fp32"): "recorded in the manifest but missing",
+        ("--run", str(tiny.run_dir), "--model-file", str(tmp_path / "x.pb")): "model file not found",
+    }
+    for args, message in cases.items():
+        assert main(["predict", *args, image]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, (args, err)
+    assert main(["predict", "--run", str(tiny.run_dir), str(tmp_path / "empty")]) == 1  # nothing readable
+    assert '"error": "file not found"' in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert main(["predict", "--run", str(tiny.run_dir), str(tmp_path / "empty")]) == 2
+    assert "no PNG, JPEG or DICOM files found" in capsys.readouterr().err
+
+
+def test_collect_inputs_and_multilabel_records(tmp_path):
+    (tmp_path / "a" / "__MACOSX").mkdir(parents=True)
+    (tmp_path / "a" / "__MACOSX" / "x.png").write_bytes(b"junk")
+    (tmp_path / "a" / "b.PNG").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "a" / "IM0001").write_bytes(dicom_bytes(np.zeros((4, 4), np.uint8)))  # DICOM without a suffix
+    (tmp_path / "a" / "IM0002").write_text("not dicom")
+    items, ignored = collect_inputs([tmp_path / "a", tmp_path / "given.txt"])
+    assert [i.path.name for i in items] == ["IM0001", "b.PNG", "given.txt"]
+    assert ignored == 2 and items[0].root == tmp_path / "a" and items[2].root is None
+    info = RunInfo(tmp_path, ["Atelectasis", "Effusion", "Mass"], "multilabel", PreprocessSpec(8, 1, "unit"))
+    rec = record(Path("f.png"), np.array([0.7, 0.2, 0.5]), info)
+    assert rec["findings"] == ["Atelectasis", "Mass"] and "prediction" not in rec
+    assert record(Path("f.png"), np.array([0.7, 0.2, 0.5]), info, threshold=0.6)["findings"] == ["Atelectasis"]
+
+
+def _deploy_snippet() -> str:
+    text = (REPO / "docs" / "deploy.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1, "docs/deploy.md should hold exactly one python block (the deploy snippet)"
+    return blocks[0]
+
+
+def test_deploy_snippet_runs_with_plain_tensorflow_and_matches_medq(tiny, tmp_path):
+    if tiny.int8_skip:
+        pytest.skip(tiny.int8_skip)
+    code = _deploy_snippet()
+    assert not re.search(r"^\s*(import|from)\s+medq", code, flags=re.M)
+    script = tmp_path / "predict_int8.py"
+    script.write_text(code)
+    files = _formats(tmp_path / "in", tiny.test_files[4])
+    rgba = tmp_path / "in" / "film_rgba.png"  # a 4-channel PNG exercises the alpha/BGR branch
+    gray = cv2.imread(str(files["png"]), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(rgba), cv2.merge([gray, gray, gray, np.full_like(gray, 255)]))
+    paths = [str(files["png"]), str(files["jpeg"]), str(rgba), tiny.test_files[5]]
+    # medq cannot be imported in the child: the snippet must stand alone
+    guard = "import sys; sys.modules['medq'] = None; sys.argv = sys.argv[1:]; exec(open(sys.argv[0]).read())"
+    done = subprocess.run([sys.executable, "-c", guard, str(script), str(tiny.run_dir), *paths],
+                          capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    recs = [json.loads(line) for line in done.stdout.splitlines()]
+    expected = _frozen_probs(artifacts.artifact_path(tiny.run_dir, "int8_pb"), paths, tiny.spec)
+    assert [r["file"] for r in recs] == paths
+    for rec, want in zip(recs, expected):
+        np.testing.assert_allclose(_probs(rec), want, atol=2e-6)
+        assert rec["prediction"] == ["NORMAL", "PNEUMONIA"][int(np.argmax(want))]

@@ -1,0 +1,151 @@
+"""The quantize stage's pure parts (precision paths, calibration choice) and its errors before INC is reached."""
+import json
+
+import numpy as np
+import pytest
+
+from medq import artifacts
+from medq.config import load_config
+from medq.errors import MedqError
+from medq.inc.deploy import DeployError
+from medq.quantize import (
+    CalibrationLoader, calibration_batch_size, calibration_indices, describe_cpu, run_quantize, select_precisions,
+)
+
+ALL = ["fp32", "bf16", "int8", "int8-bf16"]
+SAPPHIRE_RAPIDS = {"model": "Xeon 8480", "avx512f": True, "avx512_vnni": True, "vnni": True, "avx512_bf16": True,
+                   "amx_bf16": True, "amx_int8": True, "bf16": True}
+CASCADE_LAKE = {"model": "Xeon 8280", "avx512f": True, "avx512_vnni": True, "vnni": True, "avx512_bf16": False,
+                "amx_bf16": False, "amx_int8": False, "bf16": False}
+
+
+def test_precisions_with_bf16_hardware():
+    kept, skipped = select_precisions(ALL, SAPPHIRE_RAPIDS)
+    assert kept == ALL and skipped == {}
+
+
+def test_precisions_without_bf16_hardware_skip_the_bf16_paths_with_a_reason():
+    kept, skipped = select_precisions(ALL, CASCADE_LAKE)
+    assert kept == ["fp32", "int8"]
+    assert set(skipped) == {"bf16", "int8-bf16"}
+    assert all("AVX512-BF16" in why and "AMX-BF16" in why for why in skipped.values())
+
+
+def test_precisions_keep_order_drop_duplicates_and_name_unknown_paths():
+    kept, skipped = select_precisions(["int8", "fp32", "int8", "fp16"], {"bf16": False})
+    assert kept == ["int8", "fp32"] and list(skipped) == ["fp16"] and "unknown" in skipped["fp16"]
+    # a dict with only the raw flags (no derived 'bf16') is understood too
+    assert select_precisions(["bf16"], {"amx_bf16": True}) == (["bf16"], {})
+
+
+def test_describe_cpu_says_what_was_detected():
+    text = describe_cpu(CASCADE_LAKE)
+    assert text == "Xeon 8280: VNNI yes, AVX512-BF16 no, AMX-BF16 no, AMX-INT8 no"
+
+
+def one_hot(classes: list[int], k: int = 2) -> np.ndarray:
+    return np.eye(k, dtype=np.float32)[classes]
+
+
+def test_calibration_indices_are_stratified_and_every_prefix_keeps_the_balance():
+    labels = one_hot([0] * 30 + [1] * 70)
+    order = calibration_indices(labels, len(labels), seed=3)
+    assert sorted(order.tolist()) == list(range(100))  # a permutation: all of train, each once
+    for n in (10, 20, 50):
+        chosen = calibration_indices(labels, n, seed=3)
+        assert chosen.tolist() == order[:n].tolist()
+        assert abs(int(labels[chosen, 0].sum()) - round(0.3 * n)) <= 1
+
+
+def test_calibration_indices_are_seeded_and_capped():
+    labels = one_hot([0, 1] * 20)
+    assert calibration_indices(labels, 10, 1).tolist() == calibration_indices(labels, 10, 1).tolist()
+    assert calibration_indices(labels, 10, 1).tolist() != calibration_indices(labels, 10, 2).tolist()
+    assert len(calibration_indices(labels, 500, 1)) == 40
+    assert len(calibration_indices(np.zeros((0, 2)), 10, 1)) == 0
+
+
+def test_calibration_indices_multilabel_rows_without_findings():
+    labels = np.zeros((12, 3), np.float32)
+    labels[:4, 0] = 1
+    labels[4:6, 2] = 1
+    chosen = calibration_indices(labels, 6, seed=0)
+    assert len(set(chosen.tolist())) == 6
+    assert int((labels[chosen].sum(axis=1) == 0).sum()) == 3  # half of the rows have no finding, half of the pick
+
+
+@pytest.mark.parametrize("sizes, batch", [([100], 25), ([64], 32), ([50, 100], 25), ([83], 1), ([24], 24)])
+def test_calibration_batch_divides_every_sampling_size(sizes, batch):
+    assert calibration_batch_size(sizes) == batch
+
+
+def test_calibration_loader_records_what_it_hands_out():
+    x = np.arange(10, dtype=np.float32).reshape(10, 1)
+    loader = CalibrationLoader(x, one_hot([0] * 10), [f"f{i}" for i in range(10)], batch_size=4)
+    batches = list(loader)
+    assert [len(b[0]) for b in batches] == [4, 4, 2] and batches[0][1].shape == (4, 2)
+    for i, _ in enumerate(loader):  # a consumer that stops early, as INC does after its calibration iterations
+        if i == 1:
+            break
+    assert loader.images_per_pass == [10, 8] and loader.paths_fed == {f"f{i}" for i in range(10)}
+
+
+# --- errors before INC is reached: one line each -----------------------------------------------------------------
+
+def stage_config(tmp_path, deploy="configs/deploy.yaml"):
+    return load_config(None, [f"run.output_dir={tmp_path}", "run.name=r", f"quantize.deploy={deploy}"])
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert "\n" not in text
+    return text
+
+
+def test_missing_deploy_file(tmp_path, repo_root):
+    config = stage_config(tmp_path, deploy=str(tmp_path / "missing.yaml"))
+    with pytest.raises(DeployError) as caught:
+        run_quantize(config)
+    assert "missing.yaml: deploy file not found" in one_line(caught.value)
+
+
+def test_malformed_deploy_file(tmp_path):
+    bad = tmp_path / "deploy.yaml"
+    bad.write_text("model:\n  name: m\n   framework: tensorflow\n")
+    with pytest.raises(DeployError) as caught:
+        run_quantize(stage_config(tmp_path, deploy=str(bad)))
+    assert f"{bad}: not valid YAML at line" in one_line(caught.value)
+
+
+def test_run_without_frozen_graph(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    config = stage_config(tmp_path)
+    artifacts.update_manifest(config.run_dir, "train", top={"task": "binary"})
+    with pytest.raises(MedqError) as caught:
+        run_quantize(config)
+    assert "no frozen FP32 graph in this run" in one_line(caught.value) and "medq freeze" in str(caught.value)
+
+
+def test_frozen_graph_file_deleted(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    config = stage_config(tmp_path)
+    pb = config.run_dir / "model_fp32.pb"
+    artifacts.write_bytes(pb, b"x")
+    artifacts.update_manifest(config.run_dir, "freeze", artifacts={"fp32_pb": pb})
+    pb.unlink()
+    with pytest.raises(MedqError) as caught:
+        run_quantize(config)
+    assert f"{pb}: the run's frozen FP32 graph is missing" in one_line(caught.value)
+
+
+def test_deploy_tensor_names_must_match_the_frozen_graph(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    config = stage_config(tmp_path)
+    pb = artifacts.write_bytes(config.run_dir / "model_fp32.pb", b"x")
+    manifest = {"task": "binary", "classes": ["A", "B"], "input_name": "Placeholder", "output_name": "output",
+                "preprocess": {"image_size": 32, "channels": 1, "normalization": "unit"}}
+    artifacts.update_manifest(config.run_dir, "freeze", artifacts={"fp32_pb": pb}, top=manifest)
+    with pytest.raises(DeployError) as caught:
+        run_quantize(config)
+    assert "model.inputs: ['input'] is not the frozen graph's input 'Placeholder'" in one_line(caught.value)
+    assert json.loads((config.run_dir / "manifest.json").read_text())["stages"].get("quantize") is None

@@ -1,0 +1,130 @@
+"""`medq runs list` / `medq runs show`: complete, partial and corrupt runs, read from manifests only (no TF)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from medq.cli import main
+from medq.runs import benchmark_rows, list_runs, quantize_metrics
+
+CONFIG = {"model": {"name": "refkit-cnn", "params": {"blocks": 2}}, "data": {"format": "kaggle-pneumonia",
+                                                                         "root": "/data/chest_xray"},
+          "preprocess": {"image_size": 96, "channels": 1, "normalization": "unit"}}
+
+
+def _write_run(output: Path, name: str, stages: dict, benchmark: dict | None = None, **top) -> Path:
+    run = output / name
+    run.mkdir(parents=True)
+    (run / "model.keras").write_bytes(b"k" * 2048)
+    manifest = {"config": CONFIG, "classes": ["NORMAL", "PNEUMONIA"], "task": "binary",
+                "dataset_format": "kaggle-pneumonia", "preprocess": CONFIG["preprocess"],
+                "artifacts": {"keras_model": {"path": "model.keras", "bytes": 2048},
+                              "fp32_pb": {"path": "model_fp32.pb", "bytes": 10}},
+                "stages": stages, **top}
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    if benchmark is not None:
+        (run / "benchmark.json").write_text(json.dumps(benchmark))
+    return run
+
+
+TRAIN = {"model": "refkit-cnn", "parameters": 12345, "best_epoch": 7, "split_sizes": {"train": 640, "val": 160},
+         "val_metrics": {"accuracy": 0.9, "auc": 0.95, "n_images": 160}, "finished_at": "2026-01-01T10:00:00+0000"}
+QUANTIZE = {"status": "ok", "metric": "accuracy", "fp32_val": {"accuracy": 0.91, "auc": 0.96},
+            "int8_val": {"accuracy": 0.905, "auc": 0.955},
+            "precision_val": {"fp32": {"accuracy": 0.91}, "bf16": {"accuracy": 0.909},
+                              "int8": {"accuracy": 0.905}, "int8-bf16": {"accuracy": 0.9}},
+            "finished_at": "2026-01-01T11:00:00+0000"}
+BENCHMARK = {"results": [
+    {"id": "tf-fp32", "engine": "tensorflow", "precision": "fp32", "latency_ms": {"p50": 4.25, "p90": 5.0},
+     "throughput_ips": 310.5, "metrics": {"accuracy": 0.9, "auc": 0.95}},
+    {"id": "tf-int8", "engine": "tensorflow", "precision": "int8", "latency_ms": {"p50": 2.5},
+     "throughput_ips": 612.0, "metrics": {"accuracy": 0.895, "auc": 0.949}},
+]}
+
+
+@pytest.fixture
+def output(tmp_path):
+    out = tmp_path / "output"
+    _write_run(out, "full", {"train": TRAIN, "freeze": {}, "quantize": QUANTIZE, "benchmark": {}}, BENCHMARK,
+               model_source="tune", selected_val_metrics={"accuracy": 0.92, "auc": 0.97})
+    _write_run(out, "partial", {"train": TRAIN})
+    (out / "corrupt").mkdir()
+    (out / "corrupt" / "manifest.json").write_text('{"stages": {"train": ')  # interrupted by hand-editing
+    (out / "logs-only" / "logs").mkdir(parents=True)  # not a run: no manifest
+    return out
+
+
+def test_list_shows_complete_and_partial_runs_and_warns_once_about_a_corrupt_one(output, capsys):
+    assert main(["runs", "list", "--set", f"run.output_dir={output}"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == f"2 runs in {output}"
+    header, full, partial = lines[1:]
+    assert header.split()[:5] == ["NAME", "MODEL", "DATA", "SIZE", "STAGES"]
+    assert full.split()[:5] == ["full", "refkit-cnn", "kaggle-pneumonia", "96", "train,freeze,quantize,benchmark"]
+    assert "acc 0.920 auc 0.970" in full  # the selected (tuned) model's validation metrics
+    assert "acc 0.910→0.905 auc 0.960→0.955" in full
+    assert "tensorflow int8 612 img/s, p50 2.5 ms" in full
+    assert partial.split()[:5] == ["partial", "refkit-cnn", "kaggle-pneumonia", "96", "train"]
+    assert "acc 0.900 auc 0.950" in partial and re.search(r"\s-\s+-$", partial)
+    warnings = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "corrupt/manifest.json: unreadable manifest" in warnings[0]
+
+
+def test_show_prints_config_metrics_artifacts_and_benchmark(output, capsys):
+    assert main(["runs", "show", "full", "--set", f"run.output_dir={output}"]) == 0
+    text = capsys.readouterr().out
+    for expected in ("run full", "task        binary: NORMAL, PNEUMONIA",
+                     "refkit-cnn (blocks=2), 12,345 parameters, selected by tune",
+                     "kaggle-pneumonia at /data/chest_xray  (train 640, val 160)", "96 px, 1 channel(s), unit",
+                     "validation  accuracy 0.9200, auc 0.9700  (best epoch 7)",
+                     "fp32 accuracy 0.9100, auc 0.9600; bf16 accuracy 0.9090; int8 accuracy 0.9050, auc 0.9550; "
+                     "int8-bf16 accuracy 0.9000  (ok)",
+                     "keras_model    model.keras  2.0 KB", "fp32_pb        model_fp32.pb  MISSING"):
+        assert expected in text, expected
+    bench = [line.split() for line in text.splitlines()[-3:]]
+    assert bench[0] == ["ENGINE", "PRECISION", "P50", "MS", "IMG/S", "ACCURACY", "AUC"]
+    assert bench[2] == ["tensorflow", "int8", "2.50", "612.0", "0.8950", "0.9490"]
+
+    assert main(["runs", "show", str(output / "partial"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stages"] == ["train"] and data["benchmark"] == [] and data["quantize"] == {}
+    assert data["val_metrics"] == {"accuracy": 0.9, "auc": 0.95}
+
+
+def test_show_unknown_or_corrupt_run_is_one_line(output, capsys):
+    assert main(["runs", "show", "nope", "--set", f"run.output_dir={output}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a medq run" in err and "full, partial" in err
+    assert main(["runs", "show", "corrupt", "--set", f"run.output_dir={output}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unreadable" in err
+
+
+def test_empty_or_missing_output_dir(tmp_path, capsys):
+    assert main(["runs", "--set", f"run.output_dir={tmp_path / 'none'}"]) == 0
+    assert "no runs in" in capsys.readouterr().out
+    assert list_runs(tmp_path / "none") == []
+
+
+def test_tolerant_readers():
+    assert quantize_metrics({"fp32_accuracy": 0.8, "int8_accuracy": 0.79, "int8_seconds": 3.0}) == {
+        "fp32": {"accuracy": 0.8}, "int8": {"accuracy": 0.79}}
+    assert quantize_metrics({"status": "failed", "fp32_val": {"auc": 0.7}}) == {"fp32": {"auc": 0.7}}
+    assert quantize_metrics({}) == {}
+
+
+def test_benchmark_rows_accept_sweeps_and_flag_a_corrupt_file(tmp_path):
+    (tmp_path / "benchmark.json").write_text(json.dumps({"results": [
+        {"id": "ort-int8", "sweep": [{"batch_size": 1, "throughput_ips": 50.0}, {"batch_size": 32,
+                                                                                "throughput_ips": 80.0}],
+         "latency_p50_ms": 12.0, "accuracy": 0.5}, "junk"]}))
+    rows, warning = benchmark_rows(tmp_path)
+    assert warning is None and rows == [{"engine": "ort-int8", "precision": "", "latency_p50_ms": 12.0,
+                                         "throughput_ips": 80.0, "accuracy": 0.5, "auc": None}]
+    (tmp_path / "benchmark.json").write_text("{")
+    rows, warning = benchmark_rows(tmp_path)
+    assert rows == [] and "unreadable" in warning
