@@ -16,6 +16,7 @@ from medq.errors import DataError
 log = logging.getLogger("medq")
 
 PHANTOM_MARKER = ".medq-phantom.json"
+VERIFY_ALL_UP_TO = 5000  # decode every file up front when the dataset is this small; larger ones skip lazily
 
 
 def ensure_phantoms(config: Any) -> bool:
@@ -50,10 +51,13 @@ def ensure_phantoms(config: Any) -> bool:
 
 def run_data(config: Any) -> DatasetIndex:
     """Stage 1: make sure the dataset is there, read it, report counts, skips and patient overlap."""
+    from medq.data.check import verify_images
     from medq.data.readers import read_dataset
 
     ensure_phantoms(config)
     index = read_dataset(config.data, seed=config.run.seed)
+    if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
+        index = verify_images(index, strict=config.data.strict)
     for note in index.notes:
         log.info("%s", note)
     for split, samples in index.splits.items():

@@ -342,8 +342,11 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
         raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
                         "folders holding them")
     keras_path = path if kind == "keras" else None
-    if heatmap_dir is not None and keras_path is None:
-        _, keras_path = model_location(info, "keras")  # Grad-CAM needs gradients: the run's Keras model
+    if heatmap_dir is not None and keras_path is None:  # Grad-CAM needs gradients: the run's Keras model
+        if artifacts.artifact_path(info.run_dir, "keras_model") is None:
+            raise MedqError(f"{info.run_dir}: --heatmap needs the run's Keras model (Grad-CAM takes gradients, a "
+                            "frozen graph has none) and this run has no model.keras; run `medq train` for it")
+        _, keras_path = model_location(info, "keras")
     predictor = Predictor(info, kind, path, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
     heatmaps = None
     if heatmap_dir is not None:

@@ -187,41 +187,48 @@ def quantized_names(graph_def) -> set[str]:
 
 
 def fallback_ops(fp32_graph, int8_graph, result: Any, deploy: Any) -> list[dict[str, str]]:
-    """Conv/MatMul-type ops of the FP32 graph that are not quantized kernels in the INT8 graph, with the reason."""
+    """Conv/MatMul-type ops of the FP32 graph that are not quantized kernels in the INT8 graph: their type there,
+    the precision they run in (from the graph), and why (deploy.yaml, a recipe, INC's tuning, INC's capability)."""
     import re
 
     quantized = quantized_names(int8_graph)
-    in_int8 = {node.name: node.op for node in int8_graph.node}
+    in_int8 = {node.name: node for node in int8_graph.node}
     capable = {name for name, _ in result.capability}
     compute = [(node.name, node.op) for node in fp32_graph.node if node.op in COMPUTE_OPS]
-    user_fp32 = [(pattern, "op_wise") for pattern, s in (deploy.op_wise or {}).items() if _asks_fp32(s)]
-    type_fp32 = [(pattern, "optype_wise") for pattern, s in (deploy.optype_wise or {}).items() if _asks_fp32(s)]
     out = []
     for position, (name, op_type) in enumerate(compute):
         if name in quantized:
             continue
-        earlier = [t for t in result.trials if name in t.int8_ops]
-        if name in result.bf16_ops:
-            reason = "INC runs it in BF16 (use_bf16: true)"
-        elif any(re.fullmatch(p, name) for p, _ in user_fp32) or any(re.fullmatch(p, op_type) for p, _ in type_fp32) \
+        node = in_int8.get(name)
+        runs_as = _precision_of(node) if node is not None else "fused/removed"
+        int8_before = [t for t in result.trials if name in t.int8_ops]
+        if any(re.fullmatch(p, name) for p, s in (deploy.op_wise or {}).items() if _asks_fp32(s)) \
+                or any(re.fullmatch(p, op_type) for p, s in (deploy.optype_wise or {}).items() if _asks_fp32(s)) \
                 or (deploy.model_wise and _asks_fp32(deploy.model_wise)):
             reason = "deploy.yaml asks for FP32 (quantization.op_wise / optype_wise / model_wise)"
         elif position == 0 and not deploy.recipes.get("first_conv_or_matmul_quantization", True):
             reason = "recipe first_conv_or_matmul_quantization: false"
         elif position == len(compute) - 1 and not deploy.recipes.get("last_conv_or_matmul_quantization", True):
             reason = "recipe last_conv_or_matmul_quantization: false"
-        elif earlier:
-            t = earlier[-1]
-            value = "n/a" if t.metric is None else f"{t.metric:.4f}"
-            reason = (f"INC's tuning fell back to FP32 to meet the accuracy criterion (INT8 in trial {t.number}: "
-                      f"metric {value})")
+        elif int8_before:
+            trial = int8_before[-1]
+            value = "n/a" if trial.metric is None else f"{trial.metric:.4f}"
+            reason = (f"INC's tuning took it out of INT8 to meet the accuracy criterion (with it in INT8, trial "
+                      f"{trial.number} scored {value})")
         elif name not in capable:
             reason = "INC's TensorFlow adaptor has no INT8 pattern for it in this graph (not in its capability)"
         else:
-            reason = "INC's tuning kept it in FP32 (never INT8 in any trial)"
-        out.append({"name": name, "op_type": op_type, "in_int8_graph": in_int8.get(name, "fused/removed"),
-                    "reason": reason})
+            reason = "INC's tuning kept it out of INT8 in every trial"
+        out.append({"name": name, "op_type": op_type, "in_int8_graph": node.op if node is not None else runs_as,
+                    "runs_as": runs_as, "reason": reason})
     return out
+
+
+def _precision_of(node) -> str:
+    from tensorflow.core.framework import types_pb2
+
+    dtype = node.attr["T"].type if "T" in node.attr else types_pb2.DT_FLOAT
+    return "BF16" if dtype == types_pb2.DT_BFLOAT16 else "FP32"
 
 
 def _asks_fp32(settings: dict[str, Any]) -> bool:
@@ -490,9 +497,9 @@ def _summary(say: Callable[[str], None], result: Any, metric: str, fp32: float, 
                       for op, c in result.op_table.items())
     say(f"  INC op table: {table or 'empty'}")
     for op in fallbacks:
-        say(f"  FP32 fallback: {op['name']} ({op['op_type']}): {op['reason']}")
+        say(f"  not INT8: {op['name']} ({op['op_type']}, runs in {op['runs_as']}): {op['reason']}")
     if not fallbacks:
-        say("  FP32 fallback: none (every Conv/MatMul is a quantized kernel)")
+        say("  not INT8: none (every Conv/MatMul is a quantized kernel)")
     if paths_val:
         say("  validation metric per precision path: " + ", ".join(f"{p} {v[metric]:.4f}" for p, v in paths_val.items()))
     say(f"  wrote {target} and {target.parent / QUANTIZED_OPS}; INC's log: {log_path}")

@@ -23,7 +23,7 @@ QUANTIZE_NEEDS = ("input_name", "output_name", "input_shape", "classes", "task",
 
 def tiny_onnx(path, *, classes=3, channels=3, size=32, batch=1, ending=None, input_name="images",
               output_name="logits", seed=0):
-    """Conv → Relu → Conv(stride 2) → Relu → GlobalAveragePool → Flatten → Gemm [→ ending], NCHW, static sizes."""
+    """Conv, Relu, Conv (stride 2), Relu, GlobalAveragePool, Flatten, Gemm [, ending]; NCHW, static sizes."""
     rng = np.random.default_rng(seed)
 
     def init(name, shape, scale):
@@ -80,7 +80,8 @@ def test_onnx_file_converts_without_torch(tmp_path, monkeypatch):
     assert set(report["engines"]) == {"source-onnx", "onnxruntime", "tensorflow"}
     # Independently: the frozen graph (NHWC) against the untouched source file plus a softmax.
     spec = PreprocessSpec(32, 3, "unit")
-    x = np.concatenate([phantom_batch(spec, 3), np.random.default_rng(1).uniform(0, 1, (3, 32, 32, 3))]).astype(np.float32)
+    noise = np.random.default_rng(1).uniform(0, 1, (3, 32, 32, 3)).astype(np.float32)
+    x = np.concatenate([phantom_batch(spec, 3), noise])
     logits = source_outputs(source, x.transpose(0, 3, 1, 2))
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     got = frozen_outputs(result.fp32_pb, x)

@@ -40,7 +40,8 @@ def one_channel(model, attr):
     parent, _, name = attr.rpartition(".")
     owner = model.get_submodule(parent) if parent else model
     old = getattr(owner, name)
-    setattr(owner, name, nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding, bias=old.bias is not None))
+    setattr(owner, name, nn.Conv2d(1, old.out_channels, old.kernel_size, old.stride, old.padding,
+                                   bias=old.bias is not None))
     return model
 
 
@@ -107,7 +108,8 @@ def _layouts(model):
     sd = model.state_dict()
     return {
         "bare": sd,
-        "training-dict": {"state_dict": sd, "epoch": 3, "optimizer": torch.optim.SGD(model.parameters(), 0.1).state_dict()},
+        "training-dict": {"state_dict": sd, "epoch": 3,
+                          "optimizer": torch.optim.SGD(model.parameters(), 0.1).state_dict()},
         "model_state_dict": {"model_state_dict": sd, "epoch": 1},
         "dataparallel": nn.DataParallel(model).state_dict(),
     }

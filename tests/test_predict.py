@@ -231,12 +231,18 @@ def test_bad_run_or_missing_model_is_one_line(tiny, tmp_path, capsys, clean_thre
     manifest = artifacts.read_manifest(tiny.run_dir)
     manifest["artifacts"] = {k: v for k, v in manifest["artifacts"].items() if k != "int8_pb"}
     (partial / "manifest.json").write_text(json.dumps(manifest))
+    graph_only = tmp_path / "graph_only"  # e.g. a converted run: a frozen graph, no Keras model
+    graph_only.mkdir()
+    fp32 = str(artifacts.artifact_path(tiny.run_dir, "fp32_pb").resolve())
+    manifest["artifacts"] = {"fp32_pb": {"path": fp32}}
+    (graph_only / "manifest.json").write_text(json.dumps(manifest))
     cases = {
         ("--run", str(tmp_path / "nope")): "no such run folder",
         ("--run", str(tmp_path)): "not a medq run (no manifest.json)",
         ("--run", str(partial), "--model", "int8"): "this run has no INT8 model (model_int8.pb); run `medq quantize`",
         ("--run", str(partial), "--model", "fp32"): "recorded in the manifest but missing",
         ("--run", str(tiny.run_dir), "--model-file", str(tmp_path / "x.pb")): "model file not found",
+        ("--run", str(graph_only), "--heatmap", str(tmp_path / "h")): "--heatmap needs the run's Keras model",
     }
     for args, message in cases.items():
         assert main(["predict", *args, image]) == 2

@@ -91,16 +91,19 @@ def stage(config) -> dict:
 
 
 @pytest.fixture(scope="module")
-def default_run(trained):
-    config = copy_run(trained, "default")
+def default_run(trained, tmp_path_factory):
     from medq.quantize import run_quantize
 
-    target = run_quantize(config)
-    return config, target
+    config = copy_run(trained, "default")
+    cwd = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)  # INC's default workspace would be ./nc_workspace
+        target = run_quantize(config)
+    return config, target, cwd
 
 
 def test_default_run_has_quantized_convolutions_within_the_criterion(default_run):
-    config, target = default_run
+    config, target, _ = default_run
     assert target == config.run_dir / "model_int8.pb" and artifacts.artifact_path(config.run_dir, "int8_pb") == target
     int8 = read_graph_def(target)
     ops = op_type_counts(int8)
@@ -120,7 +123,7 @@ def test_default_run_has_quantized_convolutions_within_the_criterion(default_run
 
 def test_int8_metric_recomputed_from_the_file_on_validation(default_run):
     """The number in the manifest is what the written file scores, with the training preprocessing."""
-    config, target = default_run
+    config, target, _ = default_run
     manifest = artifacts.read_manifest(config.run_dir)
     index = read_dataset(config.data, seed=config.run.seed)
     x = load_batch(index.paths("val"), PreprocessSpec.from_dict(manifest["preprocess"]))
@@ -132,7 +135,7 @@ def test_int8_metric_recomputed_from_the_file_on_validation(default_run):
 
 
 def test_calibration_and_precision_facts_are_recorded(default_run):
-    config, _ = default_run
+    config, _, cwd = default_run
     facts = stage(config)
     calibration = facts["calibration"]
     assert calibration["source_split"] == "train"
@@ -143,7 +146,7 @@ def test_calibration_and_precision_facts_are_recorded(default_run):
     assert list(facts["precision_val"]) == kept
     assert facts["cpu_features"]["model"] == cpu_features()["model"]
     assert (config.run_dir / "logs" / "quantize.log").stat().st_size > 0
-    assert (config.run_dir / "nc_workspace").is_dir() and not Path("nc_workspace").exists()
+    assert (config.run_dir / "nc_workspace" / "history.snapshot").is_file() and not (cwd / "nc_workspace").exists()
 
 
 def test_terminal_output_is_a_short_summary(trained, capfd):
@@ -261,7 +264,7 @@ def test_evaluation_errors_are_raised_not_swallowed_by_inc(trained, tmp_path):
 
 
 def test_inc_own_schema_accepts_our_files_and_agrees_with_our_defaults():
-    from medq.inc.deploy import INC_VERSION_DEFAULT, RECIPE_DEFAULTS, load_deploy
+    from medq.inc.deploy import INC_VERSION_DEFAULT, RECIPE_DEFAULTS, PerformanceSettings, load_deploy
     from medq.inc.ptq import check_with_inc, inc_schema_defaults
 
     check_with_inc(load_deploy(DEPLOY))
@@ -273,10 +276,13 @@ def test_inc_own_schema_accepts_our_files_and_agrees_with_our_defaults():
     assert inc["quantization"]["recipes"] == RECIPE_DEFAULTS
     assert inc["quantization"]["quant_level"] == "auto"
     tuning = inc["tuning"]
-    assert tuning["accuracy_criterion"] == {"relative": 0.01, "higher_is_better": True}
+    assert tuning["accuracy_criterion"]["relative"] == 0.01 and tuning["accuracy_criterion"].get("higher_is_better", True)
     assert tuning["exit_policy"] == {"timeout": 0, "max_trials": 100, "performance_only": False}
     assert tuning["random_seed"] == 1978 and tuning["strategy"]["name"] == "basic"
     assert tuning["objective"] == "performance"
+    performance = inc["evaluation"]["performance"]
+    assert PerformanceSettings(warmup=performance["warmup"], iteration=performance["iteration"],
+                               **performance["configs"]) == PerformanceSettings()
     ours = refkit.inc_defaults()
     assert ours["tuning.exit_policy.max_trials"] == 100 and ours["tuning.random_seed"] == 1978
     # INC's import rewires yaml.SafeLoader to read null as {}; medq puts it back

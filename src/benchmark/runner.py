@@ -400,7 +400,10 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
         log.info("benchmark [%d/%d] %s: measuring %s", i, len(todo), row.id, row.model.name)
         job = _job(row, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench)
         try:
-            entry = _row_entry(row, run_worker(job, bench, env, bc.worker_timeout), run_dir, bc.batch_size)
+            result = run_worker(job, bench, env, bc.worker_timeout)
+            (log.info if verbose else log.debug)("benchmark: %s ran as pid %s: %s (log: %s)", row.id, result["pid"],
+                                                 " ".join(result["command"]), result["log"])
+            entry = _row_entry(row, result, run_dir, bc.batch_size)
         except WorkerError as exc:
             skipped[row.id] = f"failed: {exc}"
             log.error("benchmark: %s failed: %s", row.id, exc)

@@ -113,7 +113,8 @@ def standardize(model, image_size: int, where: str | Path, input_name: str = "in
         onnx.checker.check_model(model)
     except Exception as exc:
         raise MedqError(f"{where}: the model does not accept a {image_size}x{image_size} input with a free batch "
-                        f"size ({first_line(exc)}); pass its own image size or re-export with a dynamic batch") from None
+                        f"size ({first_line(exc)}); pass its own image size or re-export with a dynamic "
+                        "batch") from None
     return model
 
 
@@ -128,7 +129,8 @@ def run_onnx(model_or_path, x: np.ndarray) -> np.ndarray:
     outputs = []
     for i in range(0, len(x), batch):
         chunk = x[i:i + batch]
-        padded = np.concatenate([chunk, np.repeat(chunk[-1:], batch - len(chunk), axis=0)]) if len(chunk) < batch else chunk
+        padding = np.repeat(chunk[-1:], batch - len(chunk), axis=0)
+        padded = np.concatenate([chunk, padding]) if len(padding) else chunk
         outputs.append(session.run(None, {feed.name: padded})[0][:len(chunk)])
     return np.concatenate(outputs, axis=0)
 
@@ -178,7 +180,7 @@ def load_serving(saved_model_dir: Path) -> Callable:
 
 def freeze_saved_model(saved_model_dir: Path, input_shape: tuple[int, ...], then: Callable = lambda y: y,
                        input_name: str = "input", output_name: str = "output"):
-    """The SavedModel's serving signature, followed by ``then`` (the head), → frozen GraphDef ``input:0 → output:0``."""
+    """The SavedModel's serving signature, then ``then`` (the head) → frozen GraphDef ``input:0 → output:0``."""
     from medq.freeze import freeze_callable
 
     serve = load_serving(saved_model_dir)
@@ -194,7 +196,8 @@ def graph_def_to_onnx(graph_def, opset: int, where: str | Path, input_name: str 
         model, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=[f"{input_name}:0"],
                                                   output_names=[f"{output_name}:0"], opset=opset)
     except Exception as exc:
-        raise MedqError(f"{where}: tf2onnx could not convert the graph ({first_line(exc)}); try another opset") from None
+        raise MedqError(f"{where}: tf2onnx could not convert the graph ({first_line(exc)}); "
+                        "try another opset") from None
     rename_tensor(model.graph, f"{input_name}:0", input_name)
     rename_tensor(model.graph, f"{output_name}:0", output_name)
     return model

@@ -121,7 +121,8 @@ def record(report: dict[str, Any], target: Path, where: str | Path, verbose: boo
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The parity facts the manifest keeps."""
-    facts = {k: report[k] for k in ("passed", "tolerance", "max_abs_diff", "saturated_fraction", "images") if k in report}
+    keys = ("passed", "tolerance", "max_abs_diff", "saturated_fraction", "images")
+    facts = {k: report[k] for k in keys if k in report}
     if "raw_outputs" in report:
         facts["logits_max_rel_diff"] = report["raw_outputs"]["max_rel_diff"]
     return facts

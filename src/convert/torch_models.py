@@ -1,6 +1,6 @@
 """PyTorch side of the converter: the architecture registry, checkpoint reading, strict loading, ONNX export.
 
-The only module of medq that imports torch, and only inside functions: torch and torchvision are the optional
+The converter's only module that imports torch, and only inside functions: torch and torchvision are the optional
 ``convert`` extra (``pip install -r env/requirements-convert.txt``).
 
 Checkpoints are read with ``torch.load(..., weights_only=True)``: tensors and plain containers only, no code. They
@@ -23,7 +23,8 @@ from medq.errors import MedqError
 
 INSTALL_HINT = "pip install -r env/requirements-convert.txt"
 # torchvision renamed DenseNet's layers (norm.1 → norm1, ...); checkpoints from before (CheXNet) carry the old names.
-_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_LEGACY_DENSENET = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                              r"([12]\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 # Containers people wrap a state_dict in: {'state_dict': ..., 'epoch': ..., 'optimizer': ...} and friends.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 SHOWN = 4  # names shown in an error message
@@ -88,7 +89,8 @@ register(Architecture("googlenet", lambda n: _tv().googlenet(weights=None, num_c
                                                               init_weights=False),
                       "conv1.conv.weight", "fc.weight", training_only=("aux1.", "aux2.")))
 for _depth in (18, 34, 50, 101):
-    register(Architecture(f"resnet{_depth}", lambda n, _d=_depth: getattr(_tv(), f"resnet{_d}")(weights=None, num_classes=n),
+    register(Architecture(f"resnet{_depth}",
+                          lambda n, _d=_depth: getattr(_tv(), f"resnet{_d}")(weights=None, num_classes=n),
                           "conv1.weight", "fc.weight"))
 
 
@@ -142,13 +144,14 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if isinstance(obj, dict):
         for key in STATE_DICT_KEYS:
             if _is_state_dict(obj.get(key)):
-                facts: dict[str, Any] = {"layout": f"dict[{key!r}]", "other_keys": sorted(str(k) for k in obj if k != key)}
+                facts: dict[str, Any] = {"layout": f"dict[{key!r}]",
+                                         "other_keys": sorted(str(k) for k in obj if k != key)}
                 if isinstance(obj.get("epoch"), int):
                     facts["epoch"] = obj["epoch"]
                 return dict(obj[key]), facts
         keys = ", ".join(str(k) for k in list(obj)[:8])
-        raise CheckpointError(f"{path}: no state_dict in this checkpoint (top-level keys: {keys}); expected a state_dict "
-                              f"or a dict holding one under {' / '.join(repr(k) for k in STATE_DICT_KEYS)}")
+        raise CheckpointError(f"{path}: no state_dict in this checkpoint (top-level keys: {keys}); expected a "
+                              f"state_dict or a dict holding one under {' / '.join(repr(k) for k in STATE_DICT_KEYS)}")
     raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict; save model.state_dict()")
 
 

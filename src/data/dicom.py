@@ -25,7 +25,8 @@ GRAY = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 # SOP classes used when writing: Computed Radiography, Digital X-Ray (for presentation), Ultrasound.
-SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1", "US": "1.2.840.10008.5.1.4.1.1.6.1"}
+SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
+               "US": "1.2.840.10008.5.1.4.1.1.6.1"}
 
 
 def load_dicom(path: str | Path) -> np.ndarray:

@@ -113,7 +113,7 @@ def draw_ultrasound(rng: np.random.Generator, h: int, w: int, kind: str, lesions
     speckle = (envelope / (envelope.mean() + 1e-6)) ** rng.uniform(0.5, 0.7)
     depth = np.exp(-rng.uniform(0.2, 0.6) * np.arange(h, dtype=np.float32) / h)[:, None]
     image = np.clip(echo * speckle * depth * rng.uniform(0.75, 0.95), 0, 1) ** rng.uniform(0.8, 1.1)
-    if masks and rng.random() < CALIPERS:
+    if masks and rng.random() < CALIPERS and masks[0].any():
         ys, xs = np.nonzero(masks[0])
         for y, x in ((ys.min() - 3, xs.mean()), (ys.max() + 3, xs.mean())):
             cv2.drawMarker(image, (int(x), int(np.clip(y, 0, h - 1))), 1.0, cv2.MARKER_CROSS, max(5, w // 30), 1)

@@ -78,7 +78,8 @@ def _ellipse(h: int, w: int, e: Ellipse, scale_y: float = 1.0, scale_x: float = 
 
 
 def _point_in(rng: np.random.Generator, mask: np.ndarray, level: float) -> tuple[int, int]:
-    ys, xs = np.nonzero(mask > level)
+    """A random pixel where ``mask`` exceeds ``level`` of its maximum."""
+    ys, xs = np.nonzero(mask >= level * float(mask.max()))
     k = rng.integers(len(ys))
     return int(ys[k]), int(xs[k])
 

@@ -24,7 +24,8 @@ from medq.data.phantoms_draw import to_uint, write_image
 LABELS = {"cardiomegaly": "Cardiomegaly", "effusion": "Effusion", "nodule": "Nodule", "mass": "Mass",
           "pneumothorax": "Pneumothorax", "consolidation": "Consolidation", "patchy": "Pneumonia"}
 CHRONIC = {"cardiomegaly": 0.2, "nodule": 0.2, "mass": 0.18}  # per patient
-ACUTE = {"effusion": 0.18, "pneumothorax": 0.15, "consolidation": 0.15, "patchy": 0.15}  # per film; more common than in NIH so that a few hundred films teach every label
+# per film; findings are more common than in NIH so that a few hundred films teach every label
+ACUTE = {"effusion": 0.18, "pneumothorax": 0.15, "consolidation": 0.15, "patchy": 0.15}
 RGBA_EVERY = 25
 PER_FOLDER = 0.5  # the first half of the images go to images_001, the rest to images_002
 

@@ -15,6 +15,7 @@ import contextlib
 import copy
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -157,11 +158,13 @@ def check_with_inc(deploy: DeployConfig) -> None:
 
 
 def inc_schema_defaults() -> dict[str, Any]:
-    """INC's defaults for an otherwise empty deploy.yaml (used by the tests to check medq's copy of them)."""
+    """INC's defaults for a deploy.yaml of empty sections (the tests check medq's copy of them against these)."""
     with _global_yaml_kept():
         from neural_compressor.conf.config import schema
 
-        return schema.validate({"model": {"name": "m", "framework": "tensorflow"}})
+        return schema.validate({"model": {"name": "m", "framework": "tensorflow"},
+                                "quantization": {"calibration": {}, "recipes": {}}, "tuning": {},
+                                "evaluation": {"performance": {"configs": {}}}})
 
 
 def _nulls_as_inc_reads_them(value: Any) -> Any:
@@ -177,7 +180,12 @@ def _nulls_as_inc_reads_them(value: Any) -> Any:
 @contextlib.contextmanager
 def _global_yaml_kept() -> Iterator[None]:
     """Importing ``neural_compressor.conf.config`` makes every ``yaml.safe_load`` read ``null`` as ``{}`` (process
-    wide); INC reads its own yaml files that way while it runs, then the standard behaviour is restored."""
+    wide); INC reads its own yaml files that way while it runs, then the standard behaviour is restored.
+
+    Also imports INC (about 15 s the first time) without its pkg_resources deprecation warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
+        import neural_compressor  # noqa: F401
     try:
         yield
     finally:

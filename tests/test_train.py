@@ -1,0 +1,204 @@
+"""Training: resume after an interruption, logs, 10-crop evaluation, augmentation, tf.distribute wiring."""
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from medq import artifacts
+from medq.config import load_config
+from medq.data.readers import read_dataset
+from medq.errors import MedqError
+from medq.preprocess import PreprocessSpec, preprocess
+
+TINY = "model.params={blocks: 2, filters: 4, dense_units: 8}"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from medq.data.phantoms import generate_chest_pneumonia
+
+    root = tmp_path_factory.mktemp("data") / "chest_xray"
+    generate_chest_pneumonia(root, 48, 4, 12, 40, 7)
+    return root
+
+
+def _config(tmp_path, data_root, *overrides):
+    return load_config(None, [f"run.output_dir={tmp_path}", f"data.root={data_root}", "preprocess.image_size=32",
+                              "train.batch_size=16", "train.tensorboard=false", TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, data_root):
+    """A 4-epoch training interrupted after epoch 2, then resumed: (config, first-call state, FitResult)."""
+    import tensorflow as tf
+
+    import medq.train as train
+
+    config = _config(tmp_path_factory.mktemp("runs"), data_root, "train.epochs=4", "train.tensorboard=true")
+
+    class Interrupt(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    original = train.fit_model
+
+    def interrupted_fit(*args, **kwargs):
+        return original(*args, **kwargs, extra_callbacks=[Interrupt()])
+
+    train.fit_model = interrupted_fit
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.run_train(config)
+    finally:
+        train.fit_model = original
+    state = json.loads((config.run_dir / "checkpoints" / train.LAST_STATE).read_text())
+    reader = tf.train.load_checkpoint(str(config.run_dir / "checkpoints" / state["checkpoint"]))
+    state["optimizer_iterations"] = int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
+    return config, state, train.run_train(config, resume=True)
+
+
+def test_resume_continues_from_the_last_epoch(resumed):
+    config, state, result = resumed
+    assert state["epoch"] == 2 and not state["finished"]
+    assert result.epochs_run == 2  # epochs 3 and 4 only
+    assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
+    assert all("val_primary" in row and "val_auc" in row for row in result.history)
+    # the optimizer state came back too: its step count continues from the interrupted one
+    steps = len(read_dataset(config.data, seed=config.run.seed).splits["train"]) // 16
+    assert state["optimizer_iterations"] >= 2 * steps
+    assert int(result.model.optimizer.iterations.numpy()) >= state["optimizer_iterations"] + 2 * steps
+    manifest = artifacts.read_manifest(config.run_dir)
+    entry = manifest["stages"]["train"]
+    assert entry["resumed"] is True and entry["epochs_run"] == 2 and entry["flops"] > 0
+    assert manifest["model_source"] == "train" and manifest["selected_val_metrics"] == result.val_metrics
+    assert manifest["artifacts"]["keras_model"]["sha256"] == artifacts.sha256(config.run_dir / "model.keras")
+    with open(config.run_dir / "logs" / "train.csv") as fh:
+        assert [int(r["epoch"]) for r in csv.DictReader(fh)] == [0, 1, 2, 3]  # CSVLogger counts from 0, appended
+    assert any((config.run_dir / "logs" / "tensorboard").rglob("events.out.tfevents.*"))
+    assert json.loads((config.run_dir / "checkpoints" / "last_epoch.json").read_text())["finished"] is True
+
+
+def test_resume_refuses_a_checkpoint_from_another_config(resumed):
+    import medq.train as train
+
+    config, _, _ = resumed
+    other = load_config(None, [f"run.output_dir={config.run.output_dir}", f"data.root={config.data.root}",
+                               "preprocess.image_size=32", "train.epochs=4", "train.learning_rate=0.01", TINY])
+    with pytest.raises(MedqError, match="different model, data or training config"):
+        train.run_train(other, resume=True)
+
+
+def test_ten_crops_are_corners_centre_and_mirrors():
+    from medq.train import ten_crop_size, ten_crops
+
+    assert ten_crop_size(224) == 256 and ten_crop_size(96) == 110 and ten_crop_size(32) == 37
+    image = np.arange(6 * 6, dtype=np.float32).reshape(6, 6, 1)
+    crops = ten_crops(image, 4)
+    assert crops.shape == (10, 4, 4, 1)
+    np.testing.assert_array_equal(crops[0], image[:4, :4])
+    np.testing.assert_array_equal(crops[3], image[2:, 2:])
+    np.testing.assert_array_equal(crops[4], image[1:5, 1:5])
+    np.testing.assert_array_equal(crops[5:], crops[:5, :, ::-1])
+
+
+def test_evaluate_keras_reports_single_and_ten_crop_side_by_side(resumed, tmp_path):
+    from medq.data.decode import load_image
+    from medq.freeze import load_keras_model
+    from medq.train import evaluate_keras, run_evaluate, ten_crops
+
+    config, _, _ = resumed
+    index = read_dataset(config.data, seed=config.run.seed)
+    spec = PreprocessSpec.from_config(config)
+    model = load_keras_model(config.run_dir / "model.keras")
+    paths, labels = index.paths("test"), index.labels("test")
+    broken = tmp_path / "broken.jpeg"
+    broken.write_bytes(b"not an image")
+    out = evaluate_keras(model, paths + [str(broken)], np.vstack([labels, labels[:1]]), spec, ten_crop=True)
+    assert out["n_skipped"] == 1
+    for view in ("single_crop", "ten_crop"):
+        assert out[view]["n_images"] == len(paths) and 0 <= out[view]["accuracy"] <= 1
+        assert len(out[view]["confusion_matrix"]) == 2
+    # the 10-crop probability of one image is the mean over crops of the same preprocess at round(32·256/224) = 37
+    big = preprocess(load_image(paths[0]), PreprocessSpec(37, 1, "unit"))
+    manual = model.predict(ten_crops(big, 32), verbose=0).mean(axis=0)
+    single_only = evaluate_keras(model, paths[:1], labels[:1], spec, ten_crop=False)
+    assert single_only["ten_crop"] is None
+    one = evaluate_keras(model, paths[:1], labels[:1], spec, ten_crop=True, task="binary", classes=index.classes)
+    assert one["ten_crop"]["accuracy"] == float(np.argmax(manual) == np.argmax(labels[0]))
+    report = run_evaluate(config, ten_crop=True, index=index)
+    assert report["ten_crop"]["n_images"] == report["single_crop"]["n_images"] == len(paths)
+    entry = artifacts.read_manifest(config.run_dir)["stages"]["evaluate"]
+    assert entry["ten_crop"] is True and "accuracy" in entry["ten_crop_metrics"]
+
+
+def test_augmentation_never_flips_unless_allowed():
+    import tensorflow as tf
+
+    from medq.config import AugmentConfig
+    from medq.tfdata import build_augmenter
+
+    spec = PreprocessSpec(32, 1, "unit")
+    names = [layer.__class__.__name__ for layer in build_augmenter(AugmentConfig(), spec).layers]
+    assert "RandomFlip" not in names and {"RandomRotation", "RandomZoom", "RandomContrast"} <= set(names)
+    assert "RandomFlip" in [layer.__class__.__name__
+                            for layer in build_augmenter(AugmentConfig(horizontal_flip=True), spec).layers]
+    x = tf.random.uniform((2, 32, 32, 1), seed=1)
+    augmenter = build_augmenter(AugmentConfig(), spec)
+    assert not np.allclose(augmenter(x, training=True).numpy(), x.numpy())
+    np.testing.assert_array_equal(augmenter(x, training=False).numpy(), x.numpy())
+
+
+def test_selection_rule_and_class_weights():
+    from medq.train import class_weights, is_better
+
+    assert is_better({"accuracy": 0.8, "auc": 0.7}, {"accuracy": 0.7, "auc": 0.9}, "binary")
+    assert is_better({"accuracy": 0.8, "auc": 0.9}, {"accuracy": 0.8, "auc": 0.7}, "binary")  # tie → AUC
+    assert not is_better({"accuracy": 0.8, "auc": 0.7}, {"accuracy": 0.8, "auc": 0.7}, "binary")
+    assert is_better({"auc": 0.8, "accuracy": 0.1}, {"auc": 0.7, "accuracy": 0.9}, "multilabel")
+    assert is_better({"accuracy": 0.5, "auc": float("nan")}, None, "binary")
+    weights = class_weights(np.array([[1, 0], [0, 1], [0, 1], [0, 1]], np.float32), "binary", "balanced")
+    assert weights == {0: 2.0, 1: pytest.approx(2 / 3)}
+
+
+@pytest.mark.parametrize("strategy", ["mirrored", "multi-worker"])
+def test_fit_under_a_distribution_strategy(strategy, tmp_path, data_root, monkeypatch):
+    """The strategy wiring on one machine: the model is built and trained one epoch inside the strategy's scope."""
+    from medq.train import fit_model, is_chief, make_strategy
+
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    config = _config(tmp_path, data_root, "train.epochs=1", "train.batch_size=64", f"train.distribute={strategy}")
+    result = fit_model(config, read_dataset(config.data, seed=config.run.seed))
+    expected = {"mirrored": "MirroredStrategy", "multi-worker": "CollectiveAllReduceStrategy"}[strategy]
+    assert type(result.model.distribute_strategy).__name__ == expected
+    assert result.epochs_run == 1 and 0 <= result.val_metrics["accuracy"] <= 1
+    assert is_chief(make_strategy(strategy))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_worker_training_on_loopback(tmp_path, data_root):
+    """MultiWorkerMirroredStrategy across two processes (TF_CONFIG, 127.0.0.1): both train, only the chief writes."""
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
+    args = [sys.executable, "-m", "medq", "train", "--set", f"run.output_dir={tmp_path}", "--set",
+            f"data.root={data_root}", "--set", "preprocess.image_size=32", "--set", "train.epochs=2", "--set",
+            "train.distribute=multi-worker", "--set", TINY]
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+                   TF_CPP_MIN_LOG_LEVEL="2")
+        procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    manifest = artifacts.read_manifest(tmp_path / "default")
+    assert manifest["stages"]["train"]["epochs_run"] == 2 and manifest["model_source"] == "train"

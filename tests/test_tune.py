@@ -1,0 +1,165 @@
+"""The keras-tuner search: space checking, resuming without repeating trials, model selection, tune → freeze."""
+import json
+
+import numpy as np
+import pytest
+
+from medq import artifacts
+from medq.config import load_config
+from medq.data.readers import read_dataset
+from medq.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from medq.data.phantoms import generate_chest_pneumonia
+
+    root = tmp_path_factory.mktemp("data") / "chest_xray"
+    generate_chest_pneumonia(root, 40, 4, 8, 40, 7)
+    return root
+
+
+def _config(tmp_path, data_root, *overrides):
+    return load_config(None, [
+        f"run.output_dir={tmp_path}", f"data.root={data_root}", "preprocess.image_size=32", "train.tensorboard=false",
+        "model.params={blocks: 2, filters: 4, dense_units: 8}", "tune.epochs=1", "tune.latency_runs=2",
+        "tune.search_space={learning_rate: [0.001, 0.003], batch_size: [8, 16]}", *overrides])
+
+
+@pytest.fixture
+def count_trainings(monkeypatch):
+    """How many models the search trains (each trial calls medq.train.fit_model once)."""
+    import medq.train as train
+
+    calls = []
+    original = train.fit_model
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("model_params"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "fit_model", counting)
+    return calls
+
+
+def test_search_space_is_checked_before_any_trial(tmp_path):
+    from medq.tune import declare_space
+
+    def space(text, *more):
+        return declare_space(load_config(None, [f"tune.search_space={text}", *more]), "binary")
+
+    hp = space("{learning_rate: [loguniform, 1.0e-4, 1.0e-2], batch_size: [16, 32], dropout: [0, 0.25], "
+               "filters: [int, 4, 8], optimizer: [adam, sgd]}")
+    kinds = {h.name: type(h).__name__ for h in hp.space}
+    assert kinds == {"learning_rate": "Float", "batch_size": "Choice", "dropout": "Choice", "filters": "Int",
+                     "optimizer": "Choice"}
+    assert hp.get("dropout") == 0.0  # [0, 0.25] became floats: one type per choice
+    with pytest.raises(ConfigError, match="tune.search_space.depth: refkit-cnn has no such setting"):
+        space("{depth: [1, 2]}")
+    with pytest.raises(ConfigError, match="low < high"):
+        space("{learning_rate: [loguniform, 0.1, 0.01]}")
+    with pytest.raises(ConfigError, match="multilabel"):
+        space("{loss: [cce, bce]}")
+    with pytest.raises(ConfigError, match="optimizers are"):
+        space("{optimizer: [adam, lion]}")
+    with pytest.raises(ConfigError, match="all be numbers or all be names"):
+        space("{dropout: [0.1, high]}")
+    with pytest.raises(ConfigError, match="alpha\\*beta\\^2 <= 2"):
+        space("{alpha: [1.2, 1.6], beta: [1.1], phi: [0, 1]}", "model.name=scaled-densenet")
+
+
+def test_trial_settings_scale_the_resolution_of_scaled_densenet():
+    from medq.tune import trial_settings
+
+    config = load_config(None, ["model.name=scaled-densenet", "preprocess.image_size=96"])
+    fit, params, size = trial_settings(config, {"learning_rate": 0.01, "phi": 2, "beta": 1.1, "tuner/epochs": 3})
+    assert fit == {"learning_rate": 0.01} and params == {"phi": 2, "beta": 1.1}
+    assert size == 136  # 96 · γ² = 96 · 2 / (1.2 · 1.21) = 132.2 → 136, a multiple of 8 (α = 1.2 by default)
+    assert trial_settings(load_config(None, ["preprocess.image_size=96"]), {"filters": 8})[2] == 96
+
+
+def test_every_tuner_kind_is_a_medq_tuner(tmp_path):
+    from medq.tune import declare_space, make_tuner
+
+    for kind in ("random", "hyperband", "bayesian"):
+        config = load_config(None, [f"run.output_dir={tmp_path}", f"run.name={kind}", f"tune.tuner={kind}"])
+        tuner = make_tuner(config, declare_space(config, "binary"), runner=None)
+        assert type(tuner).__name__.startswith("Medq") and tuner.oracle.objective.name == "val_primary"
+        assert tuner.oracle.objective.direction == "max" and tuner.oracle.seed == config.run.seed
+        assert tuner.project_dir == str(config.run_dir / "tuner")
+
+
+def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_path, data_root, count_trainings):
+    from medq.freeze import run_freeze
+    from medq.tune import REPORT_CSV, REPORT_MD, REPORT_PNG, run_tune
+
+    config = _config(tmp_path, data_root, "tune.max_trials=2")
+    index = read_dataset(config.data, seed=config.run.seed)
+    first = run_tune(config, index=index)
+    assert len(count_trainings) == 2 and len(first.trials) == 2 and first.replaced
+    assert "became the run's model" in first.decision and "no trained model" in first.decision
+    best_model = config.run_dir / "tuner" / f"trial_{first.best.trial_id}" / "model.keras"
+    manifest = artifacts.read_manifest(config.run_dir)
+    assert manifest["model_source"] == "tune" and manifest["classes"] == index.classes
+    assert manifest["artifacts"]["keras_model"]["sha256"] == artifacts.sha256(best_model)
+    assert manifest["selected_val_metrics"] == first.best.val_metrics
+    entry = manifest["stages"]["tune"]
+    assert entry["best_trial"] == first.best.trial_id and len(entry["trials"]) == 2
+    for row in entry["trials"]:
+        assert row["status"] == "COMPLETED" and row["tuner_id"] == "tuner0"
+        assert row["parameters"] > 0 and row["flops"] > 0 and row["latency_ms"] > 0
+    for name in (REPORT_CSV, REPORT_MD, REPORT_PNG):
+        assert (config.run_dir / name).stat().st_size > 0
+    assert (config.run_dir / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "pareto" in (config.run_dir / REPORT_MD).read_text()
+
+    # tune → freeze: the tuned model is the run's model and freezes with parity
+    pb = run_freeze(config)
+    assert pb.is_file() and artifacts.read_manifest(config.run_dir)["stages"]["freeze"]["parity_max_abs_diff"] < 1e-4
+
+    # Pretend a trained model beat it, then continue the search to 3 trials: one new trial, nothing repeated.
+    before = {p.parent.name: p.stat().st_mtime_ns for p in (config.run_dir / "tuner").glob("trial_*/model.keras")}
+    artifacts.update_manifest(config.run_dir, "train", top={"model_source": "train",
+                                                          "selected_val_metrics": {"accuracy": 1.0, "auc": 1.0}})
+    model_sha = artifacts.sha256(config.run_dir / "model.keras")
+    again = run_tune(_config(tmp_path, data_root, "tune.max_trials=3"), index=index)
+    assert len(count_trainings) == 3 and len(again.trials) == 3
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (config.run_dir / "tuner").glob("trial_*/model.keras")}
+    assert {k: after[k] for k in before} == before and len(after) == 3
+    assert not again.replaced and "kept the trained model" in again.decision
+    assert artifacts.sha256(config.run_dir / "model.keras") == model_sha
+    assert artifacts.read_manifest(config.run_dir)["model_source"] == "train"
+
+    # A finished search reruns nothing.
+    run_tune(_config(tmp_path, data_root, "tune.max_trials=3"), index=index)
+    assert len(count_trainings) == 3
+
+
+def test_a_changed_search_is_not_silently_resumed(tmp_path, data_root):
+    from medq.tune import SEARCH_FILE, run_tune
+
+    config = _config(tmp_path, data_root)
+    (config.run_dir / "tuner").mkdir(parents=True)
+    (config.run_dir / "tuner" / SEARCH_FILE).write_text(json.dumps({"tuner": "hyperband"}))
+    with pytest.raises(ConfigError, match="started with a different"):
+        run_tune(config)
+
+
+def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, data_root, count_trainings):
+    from medq.freeze import run_freeze
+    from medq.tune import run_tune
+
+    config = _config(tmp_path, data_root, "model.name=scaled-densenet", "tune.tuner=bayesian", "tune.max_trials=2",
+                     "model.params={base_depths: [1, 1, 1, 1], base_growth: 8}",
+                     "tune.search_space={phi: [0, 1], learning_rate: [0.003]}")
+    result = run_tune(config)
+    sizes = sorted(r.image_size for r in result.trials)
+    assert sizes == [32, 40]  # 32 · γ^1 = 37.6 → 40
+    params = {r.values["phi"]: r.parameters for r in result.trials}
+    assert params[1] > params[0]  # deeper and wider at phi = 1
+    manifest = artifacts.read_manifest(config.run_dir)
+    assert manifest["preprocess"]["image_size"] == result.best.image_size == config.preprocess.image_size
+    assert manifest["config"]["preprocess"]["image_size"] == result.best.image_size
+    assert run_freeze(config).is_file()
+    assert artifacts.read_manifest(config.run_dir)["input_shape"] == [result.best.image_size] * 2 + [1]
+    assert np.isfinite(result.best.val_primary)
