@@ -103,6 +103,8 @@ def cmd_freeze(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from medq.quantize import run_quantize
 
+    if args.deploy:
+        args.set = [*(args.set or []), f"quantize.deploy={args.deploy}"]
     log.info("INT8 graph: %s", run_quantize(_load(args), verbose=args.verbose))
     return 0
 
@@ -206,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", help="with check: the layout (default: detect)")
             p.add_argument("--variant", help="with check: e.g. 3-class")
             p.add_argument("--json", action="store_true", help="with check: print JSON")
+        if name == "quantize":
+            p.add_argument("--deploy", metavar="YAML", help="INC deploy.yaml (default: quantize.deploy in the config)")
         if name == "predict":
             _predict_arguments(p)
         if name == "runs":

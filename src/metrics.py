@@ -43,6 +43,10 @@ def task_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: lis
         fp = (predicted & ~truth).sum(axis=0)
         result["sensitivity"] = {c: _ratio(tp[k], tp[k] + fn[k]) for k, c in enumerate(classes)}
         result["specificity"] = {c: _ratio(tn[k], tn[k] + fp[k]) for k, c in enumerate(classes)}
+        # one 2x2 per label, rows truth (negative, positive), columns prediction
+        result["confusion_matrix"] = {c: [[int(tn[k]), int(fp[k])], [int(fn[k]), int(tp[k])]]
+                                      for k, c in enumerate(classes)}
+        result["threshold"] = threshold
         return result
     true_class = y_true.argmax(axis=1)
     pred_class = y_prob.argmax(axis=1)

@@ -17,8 +17,10 @@ of the FP32 graph), INT8, and INT8 with the BF16 rewrite for the ops left out of
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import re
 import sys
 import time
 from functools import reduce
@@ -189,8 +191,6 @@ def quantized_names(graph_def) -> set[str]:
 def fallback_ops(fp32_graph, int8_graph, result: Any, deploy: Any) -> list[dict[str, str]]:
     """Conv/MatMul-type ops of the FP32 graph that are not quantized kernels in the INT8 graph: their type there,
     the precision they run in (from the graph), and why (deploy.yaml, a recipe, INC's tuning, INC's capability)."""
-    import re
-
     quantized = quantized_names(int8_graph)
     in_int8 = {node.name: node for node in int8_graph.node}
     capable = {name for name, _ in result.capability}
@@ -274,7 +274,7 @@ def run_quantize(config: Any, verbose: bool = False) -> Path:
 class _QuantizeRun:
     """The stage's state: the data, the INC result, the numbers recorded in the manifest."""
 
-    def __init__(self, config: Any, manifest: dict[str, Any], deploy: Any, say: Callable[[str], None]):
+    def __init__(self, config: Any, manifest: dict[str, Any], deploy: Any, say: Callable[..., None]):
         from medq.metrics import primary_metric
 
         self.config, self.deploy, self.say = config, deploy, say
@@ -300,7 +300,7 @@ class _QuantizeRun:
         if trained and (trained.get("data") != self.config.to_dict()["data"]
                         or trained.get("run", {}).get("seed") != self.config.run.seed):
             self.say("  warning: data settings or run.seed differ from the ones the model was trained with; the "
-                     "train/val split may differ from training's")
+                     "train/val split may differ from training's", warning=True)
         index = read_dataset(data, seed=self.config.run.seed)
         if list(index.classes) != self.classes:
             raise DataError(f"{data.root}: the dataset's classes {index.classes} differ from the trained model's "
@@ -410,12 +410,12 @@ class _QuantizeRun:
         return out
 
 
-def _announce(say: Callable[[str], None], deploy: Any, inputs: list[str], outputs: list[str]) -> None:
+def _announce(say: Callable[..., None], deploy: Any, inputs: list[str], outputs: list[str]) -> None:
     say(f"quantize: {deploy.path} → INC 2.6 post-training static quantization (strategy {_strategy(deploy)}, "
         f"criterion {deploy.criterion.describe()}, max_trials {deploy.max_trials}, timeout {deploy.timeout} s, "
         f"random_seed {deploy.random_seed})")
     for line in deploy.warnings:
-        say(f"  warning: {line}")
+        say(f"  warning: {line}", warning=True)
     for line in deploy.notes:
         say(f"  note: {line}")
     defaults = deploy.inc_defaults()
@@ -456,39 +456,54 @@ def _trial_facts(result: Any) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def output_to_log(log_path: Path, verbose: bool) -> Iterator[Callable[[str], None]]:
+def output_to_log(log_path: Path, verbose: bool) -> Iterator[Callable[..., None]]:
     """Unless ``verbose``, what INC and TensorFlow print to file descriptors 1 and 2 (Python's stdout/stderr and
-    warnings, the C++ runtime's log) goes to ``log_path``; yields ``say``, which prints a line to the terminal."""
+    warnings, the C++ runtime's log) goes to ``log_path``. Yields ``say(line, warning=False)`` for the summary:
+    through the ``medq`` logger when the CLI configured it (its console handlers keep the terminal), else printed."""
     if verbose:
-        yield _print
+        yield _sayer(sys.stdout)
         return
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", buffering=1) as log:
         sys.stdout.flush()
         sys.stderr.flush()
-        terminal, saved_err = os.dup(1), os.dup(2)
-
-        def say(line: str) -> None:
-            os.write(terminal, (line + "\n").encode())
-
+        saved = os.dup(1), os.dup(2)
+        terminal_out = os.fdopen(os.dup(saved[0]), "w", buffering=1)
+        terminal_err = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+        consoles = [(h, h.stream) for h in logging.getLogger("medq").handlers
+                    if type(h) is logging.StreamHandler and h.stream in (sys.stdout, sys.stderr)]
         try:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            yield say
+            for handler, stream in consoles:
+                handler.setStream(terminal_out if stream is sys.stdout else terminal_err)
+            yield _sayer(terminal_out)
         finally:
+            for handler, stream in consoles:
+                handler.setStream(stream)
             sys.stdout.flush()
             sys.stderr.flush()
-            os.dup2(terminal, 1)
-            os.dup2(saved_err, 2)
-            os.close(terminal)
-            os.close(saved_err)
+            for fd, original in zip((1, 2), saved):
+                os.dup2(original, fd)
+                os.close(original)
+            terminal_out.close()
+            terminal_err.close()
 
 
-def _print(line: str) -> None:
-    print(line, flush=True)
+def _sayer(stream) -> Callable[..., None]:
+    logger = logging.getLogger("medq.quantize")
+
+    def say(line: str, warning: bool = False) -> None:
+        if logging.getLogger("medq").handlers:
+            logger.log(logging.WARNING if warning else logging.INFO, line)
+        else:
+            stream.write(line + "\n")
+            stream.flush()
+
+    return say
 
 
-def _summary(say: Callable[[str], None], result: Any, metric: str, fp32: float, int8: float, threshold: float,
+def _summary(say: Callable[..., None], result: Any, metric: str, fp32: float, int8: float, threshold: float,
              deploy: Any, fallbacks: list[dict[str, str]], paths_val: dict[str, dict[str, float]], log_path: Path,
              target: Path) -> None:
     say(f"  validation {metric}: FP32 {fp32:.4f}, INT8 {int8:.4f}; criterion {deploy.criterion.describe()}: "
@@ -501,5 +516,6 @@ def _summary(say: Callable[[str], None], result: Any, metric: str, fp32: float, 
     if not fallbacks:
         say("  not INT8: none (every Conv/MatMul is a quantized kernel)")
     if paths_val:
-        say("  validation metric per precision path: " + ", ".join(f"{p} {v[metric]:.4f}" for p, v in paths_val.items()))
+        values = ", ".join(f"{p} {v[metric]:.4f}" for p, v in paths_val.items())
+        say(f"  validation {metric} per precision path: {values}")
     say(f"  wrote {target} and {target.parent / QUANTIZED_OPS}; INC's log: {log_path}")

@@ -39,6 +39,7 @@ log = logging.getLogger("medq")
 KERAS_MODEL = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 LAST_STATE = "last_epoch.json"
+BEST_WEIGHTS = "best_weights.npz"
 EVALUATION = "evaluation.json"
 
 
@@ -174,6 +175,10 @@ def _last_epoch_callback(manager, state_path: Path, fingerprint: str, validation
 
         def on_epoch_end(self, epoch, logs=None):
             path = manager.save(checkpoint_number=epoch + 1)
+            if validation.best_epoch == epoch:  # the best weights so far, kept apart from the run's model file
+                with artifacts.atomic_path(state_path.parent / BEST_WEIGHTS) as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.savez(fh, *validation.best_weights)
             state = {"epoch": epoch + 1, "checkpoint": Path(path).name, "fingerprint": fingerprint,
                      "best": _plain(float(validation.best)), "best_epoch": validation.best_epoch,
                      "best_metrics": validation.best_metrics,
@@ -296,9 +301,10 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
                 raise MedqError(f"{state_path}: this checkpoint was written with a different model, data or "
                                 "training config; rerun without --resume to start over")
             ckpt.restore(str(checkpoint_dir / state["checkpoint"])).expect_partial()
-            initial_epoch, finished = int(state["epoch"]), bool(state.get("finished"))
+            # an early-stopped training is over; one that ran out of epochs continues if train.epochs grew
+            initial_epoch, finished = int(state["epoch"]), bool(state.get("stopped_early"))
             rows.extend(state.get("history", []))
-            _restore_best(validation, state, save_path, model)
+            _restore_best(validation, state, checkpoint_dir, model)
             callbacks.append(_restore_callback(watched, state.get("callbacks", {})))
             log.info("resuming from epoch %d of %d (%s)", initial_epoch, n_epochs, state_path)
         elif resume:
@@ -319,7 +325,8 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
     seconds = time.perf_counter() - start
     if state_path is not None and state_path.is_file():
         state = json.loads(state_path.read_text())
-        artifacts.write_json(state_path, state | {"finished": True})
+        stopped = bool(state.get("stopped_early")) or early.stopped_epoch > 0
+        artifacts.write_json(state_path, state | {"finished": True, "stopped_early": stopped})
     if validation.best_weights is not None:
         model.set_weights(validation.best_weights)
     return FitResult(model, validation.best_epoch + 1, validation.best_metrics, rows, seconds, facts,
@@ -332,17 +339,17 @@ def _copy_weights(source: str | Path, model) -> None:
     model.set_weights(load_keras_model(source).get_weights())
 
 
-def _restore_best(validation, state: dict[str, Any], save_path: Path | None, model) -> None:
-    """Put the interrupted training's best epoch back (its model file holds the weights)."""
+def _restore_best(validation, state: dict[str, Any], checkpoint_dir: Path, model) -> None:
+    """Put the interrupted training's best epoch (metrics and weights) back."""
     if state.get("best_epoch", -1) < 0:
         return
     validation.best_epoch = int(state["best_epoch"])
     validation.best_metrics = state["best_metrics"]
     validation.best = state["best"] if state.get("best") is not None else -np.inf
-    if save_path is not None and Path(save_path).is_file():
-        from medq.freeze import load_keras_model
-
-        validation.best_weights = load_keras_model(save_path).get_weights()
+    path = checkpoint_dir / BEST_WEIGHTS
+    if path.is_file():
+        with np.load(path) as saved:
+            validation.best_weights = [saved[f"arr_{i}"] for i in range(len(saved.files))]
     else:
         validation.best_weights = model.get_weights()
 
@@ -364,6 +371,8 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
                              verbose=verbose)
     result = fit_model(config, index, save_path=run_dir / KERAS_MODEL, verbose=verbose,
                        checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume, log_dir=run_dir / "logs")
+    with artifacts.atomic_path(run_dir / KERAS_MODEL) as tmp:  # the best epoch, whatever the file held before
+        result.model.save(tmp)
     history_path = artifacts.write_text(run_dir / "train_history.csv", _history_csv(result.history))
     log.info("%s: %s parameters, %s FLOPs at %s", config.model.name, f"{result.facts['parameters']:,}",
              f"{result.facts['flops']:,}", "x".join(map(str, result.facts["input_shape"])))

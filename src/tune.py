@@ -349,10 +349,10 @@ def _short(values: dict[str, Any]) -> str:
 
 # --- the trial table -----------------------------------------------------------------------------------------------
 
-def collect_trials(project: Path, oracle=None) -> list[TrialRow]:
+def collect_trials(project: Path, task: str, oracle=None) -> list[TrialRow]:
     """Every trial in the project folder (keras-tuner's trial.json + medq's facts), in trial-id order."""
     rows = []
-    for trial_dir in sorted(project.glob("trial_*")):
+    for trial_dir in sorted(project.glob("trial_*"), key=_trial_order):
         facts_path, trial_path = trial_dir / TRIAL_FACTS, trial_dir / "trial.json"
         facts = json.loads(facts_path.read_text()) if facts_path.is_file() else {}
         trial = json.loads(trial_path.read_text()) if trial_path.is_file() else {}
@@ -367,7 +367,7 @@ def collect_trials(project: Path, oracle=None) -> list[TrialRow]:
                        facts.get("tuner_id"), facts.get("image_size"), facts.get("epochs"),
                        message=message[-1][:200] if message else None, val_metrics=metrics)
         if facts:
-            row.val_primary = _number(metrics.get(primary_metric(_task_of(metrics))))
+            row.val_primary = _number(metrics.get(primary_metric(task)))
             row.val_auc = _number(metrics.get("auc"))
             row.parameters, row.flops = facts.get("parameters"), facts.get("flops")
             row.latency_ms, row.seconds = facts.get("latency_ms"), facts.get("seconds")
@@ -375,8 +375,9 @@ def collect_trials(project: Path, oracle=None) -> list[TrialRow]:
     return rows
 
 
-def _task_of(metrics: dict[str, Any]) -> str:
-    return "multilabel" if "exact_match" in metrics else "binary"
+def _trial_order(trial_dir: Path) -> tuple[int, str]:
+    trial_id = trial_dir.name[len("trial_"):]
+    return (int(trial_id), trial_id) if trial_id.isdigit() else (1 << 30, trial_id)
 
 
 def _number(value: Any) -> float | None:
@@ -388,6 +389,10 @@ def _key(row: TrialRow) -> tuple[float, float]:
             row.val_auc if row.val_auc is not None else -math.inf)
 
 
+def _latency(row: TrialRow) -> float:
+    return row.latency_ms if row.latency_ms is not None else math.inf
+
+
 def pick(rows: list[TrialRow], tolerance: float) -> tuple[TrialRow | None, TrialRow | None]:
     """(best by primary metric then AUC, the fastest trial within ``tolerance`` of the best); marks the Pareto front
     of metric (higher) against latency (lower)."""
@@ -396,11 +401,10 @@ def pick(rows: list[TrialRow], tolerance: float) -> tuple[TrialRow | None, Trial
         return None, None
     best = max(done, key=_key)
     for r in done:
-        lat = r.latency_ms if r.latency_ms is not None else math.inf
-        r.pareto = not any(_key(o) >= _key(r) and (o.latency_ms or math.inf) <= lat and
-                           (_key(o) > _key(r) or (o.latency_ms or math.inf) < lat) for o in done if o is not r)
+        r.pareto = not any(_key(o) >= _key(r) and _latency(o) <= _latency(r) and
+                           (_key(o) > _key(r) or _latency(o) < _latency(r)) for o in done if o is not r)
     near = [r for r in done if r.val_primary >= best.val_primary - tolerance]
-    tradeoff = min(near, key=lambda r: ((r.latency_ms if r.latency_ms is not None else math.inf), [-k for k in _key(r)]))
+    tradeoff = min(near, key=lambda r: (_latency(r), [-k for k in _key(r)]))
     return best, tradeoff
 
 
@@ -459,8 +463,9 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow | None, task: str,
-                 target: Path) -> Path | None:
-    """Metric against parameters, FLOPs and latency, one panel each; Pareto trials filled, best/pick labelled."""
+                 target: Path, reference: float | None = None) -> Path | None:
+    """Metric against parameters, FLOPs and latency, one panel each; Pareto trials filled, best/pick labelled, and
+    the run's current model's metric (``reference``, the bar a trial must beat) as a dashed line."""
     done = [r for r in rows if r.completed]
     if not done:
         return None
@@ -468,10 +473,14 @@ def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
-    axes_spec = [("parameters", "parameters"), ("flops", "FLOPs (batch 1)"), ("latency_ms", "batch-1 latency, ms")]
+    from medq.flops import human
+
+    axes_spec = [("parameters", "parameters", True), ("flops", "FLOPs (batch 1)", True),
+                 ("latency_ms", "batch-1 Keras latency, ms", False)]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
-    for ax, (attr, label) in zip(axes, axes_spec):
+    for ax, (attr, label, log_scale) in zip(axes, axes_spec):
         for r in done:
             x = getattr(r, attr)
             if x is None:
@@ -480,10 +489,16 @@ def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow
                        zorder=3)
             tag = r.trial_id + (" best" if r is best else "") + (" pick" if r is tradeoff and r is not best else "")
             ax.annotate(tag, (x, r.val_primary), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xscale("log")
+        if reference is not None:
+            ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1, label="the run's model before this tune")
+        if log_scale:
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"validation {primary_metric(task)}")
+    if reference is not None:
+        axes[0].legend(loc="lower right", fontsize=7)
     fig.suptitle("tuning trials: filled = Pareto front (metric vs latency)")
     fig.tight_layout()
     with artifacts.atomic_path(target) as tmp:
@@ -513,22 +528,30 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
     _check_signature(project, config)
     role = distributed_role()
     tuner = make_tuner(config, hp, _trial_runner(config, index))
-    if role == "chief":
-        serve_oracle(tuner)
-    else:
-        tuner.search(verbose=verbose)
+    try:
+        if role == "chief":
+            serve_oracle(tuner)
+        else:
+            tuner.search(verbose=verbose)
+    except RuntimeError as exc:  # keras-tuner gives up after max_consecutive_failed_trials failed trials
+        lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+        if not lines or not lines[0].startswith("Number of consecutive failures"):
+            raise
+        raise MedqError(f"{project}: {lines[0].rstrip('.')}; the last trial failed with: {lines[-1][:300]}") from None
     if role == "worker":
-        mine = [r for r in collect_trials(project) if r.tuner_id == tuner.tuner_id]
+        mine = [r for r in collect_trials(project, index.task) if r.tuner_id == tuner.tuner_id]
         return TuneResult(mine, None, None, False, "worker: the chief selects the model", role,
                           time.perf_counter() - start)
-    rows = collect_trials(project, tuner.oracle)
+    rows = collect_trials(project, index.task, tuner.oracle)
     best, tradeoff = pick(rows, config.tune.tradeoff_tolerance)
     reports = {
         "tune_trials_csv": artifacts.write_text(run_dir / REPORT_CSV, trial_table_csv(rows, best, tradeoff)),
         "tune_trials_md": artifacts.write_text(run_dir / REPORT_MD,
                                                trial_table_markdown(rows, best, tradeoff, index.task)),
     }
-    png = tradeoff_png(rows, best, tradeoff, index.task, run_dir / REPORT_PNG)
+    current = artifacts.read_manifest(run_dir).get("selected_val_metrics") or {}
+    png = tradeoff_png(rows, best, tradeoff, index.task, run_dir / REPORT_PNG,
+                       reference=_number(current.get(primary_metric(index.task))))
     if png is not None:
         reports["tune_tradeoff_png"] = png
     replaced, decision, top = _select(config, index, best)

@@ -13,9 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from medq import artifacts
 from medq.convert import convert, export_onnx
-from medq.convert.parity import parity_report, phantom_batch
+from medq.convert.parity import parity_report, phantom_batch, run_frozen
 from medq.errors import MedqError
-from medq.graph import FrozenGraph
 from medq.preprocess import PreprocessSpec
 
 QUANTIZE_NEEDS = ("input_name", "output_name", "input_shape", "classes", "task", "preprocess")
@@ -58,14 +57,6 @@ def source_outputs(path, x_nchw, batch=1):
     return np.concatenate([session.run(None, {name: x_nchw[i:i + batch]})[0] for i in range(0, len(x_nchw), batch)])
 
 
-def frozen_outputs(pb, x_nhwc):
-    graph = FrozenGraph(pb)
-    try:
-        return graph.predict(x_nhwc)
-    finally:
-        graph.close()
-
-
 def test_onnx_file_converts_without_torch(tmp_path, monkeypatch):
     for name in ("torch", "torchvision"):
         monkeypatch.setitem(sys.modules, name, None)  # `import torch` now fails, as when the extra is absent
@@ -84,7 +75,7 @@ def test_onnx_file_converts_without_torch(tmp_path, monkeypatch):
     x = np.concatenate([phantom_batch(spec, 3), noise])
     logits = source_outputs(source, x.transpose(0, 3, 1, 2))
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    got = frozen_outputs(result.fp32_pb, x)
+    got = run_frozen(result.fp32_pb, x)
     assert np.abs(got - expected).max() < 1e-5
     manifest = artifacts.read_manifest(run)
     assert {k: manifest[k] for k in QUANTIZE_NEEDS} == {
@@ -108,7 +99,7 @@ def test_single_output_sigmoid_model_becomes_two_binary_columns(tmp_path):
     assert result.preprocess == PreprocessSpec(32, 1, "symmetric")
     x = phantom_batch(result.preprocess, 4)
     p = source_outputs(source, x.transpose(0, 3, 1, 2), batch=4)  # the file's static batch
-    got = frozen_outputs(result.fp32_pb, x)
+    got = run_frozen(result.fp32_pb, x)
     assert got.shape == (4, 2)
     assert np.abs(got - np.concatenate([1 - p, p], axis=1)).max() < 1e-5
 

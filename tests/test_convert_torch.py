@@ -13,7 +13,7 @@ nn = torch.nn
 
 from medq import artifacts  # noqa: E402
 from medq.convert import CHEXNET_CLASSES, convert  # noqa: E402
-from medq.convert.parity import phantom_batch  # noqa: E402
+from medq.convert.parity import phantom_batch, run_frozen  # noqa: E402
 from medq.convert.torch_models import ARCHITECTURES, load_checkpoint_model, model_from_state_dict  # noqa: E402
 from medq.errors import MedqError  # noqa: E402
 from medq.graph import FrozenGraph  # noqa: E402
@@ -69,14 +69,6 @@ def arnoweng_checkpoint(model):
 def torch_out(model, x_nhwc):
     with torch.no_grad():
         return model(torch.from_numpy(np.ascontiguousarray(x_nhwc.transpose(0, 3, 1, 2)))).numpy()
-
-
-def tf_out(pb, x_nhwc):
-    graph = FrozenGraph(pb)
-    try:
-        return graph.predict(x_nhwc)
-    finally:
-        graph.close()
 
 
 def inputs(spec, n=6):
@@ -204,7 +196,7 @@ def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
 
     spec = PreprocessSpec(SIZE, 3, "imagenet")
     x = inputs(spec)
-    assert np.abs(tf_out(result.fp32_pb, x) - torch_out(model, x)).max() < 1e-4
+    assert np.abs(run_frozen(result.fp32_pb, x) - torch_out(model, x)).max() < 1e-4
 
     manifest = artifacts.read_manifest(run)
     assert artifacts.artifact_path(run, "fp32_pb") == run / "model_fp32.pb"
@@ -229,7 +221,7 @@ def test_one_channel_resnet18_study_checkpoint_gets_a_softmax(tmp_path):
     assert_parity(result)
     assert result.task == "binary" and result.preprocess == PreprocessSpec(SIZE, 1, "symmetric")
     x = inputs(result.preprocess)
-    assert np.abs(tf_out(result.fp32_pb, x) - softmax(torch_out(model, x))).max() < 1e-4
+    assert np.abs(run_frozen(result.fp32_pb, x) - softmax(torch_out(model, x))).max() < 1e-4
     assert artifacts.read_manifest(result.run_dir)["source_model"]["appended_head"] == ["softmax"]
 
 
@@ -242,7 +234,7 @@ def test_googlenet_dataparallel_model_state_dict_converts(tmp_path):
                      image_size=SIZE, verbose=False)
     assert_parity(result)
     x = inputs(result.preprocess)
-    assert np.abs(tf_out(result.fp32_pb, x) - softmax(torch_out(model, x))).max() < 1e-4
+    assert np.abs(run_frozen(result.fp32_pb, x) - softmax(torch_out(model, x))).max() < 1e-4
 
 
 class SmallNet(nn.Module):
@@ -267,4 +259,4 @@ def test_torchscript_needs_explicit_trust(tmp_path):
                      trust_torchscript=True, verbose=False)
     assert_parity(result)
     x = inputs(result.preprocess)
-    assert np.abs(tf_out(result.fp32_pb, x) - 1 / (1 + np.exp(-torch_out(model, x)))).max() < 1e-4
+    assert np.abs(run_frozen(result.fp32_pb, x) - 1 / (1 + np.exp(-torch_out(model, x)))).max() < 1e-4

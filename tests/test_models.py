@@ -124,8 +124,7 @@ def test_small_models_train_freeze_quantize(name, tmp_path):
 def test_application_models_build_train_freeze_quantize(name, tmp_path):
     model, graph_def, x = _build_train_freeze(name, 32, 1, "multilabel")
     assert model_facts(model)["flops"] > 1e6
-    if name in ("chexnet", "vgg16"):  # one DenseNet and one plain CNN through INC; the rest freeze only
-        _quantize(graph_def, np.concatenate([x, x]), tmp_path)
+    _quantize(graph_def, np.concatenate([x, x]), tmp_path)
 
 
 def test_compound_scaling_follows_the_efficientnet_rule():

@@ -149,15 +149,21 @@ def test_calibration_and_precision_facts_are_recorded(default_run):
     assert (config.run_dir / "nc_workspace" / "history.snapshot").is_file() and not (cwd / "nc_workspace").exists()
 
 
-def test_terminal_output_is_a_short_summary(trained, capfd):
+def test_terminal_output_is_a_short_summary_and_inc_logs_to_the_run(trained, capfd, monkeypatch):
+    import logging
+
     from medq.quantize import run_quantize
 
+    monkeypatch.setattr(logging.getLogger("medq"), "handlers", [])  # library use: the summary is printed
+    config = copy_run(trained, "quiet")
     capfd.readouterr()
-    run_quantize(copy_run(trained, "quiet"))
+    run_quantize(config)
     out, err = capfd.readouterr()
     assert "validation accuracy: FP32" in out and "INC op table: Conv2D 4/4 INT8" in out
     assert "calibration:" in out and "from the train split" in out and "precision paths:" in out
     assert "[INFO]" not in out + err and len(out.splitlines()) < 20, out + err
+    log = (config.run_dir / "logs" / "quantize.log").read_text()
+    assert "[INFO] |******Mixed Precision Statistics******|" in log and "Tune 1 result is" in log
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +282,8 @@ def test_inc_own_schema_accepts_our_files_and_agrees_with_our_defaults():
     assert inc["quantization"]["recipes"] == RECIPE_DEFAULTS
     assert inc["quantization"]["quant_level"] == "auto"
     tuning = inc["tuning"]
-    assert tuning["accuracy_criterion"]["relative"] == 0.01 and tuning["accuracy_criterion"].get("higher_is_better", True)
+    criterion = tuning["accuracy_criterion"]
+    assert criterion["relative"] == 0.01 and criterion.get("higher_is_better", True)
     assert tuning["exit_policy"] == {"timeout": 0, "max_trials": 100, "performance_only": False}
     assert tuning["random_seed"] == 1978 and tuning["strategy"]["name"] == "basic"
     assert tuning["objective"] == "performance"

@@ -102,7 +102,7 @@ def one_line(exc: BaseException) -> str:
     return text
 
 
-def test_missing_deploy_file(tmp_path, repo_root):
+def test_missing_deploy_file(tmp_path):
     config = stage_config(tmp_path, deploy=str(tmp_path / "missing.yaml"))
     with pytest.raises(DeployError) as caught:
         run_quantize(config)
@@ -149,3 +149,42 @@ def test_deploy_tensor_names_must_match_the_frozen_graph(tmp_path, repo_root, mo
         run_quantize(config)
     assert "model.inputs: ['input'] is not the frozen graph's input 'Placeholder'" in one_line(caught.value)
     assert json.loads((config.run_dir / "manifest.json").read_text())["stages"].get("quantize") is None
+
+
+# --- what stayed out of INT8, and why ----------------------------------------------------------------------------
+
+def graph(*nodes):
+    from tensorflow.core.framework import graph_pb2, types_pb2
+
+    out = graph_pb2.GraphDef()
+    for name, op, *dtype in nodes:
+        node = out.node.add(name=name, op=op)
+        node.attr["T"].type = types_pb2.DT_BFLOAT16 if dtype == ["bf16"] else types_pb2.DT_FLOAT
+    return out
+
+
+def test_fallback_ops_name_each_reason():
+    from types import SimpleNamespace
+
+    from medq.inc.ptq import Trial
+    from medq.quantize import fallback_ops
+
+    fp32 = graph(("input", "Placeholder"), ("c1", "Conv2D"), ("c2", "Conv2D"), ("c3", "Conv2D"), ("c4", "Conv2D"),
+                 ("m1", "MatMul"), ("m2", "MatMul"))
+    int8 = graph(("input", "Placeholder"), ("c1", "Conv2D"),
+                 ("c2_eightbit_requantize", "QuantizedConv2DWithBiasAndRequantize"), ("c3", "_FusedConv2D", "bf16"),
+                 ("c4", "Conv2D"),
+                 ("m1_eightbit_requantize", "QuantizedMatMulWithBiasAndDequantize"), ("m2", "MatMul"))
+    capability = [(n, "Conv2D") for n in ("c1", "c2", "c3")] + [("m1", "MatMul"), ("m2", "MatMul")]
+    result = SimpleNamespace(capability=capability,
+                             trials=[Trial(1, ["c2", "c3", "m1"], ["c1"], [], metric=0.5),
+                                     Trial(2, ["c2", "m1"], ["c1"], ["c3"], metric=0.9)], bf16_ops=["c3"])
+    deploy = SimpleNamespace(op_wise={"c[1]": {"activation": {"dtype": ["fp32"]}}}, optype_wise=None,
+                             model_wise=None, recipes={"last_conv_or_matmul_quantization": False})
+    found = {op["name"]: op for op in fallback_ops(fp32, int8, result, deploy)}
+    assert set(found) == {"c1", "c3", "c4", "m2"}  # c2 and m1 are quantized kernels
+    assert found["c1"]["reason"].startswith("deploy.yaml asks for FP32")
+    assert "took it out of INT8" in found["c3"]["reason"] and "trial 1 scored 0.5000" in found["c3"]["reason"]
+    assert (found["c3"]["runs_as"], found["c3"]["in_int8_graph"]) == ("BF16", "_FusedConv2D")
+    assert "no INT8 pattern" in found["c4"]["reason"] and found["c4"]["runs_as"] == "FP32"
+    assert found["m2"]["reason"] == "recipe last_conv_or_matmul_quantization: false"

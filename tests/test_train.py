@@ -202,3 +202,14 @@ def test_two_worker_training_on_loopback(tmp_path, data_root):
     assert [p.returncode for p in procs] == [0, 0], outputs
     manifest = artifacts.read_manifest(tmp_path / "default")
     assert manifest["stages"]["train"]["epochs_run"] == 2 and manifest["model_source"] == "train"
+
+
+def test_multilabel_metrics_have_a_confusion_matrix_per_label():
+    from medq.metrics import task_metrics
+
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32)
+    p = np.array([[0.9, 0.2], [0.3, 0.8], [0.6, 0.4], [0.1, 0.7]])
+    m = task_metrics("multilabel", y, p, ["a", "b"], threshold=0.5)
+    assert m["confusion_matrix"] == {"a": [[2, 0], [0, 2]], "b": [[1, 1], [1, 1]]}
+    assert m["sensitivity"] == {"a": 1.0, "b": 0.5} and m["specificity"] == {"a": 1.0, "b": 0.5}
+    assert m["auc"] == pytest.approx(np.mean([1.0, 0.75]))

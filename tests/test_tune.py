@@ -1,5 +1,6 @@
 """The keras-tuner search: space checking, resuming without repeating trials, model selection, tune → freeze."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,15 +9,7 @@ from medq import artifacts
 from medq.config import load_config
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    from medq.data.phantoms import generate_chest_pneumonia
-
-    root = tmp_path_factory.mktemp("data") / "chest_xray"
-    generate_chest_pneumonia(root, 40, 4, 8, 40, 7)
-    return root
+from test_train import data_root  # noqa: F401  (the phantom dataset, a module fixture)
 
 
 def _config(tmp_path, data_root, *overrides):
@@ -65,7 +58,7 @@ def test_search_space_is_checked_before_any_trial(tmp_path):
     with pytest.raises(ConfigError, match="all be numbers or all be names"):
         space("{dropout: [0.1, high]}")
     with pytest.raises(ConfigError, match="alpha\\*beta\\^2 <= 2"):
-        space("{alpha: [1.2, 1.6], beta: [1.1], phi: [0, 1]}", "model.name=scaled-densenet")
+        space("{alpha: [1.2, 1.8], beta: [1.1], phi: [0, 1]}", "model.name=scaled-densenet")
 
 
 def test_trial_settings_scale_the_resolution_of_scaled_densenet():
@@ -163,3 +156,23 @@ def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, 
     assert run_freeze(config).is_file()
     assert artifacts.read_manifest(config.run_dir)["input_shape"] == [result.best.image_size] * 2 + [1]
     assert np.isfinite(result.best.val_primary)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("search-*.yaml")),
+                         ids=lambda p: p.name)
+def test_search_configs_load_and_declare_their_space(path):
+    from medq.tune import declare_space
+
+    config = load_config(path)
+    task = "multilabel" if config.data.format == "nih-chestxray14" else "binary"
+    assert len(declare_space(config, task).space) == len(config.tune.search_space)
+
+
+def test_a_search_whose_trials_all_fail_says_why_in_one_line(tmp_path, data_root):
+    from medq.errors import MedqError
+    from medq.tune import run_tune
+
+    # 7+ blocks of 2x2 pooling cannot fit a 32 px input: every trial fails while building its model
+    config = _config(tmp_path, data_root, "tune.max_trials=3", "tune.search_space={blocks: [7, 8, 9]}")
+    with pytest.raises(MedqError, match="consecutive failures.*the last trial failed with: .*"):
+        run_tune(config)

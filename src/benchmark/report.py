@@ -151,7 +151,8 @@ def markdown(report: dict[str, Any]) -> str:
             "multi-instance rows run their instances concurrently on purpose, each pinned with sched_setaffinity.",
             f"- Latency: batch 1, {s['warmup']} warm-up runs, then {s['latency_iterations']} timed runs "
             "(percentiles of those). Throughput: per batch size, "
-            f"{s['warmup']} warm-up + {s['throughput_iterations']} timed batches.",
+            f"{s['warmup']} warm-up + {s['throughput_iterations']} timed batches; batch size / median batch time "
+            "(the mean-based figure is in benchmark.json).",
             "- Metrics: every test image, predicted in the same process after timing; the thread environment above "
             "was set for every worker before its runtime started.",
             "- OpenVINO rows set INFERENCE_PRECISION_HINT explicitly (f32 or bf16): its CPU default on AMX hardware "

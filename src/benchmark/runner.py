@@ -253,6 +253,7 @@ def _row_entry(row: plan.Row, result: dict[str, Any], run_dir: Path, main_bs: in
         "model": os.path.relpath(row.model, run_dir), "model_bytes": reference.model_bytes(row.model),
         "options": row.options,
         "latency_ms": result["latency_ms"], "batch_size": main_bs, "throughput_ips": sweep[main_bs]["throughput_ips"],
+        "throughput_mean_ips": sweep[main_bs].get("throughput_mean_ips"),
         "throughput_by_batch": {str(b): s["throughput_ips"] for b, s in sorted(sweep.items())},
         "batch_latency_p50_ms": {str(b): s["batch_latency_ms"]["p50"] for b, s in sorted(sweep.items())},
         "multi_instance": [], "pid": result["pid"], "parent_pid": result["parent_pid"],

@@ -35,24 +35,20 @@ EXPORT_PARITY_FILE = "parity_onnx.json"
 
 
 @dataclass
-class ConvertResult:
+class ExportResult:
     run_dir: Path
-    fp32_pb: Path
-    onnx: Path
-    saved_model: Path
-    task: str
-    classes: list[str]
-    preprocess: PreprocessSpec
-    parity: dict[str, Any]
+    onnx: Path  # convert: model.onnx (NCHW, as the source); export_onnx: model_fp32.onnx (NHWC, as model_fp32.pb)
+    parity: dict[str, Any]  # the parity report, as written to the run folder
     manifest: dict[str, Any]
 
 
 @dataclass
-class ExportResult:
-    run_dir: Path
-    onnx: Path
-    parity: dict[str, Any]
-    manifest: dict[str, Any]
+class ConvertResult(ExportResult):
+    fp32_pb: Path
+    saved_model: Path
+    task: str
+    classes: list[str]
+    preprocess: PreprocessSpec
 
 
 @dataclass
@@ -82,21 +78,22 @@ def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
     return _Source(model, "source-onnx", lambda x: onnx_graph.run_onnx(path, x), size, info)
 
 
-def _read_torch_source(path: Path, arch: str | None, image_size: int | None, opset: int, work: Path,
-                       trust_torchscript: bool) -> _Source:
-    import onnx
-
-    size = image_size or DEFAULT_IMAGE_SIZE
+def _load_torch(path: Path, arch: str | None, image_size: int, trust_torchscript: bool):
+    """The torch model from a checkpoint (strictly loaded) or a trusted TorchScript file: the quick part."""
     if torch_models.is_torchscript(path):
         if arch is not None:
             raise MedqError(f"{path}: a TorchScript file carries its own architecture; drop arch={arch!r}")
-        loaded = torch_models.load_torchscript(path, size, trust_torchscript)
-    else:
-        loaded = torch_models.load_checkpoint_model(path, arch)
-    target = torch_models.export_onnx_from_torch(loaded, work / "source.onnx", size, opset, path)
+        return torch_models.load_torchscript(path, image_size, trust_torchscript)
+    return torch_models.load_checkpoint_model(path, arch)
+
+
+def _torch_source(loaded, path: Path, arch: str | None, image_size: int, opset: int, work: Path) -> _Source:
+    import onnx
+
+    target = torch_models.export_onnx_from_torch(loaded, work / "source.onnx", image_size, opset, path)
     info = {**loaded.info, "in_channels": loaded.in_channels, "num_outputs": loaded.num_outputs, "opset": opset}
-    return _Source(onnx.load(str(target)), "pytorch", lambda x: torch_models.torch_predict(loaded.model, x), size,
-                   info, arch)
+    return _Source(onnx.load(str(target)), "pytorch", lambda x: torch_models.torch_predict(loaded.model, x),
+                   image_size, info, arch)
 
 
 def _class_names(classes: list[str] | None, arch: str | None, n: int, where: Path) -> list[str]:
@@ -119,6 +116,30 @@ def _normalization(requested: str | None, arch: str | None, where: Path) -> str:
         raise MedqError(f"{where}: pass normalization, the preprocessing the model was trained with ({got}): "
                         "imagenet (ImageNet mean/std), symmetric (mean 0.5, std 0.5) or unit ([0, 1])")
     return requested
+
+
+def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, parity_images: int) -> bool:
+    """Everything about ``convert``'s arguments that can be checked before loading anything; True for ONNX input."""
+    if not source.is_file():
+        raise MedqError(f"{source}: model file not found")
+    _check_settings(source, opset, parity_images)
+    is_onnx = source.suffix.lower() == ".onnx"
+    if is_onnx and arch is not None:
+        raise MedqError(f"{source}: an ONNX file carries its own architecture; drop arch={arch!r}")
+    if not is_onnx:
+        torch_models.require_torch(source)
+    trained = sorted(set(artifacts.read_manifest(run_dir).get("stages", {})) & {"train", "tune", "freeze"})
+    if trained:
+        raise MedqError(f"{run_dir}: holds a model medq trained ({', '.join(trained)} recorded); convert into a new "
+                        "run folder")
+    return is_onnx
+
+
+def _raw_outputs(src: _Source, network, saved_model: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The network's own outputs (before medq's head) in the source engine, onnxruntime and the SavedModel."""
+    x_nchw = x.transpose(0, 3, 1, 2)
+    return {src.engine: src.predict(x_nchw), "onnxruntime": onnx_graph.run_onnx(network, x_nchw),
+            "tensorflow": onnx_graph.load_serving(saved_model)(x).numpy()}
 
 
 def _check_settings(where: Path, opset: int, parity_images: int) -> None:
@@ -145,33 +166,24 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
 
     Writes ``model_fp32.pb`` (``input:0`` [N, S, S, C] → ``output:0`` probabilities), ``model.onnx`` (NCHW, same
     head), ``saved_model/`` (the network as onnx2tf converted it, NHWC, its own outputs: no appended head),
-    ``parity.json`` and the manifest entries later stages read. Raises ``MedqError`` (one
-    line naming the file) on bad input or when the engines disagree by more than ``tolerance``; nothing but
-    ``parity.json`` is written then.
+    ``parity.json`` and the manifest entries later stages read.
+
+    ``image_size``: default 224 for PyTorch input, the file's own size for ONNX. ``normalization``: the preprocessing
+    the model was trained with; required unless the architecture defines it (chexnet: imagenet). ``task``: required
+    when the model ends in logits with 2+ outputs (it picks softmax or sigmoid). ``tolerance``: the largest absolute
+    difference of probabilities, and of logits relative to their magnitude when medq appends the head, between any
+    two engines. Raises ``MedqError`` (one line naming the file) on bad input or when the engines disagree by more;
+    nothing but ``parity.json`` is written then.
     """
     source, run_dir = Path(source), Path(run_dir)
-    if not source.is_file():
-        raise MedqError(f"{source}: model file not found")
-    _check_settings(source, opset, parity_images)
-    is_onnx = source.suffix.lower() == ".onnx"
-    if is_onnx and arch is not None:
-        raise MedqError(f"{source}: an ONNX file carries its own architecture; drop arch={arch!r}")
-    if not is_onnx:
-        torch_models.require_torch(source)
-        if not torch_models.is_torchscript(source):
-            torch_models.get_architecture(arch, source)
-    norm = _normalization(normalization, arch, source)  # all arguments are checked before the slow steps
-    trained = sorted(set(artifacts.read_manifest(run_dir).get("stages", {})) & {"train", "tune", "freeze"})
-    if trained:
-        raise MedqError(f"{run_dir}: holds a model medq trained ({', '.join(trained)} recorded); convert into a new "
-                        "run folder")
+    is_onnx = _check_arguments(source, run_dir, arch, opset, parity_images)
+    loaded = None if is_onnx else _load_torch(source, arch, image_size or DEFAULT_IMAGE_SIZE, trust_torchscript)
+    norm = _normalization(normalization, arch, source)  # checked before the slow steps
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=run_dir) as tmp:
         work = Path(tmp)
-        if is_onnx:
-            src = _read_onnx_source(source, image_size)
-        else:
-            src = _read_torch_source(source, arch, image_size, opset, work, trust_torchscript)
+        src = _read_onnx_source(source, image_size) if is_onnx else \
+            _torch_source(loaded, source, arch, image_size or DEFAULT_IMAGE_SIZE, opset, work)
         sig = onnx_graph.signature(src.onnx_model, source)
         plan = head.plan_head(head.model_ending(src.onnx_model), sig.num_outputs, task, source)
         names = _class_names(classes, src.arch, plan.num_classes, source)
@@ -187,11 +199,9 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
         graph_def = onnx_graph.freeze_saved_model(saved_model, spec.input_shape, head.tf_head(plan))
 
         x = parity.phantom_batch(spec, parity_images)
-        x_nchw = x.transpose(0, 3, 1, 2)
-        raw = {src.engine: src.predict(x_nchw), "onnxruntime": onnx_graph.run_onnx(network, x_nchw),
-               "tensorflow": onnx_graph.load_serving(saved_model)(x).numpy()}
+        raw = _raw_outputs(src, network, saved_model, x)
         probabilities = {src.engine: head.apply_head(plan, raw[src.engine]),
-                         "onnxruntime": onnx_graph.run_onnx(onnx_path, x_nchw),
+                         "onnxruntime": onnx_graph.run_onnx(onnx_path, x.transpose(0, 3, 1, 2)),
                          "tensorflow": parity.run_frozen(graph_def, x)}
         report = parity.parity_report(probabilities, spec, tolerance, raw if plan.appended else None)
         parity.record(report, run_dir / PARITY_FILE, source, verbose)
@@ -210,8 +220,8 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
              "source_model": source_info},
         saved_model=SAVED_MODEL_DIR, saved_model_outputs="the network's own outputs, before the appended head",
         onnx_input_layout="NCHW", parity=parity.summary(report))
-    return ConvertResult(run_dir, fp32_pb, run_dir / ONNX_FILE, run_dir / SAVED_MODEL_DIR, plan.task, names, spec,
-                         report, manifest)
+    return ConvertResult(run_dir=run_dir, onnx=run_dir / ONNX_FILE, parity=report, manifest=manifest, fp32_pb=fp32_pb,
+                         saved_model=run_dir / SAVED_MODEL_DIR, task=plan.task, classes=names, preprocess=spec)
 
 
 def export_onnx(run_dir: str | Path, *, source: str | Path | None = None, opset: int = DEFAULT_OPSET,

@@ -92,7 +92,7 @@ def apply_head(plan: HeadPlan, y: np.ndarray) -> np.ndarray:
         if step == "exp":
             y = np.exp(y)
         elif step == "sigmoid":
-            y = 1.0 / (1.0 + np.exp(-y))
+            y = 0.5 * (1.0 + np.tanh(0.5 * y))  # the logistic function, without overflow for large |y|
         elif step == "softmax":
             e = np.exp(y - y.max(axis=1, keepdims=True))
             y = e / e.sum(axis=1, keepdims=True)
@@ -128,7 +128,7 @@ def append_head(model, plan: HeadPlan, output_name: str = "output"):
         return model
     graph = model.graph
     current = f"{output_name}_model"
-    rename_tensor(graph, output_name, current)
+    rename_tensor(graph, output_name, current, "model.onnx")
     graph.output.pop()
     for i, step in enumerate(plan.appended):
         out = output_name if i == len(plan.appended) - 1 else f"medq_head_{i}"

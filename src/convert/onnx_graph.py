@@ -75,13 +75,14 @@ def signature(model, where: str | Path) -> OnnxSignature:
     return OnnxSignature(in_dims[0], in_dims[1], in_dims[2], in_dims[3], out_dims[1])
 
 
-def rename_tensor(graph, old: str, new: str) -> None:
+def rename_tensor(graph, old: str, new: str, where: str | Path) -> None:
     if old == new:
         return
     taken = {n for node in graph.node for n in node.output} | {t.name for t in graph.initializer} | \
         {i.name for i in graph.input}
     if new in taken:
-        raise MedqError(f"cannot rename tensor {old!r} to {new!r}: the graph already has a tensor named {new!r}")
+        raise MedqError(f"{where}: cannot rename tensor {old!r} to {new!r}, the graph already has a tensor of that "
+                        "name; rename it in the model and export again")
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
         node.output[:] = [new if n == old else n for n in node.output]
@@ -100,8 +101,8 @@ def standardize(model, image_size: int, where: str | Path, input_name: str = "in
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    rename_tensor(graph, real_inputs(graph)[0].name, input_name)
-    rename_tensor(graph, graph.output[0].name, output_name)
+    rename_tensor(graph, real_inputs(graph)[0].name, input_name, where)
+    rename_tensor(graph, graph.output[0].name, output_name, where)
     inp = next(i for i in graph.input if i.name == input_name)
     for axis, size in ((2, image_size), (3, image_size)):
         inp.type.tensor_type.shape.dim[axis].dim_value = size
@@ -190,14 +191,19 @@ def freeze_saved_model(saved_model_dir: Path, input_shape: tuple[int, ...], then
 def graph_def_to_onnx(graph_def, opset: int, where: str | Path, input_name: str = "input",
                       output_name: str = "output"):
     """tf2onnx on a frozen graph; the ONNX model keeps the graph's NHWC input, named ``input`` / ``output``."""
+    import tensorflow as tf
     import tf2onnx
 
+    logger, level = tf.get_logger(), tf.get_logger().level
+    logger.setLevel("ERROR")  # tf2onnx calls TF1 graph utilities that print deprecation warnings
     try:
         model, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=[f"{input_name}:0"],
                                                   output_names=[f"{output_name}:0"], opset=opset)
     except Exception as exc:
         raise MedqError(f"{where}: tf2onnx could not convert the graph ({first_line(exc)}); "
                         "try another opset") from None
-    rename_tensor(model.graph, f"{input_name}:0", input_name)
-    rename_tensor(model.graph, f"{output_name}:0", output_name)
+    finally:
+        logger.setLevel(level)
+    rename_tensor(model.graph, f"{input_name}:0", input_name, where)
+    rename_tensor(model.graph, f"{output_name}:0", output_name, where)
     return model

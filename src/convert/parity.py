@@ -96,10 +96,10 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"parity on {report['images']} phantom images, tolerance {report['tolerance']:.0e}: "
              + ("passed" if report["passed"] else "FAILED")]
     for name, p in report["pairs"].items():
-        lines.append(f"  {name:<28} max |diff| {p['max_abs_diff']:.2e}  mean {p['mean_abs_diff']:.2e}  "
+        lines.append(f"  {name:<32} max |diff| {p['max_abs_diff']:.2e}  mean {p['mean_abs_diff']:.2e}  "
                      f"top-1 agreement {p['top1_agreement']:.0%}")
     for name, p in report.get("raw_outputs", {}).get("pairs", {}).items():
-        lines.append(f"  {name + ' (logits)':<28} max |diff| {p['max_abs_diff']:.2e}  relative {p['max_rel_diff']:.2e}")
+        lines.append(f"  {name + ' (logits)':<32} max |diff| {p['max_abs_diff']:.2e}  relative {p['max_rel_diff']:.2e}")
     if report["saturated_fraction"] > 0.5 and "raw_outputs" not in report:
         lines.append(f"  warning: {report['saturated_fraction']:.0%} of the probabilities are saturated at 0 or 1 on "
                      "these inputs, where engines agree whatever they compute; check on real images too")

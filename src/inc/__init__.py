@@ -4,8 +4,9 @@ Everything that imports ``neural_compressor`` lives in this package, and nothing
 TensorFlow + INC 3.x stays a local change. Importing ``medq.inc`` or ``medq.inc.deploy`` does not import INC (it
 takes ~15 s and changes ``yaml.SafeLoader`` globally); only :mod:`medq.inc.ptq` does, inside its functions.
 
-| module | what it owns |
-|---|---|
-| ``medq.inc.deploy`` | ``load_deploy(path) -> DeployConfig``: deploy.yaml parsed (repeated keys reported), validated against INC 2.6's yaml schema with one clear line per wrong key or value, INC's defaults listed |
-| ``medq.inc.ptq`` | ``run_ptq(...)``: every deploy.yaml value mapped onto ``PostTrainingQuantConfig`` and ``quantization.fit``, INC's log to a file, what INC received and decided (trials, op table, fallback ops) recorded |
+- ``medq.inc.deploy``: ``load_deploy(path) -> DeployConfig``. deploy.yaml parsed (repeated keys reported),
+  validated against INC 2.6's yaml schema with one clear line per wrong key or value, INC's defaults listed.
+- ``medq.inc.ptq``: ``run_ptq(...) -> PtqResult``. Every deploy.yaml value mapped onto ``PostTrainingQuantConfig``
+  and ``quantization.fit``; INC's log to a file; what INC received and decided (trials, op table, ops left out of
+  INT8) recorded. ``check_with_inc(deploy)`` runs INC's own schema over the file.
 """

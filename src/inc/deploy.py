@@ -209,7 +209,7 @@ def _tolerance(kind: str) -> Callable[[Any], float]:
     def check(value: Any) -> float:
         if isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?%\s*", value):
             number = float(value.strip().rstrip("%")) / 100
-        elif isinstance(value, float) or (kind == "absolute" and isinstance(value, int) and not isinstance(value, bool)):
+        elif isinstance(value, float) or (kind == "absolute" and type(value) is int):
             number = float(value)
         else:
             extra = " and a whole number needs a decimal point, e.g. 0.0" if kind == "relative" else ""
@@ -256,6 +256,7 @@ def _op_settings(text_ok: bool) -> dict[str, Key]:
     return {"weight": side(("minmax",)), "activation": side(("minmax", "kl"))}
 
 
+_BF16_NOTE = "medq's BF16 paths use oneDNN's auto-mixed-precision rewrite (quantize.precisions)"
 _LOADER_NOTE = "medq builds INC's dataloaders from the dataset (calibration: training split; tuning: validation split)"
 _PERF_CONFIGS = {
     "cores_per_instance": Key(_integer(1, "2"), default=None),
@@ -292,8 +293,8 @@ SCHEMA: dict[str, Key] = {
         "train": Key(unused="it configures quantization-aware training; medq runs post-training quantization"),
     }),
     "use_bf16": Key(_boolean, default=True),
-    "graph_optimization": Key(unused="medq's BF16 paths use oneDNN's auto-mixed-precision rewrite (quantize.precisions)"),
-    "mixed_precision": Key(unused="medq's BF16 paths use oneDNN's auto-mixed-precision rewrite (quantize.precisions)"),
+    "graph_optimization": Key(unused=_BF16_NOTE),
+    "mixed_precision": Key(unused=_BF16_NOTE),
     "model_conversion": Key(unused="it converts quantization-aware-trained models"),
     "tuning": Key(children={
         "strategy": Key(children={
@@ -524,6 +525,8 @@ def load_deploy(path: str | Path) -> DeployConfig:
         walk.defaults.pop("quantization.quant_level", None)
         walk.notes.append(f"quantization.quant_level set to 1 so that tuning.strategy.name "
                           f"({tuning['strategy']['name']!r}) is used (INC's default 'auto' would ignore it)")
+    elif not strategy_given and quantization["quant_level"] != 1:
+        walk.defaults.pop("tuning.strategy.name", None)  # INC's 'auto' / 'conservative' strategy ignores it
     elif strategy_given and quantization["quant_level"] != 1:
         raise walk.error("quantization.quant_level", f"{quantization['quant_level']!r} makes INC ignore "
                          f"tuning.strategy.name ({tuning['strategy']['name']!r})",

@@ -153,8 +153,9 @@ def check_with_inc(deploy: DeployConfig) -> None:
             schema.validate(_nulls_as_inc_reads_them(copy.deepcopy(deploy.document)))
         except SchemaError as exc:
             detail = [line for line in str(exc).splitlines() if line.strip()]
-            raise DeployError(f"{deploy.path}: INC 2.6's own schema rejects the file ({detail[-1] if detail else exc}); "
-                              "fix that key (see configs/deploy.yaml)") from None
+            reason = detail[-1] if detail else exc
+            raise DeployError(f"{deploy.path}: INC 2.6's own schema rejects the file ({reason}); fix that key "
+                              "(see configs/deploy.yaml)") from None
 
 
 def inc_schema_defaults() -> dict[str, Any]:

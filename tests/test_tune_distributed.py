@@ -1,0 +1,54 @@
+"""keras-tuner's distributed mode on loopback: a chief oracle and two workers as separate `medq tune` processes."""
+import os
+import socket
+import subprocess
+import sys
+
+from medq import artifacts
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_chief_and_two_workers_share_the_trials(tmp_path):
+    from medq.data.phantoms import generate_chest_pneumonia
+
+    data = tmp_path / "chest_xray"
+    generate_chest_pneumonia(data, 40, 4, 8, 40, 7)
+    config = tmp_path / "search.yaml"
+    config.write_text(f"""
+run: {{name: dist, output_dir: {tmp_path / 'out'}}}
+data: {{root: {data}, generate: false}}
+preprocess: {{image_size: 32}}
+model: {{name: refkit-cnn, params: {{blocks: 2, filters: 4, dense_units: 8}}}}
+train: {{tensorboard: false}}
+tune:
+  max_trials: 4
+  epochs: 1
+  latency_runs: 2
+  search_space: {{learning_rate: [0.001, 0.003], batch_size: [8, 16]}}
+""")
+    base = dict(os.environ, KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()),
+                TF_CPP_MIN_LOG_LEVEL="2")
+    args = [sys.executable, "-m", "medq", "tune", "--config", str(config)]
+    procs = {tid: subprocess.Popen(args, env=dict(base, KERASTUNER_TUNER_ID=tid), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+             for tid in ("chief", "tuner0", "tuner1")}
+    try:
+        outputs = {tid: p.communicate(timeout=600)[0] for tid, p in procs.items()}
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+    assert {tid: p.returncode for tid, p in procs.items()} == {"chief": 0, "tuner0": 0, "tuner1": 0}, outputs
+
+    manifest = artifacts.read_manifest(tmp_path / "out" / "dist")
+    trials = manifest["stages"]["tune"]["trials"]
+    assert len(trials) == 4 and all(t["status"] == "COMPLETED" for t in trials)
+    ran = {t["tuner_id"] for t in trials}
+    assert ran == {"tuner0", "tuner1"}, f"each worker should run at least one trial: {trials}"
+    assert manifest["model_source"] == "tune"  # the chief selected the best trial as the run's model
+    assert len({tuple(sorted(t["values"].items())) for t in trials}) == 4  # no trial ran twice
