@@ -129,6 +129,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from medq.convert import convert
+
+    config = _load(args)  # only for the run folder (--run-name, --set run.output_dir=...)
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    result = convert(args.source, run_dir=config.run_dir, arch=args.arch, classes=classes, task=args.task,
+                     image_size=args.image_size, normalization=args.normalization, opset=args.opset,
+                     tolerance=args.tolerance, parity_images=args.parity_images,
+                     trust_torchscript=args.trust_torchscript, verbose=not args.quiet)
+    log.info("frozen graph: %s (%s, %d classes, preprocessing %s)", result.fp32_pb, result.task,
+             len(result.classes), result.preprocess.to_dict())
+    return 0
+
+
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from medq.convert import export_onnx
+
+    config = _load(args)
+    result = export_onnx(config.run_dir, source=args.source, opset=args.opset, tolerance=args.tolerance,
+                         parity_images=args.parity_images, verbose=not args.quiet)
+    log.info("ONNX model: %s", result.onnx)
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from medq.hwinfo import thread_environment
     from medq.predict import run_predict
@@ -187,6 +211,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "quantize": (cmd_quantize, "INC post-training static quantization driven by deploy.yaml → model_int8.pb"),
     "benchmark": (cmd_benchmark, "FP32 vs INT8 (and BF16) latency, throughput and test metric, each in its own process"),
     "run": (cmd_run, "all stages in order on the config's data (the main job)"),
+    "convert": (cmd_convert, "PyTorch checkpoint / TorchScript / ONNX → model_fp32.pb + model.onnx in a run folder, "
+                "parity-checked against the source"),
+    "export-onnx": (cmd_export_onnx, "the run's model_fp32.pb (or Keras model) → model_fp32.onnx with tf2onnx, "
+                    "parity-checked in onnxruntime"),
     "predict": (cmd_predict, "class probabilities (JSON lines) for image files or folders from a run's model, "
                              "optional ten-crop averaging and Grad-CAM heatmaps"),
     "runs": (cmd_runs, "list the runs under run.output_dir (`medq runs list`) or show one (`medq runs show NAME`)"),
@@ -210,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="with check: print JSON")
         if name == "quantize":
             p.add_argument("--deploy", metavar="YAML", help="INC deploy.yaml (default: quantize.deploy in the config)")
+        if name in ("convert", "export-onnx"):
+            _convert_arguments(p, name)
         if name == "predict":
             _predict_arguments(p)
         if name == "runs":
@@ -218,6 +248,30 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", nargs="?", help="with show: the run name (or its folder)")
             p.add_argument("--json", action="store_true", help="print JSON")
     return parser
+
+
+def _convert_arguments(p: argparse.ArgumentParser, name: str) -> None:
+    if name == "convert":
+        p.add_argument("source", help="PyTorch checkpoint (.pt/.pth/.pth.tar, with --arch), TorchScript file "
+                       "(with --trust-torchscript) or .onnx file")
+        p.add_argument("--arch", help="architecture of a checkpoint: chexnet, densenet121, vgg16, vgg16_bn, googlenet, "
+                       "resnet18, resnet34, resnet50, resnet101")
+        p.add_argument("--task", choices=["binary", "multiclass", "multilabel"],
+                       help="needed when the model ends in logits: binary/multiclass append a softmax, "
+                       "multilabel a sigmoid")
+        p.add_argument("--classes", metavar="A,B,...", help="class names in output order (default: CheXNet's 14 for "
+                       "chexnet, else class_0..N-1)")
+        p.add_argument("--image-size", type=int, help="input size in pixels (default 224; ONNX: the file's)")
+        p.add_argument("--normalization", choices=["imagenet", "symmetric", "unit"],
+                       help="the preprocessing the model was trained with (default for chexnet: imagenet)")
+        p.add_argument("--trust-torchscript", action="store_true",
+                       help="allow loading a TorchScript file, which runs code stored in it: only for files you trust")
+    else:
+        p.add_argument("--source", help="a frozen .pb or Keras model to export instead of the run's model_fp32.pb")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-17 (default 17)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest difference allowed between engines on probabilities (default 1e-4)")
+    p.add_argument("--parity-images", type=int, default=8, help="phantom images in the parity check (default 8)")
 
 
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
