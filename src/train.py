@@ -365,10 +365,16 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
     run_dir.mkdir(parents=True, exist_ok=True)
     strategy = make_strategy(config.train.distribute)
     if not is_chief(strategy):
-        # Multi-worker: every worker trains (the collectives need them all), only the chief writes the run.
+        # Multi-worker: every worker trains and saves in step with the chief (reading batch-norm statistics is a
+        # collective operation), but into a temporary folder; only the chief writes the run.
         with tempfile.TemporaryDirectory(prefix="medq-worker-") as tmp:
-            return fit_model(config, index, save_path=Path(tmp) / KERAS_MODEL, checkpoint_dir=Path(tmp) / "ckpt",
-                             verbose=verbose)
+            result = fit_model(config, index, save_path=Path(tmp) / KERAS_MODEL, checkpoint_dir=Path(tmp) / "ckpt",
+                               verbose=verbose)
+            result.model.save(Path(tmp) / "final.keras")
+            return result
+    if resume and config.train.distribute == "multi-worker" and strategy.num_replicas_in_sync > 1:
+        raise ConfigError("train.distribute: resuming a multi-worker training is not supported (the other workers' "
+                          "checkpoints are temporary); rerun without --resume")
     result = fit_model(config, index, save_path=run_dir / KERAS_MODEL, verbose=verbose,
                        checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume, log_dir=run_dir / "logs")
     with artifacts.atomic_path(run_dir / KERAS_MODEL) as tmp:  # the best epoch, whatever the file held before

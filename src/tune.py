@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -339,6 +340,18 @@ def _trial_runner(config: Any, index: DatasetIndex):
     return run
 
 
+def _error_line(lines: list[str]) -> str:
+    """The exception line of a traceback (with the reason Keras puts on the next line), shortened."""
+    errors = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception)\b", line.strip())]
+    if not errors:
+        return lines[-1].strip()[:300]
+    i = errors[-1]
+    text = lines[i].strip()
+    if "Exception encountered" in text and i + 1 < len(lines):
+        text += " " + lines[i + 1].strip()
+    return text[:300]
+
+
 def _finite(value: Any) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else 0.0
 
@@ -537,7 +550,8 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
         lines = [line for line in str(exc).strip().splitlines() if line.strip()]
         if not lines or not lines[0].startswith("Number of consecutive failures"):
             raise
-        raise MedqError(f"{project}: {lines[0].rstrip('.')}; the last trial failed with: {lines[-1][:300]}") from None
+        raise MedqError(f"{project}: {lines[0].rstrip('.')}; the last trial failed with: {_error_line(lines)}") \
+            from None
     if role == "worker":
         mine = [r for r in collect_trials(project, index.task) if r.tuner_id == tuner.tuner_id]
         return TuneResult(mine, None, None, False, "worker: the chief selects the model", role,

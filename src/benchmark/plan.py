@@ -27,7 +27,7 @@ REFERENCE_NEEDS = {
     "openvino-int8": ("tf2onnx", "openvino", "nncf"),
     "openvino-int8-bf16": ("tf2onnx", "openvino", "nncf"),
 }
-# The prepared model each reference row runs (a key of medq.benchmark.reference.MODELS).
+# The prepared model each reference row runs (a key of medq.benchmark.reference.FILES).
 REFERENCE_MODEL = {
     "onnxruntime-fp32": "onnx-fp32", "onnxruntime-int8": "onnx-int8", "openvino-fp32": "openvino-fp32",
     "openvino-bf16": "openvino-fp32", "openvino-int8": "openvino-int8", "openvino-int8-bf16": "openvino-int8",

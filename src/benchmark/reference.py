@@ -24,6 +24,7 @@ FILES = {"onnx-fp32": "model_fp32.onnx", "onnx-int8": "model_int8.onnx", "openvi
 SOURCE = {"onnx-fp32": "fp32_pb", "onnx-int8": "onnx-fp32", "openvino-fp32": "onnx-fp32", "openvino-int8": "onnx-fp32"}
 NEEDS_CALIBRATION = {"onnx-int8", "openvino-int8"}
 CACHE = "cache.json"
+ORT_CALIBRATION_BATCH = 10
 
 
 def model_bytes(path: Path) -> int:
@@ -71,14 +72,16 @@ def quantize_onnx(job: dict[str, Any], target: Path) -> None:
     calibration = _calibration_batches(job)
 
     class Reader(CalibrationDataReader):
+        """Batches of the calibration images (MinMax ranges do not depend on the batching)."""
+
         def __init__(self):
             self.i = 0
 
         def get_next(self):
             if self.i >= len(calibration):
                 return None
-            self.i += 1
-            return {job["input_name"]: np.ascontiguousarray(calibration[self.i - 1:self.i])}
+            self.i += ORT_CALIBRATION_BATCH
+            return {job["input_name"]: np.ascontiguousarray(calibration[self.i - ORT_CALIBRATION_BATCH:self.i])}
 
         def rewind(self):
             self.i = 0
