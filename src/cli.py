@@ -80,9 +80,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medq.train import run_train
 
     config = _load(args)
-    result = run_train(config, verbose=2 if args.verbose else 0)
+    result = run_train(config, verbose=2 if args.verbose else 0, resume=args.resume)
     log.info("best epoch %d: validation %s", result.best_epoch, _short_metrics(result.val_metrics))
     log.info("model: %s", config.run_dir / "model.keras")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medq.train import run_evaluate
+
+    report = run_evaluate(_load(args), split=args.split, ten_crop=args.ten_crop)
+    for name in ("single_crop", "ten_crop"):
+        if report.get(name):
+            print(f"{name.replace('_', '-'):12s} {_short_metrics(report[name])}")
     return 0
 
 
@@ -206,6 +216,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "data": (cmd_data, "generate the phantom dataset or read and report a dataset (`medq data check PATH`)"),
     "train": (cmd_train, "train the configured model; the best validation epoch is kept"),
+    "evaluate": (cmd_evaluate, "the run's Keras model on a split (default test), optionally with 10-crop averaging"),
     "tune": (cmd_tune, "keras-tuner search; the best trial becomes the run's model if it beats it"),
     "freeze": (cmd_freeze, "Keras model → frozen GraphDef model_fp32.pb (input:0 → output:0), parity-checked"),
     "quantize": (cmd_quantize, "INC post-training static quantization driven by deploy.yaml → model_int8.pb"),
@@ -236,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", help="with check: the layout (default: detect)")
             p.add_argument("--variant", help="with check: e.g. 3-class")
             p.add_argument("--json", action="store_true", help="with check: print JSON")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last "
+                           "checkpoint in <run>/checkpoints/")
+        if name == "evaluate":
+            p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default: test")
+            p.add_argument("--ten-crop", action="store_true", help="also report 10-crop averaging (CheXNet's TTA)")
         if name == "quantize":
             p.add_argument("--deploy", metavar="YAML", help="INC deploy.yaml (default: quantize.deploy in the config)")
         if name in ("convert", "export-onnx"):

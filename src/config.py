@@ -113,6 +113,9 @@ class TuneConfig:
     search_space: dict[str, list[Any]] = field(
         default_factory=lambda: {"learning_rate": [1e-3, 3e-3], "batch_size": [16, 32]}
     )
+    # Trials start from the run's trained model (a fine-tuning search over learning rate, batch size, dropout...):
+    # short trials can then beat the full training. Ignored for trials that change the architecture or resolution.
+    warm_start: bool = True
     hyperband_factor: int = 3  # tuner: hyperband (its max epochs is tune.epochs)
     latency_runs: int = 10  # batch-1 Keras latency of each trial's model: median of this many runs
     tradeoff_tolerance: float = 0.01  # the trade-off pick: the fastest trial within this of the best metric

@@ -90,9 +90,11 @@ def _parity_inputs(config: Any, input_shape: tuple[int, ...]) -> np.ndarray:
     from medq.data.readers import read_dataset
     from medq.preprocess import PreprocessSpec, load_batch
 
+    recorded = artifacts.read_manifest(config.run_dir).get("preprocess")  # tune may have changed the resolution
+    spec = PreprocessSpec.from_dict(recorded) if recorded else PreprocessSpec.from_config(config)
     try:
         index = read_dataset(config.data, seed=config.run.seed)
         paths = (index.paths("val") or index.paths("train"))[:16]
-        return load_batch(paths, PreprocessSpec.from_config(config))
+        return load_batch(paths, spec)
     except MedqError:
         return np.random.default_rng(0).uniform(0, 1, (8, *input_shape)).astype(np.float32)

@@ -490,7 +490,8 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
     result |= {"split": split, "n_images": len(index.paths(split))}
     path = artifacts.write_json(run_dir / EVALUATION, result)
     artifacts.update_manifest(run_dir, "evaluate", artifacts={"evaluation": path}, split=split, ten_crop=ten_crop,
-                              single_crop=_summary(result["single_crop"]), ten_crop_metrics=_summary(result["ten_crop"]))
+                              single_crop=_summary(result["single_crop"]),
+                              ten_crop_metrics=_summary(result["ten_crop"]))
     return result
 
 

@@ -42,6 +42,7 @@ log = logging.getLogger("medq")
 
 TUNER_PROJECT = "tuner"  # <run>/tuner/: keras-tuner's project folder
 TRIAL_FACTS = "medq_trial.json"
+WARM_START_MODEL = "warm_start.keras"
 TRIAL_MODEL = "model.keras"
 SEARCH_FILE = "medq_search.json"
 REPORT_CSV, REPORT_MD, REPORT_PNG = "tune_trials.csv", "tune_trials.md", "tune_tradeoff.png"
@@ -125,7 +126,8 @@ def declare_space(config: Any, task: str):
     for name, spec in space.items():
         where = f"tune.search_space.{name}"
         if name not in allowed:
-            raise ConfigError(f"{where}: {config.model.name} has no such setting; use one of {', '.join(sorted(allowed))}")
+            raise ConfigError(f"{where}: {config.model.name} has no such setting; "
+                              f"use one of {', '.join(sorted(allowed))}")
         if not spec:
             raise ConfigError(f"{where}: empty list; give choices or [loguniform, low, high]")
         if isinstance(spec[0], str) and spec[0] in RANGE_KINDS:
@@ -208,7 +210,8 @@ def _search_signature(config: Any) -> dict[str, Any]:
     return {"tuner": config.tune.tuner, "search_space": config.tune.search_space, "epochs": config.tune.epochs,
             "hyperband_factor": config.tune.hyperband_factor, "model": config.model.name,
             "model_params": config.model.params, "preprocess": dataclasses.asdict(config.preprocess),
-            "data_root": config.data.root, "seed": config.run.seed}
+            "data_root": config.data.root, "seed": config.run.seed,
+            "warm_start": config.tune.warm_start}
 
 
 def _check_signature(project: Path, config: Any) -> None:
@@ -302,8 +305,11 @@ def serve_oracle(tuner, poll_seconds: float = 0.5) -> None:
         server.stop(grace=2)
 
 
-def _trial_runner(config: Any, index: DatasetIndex):
-    """The function each tuner calls per trial: train, save the model, measure it, report the objective."""
+def _trial_runner(config: Any, index: DatasetIndex, warm_start: Path | None = None):
+    """The function each tuner calls per trial: train, save the model, measure it, report the objective.
+
+    ``warm_start``: a .keras model every trial of the same architecture and resolution starts from.
+    """
 
     def run(tuner, trial, verbose: int = 0) -> dict[str, float]:
         import tensorflow as tf
@@ -320,6 +326,8 @@ def _trial_runner(config: Any, index: DatasetIndex):
             parent = values.get("tuner/trial_id")
             if parent:
                 initial = Path(tuner.get_trial_dir(parent)) / TRIAL_MODEL
+        if initial is None and warm_start is not None and not params and size == config.preprocess.image_size:
+            initial = warm_start
         tf.keras.backend.clear_session()
         log.info("trial %s (%s): %s", trial.trial_id, tuner.tuner_id, _short(values))
         result = fit_model(with_image_size(config, size), index, epochs=max(1, epochs), model_params=params,
@@ -503,7 +511,8 @@ def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow
             tag = r.trial_id + (" best" if r is best else "") + (" pick" if r is tradeoff and r is not best else "")
             ax.annotate(tag, (x, r.val_primary), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if reference is not None:
-            ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1, label="the run's model before this tune")
+            ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1,
+                       label="the run's model before this tune")
         if log_scale:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
@@ -540,7 +549,7 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
     hp = declare_space(config, index.task)
     _check_signature(project, config)
     role = distributed_role()
-    tuner = make_tuner(config, hp, _trial_runner(config, index))
+    tuner = make_tuner(config, hp, _trial_runner(config, index, _warm_start_model(config, project)))
     try:
         if role == "chief":
             serve_oracle(tuner)
@@ -578,6 +587,21 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
     artifacts.update_manifest(run_dir, "tune", config=config, artifacts=reports | model_artifact, top=top, **entry)
     log.info("tune: %s", decision)
     return TuneResult(rows, best, tradeoff, replaced, decision, role, seconds, reports)
+
+
+def _warm_start_model(config: Any, project: Path) -> Path | None:
+    """A snapshot of the run's trained model, taken once, so resumed trials start from the same weights."""
+    snapshot = project / WARM_START_MODEL
+    if not config.tune.warm_start:
+        return None
+    if not snapshot.exists():
+        trained = artifacts.artifact_path(config.run_dir, "keras_model")
+        if trained is None or not trained.exists():
+            log.info("tune: no trained model in the run yet; trials start from scratch")
+            return None
+        artifacts.write_bytes(snapshot, trained.read_bytes())
+    log.info("tune: trials start from the trained model (tune.warm_start)")
+    return snapshot
 
 
 def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bool, str, dict[str, Any]]:

@@ -142,7 +142,7 @@ def test_scaled_densenet_depth_and_width_grow_with_phi():
     big = build_model("scaled-densenet", (32, 32, 1), 2, "binary", base_depths=[1, 2, 1, 1], base_growth=8,
                       phi=2.0)
     depth = lambda m: sum(1 for layer in m.layers if layer.name.endswith("_concat"))  # noqa: E731
-    assert depth(big) == 6 and depth(small) == 5  # depths [1, 2, 1, 1] · α^φ = [1.44, 2.88, 1.44, 1.44] → 1, 3, 1, 1
+    assert depth(big) == 6 and depth(small) == 5  # [1, 2, 1, 1] · α^φ = [1.44, 2.88, 1.44, 1.44] → 1, 3, 1, 1
     assert big.get_layer("conv1/conv").filters == 2 * round(8 * 1.1 ** 2)  # stem 2 · growth, growth 8·β^φ → 10
     assert count_flops(big) > count_flops(small)
 

@@ -176,3 +176,19 @@ def test_a_search_whose_trials_all_fail_says_why_in_one_line(tmp_path, data_root
     config = _config(tmp_path, data_root, "tune.max_trials=3", "tune.search_space={blocks: [7, 8, 9]}")
     with pytest.raises(MedqError, match="consecutive failures.*the last trial failed with: .*"):
         run_tune(config)
+
+
+def test_multilabel_search_is_scored_by_mean_auc(tmp_path):
+    from medq.data.phantoms import generate_phantoms
+    from medq.tune import run_tune
+
+    root = tmp_path / "nih"
+    generate_phantoms("chest-multilabel", root, n_train=40, n_val=10, n_test=6, size=40, seed=7)
+    config = _config(tmp_path, root, "data.format=nih-chestxray14", "tune.max_trials=2",
+                     "tune.search_space={loss: [weighted-bce, focal]}")
+    result = run_tune(config)
+    assert sorted(r.values["loss"] for r in result.trials) == ["focal", "weighted-bce"]
+    for row in result.trials:
+        assert row.val_primary == row.val_auc == row.val_metrics["auc"]  # mean AUC over the labels
+        assert "exact_match" in row.val_metrics
+    assert artifacts.read_manifest(config.run_dir)["task"] == "multilabel"

@@ -3,12 +3,15 @@
 Every model takes ``[N, S, S, C]`` float32 preprocessed images (C = 1 or 3) and ends in a layer named
 ``probabilities``: softmax for binary/multiclass (binary = two classes), sigmoid for multilabel.
 
-| name | what (medq.models.zoo) | at 96×96×1, 2 classes |
+| name | what (medq.models.zoo) | params, FLOPs at 96×96×1 |
 |---|---|---|
-| refkit-cnn | the reference kit's conv/LeakyReLU family, global-pooled (params: blocks, filters, dense_units) | 0.30 M params, 0.24 GFLOPs |
-| chexnet | DenseNet121 + N-way head (CheXNet); with weighted-bce for multi-label | 7.0 M, 1.0 G |
-| scaled-densenet | DenseNet-BC with depths × α^φ, growth × β^φ (params: alpha, beta, phi, base_depths, base_growth) | 7.0 M, 1.0 G at φ = 0 |
-| densenet121, densenet169, resnet50, vgg16 | keras.applications, weights=None | 7.0 M / 12.6 M / 23.6 M / 14.7 M; 1.0 / 1.2 / 1.4 / 5.6 G |
+| refkit-cnn | the reference kit's conv/LeakyReLU family, global-pooled | 0.30 M, 0.24 G |
+| chexnet | DenseNet121 + N-way head (CheXNet); weighted-bce for multi-label | 7.0 M, 1.0 G |
+| scaled-densenet | DenseNet-BC, depths × α^φ, growth × β^φ (alpha, beta, phi, base_*) | 7.0 M, 1.0 G at φ = 0 |
+| densenet121 | keras.applications, weights=None | 7.0 M, 1.0 G |
+| densenet169 | keras.applications, weights=None | 12.6 M, 1.2 G |
+| resnet50 | keras.applications, weights=None | 23.6 M, 1.4 G |
+| vgg16 | keras.applications, weights=None | 14.7 M, 5.6 G |
 
 ``model.weights`` names a local file (``.h5`` or ``.keras``): nothing is downloaded. Parameters and FLOPs of any
 model: :func:`medq.flops.model_facts`.

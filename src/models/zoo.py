@@ -187,7 +187,7 @@ DENSENET121_DEPTHS = (6, 12, 24, 16)
 
 
 def compound_scaling(alpha: float, beta: float, phi: float) -> dict[str, float]:
-    """EfficientNet's rule: depth α^φ, width β^φ, resolution γ^φ with α·β²·γ² = 2 (so FLOPs grow about 2^φ).
+    """EfficientNet's rule: depth α^φ, width β^φ, resolution γ^φ with α·β²·γ² = 2 (FLOPs grow about 2^φ).
 
     γ is derived from α and β; α, β ≥ 1 and α·β² ≤ 2 keep γ ≥ 1.
     """
