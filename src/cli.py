@@ -120,10 +120,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from medq.benchmark import run_benchmark, summary_text
+    from medq.benchmark import run_benchmark, run_preset, summary_text
 
-    config = _load(args)
-    report = run_benchmark(config, verbose=args.verbose)
+    if args.preset:
+        if args.config:
+            raise MedqError("medq benchmark: --preset NAME brings its own config (configs/NAME.yaml); "
+                            "drop --config and change values with --set")
+        overrides = list(args.set or []) + ([f"run.name={args.run_name}"] if args.run_name else [])
+        report = run_preset(args.preset, overrides, verbose=args.verbose)
+    else:
+        report = run_benchmark(_load(args), verbose=args.verbose)
     print(summary_text(report))
     return 0
 
@@ -253,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default: test")
             p.add_argument("--ten-crop", action="store_true", help="also report 10-crop averaging (CheXNet's TTA)")
+        if name == "benchmark":
+            p.add_argument("--preset", metavar="NAME", choices=["chexnet-cpu"],
+                           help="run a preset end to end (data → train → freeze → quantize → benchmark); "
+                           "chexnet-cpu: DenseNet121 at 224x224, 14 labels")
         if name == "quantize":
             p.add_argument("--deploy", metavar="YAML", help="INC deploy.yaml (default: quantize.deploy in the config)")
         if name in ("convert", "export-onnx"):

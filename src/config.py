@@ -157,6 +157,9 @@ class BenchmarkConfig:
     calibration_images: int = 100  # reference INT8 calibration (train split) when the quantize stage recorded none
     onnx_opset: int = 17
     worker_timeout: int = 1800  # seconds per measuring process
+    # Measure every row this many times, in rounds (each round runs every row once, each in a fresh process), and
+    # report the median of the rounds: on a shared machine this spreads other jobs' load over all rows alike.
+    repeats: int = 1
 
 
 @dataclass

@@ -129,6 +129,21 @@ def test_timing_helpers():
     assert worker.throughput([0.5, 0.5], 4)["throughput_ips"] == pytest.approx(8.0)
 
 
+def test_rounds_are_combined_by_their_medians():
+    from medq.benchmark.runner import combine_rounds
+
+    def fake(pid, p50, ips):
+        return {"pid": pid, "inputs_sha256": "s", "seconds": 1.0, "latency_ms": {"p50": p50, "p90": p50 + 1},
+                "sweep": [{"batch_size": 8, "throughput_ips": ips, "throughput_mean_ips": ips,
+                           "batch_latency_ms": {"p50": 8000 / ips}}]}
+
+    combined = combine_rounds([fake(1, 10.0, 100.0), fake(2, 30.0, 50.0), fake(3, 20.0, 70.0)])
+    assert combined["latency_ms"] == {"p50": 20.0, "p90": 21.0}
+    assert combined["sweep"][0]["throughput_ips"] == 70.0 and combined["seconds"] == 3.0
+    assert [r["pid"] for r in combined["rounds"]] == [1, 2, 3]
+    assert combine_rounds([fake(1, 10.0, 100.0)])["latency_ms"]["p50"] == 10.0
+
+
 def test_worker_usage_error():
     assert worker.main([]) == 2
 
@@ -281,10 +296,12 @@ def test_simulated_cpu_without_bf16_and_absent_reference_engines(tiny_run, monke
     monkeypatch.setattr(plan, "installed", lambda module: module not in {"onnxruntime", "openvino", "nncf"})
     config = load_config(None, tiny_run + ["benchmark.precisions=[fp32, bf16, int8-bf16]",
                                            f"benchmark.reference={list(plan.REFERENCE_ROWS)}",
-                                           "benchmark.instances=[]"])
+                                           "benchmark.instances=[]", "benchmark.repeats=2"])
     rep = run_benchmark(config)
     check_schema(rep)
     assert [r["id"] for r in rep["results"]] == ["tensorflow-fp32"]
+    rounds = rep["results"][0]["rounds"]  # two rounds, each a fresh process on the same inputs
+    assert len({r["pid"] for r in rounds}) == 2 and {r["inputs_sha256"] for r in rounds} == {rep["inputs"]["sha256"]}
     reasons = {s["id"]: s["reason"] for s in rep["skipped"]}
     assert "BF16" in reasons["tensorflow-bf16"] and "BF16" in reasons["tensorflow-int8-bf16"]
     assert all("not installed" in reasons[r] for r in plan.REFERENCE_ROWS)

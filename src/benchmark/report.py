@@ -152,7 +152,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"- Latency: batch 1, {s['warmup']} warm-up runs, then {s['latency_iterations']} timed runs "
             "(percentiles of those). Throughput: per batch size, "
             f"{s['warmup']} warm-up + {s['throughput_iterations']} timed batches; batch size / median batch time "
-            "(the mean-based figure is in benchmark.json).",
+            "(the mean-based figure is in benchmark.json)."
+            + (f" Every row was measured in {s['repeats']} rounds (a fresh process each, rounds interleaved across "
+               "rows); the figures are the medians of the rounds." if s.get("repeats", 1) > 1 else ""),
             "- Metrics: every test image, predicted in the same process after timing; the thread environment above "
             "was set for every worker before its runtime started.",
             "- OpenVINO rows set INFERENCE_PRECISION_HINT explicitly (f32 or bf16): its CPU default on AMX hardware "

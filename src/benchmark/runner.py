@@ -228,6 +228,8 @@ def _check_settings(bc: Any) -> list[int]:
     sizes = sorted(set(bc.batch_sizes) | {bc.batch_size})
     if any(b <= 0 for b in sizes):
         raise ConfigError(f"benchmark.batch_sizes: every batch size must be greater than 0, got {bc.batch_sizes}")
+    if bc.repeats <= 0:
+        raise ConfigError(f"benchmark.repeats: must be greater than 0, got {bc.repeats}")
     if bc.calibration_images <= 0:
         raise ConfigError(f"benchmark.calibration_images: must be greater than 0, got {bc.calibration_images}")
     return sizes
@@ -259,7 +261,7 @@ def _row_entry(row: plan.Row, result: dict[str, Any], run_dir: Path, main_bs: in
         "multi_instance": [], "pid": result["pid"], "parent_pid": result["parent_pid"],
         "inputs_sha256": result["inputs_sha256"], "cpus": result["cpus"], "threads": result["threads"],
         "intra_op_threads": result["intra_op_threads"], "inter_op_threads": result["inter_op_threads"],
-        "engine_facts": result["engine_facts"], "seconds": result["seconds"],
+        "engine_facts": result["engine_facts"], "seconds": result["seconds"], "rounds": result.get("rounds", []),
         "log": os.path.relpath(result["log"], run_dir), "command": result["command"],
     }
 
@@ -334,6 +336,56 @@ def _prepare_reference(rows: list[plan.Row], config: Any, manifest: dict[str, An
     return skipped
 
 
+def _measure_rounds(todo: list[plan.Row], manifest: dict[str, Any], inputs: dict[str, Any], bc: Any,
+                    sizes: list[int], threads: int, inter: int, bench: Path, env: dict[str, str],
+                    skipped: dict[str, str], verbose: bool) -> dict[str, list[dict[str, Any]]]:
+    """``bc.repeats`` rounds; each round runs every row once, one process after another. A row whose worker fails
+    is dropped (recorded in ``skipped``)."""
+    measured: dict[str, list[dict[str, Any]]] = {row.id: [] for row in todo}
+    for round_ in range(bc.repeats):
+        for i, row in enumerate(todo, 1):
+            if row.id in skipped:
+                continue
+            where = f"[{i}/{len(todo)}]" + (f" round {round_ + 1}/{bc.repeats}" if bc.repeats > 1 else "")
+            log.info("benchmark %s %s: measuring %s", where, row.id, row.model.name)
+            job = _job(row, manifest, inputs, bc, sizes, threads, inter, bench)
+            if round_:
+                job["id"] = f"{row.id}~{round_ + 1}"
+            try:
+                result = run_worker(job, bench, env, bc.worker_timeout)
+            except WorkerError as exc:
+                skipped[row.id] = f"failed: {exc}"
+                log.error("benchmark: %s failed: %s", row.id, exc)
+                continue
+            (log.info if verbose else log.debug)("benchmark: %s ran as pid %s: %s (log: %s)", row.id, result["pid"],
+                                                 " ".join(result["command"]), result["log"])
+            measured[row.id].append(result)
+    return {k: v for k, v in measured.items() if k not in skipped}
+
+
+def combine_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several rounds of the same row: the median of each latency figure and each throughput; the
+    rounds themselves are kept under ``rounds``."""
+    first = dict(results[0])
+    first["rounds"] = [{"pid": r["pid"], "inputs_sha256": r["inputs_sha256"], "latency_p50_ms": r["latency_ms"]["p50"],
+                        "throughput_ips": {str(s["batch_size"]): s["throughput_ips"] for s in r["sweep"]}}
+                       for r in results]
+    if len(results) == 1:
+        return first
+
+    def median(values: list[float]) -> float:
+        return float(np.median(values))
+
+    first["latency_ms"] = {k: median([r["latency_ms"][k] for r in results]) for k in first["latency_ms"]}
+    first["sweep"] = [{**s, **{k: median([r["sweep"][j][k] for r in results])
+                               for k in ("throughput_ips", "throughput_mean_ips")},
+                       "batch_latency_ms": {k: median([r["sweep"][j]["batch_latency_ms"][k] for r in results])
+                                            for k in s["batch_latency_ms"]}}
+                      for j, s in enumerate(first["sweep"])]
+    first["seconds"] = round(sum(r["seconds"] for r in results), 2)
+    return first
+
+
 def _progress(i: int, n: int, entry: dict[str, Any], primary: str) -> str:
     metric = entry["metrics"].get(primary)
     metric_text = f", {primary} {metric:.4f}" if isinstance(metric, float) else ""
@@ -394,22 +446,16 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
     if ref_rows:
         skipped.update(_prepare_reference(ref_rows, config, manifest, index, fp32_pb, bench, env, notes))
         ref_rows = [r for r in ref_rows if r.id not in skipped]
+    todo = tf_rows + ref_rows
+    measured = _measure_rounds(todo, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench,
+                               env, skipped, verbose)
     results: list[dict[str, Any]] = []
     base_probs = None
-    todo = tf_rows + ref_rows
     for i, row in enumerate(todo, 1):
-        log.info("benchmark [%d/%d] %s: measuring %s", i, len(todo), row.id, row.model.name)
-        job = _job(row, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench)
-        try:
-            result = run_worker(job, bench, env, bc.worker_timeout)
-            (log.info if verbose else log.debug)("benchmark: %s ran as pid %s: %s (log: %s)", row.id, result["pid"],
-                                                 " ".join(result["command"]), result["log"])
-            entry = _row_entry(row, result, run_dir, bc.batch_size)
-        except WorkerError as exc:
-            skipped[row.id] = f"failed: {exc}"
-            log.error("benchmark: %s failed: %s", row.id, exc)
+        if not measured.get(row.id):
             continue
-        probs = np.load(job["probs"])
+        entry = _row_entry(row, combine_rounds(measured[row.id]), run_dir, bc.batch_size)
+        probs = np.load(bench / "probs" / f"{row.id}.npy")
         entry["metrics"] = _metrics(task, classes, inputs["labels"], probs)
         if row.id == plan.BASELINE:
             base_probs = probs
@@ -417,6 +463,7 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
             entry["max_abs_diff_vs_fp32"] = float(np.max(np.abs(probs - base_probs)))
             entry["agreement_vs_fp32"] = _agreement(task, probs, base_probs)
         if not row.reference and row.precision in bc.instance_precisions:
+            job = _job(row, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench)
             for layout in layouts:
                 log.info("benchmark [%d/%d] %s: %d instance(s) x %d core(s)", i, len(todo), row.id,
                          layout.instances, layout.cores_per_instance)
@@ -431,7 +478,7 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
 
     load_after = os.getloadavg()
     busy = max(load_before[0], load_after[0])
-    if busy > cores:
+    if busy > cores + 0.5:  # the workers themselves account for about `cores`
         notes.append(f"the machine was busy (1-minute load average up to {busy:.1f} on {cores} cores): "
                      "absolute times are inflated and noisy; compare the ratios")
     out = {
@@ -440,7 +487,8 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
         "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                      "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,
-                     "batch_sizes": sizes, "instances": [layout.name for layout in layouts],
+                     "batch_sizes": sizes, "repeats": bc.repeats,
+                     "instances": [layout.name for layout in layouts],
                      "deploy_performance": performance or None},
         "environment": {"cpu": features, "thread_environment": thread_env,
                         "runtime": dataclasses.asdict(config.runtime), "versions": artifacts.package_versions(),

@@ -41,10 +41,26 @@ def build_model(name: str, input_shape: tuple[int, int, int], n_classes: int, ta
     if name not in MODELS:
         raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
     try:
-        return MODELS[name](input_shape=tuple(input_shape), n_classes=n_classes, task=task, dropout=dropout,
-                            weights=weights, **params)
+        model = MODELS[name](input_shape=tuple(input_shape), n_classes=n_classes, task=task, dropout=dropout,
+                             weights=weights, **params)
     except TypeError as exc:
         raise ConfigError(f"model.params: {name} does not take these parameters ({exc})") from None
+    return with_bn_momentum(model, BN_MOMENTUM)
+
+
+# keras.applications builds BatchNormalization with momentum 0.99: after the few hundred steps of a short run its
+# moving statistics are still near their initial values, and the inference-mode model (the one that is frozen,
+# quantized and benchmarked) outputs constants. 0.9 tracks the batch statistics within ~50 steps.
+BN_MOMENTUM = 0.9
+
+
+def with_bn_momentum(model, momentum: float):
+    import tensorflow as tf
+
+    for layer in model.submodules:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            layer.momentum = momentum
+    return model
 
 
 def head_activation(task: str) -> str:
