@@ -65,6 +65,8 @@ def test_onnx_file_converts_without_torch(tmp_path, monkeypatch):
     result = convert(source, run_dir=run, task="multiclass", normalization="unit", classes=["a", "b", "c"],
                      verbose=False)
     assert sys.modules["torch"] is None
+    # onnx2tf ran in a child: loaded here, its tf_keras makes every later tf.keras load_model hang forever.
+    assert "onnx2tf" not in sys.modules and "tf_keras" not in sys.modules
 
     report = json.loads((run / "parity.json").read_text())
     assert report["passed"] and report["max_abs_diff"] < 1e-4

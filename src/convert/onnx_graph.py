@@ -139,9 +139,27 @@ def run_onnx(model_or_path, x: np.ndarray) -> np.ndarray:
 def onnx_to_saved_model(onnx_path: Path, target: Path, where: str | Path) -> Path:
     """onnx2tf → Keras (NHWC) → a SavedModel with one ``serving_default`` signature ``input → {output}``.
 
-    onnx2tf rewrites the file it is given, so it works on a copy. The SavedModel is written from a signature traced
-    without autograph: saving the onnx2tf Keras object itself re-traces every layer (47 s instead of 1.5 s on
-    DenseNet121) and makes TFLite files nobody asked for.
+    onnx2tf runs in a child process: importing it loads tf_keras beside tf.keras and sets TF_USE_LEGACY_KERAS, and
+    from then on ``tf.keras.models.load_model`` in that process never returns (two Keras copies registering their
+    tensor types). The child's one-line error becomes this process's MedqError.
+    """
+    import subprocess
+    import sys
+
+    child = "import sys; from medq.convert.onnx_graph import onnx2tf_child; onnx2tf_child(*sys.argv[1:])"
+    proc = subprocess.run([sys.executable, "-c", child, str(onnx_path), str(target)],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit code {proc.returncode}"
+        raise MedqError(f"{where}: onnx2tf could not convert the ONNX graph ({reason[:200]}); try another opset")
+    return target
+
+
+def _onnx2tf_saved_model(onnx_path: Path, target: Path) -> None:
+    """The child's work. onnx2tf rewrites the file it is given, so it works on a copy. The SavedModel is written
+    from a signature traced without autograph: saving the onnx2tf Keras object itself re-traces every layer (47 s
+    instead of 1.5 s on DenseNet121) and makes TFLite files nobody asked for.
     """
     import onnx2tf
     import tensorflow as tf
@@ -149,18 +167,13 @@ def onnx_to_saved_model(onnx_path: Path, target: Path, where: str | Path) -> Pat
     with tempfile.TemporaryDirectory(prefix="medq-onnx2tf-") as tmp:
         work = Path(tmp) / "model.onnx"
         shutil.copyfile(onnx_path, work)
-        try:
-            keras_model = onnx2tf.convert(input_onnx_file_path=str(work), output_folder_path=str(Path(tmp) / "out"),
-                                          not_use_onnxsim=True, disable_model_save=True, verbosity="error")
-        except (Exception, SystemExit) as exc:  # onnx2tf calls sys.exit() on some unsupported graphs
-            raise MedqError(f"{where}: onnx2tf could not convert the ONNX graph ({first_line(exc)}); "
-                            "try another opset") from None
+        keras_model = onnx2tf.convert(input_onnx_file_path=str(work), output_folder_path=str(Path(tmp) / "out"),
+                                      not_use_onnxsim=True, disable_model_save=True, verbosity="error")
     spec = tf.TensorSpec(keras_model.inputs[0].shape, tf.float32, name="input")
     serve = tf.function(lambda x: {"output": keras_model(x, training=False)}, input_signature=[spec], autograph=False)
     module = tf.Module()
     module.model_variables = list(keras_model.variables)  # onnx2tf folds weights into constants; kept if any
     tf.saved_model.save(module, str(target), signatures={"serving_default": serve.get_concrete_function()})
-    return target
 
 
 def load_serving(saved_model_dir: Path) -> Callable:
@@ -207,3 +220,16 @@ def graph_def_to_onnx(graph_def, opset: int, where: str | Path, input_name: str 
     rename_tensor(model.graph, f"{input_name}:0", input_name, where)
     rename_tensor(model.graph, f"{output_name}:0", output_name, where)
     return model
+
+
+def onnx2tf_child(onnx_path: str, target: str) -> None:
+    """Entry point of the onnx2tf child process: convert, or print one line to stderr and exit 1."""
+    import os
+    import sys
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        _onnx2tf_saved_model(Path(onnx_path), Path(target))
+    except (Exception, SystemExit) as exc:  # onnx2tf calls sys.exit() on some unsupported graphs
+        print(first_line(exc), file=sys.stderr)
+        sys.exit(1)
