@@ -33,7 +33,7 @@ def ensure_phantoms(config: Any) -> bool:
     if root.exists():
         if not marker.is_file():
             return False  # the user's own dataset
-        if json.loads(marker.read_text()) == params:
+        if _read_marker(marker) == params:
             return False
         log.info("phantom settings changed: regenerating %s", root)
         shutil.rmtree(root)
@@ -42,11 +42,25 @@ def ensure_phantoms(config: Any) -> bool:
                         "or data.generate: true for the built-in phantoms")
     start = time.perf_counter()
     p = config.data.phantom
-    counts = generate_phantoms(p.kind, root, n_train=p.n_train, n_val=p.n_val, n_test=p.n_test, size=p.size,
+    # Generated beside root and renamed into place when complete: an interrupted generation leaves no half
+    # dataset at root that a later run would take for the user's own.
+    partial = root.parent / f".{root.name}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    counts = generate_phantoms(p.kind, partial, n_train=p.n_train, n_val=p.n_val, n_test=p.n_test, size=p.size,
                                seed=p.seed)
-    artifacts.write_json(marker, params)
+    artifacts.write_json(partial / PHANTOM_MARKER, params)
+    partial.rename(root)
+    counts["root"] = str(root)
     log.info("generated %s phantoms in %s (%.1f s): %s", p.kind, root, time.perf_counter() - start, counts)
     return True
+
+
+def _read_marker(marker: Path) -> Any:
+    try:
+        return json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None  # damaged: medq's own folder all the same, so it is regenerated
 
 
 def run_data(config: Any) -> DatasetIndex:

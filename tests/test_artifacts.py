@@ -16,6 +16,16 @@ def test_atomic_write_leaves_no_partial_file_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pb"]
 
 
+def test_atomic_files_get_the_mode_open_would_give(tmp_path):
+    import os
+    import stat
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    written = artifacts.write_bytes(tmp_path / "report.json", b"{}")
+    assert stat.S_IMODE(os.stat(written).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+
+
 def test_manifest_records_artifacts_with_sha256_and_merges_stages(tmp_path):
     (tmp_path / "a.bin").write_bytes(b"abc")
     artifacts.update_manifest(tmp_path, "train", artifacts={"a": tmp_path / "a.bin"}, best_epoch=3,

@@ -94,3 +94,24 @@ def test_check_samples_large_splits_and_reports_multilabel_counts(tmp_path):
     sampled = check_dataset(root, seed=1, verify_all_up_to=10, sample_per_split=5)
     assert sampled["verified"] == "sample" and sampled["image_stats"]["train"]["decoded"] == 5
     assert "random sample" in format_check_report(sampled) and sampled["ok"]
+
+
+def test_cli_check_splits_as_the_config_does(tmp_path, capsys):
+    """`medq data check PATH --config X --json`: the same splits the run of X makes (its fractions and seed)."""
+    from medq.cli import main
+
+    root = tmp_path / "ds"
+    for cls in ("effusion", "normal"):
+        for i in range(20):
+            png(root / cls / f"{cls}{i}.png", (16, 16))
+    config = tmp_path / "small-val.yaml"
+    config.write_text("data:\n  format: folder\n  val_fraction: 0.5\n  test_fraction: 0.25\nrun:\n  seed: 9\n")
+    assert main(["data", "check", str(root), "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main(["data", "check", str(root), "--config", str(config), "--json"]) == 0
+    configured = json.loads(capsys.readouterr().out)
+    data = DataConfig(format="folder", root=str(root), val_fraction=0.5, test_fraction=0.25)
+    expected = {k: len(v) for k, v in read_dataset(data, seed=9).splits.items()}
+    assert {k: s["images"] for k, s in configured["splits"].items()} == expected
+    assert expected != {k: s["images"] for k, s in default["splits"].items()}
+    assert configured["format"] == "folder" and default["format"] == "folder"

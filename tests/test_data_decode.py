@@ -183,12 +183,16 @@ def test_dicom_is_recognised_by_content_and_reaches_preprocessing(tmp_path):
     ("multiframe", "multi-frame DICOM (3 frames)"),
     ("no-pixels", "DICOM object without pixel data"),
     ("truncated", "pixel data cannot be decoded"),
+    ("bad-header", "malformed DICOM header"),
 ])
 def test_dicom_that_is_not_one_2d_image_is_rejected_naming_the_file(tmp_path, kind, message):
     if kind == "multiframe":
         data = dicom_bytes(np.zeros((3, 8, 8), np.uint16), frames=3)
     elif kind == "no-pixels":
         data = dicom_bytes(np.zeros((1, 1), np.uint8), with_pixels=False)
+    elif kind == "bad-header":  # a VOI window whose width is not a number: real exports have worse
+        data = dicom_bytes(np.round(RAMP * 4095).astype(np.uint16), bits_stored=12, window=(2048.0, 4096.0))
+        data = data.replace(b"4096", b"wide")
     else:
         data = dicom_bytes(np.round(RAMP * 4095).astype(np.uint16), bits_stored=12)
         data = data[: len(data) - 1000]

@@ -163,3 +163,32 @@ def test_busi_is_learnable(tmp_path):
     auc = held_out_auc(read(root, val_fraction=0.0, test_fraction=0.33), epochs=6)
     print(f"\nbusi held-out AUC: {auc}")
     assert auc["malignant"] > 0.75
+
+
+def test_the_data_stage_never_leaves_half_a_phantom_dataset(tmp_path, monkeypatch):
+    """Interrupted generation leaves nothing at data.root (a half dataset there would later pass for the user's
+    own); a damaged marker regenerates; a folder without medq's marker (the user's data) is never touched."""
+    import medq.data.phantoms as phantoms
+    from medq.config import load_config
+    from medq.pipeline import PHANTOM_MARKER, ensure_phantoms
+
+    root = tmp_path / "chest_xray"
+    config = load_config(None, [f"data.root={root}", "data.phantom.n_train=12", "data.phantom.n_val=2",
+                                "data.phantom.n_test=4", "data.phantom.size=32"])
+    real = phantoms.generate_chest_pneumonia
+
+    def interrupted(folder, *args, **kwargs):
+        real(folder, 2, 0, 0, size=32)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(phantoms, "generate_chest_pneumonia", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_phantoms(config)
+    assert not root.exists()
+    monkeypatch.setattr(phantoms, "generate_chest_pneumonia", real)
+    assert ensure_phantoms(config) and len(list(root.rglob("*.jpeg"))) == 12 + 2 + 4
+    (root / PHANTOM_MARKER).write_text("{not json")
+    assert ensure_phantoms(config) and (root / PHANTOM_MARKER).read_text().startswith("{\n")
+    own = tmp_path / "mine"
+    (own / "train").mkdir(parents=True)
+    assert not ensure_phantoms(load_config(None, [f"data.root={own}"])) and not any((own / "train").iterdir())

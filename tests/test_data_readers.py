@@ -336,6 +336,18 @@ def test_folder_layout_with_and_without_split_folders(tmp_path):
     assert sum(len(v) for v in flat.splits.values()) == 20
 
 
+def test_folder_class_names_match_across_splits_whatever_their_case(tmp_path):
+    root = tmp_path / "cxr"
+    for split, names in (("train", ("EFFUSION", "NoFinding")), ("test", ("effusion", "nofinding"))):
+        for cls in names:
+            for i in range(3):
+                image(root / split / cls / f"{cls}{i}.png")
+    index = read(root, "folder", val_fraction=0.0)
+    assert index.classes == ["EFFUSION", "NoFinding"]  # spelled as in train, not four classes
+    assert index.counts("test") == {"EFFUSION": 3, "NoFinding": 3}
+    assert any("differing only in case" in note and "EFFUSION / effusion" in note for note in index.notes)
+
+
 def test_csv_single_label_with_patients_and_splits(tmp_path):
     root = tmp_path / "table"
     rows = ["image,finding,patient_id,split"]
@@ -361,6 +373,7 @@ def test_csv_multilabel_columns_as_classes(tmp_path):
     for i in range(10):
         image(root / f"{i}.jpg")
         rows.append(f"{i}.jpg,{i % 2},{int(i % 3 == 0)},{int(i > 6)}")
+    rows[2] = "1.jpg,1,,0"  # a blank cell: read as 0, and said so
     rows.append("9.jpg,1,maybe,0")
     write(root / "t.csv", ("\n".join(rows) + "\n").encode())
     index = read(root / "t.csv")
@@ -368,6 +381,28 @@ def test_csv_multilabel_columns_as_classes(tmp_path):
     labels = {Path(s.path).name: s.label for v in index.splits.values() for s in v}
     assert labels["3.jpg"] == (1.0, 1.0, 0.0) and labels["8.jpg"] == (0.0, 0.0, 1.0) and len(labels) == 10
     assert any("is not 0 or 1" in r for _, r in index.skipped)
+    assert labels["1.jpg"] == (1.0, 0.0, 0.0) and any("1 blank label cell(s) read as 0" in n for n in index.notes)
+
+
+@pytest.mark.parametrize("layout", ["csv", "nih-chestxray14", "rsna-pneumonia"])
+def test_a_table_that_is_not_utf8_is_one_line_naming_it(tmp_path, layout):
+    """Spreadsheet programs save Latin-1/UTF-16 tables: one DataError naming the file, not a traceback."""
+    if layout == "csv":
+        root = tmp_path / "t"
+        image(root / "a.png")
+        table = root / "labels.csv"
+        write(table, "path,finding\na.png,épanchement\n".encode("latin-1"))
+    elif layout == "nih-chestxray14":
+        root = nih_tree(tmp_path / "n")
+        table = root / "Data_Entry_2017.csv"
+        write(table, table.read_text().replace("Mass", "Masse é").encode("utf-16"))
+    else:
+        root = rsna_tree(tmp_path / "r")
+        table = root / "stage_2_detailed_class_info.csv"
+        write(table, table.read_bytes() + "x,Normal é\n".encode("latin-1"))
+    with pytest.raises(DataError) as err:
+        read(root, layout)
+    assert str(err.value).startswith(f"{table}: not UTF-8 text") and "\n" not in str(err.value)
 
 
 def test_detection_order_and_unknown_layouts(tmp_path):

@@ -78,14 +78,14 @@ def _tally(items: list[Any]) -> dict[str, int]:
 
 
 def check_dataset(root: Path, format: str = "auto", variant: str | None = None, seed: int = 42,
-                  val_fraction: float = 0.2, test_fraction: float = 0.2, *,
+                  val_fraction: float = 0.2, test_fraction: float = 0.2, val_split: str = "from-train", *,
                   verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT) -> dict:
     """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds."""
     from medq.config import DataConfig
     from medq.data.readers import read_dataset
 
-    config = DataConfig(format=format, root=str(root), variant=variant, val_fraction=val_fraction,
-                        test_fraction=test_fraction, strict=False, generate=False)
+    config = DataConfig(format=format, root=str(root), variant=variant, val_split=val_split,
+                        val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False)
     index = read_dataset(config, seed=seed)
     total = sum(len(s) for s in index.splits.values())
     decode_everything = total <= verify_all_up_to

@@ -10,6 +10,8 @@ Split rules (the same for every layout):
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 import os
 from pathlib import Path
@@ -28,6 +30,26 @@ DETECTORS: list[tuple[str, Callable[[Path], bool]]] = []
 JUNK_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 SPLITS = ("train", "val", "test")
 TEST_SEED_OFFSET = 1_000_003  # the test carve uses another random stream than the validation carve
+
+
+def read_text(path: Path) -> str:
+    """A label table or list file as text; unreadable or non-UTF-8 files are a DataError naming the file."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the table as UTF-8 CSV "
+                        "(spreadsheet programs: 'CSV UTF-8')") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc}); check that it exists and is "
+                        "readable") from None
+
+
+def read_table(path: Path) -> list[list[str]]:
+    """Every row of a CSV file (header included), through :func:`read_text`."""
+    try:
+        return list(csv.reader(io.StringIO(read_text(path), newline="")))
+    except csv.Error as exc:
+        raise DataError(f"{path}: not a readable CSV table ({exc}); fix the file") from None
 
 
 def register(name: str, detect: Callable[[Path], bool] | None = None):

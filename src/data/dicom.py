@@ -64,47 +64,56 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about harmless header oddities of real-world files
         ds = _read(path)
-        if "PixelData" not in ds:
-            what = ds.get("SOPClassUID")
-            what = getattr(what, "name", None) or str(ds.get("Modality", "") or "unknown kind")
-            raise UnreadableImage(f"{path}: DICOM object without pixel data ({what}); only image objects can be "
-                                  "used — remove it from the dataset folder")
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if frames > 1:
-            raise UnreadableImage(f"{path}: multi-frame DICOM ({frames} frames); medq reads single 2-D images — "
-                                  "export one frame per file")
-        photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-        samples = int(ds.get("SamplesPerPixel", 1) or 1)
-        if photometric not in GRAY + COLOR + ("PALETTE COLOR",):
-            raise UnreadableImage(f"{path}: photometric interpretation {photometric or '(missing)'!r} is not a "
-                                  "grayscale or RGB image")
         try:
-            stored = ds.pixel_array
-        except Exception as exc:  # noqa: BLE001 - missing codec, short pixel data, bad header
-            syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-            hint = f" ({syntax.name})" if syntax is not None and hasattr(syntax, "name") else ""
-            text = _short(exc)
-            fix = ("install pylibjpeg with pylibjpeg-libjpeg (or gdcm) to read it" if "plugin" in text.lower()
-                   or "decoder" in text.lower() or "missing" in text.lower() else "the file is damaged; replace it")
-            raise UnreadableImage(f"{path}: pixel data cannot be decoded{hint}: {text}; {fix}") from None
-        bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8) or 8)
-        if photometric in GRAY and samples == 1 and stored.ndim == 2:
-            image = _gray(stored, ds, bits)
-            if photometric == "MONOCHROME1":
-                image = 1.0 - image
-            channels = "gray"
-        elif photometric == "PALETTE COLOR" and stored.ndim == 2:
-            from pydicom.pixels import apply_color_lut
+            return _decode(path, ds)
+        except UnreadableImage:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a malformed header value (NumberOfFrames "", a bad LUT, ...)
+            raise UnreadableImage(f"{path}: malformed DICOM header ({_short(exc)}); fix or replace the file") from None
 
-            rgb = apply_color_lut(stored, ds)
-            image = rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max)
-            channels = "RGB"
-        elif photometric in COLOR and stored.ndim == 3 and stored.shape[2] == 3:
-            image = stored.astype(np.float32) / float(2 ** min(bits, 16) - 1)
-            channels = "RGB"
-        else:
-            raise UnreadableImage(f"{path}: pixel array of shape {stored.shape} ({photometric}, {samples} samples "
-                                  "per pixel) is not a 2-D grayscale or RGB image")
+
+def _decode(path: Path, ds) -> tuple[np.ndarray, dict[str, Any]]:
+    if "PixelData" not in ds:
+        what = ds.get("SOPClassUID")
+        what = getattr(what, "name", None) or str(ds.get("Modality", "") or "unknown kind")
+        raise UnreadableImage(f"{path}: DICOM object without pixel data ({what}); only image objects can be "
+                              "used — remove it from the dataset folder")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise UnreadableImage(f"{path}: multi-frame DICOM ({frames} frames); medq reads single 2-D images — "
+                              "export one frame per file")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if photometric not in GRAY + COLOR + ("PALETTE COLOR",):
+        raise UnreadableImage(f"{path}: photometric interpretation {photometric or '(missing)'!r} is not a "
+                              "grayscale or RGB image")
+    try:
+        stored = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - missing codec, short pixel data, bad header
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = f" ({syntax.name})" if syntax is not None and hasattr(syntax, "name") else ""
+        text = _short(exc)
+        fix = ("install pylibjpeg with pylibjpeg-libjpeg (or gdcm) to read it" if "plugin" in text.lower()
+               or "decoder" in text.lower() or "missing" in text.lower() else "the file is damaged; replace it")
+        raise UnreadableImage(f"{path}: pixel data cannot be decoded{hint}: {text}; {fix}") from None
+    bits = int(ds.get("BitsStored", stored.dtype.itemsize * 8) or 8)
+    if photometric in GRAY and samples == 1 and stored.ndim == 2:
+        image = _gray(stored, ds, bits)
+        if photometric == "MONOCHROME1":
+            image = 1.0 - image
+        channels = "gray"
+    elif photometric == "PALETTE COLOR" and stored.ndim == 2:
+        from pydicom.pixels import apply_color_lut
+
+        rgb = apply_color_lut(stored, ds)
+        image = rgb.astype(np.float32) / float(np.iinfo(rgb.dtype).max)
+        channels = "RGB"
+    elif photometric in COLOR and stored.ndim == 3 and stored.shape[2] == 3:
+        image = stored.astype(np.float32) / float(2 ** min(bits, 16) - 1)
+        channels = "RGB"
+    else:
+        raise UnreadableImage(f"{path}: pixel array of shape {stored.shape} ({photometric}, {samples} samples "
+                              "per pixel) is not a 2-D grayscale or RGB image")
     image = np.ascontiguousarray(np.clip(image, 0.0, 1.0), dtype=np.float32)
     info = {"format": "dicom", "width": int(image.shape[1]), "height": int(image.shape[0]), "channels": channels,
             "bits": bits, "photometric": photometric}

@@ -14,7 +14,7 @@ import csv
 import os
 from pathlib import Path
 
-from medq.data.common import Intake, finish, make_splits, one_hot, register, subdirs
+from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register, subdirs
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -39,10 +39,12 @@ def _sorted_values(values: set[str]) -> list[str]:
 # --- a CSV table -----------------------------------------------------------------------------------------------
 
 def _header(table: Path) -> list[str]:
+    """The header row only (detection must not fail on a table whose body is damaged: reading it says why)."""
     try:
-        with open(table, newline="", encoding="utf-8-sig") as fh:
-            return [h.strip() for h in next(csv.reader(fh), [])]
-    except (OSError, UnicodeDecodeError, csv.Error):
+        with open(table, "rb") as fh:
+            first = fh.readline(65536).decode("utf-8-sig", errors="replace")
+        return [h.strip() for h in next(csv.reader([first]), [])]
+    except (OSError, csv.Error):
         return []
 
 
@@ -90,9 +92,8 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
     if variant is not None:
         raise DataError(f"{table}: the csv format has no variants; the label columns define the task")
     intake = Intake(strict)
-    with open(table, newline="", encoding="utf-8-sig") as fh:
-        rows = [(line, row) for line, row in enumerate(csv.reader(fh), start=1) if line > 1 and any(c.strip()
-                                                                                                    for c in row)]
+    rows = [(line, row) for line, row in enumerate(read_table(table), start=1)
+            if line > 1 and any(c.strip() for c in row)]
     multilabel = len(label_cols) > 1
     if multilabel:
         classes = [header[i] for i in label_cols]
@@ -104,6 +105,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
                             "a classifier needs at least two")
     splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
     seen: set[str] = set()
+    blank_cells = 0
     width = max([i_path, *label_cols] + [i for i in (i_patient, i_split) if i is not None]) + 1
     for line, row in rows:
         where = f"{table.name} line {line}"
@@ -119,6 +121,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
                 intake.skip(path, f"{where}: column {bad[0]!r} is not 0 or 1", file_problem=False)
                 continue
             label = tuple(1.0 if c in TRUE else 0.0 for c in cells)
+            blank_cells += cells.count("")
         else:
             value = row[label_cols[0]].strip()
             if not value:
@@ -147,6 +150,9 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
              "patients: " + (f"column {header[i_patient]!r}" if i_patient is not None
                              else "no patient column, so each image is its own patient"),
              "split: " + (f"column {header[i_split]!r}" if i_split is not None else "none in the table")]
+    if blank_cells:
+        notes.append(f"{blank_cells} blank label cell(s) read as 0 (finding absent); write 0 or 1 in every cell if "
+                     "blank means something else")
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
                          seed=seed, notes=notes)
     return finish("csv", _task(classes, multilabel), classes, splits, intake, notes, table)
@@ -184,7 +190,15 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     if "train" not in layout:
         raise DataError(f"{root}: expected class folders (root/<class>/*) or split folders with a train/ "
                         "(root/train/<class>/*)")
-    classes = sorted({d.name for folder in layout.values() for d in subdirs(folder)})
+    # Class folders are matched across splits without regard to case (train/NORMAL and test/normal are one class,
+    # spelled as in train): otherwise test images would get a class no training image has.
+    spelling: dict[str, set[str]] = {}
+    canonical: dict[str, str] = {}
+    for split in sorted(layout, key=lambda k: k != "train"):
+        for d in subdirs(layout[split]):
+            spelling.setdefault(d.name.lower(), set()).add(d.name)
+            canonical.setdefault(d.name.lower(), d.name)
+    classes = sorted(canonical.values())
     if len(classes) < 2:
         raise DataError(f"{layout['train']}: found {len(classes)} class folder(s); a classifier needs at least two "
                         "(root/<class>/image files)")
@@ -193,7 +207,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     for split, folder in layout.items():
         splits[split] = []
         for class_dir in subdirs(folder):
-            label = one_hot(classes.index(class_dir.name), len(classes))
+            label = one_hot(classes.index(canonical[class_dir.name.lower()]), len(classes))
             for path in intake.files(class_dir, recursive=True):
                 if intake.admit(path):
                     splits[split].append(Sample(str(path), label, f"file:{path.relative_to(root)}"))
@@ -201,7 +215,9 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
             intake.skip(path, "not inside a class folder", file_problem=False)
     given = "none (class folders directly under the root)" if layout == {"train": root} else \
         ", ".join(s for s in ("train", "val", "test") if s in layout)
+    merged = [" / ".join(sorted(names)) for names in spelling.values() if len(names) > 1]
     notes = [f"classes (folder names): {', '.join(classes)}", f"split folders: {given}",
+             *([f"class folders differing only in case, read as one class: {'; '.join(merged)}"] if merged else []),
              "patients: the folder layout does not identify them, so each image is its own patient "
              "(use format: csv with a patient column when several images share one)"]
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,

@@ -10,11 +10,10 @@
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
-from medq.data.common import Intake, finish, make_splits, register, subdirs
+from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, subdirs
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -86,8 +85,7 @@ def label_vector(text: str, cache: dict[str, tuple[float, ...] | str]) -> tuple[
 
 
 def _read_list(path: Path) -> set[str]:
-    with open(path, encoding="utf-8-sig") as fh:
-        return {line.strip() for line in fh if line.strip()}
+    return {line.strip() for line in read_text(path).splitlines() if line.strip()}
 
 
 @register("nih-chestxray14", _detect_nih)
@@ -106,37 +104,36 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     samples: dict[str, Sample] = {}
     missing = 0
     listed: set[str] = set()
-    with open(table, newline="", encoding="utf-8-sig") as fh:
-        rows = csv.reader(fh)
-        header = [h.strip() for h in next(rows, [])]
-        columns = {h: i for i, h in enumerate(header) if h}
-        absent = [c for c in ENTRY_COLUMNS if c not in columns]
-        if absent:
-            raise DataError(f"{table}: no column {absent[0]!r} in the header; expected the NIH Data_Entry columns "
-                            f"({', '.join(ENTRY_COLUMNS)}, ...)")
-        i_name, i_labels, i_patient = (columns[c] for c in ENTRY_COLUMNS)
-        width = max(i_name, i_labels, i_patient) + 1
-        for line, row in enumerate(rows, start=2):
-            if len(row) < width:
-                if any(cell.strip() for cell in row):
-                    intake.skip(f"{table}:{line}", "row has too few columns", file_problem=False)
-                continue
-            name = row[i_name].strip()
-            listed.add(name)
-            label = label_vector(row[i_labels], cache)
-            if isinstance(label, str):
-                intake.skip(name, label, file_problem=False)
-                continue
-            if name in samples:
-                intake.skip(name, f"duplicate row for this image ({table.name} line {line})", file_problem=False)
-                continue
-            path = files.get(name)
-            if path is None:
-                missing += 1
-                intake.skip(name, "listed in the table but no such file in images_*/images/")
-                continue
-            patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
-            samples[name] = Sample(path, label, patient)
+    rows = iter(read_table(table))
+    header = [h.strip() for h in next(rows, [])]
+    columns = {h: i for i, h in enumerate(header) if h}
+    absent = [c for c in ENTRY_COLUMNS if c not in columns]
+    if absent:
+        raise DataError(f"{table}: no column {absent[0]!r} in the header; expected the NIH Data_Entry columns "
+                        f"({', '.join(ENTRY_COLUMNS)}, ...)")
+    i_name, i_labels, i_patient = (columns[c] for c in ENTRY_COLUMNS)
+    width = max(i_name, i_labels, i_patient) + 1
+    for line, row in enumerate(rows, start=2):
+        if len(row) < width:
+            if any(cell.strip() for cell in row):
+                intake.skip(f"{table}:{line}", "row has too few columns", file_problem=False)
+            continue
+        name = row[i_name].strip()
+        listed.add(name)
+        label = label_vector(row[i_labels], cache)
+        if isinstance(label, str):
+            intake.skip(name, label, file_problem=False)
+            continue
+        if name in samples:
+            intake.skip(name, f"duplicate row for this image ({table.name} line {line})", file_problem=False)
+            continue
+        path = files.get(name)
+        if path is None:
+            missing += 1
+            intake.skip(name, "listed in the table but no such file in images_*/images/")
+            continue
+        patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
+        samples[name] = Sample(path, label, patient)
     checked = {name: s for name, s in samples.items() if intake.admit(s.path)}  # header check: ~20 µs a file
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
     if missing:

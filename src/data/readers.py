@@ -156,9 +156,13 @@ def read_dataset(data_config, seed: int = 42) -> DatasetIndex:
         name = detect_format(root)
     if name not in READERS:
         raise DataError(f"data.format {name!r} has no reader; use one of {', '.join(sorted(READERS))}")
-    index = READERS[name](root, variant=data_config.variant, val_split=data_config.val_split,
-                          val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction,
-                          strict=data_config.strict, seed=seed)
+    try:
+        index = READERS[name](root, variant=data_config.variant, val_split=data_config.val_split,
+                              val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction,
+                              strict=data_config.strict, seed=seed)
+    except OSError as exc:  # a folder the readers scan cannot be listed (permissions, a vanished mount)
+        raise DataError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc}); check that the dataset "
+                        "folder is readable by this user") from None
     if data_config.format == "auto":
         index.notes.insert(0, f"detected format: {name} (set data.format to override)")
     shared = {pair: n for pair, n in index.patient_overlap().items() if n}

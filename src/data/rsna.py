@@ -8,11 +8,10 @@ carved patient-wise with data.test_fraction and data.val_fraction.
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
-from medq.data.common import Intake, finish, make_splits, one_hot, register
+from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -43,15 +42,15 @@ def _detect_rsna(root: Path) -> bool:
 
 
 def _rows(table: Path, columns: tuple[str, ...]):
-    with open(table, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in reader.fieldnames or []]
-        absent = [c for c in columns if c not in fields]
-        if absent:
-            raise DataError(f"{table}: no column {absent[0]!r}; expected {', '.join(columns)} as in the RSNA download")
-        reader.fieldnames = fields
-        for line, row in enumerate(reader, start=2):
-            yield line, {c: (row.get(c) or "").strip() for c in columns}
+    rows = read_table(table)
+    fields = [f.strip() for f in rows[0]] if rows else []
+    absent = [c for c in columns if c not in fields]
+    if absent:
+        raise DataError(f"{table}: no column {absent[0]!r}; expected {', '.join(columns)} as in the RSNA download")
+    where = {c: fields.index(c) for c in columns}
+    for line, row in enumerate(rows[1:], start=2):
+        if any(cell.strip() for cell in row):
+            yield line, {c: (row[i] if i < len(row) else "").strip() for c, i in where.items()}
 
 
 def _targets(labels: Path | None) -> dict[str, set[str]]:
