@@ -26,9 +26,12 @@ def freeze_callable(fn: Callable, input_shape: tuple[int, ...], input_name: str 
     def serve(x):
         return tf.identity(fn(x), name=output_name)
 
+    from tensorflow.python.util import deprecation
+
     frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
     graph_def = frozen.graph.as_graph_def()
-    return tf.compat.v1.graph_util.extract_sub_graph(graph_def, [output_name])
+    with deprecation.silence():  # extract_sub_graph is TF1 API and says so on the user's terminal
+        return tf.compat.v1.graph_util.extract_sub_graph(graph_def, [output_name])
 
 
 def freeze_keras(model, input_name: str = "input", output_name: str = "output"):
@@ -38,13 +41,11 @@ def freeze_keras(model, input_name: str = "input", output_name: str = "output"):
 def load_keras_model(path: str | Path):
     import tensorflow as tf
 
-    from medq.models import custom_objects
-
     path = Path(path)
     if not path.exists():
         raise MedqError(f"{path}: Keras model not found; run `medq train` (or `medq tune`) for this run first")
     try:
-        return tf.keras.models.load_model(path, custom_objects=custom_objects(), compile=False)
+        return tf.keras.models.load_model(path, compile=False)
     except (OSError, ValueError) as exc:
         raise MedqError(f"{path}: not a loadable Keras model ({str(exc).splitlines()[0][:120]}); re-run `medq train`") from None
 

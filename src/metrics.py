@@ -66,6 +66,10 @@ def task_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: lis
     else:
         result["auc"] = float(np.mean(valid)) if valid else float("nan")
         result["sensitivity"] = {c: _ratio(confusion[i, i], confusion[i].sum()) for i, c in enumerate(classes)}
+        # one-vs-rest: of the images not of class i, the share not predicted as i
+        result["specificity"] = {c: _ratio(confusion.sum() - confusion[i].sum() - confusion[:, i].sum()
+                                           + confusion[i, i], confusion.sum() - confusion[i].sum())
+                                 for i, c in enumerate(classes)}
     return result
 
 

@@ -1,6 +1,7 @@
 """tf.data input pipelines built on the one preprocessing function (medq.preprocess).
 
-Files that fail to decode mid-epoch are dropped from the batch and counted, never a crash and never a wrong label.
+Files that fail to decode mid-epoch are dropped from the batch and recorded (``dropped``: path → reason), never a
+crash and never a wrong label.
 Augmentation runs on training batches only, after preprocessing, in the model's input units.
 """
 from __future__ import annotations
@@ -16,23 +17,27 @@ from medq.preprocess import PreprocessSpec, load_and_preprocess
 _INTENSITY_SCALE = {"unit": 1.0, "symmetric": 2.0, "imagenet": 1.0 / 0.226}
 
 
-def _loader(spec: PreprocessSpec):
+def _loader(spec: PreprocessSpec, dropped: dict[str, str] | None = None):
     def load(path: bytes) -> tuple[np.ndarray, bool]:
         try:
             return load_and_preprocess(path.decode(), spec), True
-        except UnreadableImage:
+        except UnreadableImage as exc:
+            if dropped is not None:
+                dropped[path.decode()] = str(exc)
             return np.zeros(spec.input_shape, np.float32), False
 
     return load
 
 
 def image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *, batch_size: int,
-                  shuffle: bool = False, seed: int = 0, cache: bool = True, augment: Any = None):
-    """(images [B, S, S, C], labels [B, K]) batches; ``augment`` is an AugmentConfig for training, else None."""
+                  shuffle: bool = False, seed: int = 0, cache: bool = True, augment: Any = None,
+                  dropped: dict[str, str] | None = None):
+    """(images [B, S, S, C], labels [B, K]) batches; ``augment`` is an AugmentConfig for training, else None;
+    files that fail to decode are left out and, given ``dropped``, recorded there (path → reason)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths), labels.astype(np.float32)))
-    load = _loader(spec)
+    load = _loader(spec, dropped)
 
     def decode(path, label):
         image, ok = tf.numpy_function(load, [path], [tf.float32, tf.bool], stateful=False)
@@ -76,33 +81,37 @@ def build_augmenter(augment: Any, spec: PreprocessSpec, seed: int = 0):
         steps.append(layers.RandomZoom(augment.zoom, fill_mode="reflect", seed=seed + 2))
     if augment.horizontal_flip:
         steps.append(layers.RandomFlip("horizontal", seed=seed + 3))
-    if augment.contrast > 0:
-        steps.append(layers.RandomContrast(augment.contrast, seed=seed + 4))
-    if augment.brightness > 0:
+    if augment.contrast > 0 or augment.brightness > 0:
         delta = augment.brightness * _INTENSITY_SCALE[spec.normalization]
-        steps.append(_RandomShift(delta, seed=seed + 5))
+        steps.append(_random_intensity(augment.contrast, delta, seed=seed + 4))
     return tf.keras.Sequential(steps, name="augment")
 
 
-def _RandomShift(delta: float, seed: int):
+def _random_intensity(contrast: float, brightness: float, seed: int):
+    """Per image: contrast factor in [1 - contrast, 1 + contrast] around the image's mean, then a brightness offset
+    in [-brightness, brightness]. Unclipped: keras' RandomContrast clips to [0, 255], which zeroes every negative
+    pixel of an imagenet- or symmetric-normalised image in training only."""
     import tensorflow as tf
 
-    class RandomShift(tf.keras.layers.Layer):
-        """Adds one uniform brightness offset per image."""
-
+    class RandomIntensity(tf.keras.layers.Layer):
         def call(self, x, training=None):
             if not training:
                 return x
-            offset = tf.random.uniform([tf.shape(x)[0], 1, 1, 1], -delta, delta, seed=seed)
-            return x + offset
+            shape = [tf.shape(x)[0], 1, 1, 1]
+            factor = tf.random.uniform(shape, 1.0 - contrast, 1.0 + contrast, seed=seed)
+            offset = tf.random.uniform(shape, -brightness, brightness, seed=seed + 1)
+            mean = tf.reduce_mean(x, axis=[1, 2], keepdims=True)
+            return mean + factor * (x - mean) + offset
 
-    return RandomShift(name="random_brightness")
+    return RandomIntensity(name="random_intensity")
 
 
-def load_split_arrays(paths: list[str], spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess files into memory; returns (images, index of the files kept) — unreadable files are dropped."""
+def load_split_arrays(paths: list[str], spec: PreprocessSpec,
+                      dropped: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess files into memory; returns (images, index of the files kept) — unreadable files are dropped (and
+    recorded in ``dropped``)."""
     images, kept = [], []
-    load = _loader(spec)
+    load = _loader(spec, dropped)
     for i, path in enumerate(paths):
         image, ok = load(path.encode())
         if ok:

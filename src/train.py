@@ -18,7 +18,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ KERAS_MODEL = "model.keras"
 CHECKPOINT_DIR = "checkpoints"
 LAST_STATE = "last_epoch.json"
 BEST_WEIGHTS = "best_weights.npz"
+LOW_RES_MODEL = "low_res.keras"  # train.low_res: the first phase's best epoch
 EVALUATION = "evaluation.json"
 
 
@@ -52,6 +53,7 @@ class FitResult:
     seconds: float = 0.0
     facts: dict[str, Any] = field(default_factory=dict)  # parameters, FLOPs, input shape (medq.flops.model_facts)
     epochs_run: int = 0  # epochs trained by this call (less than the history after a resume)
+    dropped: dict[str, str] = field(default_factory=dict)  # files that failed to decode while loading: reason
 
 
 def class_weights(labels: np.ndarray, task: str, mode: str) -> dict[int, float] | None:
@@ -72,18 +74,25 @@ def predict_dataset(model, dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(ys), np.concatenate(ps)
 
 
-def is_better(metrics: dict[str, Any], than: dict[str, Any] | None, task: str) -> bool:
-    """The selection rule everywhere (epochs, trials, tune vs train): higher primary metric, ties by higher AUC."""
+def monitored_metric(task: str, monitor: str) -> str:
+    """The metric ``train.monitor`` names: 'auc', or 'primary' (:func:`medq.metrics.primary_metric`)."""
+    return "auc" if monitor == "auc" else primary_metric(task)
+
+
+def is_better(metrics: dict[str, Any], than: dict[str, Any] | None, task: str, key: str | None = None) -> bool:
+    """The selection rule (epochs by ``train.monitor``; trials and tune vs train by the primary metric): the higher
+    ``key`` wins, ties go to the higher other one of AUC and the primary metric."""
     if not than:
         return True
-    key = primary_metric(task)
+    key = key or primary_metric(task)
+    tie_break = primary_metric(task) if key == "auc" else "auc"
 
     def score(m: dict[str, Any], k: str) -> float:
         v = m.get(k)
         return float(v) if isinstance(v, (int, float)) and np.isfinite(v) else -np.inf
 
     a, b = score(metrics, key), score(than, key)
-    return a > b or (a == b and score(metrics, "auc") > score(than, "auc"))
+    return a > b or (a == b and score(metrics, tie_break) > score(than, tie_break))
 
 
 # --- distribution ------------------------------------------------------------------------------------------------
@@ -116,10 +125,8 @@ def is_chief(strategy) -> bool:
 
 # --- callbacks ---------------------------------------------------------------------------------------------------
 
-def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path | None):
+def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path | None, key: str):
     import tensorflow as tf
-
-    key = primary_metric(task)
 
     class ValidationMetrics(tf.keras.callbacks.Callback):
         """Per-image task metrics on the validation split; keeps the best epoch's weights and saves it atomically."""
@@ -135,10 +142,11 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
             y, p = predict_dataset(self.model, val_ds)
             metrics = task_metrics(task, y, p, classes)
             logs = logs if logs is not None else {}
-            logs["val_primary"] = metrics[key]
+            logs["val_primary"] = metrics[primary_metric(task)]
             logs["val_auc"] = metrics["auc"]
-            # Ties go to the later epoch only when AUC improved: accuracy saturates on easy splits.
-            if self.best_epoch < 0 or is_better(metrics, self.best_metrics, task):
+            logs["val_monitor"] = metrics[key] if np.isfinite(metrics[key]) else -np.inf
+            # Ties go to the later epoch only when the other metric improved: accuracy saturates on easy splits.
+            if self.best_epoch < 0 or is_better(metrics, self.best_metrics, task, key):
                 self.best = metrics[key] if np.isfinite(metrics[key]) else -np.inf
                 self.best_epoch, self.best_metrics = epoch, metrics
                 self.best_weights = self.model.get_weights()
@@ -149,15 +157,29 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
     return ValidationMetrics()
 
 
-def _epoch_log(rows: list[dict[str, float]]):
+def _epoch_log(rows: list[dict[str, float]], n_epochs: int, steps: int, monitor: str, validation):
     import tensorflow as tf
 
+    from medq.progress import progress
+
     class EpochLog(tf.keras.callbacks.Callback):
-        """Every epoch's logs (after the validation metrics and the learning-rate schedule wrote theirs)."""
+        """Every epoch's logs (after the validation metrics and the learning-rate schedule wrote theirs), a log line
+        per epoch and a progress bar over its batches."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.started = time.perf_counter()
+            self.bar = progress(total=steps, desc=f"epoch {epoch + 1}/{n_epochs}", unit="batch")
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.bar.update(1)
 
         def on_epoch_end(self, epoch, logs=None):
+            self.bar.close()
             row = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or getattr(v, "shape", None) == ()}
             rows.append(row | {"epoch": epoch + 1})
+            log.info("epoch %d/%d: loss %.4f, val %s %.4f (best epoch %d), %.0f s", epoch + 1, n_epochs,
+                     row.get("loss", float("nan")), monitor, row.get("val_monitor", float("nan")),
+                     validation.best_epoch + 1, time.perf_counter() - self.started)
 
     return EpochLog()
 
@@ -254,9 +276,10 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
     if not index.splits["val"]:
         raise DataError(f"{config.data.root}: the validation split is empty; raise data.val_fraction")
     y_train = index.labels("train")
+    dropped: dict[str, str] = {}
     train_ds = image_dataset(index.paths("train"), y_train, spec, batch_size=bs, shuffle=True,
-                             seed=config.run.seed, augment=tc.augment)
-    val_ds = image_dataset(index.paths("val"), index.labels("val"), spec, batch_size=64)
+                             seed=config.run.seed, augment=tc.augment, dropped=dropped)
+    val_ds = image_dataset(index.paths("val"), index.labels("val"), spec, batch_size=64, dropped=dropped)
 
     params = dict(config.model.params)
     params.update(model_params or {})
@@ -278,12 +301,14 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
     facts = model_facts(model)
 
     rows: list[dict[str, float]] = []
-    validation = _validation_callback(val_ds, index.task, index.classes, save_path)
-    early = tf.keras.callbacks.EarlyStopping("val_primary", mode="max", patience=tc.early_stopping_patience)
-    plateau = tf.keras.callbacks.ReduceLROnPlateau("val_primary", mode="max", factor=0.3,
+    monitor = monitored_metric(index.task, tc.monitor)
+    validation = _validation_callback(val_ds, index.task, index.classes, save_path, monitor)
+    early = tf.keras.callbacks.EarlyStopping("val_monitor", mode="max", patience=tc.early_stopping_patience)
+    plateau = tf.keras.callbacks.ReduceLROnPlateau("val_monitor", mode="max", factor=0.3,
                                                    patience=max(1, tc.early_stopping_patience // 2))
     watched = {"early_stopping": early, "plateau": plateau}
-    callbacks = [validation, early, plateau, _epoch_log(rows)]
+    steps = -(-len(index.splits["train"]) // bs)
+    callbacks = [validation, early, plateau, _epoch_log(rows, n_epochs, steps, monitor, validation)]
     initial_epoch = 0
     state_path = manager = None
     finished = False
@@ -329,14 +354,24 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
         artifacts.write_json(state_path, state | {"finished": True, "stopped_early": stopped})
     if validation.best_weights is not None:
         model.set_weights(validation.best_weights)
+    if dropped:
+        first = next(iter(dropped.values()))
+        log.warning("%d file(s) failed to decode while training and were left out (first: %s); "
+                    "`medq data check` lists them all", len(dropped), first)
     return FitResult(model, validation.best_epoch + 1, validation.best_metrics, rows, seconds, facts,
-                     len(rows) - epochs_before)
+                     len(rows) - epochs_before, dropped)
 
 
 def _copy_weights(source: str | Path, model) -> None:
     from medq.freeze import load_keras_model
 
-    model.set_weights(load_keras_model(source).get_weights())
+    try:
+        model.set_weights(load_keras_model(source).get_weights())
+    except ValueError as exc:
+        raise ConfigError(f"{source}: its weights do not fit {model.name} at input {model.input_shape[1:]} "
+                          f"({str(exc).splitlines()[0][:120]}); a model whose weights depend on the input size "
+                          "(a dense layer after a flatten) cannot start from another resolution (train.low_res, "
+                          "tune.warm_start)") from None
 
 
 def _restore_best(validation, state: dict[str, Any], checkpoint_dir: Path, model) -> None:
@@ -375,8 +410,10 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
     if resume and config.train.distribute == "multi-worker" and strategy.num_replicas_in_sync > 1:
         raise ConfigError("train.distribute: resuming a multi-worker training is not supported (the other workers' "
                           "checkpoints are temporary); rerun without --resume")
+    low_res = _train_low_res(config, index, verbose, resume)
     result = fit_model(config, index, save_path=run_dir / KERAS_MODEL, verbose=verbose,
-                       checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume, log_dir=run_dir / "logs")
+                       checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume, log_dir=run_dir / "logs",
+                       initial_model=run_dir / LOW_RES_MODEL if low_res else None)
     with artifacts.atomic_path(run_dir / KERAS_MODEL) as tmp:  # the best epoch, whatever the file held before
         result.model.save(tmp)
     history_path = artifacts.write_text(run_dir / "train_history.csv", _history_csv(result.history))
@@ -387,11 +424,31 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
         artifacts={"keras_model": run_dir / KERAS_MODEL, "train_history": history_path},
         model=config.model.name, parameters=int(result.model.count_params()), flops=result.facts["flops"],
         best_epoch=result.best_epoch, val_metrics=result.val_metrics, seconds=round(result.seconds, 1),
-        epochs_run=result.epochs_run, resumed=resume and result.epochs_run < len(result.history),
+        epochs_run=result.epochs_run, resumed=resume and result.epochs_run < len(result.history), low_res=low_res,
         split_sizes={k: len(v) for k, v in index.splits.items()}, skipped=len(index.skipped), notes=index.notes,
+        dropped_while_loading=[{"path": p, "reason": r} for p, r in sorted(result.dropped.items())],
         top=dataset_facts(config, index) | {"model_source": "train", "selected_val_metrics": result.val_metrics},
     )
     return result
+
+
+def _train_low_res(config: Any, index: DatasetIndex, verbose: int, resume: bool) -> dict[str, Any] | None:
+    """``train.low_res``: the first phase of progressive resizing, its best epoch saved as ``low_res.keras`` (kept
+    by --resume), whose weights start the full-resolution training."""
+    low = config.train.low_res
+    if not low.epochs:
+        return None
+    target = config.run_dir / LOW_RES_MODEL
+    if resume and target.is_file():
+        log.info("train.low_res: reusing %s", target)
+        return {"image_size": low.image_size, "epochs": low.epochs, "reused": True}
+    log.info("train.low_res: %d epoch(s) at %dx%d, then %d at %dx%d", low.epochs, low.image_size, low.image_size,
+             config.train.epochs, config.preprocess.image_size, config.preprocess.image_size)
+    small = replace(config, preprocess=replace(config.preprocess, image_size=low.image_size))
+    result = fit_model(small, index, epochs=low.epochs, learning_rate=low.learning_rate or None, save_path=target,
+                       verbose=verbose)  # saves its best epoch
+    return {"image_size": low.image_size, "epochs": low.epochs, "best_epoch": result.best_epoch,
+            "val_metrics": result.val_metrics, "seconds": round(result.seconds, 1)}
 
 
 def dataset_facts(config: Any, index: DatasetIndex) -> dict[str, Any]:
@@ -471,8 +528,10 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
 
 
 def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
-                 index: DatasetIndex | None = None) -> dict[str, Any]:
-    """Evaluate the run's Keras model on ``split``; writes ``evaluation.json`` and the manifest's 'evaluate' entry."""
+                 index: DatasetIndex | None = None, threshold: float = 0.5) -> dict[str, Any]:
+    """Evaluate the run's Keras model on ``split``; writes ``evaluation.json`` and the manifest's 'evaluate' entry.
+    ``threshold``: the probability of the positive class (binary) or of each label (multi-label) that counts as a
+    positive call, for sensitivity and specificity (and the multi-label confusion matrices)."""
     from medq.freeze import load_keras_model
 
     run_dir = config.run_dir
@@ -486,10 +545,11 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
     spec = PreprocessSpec.from_dict(manifest["preprocess"]) if "preprocess" in manifest else \
         PreprocessSpec.from_config(config)
     result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec, ten_crop,
-                            task=index.task, classes=index.classes)
+                            task=index.task, classes=index.classes, threshold=threshold)
     result |= {"split": split, "n_images": len(index.paths(split))}
     path = artifacts.write_json(run_dir / EVALUATION, result)
     artifacts.update_manifest(run_dir, "evaluate", artifacts={"evaluation": path}, split=split, ten_crop=ten_crop,
+                              threshold=threshold,
                               single_crop=_summary(result["single_crop"]),
                               ten_crop_metrics=_summary(result["ten_crop"]))
     return result

@@ -135,6 +135,9 @@ def test_evaluate_keras_reports_single_and_ten_crop_side_by_side(resumed, tmp_pa
     assert report["ten_crop"]["n_images"] == report["single_crop"]["n_images"] == len(paths)
     entry = artifacts.read_manifest(config.run_dir)["stages"]["evaluate"]
     assert entry["ten_crop"] is True and "accuracy" in entry["ten_crop_metrics"]
+    # a threshold of 0 calls every image positive: sensitivity 1, specificity 0
+    everyone = run_evaluate(config, index=index, threshold=0.0)["single_crop"]
+    assert (everyone["sensitivity"], everyone["specificity"], everyone["threshold"]) == (1.0, 0.0, 0.0)
 
 
 def test_augmentation_never_flips_unless_allowed():
@@ -145,13 +148,67 @@ def test_augmentation_never_flips_unless_allowed():
 
     spec = PreprocessSpec(32, 1, "unit")
     names = [layer.__class__.__name__ for layer in build_augmenter(AugmentConfig(), spec).layers]
-    assert "RandomFlip" not in names and {"RandomRotation", "RandomZoom", "RandomContrast"} <= set(names)
+    assert "RandomFlip" not in names and {"RandomRotation", "RandomZoom", "RandomIntensity"} <= set(names)
     assert "RandomFlip" in [layer.__class__.__name__
                             for layer in build_augmenter(AugmentConfig(horizontal_flip=True), spec).layers]
     x = tf.random.uniform((2, 32, 32, 1), seed=1)
     augmenter = build_augmenter(AugmentConfig(), spec)
     assert not np.allclose(augmenter(x, training=True).numpy(), x.numpy())
     np.testing.assert_array_equal(augmenter(x, training=False).numpy(), x.numpy())
+
+
+def test_intensity_augmentation_keeps_normalised_units():
+    """imagenet/symmetric inputs are mostly negative: augmentation must not clip them (keras' RandomContrast
+    clips to [0, 255]), and contrast/brightness must stay within the configured range."""
+    import tensorflow as tf
+
+    from medq.config import AugmentConfig
+    from medq.tfdata import build_augmenter
+
+    spec = PreprocessSpec(32, 3, "imagenet")
+    x = tf.random.uniform((8, 32, 32, 3), -2.0, 2.0, seed=3)
+    only_intensity = AugmentConfig(rotation_deg=0, shift=0, zoom=0, contrast=0.2, brightness=0.1)
+    y = build_augmenter(only_intensity, spec, seed=5)(x, training=True).numpy()
+    assert y.min() < -1.0  # negative pixels survive
+    mean = x.numpy().mean(axis=(1, 2), keepdims=True)
+    centred_in, centred_out = x.numpy() - mean, y - y.mean(axis=(1, 2), keepdims=True)
+    factor = (centred_out * centred_in).sum(axis=(1, 2, 3)) / (centred_in ** 2).sum(axis=(1, 2, 3))
+    assert np.all((factor >= 0.8 - 1e-4) & (factor <= 1.2 + 1e-4)) and np.ptp(factor) > 0.01
+    offset = (y - (mean + factor[:, None, None, None] * centred_in)).mean(axis=(1, 2, 3))
+    assert np.all(np.abs(offset) <= 0.1 / 0.226 + 1e-4)
+
+
+def test_low_res_phase_starts_the_full_resolution_training(tmp_path, data_root, monkeypatch):
+    import medq.train as train
+
+    config = _config(tmp_path, data_root, "train.epochs=1", "train.low_res.image_size=16", "train.low_res.epochs=2")
+    starts = []
+    copy = train._copy_weights
+    monkeypatch.setattr(train, "_copy_weights", lambda source, model: (starts.append(source), copy(source, model)))
+    result = train.run_train(config)
+    low = config.run_dir / train.LOW_RES_MODEL
+    assert starts == [low]
+    from medq.freeze import load_keras_model
+
+    assert load_keras_model(low).input_shape[1:] == (16, 16, 1) and result.model.input_shape[1:] == (32, 32, 1)
+    entry = artifacts.read_manifest(config.run_dir)["stages"]["train"]["low_res"]
+    assert entry["image_size"] == 16 and entry["epochs"] == 2 and 1 <= entry["best_epoch"] <= 2
+    with pytest.raises(MedqError, match="train.low_res: set both image_size and epochs"):
+        _config(tmp_path, data_root, "train.low_res.epochs=2")
+
+
+def test_a_model_whose_weights_depend_on_the_input_size_cannot_change_resolution(tmp_path):
+    import tensorflow as tf
+
+    from medq.train import _copy_weights
+
+    def flat(size):
+        return tf.keras.Sequential([tf.keras.Input((size, size, 1)), tf.keras.layers.Flatten(),
+                                    tf.keras.layers.Dense(2)])
+
+    flat(8).save(tmp_path / "small.keras")
+    with pytest.raises(MedqError, match="small.keras: its weights do not fit"):
+        _copy_weights(tmp_path / "small.keras", flat(16))
 
 
 def test_selection_rule_and_class_weights():
@@ -162,6 +219,10 @@ def test_selection_rule_and_class_weights():
     assert not is_better({"accuracy": 0.8, "auc": 0.7}, {"accuracy": 0.8, "auc": 0.7}, "binary")
     assert is_better({"auc": 0.8, "accuracy": 0.1}, {"auc": 0.7, "accuracy": 0.9}, "multilabel")
     assert is_better({"accuracy": 0.5, "auc": float("nan")}, None, "binary")
+    # train.monitor: auc (the default) picks epochs by AUC, ties by accuracy
+    assert is_better({"accuracy": 0.7, "auc": 0.9}, {"accuracy": 0.8, "auc": 0.7}, "binary", "auc")
+    assert is_better({"accuracy": 0.8, "auc": 0.9}, {"accuracy": 0.7, "auc": 0.9}, "binary", "auc")
+    assert not is_better({"accuracy": 0.9, "auc": 0.6}, {"accuracy": 0.7, "auc": 0.9}, "binary", "auc")
     weights = class_weights(np.array([[1, 0], [0, 1], [0, 1], [0, 1]], np.float32), "binary", "balanced")
     assert weights == {0: 2.0, 1: pytest.approx(2 / 3)}
 
@@ -213,3 +274,16 @@ def test_multilabel_metrics_have_a_confusion_matrix_per_label():
     assert m["confusion_matrix"] == {"a": [[2, 0], [0, 2]], "b": [[1, 1], [1, 1]]}
     assert m["sensitivity"] == {"a": 1.0, "b": 0.5} and m["specificity"] == {"a": 1.0, "b": 0.5}
     assert m["auc"] == pytest.approx(np.mean([1.0, 0.75]))
+
+
+def test_multiclass_metrics_have_one_vs_rest_sensitivity_and_specificity():
+    from medq.metrics import task_metrics
+
+    # truth a, a, b, c, c; predicted a, b, b, c, a
+    y = np.eye(3, dtype=np.float32)[[0, 0, 1, 2, 2]]
+    p = np.eye(3)[[0, 1, 1, 2, 0]] * 0.8 + 0.1
+    m = task_metrics("multiclass", y, p, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
+    assert m["sensitivity"] == {"a": 0.5, "b": 1.0, "c": 0.5}
+    # a: of the 3 non-a images, 1 (a c) was called a → 2/3; b: 1 of 4 called b; c: none of 3 called c
+    assert m["specificity"] == pytest.approx({"a": 2 / 3, "b": 3 / 4, "c": 1.0})

@@ -106,9 +106,24 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
     assert (config.run_dir / REPORT_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "pareto" in (config.run_dir / REPORT_MD).read_text()
 
-    # tune → freeze: the tuned model is the run's model and freezes with parity
+    # tune → freeze → quantize → benchmark: the tuned model is the one frozen, quantized and measured
+    from medq.benchmark import run_benchmark
+    from medq.quantize import run_quantize
+
     pb = run_freeze(config)
     assert pb.is_file() and artifacts.read_manifest(config.run_dir)["stages"]["freeze"]["parity_max_abs_diff"] < 1e-4
+    measured = _config(tmp_path, data_root, "tune.max_trials=2", "benchmark.precisions=[fp32, int8]",
+                       "benchmark.reference=[]", "benchmark.instances=[]", "benchmark.batch_sizes=[8]",
+                       "benchmark.batch_size=8", "benchmark.warmup=1", "benchmark.latency_iterations=3",
+                       "benchmark.throughput_iterations=2",
+                       f"quantize.deploy={Path(__file__).parent / 'fixtures' / 'wide_criterion_deploy.yaml'}")
+    run_quantize(measured)
+    report = run_benchmark(measured)
+    manifest = artifacts.read_manifest(config.run_dir)
+    assert manifest["model_source"] == "tune"
+    assert manifest["stages"]["freeze"]["finished_at"] <= manifest["stages"]["quantize"]["finished_at"]
+    assert [r["id"] for r in report["results"]] == ["tensorflow-fp32", "tensorflow-int8"]
+    assert [r["model"] for r in report["results"]] == ["model_fp32.pb", "model_int8.pb"]
 
     # Pretend a trained model beat it, then continue the search to 3 trials: one new trial, nothing repeated.
     before = {p.parent.name: p.stat().st_mtime_ns for p in (config.run_dir / "tuner").glob("trial_*/model.keras")}
@@ -192,3 +207,30 @@ def test_multilabel_search_is_scored_by_mean_auc(tmp_path):
         assert row.val_primary == row.val_auc == row.val_metrics["auc"]  # mean AUC over the labels
         assert "exact_match" in row.val_metrics
     assert artifacts.read_manifest(config.run_dir)["task"] == "multilabel"
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, data_root, monkeypatch):
+    """Ctrl-C in trial 2 of 3: the rerun trains trial 2 again and trial 3, never trial 1 (its model is untouched)."""
+    import medq.train as train
+    from medq.tune import run_tune
+
+    config = _config(tmp_path, data_root, "tune.max_trials=3")
+    index = read_dataset(config.data, seed=config.run.seed)
+    original, calls = train.fit_model, []
+
+    def interrupted_in_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "fit_model", interrupted_in_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(config, index=index)
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in (config.run_dir / "tuner").glob("trial_*/model.keras")}
+    assert len(finished) == 1
+    resumed = run_tune(config, index=index)
+    assert len(calls) == 2 + 2  # the interrupted trial again, and the third
+    assert len([t for t in resumed.trials if t.status == "COMPLETED"]) == 3
+    after = {p.parent.name: p.stat().st_mtime_ns for p in (config.run_dir / "tuner").glob("trial_*/model.keras")}
+    assert {k: after[k] for k in finished} == finished and len(after) == 3

@@ -67,13 +67,6 @@ def head_activation(task: str) -> str:
     return "sigmoid" if task == "multilabel" else "softmax"
 
 
-def custom_objects() -> dict[str, Any]:
-    """Custom layers and losses needed to reload saved models."""
-    from medq.models import zoo  # noqa: F401
-
-    return dict(zoo.CUSTOM_OBJECTS)
-
-
 def model_names() -> list[str]:
     from medq.models import zoo  # noqa: F401
 

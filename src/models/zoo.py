@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from medq.errors import ConfigError
 from medq.models import head_activation, register
-
-CUSTOM_OBJECTS: dict[str, Any] = {}
-
 
 def _classifier_head(features, n_classes: int, task: str, dropout: float):
     import tensorflow as tf
@@ -46,9 +43,7 @@ def _file_weights(path: Path) -> dict[str, list[np.ndarray]]:
     if path.suffix == ".keras":
         import tensorflow as tf
 
-        from medq.models import custom_objects
-
-        source = tf.keras.models.load_model(path, custom_objects=custom_objects(), compile=False)
+        source = tf.keras.models.load_model(path, compile=False)
         return {layer.name: layer.get_weights() for layer in _all_layers(source) if layer.weights}
     raise ConfigError(f"model.weights: {path}: use a Keras .h5 weights file (e.g. keras.applications' *_notop.h5) "
                       "or a .keras model file")
