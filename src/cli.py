@@ -67,7 +67,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         if not args.path:
             raise MedqError("medq data check: give the dataset folder, e.g. medq data check data/chest_xray")
-        report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
+        if args.config or args.set:  # split the folder exactly as that config's run does
+            config = _read_config(args)
+            data = config.data
+            report = check_dataset(Path(args.path), format=args.format or data.format,
+                                   variant=args.variant or data.variant, seed=config.run.seed,
+                                   val_fraction=data.val_fraction, test_fraction=data.test_fraction,
+                                   val_split=data.val_split)
+        else:
+            report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
         print(json.dumps(report, indent=2, default=str) if args.json else format_check_report(report))
         return 0
     from medq.pipeline import run_data
@@ -89,7 +97,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medq.train import run_evaluate
 
-    report = run_evaluate(_load(args), split=args.split, ten_crop=args.ten_crop)
+    report = run_evaluate(_load(args), split=args.split, ten_crop=args.ten_crop, threshold=args.threshold)
     for name in ("single_crop", "ten_crop"):
         if report.get(name):
             print(f"{name.replace('_', '-'):12s} {_short_metrics(report[name])}")
@@ -126,8 +134,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         if args.config:
             raise MedqError("medq benchmark: --preset NAME brings its own config (configs/NAME.yaml); "
                             "drop --config and change values with --set")
+        from medq.benchmark.presets import preset_path
+
         overrides = list(args.set or []) + ([f"run.name={args.run_name}"] if args.run_name else [])
-        report = run_preset(args.preset, overrides, verbose=args.verbose)
+        args.config = str(preset_path(args.preset))
+        report = run_preset(args.preset, _load(args), overrides, verbose=args.verbose)
     else:
         report = run_benchmark(_load(args), verbose=args.verbose)
     print(summary_text(report))
@@ -249,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "data":
             p.add_argument("action", nargs="?", choices=["prepare", "check"], default="prepare",
                            help="prepare (default): generate phantoms if needed and report; check PATH: inspect a folder")
-            p.add_argument("path", nargs="?", help="with check: the dataset folder")
+            p.add_argument("path", nargs="?", help="with check: the dataset folder (with --config/--set: split as "
+                           "that config's runs split it)")
             p.add_argument("--format", help="with check: the layout (default: detect)")
             p.add_argument("--variant", help="with check: e.g. 3-class")
             p.add_argument("--json", action="store_true", help="with check: print JSON")
@@ -259,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default: test")
             p.add_argument("--ten-crop", action="store_true", help="also report 10-crop averaging (CheXNet's TTA)")
+            p.add_argument("--threshold", type=float, default=0.5,
+                           help="probability that counts as a positive call (binary: the second class; multi-label: "
+                           "each label) for sensitivity and specificity (default 0.5)")
         if name == "benchmark":
             p.add_argument("--preset", metavar="NAME", choices=["chexnet-cpu"],
                            help="run a preset end to end (data → train → freeze → quantize → benchmark); "
@@ -330,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_tensorflow(args.verbose)
+    if args.quiet:
+        os.environ.setdefault("MEDQ_PROGRESS", "0")  # medq.progress: no bars under --quiet
     _setup_logging(args.verbose, args.quiet)
     try:
         return args.func(args)

@@ -86,6 +86,19 @@ class AugmentConfig:
 
 
 @dataclass
+class LowResConfig:
+    """Progressive resizing: ``epochs`` epochs at ``image_size`` first, then ``train.epochs`` at
+    ``preprocess.image_size`` starting from those weights. Models that end in global pooling (DenseNet, ResNet,
+    refkit-cnn) have the same weights at every input size, and half the side trains about four times faster."""
+
+    image_size: int = 0  # 0: off
+    epochs: int = 0
+    # 0: train.learning_rate. A low-res phase at a high rate, then full resolution at a lower one (the change of
+    # scale is a fine-tuning step) works better than one rate for both.
+    learning_rate: float = 0.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 15
     batch_size: int = 32
@@ -95,11 +108,15 @@ class TrainConfig:
     class_weight: Literal["balanced", "none"] = "balanced"
     dropout: float = 0.2
     early_stopping_patience: int = 6
+    # The validation number that picks the best epoch and drives early stopping and the LR schedule: ROC-AUC
+    # (threshold-free, CheXNet's), or the task's primary metric (accuracy for single-label, mean AUC multi-label).
+    monitor: Literal["auc", "primary"] = "auc"
     focal_gamma: float = 2.0  # loss: focal
     # data-parallel training: 'mirrored' (this machine's devices) or 'multi-worker' (TF_CONFIG names the cluster)
     distribute: Literal["none", "mirrored", "multi-worker"] = "none"
     tensorboard: bool = True  # event files in <run>/logs/tensorboard (a CSV log is always written)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    low_res: LowResConfig = field(default_factory=LowResConfig)
 
 
 @dataclass
@@ -139,7 +156,7 @@ class QuantizeConfig:
 
 @dataclass
 class BenchmarkConfig:
-    precisions: list[Precision] = field(default_factory=lambda: ["fp32", "int8"])
+    precisions: list[Precision] = field(default_factory=lambda: ["fp32", "bf16", "int8", "int8-bf16"])
     batch_size: int = 32
     warmup: int = 5
     latency_iterations: int = 60
@@ -305,6 +322,12 @@ _FRACTIONS = {"val_fraction", "test_fraction", "dropout", "zoom", "shift", "brig
 
 
 def _check_ranges(obj: Any, where: str) -> None:
+    if isinstance(obj, LowResConfig):  # 0/0 is "off"; otherwise both are set
+        negative = min(obj.image_size, obj.epochs, obj.learning_rate) < 0
+        if negative or (obj.image_size == 0) != (obj.epochs == 0):
+            raise ConfigError(f"{where}: set both image_size and epochs (> 0) for progressive resizing, or neither; "
+                              f"got image_size {obj.image_size}, epochs {obj.epochs}")
+        return
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         key = f"{where}.{f.name}" if where else f.name
@@ -370,7 +393,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     config.source = source
+    if path:
+        config.quantize.deploy = _resolve_beside(config.quantize.deploy, Path(path))
     return config
+
+
+def _resolve_beside(relative: str, config_file: Path) -> str:
+    """A relative file named in a config: as given when it exists from the working directory, else found beside the
+    config file or one folder up (``configs/deploy.yaml`` named in ``configs/x.yaml``, run from anywhere)."""
+    given = Path(relative)
+    if given.is_absolute() or given.exists():
+        return relative
+    for base in (config_file.parent, config_file.parent.parent):
+        if (base / given).exists():
+            return str(base / given)
+    return relative
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -32,14 +32,14 @@ def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     features = {name: flag in flags for name, flag in FLAGS.items()}
     features["vnni"] = features["avx512_vnni"] or features["avx_vnni"]
     features["bf16"] = features["avx512_bf16"] or features["amx_bf16"]
-    return {"model": model, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(), **features}
+    return {"model": model, "logical_cpus": os.cpu_count(), "physical_cores": physical_cores(cpuinfo), **features}
 
 
-def physical_cores() -> int:
+def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
     """Distinct (physical id, core id) pairs; falls back to the logical count."""
     pairs, physical = set(), "0"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        for line in cpuinfo.read_text().splitlines():
             key, _, value = line.partition(":")
             if key.strip() == "physical id":
                 physical = value.strip()

@@ -135,8 +135,10 @@ class CalibrationLoader:
         return [len(fed) for fed in self.passes]
 
 
-def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int):
-    """(images, labels, paths) of up to ``max(sampling_sizes)`` readable training images, in stratified order."""
+def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int,
+                     dropped: dict[str, str] | None = None):
+    """(images, labels, paths) of up to ``max(sampling_sizes)`` readable training images, in stratified order;
+    unreadable ones are replaced by the next in that order (and recorded in ``dropped``)."""
     from medq.tfdata import load_split_arrays
 
     train = index.splits[CALIBRATION_SPLIT]
@@ -147,7 +149,7 @@ def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int
     while len(paths) < wanted and position < len(order):
         chunk = [train[i] for i in order[position:position + wanted - len(paths)]]
         position += len(chunk)
-        loaded, kept = load_split_arrays([s.path for s in chunk], spec)  # unreadable files are dropped
+        loaded, kept = load_split_arrays([s.path for s in chunk], spec, dropped)
         images.extend(loaded)
         labels.extend(chunk[k].label for k in kept)
         paths.extend(chunk[k].path for k in kept)
@@ -157,6 +159,21 @@ def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
+
+CHANCE_MARGIN = 0.05
+
+
+def chance_level(metric: str, labels: np.ndarray, task: str) -> float:
+    """What a model that learned nothing scores: AUC 0.5; the accuracy of always answering the commonest class (per
+    label, for multi-label)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if metric == "auc" or not len(labels):
+        return 0.5
+    if task == "multilabel":
+        positive = labels.mean(axis=0)
+        return float(np.maximum(positive, 1 - positive).mean())
+    return float(labels.sum(axis=0).max() / len(labels))
+
 
 def graph_metrics(graph_def, x: np.ndarray, y: np.ndarray, task: str, classes: list[str], input_name: str,
                   output_name: str, bf16_rewrite: bool = False) -> dict[str, Any]:
@@ -189,16 +206,23 @@ def quantized_names(graph_def) -> set[str]:
 
 
 def fallback_ops(fp32_graph, int8_graph, result: Any, deploy: Any) -> list[dict[str, str]]:
-    """Conv/MatMul-type ops of the FP32 graph that are not quantized kernels in the INT8 graph: their type there,
-    the precision they run in (from the graph), and why (deploy.yaml, a recipe, INC's tuning, INC's capability)."""
+    """Ops of the FP32 graph that are not quantized kernels in the INT8 graph — the Conv/MatMul-type ops, and every
+    op of a type INC's op table counts in FP32 (DenseNet's ConcatV2s) — with their type there, the precision they
+    run in (from the graph), and why (deploy.yaml, a recipe, INC's tuning, INC's capability)."""
     quantized = quantized_names(int8_graph)
     in_int8 = {node.name: node for node in int8_graph.node}
     capable = {name for name, _ in result.capability}
+    final_int8 = set(result.int8_ops)
+    left_in_fp32 = {op for op, counts in result.op_table.items()
+                    if counts.get("fp32") and op not in ("QuantizeV2", "Dequantize")}
     compute = [(node.name, node.op) for node in fp32_graph.node if node.op in COMPUTE_OPS]
+    reported = compute + [(node.name, node.op) for node in fp32_graph.node
+                          if node.op in left_in_fp32 and node.op not in COMPUTE_OPS]
     out = []
-    for position, (name, op_type) in enumerate(compute):
+    for name, op_type in reported:
         if name in quantized:
             continue
+        position = compute.index((name, op_type)) if op_type in COMPUTE_OPS else None
         node = in_int8.get(name)
         runs_as = _precision_of(node) if node is not None else "fused/removed"
         int8_before = [t for t in result.trials if name in t.int8_ops]
@@ -210,6 +234,9 @@ def fallback_ops(fp32_graph, int8_graph, result: Any, deploy: Any) -> list[dict[
             reason = "recipe first_conv_or_matmul_quantization: false"
         elif position == len(compute) - 1 and not deploy.recipes.get("last_conv_or_matmul_quantization", True):
             reason = "recipe last_conv_or_matmul_quantization: false"
+        elif name in final_int8:
+            reason = ("INC's final configuration puts it in INT8, but its graph rewrite matched no quantized kernel "
+                      "for it here, so it runs in FP32 between Dequantize and QuantizeV2")
         elif int8_before:
             trial = int8_before[-1]
             value = "n/a" if trial.metric is None else f"{trial.metric:.4f}"
@@ -265,7 +292,7 @@ def run_quantize(config: Any, verbose: bool = False) -> Path:
     outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest["output_name"])
     log_path = run_dir / "logs" / "quantize.log"
     with output_to_log(log_path, verbose) as say:
-        _announce(say, deploy, inputs, outputs)
+        _announce(say, deploy, inputs, outputs, run_dir)
         fp32_graph = read_graph_def(fp32_path)
         run = _QuantizeRun(config, manifest, deploy, say)
         return run.execute(fp32_graph, inputs, outputs, log_path, verbose, start)
@@ -310,14 +337,19 @@ class _QuantizeRun:
                 raise DataError(f"{data.root}: the {split} split is empty; quantization needs training images to "
                                 "calibrate and validation images to judge the accuracy")
         spec = PreprocessSpec.from_dict(self.preprocess)
-        x_cal, y_cal, cal_paths = load_calibration(index, spec, self.deploy.sampling_sizes, self.deploy.random_seed)
+        self.dropped: dict[str, str] = {}
+        x_cal, y_cal, cal_paths = load_calibration(index, spec, self.deploy.sampling_sizes, self.deploy.random_seed,
+                                                   self.dropped)
         if not cal_paths:
             raise DataError(f"{data.root}: no readable training image to calibrate with")
         self.sizes = sorted({min(s, len(cal_paths)) for s in self.deploy.sampling_sizes})
         if self.sizes != sorted(set(self.deploy.sampling_sizes)):
             self.say(f"  note: quantization.calibration.sampling_size {self.deploy.sampling_sizes} exceeds the "
                      f"{len(cal_paths)} readable training images; calibrating on {self.sizes}")
-        self.x_val, kept = load_split_arrays(index.paths("val"), spec)
+        self.x_val, kept = load_split_arrays(index.paths("val"), spec, self.dropped)
+        if self.dropped:
+            self.say(f"  warning: {len(self.dropped)} file(s) failed to decode and were left out (first: "
+                     f"{next(iter(self.dropped.values()))})", warning=True)
         self.y_val = index.labels("val")[kept]
         self.balance = {c: int(n) for c, n in zip(self.classes, y_cal.sum(axis=0))}
         loader = CalibrationLoader(x_cal, y_cal, cal_paths, calibration_batch_size(self.sizes))
@@ -345,7 +377,12 @@ class _QuantizeRun:
         if not np.isfinite(baseline):
             raise DataError(f"{self.config.data.root}: the FP32 {metric} on the validation split is undefined (a "
                             "class is missing there); set quantize.metric: accuracy or raise data.val_fraction")
-        workspace = Path(deploy.workspace) if deploy.workspace else self.run_dir / "nc_workspace"
+        chance = chance_level(metric, self.y_val, self.task)
+        if baseline <= chance + CHANCE_MARGIN:
+            say(f"  warning: the FP32 model scores {metric} {baseline:.4f} on validation, about chance "
+                f"({chance:.4f}): INT8 matching an untrained model proves nothing; train it longer first",
+                warning=True)
+        workspace = _workspace(deploy, self.run_dir)
         result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
                          calib_dataloader=loader, workspace=workspace, log_path=log_path, verbose=verbose,
                          eval_func=make_eval_func(self.x_val, self.y_val, self.task, self.classes, metric,
@@ -359,7 +396,8 @@ class _QuantizeRun:
                                  "batch_size": loader.batch_size, "images_fed_per_pass": loader.images_per_pass,
                                  "distinct_images_fed": len(loader.paths_fed)},
                  "precision_paths": {"kept": kept, "skipped": skipped}, "trials": _trial_facts(result),
-                 "inc_received": result.received, "log": os.path.relpath(log_path, self.run_dir)}
+                 "inc_received": result.received, "log": os.path.relpath(log_path, self.run_dir),
+                 "dropped_while_loading": [{"path": p, "reason": r} for p, r in sorted(self.dropped.items())]}
         if result.graph_def is None:
             tried = [t.metric for t in result.trials if t.metric is not None]
             best = max(tried) if tried else float("nan")
@@ -410,7 +448,7 @@ class _QuantizeRun:
         return out
 
 
-def _announce(say: Callable[..., None], deploy: Any, inputs: list[str], outputs: list[str]) -> None:
+def _announce(say: Callable[..., None], deploy: Any, inputs: list[str], outputs: list[str], run_dir: Path) -> None:
     say(f"quantize: {deploy.path} → INC 2.6 post-training static quantization (strategy {_strategy(deploy)}, "
         f"criterion {deploy.criterion.describe()}, max_trials {deploy.max_trials}, timeout {deploy.timeout} s, "
         f"random_seed {deploy.random_seed})")
@@ -419,10 +457,16 @@ def _announce(say: Callable[..., None], deploy: Any, inputs: list[str], outputs:
     for line in deploy.notes:
         say(f"  note: {line}")
     defaults = deploy.inc_defaults()
+    if "tuning.workspace.path" in defaults:  # medq's default, not INC's ./nc_workspace/<time>
+        defaults["tuning.workspace.path"] = str(_workspace(deploy, run_dir))
     if defaults:
         say("  INC defaults used (not in the file): " + ", ".join(f"{k}={v!r}" for k, v in defaults.items()))
     if not deploy.inputs or not deploy.outputs:
         say(f"  model.inputs/outputs: empty in the file → {inputs}/{outputs} from the run's manifest")
+
+
+def _workspace(deploy: Any, run_dir: Path) -> Path:
+    return Path(deploy.workspace) if deploy.workspace else run_dir / "nc_workspace"
 
 
 def _tensor_names(deploy: Any, key: str, given: list[str], recorded: str) -> list[str]:
@@ -511,10 +555,14 @@ def _summary(say: Callable[..., None], result: Any, metric: str, fp32: float, in
     table = ", ".join(f"{op} {c['int8']}/{c['total']} INT8" + (f" {c['bf16']} BF16" if c["bf16"] else "")
                       for op, c in result.op_table.items())
     say(f"  INC op table: {table or 'empty'}")
+    groups: dict[tuple[str, str, str], list[str]] = {}
     for op in fallbacks:
-        say(f"  not INT8: {op['name']} ({op['op_type']}, runs in {op['runs_as']}): {op['reason']}")
+        groups.setdefault((op["op_type"], op["runs_as"], op["reason"]), []).append(op["name"])
+    for (op_type, runs_as, reason), names in groups.items():
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        say(f"  not INT8: {len(names)} {op_type} ({shown}; runs in {runs_as}): {reason}")
     if not fallbacks:
-        say("  not INT8: none (every Conv/MatMul is a quantized kernel)")
+        say("  not INT8: none (every op INC's table counts is INT8)")
     if paths_val:
         values = ", ".join(f"{p} {v[metric]:.4f}" for p, v in paths_val.items())
         say(f"  validation {metric} per precision path: {values}")

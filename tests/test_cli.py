@@ -1,6 +1,7 @@
 """The CLI parses and calls; bad input ends in one line on stderr and exit code 2, never a traceback."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,31 @@ def test_bad_input_is_one_clear_line(argv, fragment, repo_root):
     assert "Traceback" not in result.stderr
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and fragment in error_lines[0], result.stderr
+
+
+def test_benchmark_preset_runs_the_pipeline_and_logs_to_the_run(tmp_path, capsys):
+    """`medq benchmark --preset chexnet-cpu`, shrunk by --set: data → low-res + full training → freeze → INC →
+    benchmark, with the reproducing command in the report and the log under the run."""
+    import json
+
+    from medq.cli import main
+
+    shrink = [f"run.output_dir={tmp_path}", f"data.root={tmp_path / 'phantoms'}", "data.phantom.n_train=30",
+              "data.phantom.n_test=8", "data.phantom.size=48", "preprocess.image_size=48", "train.epochs=1",
+              "model.name=refkit-cnn", "model.params={blocks: 2, filters: 4, dense_units: 8}",  # the plumbing only
+              "train.low_res={image_size: 32, epochs: 1}", "benchmark.precisions=[fp32, int8]",
+              "benchmark.reference=[]", "benchmark.instances=[]", "benchmark.batch_sizes=[4]",
+              "benchmark.batch_size=4", "benchmark.warmup=1", "benchmark.latency_iterations=3",
+              "benchmark.throughput_iterations=2",
+              f"quantize.deploy={Path(__file__).parent / 'fixtures' / 'wide_criterion_deploy.yaml'}"]
+    argv = ["benchmark", "--preset", "chexnet-cpu", "--quiet"] + [a for o in shrink for a in ("--set", o)]
+    assert main(argv) == 0
+    run = tmp_path / "chexnet-cpu"
+    report = json.loads((run / "benchmark.json").read_text())
+    assert report["preset"]["name"] == "chexnet-cpu" and "--set train.epochs=1" in report["preset"]["command"]
+    assert set(report["preset"]["stage_seconds"]) == {"data", "train", "freeze", "quantize", "benchmark"}
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stages"]["train"]["low_res"]["image_size"] == 32 and manifest["input_shape"] == [48, 48, 3]
+    assert manifest["config"]["model"]["name"] == "refkit-cnn"  # the run's config, not the preset file's name
+    assert "quantize:" in (run / "logs" / "benchmark.log").read_text()
+    assert "tensorflow-int8" in capsys.readouterr().out

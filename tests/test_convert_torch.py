@@ -3,6 +3,7 @@ arrive in the wild, loaded strictly and converted with the numerics checked. Nee
 (pip install -r env/requirements-convert.txt); skipped without it."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -210,6 +211,29 @@ def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
     graph = FrozenGraph(run / "model_fp32.pb")  # what quantize/benchmark load: names from the manifest
     assert graph.input.shape.as_list() == [None, SIZE, SIZE, 3] and graph.output.shape.as_list() == [None, 14]
     graph.close()
+
+    # ... and goes on through INC and the benchmark like any medq model, on NIH-layout phantoms. The weights are
+    # random, so the accuracy criterion is made wide: this checks the plumbing, not the model.
+    from medq.benchmark import run_benchmark
+    from medq.config import load_config
+    from medq.data.phantoms import generate_phantoms
+    from medq.quantize import run_quantize
+
+    data = tmp_path / "nih"
+    generate_phantoms("chest-multilabel", data, n_train=40, n_val=0, n_test=16, size=SIZE, seed=2)
+    deploy = Path(__file__).parent / "fixtures" / "wide_criterion_deploy.yaml"
+    config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=chexnet", f"data.root={data}",
+                                "data.format=nih-chestxray14", f"quantize.deploy={deploy}",
+                                "benchmark.precisions=[fp32, int8]", "benchmark.reference=[]",
+                                "benchmark.instances=[]", "benchmark.batch_sizes=[8]", "benchmark.batch_size=8",
+                                "benchmark.warmup=1", "benchmark.latency_iterations=3",
+                                "benchmark.throughput_iterations=2"])
+    int8 = run_quantize(config)
+    assert artifacts.read_manifest(run)["stages"]["quantize"]["quantized_kernels"] > 0
+    report = run_benchmark(config)
+    assert [(r["id"], r["model"]) for r in report["results"]] == [("tensorflow-fp32", "model_fp32.pb"),
+                                                                  ("tensorflow-int8", int8.name)]
+    assert report["classes"] == list(CHEXNET_CLASSES) and report["primary_metric"] == "auc"
 
 
 def test_one_channel_resnet18_study_checkpoint_gets_a_softmax(tmp_path):

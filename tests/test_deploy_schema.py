@@ -43,7 +43,7 @@ def test_repo_deploy_file_is_valid_and_typed():
     assert (deploy.criterion.kind, deploy.criterion.tolerance) == ("relative", 0.01)
     assert (deploy.max_trials, deploy.timeout, deploy.random_seed) == (50, 0, 1978)
     assert deploy.strategy == "basic" and deploy.quant_level == 1 and deploy.use_bf16 is False
-    assert deploy.performance.iteration == 50 and deploy.performance.cores_per_instance == 2
+    assert deploy.performance.cores_per_instance == 2 and deploy.performance.num_of_instance == 1
     assert deploy.warnings == []
     # what the file leaves out is listed with INC's default, and what it sets is not
     defaults = deploy.inc_defaults()

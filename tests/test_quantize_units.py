@@ -170,21 +170,38 @@ def test_fallback_ops_name_each_reason():
     from medq.quantize import fallback_ops
 
     fp32 = graph(("input", "Placeholder"), ("c1", "Conv2D"), ("c2", "Conv2D"), ("c3", "Conv2D"), ("c4", "Conv2D"),
-                 ("m1", "MatMul"), ("m2", "MatMul"))
+                 ("cat1", "ConcatV2"), ("cat2", "ConcatV2"), ("pool", "MaxPool"), ("m1", "MatMul"), ("m2", "MatMul"))
     int8 = graph(("input", "Placeholder"), ("c1", "Conv2D"),
                  ("c2_eightbit_requantize", "QuantizedConv2DWithBiasAndRequantize"), ("c3", "_FusedConv2D", "bf16"),
-                 ("c4", "Conv2D"),
+                 ("c4", "Conv2D"), ("cat1", "ConcatV2"), ("cat2_eightbit_quantized_concatv2", "QuantizedConcatV2"),
+                 ("pool_eightbit_quantized_maxpool", "QuantizedMaxPool"),
                  ("m1_eightbit_requantize", "QuantizedMatMulWithBiasAndDequantize"), ("m2", "MatMul"))
     capability = [(n, "Conv2D") for n in ("c1", "c2", "c3")] + [("m1", "MatMul"), ("m2", "MatMul")]
     result = SimpleNamespace(capability=capability,
                              trials=[Trial(1, ["c2", "c3", "m1"], ["c1"], [], metric=0.5),
-                                     Trial(2, ["c2", "m1"], ["c1"], ["c3"], metric=0.9)], bf16_ops=["c3"])
+                                     Trial(2, ["c2", "m1"], ["c1"], ["c3"], metric=0.9)], bf16_ops=["c3"],
+                             int8_ops=["c2", "m1", "cat1", "cat2"],
+                             op_table={"ConcatV2": {"total": 2, "int8": 1, "bf16": 0, "fp32": 1},
+                                       "MaxPool": {"total": 1, "int8": 1, "bf16": 0, "fp32": 0}})
     deploy = SimpleNamespace(op_wise={"c[1]": {"activation": {"dtype": ["fp32"]}}}, optype_wise=None,
                              model_wise=None, recipes={"last_conv_or_matmul_quantization": False})
     found = {op["name"]: op for op in fallback_ops(fp32, int8, result, deploy)}
-    assert set(found) == {"c1", "c3", "c4", "m2"}  # c2 and m1 are quantized kernels
+    # c2, m1, cat2 are quantized kernels; MaxPool has no FP32 count in INC's table
+    assert set(found) == {"c1", "c3", "c4", "cat1", "m2"}
+    # cat1 was INT8 in INC's final decision and still is FP32 in the graph: the rewrite, not the tuning, kept it
+    assert found["cat1"]["op_type"] == "ConcatV2" and "matched no quantized kernel" in found["cat1"]["reason"]
     assert found["c1"]["reason"].startswith("deploy.yaml asks for FP32")
     assert "took it out of INT8" in found["c3"]["reason"] and "trial 1 scored 0.5000" in found["c3"]["reason"]
     assert (found["c3"]["runs_as"], found["c3"]["in_int8_graph"]) == ("BF16", "_FusedConv2D")
     assert "no INT8 pattern" in found["c4"]["reason"] and found["c4"]["runs_as"] == "FP32"
     assert found["m2"]["reason"] == "recipe last_conv_or_matmul_quantization: false"
+
+
+def test_chance_level_is_what_a_model_that_learned_nothing_scores():
+    from medq.quantize import chance_level
+
+    single = np.array([[1, 0]] * 7 + [[0, 1]] * 3, np.float32)
+    assert chance_level("accuracy", single, "binary") == pytest.approx(0.7)
+    assert chance_level("auc", single, "binary") == 0.5
+    multi = np.array([[1, 0], [0, 0], [0, 0], [1, 1]], np.float32)  # label 0: half positive; label 1: 1 in 4
+    assert chance_level("accuracy", multi, "multilabel") == pytest.approx((0.5 + 0.75) / 2)

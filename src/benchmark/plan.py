@@ -112,20 +112,14 @@ def parse_layout(text: str, where: str = "benchmark.instances") -> Layout:
     return Layout(int(left), int(right))
 
 
-def deploy_performance(deploy: str | Path | None, config_source: str | None = None) -> dict[str, Any]:
+def deploy_performance(deploy: str | Path | None) -> dict[str, Any]:
     """The deploy.yaml's ``evaluation.performance`` section as medq.inc.deploy reads it (warmup, iteration,
     cores_per_instance, num_of_instance, ...), or {} when there is no deploy file."""
-    if not deploy:
-        return {}
-    candidates = [Path(deploy)]
-    if config_source and config_source != "defaults":
-        candidates.append(Path(config_source).parent / deploy)
-    path = next((p for p in candidates if p.is_file()), None)
-    if path is None:
+    if not deploy or not Path(deploy).is_file():
         return {}
     from medq.inc.deploy import load_deploy
 
-    return dataclasses.asdict(load_deploy(path).performance) | {"file": str(path)}
+    return dataclasses.asdict(load_deploy(deploy).performance) | {"file": str(deploy)}
 
 
 def plan_layouts(requested: Iterable[str], cores: int, performance: dict[str, Any] | None = None

@@ -121,12 +121,14 @@ def markdown(report: dict[str, Any]) -> str:
     mi_rows = [r for r in report["results"] if r.get("multi_instance")]
     if layouts and mi_rows:
         out += [f"## Multi-instance throughput (img/s at batch {s['batch_size']}, instances × cores each, "
-                "each instance pinned to its cores)", ""]
+                "each instance pinned to its cores; the sum of the instances' medians, then in brackets all images "
+                "over the wall time from the first start to the last end)", ""]
         cells = []
         for r in mi_rows:
             by = {m["layout"]: m for m in r["multi_instance"]}
             cells.append([r["engine"], r["precision"]] + [
-                (f"{_f(by[name]['throughput_ips'], 1)} ({_x(by[name].get('speedup_vs_fp32'))})"
+                (f"{_f(by[name]['throughput_ips'], 1)} ({_x(by[name].get('speedup_vs_fp32'))}) "
+                 f"[wall {_f(by[name].get('wall_throughput_ips'), 1)}]"
                  if "throughput_ips" in by.get(name, {}) else "failed" if name in by else "—") for name in layouts])
         out += [_table(["engine", "precision"] + [name.replace("x", " × ") for name in layouts], cells), ""]
     if report["task"] in ("multilabel", "multiclass") and report["results"]:
@@ -144,7 +146,7 @@ def markdown(report: dict[str, Any]) -> str:
     preset = report.get("preset")
     if preset:
         stages = ", ".join(f"{k} {v:.0f} s" for k, v in preset["stage_seconds"].items())
-        out += ["## Preset", "", f"- Command: `{preset['command']}` (config `{preset['config']}`)",
+        out += ["## Preset", "", f"- Command: `{preset['command']}` (config `{preset['config_file']}`)",
                 f"- Wall time: {preset['total_seconds']:.0f} s ({stages})", ""]
     out += ["## Method", "",
             f"- Each row ran in its own process (`python -m medq.benchmark.worker`), one after another; the "
@@ -159,6 +161,12 @@ def markdown(report: dict[str, Any]) -> str:
             "was set for every worker before its runtime started.",
             "- OpenVINO rows set INFERENCE_PRECISION_HINT explicitly (f32 or bf16): its CPU default on AMX hardware "
             "is bf16."]
+    perf = s.get("deploy_performance")
+    if perf:
+        out += [f"- `{perf['file']}` evaluation.performance: its num_of_instance × cores_per_instance "
+                f"({perf.get('num_of_instance')} × {perf.get('cores_per_instance')}) is a multi-instance layout above; "
+                "its warmup, iteration and thread keys are for INC's own benchmark, which medq does not run — "
+                "warm-up, iterations and threads here come from the medq config (benchmark:, runtime:)."]
     out += [f"- Note: {n}" for n in report.get("notes", [])]
     return "\n".join(out) + "\n"
 
@@ -189,10 +197,11 @@ def chart_png(report: dict[str, Any]) -> bytes:
     for i, r in enumerate(rows):
         axes[1].text(p50[i], i, f" {_x(r['vs_fp32']['latency_speedup'])}", va="bottom", fontsize=8)
     axes[1].set_title("latency, batch 1 (ms; p50, whisker to p99)")
-    values = [r["metrics"].get(primary) or 0.0 for r in rows]
+    measured = [r["metrics"].get(primary) for r in rows]
+    values = [v if v is not None else 0.0 for v in measured]
     axes[2].barh(list(y), values, color="#55A868")
-    for i, v in enumerate(values):
-        axes[2].text(v, i, f" {v:.4f}", va="center", fontsize=8)
+    for i, v in enumerate(measured):
+        axes[2].text(values[i], i, f" {v:.4f}" if v is not None else " n/a", va="center", fontsize=8)
     axes[2].set_xlim(0, 1.12)
     axes[2].set_title(f"test {primary}")
     axes[0].set_yticks(list(range(len(labels))))

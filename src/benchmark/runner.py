@@ -79,6 +79,11 @@ def test_inputs(config: Any, manifest: dict[str, Any], index: Any, bench: Path) 
             "recorded_test_size": recorded, "labels": labels}
 
 
+def recorded_deploy(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The deploy.yaml settings the run's INT8 graph was made with, as `medq quantize` recorded them ({} if none)."""
+    return (manifest.get("stages", {}).get("quantize") or {}).get("deploy") or {}
+
+
 def calibration_inputs(config: Any, manifest: dict[str, Any], index: Any, bench: Path) -> dict[str, Any]:
     """The calibration images of the reference INT8 models: the images `medq quantize` calibrates INC with (same
     deploy.yaml sampling size and seed, same stratified choice from the train split), else — without a usable
@@ -91,10 +96,10 @@ def calibration_inputs(config: Any, manifest: dict[str, Any], index: Any, bench:
         from medq.inc.deploy import load_deploy
         from medq.quantize import load_calibration
 
-        deploy = load_deploy(config.quantize.deploy)
-        x, _, paths = load_calibration(index, spec, deploy.sampling_sizes, deploy.random_seed)
-        source = (f"the INC calibration set: {len(paths)} train-split images chosen as `medq quantize` chooses them "
-                  f"({deploy.path}: sampling_size {deploy.sampling_sizes}, seed {deploy.random_seed})")
+        used = recorded_deploy(manifest) or load_deploy(config.quantize.deploy).to_dict()
+        x, _, paths = load_calibration(index, spec, used["sampling_sizes"], used["random_seed"])
+        source = (f"the INC calibration set: {len(paths)} train-split images chosen as `medq quantize` chose them "
+                  f"({used['path']}: sampling_size {used['sampling_sizes']}, seed {used['random_seed']})")
         with artifacts.atomic_path(target) as tmp:
             np.save(tmp, x)
         n = len(paths)
@@ -417,7 +422,7 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
     int8_pb = artifacts.artifact_path(run_dir, "int8_pb")
     rows, skipped = plan.plan_rows(bc.precisions, bc.reference, features, fp32_pb, int8_pb)
     cores = int(features.get("physical_cores") or hwinfo.physical_cores())
-    performance = plan.deploy_performance(config.quantize.deploy, config.source)
+    performance = plan.deploy_performance(recorded_deploy(manifest).get("path") or config.quantize.deploy)
     layouts, layout_skips = plan.plan_layouts(bc.instances, cores, performance)
     for row_id, reason in {**skipped, **{f"multi-instance {k}": v for k, v in layout_skips.items()}}.items():
         log.warning("benchmark: skipping %s: %s", row_id, reason)

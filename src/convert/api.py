@@ -13,6 +13,7 @@ import numpy as np
 
 from medq import artifacts
 from medq.convert import head, onnx_graph, parity, torch_models
+from medq.data.nih import CHEXNET_CLASSES
 from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec
 
@@ -22,10 +23,6 @@ OPSETS = range(13, 18)  # what this stack was tested with (torch exporter, onnx2
 PARITY_TOLERANCE = 1e-4  # absolute, on probabilities
 PARITY_IMAGES = 8
 NORMALIZATIONS = ("imagenet", "symmetric", "unit")
-CHEXNET_CLASSES = (
-    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia", "Pneumothorax",
-    "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
-)
 FROZEN_FP32 = "model_fp32.pb"  # the name medq.freeze writes: later stages find it through the manifest either way
 ONNX_FILE = "model.onnx"
 ONNX_FP32_FILE = "model_fp32.onnx"
