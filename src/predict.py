@@ -182,8 +182,9 @@ def record(path: Path, probs: np.ndarray, info: RunInfo, threshold: float = DEFA
     """The JSON object for one image."""
     out: dict[str, Any] = {"file": str(path),
                            "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
-    if info.task == "multilabel":
+    if info.task == "multilabel":  # the findings at the threshold, as both keys: one schema for every task
         out["findings"] = [c for c, p in zip(info.classes, probs) if p >= threshold]
+        out["prediction"] = out["findings"]
         out["threshold"] = threshold
     else:
         out["prediction"] = info.classes[int(np.argmax(probs))]
@@ -262,6 +263,8 @@ def _load_one(item: ImageInput, spec: PreprocessSpec, ten_crop: bool, keep_image
         return x, (image if keep_image else None), None
     except UnreadableImage as exc:
         return None, None, _error_text(item.path, exc)
+    except Exception as exc:  # noqa: BLE001 - one odd file (a codec error, say) must not cost the others
+        return None, None, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
 
 
 def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_size: int = 32,

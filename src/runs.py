@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ log = logging.getLogger("medq")
 
 BENCHMARK_JSON = "benchmark.json"
 METRIC_KEYS = ("accuracy", "auc")
-SHORT = {"accuracy": "acc", "metric": "val"}
+SHORT = {"accuracy": "acc"}
 PRECISION_PATHS = ("fp32", "bf16", "int8", "int8-bf16")
 
 
@@ -51,81 +50,39 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _first_number(data: Any, *paths: str) -> float | None:
-    for path in paths:
-        value = _number(_get(data, path))
-        if value is not None:
-            return value
-    return None
-
-
 def _metrics(data: Any) -> dict[str, float]:
-    """accuracy / auc out of a metrics dict (or a bare number, taken as the primary metric)."""
-    if _number(data) is not None:
-        return {"metric": _number(data)}
+    """accuracy / auc out of a metrics dict (None where undefined)."""
     if not isinstance(data, dict):
         return {}
     return {k: _number(data[k]) for k in METRIC_KEYS if _number(data.get(k)) is not None}
 
 
-def _precision_of(key: str) -> str | None:
-    tokens = re.split(r"[_\s.]+", key.lower())
-    return next((p for p in PRECISION_PATHS if p in tokens), None)
-
-
 def quantize_metrics(entry: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """{precision path: {accuracy, auc}} from the quantize stage entry (``fp32_val``/``int8_val`` and
-    ``precision_val: {fp32, bf16, int8, int8-bf16}``, or any key naming a precision); the first value found wins."""
-    found: dict[str, dict[str, float]] = {}
-
-    def scan(node: dict[str, Any], precision: str | None, depth: int) -> None:
-        for key, value in node.items():
-            here = _precision_of(str(key)) or precision
-            named = next((m for m in METRIC_KEYS if m in str(key).lower()), None)
-            if isinstance(value, dict):
-                metrics = _metrics(value)
-                if here and metrics:
-                    found.setdefault(here, metrics)
-                elif depth < 3:
-                    scan(value, here, depth + 1)
-            elif here and named and _number(value) is not None:
-                found.setdefault(here, {})[named] = _number(value)
-
-    scan(entry or {}, None, 0)
-    return {p: found[p] for p in PRECISION_PATHS if p in found}
+    """{precision path: {accuracy, auc}} on validation, as the quantize stage recorded them (``fp32_val``,
+    ``int8_val`` and ``precision_val``)."""
+    measured = entry.get("precision_val") or {}
+    found = {p: {**_metrics(entry.get(f"{p}_val")), **_metrics(measured.get(p))} for p in PRECISION_PATHS}
+    return {p: metrics for p, metrics in found.items() if metrics}
 
 
 def benchmark_rows(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
-    """(rows of engine, precision, latency_p50_ms, throughput_ips, accuracy, auc; a warning or None)."""
+    """(rows of engine, precision, latency_p50_ms, throughput_ips, accuracy, auc; a warning or None), from the
+    ``results`` of benchmark.json (schema: :func:`medq.benchmark.report.check_schema`)."""
     path = run_dir / BENCHMARK_JSON
     if not path.is_file():
         return [], None
     try:
         report = json.loads(path.read_text())
-    except (ValueError, OSError) as exc:
+        results = list(report["results"])
+    except (ValueError, OSError, KeyError, TypeError) as exc:
         return [], f"{path}: unreadable ({type(exc).__name__}); re-run `medq benchmark`"
-    results = report.get("results", []) if isinstance(report, dict) else []
-    if isinstance(results, dict):
-        results = [dict(row, id=key) if isinstance(row, dict) else {"id": key} for key, row in results.items()]
     rows = []
     for row in results:
-        if not isinstance(row, dict):
-            continue
-        throughput = _first_number(row, "throughput_ips", "throughput.throughput_ips", "throughput",
-                                   "throughput.images_per_second", "images_per_second")
-        sweep = [_number(s.get("throughput_ips")) for s in row.get("sweep", []) if isinstance(s, dict)]
-        if throughput is None and any(v is not None for v in sweep):
-            throughput = max(v for v in sweep if v is not None)
-        metrics = _metrics(row.get("metrics")) or _metrics(row)
-        rows.append({
-            "engine": row.get("engine") or row.get("name") or row.get("id") or "?",
-            "precision": row.get("precision") or "",
-            "latency_p50_ms": _first_number(row, "latency_ms.p50", "latency.p50", "latency_p50_ms",
-                                            "latency_ms_p50", "p50_ms"),
-            "throughput_ips": throughput,
-            "accuracy": metrics.get("accuracy"),
-            "auc": metrics.get("auc"),
-        })
+        metrics = _metrics(row.get("metrics"))
+        rows.append({"engine": row.get("engine", "?"), "precision": row.get("precision", ""),
+                     "latency_p50_ms": _number((row.get("latency_ms") or {}).get("p50")),
+                     "throughput_ips": _number(row.get("throughput_ips")),
+                     "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc")})
     return rows, None
 
 
@@ -181,7 +138,7 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
     except (ValueError, OSError) as exc:
         raise MedqError(f"{run_dir / artifacts.MANIFEST}: unreadable ({type(exc).__name__}); the run cannot be "
                         "shown — re-run its stages") from None
-    return summarize(run_dir, manifest)
+    return summarize(run_dir, manifest) | {"config": manifest.get("config") or {}}
 
 
 def list_runs(output_dir: str | Path, warn: bool = True) -> list[dict[str, Any]]:
@@ -267,6 +224,15 @@ def _size(n: Any) -> str:
     return "?"
 
 
+def _train_text(train: dict[str, Any]) -> str:
+    if not train:
+        return "-"
+    low = train.get("low_res") or {}
+    return (f"{train.get('epochs')} epochs, batch {train.get('batch_size')}, {train.get('optimizer')} lr "
+            f"{train.get('learning_rate')}, loss {train.get('loss')}, monitor {train.get('monitor', 'auc')}"
+            + (f", first {low['epochs']} at {low['image_size']} px" if low.get("epochs") else ""))
+
+
 def format_run(s: dict[str, Any]) -> str:
     classes = ", ".join(s["classes"]) or "-"
     params = ", ".join(f"{k}={v}" for k, v in s["model_params"].items())
@@ -283,6 +249,7 @@ def format_run(s: dict[str, Any]) -> str:
         f"  model       {model}",
         f"  data        {s['data_format'] or '-'} at {s['data_root'] or '-'}" + (f"  ({splits})" if splits else ""),
         f"  preprocess  {s['image_size'] or '-'} px, {s['channels'] or '-'} channel(s), {s['normalization'] or '-'}",
+        f"  training    {_train_text(s.get('config', {}).get('train') or {})}",
         f"  validation  {_metric_text(s['val_metrics'])}" + (f"  (best epoch {s['best_epoch']})" if s["best_epoch"] else ""),
         f"  quantize    {_quant_text(s['quantize'])}"
         + (f"  ({s['quantize_status']})" if s.get("quantize_status") else ""),

@@ -18,7 +18,6 @@ import pytest
 from medq import artifacts
 from medq.cli import main
 from medq.data.dicom import dicom_bytes, load_dicom
-from medq.errors import MedqError
 from medq.graph import FrozenGraph
 from medq.hwinfo import thread_environment
 from medq.predict import (ImageInput, Predictor, RunInfo, collect_inputs, iter_predictions, model_location,
@@ -34,6 +33,7 @@ def tiny(tmp_path_factory):
     from medq.config import load_config
     from medq.data.phantoms import generate_chest_pneumonia
     from medq.freeze import run_freeze
+    from medq.quantize import run_quantize
     from medq.train import run_train
 
     root = tmp_path_factory.mktemp("predict")
@@ -42,30 +42,14 @@ def tiny(tmp_path_factory):
     config = load_config(None, [f"run.output_dir={root / 'output'}", f"data.root={data}", "run.name=tiny",
                                 "data.generate=false", "preprocess.image_size=32", "train.epochs=2",
                                 "model.params={blocks: 2, filters: 4, dense_units: 8}",
-                                f"quantize.deploy={REPO / 'configs' / 'deploy.yaml'}"])
+                                # a 2-epoch model: the criterion is wide, what is tested is the INT8 file's use
+                                f"quantize.deploy={REPO / 'tests' / 'fixtures' / 'wide_criterion_deploy.yaml'}"])
     run_train(config)
     run_freeze(config)
-    int8_skip = _quantize(config, root)
+    run_quantize(config)
     test_files = sorted(str(p) for p in (data / "test").rglob("*.jpeg"))
-    return SimpleNamespace(config=config, run_dir=config.run_dir, root=root, test_files=test_files,
-                           spec=PreprocessSpec(32, 1, "unit"), int8_skip=int8_skip)
-
-
-def _quantize(config, root: Path) -> str | None:
-    """Run the real quantize stage (INC writes nc_workspace/ into the working directory: keep it in tmp)."""
-    try:
-        from medq.quantize import run_quantize
-    except ImportError:
-        return "medq.quantize is not available"
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        run_quantize(config)
-    except MedqError as exc:
-        return f"INC gave no INT8 graph for the tiny model: {exc}"
-    finally:
-        os.chdir(cwd)
-    return None
+    return SimpleNamespace(config=config, run_dir=config.run_dir, root=root, data=data, test_files=test_files,
+                           spec=PreprocessSpec(32, 1, "unit"))
 
 
 def _frozen_probs(pb: Path, files: list[str], spec: PreprocessSpec) -> np.ndarray:
@@ -137,8 +121,6 @@ def test_keras_and_frozen_fp32_agree_and_int8_matches_its_graph(tiny):
         results[model] = np.stack([_probs(r) for r in iter_predictions(predictor, items, batch_size=5, quiet=True)])
         predictor.close()
     np.testing.assert_allclose(results["keras"], results["fp32"], atol=1e-5)
-    if tiny.int8_skip:
-        pytest.skip(tiny.int8_skip)
     kind, int8 = model_location(info, "int8")
     predictor = Predictor(info, kind, int8)
     got = np.stack([_probs(r) for r in iter_predictions(predictor, items, batch_size=8, quiet=True)])
@@ -267,20 +249,37 @@ def test_collect_inputs_and_multilabel_records(tmp_path):
     assert ignored == 2 and items[0].root == tmp_path / "a" and items[2].root is None
     info = RunInfo(tmp_path, ["Atelectasis", "Effusion", "Mass"], "multilabel", PreprocessSpec(8, 1, "unit"))
     rec = record(Path("f.png"), np.array([0.7, 0.2, 0.5]), info)
-    assert rec["findings"] == ["Atelectasis", "Mass"] and "prediction" not in rec
+    assert rec["findings"] == rec["prediction"] == ["Atelectasis", "Mass"]
     assert record(Path("f.png"), np.array([0.7, 0.2, 0.5]), info, threshold=0.6)["findings"] == ["Atelectasis"]
 
 
-def _deploy_snippet() -> str:
-    text = (REPO / "docs" / "deploy.md").read_text()
+def _deploy_snippet(document: str = "docs/deploy.md") -> str:
+    text = (REPO / document).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 1, "docs/deploy.md should hold exactly one python block (the deploy snippet)"
+    assert len(blocks) == 1, f"{document} should hold exactly one python block (the deploy snippet)"
     return blocks[0]
 
 
+def test_readme_deploy_snippet_runs_as_written(tiny, tmp_path):
+    """The README's snippet, run from a folder laid out like the repo (output/default, data/chest_xray)."""
+    (tmp_path / "output").mkdir()
+    (tmp_path / "output" / "default").symlink_to(tiny.run_dir)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chest_xray").symlink_to(tiny.data)
+    done = subprocess.run([sys.executable, "-c", _deploy_snippet("README.md")], cwd=tmp_path, capture_output=True,
+                          text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    images = sorted(f"data/chest_xray/{p.relative_to(tiny.data)}" for p in (tiny.data / "test").glob("*/*.jpeg"))[:4]
+    assert [line.split(" ", 1)[0] for line in lines] == images
+    expected = _frozen_probs(artifacts.artifact_path(tiny.run_dir, "int8_pb"), [str(tmp_path / i) for i in images],
+                             tiny.spec)
+    for line, want in zip(lines, expected):
+        got = json.loads(line.split(" ", 1)[1].replace("'", '"'))
+        np.testing.assert_allclose(list(got.values()), want, atol=1e-3)
+
+
 def test_deploy_snippet_runs_with_plain_tensorflow_and_matches_medq(tiny, tmp_path):
-    if tiny.int8_skip:
-        pytest.skip(tiny.int8_skip)
     code = _deploy_snippet()
     assert not re.search(r"^\s*(import|from)\s+medq", code, flags=re.M)
     script = tmp_path / "predict_int8.py"
@@ -302,3 +301,55 @@ def test_deploy_snippet_runs_with_plain_tensorflow_and_matches_medq(tiny, tmp_pa
     for rec, want in zip(recs, expected):
         np.testing.assert_allclose(_probs(rec), want, atol=2e-6)
         assert rec["prediction"] == ["NORMAL", "PNEUMONIA"][int(np.argmax(want))]
+
+
+def test_a_file_that_breaks_the_decoder_is_one_error_record_not_a_lost_run(tmp_path, monkeypatch):
+    import medq.predict as predict
+
+    info = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", PreprocessSpec(8, 1, "unit"))
+    files = []
+    for name in ("a.png", "odd.png", "c.png"):
+        files.append(tmp_path / name)
+        cv2.imwrite(str(files[-1]), np.full((12, 12), 128, np.uint8))
+    real = predict.load_image
+
+    def decoder(path):
+        if Path(path).name == "odd.png":
+            raise cv2.error("OpenCV(4.11) resize.cpp:4152: error: (-215:Assertion failed) !ssize.empty()")
+        return real(path)
+
+    monkeypatch.setattr(predict, "load_image", decoder)
+
+    class Fixed:
+        def __init__(self):
+            self.info = info
+
+        def __call__(self, x, batch_size=32):
+            return np.tile([0.3, 0.7], (len(x), 1))
+
+    records = list(iter_predictions(Fixed(), [ImageInput(f) for f in files], batch_size=8, quiet=True))
+    assert [r["file"] for r in records] == [str(f) for f in files]
+    assert records[0]["prediction"] == records[2]["prediction"] == "PNEUMONIA"
+    assert "error" in records[1] and "cannot be read (error:" in records[1]["error"] and "\n" not in records[1]["error"]
+
+
+def test_predict_gives_the_benchmark_stage_probabilities_for_the_same_images(tiny, tmp_path):
+    """The benchmark's FP32 and INT8 rows stored their probabilities for the test split: `medq predict` on those
+    files (decoded and preprocessed on its own path) must give the same numbers."""
+    from dataclasses import replace
+
+    from medq.benchmark import run_benchmark
+    from medq.data.readers import read_dataset
+    from medq.predict import run_predict
+
+    config = replace(tiny.config, benchmark=replace(
+        tiny.config.benchmark, precisions=["fp32", "int8"], reference=[], instances=[], batch_sizes=[8],
+        batch_size=8, warmup=1, latency_iterations=3, throughput_iterations=2))
+    run_benchmark(config)
+    files = read_dataset(config.data, seed=config.run.seed).paths("test")
+    for model in ("fp32", "int8"):
+        out = tmp_path / f"{model}.jsonl"
+        run_predict(tiny.run_dir, files, model=model, output=out, quiet=True)
+        got = np.stack([_probs(r) for r in _read_jsonl(out)])
+        stored = np.load(tiny.run_dir / "benchmark" / "probs" / f"tensorflow-{model}.npy")
+        np.testing.assert_allclose(got, stored, atol=2e-6)

@@ -12,7 +12,9 @@ from medq.runs import benchmark_rows, list_runs, quantize_metrics
 
 CONFIG = {"model": {"name": "refkit-cnn", "params": {"blocks": 2}}, "data": {"format": "kaggle-pneumonia",
                                                                          "root": "/data/chest_xray"},
-          "preprocess": {"image_size": 96, "channels": 1, "normalization": "unit"}}
+          "preprocess": {"image_size": 96, "channels": 1, "normalization": "unit"},
+          "train": {"epochs": 15, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001, "loss": "auto",
+                    "monitor": "auc", "low_res": {"image_size": 48, "epochs": 4}}}
 
 
 def _write_run(output: Path, name: str, stages: dict, benchmark: dict | None = None, **top) -> Path:
@@ -81,6 +83,7 @@ def test_show_prints_config_metrics_artifacts_and_benchmark(output, capsys):
                      "refkit-cnn (blocks=2), 12,345 parameters, selected by tune",
                      "kaggle-pneumonia at /data/chest_xray  (train 640, val 160)", "96 px, 1 channel(s), unit",
                      "validation  accuracy 0.9200, auc 0.9700  (best epoch 7)",
+                     "training    15 epochs, batch 32, adam lr 0.001, loss auto, monitor auc, first 4 at 48 px",
                      "fp32 accuracy 0.9100, auc 0.9600; bf16 accuracy 0.9090; int8 accuracy 0.9050, auc 0.9550; "
                      "int8-bf16 accuracy 0.9000  (ok)",
                      "keras_model    model.keras  2.0 KB", "fp32_pb        model_fp32.pb  MISSING"):
@@ -93,6 +96,7 @@ def test_show_prints_config_metrics_artifacts_and_benchmark(output, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["stages"] == ["train"] and data["benchmark"] == [] and data["quantize"] == {}
     assert data["val_metrics"] == {"accuracy": 0.9, "auc": 0.95}
+    assert data["config"]["train"]["epochs"] == 15  # the whole config, for scripts
 
 
 def test_show_unknown_or_corrupt_run_is_one_line(output, capsys):
@@ -110,21 +114,20 @@ def test_empty_or_missing_output_dir(tmp_path, capsys):
     assert list_runs(tmp_path / "none") == []
 
 
-def test_tolerant_readers():
-    assert quantize_metrics({"fp32_accuracy": 0.8, "int8_accuracy": 0.79, "int8_seconds": 3.0}) == {
-        "fp32": {"accuracy": 0.8}, "int8": {"accuracy": 0.79}}
-    assert quantize_metrics({"status": "failed", "fp32_val": {"auc": 0.7}}) == {"fp32": {"auc": 0.7}}
+def test_quantize_metrics_come_from_the_stage_entry():
+    assert quantize_metrics(QUANTIZE) == {"fp32": {"accuracy": 0.91, "auc": 0.96}, "bf16": {"accuracy": 0.909},
+                                          "int8": {"accuracy": 0.905, "auc": 0.955}, "int8-bf16": {"accuracy": 0.9}}
+    assert quantize_metrics({"status": "failed", "fp32_val": {"auc": 0.7, "accuracy": float("nan")}}) == {
+        "fp32": {"auc": 0.7}}
     assert quantize_metrics({}) == {}
 
 
-def test_benchmark_rows_accept_sweeps_and_flag_a_corrupt_file(tmp_path):
-    (tmp_path / "benchmark.json").write_text(json.dumps({"results": [
-        {"id": "ort-int8", "sweep": [{"batch_size": 1, "throughput_ips": 50.0}, {"batch_size": 32,
-                                                                                "throughput_ips": 80.0}],
-         "latency_p50_ms": 12.0, "accuracy": 0.5}, "junk"]}))
+def test_benchmark_rows_read_the_schema_and_flag_a_corrupt_file(tmp_path):
+    (tmp_path / "benchmark.json").write_text(json.dumps(BENCHMARK))
     rows, warning = benchmark_rows(tmp_path)
-    assert warning is None and rows == [{"engine": "ort-int8", "precision": "", "latency_p50_ms": 12.0,
-                                         "throughput_ips": 80.0, "accuracy": 0.5, "auc": None}]
-    (tmp_path / "benchmark.json").write_text("{")
-    rows, warning = benchmark_rows(tmp_path)
-    assert rows == [] and "unreadable" in warning
+    assert warning is None and rows[1] == {"engine": "tensorflow", "precision": "int8", "latency_p50_ms": 2.5,
+                                           "throughput_ips": 612.0, "accuracy": 0.895, "auc": 0.949}
+    for broken in ("{", '{"rows": []}'):
+        (tmp_path / "benchmark.json").write_text(broken)
+        rows, warning = benchmark_rows(tmp_path)
+        assert rows == [] and "unreadable" in warning
