@@ -33,7 +33,16 @@ tune:
 """)
     base = dict(os.environ, KERASTUNER_ORACLE_IP="127.0.0.1", KERASTUNER_ORACLE_PORT=str(_free_port()),
                 TF_CPP_MIN_LOG_LEVEL="2")
-    args = [sys.executable, "-m", "medq", "tune", "--config", str(config)]
+    # Workers import TensorFlow first, then wait for each other before asking the chief for trials: a worker that
+    # starts seconds late on a busy machine would otherwise find every trial taken.
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    start = ("import os, sys, time, pathlib, tensorflow, keras_tuner, medq.tune; from medq.cli import main; "
+             "b = pathlib.Path(sys.argv[1]); tid = os.environ['KERASTUNER_TUNER_ID']; (b / tid).touch(); "
+             "t = time.time()\n"
+             "while tid != 'chief' and len(list(b.iterdir())) < 3 and time.time() - t < 300: time.sleep(0.1)\n"
+             "sys.exit(main(sys.argv[2:]))")
+    args = [sys.executable, "-c", start, str(barrier), "tune", "--config", str(config)]
     procs = {tid: subprocess.Popen(args, env=dict(base, KERASTUNER_TUNER_ID=tid), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True)
              for tid in ("chief", "tuner0", "tuner1")}
