@@ -297,3 +297,21 @@ def test_inc_own_schema_accepts_our_files_and_agrees_with_our_defaults():
     assert ours["tuning.exit_policy.max_trials"] == 100 and ours["tuning.random_seed"] == 1978
     # INC's import rewires yaml.SafeLoader to read null as {}; medq puts it back
     assert yaml.safe_load("a: null") == {"a": None}
+
+
+def test_an_untrained_model_is_quantized_with_a_warning_that_it_proves_nothing(trained, tmp_path, capfd):
+    """A model at chance level 'meets' any criterion; the stage says so instead of reporting a success."""
+    from medq.freeze import run_freeze
+    from medq.models import build_model
+    from medq.quantize import run_quantize
+
+    config = copy_run(trained, "untrained", deploy=REPO / "tests" / "fixtures" / "wide_criterion_deploy.yaml")
+    model = build_model("refkit-cnn", (40, 40, 1), 2, "binary", blocks=2, filters=8, dense_units=16)
+    model.layers[-1].set_weights([np.zeros_like(w) for w in model.layers[-1].get_weights()])  # always 50/50
+    model.save(config.run_dir / "model.keras")
+    artifacts.update_manifest(config.run_dir, "train", artifacts={"keras_model": config.run_dir / "model.keras"})
+    run_freeze(config)
+    run_quantize(config)
+    assert "about chance" in capfd.readouterr().out
+    run_quantize(copy_run(trained, "trained-again"))
+    assert "about chance" not in capfd.readouterr().out
