@@ -378,7 +378,8 @@ class _QuantizeRun:
             raise DataError(f"{self.config.data.root}: the FP32 {metric} on the validation split is undefined (a "
                             "class is missing there); set quantize.metric: accuracy or raise data.val_fraction")
         chance = chance_level(metric, self.y_val, self.task)
-        if baseline <= chance + CHANCE_MARGIN:
+        near_chance = bool(baseline <= chance + CHANCE_MARGIN)
+        if near_chance:
             say(f"  warning: the FP32 model scores {metric} {baseline:.4f} on validation, about chance "
                 f"({chance:.4f}): INT8 matching an untrained model proves nothing; train it longer first",
                 warning=True)
@@ -397,7 +398,8 @@ class _QuantizeRun:
                                  "distinct_images_fed": len(loader.paths_fed)},
                  "precision_paths": {"kept": kept, "skipped": skipped}, "trials": _trial_facts(result),
                  "inc_received": result.received, "log": os.path.relpath(log_path, self.run_dir),
-                 "dropped_while_loading": [{"path": p, "reason": r} for p, r in sorted(self.dropped.items())]}
+                 "dropped_while_loading": [{"path": p, "reason": r} for p, r in sorted(self.dropped.items())],
+                 "fp32_near_chance": {"near": near_chance, "chance": chance, "margin": CHANCE_MARGIN}}
         if result.graph_def is None:
             tried = [t.metric for t in result.trials if t.metric is not None]
             best = max(tried) if tried else float("nan")

@@ -1,11 +1,20 @@
 """Shared fixtures. Tests use only data they generate; nothing is downloaded."""
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _medq_logger_reset():
+    """Tests that call the CLI in-process leave handlers on the 'medq' logger bound to that test's captured
+    streams; later tests would log into closed streams."""
+    yield
+    logging.getLogger("medq").handlers.clear()
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -312,6 +312,9 @@ def test_an_untrained_model_is_quantized_with_a_warning_that_it_proves_nothing(t
     artifacts.update_manifest(config.run_dir, "train", artifacts={"keras_model": config.run_dir / "model.keras"})
     run_freeze(config)
     run_quantize(config)
+    assert stage(config)["fp32_near_chance"] == {"near": True, "chance": pytest.approx(2 / 3, abs=0.1),
+                                                 "margin": 0.05}
     assert "about chance" in capfd.readouterr().out
-    run_quantize(copy_run(trained, "trained-again"))
-    assert "about chance" not in capfd.readouterr().out
+    again = copy_run(trained, "trained-again")
+    run_quantize(again)
+    assert stage(again)["fp32_near_chance"]["near"] is False and "about chance" not in capfd.readouterr().out
