@@ -1,4 +1,4 @@
-"""Run folders, atomic writes and the run manifest.
+"""Atomic writes, sha256 and package versions (the run folder and its manifest: :mod:`medq.runrecord`).
 
 Every artifact is written to a temporary file in the same folder and renamed into place, so an interrupted stage never
 leaves a half-written model or report behind, and whatever was already written is not lost.
@@ -8,15 +8,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
-
-MANIFEST = "manifest.json"
 
 # Packages whose versions are recorded beside every number medq writes.
 RECORDED_PACKAGES = (
@@ -60,7 +58,22 @@ def write_text(target: str | Path, text: str) -> Path:
 
 
 def write_json(target: str | Path, obj: Any) -> Path:
-    return write_text(target, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    """Strict JSON: NaN and infinity are written as null (strict readers reject bare NaN)."""
+    return write_text(target, json.dumps(finite(obj), indent=2, sort_keys=False, default=_json_default,
+                                         allow_nan=False) + "\n")
+
+
+def finite(obj: Any) -> Any:
+    """``obj`` with every non-finite float (also inside numpy arrays and scalars) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):
+        return finite(obj.tolist())
+    return obj
 
 
 def _json_default(obj: Any) -> Any:
@@ -87,46 +100,3 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
-
-
-def read_manifest(run_dir: str | Path) -> dict[str, Any]:
-    path = Path(run_dir) / MANIFEST
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
-
-
-def update_manifest(run_dir: str | Path, stage: str, *, config: Any = None, artifacts: dict[str, str | Path] = (),
-                    **info: Any) -> dict[str, Any]:
-    """Record what ``stage`` produced: artifact paths (relative to the run) with sha256, and stage facts.
-
-    ``info`` keys are merged into the manifest's ``stages[stage]`` entry; top-level facts that later stages read
-    (tensor names, class names, preprocessing) go in via ``info['top']``.
-    """
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir)
-    manifest.setdefault("medq_version", _medq_version())
-    manifest["versions"] = package_versions()
-    if config is not None:
-        manifest["config"] = config.to_dict() if hasattr(config, "to_dict") else config
-    manifest.update(info.pop("top", {}))
-    entries = manifest.setdefault("artifacts", {})
-    for key, path in dict(artifacts).items():
-        path = Path(path)
-        entries[key] = {"path": os.path.relpath(path, run_dir), "sha256": sha256(path), "bytes": path.stat().st_size}
-    stage_entry = manifest.setdefault("stages", {}).setdefault(stage, {})
-    stage_entry.update(info)
-    stage_entry["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(run_dir / MANIFEST, manifest)
-    return manifest
-
-
-def artifact_path(run_dir: str | Path, key: str) -> Path | None:
-    entry = read_manifest(run_dir).get("artifacts", {}).get(key)
-    return Path(run_dir) / entry["path"] if entry else None
-
-
-def _medq_version() -> str:
-    from medq import __version__
-
-    return __version__

@@ -48,14 +48,23 @@ def _read_config(args: argparse.Namespace):
     if path is None and Path(DEFAULT_CONFIG).is_file():
         path = DEFAULT_CONFIG
     overrides = list(args.set or [])
-    if getattr(args, "run_name", None):
-        overrides.append(f"run.name={args.run_name}")
+    if getattr(args, "run_name", None) is not None:  # '' is an unset shell variable, not "the default run"
+        from medq.config import check_run_name
+
+        overrides.append(f"run.name={check_run_name(args.run_name, '--run-name')}")
     return load_config(path, overrides)
+
+
+# The command's log file and whether its run folder existed before it: a failed command leaves no new empty run
+# folder behind, and an unexpected error names the log that holds the traceback.
+_SESSION: dict[str, Any] = {}
 
 
 def _load(args: argparse.Namespace):
     config = _read_config(args)
-    _setup_logging(args.verbose, args.quiet, config.run_dir / "logs" / f"{args.command}.log")
+    _SESSION["run_dir"], _SESSION["existed"] = config.run_dir, config.run_dir.exists()
+    _SESSION["log"] = config.run_dir / "logs" / f"{args.command}.log"
+    _setup_logging(args.verbose, args.quiet, _SESSION["log"])
     return config
 
 
@@ -80,7 +89,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     from medq.pipeline import run_data
 
-    run_data(_load(args))
+    run_data(_load(args), resplit=args.resplit)
     return 0
 
 
@@ -193,7 +202,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           ten_crop=args.ten_crop, heatmap_dir=args.heatmap, heatmap_classes=args.heatmap_classes,
                           heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
                           quiet=args.quiet, intra_op_threads=config.runtime.intra_op_threads,
-                          inter_op_threads=config.runtime.inter_op_threads)
+                          inter_op_threads=config.runtime.inter_op_threads, trust_model_file=args.trust_model_file)
     print(f"medq predict: {summary.line()}", file=sys.stderr)
     return summary.exit_code
 
@@ -265,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", help="with check: the layout (default: detect)")
             p.add_argument("--variant", help="with check: e.g. 3-class")
             p.add_argument("--json", action="store_true", help="with check: print JSON")
+            p.add_argument("--resplit", action="store_true", help="split the dataset again for this run (the run's "
+                           "pinned split.json is replaced; its models become stale and must be retrained)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last "
                            "checkpoint in <run>/checkpoints/")
@@ -326,6 +337,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-file", metavar="PATH",
                    help="a .pb frozen graph or .keras model to use instead; classes and preprocessing still come "
                         "from --run's manifest")
+    p.add_argument("--trust-model-file", action="store_true",
+                   help="allow an HDF5 (.h5) or SavedModel --model-file: Keras' legacy loader can run code stored in "
+                        "it, so only for a file you trust")
     p.add_argument("--output", "-o", metavar="FILE.jsonl",
                    help="write JSON lines here (atomically) instead of stdout")
     p.add_argument("--ten-crop", action="store_true",
@@ -348,14 +362,60 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         os.environ.setdefault("MEDQ_PROGRESS", "0")  # medq.progress: no bars under --quiet
     _setup_logging(args.verbose, args.quiet)
+    _SESSION.clear()
     try:
         return args.func(args)
     except MedqError as exc:
+        _forget_new_run_folder()
         print(f"medq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"medq {args.command}: interrupted; finished artifacts are kept, rerun to continue", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an environment problem: one line here, the traceback in the log
+        log_file = _log_traceback(args.command)
+        if args.verbose:
+            import traceback
+
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        print(f"medq {args.command}: unexpected error: {type(exc).__name__}: {first}; the traceback is in "
+              f"{log_file} (rerun with --verbose to see it here)", file=sys.stderr)
+        return 1
+
+
+def _log_traceback(command: str) -> Path:
+    """Write the current exception's traceback to the command's log (a temporary file when there is none, or when
+    the run folder is removed because the command created it and left nothing)."""
+    import tempfile
+    import traceback
+
+    text = traceback.format_exc()
+    log.debug("%s", text)
+    log_file = _SESSION.get("log")
+    if log_file is None or _forget_new_run_folder():
+        fd, name = tempfile.mkstemp(prefix=f"medq-{command}-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        return Path(name)
+    return Path(log_file)
+
+
+def _forget_new_run_folder() -> bool:
+    """Remove the run folder a failed command created, when it holds nothing but its lock and logs."""
+    import shutil
+
+    run_dir = _SESSION.get("run_dir")
+    if run_dir is None or _SESSION.get("existed") or not run_dir.is_dir():
+        return False
+    if any(p.name not in ("logs", ".lock") for p in run_dir.iterdir()):
+        return False
+    for handler in list(log.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            log.removeHandler(handler)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 if __name__ == "__main__":

@@ -321,7 +321,23 @@ _POSITIVE = {
 _FRACTIONS = {"val_fraction", "test_fraction", "dropout", "zoom", "shift", "brightness", "contrast"}
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_run_name(name: str, where: str = "run.name") -> str:
+    """A run name is a plain folder name under run.output_dir: not empty, no path separators, no '..'."""
+    if not name:
+        raise ConfigError(f"{where}: the run name is empty (an unset shell variable?); give a folder name, "
+                          "e.g. --run-name default")
+    if not RUN_NAME.match(name):
+        raise ConfigError(f"{where}: {name!r} is not a plain folder name; use letters, digits, '.', '_' and '-', "
+                          "starting with a letter or digit (the run lives in run.output_dir/<name>)")
+    return name
+
+
 def _check_ranges(obj: Any, where: str) -> None:
+    if isinstance(obj, RunConfig):
+        check_run_name(obj.name, f"{where}.name" if where else "name")
     if isinstance(obj, LowResConfig):  # 0/0 is "off"; otherwise both are set
         negative = min(obj.image_size, obj.epochs, obj.learning_rate) < 0
         if negative or (obj.image_size == 0) != (obj.epochs == 0):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -78,3 +79,41 @@ def op_type_counts(graph_def) -> dict[str, int]:
     for node in graph_def.node:
         counts[node.op] = counts.get(node.op, 0) + 1
     return dict(sorted(counts.items()))
+
+
+# --- freezing -------------------------------------------------------------------------------------------------
+
+def freeze_callable(fn: Callable, input_shape: tuple[int, ...], input_name: str = "input",
+                    output_name: str = "output"):
+    """Trace ``fn`` on a float32 ``[None, *input_shape]`` input and fold its variables into constants.
+
+    The graph is cut at ``output_name`` so the file holds exactly ``input:0 → … → output:0``.
+    """
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *input_shape], tf.float32, name=input_name)])
+    def serve(x):
+        return tf.identity(fn(x), name=output_name)
+
+    from tensorflow.python.util import deprecation
+
+    frozen = convert_variables_to_constants_v2(serve.get_concrete_function())
+    graph_def = frozen.graph.as_graph_def()
+    with deprecation.silence():  # extract_sub_graph is TF1 API and says so on the user's terminal
+        return tf.compat.v1.graph_util.extract_sub_graph(graph_def, [output_name])
+
+
+def freeze_keras(model, input_name: str = "input", output_name: str = "output"):
+    return freeze_callable(lambda x: model(x, training=False), tuple(model.input_shape[1:]), input_name, output_name)
+
+
+def parity(model, graph_def, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> float:
+    """Max absolute difference between the Keras model and the frozen graph on ``x``."""
+    runner = FrozenGraph(graph_def, input_name, output_name)
+    try:
+        frozen_out = runner.predict(x, batch_size=16)
+    finally:
+        runner.close()
+    keras_out = model.predict(x, batch_size=16, verbose=0)
+    return float(np.max(np.abs(frozen_out - keras_out)))

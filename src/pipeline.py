@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.data.index import DatasetIndex
 from medq.errors import DataError
 
@@ -25,9 +25,14 @@ def ensure_phantoms(config: Any) -> bool:
     Only a folder medq generated itself (it carries a marker file) is ever replaced; a user's data never is.
     Returns True when it generated.
     """
+    root = Path(config.data.root)
+    with runrecord.folder_lock(root, "phantoms"):  # two data stages must not generate into one folder at once
+        return _ensure_phantoms(config, root)
+
+
+def _ensure_phantoms(config: Any, root: Path) -> bool:
     from medq.data.phantoms import generate_phantoms
 
-    root = Path(config.data.root)
     params = asdict(config.data.phantom)
     marker = root / PHANTOM_MARKER
     if root.exists():
@@ -63,35 +68,43 @@ def _read_marker(marker: Path) -> Any:
         return None  # damaged: medq's own folder all the same, so it is regenerated
 
 
-def run_data(config: Any) -> DatasetIndex:
-    """Stage 1: make sure the dataset is there, read it, report counts, skips and patient overlap."""
+def run_data(config: Any, resplit: bool = False) -> DatasetIndex:
+    """Stage 1: make sure the dataset is there, read it, report counts, skips and patient overlap, and pin the
+    run's split (``resplit``: split the current dataset again, which makes the run's models stale)."""
     from medq.data.check import verify_images
     from medq.data.readers import read_dataset
 
     ensure_phantoms(config)
-    index = read_dataset(config.data, seed=config.run.seed)
-    if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
-        index = verify_images(index, strict=config.data.strict)
-    for note in index.notes:
-        log.info("%s", note)
-    for split, samples in index.splits.items():
-        log.info("%-5s %5d images  %s", split, len(samples), index.counts(split))
-    if index.skipped:
-        log.warning("skipped %d unreadable files (first: %s — %s)", len(index.skipped), *index.skipped[0])
-    overlap = index.patient_overlap()
-    if any(overlap.values()):
-        log.warning("patients shared between splits: %s", overlap)
-    artifacts.update_manifest(
-        config.run_dir, "data", config=config, format=index.format, task=index.task, classes=index.classes,
-        split_sizes={k: len(v) for k, v in index.splits.items()},
-        class_counts={k: index.counts(k) for k in index.splits}, patient_overlap=overlap,
-        skipped=[{"path": p, "reason": r} for p, r in index.skipped], notes=index.notes,
-    )
+    with runrecord.writer_lock(config.run_dir, "data"):
+        index = read_dataset(config.data, seed=config.run.seed)
+        if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
+            index = verify_images(index, strict=config.data.strict)
+        index = runrecord.run_index(config, index, resplit=resplit, stage="data")
+        for note in index.notes:
+            log.info("%s", note)
+        for split, samples in index.splits.items():
+            log.info("%-5s %5d images  %s", split, len(samples), index.counts(split))
+        if index.skipped:
+            log.warning("skipped %d unreadable files (first: %s — %s)", len(index.skipped), *index.skipped[0])
+        overlap = index.patient_overlap()
+        if any(overlap.values()):
+            log.warning("patients shared between splits: %s", overlap)
+        runrecord.commit(
+            config.run_dir, "data", config=config, format=index.format, task=index.task, classes=index.classes,
+            split_sizes={k: len(v) for k, v in index.splits.items()},
+            class_counts={k: index.counts(k) for k in index.splits}, patient_overlap=overlap,
+            skipped=[{"path": p, "reason": r} for p, r in index.skipped], notes=index.notes,
+        )
     return index
 
 
 def run_all(config: Any, verbose: bool = False) -> dict[str, Any]:
     """`medq run`: data → train → tune → freeze → quantize → benchmark; returns the benchmark report."""
+    with runrecord.writer_lock(config.run_dir, "run"):
+        return _run_stages(config, verbose)
+
+
+def _run_stages(config: Any, verbose: bool) -> dict[str, Any]:
     from medq.benchmark import run_benchmark
     from medq.freeze import run_freeze
     from medq.quantize import run_quantize
@@ -115,6 +128,5 @@ def run_all(config: Any, verbose: bool = False) -> dict[str, Any]:
     timed("freeze", run_freeze, config)
     timed("quantize", run_quantize, config, verbose=verbose)
     report = timed("benchmark", run_benchmark, config, verbose=verbose)
-    artifacts.update_manifest(config.run_dir, "run", stage_seconds=timings,
-                              total_seconds=round(sum(timings.values()), 1))
+    runrecord.commit(config.run_dir, "run", stage_seconds=timings, total_seconds=round(sum(timings.values()), 1))
     return report

@@ -23,12 +23,13 @@ from typing import Any, Iterator, Sequence, TextIO
 
 import numpy as np
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.data.common import is_junk
 from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, is_dicom, load_image
 from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
+from medq.tta import ten_crops
 
 # --model choice → (manifest artifact key, the file's usual name, the stage that writes it)
 MODELS = {
@@ -37,7 +38,6 @@ MODELS = {
     "keras": ("keras_model", "model.keras", "medq train"),
 }
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
-TEN_CROP_SCALE = 256 / 224  # CheXNet: resize to 256, ten 224 crops
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -59,14 +59,11 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if not run_dir.is_dir():
         raise MedqError(f"{run_dir}: no such run folder; pass --run output/<name> of a trained run "
                         "(`medq runs list` shows them)")
-    manifest_path = run_dir / artifacts.MANIFEST
+    manifest_path = run_dir / runrecord.MANIFEST
     if not manifest_path.is_file():
-        raise MedqError(f"{run_dir}: not a medq run (no {artifacts.MANIFEST}); pass --run output/<name> of a "
+        raise MedqError(f"{run_dir}: not a medq run (no {runrecord.MANIFEST}); pass --run output/<name> of a "
                         "trained run (`medq runs list` shows them)")
-    try:
-        manifest = artifacts.read_manifest(run_dir)
-    except (ValueError, OSError) as exc:
-        raise MedqError(f"{manifest_path}: unreadable ({type(exc).__name__}); re-run `medq train` for this run") from None
+    manifest = runrecord.read_manifest(run_dir)
     missing = [key for key in ("classes", "task", "preprocess") if not manifest.get(key)]
     if missing:
         raise MedqError(f"{manifest_path}: no {', '.join(missing)} recorded; run `medq train` for this run first")
@@ -89,27 +86,24 @@ def model_location(info: RunInfo, model: str = "fp32", model_file: str | Path | 
     if model not in MODELS:
         raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
     key, usual, stage = MODELS[model]
-    path = artifacts.artifact_path(info.run_dir, key)
-    if path is None:
+    if runrecord.recorded_path(info.run_dir, key) is None:
         raise MedqError(f"{info.run_dir}: this run has no {model.upper() if model != 'keras' else 'Keras'} model "
                         f"({usual}); run `{stage}` for it first, or choose another --model")
-    if not path.exists():
-        raise MedqError(f"{path}: recorded in the manifest but missing; re-run `{stage}` for this run")
-    return ("keras" if model == "keras" else "graph"), path
+    return ("keras" if model == "keras" else "graph"), runrecord.verified_path(info.run_dir, key, hint=stage)
 
 
 class Predictor:
     """Probabilities [N, K] for preprocessed images [N, S, S, C] from a frozen graph or a Keras model."""
 
     def __init__(self, info: RunInfo, kind: str, path: Path, *, intra_op_threads: int = 0,
-                 inter_op_threads: int = 1):
+                 inter_op_threads: int = 1, trust_model_file: bool = False):
         self.kind, self.path, self.info = kind, Path(path), info
         self.keras_model = None
         self.graph = None
         if kind == "keras":
-            from medq.freeze import load_keras_model
+            from medq.models import load_keras_model
 
-            self.keras_model = load_keras_model(path)
+            self.keras_model = load_keras_model(path, trust_legacy=trust_model_file)
         else:
             from medq.graph import FrozenGraph
 
@@ -164,18 +158,6 @@ def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], i
                 else:
                     ignored += 1
     return found, ignored
-
-
-def ten_crops(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """[10, S, S, C]: the image preprocessed at round(S·256/224), its four corner and centre S crops, and their
-    horizontal flips. Normalisation is per pixel, so cropping after it equals normalising each crop."""
-    size = spec.image_size
-    large = round(size * TEN_CROP_SCALE)
-    big = preprocess(image, replace(spec, image_size=large))
-    edge, mid = large - size, (large - size) // 2
-    crops = [big[y:y + size, x:x + size] for y, x in ((0, 0), (0, edge), (edge, 0), (edge, edge), (mid, mid))]
-    crops += [crop[:, ::-1] for crop in crops]
-    return np.ascontiguousarray(np.stack(crops))
 
 
 def record(path: Path, probs: np.ndarray, info: RunInfo, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
@@ -332,7 +314,8 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
                 model_file: str | Path | None = None, output: str | Path | None = None, ten_crop: bool = False,
                 heatmap_dir: str | Path | None = None, heatmap_classes: str = "all", heatmap_layer: str | None = None,
                 batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, quiet: bool = False,
-                intra_op_threads: int = 0, inter_op_threads: int = 1, stdout: TextIO | None = None) -> PredictSummary:
+                intra_op_threads: int = 0, inter_op_threads: int = 1, stdout: TextIO | None = None,
+                trust_model_file: bool = False) -> PredictSummary:
     """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``."""
     if batch_size <= 0:
         raise MedqError(f"--batch-size {batch_size}: must be greater than 0")
@@ -346,14 +329,15 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
                         "folders holding them")
     keras_path = path if kind == "keras" else None
     if heatmap_dir is not None and keras_path is None:  # Grad-CAM needs gradients: the run's Keras model
-        if artifacts.artifact_path(info.run_dir, "keras_model") is None:
+        if runrecord.recorded_path(info.run_dir, "keras_model") is None:
             raise MedqError(f"{info.run_dir}: --heatmap needs the run's Keras model (Grad-CAM takes gradients, a "
                             "frozen graph has none) and this run has no model.keras; run `medq train` for it")
         _, keras_path = model_location(info, "keras")
-    predictor = Predictor(info, kind, path, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    predictor = Predictor(info, kind, path, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
+                          trust_model_file=trust_model_file)
     heatmaps = None
     if heatmap_dir is not None:
-        from medq.freeze import load_keras_model
+        from medq.models import load_keras_model
 
         cam_model = predictor.keras_model if kind == "keras" else load_keras_model(keras_path)
         heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, threshold)

@@ -17,6 +17,7 @@ of the FP32 graph), INT8, and INT8 with the BF16 rewrite for the ops left out of
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.errors import DataError, MedqError
 
 INT8_PB = "model_int8.pb"
@@ -276,26 +277,21 @@ def run_quantize(config: Any, verbose: bool = False) -> Path:
     start = time.perf_counter()
     run_dir = config.run_dir
     deploy = load_deploy(config.quantize.deploy)
-    manifest = artifacts.read_manifest(run_dir)
-    fp32_path = artifacts.artifact_path(run_dir, "fp32_pb")
-    if fp32_path is None:
-        raise MedqError(f"{run_dir}: no frozen FP32 graph in this run (manifest.json has no fp32_pb); "
-                        f"run `medq freeze --config {config.source}` first")
-    if not fp32_path.is_file():
-        raise MedqError(f"{fp32_path}: the run's frozen FP32 graph is missing; re-run `medq freeze --config "
-                        f"{config.source}`")
-    missing = [k for k in ("task", "classes", "preprocess", "input_name", "output_name") if k not in manifest]
-    if missing:
-        raise MedqError(f"{run_dir / artifacts.MANIFEST}: lacks {', '.join(missing)}; re-run `medq train` and "
-                        "`medq freeze` for this run")
-    inputs = _tensor_names(deploy, "inputs", deploy.inputs, manifest["input_name"])
-    outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest["output_name"])
-    log_path = run_dir / "logs" / "quantize.log"
-    with output_to_log(log_path, verbose) as say:
-        _announce(say, deploy, inputs, outputs, run_dir)
-        fp32_graph = read_graph_def(fp32_path)
-        run = _QuantizeRun(config, manifest, deploy, say)
-        return run.execute(fp32_graph, inputs, outputs, log_path, verbose, start)
+    with runrecord.writer_lock(run_dir, "quantize"):
+        fp32_path = runrecord.verified_path(run_dir, "fp32_pb", config)
+        manifest = runrecord.read_manifest(run_dir)
+        missing = [k for k in ("task", "classes", "preprocess", "input_name", "output_name") if k not in manifest]
+        if missing:
+            raise MedqError(f"{run_dir / runrecord.MANIFEST}: lacks {', '.join(missing)}; re-run "
+                            f"`{runrecord.command(config, 'train')}` and `medq freeze` for this run")
+        inputs = _tensor_names(deploy, "inputs", deploy.inputs, manifest["input_name"])
+        outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest["output_name"])
+        log_path = run_dir / "logs" / "quantize.log"
+        with output_to_log(log_path, verbose) as say:
+            _announce(say, deploy, inputs, outputs, run_dir)
+            fp32_graph = read_graph_def(fp32_path)
+            run = _QuantizeRun(config, manifest, deploy, say)
+            return run.execute(fp32_graph, inputs, outputs, log_path, verbose, start)
 
 
 class _QuantizeRun:
@@ -309,7 +305,6 @@ class _QuantizeRun:
         self.task, self.classes = manifest["task"], list(manifest["classes"])
         self.input_name, self.output_name = manifest["input_name"], manifest["output_name"]
         self.preprocess = manifest["preprocess"]
-        self.trained_config = manifest.get("config") or {}
         self.metric = primary_metric(self.task) if config.quantize.metric == "auto" else config.quantize.metric
 
     def metrics(self, graph_def, bf16_rewrite: bool = False) -> dict[str, Any]:
@@ -318,20 +313,12 @@ class _QuantizeRun:
 
     def load_data(self) -> CalibrationLoader:
         """Calibration images from the training split, validation images for the tuning metric; never test."""
-        from medq.data.readers import read_dataset
         from medq.preprocess import PreprocessSpec
         from medq.tfdata import load_split_arrays
 
         data = self.config.data
-        trained = self.trained_config
-        if trained and (trained.get("data") != self.config.to_dict()["data"]
-                        or trained.get("run", {}).get("seed") != self.config.run.seed):
-            self.say("  warning: data settings or run.seed differ from the ones the model was trained with; the "
-                     "train/val split may differ from training's", warning=True)
-        index = read_dataset(data, seed=self.config.run.seed)
-        if list(index.classes) != self.classes:
-            raise DataError(f"{data.root}: the dataset's classes {index.classes} differ from the trained model's "
-                            f"{self.classes}; quantize with the dataset the run was trained on")
+        index = runrecord.run_index(self.config, stage="quantize")  # the run's pinned split: never the test images
+        runrecord.check_classes(self.run_dir, {"classes": self.classes, "task": self.task}, index)
         for split in (CALIBRATION_SPLIT, "val"):
             if not index.splits[split]:
                 raise DataError(f"{data.root}: the {split} split is empty; quantization needs training images to "
@@ -403,8 +390,11 @@ class _QuantizeRun:
         if result.graph_def is None:
             tried = [t.metric for t in result.trials if t.metric is not None]
             best = max(tried) if tried else float("nan")
-            artifacts.update_manifest(self.run_dir, "quantize", status="failed", criterion=criterion | {"met": False},
-                                      fp32_val=fp32_val, best_int8_val=best, **facts)
+            stale = (f"the last `medq quantize` ({time.strftime('%Y-%m-%d %H:%M')}, {deploy.path}) failed, so the "
+                     "INT8 graph from before it is not served")
+            runrecord.commit(self.run_dir, "quantize", invalidate={"int8_pb": stale, "quantized_ops": stale},
+                             status="failed", criterion=criterion | {"met": False}, fp32_val=fp32_val,
+                             best_int8_val=best, **facts)
             if not tried:
                 raise MedqError(f"{deploy.path}: INC could not produce an INT8 graph in any of its "
                                 f"{len(result.trials)} trial(s); its error is in {log_path}")
@@ -423,14 +413,19 @@ class _QuantizeRun:
         paths_val = self.precision_paths(kept, fp32_graph, int8_graph, fp32_val, int8_val)
         fallbacks = fallback_ops(fp32_graph, int8_graph, result, deploy)
         int8_counts = op_type_counts(int8_graph)
-        target = artifacts.write_bytes(self.run_dir / INT8_PB, int8_graph.SerializeToString())
-        ops_path = artifacts.write_json(self.run_dir / QUANTIZED_OPS, result.op_table)
-        artifacts.update_manifest(
-            self.run_dir, "quantize", artifacts={"int8_pb": target, "quantized_ops": ops_path}, status="ok",
+        staged = artifacts.write_bytes(runrecord.staging_path(self.run_dir, INT8_PB), int8_graph.SerializeToString())
+        ops_path = artifacts.write_json(runrecord.staging_path(self.run_dir, QUANTIZED_OPS), result.op_table)
+        calibration_list = "\n".join(sorted(loader.paths)).encode()
+        runrecord.commit(
+            self.run_dir, "quantize", artifacts={"int8_pb": staged, "quantized_ops": ops_path},
+            inputs=("fp32_pb", "split"), sources={"deploy_yaml": artifacts.sha256(deploy.path),
+                                                  "calibration_list": hashlib.sha256(calibration_list).hexdigest()},
+            status="ok",
             metric=metric, fp32_val=fp32_val, int8_val=int8_val, criterion=criterion | {"met": True},
             op_table=result.op_table, fallback_ops=fallbacks, precision_val=paths_val,
             quantized_kernels=sum(n for op, n in int8_counts.items() if "Quantized" in op),
             seconds=round(time.perf_counter() - start, 1), **facts)
+        target = self.run_dir / INT8_PB
         _summary(say, result, metric, baseline, int8_val[metric], threshold, deploy, fallbacks, paths_val,
                  log_path, target)
         return target

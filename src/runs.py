@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medq import artifacts
+from medq import runrecord
 from medq.errors import MedqError
 
 log = logging.getLogger("medq")
@@ -93,10 +93,10 @@ def summarize(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     pre = manifest.get("preprocess") or config.get("preprocess") or {}
     train = stages.get("train") or {}
     present = {}
-    for key, entry in (manifest.get("artifacts") or {}).items():
-        if isinstance(entry, dict) and entry.get("path"):
-            file = run_dir / entry["path"]
-            present[key] = {"path": entry["path"], "bytes": entry.get("bytes"), "present": file.exists()}
+    record = runrecord.Manifest.from_dict(manifest, run_dir / runrecord.MANIFEST)
+    for key, entry in record.artifacts.items():
+        present[key] = {"path": entry.path, "bytes": entry.bytes, "present": (run_dir / entry.path).exists(),
+                        "stale": record.stale_reason(key)}
     bench, warning = benchmark_rows(run_dir)
     if warning:
         log.warning("%s", warning)
@@ -111,6 +111,7 @@ def summarize(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "model": _get(config, "model.name") or train.get("model"),
         "model_params": _get(config, "model.params") or {},
         "model_source": manifest.get("model_source"),
+        "hyperparameters": manifest.get("selected_hyperparameters") or {},
         "parameters": train.get("parameters"),
         "data_format": manifest.get("dataset_format") or _get(config, "data.format"),
         "data_root": _get(config, "data.root"),
@@ -129,16 +130,13 @@ def summarize(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
-    if not (run_dir / artifacts.MANIFEST).is_file():
+    if not (run_dir / runrecord.MANIFEST).is_file():
         known = [r["name"] for r in list_runs(run_dir.parent, warn=False)] if run_dir.parent.is_dir() else []
         hint = f"; runs in {run_dir.parent}: {', '.join(known)}" if known else "; `medq runs list` shows the runs"
-        raise MedqError(f"{run_dir}: not a medq run (no {artifacts.MANIFEST}){hint}")
-    try:
-        manifest = artifacts.read_manifest(run_dir)
-    except (ValueError, OSError) as exc:
-        raise MedqError(f"{run_dir / artifacts.MANIFEST}: unreadable ({type(exc).__name__}); the run cannot be "
-                        "shown — re-run its stages") from None
-    return summarize(run_dir, manifest) | {"config": manifest.get("config") or {}}
+        raise MedqError(f"{run_dir}: not a medq run (no {runrecord.MANIFEST}){hint}")
+    manifest = runrecord.read_manifest(run_dir)
+    return summarize(run_dir, manifest) | {"config": manifest.get("config") or {},
+                                           "lineage": runrecord.load(run_dir).lineage()}
 
 
 def list_runs(output_dir: str | Path, warn: bool = True) -> list[dict[str, Any]]:
@@ -148,15 +146,12 @@ def list_runs(output_dir: str | Path, warn: bool = True) -> list[dict[str, Any]]
     if not output_dir.is_dir():
         return []
     rows = []
-    for run_dir in sorted(p for p in output_dir.iterdir() if p.is_dir() and (p / artifacts.MANIFEST).is_file()):
+    for run_dir in sorted(p for p in output_dir.iterdir() if p.is_dir() and (p / runrecord.MANIFEST).is_file()):
         try:
-            manifest = artifacts.read_manifest(run_dir)
-            if not isinstance(manifest, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, OSError) as exc:
+            manifest = runrecord.read_manifest(run_dir)
+        except MedqError as exc:
             if warn:
-                log.warning("%s: unreadable manifest (%s); skipped", run_dir / artifacts.MANIFEST,
-                            str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__)
+                log.warning("%s", exc)
             continue
         rows.append(summarize(run_dir, manifest))
     return rows
@@ -233,6 +228,13 @@ def _train_text(train: dict[str, Any]) -> str:
             + (f", first {low['epochs']} at {low['image_size']} px" if low.get("epochs") else ""))
 
 
+def _hyper_text(s: dict[str, Any]) -> str:
+    """The hyperparameters of the run's model itself (a winning tuning trial's, not the training config's)."""
+    values = s.get("hyperparameters") or {}
+    text = ", ".join(f"{k} {v}" for k, v in values.items()) or "-"
+    return f"{text}  (from {s['model_source']})" if s.get("model_source") and values else text
+
+
 def format_run(s: dict[str, Any]) -> str:
     classes = ", ".join(s["classes"]) or "-"
     params = ", ".join(f"{k}={v}" for k, v in s["model_params"].items())
@@ -250,14 +252,19 @@ def format_run(s: dict[str, Any]) -> str:
         f"  data        {s['data_format'] or '-'} at {s['data_root'] or '-'}" + (f"  ({splits})" if splits else ""),
         f"  preprocess  {s['image_size'] or '-'} px, {s['channels'] or '-'} channel(s), {s['normalization'] or '-'}",
         f"  training    {_train_text(s.get('config', {}).get('train') or {})}",
+        f"  selected    {_hyper_text(s)}",
         f"  validation  {_metric_text(s['val_metrics'])}" + (f"  (best epoch {s['best_epoch']})" if s["best_epoch"] else ""),
         f"  quantize    {_quant_text(s['quantize'])}"
         + (f"  ({s['quantize_status']})" if s.get("quantize_status") else ""),
     ]
     if s["artifacts"]:
-        lines.append("  artifacts")
-        lines += [f"    {key:<14} {a['path']}  {_size(a['bytes']) if a['present'] else 'MISSING'}"
-                  for key, a in s["artifacts"].items()]
+        lines.append("  artifacts (made from → ...; STALE ones are never loaded)")
+        made_from = {row["key"]: row["made_from"] for row in s.get("lineage") or []}
+        for key, a in s["artifacts"].items():
+            state = _size(a["bytes"]) if a["present"] else "MISSING"
+            origin = ", ".join(made_from.get(key) or {})
+            lines.append(f"    {key:<14} {a['path']}  {state}" + (f"  ← {origin}" if origin else "")
+                         + (f"  STALE: {a['stale']}" if a.get("stale") else ""))
     if s["benchmark"]:
         lines.append("  benchmark")
         table = [[r["engine"], r["precision"], _fmt(r["latency_p50_ms"], 2), _fmt(r["throughput_ips"], 1),

@@ -24,24 +24,28 @@ from typing import Any
 
 import numpy as np
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.data.index import DatasetIndex
-from medq.data.readers import read_dataset
 from medq.errors import ConfigError, DataError, MedqError
 from medq.losses import make_loss
 from medq.metrics import primary_metric, task_metrics
 from medq.models import build_model
 from medq.preprocess import PreprocessSpec
+from medq.tta import ten_crops
 from medq.tfdata import image_dataset
 
 log = logging.getLogger("medq")
 
-KERAS_MODEL = "model.keras"
+KERAS_MODEL = runrecord.KERAS_MODEL
 CHECKPOINT_DIR = "checkpoints"
 LAST_STATE = "last_epoch.json"
 BEST_WEIGHTS = "best_weights.npz"
 LOW_RES_MODEL = "low_res.keras"  # train.low_res: the first phase's best epoch
 EVALUATION = "evaluation.json"
+
+
+class TrainingDiverged(MedqError):
+    """The model's outputs stopped being numbers."""
 
 
 @dataclass
@@ -140,6 +144,9 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
 
         def on_epoch_end(self, epoch, logs=None):
             y, p = predict_dataset(self.model, val_ds)
+            if not np.all(np.isfinite(p)):
+                raise TrainingDiverged(f"epoch {epoch + 1}: the model's validation outputs are NaN or infinite "
+                                       "(training diverged); lower train.learning_rate or check the input data")
             metrics = task_metrics(task, y, p, classes)
             logs = logs if logs is not None else {}
             logs["val_primary"] = metrics[primary_metric(task)]
@@ -235,12 +242,14 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _fingerprint(config: Any) -> str:
-    """What a resumed training must share with the interrupted one (not the epoch budget or patience)."""
+def _fingerprint(config: Any, split_sha: str | None) -> str:
+    """What a resumed training must share with the interrupted one (not the epoch budget or patience): model,
+    preprocessing, training settings, data settings and the pinned split itself."""
     train = {k: v for k, v in asdict(config.train).items() if k not in ("epochs", "early_stopping_patience",
                                                                         "tensorboard")}
     data = {"root": config.data.root, "format": config.data.format, "variant": config.data.variant,
             "val_fraction": config.data.val_fraction, "seed": config.run.seed}
+    data |= {"val_split": config.data.val_split, "test_fraction": config.data.test_fraction, "split": split_sha}
     blob = json.dumps({"model": asdict(config.model), "preprocess": asdict(config.preprocess), "train": train,
                        "data": data}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -253,7 +262,7 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
               save_path: Path | None = None, extra_callbacks: list | None = None, verbose: int = 0,
               optimizer: str | None = None, loss: str | None = None, initial_model: str | Path | None = None,
               checkpoint_dir: Path | None = None, resume: bool = False, log_dir: Path | None = None,
-              distribute: str | None = None) -> FitResult:
+              distribute: str | None = None, split_sha: str | None = None) -> FitResult:
     """Build and train one model; returns it with the weights of its best validation epoch restored.
 
     ``optimizer``/``loss`` override the config (the tuner's choices); ``initial_model`` is a .keras file whose
@@ -315,7 +324,7 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
     if checkpoint_dir is not None:
         checkpoint_dir = Path(checkpoint_dir)
         state_path = checkpoint_dir / LAST_STATE
-        fingerprint = _fingerprint(config)
+        fingerprint = _fingerprint(config, split_sha)
         if not resume and checkpoint_dir.exists():
             shutil.rmtree(checkpoint_dir)  # a fresh training must not be resumed from an older one
         ckpt = tf.train.Checkpoint(model=model, optimizer=opt)
@@ -323,7 +332,7 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
         if resume and state_path.is_file():
             state = json.loads(state_path.read_text())
             if state.get("fingerprint") != fingerprint:
-                raise MedqError(f"{state_path}: this checkpoint was written with a different model, data or "
+                raise MedqError(f"{state_path}: this checkpoint was written with a different model, data, split or "
                                 "training config; rerun without --resume to start over")
             ckpt.restore(str(checkpoint_dir / state["checkpoint"])).expect_partial()
             # an early-stopped training is over; one that ran out of epochs continues if train.epochs grew
@@ -363,7 +372,7 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
 
 
 def _copy_weights(source: str | Path, model) -> None:
-    from medq.freeze import load_keras_model
+    from medq.models import load_keras_model
 
     try:
         model.set_weights(load_keras_model(source).get_weights())
@@ -393,52 +402,68 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
     """Train the configured model; the best validation epoch becomes the run's Keras model.
 
     ``resume=True`` continues an interrupted training from ``<run>/checkpoints/`` (the last finished epoch, with
-    its optimizer and callback state); without a checkpoint it trains from the start.
+    its optimizer and callback state); without a checkpoint it trains from the start. The run's model.keras and
+    its manifest entry change together when training finishes: an interrupted (re)training leaves both as they were.
     """
-    index = index or read_dataset(config.data, seed=config.run.seed)
     run_dir = config.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     strategy = make_strategy(config.train.distribute)
     if not is_chief(strategy):
         # Multi-worker: every worker trains and saves in step with the chief (reading batch-norm statistics is a
         # collective operation), but into a temporary folder; only the chief writes the run.
+        # Its calls must match the chief's one for one (same data, same saves), or the collectives mismatch.
+        index = runrecord.run_index(config, index, stage="train", write=False)
+        split = runrecord.split_sha(run_dir) if "split" in runrecord.load(run_dir).artifacts else None
         with tempfile.TemporaryDirectory(prefix="medq-worker-") as tmp:
-            result = fit_model(config, index, save_path=Path(tmp) / KERAS_MODEL, checkpoint_dir=Path(tmp) / "ckpt",
-                               verbose=verbose)
-            result.model.save(Path(tmp) / "final.keras")
+            low_res = _train_low_res(config, index, verbose, False, split, Path(tmp))
+            result = fit_model(config, index, checkpoint_dir=Path(tmp) / CHECKPOINT_DIR, verbose=verbose,
+                               initial_model=Path(tmp) / LOW_RES_MODEL if low_res else None, split_sha=split)
+            result.model.save(Path(tmp) / KERAS_MODEL)
             return result
     if resume and config.train.distribute == "multi-worker" and strategy.num_replicas_in_sync > 1:
         raise ConfigError("train.distribute: resuming a multi-worker training is not supported (the other workers' "
                           "checkpoints are temporary); rerun without --resume")
-    low_res = _train_low_res(config, index, verbose, resume)
-    result = fit_model(config, index, save_path=run_dir / KERAS_MODEL, verbose=verbose,
-                       checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume, log_dir=run_dir / "logs",
-                       initial_model=run_dir / LOW_RES_MODEL if low_res else None)
-    with artifacts.atomic_path(run_dir / KERAS_MODEL) as tmp:  # the best epoch, whatever the file held before
-        result.model.save(tmp)
-    history_path = artifacts.write_text(run_dir / "train_history.csv", _history_csv(result.history))
-    log.info("%s: %s parameters, %s FLOPs at %s", config.model.name, f"{result.facts['parameters']:,}",
-             f"{result.facts['flops']:,}", "x".join(map(str, result.facts["input_shape"])))
-    artifacts.update_manifest(
-        run_dir, "train", config=config,
-        artifacts={"keras_model": run_dir / KERAS_MODEL, "train_history": history_path},
-        model=config.model.name, parameters=int(result.model.count_params()), flops=result.facts["flops"],
-        best_epoch=result.best_epoch, val_metrics=result.val_metrics, seconds=round(result.seconds, 1),
-        epochs_run=result.epochs_run, resumed=resume and result.epochs_run < len(result.history), low_res=low_res,
-        split_sizes={k: len(v) for k, v in index.splits.items()}, skipped=len(index.skipped), notes=index.notes,
-        dropped_while_loading=[{"path": p, "reason": r} for p, r in sorted(result.dropped.items())],
-        top=dataset_facts(config, index) | {"model_source": "train", "selected_val_metrics": result.val_metrics},
-    )
+    with runrecord.writer_lock(run_dir, "train"):
+        index = runrecord.run_index(config, index, stage="train")
+        split = runrecord.split_sha(run_dir)
+        low_res = _train_low_res(config, index, verbose, resume, split, run_dir)
+        result = fit_model(config, index, verbose=verbose, checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume,
+                           log_dir=run_dir / "logs", initial_model=run_dir / LOW_RES_MODEL if low_res else None,
+                           split_sha=split)
+        staged_model = runrecord.staging_path(run_dir, KERAS_MODEL)
+        result.model.save(staged_model)  # the best epoch
+        history = runrecord.staging_path(run_dir, "train_history.csv")
+        artifacts.write_text(history, _history_csv(result.history))
+        log.info("%s: %s parameters, %s FLOPs at %s", config.model.name, f"{result.facts['parameters']:,}",
+                 f"{result.facts['flops']:,}", "x".join(map(str, result.facts["input_shape"])))
+        runrecord.commit(
+            run_dir, "train", config=config, artifacts={"keras_model": staged_model, "train_history": history},
+            inputs=("split",), model=config.model.name, parameters=int(result.model.count_params()),
+            flops=result.facts["flops"], best_epoch=result.best_epoch, val_metrics=result.val_metrics,
+            seconds=round(result.seconds, 1), epochs_run=result.epochs_run,
+            resumed=resume and result.epochs_run < len(result.history), low_res=low_res,
+            split_sizes={k: len(v) for k, v in index.splits.items()}, skipped=len(index.skipped), notes=index.notes,
+            dropped_while_loading=[{"path": p, "reason": r} for p, r in sorted(result.dropped.items())],
+            facts=dataset_facts(config, index) | {"model_source": "train", "selected_val_metrics": result.val_metrics,
+                                                  "selected_hyperparameters": training_hyperparameters(config)},
+        )
     return result
 
 
-def _train_low_res(config: Any, index: DatasetIndex, verbose: int, resume: bool) -> dict[str, Any] | None:
-    """``train.low_res``: the first phase of progressive resizing, its best epoch saved as ``low_res.keras`` (kept
-    by --resume), whose weights start the full-resolution training."""
+def training_hyperparameters(config: Any) -> dict[str, Any]:
+    """The settings that made the run's model (`medq runs show` prints the selected model's own)."""
+    tc = config.train
+    return {"learning_rate": tc.learning_rate, "batch_size": tc.batch_size, "optimizer": tc.optimizer,
+            "loss": tc.loss, "dropout": tc.dropout, "epochs": tc.epochs, **dict(config.model.params)}
+
+
+def _train_low_res(config: Any, index: DatasetIndex, verbose: int, resume: bool, split_sha: str | None,
+                   folder: Path) -> dict[str, Any] | None:
+    """``train.low_res``: the first phase of progressive resizing, its best epoch saved as ``folder/low_res.keras``
+    (kept by --resume), whose weights start the full-resolution training."""
     low = config.train.low_res
     if not low.epochs:
         return None
-    target = config.run_dir / LOW_RES_MODEL
+    target = folder / LOW_RES_MODEL
     if resume and target.is_file():
         log.info("train.low_res: reusing %s", target)
         return {"image_size": low.image_size, "epochs": low.epochs, "reused": True}
@@ -446,7 +471,7 @@ def _train_low_res(config: Any, index: DatasetIndex, verbose: int, resume: bool)
              config.train.epochs, config.preprocess.image_size, config.preprocess.image_size)
     small = replace(config, preprocess=replace(config.preprocess, image_size=low.image_size))
     result = fit_model(small, index, epochs=low.epochs, learning_rate=low.learning_rate or None, save_path=target,
-                       verbose=verbose)  # saves its best epoch
+                       verbose=verbose, split_sha=split_sha)  # saves its best epoch
     return {"image_size": low.image_size, "epochs": low.epochs, "best_epoch": result.best_epoch,
             "val_metrics": result.val_metrics, "seconds": round(result.seconds, 1)}
 
@@ -470,20 +495,6 @@ def _history_csv(rows: list[dict[str, float]]) -> str:
 
 # --- evaluation: single crop and CheXNet's 10-crop ---------------------------------------------------------------
 
-def ten_crops(image: np.ndarray, size: int) -> np.ndarray:
-    """[L, L, C] → [10, size, size, C]: four corners and the centre, then the same five mirrored left-right."""
-    big = image.shape[0]
-    o, c = big - size, (big - size) // 2
-    crops = [image[:size, :size], image[:size, o:], image[o:, :size], image[o:, o:], image[c:c + size, c:c + size]]
-    crops += [crop[:, ::-1] for crop in crops]
-    return np.stack(crops)
-
-
-def ten_crop_size(size: int) -> int:
-    """Seed 000 resized to 256 and cropped 224; other input sizes keep that ratio: round(S · 256 / 224)."""
-    return int(round(size * 256 / 224))
-
-
 def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: PreprocessSpec, ten_crop: bool = False, *,
                    task: str | None = None, classes: list[str] | None = None, batch_size: int = 32,
                    threshold: float = 0.5) -> dict[str, Any]:
@@ -503,7 +514,6 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
         head = model.get_layer("probabilities").activation.__name__
         task = "multilabel" if head == "sigmoid" else ("binary" if labels.shape[1] == 2 else "multiclass")
     classes = classes or [f"class{k}" for k in range(labels.shape[1])]
-    big_spec = replace(spec, image_size=ten_crop_size(spec.image_size))
     single, tens, kept = [], [], []
     for i, path in enumerate(paths):
         try:
@@ -513,7 +523,7 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
         kept.append(i)
         single.append(preprocess(image, spec))
         if ten_crop:
-            tens.append(ten_crops(preprocess(image, big_spec), spec.image_size))
+            tens.append(ten_crops(image, spec))
     y = labels[kept]
     out: dict[str, Any] = {"n_skipped": len(paths) - len(kept), "ten_crop": None}
     if not kept:
@@ -532,26 +542,25 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
     """Evaluate the run's Keras model on ``split``; writes ``evaluation.json`` and the manifest's 'evaluate' entry.
     ``threshold``: the probability of the positive class (binary) or of each label (multi-label) that counts as a
     positive call, for sensitivity and specificity (and the multi-label confusion matrices)."""
-    from medq.freeze import load_keras_model
+    from medq.models import load_keras_model
 
     run_dir = config.run_dir
-    keras_path = artifacts.artifact_path(run_dir, "keras_model")
-    if keras_path is None:
-        raise MedqError(f"{run_dir}: no trained model in this run; run `medq train --config {config.source}` first")
-    manifest = artifacts.read_manifest(run_dir)
-    index = index or read_dataset(config.data, seed=config.run.seed)
-    if split not in index.splits or not index.splits[split]:
-        raise DataError(f"{config.data.root}: the {split} split is empty")
-    spec = PreprocessSpec.from_dict(manifest["preprocess"]) if "preprocess" in manifest else \
-        PreprocessSpec.from_config(config)
-    result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec, ten_crop,
-                            task=index.task, classes=index.classes, threshold=threshold)
-    result |= {"split": split, "n_images": len(index.paths(split))}
-    path = artifacts.write_json(run_dir / EVALUATION, result)
-    artifacts.update_manifest(run_dir, "evaluate", artifacts={"evaluation": path}, split=split, ten_crop=ten_crop,
-                              threshold=threshold,
-                              single_crop=_summary(result["single_crop"]),
-                              ten_crop_metrics=_summary(result["ten_crop"]))
+    with runrecord.writer_lock(run_dir, "evaluate"):
+        keras_path = runrecord.verified_path(run_dir, "keras_model", config)
+        manifest = runrecord.read_manifest(run_dir)
+        index = runrecord.run_index(config, index, stage="evaluate")
+        runrecord.check_classes(run_dir, manifest, index)
+        if split not in index.splits or not index.splits[split]:
+            raise DataError(f"{config.data.root}: the {split} split is empty")
+        spec = PreprocessSpec.from_dict(manifest["preprocess"]) if "preprocess" in manifest else \
+            PreprocessSpec.from_config(config)
+        result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec,
+                                ten_crop, task=index.task, classes=index.classes, threshold=threshold)
+        result |= {"split": split, "n_images": len(index.paths(split))}
+        path = artifacts.write_json(runrecord.staging_path(run_dir, EVALUATION), result)
+        runrecord.commit(run_dir, "evaluate", artifacts={"evaluation": path}, inputs=("keras_model", "split"),
+                         split=split, ten_crop=ten_crop, threshold=threshold,
+                         single_crop=_summary(result["single_crop"]), ten_crop_metrics=_summary(result["ten_crop"]))
     return result
 
 

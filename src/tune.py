@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, MedqError
 from medq.losses import resolve_loss_name
@@ -206,19 +206,23 @@ def with_image_size(config: Any, size: int) -> Any:
 
 
 def _search_signature(config: Any) -> dict[str, Any]:
-    """What a resumed search must share with the one in the folder (max_trials may grow)."""
+    """What a resumed search must share with the one in the folder (max_trials may grow): also the split settings
+    and the run's pinned split itself."""
     return {"tuner": config.tune.tuner, "search_space": config.tune.search_space, "epochs": config.tune.epochs,
             "hyperband_factor": config.tune.hyperband_factor, "model": config.model.name,
             "model_params": config.model.params, "preprocess": dataclasses.asdict(config.preprocess),
-            "data_root": config.data.root, "seed": config.run.seed,
+            "data": runrecord.split_settings(config), "split": runrecord.split_sha(config.run_dir),
             "warm_start": config.tune.warm_start}
 
 
-def _check_signature(project: Path, config: Any) -> None:
+def _check_signature(project: Path, config: Any, worker: bool = False) -> None:
     path = project / SEARCH_FILE
     mine = json.loads(json.dumps(_search_signature(config), default=str))
     if path.is_file():
         theirs = json.loads(path.read_text())
+        if worker:  # a worker may have read the run before the chief pinned its split
+            theirs.pop("split", None)
+            mine.pop("split", None)
         if theirs != mine:
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ConfigError(f"{project}: this search was started with a different {', '.join(changed)}; "
@@ -245,7 +249,7 @@ def _tuner_class(kind: str):
             return self._medq_runner(self, trial, verbose=kwargs.get("verbose", 0))
 
         def load_model(self, trial):
-            from medq.freeze import load_keras_model
+            from medq.models import load_keras_model
 
             return load_keras_model(Path(self.get_trial_dir(trial.trial_id)) / TRIAL_MODEL)
 
@@ -539,16 +543,20 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
     When the best trial is a scaled-densenet at another resolution, ``config.preprocess.image_size`` is set to it
     (and the manifest's ``preprocess`` with it) so later stages feed the model what it was trained on.
     """
-    from medq.data.readers import read_dataset
+    role = distributed_role()
+    if role == "worker":  # workers share the chief's run folder; only the chief (or a lone tuner) writes the run
+        return _run_tune(config, runrecord.run_index(config, index, write=False), verbose, role)
+    with runrecord.writer_lock(config.run_dir, "tune"):
+        return _run_tune(config, runrecord.run_index(config, index, stage="tune"), verbose, role)
 
+
+def _run_tune(config: Any, index: DatasetIndex, verbose: int, role: str) -> TuneResult:
     start = time.perf_counter()
-    index = index or read_dataset(config.data, seed=config.run.seed)
     run_dir = config.run_dir
     project = run_dir / TUNER_PROJECT
     project.mkdir(parents=True, exist_ok=True)
     hp = declare_space(config, index.task)
-    _check_signature(project, config)
-    role = distributed_role()
+    _check_signature(project, config, worker=role == "worker")
     tuner = make_tuner(config, hp, _trial_runner(config, index, _warm_start_model(config, project)))
     try:
         if role == "chief":
@@ -567,13 +575,14 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
                           time.perf_counter() - start)
     rows = collect_trials(project, index.task, tuner.oracle)
     best, tradeoff = pick(rows, config.tune.tradeoff_tolerance)
+    staging = runrecord.staging_dir(run_dir)
     reports = {
-        "tune_trials_csv": artifacts.write_text(run_dir / REPORT_CSV, trial_table_csv(rows, best, tradeoff)),
-        "tune_trials_md": artifacts.write_text(run_dir / REPORT_MD,
+        "tune_trials_csv": artifacts.write_text(staging / REPORT_CSV, trial_table_csv(rows, best, tradeoff)),
+        "tune_trials_md": artifacts.write_text(staging / REPORT_MD,
                                                trial_table_markdown(rows, best, tradeoff, index.task)),
     }
-    current = artifacts.read_manifest(run_dir).get("selected_val_metrics") or {}
-    png = tradeoff_png(rows, best, tradeoff, index.task, run_dir / REPORT_PNG,
+    current = runrecord.read_manifest(run_dir).get("selected_val_metrics") or {}
+    png = tradeoff_png(rows, best, tradeoff, index.task, staging / REPORT_PNG,
                        reference=_number(current.get(primary_metric(index.task))))
     if png is not None:
         reports["tune_tradeoff_png"] = png
@@ -583,8 +592,9 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
              "trials": [r.to_dict() for r in rows], "best_trial": best.trial_id if best else None,
              "tradeoff_trial": tradeoff.trial_id if tradeoff else None, "replaced": replaced, "decision": decision,
              "best_values": best.values if best else None, "seconds": round(seconds, 1)}
-    model_artifact = {"keras_model": run_dir / "model.keras"} if replaced else {}
-    artifacts.update_manifest(run_dir, "tune", config=config, artifacts=reports | model_artifact, top=top, **entry)
+    model_artifact = {"keras_model": staging / runrecord.KERAS_MODEL} if replaced else {}
+    runrecord.commit(run_dir, "tune", config=config, artifacts=reports | model_artifact, inputs=("split",),
+                     facts=top, **entry)
     log.info("tune: %s", decision)
     return TuneResult(rows, best, tradeoff, replaced, decision, role, seconds, reports)
 
@@ -595,10 +605,10 @@ def _warm_start_model(config: Any, project: Path) -> Path | None:
     if not config.tune.warm_start:
         return None
     if not snapshot.exists():
-        trained = artifacts.artifact_path(config.run_dir, "keras_model")
-        if trained is None or not trained.exists():
+        if not runrecord.usable(config.run_dir, "keras_model"):
             log.info("tune: no trained model in the run yet; trials start from scratch")
             return None
+        trained = runrecord.verified_path(config.run_dir, "keras_model", config)
         artifacts.write_bytes(snapshot, trained.read_bytes())
     log.info("tune: trials start from the trained model (tune.warm_start)")
     return snapshot
@@ -606,27 +616,26 @@ def _warm_start_model(config: Any, project: Path) -> Path | None:
 
 def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bool, str, dict[str, Any]]:
     """Copy the best trial's model over the run's when it is better (atomically); returns (replaced, why, top)."""
-    from medq.train import KERAS_MODEL, dataset_facts, is_better
+    from medq.train import dataset_facts, is_better
 
     run_dir = config.run_dir
     if best is None:
         return False, "no trial completed; the run's model is unchanged", {}
-    manifest = artifacts.read_manifest(run_dir)
-    current_path = artifacts.artifact_path(run_dir, "keras_model")
-    current = manifest.get("selected_val_metrics") if current_path is not None and current_path.is_file() else None
+    manifest = runrecord.read_manifest(run_dir)
+    has_model = runrecord.usable(run_dir, "keras_model")
+    current = manifest.get("selected_val_metrics") if has_model else None
     source = run_dir / TUNER_PROJECT / f"trial_{best.trial_id}" / TRIAL_MODEL
     metric = primary_metric(index.task)
     if current is not None and manifest.get("model_source") == "tune" and \
-            artifacts.sha256(current_path) == artifacts.sha256(source):
+            manifest["artifacts"]["keras_model"]["sha256"] == artifacts.sha256(source):
         return False, f"trial {best.trial_id} is already the run's model", {}
     if current is not None and not is_better(best.val_metrics, current, index.task):
         return False, (f"kept the trained model: its validation {metric} {current.get(metric):.4f} (AUC "
                        f"{_fmt(_number(current.get('auc')))}) is not beaten by the best trial {best.trial_id}'s "
                        f"{best.val_primary:.4f} (AUC {_fmt(best.val_auc)})"), {}
-    with artifacts.atomic_path(run_dir / KERAS_MODEL) as tmp:
-        shutil.copyfile(source, tmp)
+    shutil.copyfile(source, runrecord.staging_path(run_dir, runrecord.KERAS_MODEL))  # committed with the manifest entry
     top: dict[str, Any] = {"model_source": "tune", "selected_val_metrics": best.val_metrics,
-                           "tuned_hyperparameters": best.values}
+                           "tuned_hyperparameters": best.values, "selected_hyperparameters": best.values}
     if best.image_size and best.image_size != config.preprocess.image_size:
         log.warning("the tuned model takes %d px input: preprocess.image_size is now %d for this run",
                     best.image_size, best.image_size)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medq import runrecord
 from medq import artifacts, hwinfo
 from medq.benchmark import plan, report, run_benchmark, summary_text, worker
 from medq.config import load_config
@@ -191,9 +192,10 @@ def test_comparisons_markdown_chart_and_summary(tmp_path):
     assert len(text.splitlines()) < 25
 
 
-def test_missing_fp32_graph_is_one_line_error(tmp_path):
+def test_missing_fp32_graph_is_one_line_error_naming_the_stage_really_missing(tmp_path):
     config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=empty"])
-    with pytest.raises(MedqError, match="run `medq freeze` first") as info:
+    # a never-trained run: the stage to run is train (with the user's run name), not freeze
+    with pytest.raises(MedqError, match=r"run `medq train --run-name empty` first \(then freeze\)") as info:
         run_benchmark(config)
     assert "\n" not in str(info.value)
 
@@ -250,7 +252,7 @@ def tiny_run(tmp_path_factory):
     int8 = run_dir / "model_int8.pb"
     subprocess.run([sys.executable, "-c", INC_SCRIPT, str(run_dir / "model_fp32.pb"), str(base / "calib.npy"),
                     str(int8), str(base / "nc_workspace")], check=True, capture_output=True, timeout=600, cwd=base)
-    artifacts.update_manifest(run_dir, "quantize", artifacts={"int8_pb": int8})
+    runrecord.commit(run_dir, "quantize", artifacts={"int8_pb": int8})
     return overrides
 
 
@@ -286,7 +288,7 @@ def test_every_tensorflow_path_each_in_its_own_process(tiny_run):
     for name in ("benchmark.json", "benchmark.md", "benchmark.png"):
         assert (config.run_dir / name).is_file()
     assert json.loads((config.run_dir / "benchmark.json").read_text())["results"][0]["id"] == "tensorflow-fp32"
-    manifest = artifacts.read_manifest(config.run_dir)
+    manifest = runrecord.read_manifest(config.run_dir)
     assert {"benchmark_json", "benchmark_md", "benchmark_png"} <= set(manifest["artifacts"])
     assert "INT8 vs FP32" in summary_text(rep)
 

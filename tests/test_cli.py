@@ -62,3 +62,44 @@ def test_benchmark_preset_runs_the_pipeline_and_logs_to_the_run(tmp_path, capsys
     assert manifest["config"]["model"]["name"] == "refkit-cnn"  # the run's config, not the preset file's name
     assert "quantize:" in (run / "logs" / "benchmark.log").read_text()
     assert "tensorflow-int8" in capsys.readouterr().out
+
+
+def test_an_unexpected_error_is_one_line_naming_the_log_with_the_traceback(tmp_path, monkeypatch, capsys):
+    import medq.freeze
+    from medq.cli import main
+
+    def broken(config, parity_inputs=None):
+        (config.run_dir / "model.keras").write_bytes(b"x")  # the run has content: its log stays in it
+        raise ZeroDivisionError("a bug deep in a stage")
+
+    monkeypatch.setattr(medq.freeze, "run_freeze", broken)
+    assert main(["freeze", "--set", f"run.output_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert err[0].startswith("medq freeze: unexpected error: ZeroDivisionError: a bug deep in a stage")
+    log_file = tmp_path / "default" / "logs" / "freeze.log"
+    assert f"the traceback is in {log_file}" in err[0]
+    assert "Traceback (most recent call last)" in log_file.read_text()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["freeze", "--run-name", ""], "--run-name: the run name is empty"),
+    (["freeze", "--set", "run.name="], "run.name: the run name is empty"),
+    (["freeze", "--run-name", "../elsewhere"], "'../elsewhere' is not a plain folder name"),
+])
+def test_a_run_name_is_a_plain_folder_name_never_silently_the_default(argv, fragment, tmp_path, capsys):
+    from medq.cli import main
+
+    (tmp_path / "default").mkdir()
+    assert main([*argv, "--set", f"run.output_dir={tmp_path}"]) == 2
+    assert fragment in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["default"]
+
+
+def test_a_failed_command_leaves_no_empty_run_folder(tmp_path, capsys):
+    from medq.cli import main
+
+    assert main(["quantize", "--run-name", "typo", "--set", f"run.output_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "run `medq train --run-name typo` first (then freeze)" in err  # the stage really missing, the user's flags
+    assert not (tmp_path / "typo").exists()

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.convert import convert, export_onnx
 from medq.convert.parity import parity_report, phantom_batch, run_frozen
 from medq.errors import MedqError
@@ -79,12 +79,12 @@ def test_onnx_file_converts_without_torch(tmp_path, monkeypatch):
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     got = run_frozen(result.fp32_pb, x)
     assert np.abs(got - expected).max() < 1e-5
-    manifest = artifacts.read_manifest(run)
+    manifest = runrecord.read_manifest(run)
     assert {k: manifest[k] for k in QUANTIZE_NEEDS} == {
         "input_name": "input", "output_name": "output", "input_shape": [32, 32, 3], "classes": ["a", "b", "c"],
         "task": "multiclass", "preprocess": {"image_size": 32, "channels": 3, "normalization": "unit"}}
     assert manifest["source_model"]["kind"] == "onnx" and manifest["source_model"]["appended_head"] == ["softmax"]
-    assert artifacts.artifact_path(run, "fp32_pb") == result.fp32_pb
+    assert runrecord.recorded_path(run, "fp32_pb") == result.fp32_pb
 
     # The other direction on the same run: its frozen graph → ONNX (tf2onnx), checked in onnxruntime.
     exported = export_onnx(run, verbose=False)
@@ -140,7 +140,7 @@ def test_parity_failure_stops_the_conversion(tmp_path, monkeypatch):
         convert(tiny_onnx(tmp_path / "m.onnx"), run_dir=run, task="multiclass", normalization="unit", verbose=False)
     report = json.loads((run / "parity.json").read_text())
     assert report["passed"] is False and report["pairs"]["onnxruntime~tensorflow"]["max_abs_diff"] > 1e-4
-    assert not (run / "model_fp32.pb").exists() and "fp32_pb" not in artifacts.read_manifest(run).get("artifacts", {})
+    assert not (run / "model_fp32.pb").exists() and "fp32_pb" not in runrecord.read_manifest(run).get("artifacts", {})
 
 
 def test_saturated_probabilities_do_not_hide_different_logits():
@@ -157,7 +157,7 @@ def test_saturated_probabilities_do_not_hide_different_logits():
 def test_medq_keras_model_round_trips_to_onnx(tmp_path):
     import tensorflow as tf
 
-    from medq.freeze import freeze_keras
+    from medq.graph import freeze_keras
 
     tf.keras.utils.set_random_seed(0)
     model = tf.keras.Sequential([
@@ -170,7 +170,7 @@ def test_medq_keras_model_round_trips_to_onnx(tmp_path):
     ])
     run = tmp_path / "run"
     pb = artifacts.write_bytes(run / "model_fp32.pb", freeze_keras(model).SerializeToString())
-    artifacts.update_manifest(run, "freeze", artifacts={"fp32_pb": pb}, top={
+    runrecord.commit(run, "freeze", artifacts={"fp32_pb": pb}, facts={
         "input_name": "input", "output_name": "output", "input_shape": [32, 32, 1], "classes": ["NORMAL", "PNEUMONIA"],
         "task": "binary", "preprocess": {"image_size": 32, "channels": 1, "normalization": "unit"}})
 
@@ -179,7 +179,7 @@ def test_medq_keras_model_round_trips_to_onnx(tmp_path):
     x = np.random.default_rng(0).uniform(0, 1, (5, 32, 32, 1)).astype(np.float32)
     session = ort.InferenceSession(str(result.onnx), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(["output"], {"input": x})[0] - model.predict(x, verbose=0)).max() < 1e-5
-    assert artifacts.artifact_path(run, "fp32_onnx") == result.onnx
+    assert runrecord.recorded_path(run, "fp32_onnx") == result.onnx
     assert json.loads((run / "parity_onnx.json").read_text())["engines"] == ["tensorflow", "onnxruntime"]
 
 

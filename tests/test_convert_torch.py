@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 nn = torch.nn
 
+from medq import runrecord
 from medq import artifacts  # noqa: E402
 from medq.convert import CHEXNET_CLASSES, convert  # noqa: E402
 from medq.convert.parity import phantom_batch, run_frozen  # noqa: E402
@@ -199,8 +200,8 @@ def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
     x = inputs(spec)
     assert np.abs(run_frozen(result.fp32_pb, x) - torch_out(model, x)).max() < 1e-4
 
-    manifest = artifacts.read_manifest(run)
-    assert artifacts.artifact_path(run, "fp32_pb") == run / "model_fp32.pb"
+    manifest = runrecord.read_manifest(run)
+    assert runrecord.recorded_path(run, "fp32_pb") == run / "model_fp32.pb"
     assert manifest["artifacts"]["fp32_pb"]["sha256"] == artifacts.sha256(run / "model_fp32.pb")
     assert manifest["input_name"] == "input" and manifest["output_name"] == "output"
     assert manifest["input_shape"] == [SIZE, SIZE, 3]
@@ -229,7 +230,7 @@ def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
                                 "benchmark.warmup=1", "benchmark.latency_iterations=3",
                                 "benchmark.throughput_iterations=2"])
     int8 = run_quantize(config)
-    assert artifacts.read_manifest(run)["stages"]["quantize"]["quantized_kernels"] > 0
+    assert runrecord.read_manifest(run)["stages"]["quantize"]["quantized_kernels"] > 0
     report = run_benchmark(config)
     assert [(r["id"], r["model"]) for r in report["results"]] == [("tensorflow-fp32", "model_fp32.pb"),
                                                                   ("tensorflow-int8", int8.name)]
@@ -246,7 +247,7 @@ def test_one_channel_resnet18_study_checkpoint_gets_a_softmax(tmp_path):
     assert result.task == "binary" and result.preprocess == PreprocessSpec(SIZE, 1, "symmetric")
     x = inputs(result.preprocess)
     assert np.abs(run_frozen(result.fp32_pb, x) - softmax(torch_out(model, x))).max() < 1e-4
-    assert artifacts.read_manifest(result.run_dir)["source_model"]["appended_head"] == ["softmax"]
+    assert runrecord.read_manifest(result.run_dir)["source_model"]["appended_head"] == ["softmax"]
 
 
 def test_googlenet_dataparallel_model_state_dict_converts(tmp_path):

@@ -4,10 +4,11 @@ import sys
 import numpy as np
 import pytest
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.config import load_config
 from medq.errors import MedqError
-from medq.freeze import freeze_keras, parity, run_freeze
+from medq.freeze import run_freeze
+from medq.graph import freeze_keras, parity
 from medq.graph import FrozenGraph, ModelFileError, read_graph_def
 from medq.models import build_model
 
@@ -46,9 +47,9 @@ def test_run_freeze_writes_pb_and_manifest(tiny_model, tmp_path):
     keras_path = config.run_dir / "model.keras"
     keras_path.parent.mkdir(parents=True)
     tiny_model.save(keras_path)
-    artifacts.update_manifest(config.run_dir, "train", artifacts={"keras_model": keras_path})
+    runrecord.commit(config.run_dir, "train", artifacts={"keras_model": keras_path})
     pb = run_freeze(config)
-    manifest = artifacts.read_manifest(config.run_dir)
+    manifest = runrecord.read_manifest(config.run_dir)
     assert manifest["artifacts"]["fp32_pb"]["sha256"] == artifacts.sha256(pb)
     assert manifest["input_name"] == "input" and manifest["output_name"] == "output"
     assert manifest["stages"]["freeze"]["parity_max_abs_diff"] < 1e-4

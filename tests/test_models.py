@@ -10,7 +10,7 @@ import pytest
 
 from medq.errors import ConfigError
 from medq.flops import count_flops, model_facts
-from medq.freeze import freeze_keras, parity
+from medq.graph import freeze_keras, parity
 from medq.losses import make_loss
 from medq.models import build_model, head_activation, model_names
 from medq.models.zoo import compound_scaling, load_weights_file, scaled_image_size

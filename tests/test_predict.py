@@ -15,14 +15,15 @@ import cv2
 import numpy as np
 import pytest
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.cli import main
 from medq.data.dicom import dicom_bytes, load_dicom
 from medq.graph import FrozenGraph
 from medq.hwinfo import thread_environment
 from medq.predict import (ImageInput, Predictor, RunInfo, collect_inputs, iter_predictions, model_location,
-                          read_run, record, run_predict, ten_crops)
+                          read_run, record, run_predict)
 from medq.preprocess import PreprocessSpec, load_batch
+from medq.tta import ten_crops
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,7 @@ def test_png_jpeg_dicom_match_the_evaluation_path(tiny, tmp_path):
     np.testing.assert_allclose(load_dicom(files["mono1"]), load_dicom(files["mono2"]), atol=1e-6)
     paths = [str(p) for p in files.values()]
     out = tmp_path / "preds.jsonl"
-    fp32 = artifacts.artifact_path(tiny.run_dir, "fp32_pb")
+    fp32 = runrecord.recorded_path(tiny.run_dir, "fp32_pb")
     summary = run_predict(tiny.run_dir, paths, model="fp32", output=out, quiet=True)
     assert (summary.predicted, summary.errors) == (4, 0)
     recs = _read_jsonl(out)
@@ -142,7 +143,7 @@ def test_ten_crop_averages_ten_crops_of_the_same_preprocessing(tiny, tmp_path):
     np.testing.assert_array_equal(crops[4], preprocess(image, big)[2:34, 2:34])  # centre crop of the 37-px image
     out = tmp_path / "tc.jsonl"
     run_predict(tiny.run_dir, tiny.test_files[:3], ten_crop=True, output=out, quiet=True)
-    graph = FrozenGraph(artifacts.artifact_path(tiny.run_dir, "fp32_pb"))
+    graph = FrozenGraph(runrecord.recorded_path(tiny.run_dir, "fp32_pb"))
     for rec, path in zip(_read_jsonl(out), tiny.test_files[:3]):
         want = graph.predict(ten_crops(load_image(path), tiny.spec)).mean(axis=0)
         np.testing.assert_allclose(_probs(rec), want, atol=2e-6)
@@ -150,7 +151,7 @@ def test_ten_crop_averages_ten_crops_of_the_same_preprocessing(tiny, tmp_path):
 
 
 def test_heatmaps_have_the_original_size_and_show_something(tiny, tmp_path):
-    from medq.freeze import load_keras_model
+    from medq.models import load_keras_model
     from medq.heatmap import GradCAM, find_cam_layer
 
     source = cv2.imread(tiny.test_files[2], cv2.IMREAD_GRAYSCALE)
@@ -172,7 +173,7 @@ def test_heatmaps_have_the_original_size_and_show_something(tiny, tmp_path):
             assert overlay.shape == (h, w, 3)
         coloured = [cv2.imread(p) for p in written.values()]
         assert any(np.ptp(img.astype(int)[:, :, 2] - img.astype(int)[:, :, 0]) > 20 for img in coloured)
-    model = load_keras_model(artifacts.artifact_path(tiny.run_dir, "keras_model"))
+    model = load_keras_model(runrecord.recorded_path(tiny.run_dir, "keras_model"))
     layer = model.get_layer(find_cam_layer(model))
     assert tuple(layer.output.shape[1:3]) == (16, 16) and "pool" not in type(layer).__name__.lower()
     cams = GradCAM(model).cams(load_batch(tiny.test_files[:6], tiny.spec), [0, 1])
@@ -210,12 +211,12 @@ def test_bad_run_or_missing_model_is_one_line(tiny, tmp_path, capsys, clean_thre
     image = tiny.test_files[0]
     partial = tmp_path / "partial"
     partial.mkdir()
-    manifest = artifacts.read_manifest(tiny.run_dir)
+    manifest = runrecord.read_manifest(tiny.run_dir)
     manifest["artifacts"] = {k: v for k, v in manifest["artifacts"].items() if k != "int8_pb"}
     (partial / "manifest.json").write_text(json.dumps(manifest))
     graph_only = tmp_path / "graph_only"  # e.g. a converted run: a frozen graph, no Keras model
     graph_only.mkdir()
-    fp32 = str(artifacts.artifact_path(tiny.run_dir, "fp32_pb").resolve())
+    fp32 = str(runrecord.recorded_path(tiny.run_dir, "fp32_pb").resolve())
     manifest["artifacts"] = {"fp32_pb": {"path": fp32}}
     (graph_only / "manifest.json").write_text(json.dumps(manifest))
     cases = {
@@ -272,7 +273,7 @@ def test_readme_deploy_snippet_runs_as_written(tiny, tmp_path):
     lines = done.stdout.splitlines()
     images = sorted(f"data/chest_xray/{p.relative_to(tiny.data)}" for p in (tiny.data / "test").glob("*/*.jpeg"))[:4]
     assert [line.split(" ", 1)[0] for line in lines] == images
-    expected = _frozen_probs(artifacts.artifact_path(tiny.run_dir, "int8_pb"), [str(tmp_path / i) for i in images],
+    expected = _frozen_probs(runrecord.recorded_path(tiny.run_dir, "int8_pb"), [str(tmp_path / i) for i in images],
                              tiny.spec)
     for line, want in zip(lines, expected):
         got = json.loads(line.split(" ", 1)[1].replace("'", '"'))
@@ -296,7 +297,7 @@ def test_deploy_snippet_runs_with_plain_tensorflow_and_matches_medq(tiny, tmp_pa
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     recs = [json.loads(line) for line in done.stdout.splitlines()]
-    expected = _frozen_probs(artifacts.artifact_path(tiny.run_dir, "int8_pb"), paths, tiny.spec)
+    expected = _frozen_probs(runrecord.recorded_path(tiny.run_dir, "int8_pb"), paths, tiny.spec)
     assert [r["file"] for r in recs] == paths
     for rec, want in zip(recs, expected):
         np.testing.assert_allclose(_probs(rec), want, atol=2e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.config import load_config
 from medq.data.readers import read_dataset
 from medq.errors import MedqError
@@ -87,7 +87,7 @@ def deploy_with(tmp_path: Path, changes: dict) -> Path:
 
 
 def stage(config) -> dict:
-    return artifacts.read_manifest(config.run_dir)["stages"]["quantize"]
+    return runrecord.read_manifest(config.run_dir)["stages"]["quantize"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def default_run(trained, tmp_path_factory):
 
 def test_default_run_has_quantized_convolutions_within_the_criterion(default_run):
     config, target, _ = default_run
-    assert target == config.run_dir / "model_int8.pb" and artifacts.artifact_path(config.run_dir, "int8_pb") == target
+    assert target == config.run_dir / "model_int8.pb" and runrecord.recorded_path(config.run_dir, "int8_pb") == target
     int8 = read_graph_def(target)
     ops = op_type_counts(int8)
     assert any(op.startswith(("QuantizedConv2D", "_QuantizedConv2D", "_FusedQuantizedConv2D")) for op in ops), ops
@@ -114,7 +114,7 @@ def test_default_run_has_quantized_convolutions_within_the_criterion(default_run
     assert criterion["met"] and (criterion["kind"], criterion["tolerance"]) == ("relative", 0.01)
     assert facts["int8_val"]["accuracy"] >= facts["fp32_val"]["accuracy"] * (1 - 0.01)
     assert facts["quantized_kernels"] > 0
-    table = artifacts.read_manifest(config.run_dir)["artifacts"]["quantized_ops"]
+    table = runrecord.read_manifest(config.run_dir)["artifacts"]["quantized_ops"]
     op_table = yaml.safe_load((config.run_dir / table["path"]).read_text())
     assert op_table["Conv2D"]["int8"] == op_table["Conv2D"]["total"] == 4
     assert set(op_table["Conv2D"]) == {"total", "int8", "bf16", "fp32"}
@@ -127,7 +127,7 @@ def test_default_run_has_quantized_convolutions_within_the_criterion(default_run
 def test_int8_metric_recomputed_from_the_file_on_validation(default_run):
     """The number in the manifest is what the written file scores, with the training preprocessing."""
     config, target, _ = default_run
-    manifest = artifacts.read_manifest(config.run_dir)
+    manifest = runrecord.read_manifest(config.run_dir)
     index = read_dataset(config.data, seed=config.run.seed)
     x = load_batch(index.paths("val"), PreprocessSpec.from_dict(manifest["preprocess"]))
     runner = FrozenGraph(target, manifest["input_name"], manifest["output_name"])
@@ -266,7 +266,7 @@ def test_evaluation_errors_are_raised_not_swallowed_by_inc(trained, tmp_path):
 
     x = np.zeros((4, 40, 40, 1), np.float32)
     loader = CalibrationLoader(x, np.zeros((4, 2), np.float32), ["a", "b", "c", "d"], batch_size=4)
-    graph = read_graph_def(artifacts.artifact_path(trained.run_dir, "fp32_pb"))
+    graph = read_graph_def(runrecord.recorded_path(trained.run_dir, "fp32_pb"))
     with pytest.raises(ValueError, match="metric exploded"):
         run_ptq(graph, load_deploy(DEPLOY), inputs=["input"], outputs=["output"], sampling_sizes=[4],
                 calib_dataloader=loader, eval_func=broken, workspace=tmp_path / "ws", log_path=tmp_path / "q.log")
@@ -309,7 +309,7 @@ def test_an_untrained_model_is_quantized_with_a_warning_that_it_proves_nothing(t
     model = build_model("refkit-cnn", (40, 40, 1), 2, "binary", blocks=2, filters=8, dense_units=16)
     model.layers[-1].set_weights([np.zeros_like(w) for w in model.layers[-1].get_weights()])  # always 50/50
     model.save(config.run_dir / "model.keras")
-    artifacts.update_manifest(config.run_dir, "train", artifacts={"keras_model": config.run_dir / "model.keras"})
+    runrecord.commit(config.run_dir, "train", artifacts={"keras_model": config.run_dir / "model.keras"})
     run_freeze(config)
     run_quantize(config)
     assert stage(config)["fp32_near_chance"] == {"near": True, "chance": pytest.approx(2 / 3, abs=0.1),

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.config import load_config
 from medq.errors import MedqError
 from medq.inc.deploy import DeployError
@@ -120,10 +120,12 @@ def test_malformed_deploy_file(tmp_path):
 def test_run_without_frozen_graph(tmp_path, repo_root, monkeypatch):
     monkeypatch.chdir(repo_root)
     config = stage_config(tmp_path)
-    artifacts.update_manifest(config.run_dir, "train", top={"task": "binary"})
+    runrecord.commit(config.run_dir, "train", facts={"task": "binary"})
     with pytest.raises(MedqError) as caught:
         run_quantize(config)
-    assert "no frozen FP32 graph in this run" in one_line(caught.value) and "medq freeze" in str(caught.value)
+    # the run has no model at all: the stage that is really missing is train, then freeze
+    assert "no frozen FP32 graph in this run" in one_line(caught.value)
+    assert "run `medq train --run-name r` first (then freeze)" in str(caught.value)
 
 
 def test_frozen_graph_file_deleted(tmp_path, repo_root, monkeypatch):
@@ -131,11 +133,11 @@ def test_frozen_graph_file_deleted(tmp_path, repo_root, monkeypatch):
     config = stage_config(tmp_path)
     pb = config.run_dir / "model_fp32.pb"
     artifacts.write_bytes(pb, b"x")
-    artifacts.update_manifest(config.run_dir, "freeze", artifacts={"fp32_pb": pb})
+    runrecord.commit(config.run_dir, "freeze", artifacts={"fp32_pb": pb})
     pb.unlink()
     with pytest.raises(MedqError) as caught:
         run_quantize(config)
-    assert f"{pb}: the run's frozen FP32 graph is missing" in one_line(caught.value)
+    assert f"{pb}: recorded in the run's manifest but missing; rerun `medq freeze" in one_line(caught.value)
 
 
 def test_deploy_tensor_names_must_match_the_frozen_graph(tmp_path, repo_root, monkeypatch):
@@ -144,7 +146,7 @@ def test_deploy_tensor_names_must_match_the_frozen_graph(tmp_path, repo_root, mo
     pb = artifacts.write_bytes(config.run_dir / "model_fp32.pb", b"x")
     manifest = {"task": "binary", "classes": ["A", "B"], "input_name": "Placeholder", "output_name": "output",
                 "preprocess": {"image_size": 32, "channels": 1, "normalization": "unit"}}
-    artifacts.update_manifest(config.run_dir, "freeze", artifacts={"fp32_pb": pb}, top=manifest)
+    runrecord.commit(config.run_dir, "freeze", artifacts={"fp32_pb": pb}, facts=manifest)
     with pytest.raises(DeployError) as caught:
         run_quantize(config)
     assert "model.inputs: ['input'] is not the frozen graph's input 'Placeholder'" in one_line(caught.value)

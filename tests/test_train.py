@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.config import load_config
 from medq.data.readers import read_dataset
 from medq.errors import MedqError
@@ -73,7 +73,7 @@ def test_resume_continues_from_the_last_epoch(resumed):
     steps = len(read_dataset(config.data, seed=config.run.seed).splits["train"]) // 16
     assert state["optimizer_iterations"] >= 2 * steps
     assert int(result.model.optimizer.iterations.numpy()) >= state["optimizer_iterations"] + 2 * steps
-    manifest = artifacts.read_manifest(config.run_dir)
+    manifest = runrecord.read_manifest(config.run_dir)
     entry = manifest["stages"]["train"]
     assert entry["resumed"] is True and entry["epochs_run"] == 2 and entry["flops"] > 0
     assert manifest["model_source"] == "train" and manifest["selected_val_metrics"] == result.val_metrics
@@ -90,12 +90,12 @@ def test_resume_refuses_a_checkpoint_from_another_config(resumed):
     config, _, _ = resumed
     other = load_config(None, [f"run.output_dir={config.run.output_dir}", f"data.root={config.data.root}",
                                "preprocess.image_size=32", "train.epochs=4", "train.learning_rate=0.01", TINY])
-    with pytest.raises(MedqError, match="different model, data or training config"):
+    with pytest.raises(MedqError, match="different model, data, split or training config"):
         train.run_train(other, resume=True)
 
 
 def test_ten_crops_are_corners_centre_and_mirrors():
-    from medq.train import ten_crop_size, ten_crops
+    from medq.tta import crops_of as ten_crops, ten_crop_size
 
     assert ten_crop_size(224) == 256 and ten_crop_size(96) == 110 and ten_crop_size(32) == 37
     image = np.arange(6 * 6, dtype=np.float32).reshape(6, 6, 1)
@@ -109,8 +109,9 @@ def test_ten_crops_are_corners_centre_and_mirrors():
 
 def test_evaluate_keras_reports_single_and_ten_crop_side_by_side(resumed, tmp_path):
     from medq.data.decode import load_image
-    from medq.freeze import load_keras_model
-    from medq.train import evaluate_keras, run_evaluate, ten_crops
+    from medq.models import load_keras_model
+    from medq.train import evaluate_keras, run_evaluate
+    from medq.tta import crops_of as ten_crops
 
     config, _, _ = resumed
     index = read_dataset(config.data, seed=config.run.seed)
@@ -133,7 +134,7 @@ def test_evaluate_keras_reports_single_and_ten_crop_side_by_side(resumed, tmp_pa
     assert one["ten_crop"]["accuracy"] == float(np.argmax(manual) == np.argmax(labels[0]))
     report = run_evaluate(config, ten_crop=True, index=index)
     assert report["ten_crop"]["n_images"] == report["single_crop"]["n_images"] == len(paths)
-    entry = artifacts.read_manifest(config.run_dir)["stages"]["evaluate"]
+    entry = runrecord.read_manifest(config.run_dir)["stages"]["evaluate"]
     assert entry["ten_crop"] is True and "accuracy" in entry["ten_crop_metrics"]
     # a threshold of 0 calls every image positive: sensitivity 1, specificity 0
     everyone = run_evaluate(config, index=index, threshold=0.0)["single_crop"]
@@ -188,10 +189,10 @@ def test_low_res_phase_starts_the_full_resolution_training(tmp_path, data_root, 
     result = train.run_train(config)
     low = config.run_dir / train.LOW_RES_MODEL
     assert starts == [low]
-    from medq.freeze import load_keras_model
+    from medq.models import load_keras_model
 
     assert load_keras_model(low).input_shape[1:] == (16, 16, 1) and result.model.input_shape[1:] == (32, 32, 1)
-    entry = artifacts.read_manifest(config.run_dir)["stages"]["train"]["low_res"]
+    entry = runrecord.read_manifest(config.run_dir)["stages"]["train"]["low_res"]
     assert entry["image_size"] == 16 and entry["epochs"] == 2 and 1 <= entry["best_epoch"] <= 2
     with pytest.raises(MedqError, match="train.low_res: set both image_size and epochs"):
         _config(tmp_path, data_root, "train.low_res.epochs=2")
@@ -261,7 +262,7 @@ def test_two_worker_training_on_loopback(tmp_path, data_root):
         procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    manifest = artifacts.read_manifest(tmp_path / "default")
+    manifest = runrecord.read_manifest(tmp_path / "default")
     assert manifest["stages"]["train"]["epochs_run"] == 2 and manifest["model_source"] == "train"
 
 
@@ -287,3 +288,41 @@ def test_multiclass_metrics_have_one_vs_rest_sensitivity_and_specificity():
     assert m["sensitivity"] == {"a": 0.5, "b": 1.0, "c": 0.5}
     # a: of the 3 non-a images, 1 (a c) was called a → 2/3; b: 1 of 4 called b; c: none of 3 called c
     assert m["specificity"] == pytest.approx({"a": 2 / 3, "b": 3 / 4, "c": 1.0})
+
+
+def test_an_interrupted_retrain_leaves_the_previous_model_and_manifest_as_they_were(tmp_path, data_root,
+                                                                                     monkeypatch):
+    import tensorflow as tf
+
+    import medq.train as train
+
+    config = _config(tmp_path, data_root, "train.epochs=2")
+    train.run_train(config)
+    kept = {name: (config.run_dir / name).read_bytes() for name in ("model.keras", "manifest.json")}
+
+    class Killed(tf.keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            raise KeyboardInterrupt  # after the first (improving) epoch of the rerun was validated
+
+    original = train.fit_model
+    monkeypatch.setattr(train, "fit_model", lambda *a, **k: original(*a, **k, extra_callbacks=[Killed()]))
+    with pytest.raises(KeyboardInterrupt):
+        train.run_train(config)
+    assert {name: (config.run_dir / name).read_bytes() for name in kept} == kept
+    assert runrecord.verified_path(config.run_dir, "keras_model") == config.run_dir / "model.keras"
+    assert not (config.run_dir / ".staging").exists()
+
+
+def test_nan_validation_outputs_stop_training_with_one_line(tmp_path, data_root):
+    import medq.train as train
+
+    config = _config(tmp_path, data_root, "train.epochs=1", "train.learning_rate=9.0", "train.optimizer=sgd",
+                     "train.loss=cce")
+    index = runrecord.run_index(config, stage="train")
+    original = train.predict_dataset
+    try:
+        train.predict_dataset = lambda model, ds: (lambda y, p: (y, p * np.nan))(*original(model, ds))
+        with pytest.raises(train.TrainingDiverged, match="validation outputs are NaN or infinite"):
+            train.fit_model(config, index)
+    finally:
+        train.predict_dataset = original

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.config import load_config
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError
@@ -92,7 +92,7 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
     assert len(count_trainings) == 2 and len(first.trials) == 2 and first.replaced
     assert "became the run's model" in first.decision and "no trained model" in first.decision
     best_model = config.run_dir / "tuner" / f"trial_{first.best.trial_id}" / "model.keras"
-    manifest = artifacts.read_manifest(config.run_dir)
+    manifest = runrecord.read_manifest(config.run_dir)
     assert manifest["model_source"] == "tune" and manifest["classes"] == index.classes
     assert manifest["artifacts"]["keras_model"]["sha256"] == artifacts.sha256(best_model)
     assert manifest["selected_val_metrics"] == first.best.val_metrics
@@ -111,7 +111,7 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
     from medq.quantize import run_quantize
 
     pb = run_freeze(config)
-    assert pb.is_file() and artifacts.read_manifest(config.run_dir)["stages"]["freeze"]["parity_max_abs_diff"] < 1e-4
+    assert pb.is_file() and runrecord.read_manifest(config.run_dir)["stages"]["freeze"]["parity_max_abs_diff"] < 1e-4
     measured = _config(tmp_path, data_root, "tune.max_trials=2", "benchmark.precisions=[fp32, int8]",
                        "benchmark.reference=[]", "benchmark.instances=[]", "benchmark.batch_sizes=[8]",
                        "benchmark.batch_size=8", "benchmark.warmup=1", "benchmark.latency_iterations=3",
@@ -119,7 +119,7 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
                        f"quantize.deploy={Path(__file__).parent / 'fixtures' / 'wide_criterion_deploy.yaml'}")
     run_quantize(measured)
     report = run_benchmark(measured)
-    manifest = artifacts.read_manifest(config.run_dir)
+    manifest = runrecord.read_manifest(config.run_dir)
     assert manifest["model_source"] == "tune"
     assert manifest["stages"]["freeze"]["finished_at"] <= manifest["stages"]["quantize"]["finished_at"]
     assert [r["id"] for r in report["results"]] == ["tensorflow-fp32", "tensorflow-int8"]
@@ -127,7 +127,7 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
 
     # Pretend a trained model beat it, then continue the search to 3 trials: one new trial, nothing repeated.
     before = {p.parent.name: p.stat().st_mtime_ns for p in (config.run_dir / "tuner").glob("trial_*/model.keras")}
-    artifacts.update_manifest(config.run_dir, "train", top={"model_source": "train",
+    runrecord.commit(config.run_dir, "train", facts={"model_source": "train",
                                                           "selected_val_metrics": {"accuracy": 1.0, "auc": 1.0}})
     model_sha = artifacts.sha256(config.run_dir / "model.keras")
     again = run_tune(_config(tmp_path, data_root, "tune.max_trials=3"), index=index)
@@ -136,7 +136,7 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
     assert {k: after[k] for k in before} == before and len(after) == 3
     assert not again.replaced and "kept the trained model" in again.decision
     assert artifacts.sha256(config.run_dir / "model.keras") == model_sha
-    assert artifacts.read_manifest(config.run_dir)["model_source"] == "train"
+    assert runrecord.read_manifest(config.run_dir)["model_source"] == "train"
 
     # A finished search reruns nothing.
     run_tune(_config(tmp_path, data_root, "tune.max_trials=3"), index=index)
@@ -165,11 +165,11 @@ def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, 
     assert sizes == [32, 40]  # 32 · γ^1 = 37.6 → 40
     params = {r.values["phi"]: r.parameters for r in result.trials}
     assert params[1] > params[0]  # deeper and wider at phi = 1
-    manifest = artifacts.read_manifest(config.run_dir)
+    manifest = runrecord.read_manifest(config.run_dir)
     assert manifest["preprocess"]["image_size"] == result.best.image_size == config.preprocess.image_size
     assert manifest["config"]["preprocess"]["image_size"] == result.best.image_size
     assert run_freeze(config).is_file()
-    assert artifacts.read_manifest(config.run_dir)["input_shape"] == [result.best.image_size] * 2 + [1]
+    assert runrecord.read_manifest(config.run_dir)["input_shape"] == [result.best.image_size] * 2 + [1]
     assert np.isfinite(result.best.val_primary)
 
 
@@ -206,7 +206,7 @@ def test_multilabel_search_is_scored_by_mean_auc(tmp_path):
     for row in result.trials:
         assert row.val_primary == row.val_auc == row.val_metrics["auc"]  # mean AUC over the labels
         assert "exact_match" in row.val_metrics
-    assert artifacts.read_manifest(config.run_dir)["task"] == "multilabel"
+    assert runrecord.read_manifest(config.run_dir)["task"] == "multilabel"
 
 
 def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, data_root, monkeypatch):

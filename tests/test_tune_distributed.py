@@ -4,7 +4,7 @@ import socket
 import subprocess
 import sys
 
-from medq import artifacts
+from medq import artifacts, runrecord
 
 
 def _free_port():
@@ -54,7 +54,7 @@ tune:
                 p.kill()
     assert {tid: p.returncode for tid, p in procs.items()} == {"chief": 0, "tuner0": 0, "tuner1": 0}, outputs
 
-    manifest = artifacts.read_manifest(tmp_path / "out" / "dist")
+    manifest = runrecord.read_manifest(tmp_path / "out" / "dist")
     trials = manifest["stages"]["tune"]["trials"]
     assert len(trials) == 4 and all(t["status"] == "COMPLETED" for t in trials)
     ran = {t["tuner_id"] for t in trials}

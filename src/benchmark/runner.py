@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from medq import artifacts, hwinfo
+from medq import artifacts, hwinfo, runrecord
 from medq.benchmark import plan, reference, report
 from medq.errors import ConfigError, MedqError
 
@@ -401,26 +401,32 @@ def _progress(i: int, n: int, entry: dict[str, Any], primary: str) -> str:
 def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
     """Measure every precision path (and the reference engines) of the run, each in its own process; write
     benchmark.json, benchmark.md and benchmark.png into the run folder and return the benchmark.json content."""
-    from medq.data.readers import read_dataset
-    from medq.metrics import primary_metric
 
     started = time.perf_counter()
     run_dir = config.run_dir
-    manifest = artifacts.read_manifest(run_dir)
-    fp32_pb = artifacts.artifact_path(run_dir, "fp32_pb")
-    if fp32_pb is None or not fp32_pb.is_file():
-        raise MedqError(f"{run_dir}: no frozen FP32 graph (fp32_pb) in this run; run `medq freeze` first")
+    with runrecord.writer_lock(run_dir, "benchmark"):
+        return _run_benchmark(config, run_dir, started, verbose)
+
+
+def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) -> dict[str, Any]:
+    from medq.metrics import primary_metric
+
+    fp32_pb = runrecord.verified_path(run_dir, "fp32_pb", config)
+    manifest = runrecord.read_manifest(run_dir)
     missing = [k for k in ("preprocess", "task", "classes") if k not in manifest]
     if missing:
-        raise MedqError(f"{run_dir / artifacts.MANIFEST}: no {', '.join(missing)} recorded; run `medq train` first")
+        raise MedqError(f"{run_dir / runrecord.MANIFEST}: no {', '.join(missing)} recorded; run "
+                        f"`{runrecord.command(config, 'train')}` first")
     bc = config.benchmark
     sizes = _check_settings(bc)
     task, classes = manifest["task"], list(manifest["classes"])
     primary = primary_metric(task)
     features = hwinfo.cpu_features()
     load_before = os.getloadavg()
-    int8_pb = artifacts.artifact_path(run_dir, "int8_pb")
+    int8_pb, int8_unusable = _int8_graph(run_dir, config)
     rows, skipped = plan.plan_rows(bc.precisions, bc.reference, features, fp32_pb, int8_pb)
+    if int8_unusable:
+        skipped = {k: (int8_unusable if v == plan.NO_INT8 else v) for k, v in skipped.items()}
     cores = int(features.get("physical_cores") or hwinfo.physical_cores())
     performance = plan.deploy_performance(recorded_deploy(manifest).get("path") or config.quantize.deploy)
     layouts, layout_skips = plan.plan_layouts(bc.instances, cores, performance)
@@ -432,7 +438,8 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
 
     bench = run_dir / BENCH_DIR
     bench.mkdir(parents=True, exist_ok=True)
-    index = read_dataset(config.data, seed=config.run.seed)
+    index = runrecord.run_index(config, stage="benchmark")
+    runrecord.check_classes(run_dir, manifest, index)
     inputs = test_inputs(config, manifest, index, bench)
     if inputs["recorded_test_size"] not in (None, len(index.paths("test"))):
         notes.append(f"the test split has {len(index.paths('test'))} images now, {inputs['recorded_test_size']} when "
@@ -507,8 +514,20 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
     }
     report.add_comparisons(out)
     out = _clean(out)
-    written = report.write_reports(run_dir, out)
-    artifacts.update_manifest(run_dir, "benchmark", artifacts=written, rows=[r["id"] for r in results],
-                              skipped=out["skipped"], seconds=out["seconds"],
-                              inputs_sha256=inputs["sha256"])
+    written = report.write_reports(runrecord.staging_dir(run_dir), out)
+    runrecord.commit(run_dir, "benchmark", artifacts=written,
+                     inputs=("fp32_pb", "split") + (("int8_pb",) if int8_pb is not None else ()),
+                     rows=[r["id"] for r in results], skipped=out["skipped"], seconds=out["seconds"],
+                     inputs_sha256=inputs["sha256"])
     return out
+
+
+def _int8_graph(run_dir: Path, config: Any) -> tuple[Path | None, str | None]:
+    """The run's INT8 graph if it may be measured, else (None, why not) — a stale or changed INT8 graph is a listed
+    skip, never measured."""
+    if runrecord.recorded_path(run_dir, "int8_pb") is None:
+        return None, None
+    try:
+        return runrecord.verified_path(run_dir, "int8_pb", config), None
+    except runrecord.RunError as exc:
+        return None, str(exc)

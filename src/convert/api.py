@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from medq import artifacts
+from medq import artifacts, runrecord
 from medq.convert import head, onnx_graph, parity, torch_models
 from medq.data.nih import CHEXNET_CLASSES
 from medq.errors import MedqError
@@ -125,7 +125,7 @@ def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, 
         raise MedqError(f"{source}: an ONNX file carries its own architecture; drop arch={arch!r}")
     if not is_onnx:
         torch_models.require_torch(source)
-    trained = sorted(set(artifacts.read_manifest(run_dir).get("stages", {})) & {"train", "tune", "freeze"})
+    trained = sorted(set(runrecord.read_manifest(run_dir).get("stages", {})) & {"train", "tune", "freeze"})
     if trained:
         raise MedqError(f"{run_dir}: holds a model medq trained ({', '.join(trained)} recorded); convert into a new "
                         "run folder")
@@ -173,6 +173,14 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
     nothing but ``parity.json`` is written then.
     """
     source, run_dir = Path(source), Path(run_dir)
+    with runrecord.writer_lock(run_dir, "convert"):
+        return _convert(source, run_dir, arch, classes, task, image_size, normalization, opset, tolerance,
+                        parity_images, trust_torchscript, verbose)
+
+
+def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] | None, task: str | None,
+             image_size: int | None, normalization: str | None, opset: int, tolerance: float, parity_images: int,
+             trust_torchscript: bool, verbose: bool) -> ConvertResult:
     is_onnx = _check_arguments(source, run_dir, arch, opset, parity_images)
     loaded = None if is_onnx else _load_torch(source, arch, image_size or DEFAULT_IMAGE_SIZE, trust_torchscript)
     norm = _normalization(normalization, arch, source)  # checked before the slow steps
@@ -203,21 +211,24 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
         report = parity.parity_report(probabilities, spec, tolerance, raw if plan.appended else None)
         parity.record(report, run_dir / PARITY_FILE, source, verbose)
 
-        fp32_pb = artifacts.write_bytes(run_dir / FROZEN_FP32, graph_def.SerializeToString())
-        os.replace(onnx_path, run_dir / ONNX_FILE)
+        staged_pb = artifacts.write_bytes(runrecord.staging_path(run_dir, FROZEN_FP32), graph_def.SerializeToString())
+        staged_onnx = runrecord.staging_path(run_dir, ONNX_FILE)
+        os.replace(onnx_path, staged_onnx)
         _replace_dir(saved_model, run_dir / SAVED_MODEL_DIR)
 
     source_info = {**src.info, "path": str(source.resolve()), "sha256": artifacts.sha256(source),
                    "model_ends_in": plan.model_ends_in, "appended_head": list(plan.appended),
                    "normalization_from": "argument" if normalization else "architecture default"}
-    manifest = artifacts.update_manifest(
-        run_dir, "convert", artifacts={"fp32_pb": fp32_pb, "onnx": run_dir / ONNX_FILE},
-        top={"input_name": "input", "output_name": "output", "input_shape": list(spec.input_shape),
+    manifest = runrecord.commit(
+        run_dir, "convert", artifacts={"fp32_pb": staged_pb, "onnx": staged_onnx},
+        sources={"source_model": source_info["sha256"]},
+        facts={"input_name": "input", "output_name": "output", "input_shape": list(spec.input_shape),
              "classes": names, "task": plan.task, "preprocess": spec.to_dict(), "model_source": "convert",
              "source_model": source_info},
         saved_model=SAVED_MODEL_DIR, saved_model_outputs="the network's own outputs, before the appended head",
         onnx_input_layout="NCHW", parity=parity.summary(report))
-    return ConvertResult(run_dir=run_dir, onnx=run_dir / ONNX_FILE, parity=report, manifest=manifest, fp32_pb=fp32_pb,
+    return ConvertResult(run_dir=run_dir, onnx=run_dir / ONNX_FILE, parity=report, manifest=manifest,
+                         fp32_pb=run_dir / FROZEN_FP32,
                          saved_model=run_dir / SAVED_MODEL_DIR, task=plan.task, classes=names, preprocess=spec)
 
 
@@ -227,26 +238,31 @@ def export_onnx(run_dir: str | Path, *, source: str | Path | None = None, opset:
     """A medq run's model (its frozen ``fp32_pb``, else its ``keras_model``, or ``source``) → ``model_fp32.onnx``
     with tf2onnx, checked in onnxruntime against TensorFlow. The ONNX model takes the same NHWC ``input`` as the
     frozen graph. Recorded as artifact ``fp32_onnx``."""
+    run_dir = Path(run_dir)
+    with runrecord.writer_lock(run_dir, "export-onnx"):
+        return _export_onnx(run_dir, source, opset, tolerance, parity_images, verbose)
+
+
+def _export_onnx(run_dir: Path, source: str | Path | None, opset: int, tolerance: float, parity_images: int,
+                 verbose: bool) -> ExportResult:
     from medq.graph import read_graph_def
 
-    run_dir = Path(run_dir)
-    manifest = artifacts.read_manifest(run_dir)
+    manifest = runrecord.read_manifest(run_dir)
     if "preprocess" not in manifest:
-        raise MedqError(f"{run_dir / artifacts.MANIFEST}: no preprocessing recorded (not a medq run folder, or no "
+        raise MedqError(f"{run_dir / runrecord.MANIFEST}: no preprocessing recorded (not a medq run folder, or no "
                         "model yet); run `medq train` and `medq freeze`, or `medq convert`, for this run first")
     _check_settings(run_dir, opset, parity_images)
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     input_name, output_name = manifest.get("input_name", "input"), manifest.get("output_name", "output")
-    path = Path(source) if source else (artifacts.artifact_path(run_dir, "fp32_pb")
-                                        or artifacts.artifact_path(run_dir, "keras_model"))
-    if path is None:
-        raise MedqError(f"{run_dir}: no fp32_pb or keras_model in this run's manifest; run `medq freeze` first")
+    made_from = "fp32_pb" if runrecord.recorded_path(run_dir, "fp32_pb") else "keras_model"
+    path = Path(source) if source else runrecord.verified_path(run_dir, made_from, hint="medq freeze")
     x = parity.phantom_batch(spec, parity_images)
     if path.suffix == ".pb":
         graph_def = read_graph_def(path)
         reference = parity.run_frozen(graph_def, x, input_name, output_name)
     else:
-        from medq.freeze import freeze_keras, load_keras_model
+        from medq.graph import freeze_keras
+        from medq.models import load_keras_model
 
         keras_model = load_keras_model(path)
         graph_def = freeze_keras(keras_model, input_name, output_name)
@@ -255,8 +271,8 @@ def export_onnx(run_dir: str | Path, *, source: str | Path | None = None, opset:
     report = parity.parity_report({"tensorflow": reference, "onnxruntime": onnx_graph.run_onnx(model, x)}, spec,
                                   tolerance)
     parity.record(report, run_dir / EXPORT_PARITY_FILE, path, verbose)
-    target = artifacts.write_bytes(run_dir / ONNX_FP32_FILE, model.SerializeToString())
-    manifest = artifacts.update_manifest(run_dir, "export-onnx", artifacts={"fp32_onnx": target},
-                                         source=os.path.relpath(path, run_dir), opset=opset,
-                                         onnx_input_layout="NHWC", parity=parity.summary(report))
-    return ExportResult(run_dir, target, report, manifest)
+    staged = artifacts.write_bytes(runrecord.staging_path(run_dir, ONNX_FP32_FILE), model.SerializeToString())
+    manifest = runrecord.commit(run_dir, "export-onnx", artifacts={"fp32_onnx": staged},
+                                inputs=() if source else (made_from,), source=os.path.relpath(path, run_dir),
+                                opset=opset, onnx_input_layout="NHWC", parity=parity.summary(report))
+    return ExportResult(run_dir, run_dir / ONNX_FP32_FILE, report, manifest)

@@ -4,7 +4,7 @@
   output named ``output``.
 - ``onnx_to_saved_model``: onnx2tf → an NHWC TensorFlow SavedModel with one serving signature.
 - ``freeze_saved_model``: that signature (plus the head) → frozen GraphDef ``input:0 → output:0``
-  (``medq.freeze.freeze_callable``).
+  (``medq.graph.freeze_callable``).
 - ``graph_def_to_onnx``: a medq frozen graph → ONNX with tf2onnx (the other direction).
 """
 from __future__ import annotations
@@ -195,7 +195,7 @@ def load_serving(saved_model_dir: Path) -> Callable:
 def freeze_saved_model(saved_model_dir: Path, input_shape: tuple[int, ...], then: Callable = lambda y: y,
                        input_name: str = "input", output_name: str = "output"):
     """The SavedModel's serving signature, then ``then`` (the head) → frozen GraphDef ``input:0 → output:0``."""
-    from medq.freeze import freeze_callable
+    from medq.graph import freeze_callable
 
     serve = load_serving(saved_model_dir)
     return freeze_callable(lambda x: then(serve(x)), input_shape, input_name, output_name)

@@ -18,9 +18,10 @@ model: :func:`medq.flops.model_facts`.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
-from medq.errors import ConfigError
+from medq.errors import ConfigError, MedqError
 
 MODELS: dict[str, Callable[..., Any]] = {}
 
@@ -71,3 +72,24 @@ def model_names() -> list[str]:
     from medq.models import zoo  # noqa: F401
 
     return sorted(MODELS)
+
+
+def load_keras_model(path: str | Path, *, trust_legacy: bool = False):
+    """Load a Keras model for inference. The ``.keras`` zip format loads with Keras' safe mode (no code from the
+    file runs); HDF5 and SavedModel go through the legacy loader, where it does not apply, so they need
+    ``trust_legacy`` (the CLI's --trust-model-file)."""
+    import tensorflow as tf
+
+    path = Path(path)
+    if not path.exists():
+        raise MedqError(f"{path}: Keras model not found; run `medq train` (or `medq tune`) for this run first")
+    legacy = path.is_dir() or path.suffix.lower() != ".keras"
+    if legacy and not trust_legacy:
+        raise MedqError(f"{path}: not a .keras file; HDF5 and SavedModel files load through Keras' legacy loader, "
+                        "which can run code stored in them: pass --trust-model-file only for a file you trust, "
+                        "or save the model as .keras")
+    try:
+        return tf.keras.models.load_model(path, compile=False, **({} if legacy else {"safe_mode": True}))
+    except (OSError, ValueError) as exc:
+        raise MedqError(f"{path}: not a loadable Keras model ({str(exc).splitlines()[0][:120]}); "
+                        "re-run `medq train`") from None
