@@ -137,13 +137,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    from medq.benchmark import run_benchmark, run_preset, summary_text
+    from medq.benchmark import run_benchmark, summary_text
 
     if args.preset:
         if args.config:
             raise MedqError("medq benchmark: --preset NAME brings its own config (configs/NAME.yaml); "
                             "drop --config and change values with --set")
         from medq.benchmark.presets import preset_path
+        from medq.pipeline import run_preset
 
         overrides = list(args.set or []) + ([f"run.name={args.run_name}"] if args.run_name else [])
         args.config = str(preset_path(args.preset))

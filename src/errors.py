@@ -11,3 +11,9 @@ class ConfigError(MedqError):
 
 class DataError(MedqError):
     """A dataset folder, file or label table is missing or unusable."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line, for MedqError messages."""
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -117,3 +117,16 @@ def parity(model, graph_def, x: np.ndarray, input_name: str = "input", output_na
         runner.close()
     keras_out = model.predict(x, batch_size=16, verbose=0)
     return float(np.max(np.abs(frozen_out - keras_out)))
+
+
+def graph_metrics(graph_def, x: np.ndarray, y: np.ndarray, task: str, classes: list[str], input_name: str,
+                  output_name: str, bf16_rewrite: bool = False) -> dict[str, Any]:
+    """The task metrics of a frozen graph on preprocessed images ``x`` with labels ``y``."""
+    from medq.metrics import task_metrics
+
+    runner = FrozenGraph(graph_def, input_name, output_name, bf16_rewrite=bf16_rewrite)
+    try:
+        probabilities = runner.predict(x, batch_size=64)
+    finally:
+        runner.close()
+    return task_metrics(task, y, probabilities, classes)

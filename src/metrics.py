@@ -80,3 +80,19 @@ def primary_metric(task: str) -> str:
 
 def _ratio(a: Any, b: Any) -> float | None:
     return float(a) / float(b) if b else None
+
+
+# A model within this margin of chance level has learned nothing worth keeping (or quantizing).
+CHANCE_MARGIN = 0.05
+
+
+def chance_level(metric: str, labels: np.ndarray, task: str) -> float:
+    """What a model that learned nothing scores: AUC 0.5; the accuracy of always answering the commonest class (per
+    label, for multi-label)."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if metric == "auc" or not len(labels):
+        return 0.5
+    if task == "multilabel":
+        positive = labels.mean(axis=0)
+        return float(np.maximum(positive, 1 - positive).mean())
+    return float(labels.sum(axis=0).max() / len(labels))

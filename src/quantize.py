@@ -7,11 +7,11 @@ What the reference kit got wrong, and what happens here instead:
 - it had no evaluation function, so "meets the accuracy goal" meant nothing → INC's tuning evaluates the task metric
   (accuracy, or mean AUC for multi-label) on the validation split, with the training preprocessing;
 - it calibrated on validation/test images divided by 255 twice → calibration images are drawn (class-stratified) from
-  the training split only (:func:`calibration_indices`), preprocessed once by :mod:`medq.preprocess`, and the files
+  the training split only (:mod:`medq.calibration`), preprocessed once by :mod:`medq.preprocess`, and the files
   INC actually consumed are recorded.
 
 Besides ``model_int8.pb`` and ``quantized_ops.json`` (INC's op table), the stage measures the validation metric of
-each precision path the CPU can run (:func:`select_precisions`): FP32, BF16 (oneDNN's auto-mixed-precision rewrite
+each precision path the CPU can run (:mod:`medq.precision`): FP32, BF16 (oneDNN's auto-mixed-precision rewrite
 of the FP32 graph), INT8, and INT8 with the BF16 rewrite for the ops left out of INT8.
 """
 from __future__ import annotations
@@ -19,249 +19,24 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import os
-import re
 import sys
 import time
-from functools import reduce
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from medq import artifacts, runrecord
+from medq.calibration import CALIBRATION_SPLIT, calibration_batch_size, load_calibration
 from medq.errors import DataError, MedqError
+from medq.graph import graph_metrics
+from medq.inc import adapters
+from medq.metrics import CHANCE_MARGIN, chance_level
+from medq.precision import describe_cpu, select_precisions
 
 INT8_PB = "model_int8.pb"
 QUANTIZED_OPS = "quantized_ops.json"
-PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
-BF16_PATHS = ("bf16", "int8-bf16")
-CALIBRATION_SPLIT = "train"
-MAX_CALIBRATION_BATCH = 32
-# Float op types that INC's TensorFlow adaptor can turn into quantized kernels: the ones worth reporting when they
-# stay FP32 ("fallback ops").
-COMPUTE_OPS = frozenset({
-    "Conv2D", "_FusedConv2D", "Conv3D", "_FusedConv3D", "DepthwiseConv2dNative", "_FusedDepthwiseConv2dNative",
-    "MatMul", "_FusedMatMul", "BatchMatMul", "BatchMatMulV2", "Conv2DBackpropInput", "Conv3DBackpropInputV2",
-})
-
-
-# --- precision paths ----------------------------------------------------------------------------------------------
-
-def select_precisions(requested: list[str], features: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """The requested precision paths this CPU can run, in order, and ``{skipped path: reason}``.
-
-    ``features`` is :func:`medq.hwinfo.cpu_features` (or a simulated dict with ``bf16``/``avx512_bf16``/``amx_bf16``).
-    FP32 and INT8 run everywhere (without VNNI oneDNN's INT8 kernels are merely slower); the BF16 paths need
-    AVX512-BF16 or AMX-BF16, otherwise oneDNN's BF16 rewrite would run emulated or not at all.
-    """
-    kept: list[str] = []
-    skipped: dict[str, str] = {}
-    has_bf16 = bool(features.get("bf16") or features.get("avx512_bf16") or features.get("amx_bf16"))
-    for path in requested:
-        if path in kept or path in skipped:
-            continue
-        if path not in PRECISIONS:
-            skipped[path] = f"unknown precision path; medq knows {', '.join(PRECISIONS)}"
-        elif path in BF16_PATHS and not has_bf16:
-            skipped[path] = ("this CPU has neither AVX512-BF16 nor AMX-BF16, so oneDNN's BF16 rewrite would not "
-                             "run natively")
-        else:
-            kept.append(path)
-    return kept, skipped
-
-
-def describe_cpu(features: dict[str, Any]) -> str:
-    """'<model>: VNNI yes, AVX512-BF16 no, AMX-BF16 no, AMX-INT8 no'."""
-    def yes(flag: str) -> str:
-        return "yes" if features.get(flag) else "no"
-
-    return (f"{features.get('model', 'unknown CPU')}: VNNI {yes('vnni')}, AVX512-BF16 {yes('avx512_bf16')}, "
-            f"AMX-BF16 {yes('amx_bf16')}, AMX-INT8 {yes('amx_int8')}")
-
-
-# --- calibration --------------------------------------------------------------------------------------------------
-
-def calibration_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """``min(n, N)`` indices into the training split's ``labels`` [N, K], stratified by class.
-
-    Each class (the first positive label; none for an all-negative multi-label row) is shuffled with ``seed`` and
-    spread evenly over the order, so every prefix keeps the split's class proportions: asking for all N gives the
-    order in which to replace unreadable files.
-    """
-    labels = np.asarray(labels, dtype=np.float32)
-    total = len(labels)
-    if total == 0 or n <= 0:
-        return np.zeros(0, dtype=int)
-    rng = np.random.default_rng(seed)
-    keys = np.where(labels.max(axis=1) > 0, labels.argmax(axis=1), -1)
-    position = np.empty(total, dtype=np.float64)
-    for key in np.unique(keys):
-        members = rng.permutation(np.flatnonzero(keys == key))
-        position[members] = (np.arange(len(members)) + 0.5) / len(members)
-    order = np.lexsort((keys, position))
-    return order[:min(n, total)].astype(int)
-
-
-def calibration_batch_size(sampling_sizes: list[int], limit: int = MAX_CALIBRATION_BATCH) -> int:
-    """The largest batch ≤ ``limit`` dividing every sampling size, so INC consumes exactly that many images."""
-    common = reduce(math.gcd, sampling_sizes)
-    return max(d for d in range(1, min(limit, common) + 1) if common % d == 0)
-
-
-class CalibrationLoader:
-    """INC's calibration dataloader: ``batch_size`` and ``(images, labels)`` batches; it records, per pass, the
-    files it handed to INC."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, paths: list[str], batch_size: int):
-        self.images, self.labels, self.paths = images, labels, list(paths)
-        self.batch_size = batch_size
-        self.passes: list[list[str]] = []
-
-    def __iter__(self):
-        fed: list[str] = []
-        self.passes.append(fed)
-        for start in range(0, len(self.images), self.batch_size):
-            stop = start + self.batch_size
-            fed.extend(self.paths[start:stop])
-            yield self.images[start:stop], self.labels[start:stop]
-
-    @property
-    def paths_fed(self) -> set[str]:
-        return {p for fed in self.passes for p in fed}
-
-    @property
-    def images_per_pass(self) -> list[int]:
-        return [len(fed) for fed in self.passes]
-
-
-def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int,
-                     dropped: dict[str, str] | None = None):
-    """(images, labels, paths) of up to ``max(sampling_sizes)`` readable training images, in stratified order;
-    unreadable ones are replaced by the next in that order (and recorded in ``dropped``)."""
-    from medq.tfdata import load_split_arrays
-
-    train = index.splits[CALIBRATION_SPLIT]
-    wanted = max(sampling_sizes)
-    order = calibration_indices(index.labels(CALIBRATION_SPLIT), len(train), seed)
-    images, labels, paths = [], [], []
-    position = 0
-    while len(paths) < wanted and position < len(order):
-        chunk = [train[i] for i in order[position:position + wanted - len(paths)]]
-        position += len(chunk)
-        loaded, kept = load_split_arrays([s.path for s in chunk], spec, dropped)
-        images.extend(loaded)
-        labels.extend(chunk[k].label for k in kept)
-        paths.extend(chunk[k].path for k in kept)
-    shape = (0, *spec.input_shape)
-    return (np.stack(images) if images else np.zeros(shape, np.float32),
-            np.asarray(labels, np.float32).reshape(len(paths), -1), paths)
-
-
-# --- evaluation ---------------------------------------------------------------------------------------------------
-
-CHANCE_MARGIN = 0.05
-
-
-def chance_level(metric: str, labels: np.ndarray, task: str) -> float:
-    """What a model that learned nothing scores: AUC 0.5; the accuracy of always answering the commonest class (per
-    label, for multi-label)."""
-    labels = np.asarray(labels, dtype=np.float64)
-    if metric == "auc" or not len(labels):
-        return 0.5
-    if task == "multilabel":
-        positive = labels.mean(axis=0)
-        return float(np.maximum(positive, 1 - positive).mean())
-    return float(labels.sum(axis=0).max() / len(labels))
-
-
-def graph_metrics(graph_def, x: np.ndarray, y: np.ndarray, task: str, classes: list[str], input_name: str,
-                  output_name: str, bf16_rewrite: bool = False) -> dict[str, Any]:
-    from medq.graph import FrozenGraph
-    from medq.metrics import task_metrics
-
-    runner = FrozenGraph(graph_def, input_name, output_name, bf16_rewrite=bf16_rewrite)
-    try:
-        probabilities = runner.predict(x, batch_size=64)
-    finally:
-        runner.close()
-    return task_metrics(task, y, probabilities, classes)
-
-
-def make_eval_func(x: np.ndarray, y: np.ndarray, task: str, classes: list[str], metric: str, input_name: str,
-                   output_name: str) -> Callable[[Any], float]:
-    """INC's ``eval_func``: the task metric of a candidate graph (a tf.Graph or GraphDef) on the validation split."""
-    def evaluate(model) -> float:
-        graph_def = model.as_graph_def() if hasattr(model, "as_graph_def") else model
-        return float(graph_metrics(graph_def, x, y, task, classes, input_name, output_name)[metric])
-
-    return evaluate
-
-
-# --- what stayed FP32, and why ------------------------------------------------------------------------------------
-
-def quantized_names(graph_def) -> set[str]:
-    """Original op names of the quantized kernels in an INC INT8 graph ('<name>_eightbit_requantize' → '<name>')."""
-    return {node.name.split("_eightbit")[0] for node in graph_def.node if "Quantized" in node.op}
-
-
-def fallback_ops(fp32_graph, int8_graph, result: Any, deploy: Any) -> list[dict[str, str]]:
-    """Ops of the FP32 graph that are not quantized kernels in the INT8 graph — the Conv/MatMul-type ops, and every
-    op of a type INC's op table counts in FP32 (DenseNet's ConcatV2s) — with their type there, the precision they
-    run in (from the graph), and why (deploy.yaml, a recipe, INC's tuning, INC's capability)."""
-    quantized = quantized_names(int8_graph)
-    in_int8 = {node.name: node for node in int8_graph.node}
-    capable = {name for name, _ in result.capability}
-    final_int8 = set(result.int8_ops)
-    left_in_fp32 = {op for op, counts in result.op_table.items()
-                    if counts.get("fp32") and op not in ("QuantizeV2", "Dequantize")}
-    compute = [(node.name, node.op) for node in fp32_graph.node if node.op in COMPUTE_OPS]
-    reported = compute + [(node.name, node.op) for node in fp32_graph.node
-                          if node.op in left_in_fp32 and node.op not in COMPUTE_OPS]
-    out = []
-    for name, op_type in reported:
-        if name in quantized:
-            continue
-        position = compute.index((name, op_type)) if op_type in COMPUTE_OPS else None
-        node = in_int8.get(name)
-        runs_as = _precision_of(node) if node is not None else "fused/removed"
-        int8_before = [t for t in result.trials if name in t.int8_ops]
-        if any(re.fullmatch(p, name) for p, s in (deploy.op_wise or {}).items() if _asks_fp32(s)) \
-                or any(re.fullmatch(p, op_type) for p, s in (deploy.optype_wise or {}).items() if _asks_fp32(s)) \
-                or (deploy.model_wise and _asks_fp32(deploy.model_wise)):
-            reason = "deploy.yaml asks for FP32 (quantization.op_wise / optype_wise / model_wise)"
-        elif position == 0 and not deploy.recipes.get("first_conv_or_matmul_quantization", True):
-            reason = "recipe first_conv_or_matmul_quantization: false"
-        elif position == len(compute) - 1 and not deploy.recipes.get("last_conv_or_matmul_quantization", True):
-            reason = "recipe last_conv_or_matmul_quantization: false"
-        elif name in final_int8:
-            reason = ("INC's final configuration puts it in INT8, but its graph rewrite matched no quantized kernel "
-                      "for it here, so it runs in FP32 between Dequantize and QuantizeV2")
-        elif int8_before:
-            trial = int8_before[-1]
-            value = "n/a" if trial.metric is None else f"{trial.metric:.4f}"
-            reason = (f"INC's tuning took it out of INT8 to meet the accuracy criterion (with it in INT8, trial "
-                      f"{trial.number} scored {value})")
-        elif name not in capable:
-            reason = "INC's TensorFlow adaptor has no INT8 pattern for it in this graph (not in its capability)"
-        else:
-            reason = "INC's tuning kept it out of INT8 in every trial"
-        out.append({"name": name, "op_type": op_type, "in_int8_graph": node.op if node is not None else runs_as,
-                    "runs_as": runs_as, "reason": reason})
-    return out
-
-
-def _precision_of(node) -> str:
-    from tensorflow.core.framework import types_pb2
-
-    dtype = node.attr["T"].type if "T" in node.attr else types_pb2.DT_FLOAT
-    return "BF16" if dtype == types_pb2.DT_BFLOAT16 else "FP32"
-
-
-def _asks_fp32(settings: dict[str, Any]) -> bool:
-    return any("fp32" in (side or {}).get("dtype", []) and "int8" not in (side or {}).get("dtype", [])
-               and "uint8" not in (side or {}).get("dtype", []) for side in settings.values())
 
 
 # --- the stage ----------------------------------------------------------------------------------------------------
@@ -270,28 +45,53 @@ def run_quantize(config: Any, verbose: bool = False) -> Path:
     """Quantize the run's ``model_fp32.pb`` with INC as ``config.quantize.deploy`` says; returns ``model_int8.pb``.
 
     Prints a short summary; INC's log (and TensorFlow's, unless ``verbose``) goes to ``<run>/logs/quantize.log``.
+    A deploy.yaml INC cannot take is reported before the run is touched; a quantize that fails after that (tensor
+    names, data, INC's criterion) marks the run's earlier INT8 graph stale; an interrupted one leaves the run as it
+    was.
     """
-    from medq.graph import read_graph_def
     from medq.inc.deploy import load_deploy
 
     start = time.perf_counter()
     run_dir = config.run_dir
-    deploy = load_deploy(config.quantize.deploy)
+    deploy = load_deploy(config.quantize.deploy)  # a file INC cannot take changes nothing in the run
     with runrecord.writer_lock(run_dir, "quantize"):
         fp32_path = runrecord.verified_path(run_dir, "fp32_pb", config)
-        manifest = runrecord.read_manifest(run_dir)
-        missing = [k for k in ("task", "classes", "preprocess", "input_name", "output_name") if k not in manifest]
-        if missing:
-            raise MedqError(f"{run_dir / runrecord.MANIFEST}: lacks {', '.join(missing)}; re-run "
-                            f"`{runrecord.command(config, 'train')}` and `medq freeze` for this run")
-        inputs = _tensor_names(deploy, "inputs", deploy.inputs, manifest["input_name"])
-        outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest["output_name"])
-        log_path = run_dir / "logs" / "quantize.log"
-        with output_to_log(log_path, verbose) as say:
-            _announce(say, deploy, inputs, outputs, run_dir)
-            fp32_graph = read_graph_def(fp32_path)
-            run = _QuantizeRun(config, manifest, deploy, say)
-            return run.execute(fp32_graph, inputs, outputs, log_path, verbose, start)
+        try:
+            return _quantize(config, deploy, fp32_path, verbose, start)
+        except MedqError as exc:
+            # The INT8 graph from before no longer matches what the user asked for: never serve it as current.
+            stale = (f"the last `medq quantize` ({time.strftime('%Y-%m-%d %H:%M')}, {deploy.path}) failed, so the "
+                     "INT8 graph from before it is not served")
+            runrecord.commit(run_dir, "quantize", invalidate={"int8_pb": stale, "quantized_ops": stale},
+                             status="failed", error=str(exc), **getattr(exc, "facts", {}))
+            raise
+
+
+def _quantize(config: Any, deploy: Any, fp32_path: Path, verbose: bool, start: float) -> Path:
+    from medq.graph import read_graph_def
+
+    run_dir = config.run_dir
+    manifest = runrecord.read_manifest(run_dir)
+    missing = [k for k in ("task", "classes", "preprocess", "input_name", "output_name") if k not in manifest]
+    if missing:
+        raise MedqError(f"{run_dir / runrecord.MANIFEST}: lacks {', '.join(missing)}; re-run "
+                        f"`{runrecord.command(config, 'train')}` and `medq freeze` for this run")
+    inputs = _tensor_names(deploy, "inputs", deploy.inputs, manifest["input_name"])
+    outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest["output_name"])
+    log_path = run_dir / "logs" / "quantize.log"
+    with output_to_log(log_path, verbose) as say:
+        _announce(say, deploy, inputs, outputs, run_dir)
+        fp32_graph = read_graph_def(fp32_path)
+        run = _QuantizeRun(config, manifest, deploy, say)
+        return run.execute(fp32_graph, inputs, outputs, log_path, verbose, start)
+
+
+class QuantizeFailed(MedqError):
+    """INC found no INT8 graph; ``facts`` (trials, criterion, calibration) go into the manifest all the same."""
+
+    def __init__(self, message: str, facts: dict[str, Any]):
+        super().__init__(message)
+        self.facts = facts
 
 
 class _QuantizeRun:
@@ -311,7 +111,7 @@ class _QuantizeRun:
         return graph_metrics(graph_def, self.x_val, self.y_val, self.task, self.classes, self.input_name,
                              self.output_name, bf16_rewrite=bf16_rewrite)
 
-    def load_data(self) -> CalibrationLoader:
+    def load_data(self) -> adapters.CalibrationLoader:
         """Calibration images from the training split, validation images for the tuning metric; never test."""
         from medq.preprocess import PreprocessSpec
         from medq.tfdata import load_split_arrays
@@ -339,7 +139,7 @@ class _QuantizeRun:
                      f"{next(iter(self.dropped.values()))})", warning=True)
         self.y_val = index.labels("val")[kept]
         self.balance = {c: int(n) for c, n in zip(self.classes, y_cal.sum(axis=0))}
-        loader = CalibrationLoader(x_cal, y_cal, cal_paths, calibration_batch_size(self.sizes))
+        loader = adapters.CalibrationLoader(x_cal, y_cal, cal_paths, calibration_batch_size(self.sizes))
         self.say(f"  calibration: {len(cal_paths)} images from the {CALIBRATION_SPLIT} split "
                  f"({', '.join(f'{c} {n}' for c, n in self.balance.items())}), batch {loader.batch_size}; "
                  f"tuning metric: {self.metric} on {len(self.x_val)} validation images")
@@ -349,6 +149,7 @@ class _QuantizeRun:
                 start: float) -> Path:
         from medq.graph import op_type_counts
         from medq.hwinfo import cpu_features
+        from medq.inc.fallback import fallback_ops
         from medq.inc.ptq import check_with_inc, run_ptq
 
         deploy, metric, say = self.deploy, self.metric, self.say
@@ -373,8 +174,7 @@ class _QuantizeRun:
         workspace = _workspace(deploy, self.run_dir)
         result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
                          calib_dataloader=loader, workspace=workspace, log_path=log_path, verbose=verbose,
-                         eval_func=make_eval_func(self.x_val, self.y_val, self.task, self.classes, metric,
-                                                  self.input_name, self.output_name))
+                         eval_func=adapters.eval_func(lambda graph_def: self.metrics(graph_def)[metric]))
         threshold = deploy.criterion.threshold(baseline)
         criterion = {"kind": deploy.criterion.kind, "tolerance": deploy.criterion.tolerance, "metric": metric,
                      "split": "val", "fp32": baseline, "threshold": threshold}
@@ -390,19 +190,15 @@ class _QuantizeRun:
         if result.graph_def is None:
             tried = [t.metric for t in result.trials if t.metric is not None]
             best = max(tried) if tried else float("nan")
-            stale = (f"the last `medq quantize` ({time.strftime('%Y-%m-%d %H:%M')}, {deploy.path}) failed, so the "
-                     "INT8 graph from before it is not served")
-            runrecord.commit(self.run_dir, "quantize", invalidate={"int8_pb": stale, "quantized_ops": stale},
-                             status="failed", criterion=criterion | {"met": False}, fp32_val=fp32_val,
-                             best_int8_val=best, **facts)
+            facts |= {"criterion": criterion | {"met": False}, "fp32_val": fp32_val, "best_int8_val": best}
             if not tried:
-                raise MedqError(f"{deploy.path}: INC could not produce an INT8 graph in any of its "
-                                f"{len(result.trials)} trial(s); its error is in {log_path}")
-            raise MedqError(
+                raise QuantizeFailed(f"{deploy.path}: INC could not produce an INT8 graph in any of its "
+                                     f"{len(result.trials)} trial(s); its error is in {log_path}", facts)
+            raise QuantizeFailed(
                 f"{deploy.path}: INC found no INT8 model within the accuracy criterion ({deploy.criterion.describe()}"
                 f": FP32 val {metric} {baseline:.4f} needs INT8 ≥ {threshold:.4f}; best of {len(tried)} trial(s) "
                 f"{best:.4f}); raise tuning.exit_policy.max_trials, relax tuning.accuracy_criterion, or raise "
-                f"quantization.calibration.sampling_size (INC's log: {log_path})")
+                f"quantization.calibration.sampling_size (INC's log: {log_path})", facts)
 
         int8_graph = result.graph_def
         int8_val = self.metrics(int8_graph)

@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import math
 import os
 import shutil
 import time

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from medq import artifacts, runrecord
+from medq import runrecord
 from medq.cli import main
 from medq.data.dicom import dicom_bytes, load_dicom
 from medq.graph import FrozenGraph

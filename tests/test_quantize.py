@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from medq import artifacts, runrecord
+from medq import runrecord
 from medq.config import load_config
 from medq.data.readers import read_dataset
 from medq.errors import MedqError
@@ -21,7 +21,7 @@ from medq.graph import FrozenGraph, op_type_counts, read_graph_def
 from medq.hwinfo import cpu_features
 from medq.metrics import task_metrics
 from medq.preprocess import PreprocessSpec, load_batch
-from medq.quantize import select_precisions
+from medq.precision import select_precisions
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "configs" / "deploy.yaml"
@@ -173,10 +173,11 @@ def test_terminal_output_is_a_short_summary_and_inc_logs_to_the_run(trained, cap
 def changed_run(trained, tmp_path_factory):
     """Deploy values changed from the repo's file, calibration recorded, a CPU without BF16 simulated."""
     import medq.quantize as quantize
+    from medq.inc import adapters
 
     loaders = []
 
-    class RecordingLoader(quantize.CalibrationLoader):
+    class RecordingLoader(adapters.CalibrationLoader):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             loaders.append(self)
@@ -188,7 +189,7 @@ def changed_run(trained, tmp_path_factory):
         "tuning.random_seed": 7, "quantization.recipes.fast_bias_correction": True})
     config = copy_run(trained, "changed", deploy)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(quantize, "CalibrationLoader", RecordingLoader)
+        patch.setattr(adapters, "CalibrationLoader", RecordingLoader)
         patch.setattr("medq.hwinfo.cpu_features", lambda *a, **k: no_bf16)
         quantize.run_quantize(config)
     return config, loaders
@@ -233,18 +234,15 @@ def test_bf16_paths_are_skipped_on_a_cpu_without_bf16(changed_run):
 def test_no_model_within_the_criterion_is_one_line_and_writes_no_int8_file(trained, tmp_path, monkeypatch):
     import medq.quantize as quantize
 
-    real = quantize.make_eval_func
+    from medq.inc import adapters
 
-    def int8_scores_zero(*args, **kwargs):
-        evaluate = real(*args, **kwargs)
+    real = adapters.eval_func
 
-        def score(model):
-            graph_def = model.as_graph_def() if hasattr(model, "as_graph_def") else model
-            return 0.0 if any("Quantized" in node.op for node in graph_def.node) else evaluate(model)
+    def int8_scores_zero(score):
+        return real(lambda graph_def: 0.0 if any("Quantized" in node.op for node in graph_def.node)
+                    else score(graph_def))
 
-        return score
-
-    monkeypatch.setattr(quantize, "make_eval_func", int8_scores_zero)
+    monkeypatch.setattr(adapters, "eval_func", int8_scores_zero)
     config = copy_run(trained, "fails", deploy_with(tmp_path, {"tuning.exit_policy.max_trials": 1}))
     with pytest.raises(MedqError) as caught:
         quantize.run_quantize(config)
@@ -259,7 +257,7 @@ def test_no_model_within_the_criterion_is_one_line_and_writes_no_int8_file(train
 def test_evaluation_errors_are_raised_not_swallowed_by_inc(trained, tmp_path):
     from medq.inc.deploy import load_deploy
     from medq.inc.ptq import run_ptq
-    from medq.quantize import CalibrationLoader
+    from medq.inc.adapters import CalibrationLoader
 
     def broken(model):
         raise ValueError("metric exploded")

@@ -8,9 +8,10 @@ from medq import artifacts, runrecord
 from medq.config import load_config
 from medq.errors import MedqError
 from medq.inc.deploy import DeployError
-from medq.quantize import (
-    CalibrationLoader, calibration_batch_size, calibration_indices, describe_cpu, run_quantize, select_precisions,
-)
+from medq.calibration import calibration_batch_size, calibration_indices
+from medq.inc.adapters import CalibrationLoader
+from medq.precision import describe_cpu, select_precisions
+from medq.quantize import run_quantize
 
 ALL = ["fp32", "bf16", "int8", "int8-bf16"]
 SAPPHIRE_RAPIDS = {"model": "Xeon 8480", "avx512f": True, "avx512_vnni": True, "vnni": True, "avx512_bf16": True,
@@ -150,7 +151,25 @@ def test_deploy_tensor_names_must_match_the_frozen_graph(tmp_path, repo_root, mo
     with pytest.raises(DeployError) as caught:
         run_quantize(config)
     assert "model.inputs: ['input'] is not the frozen graph's input 'Placeholder'" in one_line(caught.value)
-    assert json.loads((config.run_dir / "manifest.json").read_text())["stages"].get("quantize") is None
+    recorded = json.loads((config.run_dir / "manifest.json").read_text())["stages"]["quantize"]
+    assert recorded["status"] == "failed" and "model.inputs" in recorded["error"]
+
+
+def test_a_failed_quantize_marks_the_earlier_int8_graph_stale(tmp_path, repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+    config = stage_config(tmp_path)
+    pb = artifacts.write_bytes(config.run_dir / "model_fp32.pb", b"fp32")
+    manifest = {"task": "binary", "classes": ["A", "B"], "input_name": "Placeholder", "output_name": "output",
+                "preprocess": {"image_size": 32, "channels": 1, "normalization": "unit"}}
+    runrecord.commit(config.run_dir, "freeze", artifacts={"fp32_pb": pb}, facts=manifest)
+    int8 = artifacts.write_bytes(config.run_dir / "model_int8.pb", b"int8")
+    runrecord.commit(config.run_dir, "quantize", artifacts={"int8_pb": int8}, inputs=("fp32_pb",), status="ok")
+    assert runrecord.usable(config.run_dir, "int8_pb")
+    with pytest.raises(DeployError):
+        run_quantize(config)  # model.inputs no longer matches: this quantize fails after the earlier success
+    assert not runrecord.usable(config.run_dir, "int8_pb") and int8.read_bytes() == b"int8"
+    with pytest.raises(MedqError, match="stale, the last `medq quantize` .* failed"):
+        runrecord.verified_path(config.run_dir, "int8_pb")
 
 
 # --- what stayed out of INT8, and why ----------------------------------------------------------------------------
@@ -169,7 +188,7 @@ def test_fallback_ops_name_each_reason():
     from types import SimpleNamespace
 
     from medq.inc.ptq import Trial
-    from medq.quantize import fallback_ops
+    from medq.inc.fallback import fallback_ops
 
     fp32 = graph(("input", "Placeholder"), ("c1", "Conv2D"), ("c2", "Conv2D"), ("c3", "Conv2D"), ("c4", "Conv2D"),
                  ("cat1", "ConcatV2"), ("cat2", "ConcatV2"), ("pool", "MaxPool"), ("m1", "MatMul"), ("m2", "MatMul"))
@@ -200,7 +219,7 @@ def test_fallback_ops_name_each_reason():
 
 
 def test_chance_level_is_what_a_model_that_learned_nothing_scores():
-    from medq.quantize import chance_level
+    from medq.metrics import chance_level
 
     single = np.array([[1, 0]] * 7 + [[0, 1]] * 3, np.float32)
     assert chance_level("accuracy", single, "binary") == pytest.approx(0.7)

@@ -4,7 +4,7 @@ import socket
 import subprocess
 import sys
 
-from medq import artifacts, runrecord
+from medq import runrecord
 
 
 def _free_port():

@@ -3,7 +3,6 @@ process on the same preprocessed test split; results in benchmark.json / benchma
 
     run_benchmark(config, verbose=False) -> dict     the stage (benchmark.json content)
     summary_text(report) -> str                       the one-screen summary `medq run` / `medq benchmark` print
-    run_preset(name, config, overrides=(), verbose=False)  `medq run` on configs/<name>.yaml (tune off), report
 """
 from __future__ import annotations
 
@@ -11,10 +10,4 @@ from medq.benchmark.report import BENCHMARK_JSON, BENCHMARK_MD, BENCHMARK_PNG, s
 from medq.benchmark.runner import run_benchmark
 
 
-def run_preset(name: str, config, overrides=(), verbose: bool = False) -> dict:
-    from medq.benchmark.presets import run_preset as _run_preset
-
-    return _run_preset(name, config, overrides, verbose=verbose)
-
-
-__all__ = ["run_benchmark", "summary_text", "run_preset", "BENCHMARK_JSON", "BENCHMARK_MD", "BENCHMARK_PNG"]
+__all__ = ["run_benchmark", "summary_text", "BENCHMARK_JSON", "BENCHMARK_MD", "BENCHMARK_PNG"]

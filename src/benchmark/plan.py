@@ -68,7 +68,7 @@ def installed(module: str) -> bool:
 def plan_rows(precisions: Iterable[str], reference: Iterable[str], features: dict[str, Any], fp32_pb: Path,
               int8_pb: Path | None, is_installed=None) -> tuple[list[Row], dict[str, str]]:
     """TensorFlow rows for the requested precisions, then the reference rows; and {row id: reason} for the rest."""
-    from medq.quantize import select_precisions
+    from medq.precision import select_precisions
 
     is_installed = is_installed or installed
     kept, why = select_precisions(list(precisions), features)

@@ -56,7 +56,7 @@ def _calibration_batches(job: dict[str, Any]) -> np.ndarray:
 
 
 def export_onnx(job: dict[str, Any], target: Path) -> None:
-    from medq.convert.onnx_graph import graph_def_to_onnx
+    from medq.onnxio import graph_def_to_onnx
     from medq.graph import read_graph_def
 
     model = graph_def_to_onnx(read_graph_def(job["fp32_pb"]), job["opset"], job["fp32_pb"], job["input_name"],

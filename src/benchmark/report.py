@@ -149,7 +149,7 @@ def markdown(report: dict[str, Any]) -> str:
         out += ["## Preset", "", f"- Command: `{preset['command']}` (config `{preset['config_file']}`)",
                 f"- Wall time: {preset['total_seconds']:.0f} s ({stages})", ""]
     out += ["## Method", "",
-            f"- Each row ran in its own process (`python -m medq.benchmark.worker`), one after another; the "
+            "- Each row ran in its own process (`python -m medq.benchmark.worker`), one after another; the "
             "multi-instance rows run their instances concurrently on purpose, each pinned with sched_setaffinity.",
             f"- Latency: batch 1, {s['warmup']} warm-up runs, then {s['latency_iterations']} timed runs "
             "(percentiles of those). Throughput: per batch size, "

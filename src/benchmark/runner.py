@@ -94,7 +94,7 @@ def calibration_inputs(config: Any, manifest: dict[str, Any], index: Any, bench:
     target = bench / CALIBRATION
     try:
         from medq.inc.deploy import load_deploy
-        from medq.quantize import load_calibration
+        from medq.calibration import load_calibration
 
         used = recorded_deploy(manifest) or load_deploy(config.quantize.deploy).to_dict()
         x, _, paths = load_calibration(index, spec, used["sampling_sizes"], used["random_seed"])

@@ -13,6 +13,7 @@ import numpy as np
 
 from medq import artifacts, runrecord
 from medq.convert import head, onnx_graph, parity, torch_models
+from medq.onnxio import graph_def_to_onnx
 from medq.data.nih import CHEXNET_CLASSES
 from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec
@@ -267,7 +268,7 @@ def _export_onnx(run_dir: Path, source: str | Path | None, opset: int, tolerance
         keras_model = load_keras_model(path)
         graph_def = freeze_keras(keras_model, input_name, output_name)
         reference = keras_model.predict(x, batch_size=len(x), verbose=0)
-    model = onnx_graph.graph_def_to_onnx(graph_def, opset, path, input_name, output_name)
+    model = graph_def_to_onnx(graph_def, opset, path, input_name, output_name)
     report = parity.parity_report({"tensorflow": reference, "onnxruntime": onnx_graph.run_onnx(model, x)}, spec,
                                   tolerance)
     parity.record(report, run_dir / EXPORT_PARITY_FILE, path, verbose)

@@ -121,7 +121,7 @@ def append_head(model, plan: HeadPlan, output_name: str = "output"):
     import onnx
     from onnx import TensorProto, helper
 
-    from medq.convert.onnx_graph import rename_tensor
+    from medq.onnxio import rename_tensor
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     if not plan.appended:

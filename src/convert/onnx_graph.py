@@ -5,7 +5,6 @@
 - ``onnx_to_saved_model``: onnx2tf → an NHWC TensorFlow SavedModel with one serving signature.
 - ``freeze_saved_model``: that signature (plus the head) → frozen GraphDef ``input:0 → output:0``
   (``medq.graph.freeze_callable``).
-- ``graph_def_to_onnx``: a medq frozen graph → ONNX with tf2onnx (the other direction).
 """
 from __future__ import annotations
 
@@ -17,13 +16,8 @@ from typing import Callable
 
 import numpy as np
 
-from medq.errors import MedqError
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception as one short line, for MedqError messages."""
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
+from medq.errors import MedqError, first_line
+from medq.onnxio import rename_tensor
 
 
 def load_onnx(path: str | Path):
@@ -73,22 +67,6 @@ def signature(model, where: str | Path) -> OnnxSignature:
     if len(out_dims) != 2 or not out_dims[1]:
         raise MedqError(f"{where}: output {outputs[0].name!r} has shape {out_dims}; expected [N, classes]")
     return OnnxSignature(in_dims[0], in_dims[1], in_dims[2], in_dims[3], out_dims[1])
-
-
-def rename_tensor(graph, old: str, new: str, where: str | Path) -> None:
-    if old == new:
-        return
-    taken = {n for node in graph.node for n in node.output} | {t.name for t in graph.initializer} | \
-        {i.name for i in graph.input}
-    if new in taken:
-        raise MedqError(f"{where}: cannot rename tensor {old!r} to {new!r}, the graph already has a tensor of that "
-                        "name; rename it in the model and export again")
-    for node in graph.node:
-        node.input[:] = [new if n == old else n for n in node.input]
-        node.output[:] = [new if n == old else n for n in node.output]
-    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
-        if value.name == old:
-            value.name = new
 
 
 def standardize(model, image_size: int, where: str | Path, input_name: str = "input", output_name: str = "output"):
@@ -199,27 +177,6 @@ def freeze_saved_model(saved_model_dir: Path, input_shape: tuple[int, ...], then
 
     serve = load_serving(saved_model_dir)
     return freeze_callable(lambda x: then(serve(x)), input_shape, input_name, output_name)
-
-
-def graph_def_to_onnx(graph_def, opset: int, where: str | Path, input_name: str = "input",
-                      output_name: str = "output"):
-    """tf2onnx on a frozen graph; the ONNX model keeps the graph's NHWC input, named ``input`` / ``output``."""
-    import tensorflow as tf
-    import tf2onnx
-
-    logger, level = tf.get_logger(), tf.get_logger().level
-    logger.setLevel("ERROR")  # tf2onnx calls TF1 graph utilities that print deprecation warnings
-    try:
-        model, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=[f"{input_name}:0"],
-                                                  output_names=[f"{output_name}:0"], opset=opset)
-    except Exception as exc:
-        raise MedqError(f"{where}: tf2onnx could not convert the graph ({first_line(exc)}); "
-                        "try another opset") from None
-    finally:
-        logger.setLevel(level)
-    rename_tensor(model.graph, f"{input_name}:0", input_name, where)
-    rename_tensor(model.graph, f"{output_name}:0", output_name, where)
-    return model
 
 
 def onnx2tf_child(onnx_path: str, target: str) -> None:

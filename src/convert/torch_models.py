@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from medq.convert.onnx_graph import first_line
+from medq.errors import first_line
 from medq.errors import MedqError
 
 INSTALL_HINT = "pip install -r env/requirements-convert.txt"
