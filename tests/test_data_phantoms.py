@@ -192,3 +192,37 @@ def test_the_data_stage_never_leaves_half_a_phantom_dataset(tmp_path, monkeypatc
     own = tmp_path / "mine"
     (own / "train").mkdir(parents=True)
     assert not ensure_phantoms(load_config(None, [f"data.root={own}"])) and not any((own / "train").iterdir())
+
+
+def test_two_data_stages_generate_one_phantom_folder_one_after_the_other(tmp_path, monkeypatch):
+    """The data folder's lock: a second data stage waits, then finds the first one's complete dataset."""
+    import threading
+
+    import medq.data.phantoms as phantoms
+    from medq.config import load_config
+    from medq.pipeline import ensure_phantoms
+
+    root = tmp_path / "chest_xray"
+    config = load_config(None, [f"data.root={root}", "data.phantom.n_train=12", "data.phantom.n_val=2",
+                                "data.phantom.n_test=4", "data.phantom.size=32"])
+    real, active, overlaps, calls = phantoms.generate_chest_pneumonia, [0], [], []
+
+    def slow(folder, *args, **kwargs):
+        active[0] += 1
+        overlaps.append(active[0])
+        calls.append(folder)
+        threading.Event().wait(0.5)  # long enough for the other thread to arrive while this one generates
+        try:
+            return real(folder, *args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(phantoms, "generate_chest_pneumonia", slow)
+    generated: list[bool] = []
+    threads = [threading.Thread(target=lambda: generated.append(ensure_phantoms(config))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert max(overlaps) == 1 and len(calls) == 1 and sorted(generated) == [False, True]
+    assert len(list(root.rglob("*.jpeg"))) == 12 + 2 + 4
