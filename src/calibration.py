@@ -41,7 +41,7 @@ def calibration_batch_size(sampling_sizes: list[int], limit: int = MAX_CALIBRATI
 
 
 def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int,
-                     dropped: dict[str, str] | None = None):
+                     dropped: dict[str, str] | None = None, cache: Any = None):
     """(images, labels, paths) of up to ``max(sampling_sizes)`` readable training images, in stratified order;
     unreadable ones are replaced by the next in that order (and recorded in ``dropped``)."""
     from medq.tfdata import load_split_arrays
@@ -54,7 +54,7 @@ def load_calibration(index: Any, spec: Any, sampling_sizes: list[int], seed: int
     while len(paths) < wanted and position < len(order):
         chunk = [train[i] for i in order[position:position + wanted - len(paths)]]
         position += len(chunk)
-        loaded, kept = load_split_arrays([s.path for s in chunk], spec, dropped)
+        loaded, kept = load_split_arrays([s.path for s in chunk], spec, dropped, cache)
         images.extend(loaded)
         labels.extend(chunk[k].label for k in kept)
         paths.extend(chunk[k].path for k in kept)

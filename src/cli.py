@@ -89,7 +89,12 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     from medq.pipeline import run_data
 
-    run_data(_load(args), resplit=args.resplit)
+    config = _load(args)
+    index = run_data(config, resplit=args.resplit)
+    if args.cache:
+        from medq.pipeline import build_cache
+
+        build_cache(config, index)
     return 0
 
 
@@ -277,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="with check: print JSON")
             p.add_argument("--resplit", action="store_true", help="split the dataset again for this run (the run's "
                            "pinned split.json is replaced; its models become stale and must be retrained)")
+            p.add_argument("--cache", action="store_true", help="fill the preprocessed-image cache (data.cache_dir) "
+                           "for every split now, ahead of training; safe to interrupt and rerun")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last "
                            "checkpoint in <run>/checkpoints/")

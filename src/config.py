@@ -58,6 +58,10 @@ class DataConfig:
     test_fraction: float = 0.2  # for layouts without a test split
     strict: bool = False  # unreadable files: error instead of listed skip
     generate: bool = True  # generate the phantom dataset at root when root does not exist
+    # The preprocessed-image cache on disk (medq.data.cache): 8-bit images at the input size, shared by every run
+    # and stage with that size. "" = <run.output_dir>/cache.
+    cache: bool = True
+    cache_dir: str = ""
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
 

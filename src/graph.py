@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -119,14 +119,22 @@ def parity(model, graph_def, x: np.ndarray, input_name: str = "input", output_na
     return float(np.max(np.abs(frozen_out - keras_out)))
 
 
-def graph_metrics(graph_def, x: np.ndarray, y: np.ndarray, task: str, classes: list[str], input_name: str,
-                  output_name: str, bf16_rewrite: bool = False) -> dict[str, Any]:
-    """The task metrics of a frozen graph on preprocessed images ``x`` with labels ``y``."""
+def graph_metrics(graph_def, batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]], y: np.ndarray,
+                  task: str, classes: list[str], input_name: str, output_name: str,
+                  bf16_rewrite: bool = False) -> dict[str, Any]:
+    """The task metrics of a frozen graph on streamed images: ``batches()`` yields (preprocessed images, their
+    indices into ``y``); files that became unreadable since are simply absent from the metrics."""
     from medq.metrics import task_metrics
 
     runner = FrozenGraph(graph_def, input_name, output_name, bf16_rewrite=bf16_rewrite)
+    probabilities, kept = [], []
     try:
-        probabilities = runner.predict(x, batch_size=64)
+        for images, indices in batches():
+            if len(images):
+                probabilities.append(runner.predict(images, batch_size=64))
+                kept.append(indices)
     finally:
         runner.close()
-    return task_metrics(task, y, probabilities, classes)
+    if not kept:
+        raise MedqError("none of the evaluation images could be read")
+    return task_metrics(task, np.asarray(y)[np.concatenate(kept)], np.concatenate(probabilities), classes)

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,6 +97,47 @@ def run_data(config: Any, resplit: bool = False) -> DatasetIndex:
             skipped=[{"path": p, "reason": r} for p, r in index.skipped], notes=index.notes,
         )
     return index
+
+
+def build_cache(config: Any, index: DatasetIndex) -> dict[str, Any]:
+    """`medq data --cache`: decode every image of the run's split once into the image cache, in threads, at the
+    input size (and at train.low_res's); an interrupted build resumes where it stopped (entries are complete files)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from medq.data.cache import image_cache
+    from medq.data.decode import UnreadableImage
+    from medq.preprocess import PreprocessSpec
+    from medq.progress import progress
+
+    spec = PreprocessSpec.from_config(config)
+    specs = [spec] + ([replace(spec, image_size=config.train.low_res.image_size)] if config.train.low_res.epochs
+                      else [])
+    paths = [p for split in ("train", "val", "test") for p in index.paths(split)]
+    facts: dict[str, Any] = {}
+    for each in specs:
+        cache = image_cache(config, each)
+        if cache is None:
+            raise DataError("medq data --cache: data.cache is false; set data.cache: true to use the image cache")
+        cache.check_space(paths, channels=each.channels)
+
+        def fill(path: str) -> None:
+            try:
+                cache.get(path)
+            except UnreadableImage:
+                pass  # listed by `medq data check`; the stages drop it and count it
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool, \
+                progress(total=len(paths), desc=f"cache {each.image_size}px", unit="img") as bar:
+            for _ in pool.map(fill, paths):
+                bar.update(1)
+        seconds = time.perf_counter() - start
+        rate = len(paths) / seconds if seconds else float("inf")
+        log.info("%s; %.0f images/s", cache.summary(), rate)
+        facts[f"{each.image_size}px"] = {"folder": str(cache.folder), "images": len(paths),
+                                         "decoded": cache.stats.misses + cache.stats.rebuilt,
+                                         "images_per_second": round(rate, 1)}
+    return facts
 
 
 def run_all(config: Any, verbose: bool = False) -> dict[str, Any]:

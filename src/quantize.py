@@ -108,13 +108,14 @@ class _QuantizeRun:
         self.metric = primary_metric(self.task) if config.quantize.metric == "auto" else config.quantize.metric
 
     def metrics(self, graph_def, bf16_rewrite: bool = False) -> dict[str, Any]:
-        return graph_metrics(graph_def, self.x_val, self.y_val, self.task, self.classes, self.input_name,
+        return graph_metrics(graph_def, self.val_batches, self.y_val, self.task, self.classes, self.input_name,
                              self.output_name, bf16_rewrite=bf16_rewrite)
 
     def load_data(self) -> adapters.CalibrationLoader:
         """Calibration images from the training split, validation images for the tuning metric; never test."""
+        from medq.data.cache import image_cache
         from medq.preprocess import PreprocessSpec
-        from medq.tfdata import load_split_arrays
+        from medq.tfdata import iter_split_arrays
 
         data = self.config.data
         index = runrecord.run_index(self.config, stage="quantize")  # the run's pinned split: never the test images
@@ -125,15 +126,22 @@ class _QuantizeRun:
                                 "calibrate and validation images to judge the accuracy")
         spec = PreprocessSpec.from_dict(self.preprocess)
         self.dropped: dict[str, str] = {}
+        self.cache = image_cache(self.config, spec)
         x_cal, y_cal, cal_paths = load_calibration(index, spec, self.deploy.sampling_sizes, self.deploy.random_seed,
-                                                   self.dropped)
+                                                   self.dropped, self.cache)
         if not cal_paths:
             raise DataError(f"{data.root}: no readable training image to calibrate with")
         self.sizes = sorted({min(s, len(cal_paths)) for s in self.deploy.sampling_sizes})
         if self.sizes != sorted(set(self.deploy.sampling_sizes)):
             self.say(f"  note: quantization.calibration.sampling_size {self.deploy.sampling_sizes} exceeds the "
                      f"{len(cal_paths)} readable training images; calibrating on {self.sizes}")
-        self.x_val, kept = load_split_arrays(index.paths("val"), spec, self.dropped)
+        # The validation split streams from disk in every evaluation (INC's trials, the precision paths); the first
+        # pass finds the readable files (and fills the cache).
+        val_paths = index.paths("val")
+        kept = np.concatenate([k for _, k in iter_split_arrays(val_paths, spec, dropped=self.dropped,
+                                                                cache=self.cache)] or [np.zeros(0, int)])
+        self.val_paths = [val_paths[i] for i in kept]
+        self.val_batches = lambda: iter_split_arrays(self.val_paths, spec, dropped=self.dropped, cache=self.cache)
         if self.dropped:
             self.say(f"  warning: {len(self.dropped)} file(s) failed to decode and were left out (first: "
                      f"{next(iter(self.dropped.values()))})", warning=True)
@@ -142,7 +150,7 @@ class _QuantizeRun:
         loader = adapters.CalibrationLoader(x_cal, y_cal, cal_paths, calibration_batch_size(self.sizes))
         self.say(f"  calibration: {len(cal_paths)} images from the {CALIBRATION_SPLIT} split "
                  f"({', '.join(f'{c} {n}' for c, n in self.balance.items())}), batch {loader.batch_size}; "
-                 f"tuning metric: {self.metric} on {len(self.x_val)} validation images")
+                 f"tuning metric: {self.metric} on {len(self.val_paths)} validation images")
         return loader
 
     def execute(self, fp32_graph, inputs: list[str], outputs: list[str], log_path: Path, verbose: bool,

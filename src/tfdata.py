@@ -6,38 +6,46 @@ Augmentation runs on training batches only, after preprocessing, in the model's 
 """
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Iterator
 
 import numpy as np
 
-from medq.data.decode import UnreadableImage
-from medq.preprocess import PreprocessSpec, load_and_preprocess
+from medq.data.cache import ImageCache
+from medq.data.decode import UnreadableImage, load_image
+from medq.preprocess import PreprocessSpec, normalize, resize
 
 # One unit of brightness in [0, 1] image terms, expressed in each normalisation's units.
 _INTENSITY_SCALE = {"unit": 1.0, "symmetric": 2.0, "imagenet": 1.0 / 0.226}
 
 
-def _loader(spec: PreprocessSpec, dropped: dict[str, str] | None = None):
+def _loader(spec: PreprocessSpec, dropped: dict[str, str] | None = None, cache: ImageCache | None = None):
     def load(path: bytes) -> tuple[np.ndarray, bool]:
+        name = path.decode()
         try:
-            return load_and_preprocess(path.decode(), spec), True
+            stored = cache.get(name) if cache is not None else resize(load_image(name), spec)
+            return normalize(stored, spec), True
         except UnreadableImage as exc:
             if dropped is not None:
-                dropped[path.decode()] = str(exc)
+                dropped[name] = str(exc)
             return np.zeros(spec.input_shape, np.float32), False
 
     return load
 
 
 def image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *, batch_size: int,
-                  shuffle: bool = False, seed: int = 0, cache: bool = True, augment: Any = None,
+                  shuffle: bool = False, seed: int = 0, augment: Any = None, cache: ImageCache | None = None,
                   dropped: dict[str, str] | None = None):
-    """(images [B, S, S, C], labels [B, K]) batches; ``augment`` is an AugmentConfig for training, else None;
-    files that fail to decode are left out and, given ``dropped``, recorded there (path → reason)."""
+    """(images [B, S, S, C], labels [B, K]) batches streamed from disk (through ``cache`` when given): memory does
+    not grow with the number of images. ``shuffle`` reshuffles the file list every epoch; ``augment`` is an
+    AugmentConfig for training, else None; files that fail to decode are left out and, given ``dropped``, recorded
+    there (path → reason)."""
     import tensorflow as tf
 
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths), labels.astype(np.float32)))
-    load = _loader(spec, dropped)
+    if shuffle:  # file names, not decoded images: a full shuffle costs a few bytes per image
+        ds = ds.shuffle(max(1, len(paths)), seed=seed, reshuffle_each_iteration=True)
+    load = _loader(spec, dropped, cache)
 
     def decode(path, label):
         image, ok = tf.numpy_function(load, [path], [tf.float32, tf.bool], stateful=False)
@@ -50,12 +58,9 @@ def image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *,
     def drop_flag(image, label, ok):
         return image, label
 
+    # Decoding (OpenCV, pydicom) and the cache's reads release the GIL: the parallel map uses every core.
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.filter(decoded).map(drop_flag)
-    if cache:
-        ds = ds.cache()
-    if shuffle:
-        ds = ds.shuffle(min(len(paths), 4096), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size)
     if augment is not None:
         augmenter = build_augmenter(augment, spec, seed)
@@ -64,7 +69,7 @@ def image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *,
             return augmenter(x, training=True), y
 
         ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(2)
 
 
 def build_augmenter(augment: Any, spec: PreprocessSpec, seed: int = 0):
@@ -106,12 +111,12 @@ def _random_intensity(contrast: float, brightness: float, seed: int):
     return RandomIntensity(name="random_intensity")
 
 
-def load_split_arrays(paths: list[str], spec: PreprocessSpec,
-                      dropped: dict[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocess files into memory; returns (images, index of the files kept) — unreadable files are dropped (and
-    recorded in ``dropped``)."""
+def load_split_arrays(paths: list[str], spec: PreprocessSpec, dropped: dict[str, str] | None = None,
+                      cache: ImageCache | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocess a bounded number of files into memory (a calibration set, a chunk); returns (images, index of the
+    files kept) — unreadable files are dropped (and recorded in ``dropped``)."""
     images, kept = [], []
-    load = _loader(spec, dropped)
+    load = _loader(spec, dropped, cache)
     for i, path in enumerate(paths):
         image, ok = load(path.encode())
         if ok:
@@ -119,3 +124,19 @@ def load_split_arrays(paths: list[str], spec: PreprocessSpec,
             kept.append(i)
     shape = (0, *spec.input_shape)
     return (np.stack(images) if images else np.zeros(shape, np.float32)), np.asarray(kept, dtype=int)
+
+
+def iter_split_arrays(paths: list[str], spec: PreprocessSpec, chunk: int = 256, dropped: dict[str, str] | None = None,
+                      cache: ImageCache | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`load_split_arrays` chunk by chunk, decoding in threads: (images, indices into ``paths`` kept) per
+    chunk, so a whole split never sits in memory."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    load = _loader(spec, dropped, cache)
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for start in range(0, len(paths), chunk):
+            loaded = list(pool.map(load, [p.encode() for p in paths[start:start + chunk]]))
+            kept = [i for i, (_, ok) in enumerate(loaded) if ok]
+            shape = (0, *spec.input_shape)
+            images = np.stack([loaded[i][0] for i in kept]) if kept else np.zeros(shape, np.float32)
+            yield images, np.asarray(kept, dtype=int) + start

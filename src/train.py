@@ -30,8 +30,9 @@ from medq.errors import ConfigError, DataError, MedqError
 from medq.losses import make_loss
 from medq.metrics import primary_metric, task_metrics
 from medq.models import build_model
-from medq.preprocess import PreprocessSpec
+from medq.preprocess import PreprocessSpec, preprocess
 from medq.tta import ten_crops
+from medq.data.cache import image_cache
 from medq.tfdata import image_dataset
 
 log = logging.getLogger("medq")
@@ -286,9 +287,13 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
         raise DataError(f"{config.data.root}: the validation split is empty; raise data.val_fraction")
     y_train = index.labels("train")
     dropped: dict[str, str] = {}
+    cache = image_cache(config, spec)
+    if cache is not None:
+        cache.check_space(index.paths("train") + index.paths("val"), channels=spec.channels)
     train_ds = image_dataset(index.paths("train"), y_train, spec, batch_size=bs, shuffle=True,
-                             seed=config.run.seed, augment=tc.augment, dropped=dropped)
-    val_ds = image_dataset(index.paths("val"), index.labels("val"), spec, batch_size=64, dropped=dropped)
+                             seed=config.run.seed, augment=tc.augment, cache=cache, dropped=dropped)
+    val_ds = image_dataset(index.paths("val"), index.labels("val"), spec, batch_size=64, cache=cache,
+                           dropped=dropped)
 
     params = dict(config.model.params)
     params.update(model_params or {})
@@ -357,6 +362,8 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
                   callbacks=callbacks + list(extra_callbacks or []),
                   class_weight=class_weights(y_train, index.task, tc.class_weight), verbose=verbose)
     seconds = time.perf_counter() - start
+    if cache is not None:
+        log.info("%s", cache.summary())
     if state_path is not None and state_path.is_file():
         state = json.loads(state_path.read_text())
         stopped = bool(state.get("stopped_early")) or early.stopped_epoch > 0
@@ -497,43 +504,50 @@ def _history_csv(rows: list[dict[str, float]]) -> str:
 
 def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: PreprocessSpec, ten_crop: bool = False, *,
                    task: str | None = None, classes: list[str] | None = None, batch_size: int = 32,
-                   threshold: float = 0.5) -> dict[str, Any]:
+                   threshold: float = 0.5, cache: Any = None, chunk: int = 256) -> dict[str, Any]:
     """Task metrics of ``model`` on images, single-crop and (``ten_crop``) 10-crop averaged, side by side.
 
     Both views come from the same decode → :func:`medq.preprocess.preprocess` path: single crop at
-    ``spec.image_size`` S, ten crops of S from the image preprocessed at round(S · 256/224). Unreadable files are
-    dropped from both and counted. Returns ``{'single_crop': metrics, 'ten_crop': metrics | None, 'n_skipped': k}``.
+    ``spec.image_size`` S, ten crops of S from the image preprocessed at round(S · 256/224). Images stream through
+    in chunks of ``chunk`` (only the probabilities are kept); unreadable files are dropped from both and counted.
+    Returns ``{'single_crop': metrics, 'ten_crop': metrics | None, 'n_skipped': k}``.
     """
-    from dataclasses import replace
-
     from medq.data.decode import UnreadableImage, load_image
-    from medq.preprocess import preprocess
+    from medq.tfdata import iter_split_arrays
 
     labels = np.asarray(labels, dtype=np.float32)
     if task is None:
         head = model.get_layer("probabilities").activation.__name__
         task = "multilabel" if head == "sigmoid" else ("binary" if labels.shape[1] == 2 else "multiclass")
     classes = classes or [f"class{k}" for k in range(labels.shape[1])]
-    single, tens, kept = [], [], []
-    for i, path in enumerate(paths):
-        try:
-            image = load_image(path)
-        except UnreadableImage:
-            continue
-        kept.append(i)
-        single.append(preprocess(image, spec))
-        if ten_crop:
-            tens.append(ten_crops(image, spec))
-    y = labels[kept]
-    out: dict[str, Any] = {"n_skipped": len(paths) - len(kept), "ten_crop": None}
+    p_single, p_ten, kept = [], [], []
+    if ten_crop:  # the crops need the decoded image at a larger size than the cache holds
+        for start in range(0, len(paths), chunk):
+            single, tens = [], []
+            for i, path in enumerate(paths[start:start + chunk], start):
+                try:
+                    image = load_image(path)
+                except UnreadableImage:
+                    continue
+                kept.append(i)
+                single.append(preprocess(image, spec))
+                tens.append(ten_crops(image, spec))
+            if single:
+                p_single.append(model.predict(np.stack(single), batch_size=batch_size, verbose=0))
+                p_ten.append(model.predict(np.concatenate(tens), batch_size=batch_size, verbose=0)
+                             .reshape(len(single), 10, -1).mean(axis=1))
+    else:
+        for images, indices in iter_split_arrays(paths, spec, chunk=chunk, cache=cache):
+            if len(images):
+                p_single.append(model.predict(images, batch_size=batch_size, verbose=0))
+                kept.extend(int(i) for i in indices)
     if not kept:
         raise DataError("evaluate: none of the images could be decoded")
-    p_single = model.predict(np.stack(single), batch_size=batch_size, verbose=0)
-    out["single_crop"] = task_metrics(task, y, p_single, classes, threshold)
+    y = labels[kept]
+    out: dict[str, Any] = {"n_skipped": len(paths) - len(kept), "ten_crop": None}
+    out["single_crop"] = task_metrics(task, y, np.concatenate(p_single), classes, threshold)
     if ten_crop:
-        crops = np.concatenate(tens)
-        p_ten = model.predict(crops, batch_size=batch_size, verbose=0).reshape(len(kept), 10, -1).mean(axis=1)
-        out["ten_crop"] = task_metrics(task, y, p_ten, classes, threshold)
+        out["ten_crop"] = task_metrics(task, y, np.concatenate(p_ten), classes, threshold)
     return out
 
 
@@ -555,7 +569,8 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
         spec = PreprocessSpec.from_dict(manifest["preprocess"]) if "preprocess" in manifest else \
             PreprocessSpec.from_config(config)
         result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec,
-                                ten_crop, task=index.task, classes=index.classes, threshold=threshold)
+                                ten_crop, task=index.task, classes=index.classes, threshold=threshold,
+                                cache=image_cache(config, spec))
         result |= {"split": split, "n_images": len(index.paths(split))}
         path = artifacts.write_json(runrecord.staging_path(run_dir, EVALUATION), result)
         runrecord.commit(run_dir, "evaluate", artifacts={"evaluation": path}, inputs=("keras_model", "split"),

@@ -26,12 +26,41 @@ def test_scaling_to_unit_happens_exactly_once(tmp_path):
     assert x.max() == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("normalization, expected", [("unit", 0.5), ("symmetric", 0.0),
-                                                     ("imagenet", (0.5 - 0.449) / 0.226)])
+GRAY = 128 / 255  # an 8-bit gray level: preprocessing keeps 8 bits after resizing
+
+
+@pytest.mark.parametrize("normalization, expected", [("unit", GRAY), ("symmetric", 2 * GRAY - 1),
+                                                     ("imagenet", (GRAY - 0.449) / 0.226)])
 def test_normalisations(normalization, expected):
-    x = preprocess(np.full((10, 10), 0.5, np.float32), PreprocessSpec(8, 1, normalization))
+    x = preprocess(np.full((10, 10), GRAY, np.float32), PreprocessSpec(8, 1, normalization))
     assert x.shape == (8, 8, 1)
     assert float(x.mean()) == pytest.approx(expected, abs=1e-3)
+
+
+def test_preprocess_is_the_cached_8_bit_resize_then_normalisation():
+    from medq.preprocess import normalize, resize
+
+    rng = np.random.default_rng(1)
+    for image, spec, stored_channels in [(rng.uniform(0, 1, (40, 30)).astype(np.float32), PreprocessSpec(16, 3,
+                                          "imagenet"), 1),
+                                         (rng.uniform(0, 1, (40, 30, 3)).astype(np.float32), PreprocessSpec(16, 3,
+                                          "symmetric"), 3),
+                                         (rng.uniform(0, 1, (40, 30, 3)).astype(np.float32), PreprocessSpec(16, 1,
+                                          "unit"), 1)]:
+        stored = resize(image, spec)
+        assert stored.dtype == np.uint8 and stored.shape == (16, 16, stored_channels)  # the source's own channels
+        np.testing.assert_array_equal(normalize(stored, spec), preprocess(image, spec))
+        # 8 bits after resizing: within half a gray level of the float resize
+        assert np.abs(stored / 255.0 - np.clip(cv2_resize(image, spec), 0, 1)).max() <= 0.5 / 255 + 1e-6
+
+
+def cv2_resize(image, spec):
+    import cv2
+
+    if image.ndim == 3 and spec.channels == 1:
+        image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    out = cv2.resize(image, (spec.image_size,) * 2, interpolation=cv2.INTER_AREA)
+    return out[:, :, None] if out.ndim == 2 else out
 
 
 def test_channel_count_follows_the_model():

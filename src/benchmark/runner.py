@@ -19,6 +19,7 @@ import numpy as np
 from medq import artifacts, hwinfo, runrecord
 from medq.benchmark import plan, reference, report
 from medq.errors import ConfigError, MedqError
+from medq.data.cache import image_cache
 
 log = logging.getLogger("medq")
 
@@ -34,19 +35,18 @@ class WorkerError(Exception):
 
 # --- inputs -----------------------------------------------------------------------------------------------------
 
-def write_inputs(paths: list[str], spec: Any, target: Path) -> np.ndarray:
+def write_inputs(paths: list[str], spec: Any, target: Path, cache: Any = None) -> np.ndarray:
     """Preprocess ``paths`` into ``target`` (.npy, written chunk by chunk so a large split never sits in memory);
     returns the indices of the files kept (unreadable files are dropped)."""
-    from medq.tfdata import load_split_arrays
+    from medq.tfdata import iter_split_arrays
 
     n = len(paths)
     kept: list[int] = []
     with artifacts.atomic_path(target) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *spec.input_shape))
-        for start in range(0, n, PREPROCESS_CHUNK):
-            x, k = load_split_arrays(paths[start:start + PREPROCESS_CHUNK], spec)
+        for x, k in iter_split_arrays(paths, spec, chunk=PREPROCESS_CHUNK, cache=cache):
             out[len(kept):len(kept) + len(x)] = x
-            kept.extend(int(start + i) for i in k)
+            kept.extend(int(i) for i in k)
         out.flush()
         del out
         if len(kept) < n:  # rewrite without the rows of the unreadable files
@@ -69,7 +69,7 @@ def test_inputs(config: Any, manifest: dict[str, Any], index: Any, bench: Path) 
     if not paths:
         raise MedqError(f"{config.data.root}: the test split is empty; the benchmark measures the task metric on it")
     target = bench / INPUTS
-    kept = write_inputs(paths, spec, target)
+    kept = write_inputs(paths, spec, target, image_cache(config, spec))
     if not len(kept):
         raise MedqError(f"{config.data.root}: no test image could be decoded; run `medq data check {config.data.root}`")
     labels = index.labels("test")[kept]
@@ -93,11 +93,12 @@ def calibration_inputs(config: Any, manifest: dict[str, Any], index: Any, bench:
     spec = PreprocessSpec.from_dict(manifest["preprocess"])
     target = bench / CALIBRATION
     try:
-        from medq.inc.deploy import load_deploy
         from medq.calibration import load_calibration
+        from medq.inc.deploy import load_deploy
 
         used = recorded_deploy(manifest) or load_deploy(config.quantize.deploy).to_dict()
-        x, _, paths = load_calibration(index, spec, used["sampling_sizes"], used["random_seed"])
+        x, _, paths = load_calibration(index, spec, used["sampling_sizes"], used["random_seed"],
+                                       cache=image_cache(config, spec))
         source = (f"the INC calibration set: {len(paths)} train-split images chosen as `medq quantize` chose them "
                   f"({used['path']}: sampling_size {used['sampling_sizes']}, seed {used['random_seed']})")
         with artifacts.atomic_path(target) as tmp:
@@ -107,7 +108,7 @@ def calibration_inputs(config: Any, manifest: dict[str, Any], index: Any, bench:
         train = index.paths("train")
         n = min(config.benchmark.calibration_images, len(train))
         pick = np.sort(np.random.default_rng(config.run.seed).choice(len(train), n, replace=False))
-        n = len(write_inputs([train[i] for i in pick], spec, target))
+        n = len(write_inputs([train[i] for i in pick], spec, target, image_cache(config, spec)))
         source = f"{n} train-split images sampled with seed {config.run.seed} (no INC calibration set: {exc})"
     return {"path": target, "sha256": artifacts.sha256(target), "n_images": n, "source": source}
 

@@ -1,0 +1,157 @@
+"""The preprocessed-image cache on disk and the streaming input pipelines (memory independent of N)."""
+import errno
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from medq.data.cache import CacheFull, ImageCache
+from medq.data.decode import load_image
+from medq.preprocess import PreprocessSpec, normalize, preprocess
+
+SPEC = PreprocessSpec(32, 3, "imagenet")
+
+
+def write_png(path: Path, value: int, size: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = np.full((size, size), value, np.uint8)
+    image[: size // 2] = 255 - value
+    cv2.imwrite(str(path), image)
+    return path
+
+
+def entries(cache: ImageCache) -> list[Path]:
+    return sorted(p for p in cache.folder.rglob("*.npy") if not p.name.startswith(".tmp-"))
+
+
+def test_a_second_read_is_a_hit_and_equals_the_preprocessing_of_the_source(tmp_path):
+    image = write_png(tmp_path / "a.png", 40)
+    cache = ImageCache(tmp_path / "cache", SPEC)
+    first = cache.get(image)
+    second = cache.get(image)
+    assert cache.stats.misses == 1 and cache.stats.hits == 1
+    # a gray radiograph is stored with one channel, 8-bit, at the input size: expanded to three on the fly
+    assert second.dtype == np.uint8 and second.shape == (32, 32, 1) and len(entries(cache)) == 1
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(normalize(second, SPEC), preprocess(load_image(image), SPEC))
+    # one cache serves every normalisation: the stored image does not depend on it
+    other = ImageCache(tmp_path / "cache", PreprocessSpec(32, 3, "unit"))
+    assert other.folder == cache.folder and other.get(image).tobytes() == first.tobytes() and other.stats.hits == 1
+
+
+def test_a_changed_source_file_is_never_served_from_the_cache(tmp_path):
+    image = write_png(tmp_path / "a.png", 40)
+    cache = ImageCache(tmp_path / "cache", SPEC)
+    before = cache.get(image)
+    write_png(image, 200)
+    os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
+    after = cache.get(image)
+    assert cache.stats.misses == 2 and not np.array_equal(before, after)
+    np.testing.assert_array_equal(normalize(after, SPEC), preprocess(load_image(image), SPEC))
+
+
+def test_other_preprocessing_uses_other_entries(tmp_path):
+    image = write_png(tmp_path / "a.png", 40)
+    small, large = ImageCache(tmp_path / "c", PreprocessSpec(16, 1, "unit")), ImageCache(tmp_path / "c", SPEC)
+    assert small.get(image).shape == (16, 16, 1) and large.get(image).shape == (32, 32, 1)
+    assert small.folder != large.folder and large.stats.misses == 1
+
+
+def test_a_damaged_entry_is_rebuilt(tmp_path):
+    image = write_png(tmp_path / "a.png", 40)
+    cache = ImageCache(tmp_path / "cache", SPEC)
+    good = cache.get(image)
+    (entry,) = entries(cache)
+    entry.write_bytes(entry.read_bytes()[:100])  # torn by a crash of something else, or bit rot
+    assert np.array_equal(cache.get(image), good) and cache.stats.rebuilt == 1
+    assert np.array_equal(np.load(entry), good)
+
+
+def test_a_file_changing_while_it_is_decoded_is_not_stored(tmp_path, monkeypatch):
+    import medq.data.decode as decode
+
+    image = write_png(tmp_path / "a.png", 40)
+    real = decode.load_image
+
+    def changing(path):
+        out = real(path)
+        write_png(Path(path), 90)  # a download replacing the file mid-read
+        os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
+        return out
+
+    monkeypatch.setattr(decode, "load_image", changing)
+    cache = ImageCache(tmp_path / "cache", SPEC)
+    cache.get(image)
+    assert entries(cache) == [] and cache.stats.not_stored == 1
+
+
+def test_a_full_disk_stops_the_cache_growing_without_failing_the_read_or_leaving_partial_files(tmp_path,
+                                                                                               monkeypatch):
+    import medq.data.cache as cache_module
+
+    image = write_png(tmp_path / "a.png", 40)
+    cache = ImageCache(tmp_path / "cache", SPEC)
+
+    def no_space(fh, array, allow_pickle=False):
+        fh.write(b"\x93NUMPY partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module.np, "save", no_space)
+    stored = cache.get(image)
+    assert stored.shape == (32, 32, 1) and isinstance(cache.full, CacheFull) and str(tmp_path / "cache") in str(
+        cache.full)
+    assert list((tmp_path / "cache").rglob("*.npy")) == []  # no partial entry, not even a temporary file
+
+
+def test_not_enough_disk_for_the_cache_is_one_line_with_the_space_needed_before_work_starts(tmp_path, monkeypatch):
+    import medq.data.cache as cache_module
+
+    paths = [str(write_png(tmp_path / f"{i}.png", i)) for i in range(5)]
+    cache = ImageCache(tmp_path / "cache", PreprocessSpec(224, 1, "unit"))
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda p: type("Usage", (), {"free": 1000})())
+    with pytest.raises(CacheFull) as caught:
+        cache.check_space(paths)
+    message = str(caught.value)
+    assert "\n" not in message and str(tmp_path / "cache") in message and "for 5 images" in message
+    assert "245.6 KB more" in message  # 5 × (224² + 128) bytes
+
+
+def test_the_training_pipeline_streams_from_disk_and_shuffles_file_names_not_images(tmp_path):
+    """The memory property, read off the pipeline's structure: no in-memory cache, and the shuffle buffer sits
+    before the decoding map (it holds file names); what is decoded is bounded by batch and prefetch."""
+    from medq.tfdata import image_dataset
+
+    paths = [str(write_png(tmp_path / f"{i}.png", 10 * i)) for i in range(6)]
+    labels = np.eye(2, dtype=np.float32)[[0, 1] * 3]
+    ds = image_dataset(paths, labels, SPEC, batch_size=4, shuffle=True, cache=ImageCache(tmp_path / "c", SPEC))
+    ops = [node.op for node in graph_of(ds).node]
+    assert not any("Cache" in op for op in ops)
+    shuffle, decode = ops.index("ShuffleDatasetV3"), ops.index("ParallelMapDatasetV2")
+    assert shuffle < decode  # GraphDef nodes are in input order: the shuffle feeds the decoding map
+    seen = [tuple(y) for _, ys in ds for y in ys.numpy()]
+    assert len(seen) == 6
+
+
+def graph_of(ds):
+    import tensorflow as tf
+
+    graph = tf.compat.v1.GraphDef()
+    graph.ParseFromString(ds._as_serialized_graph().numpy())
+    return graph
+
+
+def test_streamed_chunks_are_bounded_and_skip_unreadable_files_with_their_indices(tmp_path):
+    from medq.tfdata import iter_split_arrays
+
+    paths = [str(write_png(tmp_path / f"{i}.png", 10 * i)) for i in range(7)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    paths.insert(3, str(broken))
+    dropped: dict[str, str] = {}
+    chunks = list(iter_split_arrays(paths, SPEC, chunk=3, dropped=dropped))
+    assert [len(x) for x, _ in chunks] == [3, 2, 2] and max(len(x) for x, _ in chunks) <= 3
+    assert np.concatenate([k for _, k in chunks]).tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert list(dropped) == [str(broken)]
+    np.testing.assert_array_equal(chunks[1][0][0], preprocess(load_image(paths[4]), SPEC))
