@@ -45,7 +45,43 @@ def image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *,
     ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths), labels.astype(np.float32)))
     if shuffle:  # file names, not decoded images: a full shuffle costs a few bytes per image
         ds = ds.shuffle(max(1, len(paths)), seed=seed, reshuffle_each_iteration=True)
-    load = _loader(spec, dropped, cache)
+    return _decoded_batches(ds, spec, batch_size, seed, augment, _loader(spec, dropped, cache)).prefetch(2)
+
+
+def shard_steps(n_images: int, workers: int, local_batch: int) -> int:
+    """Training steps per epoch when ``workers`` each read their 1/``workers`` of ``n_images``: the same number on
+    every worker (their gradients are averaged step by step), whole local batches only."""
+    return max(1, (n_images // workers) // local_batch)
+
+
+def sharded_image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *, local_batch: int,
+                          workers: int, worker: int, seed: int, augment: Any = None, cache: ImageCache | None = None,
+                          dropped: dict[str, str] | None = None, class_weight: dict[int, float] | None = None):
+    """One multi-worker training worker's input: every worker shuffles the file list with the same seed (the same
+    permutation each epoch) and keeps its ``worker``-th of every ``workers`` files, so the workers together read
+    each image at most once per epoch and each decodes only its own share. Sharding is explicit, by file name
+    before decoding (tf.data's automatic sharding would fall back to decoding everything and dropping 1/N).
+    Repeats forever: fit with ``steps_per_epoch=shard_steps(...)``. ``class_weight`` becomes per-image sample
+    weights (Keras takes no class_weight with a distributed dataset)."""
+    import tensorflow as tf
+
+    steps = shard_steps(len(paths), workers, local_batch)
+    ds = tf.data.Dataset.from_tensor_slices((np.asarray(paths), labels.astype(np.float32)))
+    ds = ds.shuffle(max(1, len(paths)), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.shard(workers, worker).take(steps * local_batch)
+    ds = _decoded_batches(ds, spec, local_batch, seed, augment, _loader(spec, dropped, cache))
+    if class_weight:
+        weights = tf.constant([class_weight[k] for k in range(len(class_weight))], tf.float32)
+        ds = ds.map(lambda x, y: (x, y, tf.reduce_sum(y * weights, axis=1)))  # one-hot labels: the class's weight
+    ds = ds.repeat()
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options).prefetch(2)
+
+
+def _decoded_batches(ds, spec: PreprocessSpec, batch_size: int, seed: int, augment: Any, load):
+    import tensorflow as tf
+
 
     def decode(path, label):
         image, ok = tf.numpy_function(load, [path], [tf.float32, tf.bool], stateful=False)
@@ -69,7 +105,7 @@ def image_dataset(paths: list[str], labels: np.ndarray, spec: PreprocessSpec, *,
             return augmenter(x, training=True), y
 
         ds = ds.map(augment_batch, num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.prefetch(2)
+    return ds
 
 
 def build_augmenter(augment: Any, spec: PreprocessSpec, seed: int = 0):

@@ -33,7 +33,7 @@ from medq.models import build_model
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.tta import ten_crops
 from medq.data.cache import image_cache
-from medq.tfdata import image_dataset
+from medq.tfdata import image_dataset, shard_steps, sharded_image_dataset
 
 log = logging.getLogger("medq")
 
@@ -290,14 +290,35 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
     cache = image_cache(config, spec)
     if cache is not None:
         cache.check_space(index.paths("train") + index.paths("val"), channels=spec.channels)
-    train_ds = image_dataset(index.paths("train"), y_train, spec, batch_size=bs, shuffle=True,
-                             seed=config.run.seed, augment=tc.augment, cache=cache, dropped=dropped)
+    strategy = make_strategy(distribute or tc.distribute)
+    resolver = getattr(strategy, "cluster_resolver", None)
+    workers = len(resolver.cluster_spec().as_dict().get("worker", [])) if resolver is not None else 1
+    steps = -(-len(index.splits["train"]) // bs)
+    steps_per_epoch = None
+    if workers > 1:  # each worker reads its own share of the files, the same number of steps on each
+
+        def worker_input(context):
+            return sharded_image_dataset(
+                index.paths("train"), y_train, spec, local_batch=context.get_per_replica_batch_size(bs),
+                workers=context.num_input_pipelines, worker=context.input_pipeline_id, seed=config.run.seed,
+                augment=tc.augment, cache=cache, dropped=dropped, class_weight=weights)
+
+        weights, fit_class_weight = class_weights(y_train, index.task, tc.class_weight), None
+        train_ds = strategy.distribute_datasets_from_function(worker_input)
+        local_batch = max(1, bs // workers)
+        steps = steps_per_epoch = shard_steps(len(index.splits["train"]), workers, local_batch)
+        task = strategy.cluster_resolver.task_id
+        log.info("worker %d of %d: %d of the %d training images per epoch (%d steps of %d)", task, workers,
+                 steps * local_batch, len(index.splits["train"]), steps, local_batch)
+    else:
+        train_ds = image_dataset(index.paths("train"), y_train, spec, batch_size=bs, shuffle=True,
+                                 seed=config.run.seed, augment=tc.augment, cache=cache, dropped=dropped)
+        fit_class_weight = class_weights(y_train, index.task, tc.class_weight)
     val_ds = image_dataset(index.paths("val"), index.labels("val"), spec, batch_size=64, cache=cache,
                            dropped=dropped)
 
     params = dict(config.model.params)
     params.update(model_params or {})
-    strategy = make_strategy(distribute or tc.distribute)
     opt_name = optimizer or tc.optimizer
     optimizers = {"adam": tf.keras.optimizers.Adam, "sgd": tf.keras.optimizers.SGD,
                   "rmsprop": tf.keras.optimizers.RMSprop}
@@ -321,7 +342,6 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
     plateau = tf.keras.callbacks.ReduceLROnPlateau("val_monitor", mode="max", factor=0.3,
                                                    patience=max(1, tc.early_stopping_patience // 2))
     watched = {"early_stopping": early, "plateau": plateau}
-    steps = -(-len(index.splits["train"]) // bs)
     callbacks = [validation, early, plateau, _epoch_log(rows, n_epochs, steps, monitor, validation)]
     initial_epoch = 0
     state_path = manager = None
@@ -358,9 +378,9 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
     start = time.perf_counter()
     epochs_before = len(rows)
     if not finished and initial_epoch < n_epochs:
-        model.fit(train_ds, epochs=n_epochs, initial_epoch=initial_epoch,
+        model.fit(train_ds, epochs=n_epochs, initial_epoch=initial_epoch, steps_per_epoch=steps_per_epoch,
                   callbacks=callbacks + list(extra_callbacks or []),
-                  class_weight=class_weights(y_train, index.task, tc.class_weight), verbose=verbose)
+                  class_weight=fit_class_weight, verbose=verbose)
     seconds = time.perf_counter() - start
     if cache is not None:
         log.info("%s", cache.summary())

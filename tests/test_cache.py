@@ -155,3 +155,23 @@ def test_streamed_chunks_are_bounded_and_skip_unreadable_files_with_their_indice
     assert np.concatenate([k for _, k in chunks]).tolist() == [0, 1, 2, 4, 5, 6, 7]
     assert list(dropped) == [str(broken)]
     np.testing.assert_array_equal(chunks[1][0][0], preprocess(load_image(paths[4]), SPEC))
+
+
+def test_multi_worker_shards_cover_each_image_at_most_once_per_epoch_with_equal_steps(tmp_path):
+    from medq.tfdata import shard_steps, sharded_image_dataset
+
+    n, workers, local_batch = 23, 2, 4
+    paths = [str(write_png(tmp_path / f"{i}.png", 5 * i, size=16)) for i in range(n)]
+    labels = np.arange(n, dtype=np.float32)[:, None]  # the label says which file a row came from
+    steps = shard_steps(n, workers, local_batch)
+    assert steps == 2  # 11 files per worker → 2 whole batches of 4, on both workers
+    epochs = {}
+    for worker in range(workers):
+        ds = sharded_image_dataset(paths, labels, PreprocessSpec(8, 1, "unit"), local_batch=local_batch,
+                                   workers=workers, worker=worker, seed=3)
+        rows = [int(v) for _, y in ds.take(2 * steps) for v in y.numpy()[:, 0]]  # two epochs
+        epochs[worker] = rows[:steps * local_batch], rows[steps * local_batch:]
+    for epoch in range(2):
+        seen = [i for worker in range(workers) for i in epochs[worker][epoch]]
+        assert len(seen) == len(set(seen)) == workers * steps * local_batch  # never one image twice in an epoch
+    assert set(epochs[0][0]) != set(epochs[0][1])  # reshuffled every epoch, identically on every worker

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -264,6 +265,10 @@ def test_two_worker_training_on_loopback(tmp_path, data_root):
     assert [p.returncode for p in procs] == [0, 0], outputs
     manifest = runrecord.read_manifest(tmp_path / "default")
     assert manifest["stages"]["train"]["epochs_run"] == 2 and manifest["model_source"] == "train"
+    # each worker read its own half of the training images (tests/test_cache.py: the halves are disjoint)
+    n_train = manifest["stages"]["train"]["split_sizes"]["train"]
+    for i, out in enumerate(outputs):
+        assert re.search(rf"worker {i} of 2: \d+ of the {n_train} training images per epoch", out), out
 
 
 def test_multilabel_metrics_have_a_confusion_matrix_per_label():
