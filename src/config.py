@@ -140,6 +140,9 @@ class TuneConfig:
     hyperband_factor: int = 3  # tuner: hyperband (its max epochs is tune.epochs)
     latency_runs: int = 10  # batch-1 Keras latency of each trial's model: median of this many runs
     tradeoff_tolerance: float = 0.01  # the trade-off pick: the fastest trial within this of the best metric
+    # Distributed search: a worker silent this long (seconds; workers send a heartbeat every sixth of it) is taken
+    # for dead, and the chief hands its trial to another worker.
+    worker_timeout: int = 120
 
 
 @dataclass

@@ -16,6 +16,7 @@ a worker that runs trials (docs/distributed-tuning.md).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import inspect
@@ -27,10 +28,11 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from medq import artifacts, runrecord
 from medq.data.index import DatasetIndex
@@ -246,7 +248,8 @@ def _tuner_class(kind: str):
             super().__init__(**kwargs)
 
         def run_trial(self, trial, *args, **kwargs):
-            return self._medq_runner(self, trial, verbose=kwargs.get("verbose", 0))
+            with _heartbeat(self, trial.trial_id):
+                return self._medq_runner(self, trial, verbose=kwargs.get("verbose", 0))
 
         def load_model(self, trial):
             from medq.models import load_keras_model
@@ -279,10 +282,38 @@ def distributed_role() -> str:
     return "chief" if utils.is_chief_oracle() else "worker"
 
 
-def serve_oracle(tuner, poll_seconds: float = 0.5) -> None:
+@contextlib.contextmanager
+def _heartbeat(tuner, trial_id: str) -> Iterator[None]:
+    """A distributed worker tells the chief it is alive while it runs a trial: an UpdateTrial without metrics every
+    ``tune.worker_timeout / 6`` seconds (keras-tuner reports nothing between a trial's start and its end)."""
+    interval = getattr(tuner, "_medq_heartbeat", None)
+    if not interval or not hasattr(tuner.oracle, "stub"):  # standalone, or the chief's own oracle
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                tuner.oracle.update_trial(trial_id, {}, step=0)
+            except Exception as exc:  # noqa: BLE001 - a missed beat is not the trial's failure
+                log.debug("heartbeat for trial %s failed: %s", trial_id, exc)
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def serve_oracle(tuner, worker_timeout: float, poll_seconds: float = 0.5) -> list[dict[str, Any]]:
     """The chief: serve the oracle over gRPC until every trial is handed out and finished.
 
-    keras-tuner's own ``start_server`` polls the workers' exit every 20 s; this is the same loop at ``poll_seconds``.
+    keras-tuner's own ``start_server`` polls the workers' exit every 20 s and waits forever for a worker that died;
+    here a worker whose last message (heartbeat, trial request, result) is older than ``worker_timeout`` seconds is
+    dropped and its trial handed to the next worker that asks. Returns the workers dropped.
     """
     from concurrent import futures
 
@@ -293,10 +324,10 @@ def serve_oracle(tuner, poll_seconds: float = 0.5) -> None:
     oracle = tuner.oracle
     tuner.save()
     if oracle.remaining_trials() == 0 and not oracle.ongoing_trials:
-        return  # a finished search, reloaded
+        return []  # a finished search, reloaded
     address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    servicer = oracle_chief.OracleServicer(oracle)
+    servicer = _heartbeat_servicer(oracle_chief.OracleServicer, protos)(oracle)
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
     if not server.add_insecure_port(address):
         raise MedqError(f"KERASTUNER_ORACLE_IP/PORT {address}: cannot listen there; choose a free port")
@@ -305,8 +336,62 @@ def serve_oracle(tuner, poll_seconds: float = 0.5) -> None:
     try:
         while not (servicer.stop_triggered and oracle_chief.exit_chief(oracle)):
             time.sleep(poll_seconds)
+            servicer.drop_silent_workers(worker_timeout)
     finally:
         server.stop(grace=2)
+    return servicer.dropped
+
+
+def _heartbeat_servicer(base, protos):
+    from keras_tuner.src.engine.oracle import synchronized
+
+    class HeartbeatServicer(base):
+        """keras-tuner's OracleServicer that remembers when it last heard from each worker."""
+
+        def __init__(self, oracle):
+            super().__init__(oracle)
+            self.last_seen: dict[str, float] = {}
+            self.dropped: list[dict[str, Any]] = []
+
+        def _seen_trial(self, trial_id: str) -> None:
+            for tuner_id, trial in list(self.oracle.ongoing_trials.items()):
+                if trial.trial_id == trial_id:
+                    self.last_seen[tuner_id] = time.monotonic()
+
+        def CreateTrial(self, request, context):
+            self.last_seen[request.tuner_id] = time.monotonic()
+            return super().CreateTrial(request, context)
+
+        def UpdateTrial(self, request, context):
+            self._seen_trial(request.trial_id)
+            if not request.metrics:  # a heartbeat
+                trial = self.oracle.trials[request.trial_id]
+                return protos.get_service().UpdateTrialResponse(trial=trial.to_proto())
+            return super().UpdateTrial(request, context)
+
+        def EndTrial(self, request, context):
+            self._seen_trial(request.trial.trial_id)
+            return super().EndTrial(request, context)
+
+        def drop_silent_workers(self, timeout: float) -> None:
+            now = time.monotonic()
+            for tuner_id in [t for t in self.oracle.ongoing_trials if now - self.last_seen.get(t, now) > timeout]:
+                self._drop(self.oracle, tuner_id, now)
+
+        @synchronized
+        def _drop(self, oracle, tuner_id: str, now: float) -> None:
+            trial = oracle.ongoing_trials.pop(tuner_id, None)
+            if trial is None:
+                return
+            oracle.tuner_ids.discard(tuner_id)
+            oracle._retry_queue.append(trial.trial_id)  # keras-tuner's queue of trials to run again, served first
+            oracle.save()
+            silent = now - self.last_seen.pop(tuner_id, now)
+            self.dropped.append({"tuner_id": tuner_id, "trial_id": trial.trial_id, "silent_seconds": round(silent)})
+            log.warning("tune: worker %s silent for %.0f s (dead?); its trial %s goes to the next worker", tuner_id,
+                        silent, trial.trial_id)
+
+    return HeartbeatServicer
 
 
 def _trial_runner(config: Any, index: DatasetIndex, warm_start: Path | None = None):
@@ -558,9 +643,11 @@ def _run_tune(config: Any, index: DatasetIndex, verbose: int, role: str) -> Tune
     hp = declare_space(config, index.task)
     _check_signature(project, config, worker=role == "worker")
     tuner = make_tuner(config, hp, _trial_runner(config, index, _warm_start_model(config, project)))
+    tuner._medq_heartbeat = max(1.0, config.tune.worker_timeout / 6) if role == "worker" else None
+    dropped: list[dict[str, Any]] = []
     try:
         if role == "chief":
-            serve_oracle(tuner)
+            dropped = serve_oracle(tuner, config.tune.worker_timeout)
         else:
             tuner.search(verbose=verbose)
     except RuntimeError as exc:  # keras-tuner gives up after max_consecutive_failed_trials failed trials
@@ -591,7 +678,8 @@ def _run_tune(config: Any, index: DatasetIndex, verbose: int, role: str) -> Tune
     entry = {"tuner": config.tune.tuner, "objective": f"{OBJECTIVE} (validation {primary_metric(index.task)}, max)",
              "trials": [r.to_dict() for r in rows], "best_trial": best.trial_id if best else None,
              "tradeoff_trial": tradeoff.trial_id if tradeoff else None, "replaced": replaced, "decision": decision,
-             "best_values": best.values if best else None, "seconds": round(seconds, 1)}
+             "best_values": best.values if best else None, "seconds": round(seconds, 1),
+             "dropped_workers": dropped}
     model_artifact = {"keras_model": staging / runrecord.KERAS_MODEL} if replaced else {}
     runrecord.commit(run_dir, "tune", config=config, artifacts=reports | model_artifact, inputs=("split",),
                      facts=top, **entry)
