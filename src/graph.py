@@ -42,7 +42,8 @@ def session_config(intra_op_threads: int = 0, inter_op_threads: int = 1, bf16_re
 
 
 class FrozenGraph:
-    """A frozen graph in its own tf.compat.v1 Session; ``predict`` runs it batch by batch."""
+    """A frozen graph in its own tf.compat.v1 Session; ``predict`` runs it batch by batch. A context manager:
+    ``with FrozenGraph(pb) as graph: graph.predict(x)`` closes the session."""
 
     def __init__(self, graph_or_path, input_name: str = "input", output_name: str = "output", *,
                  intra_op_threads: int = 0, inter_op_threads: int = 1, bf16_rewrite: bool = False):
@@ -72,6 +73,12 @@ class FrozenGraph:
 
     def close(self) -> None:
         self.session.close()
+
+    def __enter__(self) -> "FrozenGraph":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 def op_type_counts(graph_def) -> dict[str, int]:
@@ -110,11 +117,8 @@ def freeze_keras(model, input_name: str = "input", output_name: str = "output"):
 
 def parity(model, graph_def, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> float:
     """Max absolute difference between the Keras model and the frozen graph on ``x``."""
-    runner = FrozenGraph(graph_def, input_name, output_name)
-    try:
+    with FrozenGraph(graph_def, input_name, output_name) as runner:
         frozen_out = runner.predict(x, batch_size=16)
-    finally:
-        runner.close()
     keras_out = model.predict(x, batch_size=16, verbose=0)
     return float(np.max(np.abs(frozen_out - keras_out)))
 
@@ -126,15 +130,12 @@ def graph_metrics(graph_def, batches: Callable[[], Iterable[tuple[np.ndarray, np
     indices into ``y``); files that became unreadable since are simply absent from the metrics."""
     from medq.metrics import task_metrics
 
-    runner = FrozenGraph(graph_def, input_name, output_name, bf16_rewrite=bf16_rewrite)
     probabilities, kept = [], []
-    try:
+    with FrozenGraph(graph_def, input_name, output_name, bf16_rewrite=bf16_rewrite) as runner:
         for images, indices in batches():
             if len(images):
                 probabilities.append(runner.predict(images, batch_size=64))
                 kept.append(indices)
-    finally:
-        runner.close()
     if not kept:
         raise MedqError("none of the evaluation images could be read")
     return task_metrics(task, np.asarray(y)[np.concatenate(kept)], np.concatenate(probabilities), classes)

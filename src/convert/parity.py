@@ -32,11 +32,8 @@ def phantom_batch(spec: PreprocessSpec, n: int) -> np.ndarray:
 def run_frozen(graph_def, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> np.ndarray:
     from medq.graph import FrozenGraph
 
-    runner = FrozenGraph(graph_def, input_name, output_name)
-    try:
+    with FrozenGraph(graph_def, input_name, output_name) as runner:
         return runner.predict(x, batch_size=len(x))
-    finally:
-        runner.close()
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
