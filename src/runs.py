@@ -255,7 +255,8 @@ def format_run(s: dict[str, Any]) -> str:
         f"  selected    {_hyper_text(s)}",
         f"  validation  {_metric_text(s['val_metrics'])}" + (f"  (best epoch {s['best_epoch']})" if s["best_epoch"] else ""),
         f"  quantize    {_quant_text(s['quantize'])}"
-        + (f"  ({s['quantize_status']})" if s.get("quantize_status") else ""),
+        + (f"  ({s['quantize_status']})" if s.get("quantize_status") else "")
+        + ("  STALE (see int8_pb below)" if (s["artifacts"].get("int8_pb") or {}).get("stale") else ""),
     ]
     if s["artifacts"]:
         lines.append("  artifacts (made from → ...; STALE ones are never loaded)")
@@ -266,7 +267,8 @@ def format_run(s: dict[str, Any]) -> str:
             lines.append(f"    {key:<14} {a['path']}  {state}" + (f"  ← {origin}" if origin else "")
                          + (f"  STALE: {a['stale']}" if a.get("stale") else ""))
     if s["benchmark"]:
-        lines.append("  benchmark")
+        stale = (s["artifacts"].get("benchmark_json") or {}).get("stale")
+        lines.append("  benchmark" + (f"   STALE: {stale}; rerun `medq benchmark`" if stale else ""))
         table = [[r["engine"], r["precision"], _fmt(r["latency_p50_ms"], 2), _fmt(r["throughput_ips"], 1),
                   _fmt(r["accuracy"], 4), _fmt(r["auc"], 4)] for r in s["benchmark"]]
         lines += ["    " + line for line in _table(["ENGINE", "PRECISION", "P50 MS", "IMG/S", "ACCURACY", "AUC"],

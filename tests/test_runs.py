@@ -131,3 +131,27 @@ def test_benchmark_rows_read_the_schema_and_flag_a_corrupt_file(tmp_path):
         (tmp_path / "benchmark.json").write_text(broken)
         rows, warning = benchmark_rows(tmp_path)
         assert rows == [] and "unreadable" in warning
+
+
+def test_show_marks_the_benchmark_and_quantize_results_stale_after_a_retrain(tmp_path, capsys):
+    from medq import artifacts, runrecord
+
+    run = tmp_path / "output" / "r"
+    run.mkdir(parents=True)
+
+    def publish(stage, key, name, content, inputs=(), **info):
+        runrecord.commit(run, stage, artifacts={key: artifacts.write_bytes(runrecord.staging_path(run, name),
+                                                                            content)}, inputs=inputs, **info)
+
+    publish("train", "keras_model", "model.keras", b"v1", model="refkit-cnn")
+    publish("freeze", "fp32_pb", "model_fp32.pb", b"fp32", ("keras_model",))
+    publish("quantize", "int8_pb", "model_int8.pb", b"int8", ("fp32_pb",), **QUANTIZE)
+    publish("benchmark", "benchmark_json", "benchmark.json", json.dumps(BENCHMARK).encode(), ("fp32_pb", "int8_pb"))
+    assert main(["runs", "show", "r", "--set", f"run.output_dir={tmp_path / 'output'}"]) == 0
+    assert "STALE:" not in capsys.readouterr().out
+    publish("train", "keras_model", "model.keras", b"v2", model="refkit-cnn")  # retrained
+    assert main(["runs", "show", "r", "--set", f"run.output_dir={tmp_path / 'output'}"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^  quantize .*STALE", text, re.M) and re.search(r"^  benchmark +STALE: .*rerun `medq "
+                                                                         r"benchmark`", text, re.M)
+    assert re.search(r"fp32_pb .*← keras_model  STALE: it was made from an older model.keras", text)
