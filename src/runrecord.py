@@ -448,6 +448,8 @@ def run_index(config: Any, index: Any = None, *, resplit: bool = False, stage: s
 
 
 def _pin(config: Any, index: Any, stage: str, replaced: bool) -> None:
+    from medq.data.common import data_source
+
     samples = []
     for split, members in index.splits.items():
         for s in members:
@@ -463,6 +465,7 @@ def _pin(config: Any, index: Any, stage: str, replaced: bool) -> None:
     staged = staging_path(config.run_dir, SPLIT)
     files.write_text(staged, json.dumps(files.finite(body), separators=(",", ":"), allow_nan=False))
     commit(config.run_dir, "split", artifacts={"split": staged}, pinned_by=stage, resplit=replaced,
+           facts={"data_source": data_source(config.data.root, index.format)},
            split_sizes={k: len(v) for k, v in index.splits.items()}, settings=split_settings(config))
 
 

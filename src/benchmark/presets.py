@@ -32,7 +32,7 @@ def run_preset(name: str, config: Any, overrides: list[str] | tuple[str, ...] = 
     from medq.pipeline import run_all
 
     with runrecord.writer_lock(config.run_dir, "benchmark --preset"):
-        report = run_all(config, verbose=verbose)
+        report = run_all(config, verbose=verbose, phantoms=True)  # a preset is defined on its phantoms
         return _record_preset(name, config, overrides, report)
 
 

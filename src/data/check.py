@@ -18,19 +18,22 @@ from typing import Any
 
 import numpy as np
 
-from medq.data.decode import UnreadableImage, decode_image
+from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, decode_image
 from medq.data.index import DatasetIndex
 from medq.errors import DataError
+from medq.progress import progress
 
 SAMPLE_PER_SPLIT = 200
 VERIFY_ALL_UP_TO = 3000  # check_dataset decodes every file of datasets up to this size, else a sample per split
 
 
-def _decode_all(paths: list[str]) -> list[tuple[dict[str, Any] | None, str | None]]:
-    """(info, None) or (None, reason) per path, in order; decoded on a few threads (OpenCV releases the GIL)."""
+def _decode_all(paths: list[str], max_megapixels: float = MAX_MEGAPIXELS,
+                desc: str = "verify images") -> list[tuple[dict[str, Any] | None, str | None]]:
+    """(info, None) or (None, reason) per path, in order; decoded on a few threads (OpenCV releases the GIL), with
+    a progress bar."""
     def one(path: str) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            return decode_image(path)[1], None
+            return decode_image(path, max_megapixels)[1], None
         except UnreadableImage as exc:
             text = str(exc)
             return None, text[len(path) + 2:] if text.startswith(f"{path}: ") else text
@@ -40,14 +43,14 @@ def _decode_all(paths: list[str]) -> list[tuple[dict[str, Any] | None, str | Non
     if len(paths) < 8:
         return [one(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, paths))
+        return list(progress(pool.map(one, paths), total=len(paths), desc=desc, unit="img"))
 
 
-def verify_images(index: DatasetIndex, strict: bool = False) -> DatasetIndex:
+def verify_images(index: DatasetIndex, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS) -> DatasetIndex:
     """Decode every image; files that fail move to ``skipped`` with the reason (``strict``: UnreadableImage)."""
     splits, skipped, failed = {}, list(index.skipped), 0
     for name, samples in index.splits.items():
-        results = _decode_all([s.path for s in samples])
+        results = _decode_all([s.path for s in samples], max_megapixels, f"verify {name} images")
         kept = []
         for sample, (_, reason) in zip(samples, results):
             if reason is None:
@@ -79,13 +82,15 @@ def _tally(items: list[Any]) -> dict[str, int]:
 
 def check_dataset(root: Path, format: str = "auto", variant: str | None = None, seed: int = 42,
                   val_fraction: float = 0.2, test_fraction: float = 0.2, val_split: str = "from-train", *,
-                  verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT) -> dict:
+                  verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT,
+                  max_megapixels: float = MAX_MEGAPIXELS) -> dict:
     """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds."""
     from medq.config import DataConfig
     from medq.data.readers import read_dataset
 
     config = DataConfig(format=format, root=str(root), variant=variant, val_split=val_split,
-                        val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False)
+                        val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False,
+                        max_megapixels=max_megapixels)
     index = read_dataset(config, seed=seed)
     total = sum(len(s) for s in index.splits.values())
     decode_everything = total <= verify_all_up_to
@@ -101,7 +106,7 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
         chosen = list(range(len(samples)))
         if not decode_everything and len(chosen) > sample_per_split:
             chosen = sorted(rng.choice(len(samples), sample_per_split, replace=False).tolist())
-        results = _decode_all([samples[i].path for i in chosen])
+        results = _decode_all([samples[i].path for i in chosen], max_megapixels, f"check {name} images")
         infos = [info for info, _ in results if info is not None]
         unreadable += [{"path": samples[i].path, "reason": reason}
                        for i, (_, reason) in zip(chosen, results) if reason is not None]
