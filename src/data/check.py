@@ -10,6 +10,9 @@
 """
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -22,6 +25,8 @@ from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, decode_image
 from medq.data.index import DatasetIndex
 from medq.errors import DataError
 from medq.progress import progress
+
+log = logging.getLogger("medq")
 
 SAMPLE_PER_SPLIT = 200
 VERIFY_ALL_UP_TO = 3000  # check_dataset decodes every file of datasets up to this size, else a sample per split
@@ -67,6 +72,27 @@ def verify_images(index: DatasetIndex, strict: bool = False, max_megapixels: flo
     total = sum(len(v) for v in index.splits.values())
     notes = list(index.notes) + [f"verified {total} images by decoding them: {failed} unreadable, moved to skipped"]
     return replace(index, splits=splits, skipped=skipped, notes=notes)
+
+
+SKIPPED_FILES = "skipped_files.csv"
+
+
+def stage_skipped_files(run_dir: Path, skipped: list[tuple[str, str]], dropped: dict[str, str]) -> Path:
+    """Write every file a stage left out — ``skipped`` at indexing, ``dropped`` while loading — as ``path,reason``
+    into the run's staging folder (for :func:`medq.runrecord.commit`), and say on the terminal how many and where."""
+    from medq import artifacts, runrecord
+
+    rows = sorted(set(skipped) | set(dropped.items()))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(rows)
+    staged = runrecord.staging_path(run_dir, SKIPPED_FILES)
+    artifacts.write_text(staged, buffer.getvalue())
+    if rows:
+        log.warning("%d file(s) left out (unreadable or unlabelled); the list with each reason is in %s", len(rows),
+                    Path(run_dir) / SKIPPED_FILES)
+    return staged
 
 
 def _stats(values: list[int]) -> dict[str, int]:

@@ -38,8 +38,8 @@ def read_text(path: Path) -> str:
     try:
         raw = Path(path).read_bytes()
         if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:64]:
-            raise DataError(f"{path}: UTF-16 text (as Excel's 'Unicode Text' saves it); save the table as UTF-8 CSV "
-                            "(spreadsheet programs: 'CSV UTF-8')")
+            raise DataError(f"{path}: not UTF-8 text but UTF-16 (as Excel's 'Unicode Text' saves it); save the "
+                            "table as UTF-8 CSV (spreadsheet programs: 'CSV UTF-8')")
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the table as UTF-8 CSV "
