@@ -204,8 +204,6 @@ def check_outputs(items: list[ImageInput], classes: list[str], output: str | Pat
         out = Path(output)
         if out.is_dir():
             raise MedqError(f"{out}: is a folder; -o takes a file name, e.g. -o {out / 'predictions.jsonl'}")
-        if not out.parent.is_dir():
-            raise MedqError(f"{out.parent}: no such folder for -o {out}; create it or choose another path")
     if heatmap_dir is None:
         return
     directory = Path(heatmap_dir)
@@ -357,12 +355,12 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
     if not 0.0 < threshold < 1.0:
         raise MedqError(f"--threshold {threshold}: must be between 0 and 1")
     info = read_run(run_dir)
-    kind, path = model_location(info, model, model_file)
     items, ignored = collect_inputs(inputs)
     if not items:
         raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
                         "folders holding them")
     check_outputs(items, info.classes, output, heatmap_dir, overwrite)
+    kind, path = model_location(info, model, model_file)
     keras_path = path if kind == "keras" else None
     if heatmap_dir is not None and keras_path is None:  # Grad-CAM needs gradients: the run's Keras model
         if runrecord.recorded_path(info.run_dir, "keras_model") is None:

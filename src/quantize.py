@@ -32,6 +32,7 @@ import numpy as np
 
 from medq import artifacts, runrecord
 from medq.errors import DataError, MedqError
+from medq.progress import counting, progress
 
 INT8_PB = "model_int8.pb"
 QUANTIZED_OPS = "quantized_ops.json"
@@ -122,7 +123,7 @@ class CalibrationLoader:
     def __iter__(self):
         fed: list[str] = []
         self.passes.append(fed)
-        for start in range(0, len(self.images), self.batch_size):
+        for start in progress(range(0, len(self.images), self.batch_size), desc="calibrate", unit="batch"):
             stop = start + self.batch_size
             fed.extend(self.paths[start:stop])
             yield self.images[start:stop], self.labels[start:stop]
@@ -371,10 +372,11 @@ class _QuantizeRun:
                 f"({chance:.4f}): INT8 matching an untrained model proves nothing; train it longer first",
                 warning=True)
         workspace = _workspace(deploy, self.run_dir)
-        result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
-                         calib_dataloader=loader, workspace=workspace, log_path=log_path, verbose=verbose,
-                         eval_func=make_eval_func(self.x_val, self.y_val, self.task, self.classes, metric,
-                                                  self.input_name, self.output_name))
+        with progress(total=deploy.max_trials + 1, desc="INC tuning: baseline + trials (at most)", unit="eval") as bar:
+            result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
+                             calib_dataloader=loader, workspace=workspace, log_path=log_path, verbose=verbose,
+                             eval_func=counting(make_eval_func(self.x_val, self.y_val, self.task, self.classes,
+                                                               metric, self.input_name, self.output_name), bar))
         threshold = deploy.criterion.threshold(baseline)
         criterion = {"kind": deploy.criterion.kind, "tolerance": deploy.criterion.tolerance, "metric": metric,
                      "split": "val", "fp32": baseline, "threshold": threshold}

@@ -183,12 +183,12 @@ def test_the_data_stage_never_leaves_half_a_phantom_dataset(tmp_path, monkeypatc
 
     monkeypatch.setattr(phantoms, "generate_chest_pneumonia", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ensure_phantoms(config)
+        ensure_phantoms(config, phantoms=True)
     assert not root.exists()
     monkeypatch.setattr(phantoms, "generate_chest_pneumonia", real)
-    assert ensure_phantoms(config) and len(list(root.rglob("*.jpeg"))) == 12 + 2 + 4
+    assert ensure_phantoms(config, phantoms=True) and len(list(root.rglob("*.jpeg"))) == 12 + 2 + 4
     (root / PHANTOM_MARKER).write_text("{not json")
-    assert ensure_phantoms(config) and (root / PHANTOM_MARKER).read_text().startswith("{\n")
+    assert ensure_phantoms(config, phantoms=True) and (root / PHANTOM_MARKER).read_text().startswith("{\n")
     own = tmp_path / "mine"
     (own / "train").mkdir(parents=True)
     assert not ensure_phantoms(load_config(None, [f"data.root={own}"])) and not any((own / "train").iterdir())
