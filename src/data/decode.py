@@ -81,10 +81,10 @@ def _truncation(kind: str, tail: bytes) -> str | None:
 
 
 def _png_size(read) -> tuple[int, int] | None:
-    ihdr = read(8, 24)
-    if len(ihdr) < 24 or ihdr[12:16] != b"IHDR":
+    ihdr = read(12, 12)  # after the signature and the chunk length: b"IHDR", width, height
+    if len(ihdr) < 12 or ihdr[:4] != b"IHDR":
         return None
-    return int.from_bytes(ihdr[16:20], "big"), int.from_bytes(ihdr[20:24], "big")
+    return int.from_bytes(ihdr[4:8], "big"), int.from_bytes(ihdr[8:12], "big")
 
 
 def _jpeg_size(read) -> tuple[int, int] | None:
