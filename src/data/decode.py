@@ -38,6 +38,7 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 # libjpeg reports a damaged body only as a warning on the process's stderr (no file name, no error), so JPEG decodes
 # run one at a time with file descriptor 2 pointed at a capture file: the warning becomes this file's reason.
 _LIBJPEG_LOCK = threading.Lock()
+_CAPTURE = None  # the capture file, opened on first use and reused under the lock
 _LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid JPEG", "Bogus", "Huffman")
 
 
@@ -170,17 +171,22 @@ def is_dicom(path: Path) -> bool:
 
 def _libjpeg_decode(raw: np.ndarray) -> tuple[np.ndarray | None, str]:
     """OpenCV's decode of a JPEG and what libjpeg warned on stderr meanwhile (other text there is passed on)."""
-    with _LIBJPEG_LOCK, tempfile.TemporaryFile() as capture:
+    global _CAPTURE
+    with _LIBJPEG_LOCK:
+        if _CAPTURE is None:
+            _CAPTURE = tempfile.TemporaryFile()
+        _CAPTURE.seek(0)
+        _CAPTURE.truncate()
         sys.stderr.flush()
         saved = os.dup(2)
         try:
-            os.dup2(capture.fileno(), 2)
+            os.dup2(_CAPTURE.fileno(), 2)
             image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-        capture.seek(0)
-        text = capture.read().decode("utf-8", errors="replace")
+        _CAPTURE.seek(0)
+        text = _CAPTURE.read().decode("utf-8", errors="replace")
     warnings = [line.strip() for line in text.splitlines() if line.strip().startswith(_LIBJPEG_WARNINGS)]
     others = [line for line in text.splitlines() if line.strip() and line.strip() not in warnings]
     if others:
