@@ -361,6 +361,19 @@ def test_a_jpeg_header_over_the_limit_is_refused(tmp_path):
     assert check_header(bomb, max_megapixels=500) is None
 
 
+def test_a_dicom_claiming_too_many_pixels_is_refused_before_its_pixel_data(tmp_path):
+    import pydicom
+
+    from medq.data.dicom import dicom_bytes
+
+    path = write(tmp_path / "big.dcm", dicom_bytes(np.zeros((8, 8), np.uint16), bits_stored=12))
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 60_000, 60_000
+    ds.save_as(path)
+    with pytest.raises(UnreadableImage, match=r"big.dcm: 60000×60000 pixels .* above data.max_megapixels \(100\)"):
+        decode_image(path)
+
+
 def test_images_over_max_megapixels_are_listed_skips(tmp_path):
     root = kaggle_tree(tmp_path / "chest_xray")
     bomb = png_claiming(root / "train" / "NORMAL" / "bomb.png", 32_000, 32_000)

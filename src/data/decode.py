@@ -214,7 +214,7 @@ def decode_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> tu
     if kind == "dicom":
         from medq.data.dicom import read_dicom
 
-        return read_dicom(path)
+        return read_dicom(path, max_megapixels)
     if kind is None:
         raise UnreadableImage(f"{path}: not a PNG, JPEG or DICOM file (content is {_describe_content(head)})")
     problem = _truncation(kind, raw[-_TAIL:].tobytes()) or pixel_problem(
