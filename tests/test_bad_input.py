@@ -424,6 +424,17 @@ def test_runs_show_into_a_closed_pipe_exits_quietly(tmp_path, model_less_run):
     assert process.returncode == 141 and "Traceback" not in err and "BrokenPipe" not in err
 
 
+def test_runs_show_reports_the_selected_models_own_hyperparameters(tmp_path):
+    from medq import runrecord
+    from medq.runs import format_run, run_summary
+
+    config = load_config(None, [f"run.output_dir={tmp_path}", "train.learning_rate=0.001", "train.batch_size=32"])
+    runrecord.commit(config.run_dir, "tune", config=config, facts={
+        "model_source": "tune", "selected_hyperparameters": {"learning_rate": 0.003, "batch_size": 16}})
+    text = format_run(run_summary(config.run_dir))
+    assert "selected    learning_rate 0.003, batch_size 16  (from tune)" in text
+
+
 def test_predict_refuses_both_run_and_run_name(tmp_path, capsys):
     from medq.cli import main
 

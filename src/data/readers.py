@@ -154,8 +154,8 @@ def read_dataset(data_config, seed: int = 42) -> DatasetIndex:
     """Read ``data.root`` with the configured (or detected) reader; notes say what was detected and decided."""
     root = Path(data_config.root)
     if not root.exists():
-        raise DataError(f"{root}: dataset folder not found; run `medq data` to generate the phantoms "
-                        "or set data.root (or DATA_DIR) to your dataset")
+        raise DataError(f"{root}: dataset folder not found; set data.root (or DATA_DIR) to your dataset, or run "
+                        "`medq data` (add --phantoms outside the built-in location) to generate the phantoms")
     name = data_config.format
     if name == "auto":
         name = detect_format(root)
