@@ -198,8 +198,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medq.runs import resolve_run
 
     if args.run and args.run_name is not None:
-        raise MedqError(f"medq predict: --run {args.run} and --run-name {args.run_name} both name the run; "
-                        "give one of them")
+        raise MedqError(f"--run {args.run} and --run-name {args.run_name} both name the run; give one of them")
     config = _read_config(args)  # no log file: the run folder may be a read-only mount
     run_dir = resolve_run(args.run, config)
     for key, value in thread_environment(config.runtime).items():

@@ -244,6 +244,16 @@ def test_a_lowercase_class_folder_beside_the_kaggle_one_is_merged_not_dropped(tm
     assert any("differing only in case" in n and "train/normal" in n for n in index.notes)
 
 
+def test_busi_class_folders_differing_only_in_case_are_merged(tmp_path):
+    base = tmp_path / "Dataset_BUSI_with_GT"
+    for folder, n in (("benign", 3), ("Benign", 2), ("malignant", 3)):
+        for i in range(n):
+            write(base / folder / f"{folder} ({i}).png", cv2.imencode(".png", np.full((16, 16), 9 * i, np.uint8))[1])
+    index = read(base, test_fraction=0.0)
+    assert sum(len(v) for v in index.splits.values()) == 8
+    assert any("differing only in case" in n and "Benign / benign" in n for n in index.notes)
+
+
 # --- 4. training lists what it skipped ------------------------------------------------------------------------------
 
 def test_training_prints_the_skip_count_and_writes_the_list_into_the_run(tmp_path, caplog):
@@ -440,8 +450,7 @@ def test_predict_refuses_both_run_and_run_name(tmp_path, capsys):
 
     assert main(["predict", "--run", "output/a", "--run-name", "b", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "medq predict: error: medq predict: --run output/a and --run-name b both name the run; give one " \
-                  "of them"
+    assert err == "medq predict: error: --run output/a and --run-name b both name the run; give one of them"
 
 
 def test_version(capsys):
