@@ -6,9 +6,8 @@ import json
 import logging
 import os
 import sys
-import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
 from medq.config import DatasetFormat
 from medq.errors import MedqError
@@ -206,7 +205,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = run_predict(run_dir, args.inputs, model=args.model, model_file=args.model_file, output=args.output,
                           ten_crop=args.ten_crop, heatmap_dir=args.heatmap, heatmap_classes=args.heatmap_classes,
                           heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
-                          quiet=args.quiet, overwrite=args.overwrite, intra_op_threads=config.runtime.intra_op_threads,
+                          quiet=args.quiet, overwrite=args.overwrite,
+                          intra_op_threads=config.runtime.intra_op_threads,
                           inter_op_threads=config.runtime.inter_op_threads, trust_model_file=args.trust_model_file)
     print(f"medq predict: {summary.line()}", file=sys.stderr)
     return summary.exit_code
@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medq import __version__
 
     parser.add_argument("--version", action="version", version=f"medq {__version__}")
-    formats = typing.get_args(DatasetFormat)
+    formats = get_args(DatasetFormat)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -413,12 +413,11 @@ def _continue_hint(command: str, argv: list[str]) -> str:
     """What continues the interrupted work, with the user's own flags."""
     import shlex
 
-    again = f"`{shlex.join(['medq', *argv])}`"
     if command == "train":
         flags = [a for a in argv[argv.index(command) + 1:] if a != "--resume"]
         return (f"the last finished epoch is kept in the run's checkpoints/; "
                 f"`{shlex.join(['medq', 'train', *flags, '--resume'])}` continues the training from there")
-    return f"finished artifacts are kept; {again} starts this step again"
+    return f"finished artifacts are kept; `{shlex.join(['medq', *argv])}` starts this step again"
 
 
 def _log_traceback(command: str) -> Path:

@@ -46,8 +46,8 @@ KERAS_MODEL = "model.keras"
 
 # The stage whose command makes each artifact: named by error messages ("run `medq quantize` first").
 PRODUCER = {
-    "split": "data", "keras_model": "train", "train_history": "train", "skipped_files": "train", "fp32_pb": "freeze", "int8_pb": "quantize",
-    "quantized_ops": "quantize", "benchmark_json": "benchmark", "benchmark_md": "benchmark",
+    "split": "data", "keras_model": "train", "train_history": "train", "skipped_files": "train", "fp32_pb": "freeze",
+    "int8_pb": "quantize", "quantized_ops": "quantize", "benchmark_json": "benchmark", "benchmark_md": "benchmark",
     "benchmark_png": "benchmark", "evaluation": "evaluate", "fp32_onnx": "export-onnx",
 }
 # What error messages call them.

@@ -3,7 +3,6 @@ medq must do with it — a listed skip with the reason, or one line saying what 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import subprocess

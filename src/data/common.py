@@ -152,8 +152,8 @@ class Intake:
         if self.junk:
             out.append(f"ignored {self.junk} archive junk entries (__MACOSX, ._*, .DS_Store)")
         if self.skipped:
-            out.append(f"skipped {len(self.skipped)} files, each listed with the reason (`medq data check` prints them; "
-                       "training writes them to the run's skipped_files.csv)")
+            out.append(f"skipped {len(self.skipped)} files, each listed with the reason (`medq data check` prints "
+                       "them; training writes them to the run's skipped_files.csv)")
         return out
 
 
