@@ -504,6 +504,26 @@ def test_image_verification_and_calibration_show_progress(tmp_path, monkeypatch,
     assert "calibrate" not in capsys.readouterr().err
 
 
+def test_inc_trials_advance_the_bar_once_per_evaluation_even_when_one_fails():
+    from types import SimpleNamespace
+
+    from medq.progress import counting
+
+    bar = SimpleNamespace(n=0)
+    bar.update = lambda k: setattr(bar, "n", bar.n + k)
+
+    def evaluate(graph):
+        if graph == "broken":
+            raise ValueError(graph)
+        return 0.9
+
+    counted = counting(evaluate, bar)
+    assert counted("fp32") == 0.9 and counted("trial-1") == 0.9
+    with pytest.raises(ValueError):
+        counted("broken")
+    assert bar.n == 3
+
+
 def test_benchmark_rows_show_progress(tmp_path, monkeypatch, capsys):
     from types import SimpleNamespace
 
