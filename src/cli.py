@@ -7,11 +7,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, get_args
 
+from medq.config import DatasetFormat
 from medq.errors import MedqError
 
 DEFAULT_CONFIG = "configs/default.yaml"
+DATA_VARIANTS = ("binary", "3-class", "14-label")  # every reader's documented variants (medq.data.*)
 log = logging.getLogger("medq")
 
 
@@ -82,7 +84,7 @@ def cmd_data(args: argparse.Namespace) -> int:
             report = check_dataset(Path(args.path), format=args.format or data.format,
                                    variant=args.variant or data.variant, seed=config.run.seed,
                                    val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-                                   val_split=data.val_split)
+                                   val_split=data.val_split, max_megapixels=data.max_megapixels)
         else:
             report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
         print(json.dumps(report, indent=2, default=str) if args.json else format_check_report(report))
@@ -90,7 +92,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from medq.pipeline import run_data
 
     config = _load(args)
-    index = run_data(config, resplit=args.resplit)
+    index = run_data(config, resplit=args.resplit, phantoms=args.phantoms)
     if args.cache:
         from medq.pipeline import build_cache
 
@@ -165,7 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from medq.pipeline import run_all
 
     config = _load(args)
-    report = run_all(config, verbose=args.verbose)
+    report = run_all(config, verbose=args.verbose, phantoms=args.phantoms)
     print(summary_text(report))
     print(f"report: {config.run_dir / 'benchmark.md'}")
     return 0
@@ -200,6 +202,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from medq.predict import run_predict
     from medq.runs import resolve_run
 
+    if args.run and args.run_name is not None:
+        raise MedqError(f"--run {args.run} and --run-name {args.run_name} both name the run; give one of them")
     config = _read_config(args)  # no log file: the run folder may be a read-only mount
     run_dir = resolve_run(args.run, config)
     for key, value in thread_environment(config.runtime).items():
@@ -207,7 +211,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     summary = run_predict(run_dir, args.inputs, model=args.model, model_file=args.model_file, output=args.output,
                           ten_crop=args.ten_crop, heatmap_dir=args.heatmap, heatmap_classes=args.heatmap_classes,
                           heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
-                          quiet=args.quiet, intra_op_threads=config.runtime.intra_op_threads,
+                          quiet=args.quiet, overwrite=args.overwrite,
+                          intra_op_threads=config.runtime.intra_op_threads,
                           inter_op_threads=config.runtime.inter_op_threads, trust_model_file=args.trust_model_file)
     print(f"medq predict: {summary.line()}", file=sys.stderr)
     return summary.exit_code
@@ -267,6 +272,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medq", description="Train, quantize (Intel Neural Compressor) and "
                                      "benchmark medical image classifiers on Intel Xeon CPUs.")
+    from medq import __version__
+
+    parser.add_argument("--version", action="version", version=f"medq {__version__}")
+    formats = get_args(DatasetFormat)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -277,9 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="prepare (default): generate phantoms if needed and report; check PATH: inspect a folder")
             p.add_argument("path", nargs="?", help="with check: the dataset folder (with --config/--set: split as "
                            "that config's runs split it)")
-            p.add_argument("--format", help="with check: the layout (default: detect)")
-            p.add_argument("--variant", help="with check: e.g. 3-class")
+            p.add_argument("--format", choices=formats, metavar="FORMAT",
+                           help=f"with check: the layout, one of {', '.join(formats)} (default: auto, detect)")
+            p.add_argument("--variant", choices=DATA_VARIANTS, metavar="VARIANT",
+                           help=f"with check: one of {', '.join(DATA_VARIANTS)} (kaggle-pneumonia: binary, 3-class; "
+                           "busi: binary, 3-class; rsna-pneumonia: 3-class, binary; nih-chestxray14: 14-label)")
             p.add_argument("--json", action="store_true", help="with check: print JSON")
+        if name in ("data", "run"):
+            p.add_argument("--phantoms", action="store_true", help="generate the built-in synthetic phantoms at "
+                           "data.root if it is missing, wherever it points (without the flag only at the config's "
+                           "built-in location; elsewhere a missing folder is an error)")
+        if name == "data":
             p.add_argument("--resplit", action="store_true", help="split the dataset again for this run (the run's "
                            "pinned split.json is replaced; its models become stale and must be retrained)")
             p.add_argument("--cache", action="store_true", help="fill the preprocessed-image cache (data.cache_dir) "
@@ -354,6 +371,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="average ten crops (resize to S*256/224; corners, centre and their flips), as CheXNet did")
     p.add_argument("--heatmap", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per image and class here (uses the run's Keras model)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="let --heatmap replace PNG files already in DIR (without it an existing file is an error "
+                        "before any work starts)")
     p.add_argument("--heatmap-classes", choices=["all", "predicted"], default="all",
                    help="heatmaps for every class (default) or only the predicted class / findings")
     p.add_argument("--heatmap-layer", metavar="NAME",
@@ -365,6 +385,7 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _quiet_tensorflow(args.verbose)
     if args.quiet:
@@ -378,8 +399,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medq {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"medq {args.command}: interrupted; finished artifacts are kept, rerun to continue", file=sys.stderr)
+        print(f"medq {args.command}: interrupted; {_continue_hint(args.command, argv)}", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `medq runs show X | head`: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again on the closed pipe
+        return 141
     except Exception as exc:  # a bug or an environment problem: one line here, the traceback in the log
         log_file = _log_traceback(args.command)
         if args.verbose:
@@ -390,6 +415,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medq {args.command}: unexpected error: {type(exc).__name__}: {first}; the traceback is in "
               f"{log_file} (rerun with --verbose to see it here)", file=sys.stderr)
         return 1
+
+
+def _continue_hint(command: str, argv: list[str]) -> str:
+    """What continues the interrupted work, with the user's own flags."""
+    import shlex
+
+    if command == "train":
+        flags = [a for a in argv[argv.index(command) + 1:] if a != "--resume"]
+        return (f"the last finished epoch is kept in the run's checkpoints/; "
+                f"`{shlex.join(['medq', 'train', *flags, '--resume'])}` continues the training from there")
+    return f"finished artifacts are kept; `{shlex.join(['medq', *argv])}` starts this step again"
 
 
 def _log_traceback(command: str) -> Path:

@@ -57,7 +57,12 @@ class DataConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.2  # for layouts without a test split
     strict: bool = False  # unreadable files: error instead of listed skip
-    generate: bool = True  # generate the phantom dataset at root when root does not exist
+    # Images whose header claims more pixels are refused unread, as a listed skip (decompression bombs).
+    max_megapixels: float = 100.0
+    # Generate the phantom dataset when root does not exist: only at the config's built-in location (its data.root
+    # without DATA_DIR), or anywhere with `--phantoms`; elsewhere a missing folder is an error (a typo must not train
+    # on phantoms).
+    generate: bool = True
     # The preprocessed-image cache on disk (medq.data.cache): 8-bit images at the input size, shared by every run
     # and stage with that size. "" = <run.output_dir>/cache.
     cache: bool = True
@@ -322,7 +327,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 _POSITIVE = {
-    "n_train", "size", "image_size", "epochs", "batch_size", "max_trials", "latency_iterations",
+    "max_megapixels", "n_train", "size", "image_size", "epochs", "batch_size", "max_trials", "latency_iterations",
     "throughput_iterations", "early_stopping_patience",
 }
 _FRACTIONS = {"val_fraction", "test_fraction", "dropout", "zoom", "shift", "brightness", "contrast"}
@@ -367,9 +372,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: write it as section.key=value, e.g. --set train.epochs=3")
     key, raw = text.split("=", 1)
-    path = [p for p in key.strip().split(".") if p]
-    if not path:
+    path = key.strip().split(".")
+    if not key.strip():
         raise ConfigError(f"--set {text!r}: the key is empty")
+    if not all(part.strip() for part in path):
+        raise ConfigError(f"--set {text!r}: {key.strip()!r} has an empty part; write section.key=value with one dot "
+                          "between names, e.g. --set run.name=x")
+    path = [part.strip() for part in path]
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -414,11 +423,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         config = _build(Config, data, "")
     except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+        given = _override_behind(str(exc), overrides)
+        raise ConfigError(f"--set {given}: {exc}" if given else f"{source}: {exc}") from None
     config.source = source
     if path:
         config.quantize.deploy = _resolve_beside(config.quantize.deploy, Path(path))
     return config
+
+
+def _override_behind(message: str, overrides: list[str] | tuple[str, ...]) -> str | None:
+    """The ``--set`` text whose key the error ``message`` is about (the last one given wins, as in the merge)."""
+    for text in reversed(list(overrides)):
+        keys = [part.strip() for part in text.split("=", 1)[0].split(".")]
+        dotted = ".".join(keys)
+        unknown = tuple(f"{'.'.join(keys[:i]) + ': ' if i else ''}unknown key {keys[i]!r}" for i in range(len(keys)))
+        if message.startswith((f"{dotted}:", f"{dotted}[", f"{dotted}.", *unknown)):
+            return text
+    return None
 
 
 def _resolve_beside(relative: str, config_file: Path) -> str:
@@ -431,6 +452,19 @@ def _resolve_beside(relative: str, config_file: Path) -> str:
         if (base / given).exists():
             return str(base / given)
     return relative
+
+
+def builtin_data_root(config: Config) -> Path | None:
+    """The config's own data.root with every ``${VAR:-default}`` at its default (DATA_DIR unset): the built-in
+    location where a missing dataset may be generated as phantoms. None when it names a variable without a default."""
+    raw: Any = None
+    if config.source not in (None, "defaults"):
+        raw = (read_yaml(Path(config.source)).get("data") or {}).get("root")
+    if not isinstance(raw, str):
+        raw = DataConfig.root
+    if any(m.group(2) is None for m in _ENV.finditer(raw)):
+        return None
+    return Path(_ENV.sub(lambda m: m.group(2), raw))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

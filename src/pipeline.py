@@ -11,27 +11,43 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medq import artifacts, runrecord
+from medq.config import builtin_data_root
+from medq.data.common import PHANTOM_MARKER, data_source
 from medq.data.index import DatasetIndex
 from medq.errors import DataError
 
 log = logging.getLogger("medq")
 
-PHANTOM_MARKER = ".medq-phantom.json"
+# What each phantom kind stands in for: named when a dataset folder is missing outside the built-in location.
+EXPECTED_LAYOUT = {
+    "chest-pneumonia": "the Kaggle chest_xray folder (train/ and test/, each with NORMAL/ and PNEUMONIA/)",
+    "chest-multilabel": "the NIH ChestX-ray14 folder (Data_Entry_2017.csv and images_*/images/*.png)",
+    "rsna-dicom": "the RSNA challenge folder (stage_2_train_images/*.dcm and stage_2_detailed_class_info.csv)",
+    "busi": "the Dataset_BUSI_with_GT folder (benign/, malignant/, normal/)",
+}
 VERIFY_ALL_UP_TO = 5000  # decode every file up front when the dataset is this small; larger ones skip lazily
 
 
-def ensure_phantoms(config: Any) -> bool:
+def ensure_phantoms(config: Any, phantoms: bool = False) -> bool:
     """Generate the built-in phantom dataset at ``data.root`` when it is missing (or was generated differently).
 
-    Only a folder medq generated itself (it carries a marker file) is ever replaced; a user's data never is.
+    A missing folder is generated only where the user clearly asked for phantoms: the config's built-in location
+    (:func:`medq.config.builtin_data_root`) or anywhere with ``phantoms`` (`--phantoms`); elsewhere it is a
+    DataError saying what was expected there, so a mistyped path never trains on synthetic data. Only a folder
+    medq generated itself (it carries a marker file) is ever replaced; a user's data never is.
     Returns True when it generated.
     """
     root = Path(config.data.root)
     with runrecord.folder_lock(root, "phantoms"):  # two data stages must not generate into one folder at once
-        return _ensure_phantoms(config, root)
+        return _ensure_phantoms(config, root, phantoms)
 
 
-def _ensure_phantoms(config: Any, root: Path) -> bool:
+def _asked_for_phantoms(config: Any, root: Path, phantoms: bool) -> bool:
+    builtin = builtin_data_root(config)
+    return phantoms or (builtin is not None and builtin.resolve() == root.resolve())
+
+
+def _ensure_phantoms(config: Any, root: Path, phantoms: bool) -> bool:
     from medq.data.phantoms import generate_phantoms
 
     params = asdict(config.data.phantom)
@@ -46,6 +62,10 @@ def _ensure_phantoms(config: Any, root: Path) -> bool:
     elif not config.data.generate:
         raise DataError(f"{root}: dataset folder not found; set data.root (or DATA_DIR) to your dataset, "
                         "or data.generate: true for the built-in phantoms")
+    elif not _asked_for_phantoms(config, root, phantoms):
+        expected = EXPECTED_LAYOUT.get(config.data.phantom.kind, "your dataset")
+        raise DataError(f"{root}: dataset folder not found; expected {expected} there — check data.root (or "
+                        "DATA_DIR) for a typo, or pass --phantoms to generate synthetic phantoms there")
     start = time.perf_counter()
     p = config.data.phantom
     # Generated beside root and renamed into place when complete: an interrupted generation leaves no half
@@ -69,18 +89,21 @@ def _read_marker(marker: Path) -> Any:
         return None  # damaged: medq's own folder all the same, so it is regenerated
 
 
-def run_data(config: Any, resplit: bool = False) -> DatasetIndex:
-    """Stage 1: make sure the dataset is there, read it, report counts, skips and patient overlap, and pin the
-    run's split (``resplit``: split the current dataset again, which makes the run's models stale)."""
+def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> DatasetIndex:
+    """Stage 1: make sure the dataset is there (``phantoms``: generate it wherever data.root points), read it,
+    report counts, skips and patient overlap, and pin the run's split (``resplit``: split the current dataset
+    again, which makes the run's models stale)."""
     from medq.data.check import verify_images
     from medq.data.readers import read_dataset
 
-    ensure_phantoms(config)
+    ensure_phantoms(config, phantoms)
     with runrecord.writer_lock(config.run_dir, "data"):
         index = read_dataset(config.data, seed=config.run.seed)
         if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
-            index = verify_images(index, strict=config.data.strict)
+            index = verify_images(index, strict=config.data.strict, max_megapixels=config.data.max_megapixels)
         index = runrecord.run_index(config, index, resplit=resplit, stage="data")
+        source = data_source(config.data.root, index.format)
+        log.info("data: %s at %s", source, config.data.root)
         for note in index.notes:
             log.info("%s", note)
         for split, samples in index.splits.items():
@@ -91,7 +114,8 @@ def run_data(config: Any, resplit: bool = False) -> DatasetIndex:
         if any(overlap.values()):
             log.warning("patients shared between splits: %s", overlap)
         runrecord.commit(
-            config.run_dir, "data", config=config, format=index.format, task=index.task, classes=index.classes,
+            config.run_dir, "data", config=config, facts={"data_source": source},
+            format=index.format, task=index.task, classes=index.classes,
             split_sizes={k: len(v) for k, v in index.splits.items()},
             class_counts={k: index.counts(k) for k in index.splits}, patient_overlap=overlap,
             skipped=[{"path": p, "reason": r} for p, r in index.skipped], notes=index.notes,
@@ -140,13 +164,13 @@ def build_cache(config: Any, index: DatasetIndex) -> dict[str, Any]:
     return facts
 
 
-def run_all(config: Any, verbose: bool = False) -> dict[str, Any]:
+def run_all(config: Any, verbose: bool = False, phantoms: bool = False) -> dict[str, Any]:
     """`medq run`: data → train → tune → freeze → quantize → benchmark; returns the benchmark report."""
     with runrecord.writer_lock(config.run_dir, "run"):
-        return _run_stages(config, verbose)
+        return _run_stages(config, verbose, phantoms)
 
 
-def _run_stages(config: Any, verbose: bool) -> dict[str, Any]:
+def _run_stages(config: Any, verbose: bool, phantoms: bool) -> dict[str, Any]:
     from medq.benchmark import run_benchmark
     from medq.freeze import run_freeze
     from medq.quantize import run_quantize
@@ -163,7 +187,7 @@ def _run_stages(config: Any, verbose: bool) -> dict[str, Any]:
         log.info("%s done in %.1f s", name, timings[name])
         return result
 
-    index = timed("data", run_data, config)
+    index = timed("data", run_data, config, phantoms=phantoms)
     timed("train", run_train, config, index=index, verbose=2 if verbose else 0)
     if config.tune.enabled:
         timed("tune", run_tune, config, index=index)
@@ -179,7 +203,7 @@ def run_preset(name: str, config: Any, overrides: list[str] | tuple[str, ...] = 
     """Run the preset's whole pipeline on ``config`` (``configs/<name>.yaml`` loaded with ``overrides``); returns
     the benchmark report, which also records the stage times and the command that reproduces it."""
     with runrecord.writer_lock(config.run_dir, "benchmark --preset"):
-        report = run_all(config, verbose=verbose)
+        report = run_all(config, verbose=verbose, phantoms=True)  # a preset is defined on its phantoms
         return _record_preset(name, config, overrides, report)
 
 

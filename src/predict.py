@@ -51,6 +51,7 @@ class RunInfo:
     spec: PreprocessSpec
     input_name: str = "input"
     output_name: str = "output"
+    data_source: str | None = None  # 'synthetic phantoms (...)' or the real layout (manifest fact)
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -73,7 +74,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
         raise MedqError(f"{manifest_path}: 'preprocess' must hold image_size, channels and normalization; "
                         "re-run `medq train` for this run") from None
     return RunInfo(run_dir, [str(c) for c in manifest["classes"]], str(manifest["task"]), spec,
-                   str(manifest.get("input_name", "input")), str(manifest.get("output_name", "output")))
+                   str(manifest.get("input_name", "input")), str(manifest.get("output_name", "output")),
+                   manifest.get("data_source"))
 
 
 def model_location(info: RunInfo, model: str = "fp32", model_file: str | Path | None = None) -> tuple[str, Path]:
@@ -181,6 +183,43 @@ def _error_text(path: Path, exc: Exception) -> str:
 
 # --- heatmaps ---------------------------------------------------------------------------------------------------
 
+def heatmap_target(directory: Path, item: ImageInput, class_name: str, used: set[Path]) -> Path:
+    """``<dir>/<sub-folders>/<stem>_<CLASS>.png``; a name already ``used`` in this run gets ``-2``, ``-3``..."""
+    rel_parent = Path()
+    if item.root is not None:
+        rel_parent = item.path.parent.relative_to(item.root)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", class_name)
+    base = directory / rel_parent / f"{item.path.stem}_{safe}"
+    path, n = base.with_name(base.name + ".png"), 2
+    while path in used:
+        path, n = base.with_name(f"{base.name}-{n}.png"), n + 1
+    used.add(path)
+    return path
+
+
+def check_outputs(items: list[ImageInput], classes: list[str], output: str | Path | None,
+                  heatmap_dir: str | Path | None, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that cannot be written or would replace files this run did not write."""
+    if output is not None:
+        out = Path(output)
+        if out.is_dir():
+            raise MedqError(f"{out}: is a folder; -o takes a file name, e.g. -o {out / 'predictions.jsonl'}")
+    if heatmap_dir is None:
+        return
+    directory = Path(heatmap_dir)
+    if directory.exists() and not directory.is_dir():
+        raise MedqError(f"{directory}: is a file; --heatmap takes a folder (created if missing), e.g. "
+                        f"--heatmap {directory.with_suffix('')}_heatmaps")
+    if overwrite or not directory.is_dir():
+        return
+    used: set[Path] = set()
+    existing = [t for item in items for c in classes if (t := heatmap_target(directory, item, c, used)).exists()]
+    if existing:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise MedqError(f"{existing[0]}: already exists{more}; medq does not replace files it did not write in this "
+                        "run — pass --overwrite, or choose an empty --heatmap folder")
+
+
 @dataclass
 class HeatmapWriter:
     """Grad-CAM overlays from the run's Keras model: ``<dir>/<sub-folders>/<stem>_<CLASS>.png``, original size."""
@@ -206,16 +245,7 @@ class HeatmapWriter:
         return [int(np.argmax(probs))]
 
     def target(self, item: ImageInput, class_name: str) -> Path:
-        rel_parent = Path()
-        if item.root is not None:
-            rel_parent = item.path.parent.relative_to(item.root)
-        safe = re.sub(r"[^A-Za-z0-9._-]+", "_", class_name)
-        base = self.directory / rel_parent / f"{item.path.stem}_{safe}"
-        path, n = base.with_name(base.name + ".png"), 2
-        while path in self._used:
-            path, n = base.with_name(f"{base.name}-{n}.png"), n + 1
-        self._used.add(path)
-        return path
+        return heatmap_target(self.directory, item, class_name, self._used)
 
     def write(self, items: list[ImageInput], images: list[np.ndarray], x: np.ndarray,
               probs: np.ndarray) -> list[dict[str, str]]:
@@ -288,6 +318,7 @@ class PredictSummary:
     ignored: int = 0
     first_error: str | None = None
     model: str = ""
+    data_source: str | None = None  # what the run's model was trained on
     output: Path | None = None
     heatmap_dir: Path | None = None
 
@@ -298,6 +329,8 @@ class PredictSummary:
 
     def line(self) -> str:
         text = f"{self.predicted} image{'s' if self.predicted != 1 else ''} predicted with {self.model}"
+        if self.data_source:
+            text += f" (trained on {self.data_source})"
         if self.errors:
             text += f"; {self.errors} unreadable file{'s' if self.errors != 1 else ''} skipped " \
                     f"(first: {self.first_error})"
@@ -315,18 +348,19 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
                 heatmap_dir: str | Path | None = None, heatmap_classes: str = "all", heatmap_layer: str | None = None,
                 batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, quiet: bool = False,
                 intra_op_threads: int = 0, inter_op_threads: int = 1, stdout: TextIO | None = None,
-                trust_model_file: bool = False) -> PredictSummary:
+                trust_model_file: bool = False, overwrite: bool = False) -> PredictSummary:
     """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``."""
     if batch_size <= 0:
         raise MedqError(f"--batch-size {batch_size}: must be greater than 0")
     if not 0.0 < threshold < 1.0:
         raise MedqError(f"--threshold {threshold}: must be between 0 and 1")
     info = read_run(run_dir)
-    kind, path = model_location(info, model, model_file)
     items, ignored = collect_inputs(inputs)
     if not items:
         raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
                         "folders holding them")
+    check_outputs(items, info.classes, output, heatmap_dir, overwrite)
+    kind, path = model_location(info, model, model_file)
     keras_path = path if kind == "keras" else None
     if heatmap_dir is not None and keras_path is None:  # Grad-CAM needs gradients: the run's Keras model
         if runrecord.recorded_path(info.run_dir, "keras_model") is None:
@@ -342,6 +376,7 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
         cam_model = predictor.keras_model if kind == "keras" else load_keras_model(keras_path)
         heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, threshold)
     summary = PredictSummary(ignored=ignored, model=f"{model if model_file is None else kind} model {path}",
+                             data_source=info.data_source,
                              output=Path(output) if output is not None else None,
                              heatmap_dir=Path(heatmap_dir) if heatmap_dir is not None else None)
     stream = iter_predictions(predictor, items, batch_size=batch_size, ten_crop=ten_crop, threshold=threshold,

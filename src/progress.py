@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -40,3 +40,14 @@ def progress(iterable: Iterable[T] | None = None, *, total: int | None = None, d
     enabled = progress_enabled(quiet)
     return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, leave=leave, dynamic_ncols=True,
                 disable=None if enabled is None else not enabled, mininterval=0.5)
+
+
+def counting(fn: Callable[..., T], bar: Any) -> Callable[..., T]:
+    """``fn`` advancing ``bar`` by one per call (a loop that is not ours: INC calls eval_func once per trial)."""
+    def counted(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            bar.update(1)
+
+    return counted

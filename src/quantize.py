@@ -34,6 +34,7 @@ from medq.graph import graph_metrics
 from medq.inc import adapters
 from medq.metrics import CHANCE_MARGIN, chance_level
 from medq.precision import describe_cpu, select_precisions
+from medq.progress import counting, progress
 
 INT8_PB = "model_int8.pb"
 QUANTIZED_OPS = "quantized_ops.json"
@@ -180,9 +181,11 @@ class _QuantizeRun:
                 f"({chance:.4f}): INT8 matching an untrained model proves nothing; train it longer first",
                 warning=True)
         workspace = _workspace(deploy, self.run_dir)
-        result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
-                         calib_dataloader=loader, workspace=workspace, log_path=log_path, verbose=verbose,
-                         eval_func=adapters.eval_func(lambda graph_def: self.metrics(graph_def)[metric]))
+        with progress(total=deploy.max_trials + 1, desc="INC tuning: baseline + trials (at most)", unit="eval") as bar:
+            result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
+                             calib_dataloader=loader, workspace=workspace, log_path=log_path, verbose=verbose,
+                             eval_func=counting(adapters.eval_func(lambda graph_def: self.metrics(graph_def)[metric]),
+                                                bar))
         threshold = deploy.criterion.threshold(baseline)
         criterion = {"kind": deploy.criterion.kind, "tolerance": deploy.criterion.tolerance, "metric": metric,
                      "split": "val", "fp32": baseline, "threshold": threshold}

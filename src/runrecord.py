@@ -45,8 +45,8 @@ KERAS_MODEL = "model.keras"
 
 # The stage whose command makes each artifact: named by error messages ("run `medq quantize` first").
 PRODUCER = {
-    "split": "data", "keras_model": "train", "train_history": "train", "fp32_pb": "freeze", "int8_pb": "quantize",
-    "quantized_ops": "quantize", "benchmark_json": "benchmark", "benchmark_md": "benchmark",
+    "split": "data", "keras_model": "train", "train_history": "train", "skipped_files": "train", "fp32_pb": "freeze",
+    "int8_pb": "quantize", "quantized_ops": "quantize", "benchmark_json": "benchmark", "benchmark_md": "benchmark",
     "benchmark_png": "benchmark", "evaluation": "evaluate", "fp32_onnx": "export-onnx",
 }
 # What error messages call them.
@@ -447,6 +447,8 @@ def run_index(config: Any, index: Any = None, *, resplit: bool = False, stage: s
 
 
 def _pin(config: Any, index: Any, stage: str, replaced: bool) -> None:
+    from medq.data.common import data_source
+
     samples = []
     for split, members in index.splits.items():
         for s in members:
@@ -462,6 +464,7 @@ def _pin(config: Any, index: Any, stage: str, replaced: bool) -> None:
     staged = staging_path(config.run_dir, SPLIT)
     files.write_text(staged, json.dumps(files.finite(body), separators=(",", ":"), allow_nan=False))
     commit(config.run_dir, "split", artifacts={"split": staged}, pinned_by=stage, resplit=replaced,
+           facts={"data_source": data_source(config.data.root, index.format)},
            split_sizes={k: len(v) for k, v in index.splits.items()}, settings=split_settings(config))
 
 

@@ -114,6 +114,7 @@ def summarize(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "hyperparameters": manifest.get("selected_hyperparameters") or {},
         "parameters": train.get("parameters"),
         "data_format": manifest.get("dataset_format") or _get(config, "data.format"),
+        "data_source": manifest.get("data_source"),
         "data_root": _get(config, "data.root"),
         "split_sizes": train.get("split_sizes") or _get(stages, "data.split_sizes") or {},
         "image_size": pre.get("image_size"),
@@ -202,7 +203,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_runs(rows: list[dict[str, Any]], output_dir: str | Path) -> str:
     if not rows:
         return f"no runs in {output_dir} (a run is a folder with a manifest.json; `medq run` makes one)"
-    table = [[r["name"], r["model"] or "-", r["data_format"] or "-", str(r["image_size"] or "-"),
+    table = [[r["name"], r["model"] or "-", r["data_source"] or r["data_format"] or "-", str(r["image_size"] or "-"),
               ",".join(r["stages"]) or "-", _short(r["val_metrics"]), _short_quant(r["quantize"]),
               _best_row(r["benchmark"])] for r in rows]
     header = ["NAME", "MODEL", "DATA", "SIZE", "STAGES", "VALIDATION", "FP32→INT8 (VAL)", "FASTEST"]
@@ -249,7 +250,8 @@ def format_run(s: dict[str, Any]) -> str:
         f"  stages      {', '.join(s['stages']) or 'none'}" + (f"  (last {s['finished_at']})" if s["finished_at"] else ""),
         f"  task        {s['task'] or '-'}: {classes}",
         f"  model       {model}",
-        f"  data        {s['data_format'] or '-'} at {s['data_root'] or '-'}" + (f"  ({splits})" if splits else ""),
+        f"  data        {s['data_source'] or s['data_format'] or '-'} at {s['data_root'] or '-'}"
+        + (f"  ({splits})" if splits else ""),
         f"  preprocess  {s['image_size'] or '-'} px, {s['channels'] or '-'} channel(s), {s['normalization'] or '-'}",
         f"  training    {_train_text(s.get('config', {}).get('train') or {})}",
         f"  selected    {_hyper_text(s)}",

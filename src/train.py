@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from medq import artifacts, runrecord
+from medq.data.check import stage_skipped_files
 from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, DataError, MedqError
 from medq.losses import make_loss
@@ -460,10 +461,12 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
         result.model.save(staged_model)  # the best epoch
         history = runrecord.staging_path(run_dir, "train_history.csv")
         artifacts.write_text(history, _history_csv(result.history))
+        skipped_list = stage_skipped_files(run_dir, index.skipped, result.dropped)
         log.info("%s: %s parameters, %s FLOPs at %s", config.model.name, f"{result.facts['parameters']:,}",
                  f"{result.facts['flops']:,}", "x".join(map(str, result.facts["input_shape"])))
         runrecord.commit(
-            run_dir, "train", config=config, artifacts={"keras_model": staged_model, "train_history": history},
+            run_dir, "train", config=config,
+            artifacts={"keras_model": staged_model, "train_history": history, "skipped_files": skipped_list},
             inputs=("split",), model=config.model.name, parameters=int(result.model.count_params()),
             flops=result.facts["flops"], best_epoch=result.best_epoch, val_metrics=result.val_metrics,
             seconds=round(result.seconds, 1), epochs_run=result.epochs_run,

@@ -183,12 +183,12 @@ def test_the_data_stage_never_leaves_half_a_phantom_dataset(tmp_path, monkeypatc
 
     monkeypatch.setattr(phantoms, "generate_chest_pneumonia", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ensure_phantoms(config)
+        ensure_phantoms(config, phantoms=True)
     assert not root.exists()
     monkeypatch.setattr(phantoms, "generate_chest_pneumonia", real)
-    assert ensure_phantoms(config) and len(list(root.rglob("*.jpeg"))) == 12 + 2 + 4
+    assert ensure_phantoms(config, phantoms=True) and len(list(root.rglob("*.jpeg"))) == 12 + 2 + 4
     (root / PHANTOM_MARKER).write_text("{not json")
-    assert ensure_phantoms(config) and (root / PHANTOM_MARKER).read_text().startswith("{\n")
+    assert ensure_phantoms(config, phantoms=True) and (root / PHANTOM_MARKER).read_text().startswith("{\n")
     own = tmp_path / "mine"
     (own / "train").mkdir(parents=True)
     assert not ensure_phantoms(load_config(None, [f"data.root={own}"])) and not any((own / "train").iterdir())
@@ -219,7 +219,7 @@ def test_two_data_stages_generate_one_phantom_folder_one_after_the_other(tmp_pat
 
     monkeypatch.setattr(phantoms, "generate_chest_pneumonia", slow)
     generated: list[bool] = []
-    threads = [threading.Thread(target=lambda: generated.append(ensure_phantoms(config))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: generated.append(ensure_phantoms(config, phantoms=True))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:

@@ -223,7 +223,7 @@ def test_bad_run_or_missing_model_is_one_line(tiny, tmp_path, capsys, clean_thre
         ("--run", str(tmp_path / "nope")): "no such run folder",
         ("--run", str(tmp_path)): "not a medq run (no manifest.json)",
         ("--run", str(partial), "--model", "int8"): "this run has no INT8 model (model_int8.pb); run `medq quantize`",
-        ("--run", str(partial), "--model", "fp32"): "recorded in the manifest but missing",
+        ("--run", str(partial), "--model", "fp32"): "recorded in the run's manifest but missing",
         ("--run", str(tiny.run_dir), "--model-file", str(tmp_path / "x.pb")): "model file not found",
         ("--run", str(graph_only), "--heatmap", str(tmp_path / "h")): "--heatmap needs the run's Keras model",
     }

@@ -105,7 +105,8 @@ def main_table(report: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     s, inputs = report["settings"], report["inputs"]
     out = [f"# Benchmark: {report['run']}", "",
-           f"{report['created_at']} · {report['task']} · test split: {inputs['n_images']} images "
+           f"{report['created_at']} · {report['task']} · data: {report.get('data_source') or 'not recorded'} · "
+           f"test split: {inputs['n_images']} images "
            f"(`{inputs['path']}`, sha256 `{inputs['sha256'][:16]}…`, identical for every row) · "
            f"primary metric: {report['primary_metric']}", "", "## Environment", ""]
     out += [f"- {line}" for line in environment_lines(report)]

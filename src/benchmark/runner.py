@@ -20,6 +20,7 @@ from medq import artifacts, hwinfo, runrecord
 from medq.benchmark import plan, reference, report
 from medq.errors import ConfigError, MedqError
 from medq.data.cache import image_cache
+from medq.progress import progress
 
 log = logging.getLogger("medq")
 
@@ -348,25 +349,34 @@ def _measure_rounds(todo: list[plan.Row], manifest: dict[str, Any], inputs: dict
     """``bc.repeats`` rounds; each round runs every row once, one process after another. A row whose worker fails
     is dropped (recorded in ``skipped``)."""
     measured: dict[str, list[dict[str, Any]]] = {row.id: [] for row in todo}
-    for round_ in range(bc.repeats):
-        for i, row in enumerate(todo, 1):
-            if row.id in skipped:
-                continue
-            where = f"[{i}/{len(todo)}]" + (f" round {round_ + 1}/{bc.repeats}" if bc.repeats > 1 else "")
-            log.info("benchmark %s %s: measuring %s", where, row.id, row.model.name)
-            job = _job(row, manifest, inputs, bc, sizes, threads, inter, bench)
-            if round_:
-                job["id"] = f"{row.id}~{round_ + 1}"
-            try:
-                result = run_worker(job, bench, env, bc.worker_timeout)
-            except WorkerError as exc:
-                skipped[row.id] = f"failed: {exc}"
-                log.error("benchmark: %s failed: %s", row.id, exc)
-                continue
-            (log.info if verbose else log.debug)("benchmark: %s ran as pid %s: %s (log: %s)", row.id, result["pid"],
-                                                 " ".join(result["command"]), result["log"])
-            measured[row.id].append(result)
+    with progress(total=bc.repeats * len(todo), desc="benchmark rows", unit="row") as bar:
+        for round_ in range(bc.repeats):
+            for i, row in enumerate(todo, 1):
+                if row.id not in skipped:
+                    _measure_row(i, round_, row, todo, (manifest, inputs, bc, sizes, threads, inter, bench, env),
+                                 skipped, measured, verbose)
+                bar.update(1)
     return {k: v for k, v in measured.items() if k not in skipped}
+
+
+def _measure_row(i: int, round_: int, row: plan.Row, todo: list[plan.Row], job_args: tuple,
+                 skipped: dict[str, str], measured: dict[str, list[dict[str, Any]]], verbose: bool) -> None:
+    """One row's worker in one round: its result appended to ``measured``, or the row ``skipped`` if it failed."""
+    manifest, inputs, bc, sizes, threads, inter, bench, env = job_args
+    where = f"[{i}/{len(todo)}]" + (f" round {round_ + 1}/{bc.repeats}" if bc.repeats > 1 else "")
+    log.info("benchmark %s %s: measuring %s", where, row.id, row.model.name)
+    job = _job(row, manifest, inputs, bc, sizes, threads, inter, bench)
+    if round_:
+        job["id"] = f"{row.id}~{round_ + 1}"
+    try:
+        result = run_worker(job, bench, env, bc.worker_timeout)
+    except WorkerError as exc:
+        skipped[row.id] = f"failed: {exc}"
+        log.error("benchmark: %s failed: %s", row.id, exc)
+        return
+    (log.info if verbose else log.debug)("benchmark: %s ran as pid %s: %s (log: %s)", row.id, result["pid"],
+                                         " ".join(result["command"]), result["log"])
+    measured[row.id].append(result)
 
 
 def combine_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -497,6 +507,7 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
     out = {
         "schema": 1, "run": config.run.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task": task, "classes": classes, "primary_metric": primary, "baseline": plan.BASELINE,
+        "data_source": manifest.get("data_source"),
         "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                      "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,

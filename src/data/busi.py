@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medq.data.common import Intake, child_dir, finish, make_splits, one_hot, register
+from medq.data.common import Intake, child_dir, child_dirs, finish, make_splits, one_hot, register
+from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -37,7 +38,8 @@ def _detect_busi(root: Path) -> bool:
 
 @register("busi", _detect_busi)
 def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-train", val_fraction: float = 0.2,
-              test_fraction: float = 0.2, strict: bool = False, seed: int = 42, **_: object) -> DatasetIndex:
+              test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
+              max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
     root = Path(root)
     base = busi_root(root)
     if base is None:
@@ -46,17 +48,20 @@ def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-
     if variant not in (None, "binary", "3-class"):
         raise DataError(f"{root}: busi has no variant {variant!r}; use 'binary' (default) or '3-class'")
     classes = THREE_CLASSES if variant == "3-class" else BINARY_CLASSES
-    intake = Intake(strict)
+    intake = Intake(strict, max_megapixels)
     notes = [f"classes: {', '.join(classes)}"]
     samples: list[Sample] = []
     masks = unmasked = 0
     for name in THREE_CLASSES:
-        folder = child_dir(base, name)
-        if folder is None:
+        folders = child_dirs(base, name)
+        if not folders:
             if name in classes:
                 raise DataError(f"{base / name}: missing; the BUSI layout has benign/, malignant/ and normal/")
             continue
-        files = intake.files(folder)
+        if len(folders) > 1:
+            notes.append(f"class folders differing only in case, read as one class {name}: "
+                         + " / ".join(f.name for f in folders))
+        files = [f for folder in folders for f in intake.files(folder)]
         images = [f for f in files if not is_mask(f)]
         masked = {MASK.sub("", f.stem) for f in files if is_mask(f)}
         masks += len(files) - len(images)

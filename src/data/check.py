@@ -10,6 +10,9 @@
 """
 from __future__ import annotations
 
+import csv
+import io
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -18,19 +21,24 @@ from typing import Any
 
 import numpy as np
 
-from medq.data.decode import UnreadableImage, decode_image
+from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, decode_image
 from medq.data.index import DatasetIndex
 from medq.errors import DataError
+from medq.progress import progress
+
+log = logging.getLogger("medq")
 
 SAMPLE_PER_SPLIT = 200
 VERIFY_ALL_UP_TO = 3000  # check_dataset decodes every file of datasets up to this size, else a sample per split
 
 
-def _decode_all(paths: list[str]) -> list[tuple[dict[str, Any] | None, str | None]]:
-    """(info, None) or (None, reason) per path, in order; decoded on a few threads (OpenCV releases the GIL)."""
+def _decode_all(paths: list[str], max_megapixels: float = MAX_MEGAPIXELS,
+                desc: str = "verify images") -> list[tuple[dict[str, Any] | None, str | None]]:
+    """(info, None) or (None, reason) per path, in order; decoded on a few threads (OpenCV releases the GIL), with
+    a progress bar."""
     def one(path: str) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            return decode_image(path)[1], None
+            return decode_image(path, max_megapixels)[1], None
         except UnreadableImage as exc:
             text = str(exc)
             return None, text[len(path) + 2:] if text.startswith(f"{path}: ") else text
@@ -40,14 +48,14 @@ def _decode_all(paths: list[str]) -> list[tuple[dict[str, Any] | None, str | Non
     if len(paths) < 8:
         return [one(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, paths))
+        return list(progress(pool.map(one, paths), total=len(paths), desc=desc, unit="img"))
 
 
-def verify_images(index: DatasetIndex, strict: bool = False) -> DatasetIndex:
+def verify_images(index: DatasetIndex, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS) -> DatasetIndex:
     """Decode every image; files that fail move to ``skipped`` with the reason (``strict``: UnreadableImage)."""
     splits, skipped, failed = {}, list(index.skipped), 0
     for name, samples in index.splits.items():
-        results = _decode_all([s.path for s in samples])
+        results = _decode_all([s.path for s in samples], max_megapixels, f"verify {name} images")
         kept = []
         for sample, (_, reason) in zip(samples, results):
             if reason is None:
@@ -66,6 +74,27 @@ def verify_images(index: DatasetIndex, strict: bool = False) -> DatasetIndex:
     return replace(index, splits=splits, skipped=skipped, notes=notes)
 
 
+SKIPPED_FILES = "skipped_files.csv"
+
+
+def stage_skipped_files(run_dir: Path, skipped: list[tuple[str, str]], dropped: dict[str, str]) -> Path:
+    """Write every file a stage left out — ``skipped`` at indexing, ``dropped`` while loading — as ``path,reason``
+    into the run's staging folder (for :func:`medq.runrecord.commit`), and say on the terminal how many and where."""
+    from medq import artifacts, runrecord
+
+    rows = sorted(set(skipped) | set(dropped.items()))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "reason"])
+    writer.writerows(rows)
+    staged = runrecord.staging_path(run_dir, SKIPPED_FILES)
+    artifacts.write_text(staged, buffer.getvalue())
+    if rows:
+        log.warning("%d file(s) left out (unreadable or unlabelled); the list with each reason is in %s", len(rows),
+                    Path(run_dir) / SKIPPED_FILES)
+    return staged
+
+
 def _stats(values: list[int]) -> dict[str, int]:
     return {"min": int(min(values)), "median": int(np.median(values)), "max": int(max(values))} if values else {}
 
@@ -79,13 +108,15 @@ def _tally(items: list[Any]) -> dict[str, int]:
 
 def check_dataset(root: Path, format: str = "auto", variant: str | None = None, seed: int = 42,
                   val_fraction: float = 0.2, test_fraction: float = 0.2, val_split: str = "from-train", *,
-                  verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT) -> dict:
+                  verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT,
+                  max_megapixels: float = MAX_MEGAPIXELS) -> dict:
     """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds."""
     from medq.config import DataConfig
     from medq.data.readers import read_dataset
 
     config = DataConfig(format=format, root=str(root), variant=variant, val_split=val_split,
-                        val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False)
+                        val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False,
+                        max_megapixels=max_megapixels)
     index = read_dataset(config, seed=seed)
     total = sum(len(s) for s in index.splits.values())
     decode_everything = total <= verify_all_up_to
@@ -101,7 +132,7 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
         chosen = list(range(len(samples)))
         if not decode_everything and len(chosen) > sample_per_split:
             chosen = sorted(rng.choice(len(samples), sample_per_split, replace=False).tolist())
-        results = _decode_all([samples[i].path for i in chosen])
+        results = _decode_all([samples[i].path for i in chosen], max_megapixels, f"check {name} images")
         infos = [info for info, _ in results if info is not None]
         unreadable += [{"path": samples[i].path, "reason": reason}
                        for i, (_, reason) in zip(chosen, results) if reason is not None]

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from medq.data.decode import UnreadableImage, check_header
+from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, check_header
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -28,6 +28,7 @@ READERS: dict[str, Reader] = {}
 DETECTORS: list[tuple[str, Callable[[Path], bool]]] = []
 
 JUNK_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+PHANTOM_MARKER = ".medq-phantom.json"  # in every folder medq generated: its phantom settings
 SPLITS = ("train", "val", "test")
 TEST_SEED_OFFSET = 1_000_003  # the test carve uses another random stream than the validation carve
 
@@ -35,7 +36,11 @@ TEST_SEED_OFFSET = 1_000_003  # the test carve uses another random stream than t
 def read_text(path: Path) -> str:
     """A label table or list file as text; unreadable or non-UTF-8 files are a DataError naming the file."""
     try:
-        return Path(path).read_bytes().decode("utf-8-sig")
+        raw = Path(path).read_bytes()
+        if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw[:64]:
+            raise DataError(f"{path}: not UTF-8 text but UTF-16 (as Excel's 'Unicode Text' saves it); save the "
+                            "table as UTF-8 CSV (spreadsheet programs: 'CSV UTF-8')")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save the table as UTF-8 CSV "
                         "(spreadsheet programs: 'CSV UTF-8')") from None
@@ -50,6 +55,11 @@ def read_table(path: Path) -> list[list[str]]:
         return list(csv.reader(io.StringIO(read_text(path), newline="")))
     except csv.Error as exc:
         raise DataError(f"{path}: not a readable CSV table ({exc}); fix the file") from None
+
+
+def data_source(root: str | Path, layout: str) -> str:
+    """What a run's data is, for every report: 'synthetic phantoms (<layout> layout)' or the real layout's name."""
+    return f"synthetic phantoms ({layout} layout)" if (Path(root) / PHANTOM_MARKER).is_file() else layout
 
 
 def register(name: str, detect: Callable[[Path], bool] | None = None):
@@ -84,6 +94,14 @@ def child_dir(folder: Path, name: str) -> Path | None:
     return None
 
 
+def child_dirs(folder: Path, name: str) -> list[Path]:
+    """Every ``folder/name`` spelling (NORMAL/ and normal/ side by side are both the class), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(Path(e.path) for e in os.scandir(folder)
+                  if e.name.lower() == name.lower() and e.is_dir() and not is_junk(Path(e.path)))
+
+
 def subdirs(folder: Path) -> list[Path]:
     """Non-junk sub-folders, sorted by name."""
     return sorted(Path(e.path) for e in os.scandir(folder) if e.is_dir() and not is_junk(Path(e.path)))
@@ -93,8 +111,9 @@ class Intake:
     """Admits files into an index: junk is ignored (and counted), unreadable files are listed with the reason —
     or, under ``strict``, raised as a one-line error naming the file."""
 
-    def __init__(self, strict: bool = False):
+    def __init__(self, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS):
         self.strict = strict
+        self.max_megapixels = max_megapixels
         self.skipped: list[tuple[str, str]] = []
         self.junk = 0
 
@@ -105,7 +124,7 @@ class Intake:
         self.skipped.append((str(path), reason))
 
     def admit(self, path: str | Path) -> bool:
-        reason = check_header(path)
+        reason = check_header(path, self.max_megapixels)
         if reason is None:
             return True
         self.skip(path, reason)
@@ -133,7 +152,8 @@ class Intake:
         if self.junk:
             out.append(f"ignored {self.junk} archive junk entries (__MACOSX, ._*, .DS_Store)")
         if self.skipped:
-            out.append(f"skipped {len(self.skipped)} files (see skipped for each reason)")
+            out.append(f"skipped {len(self.skipped)} files, each listed with the reason (`medq data check` prints "
+                       "them; training writes them to the run's skipped_files.csv)")
         return out
 
 

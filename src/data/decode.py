@@ -5,14 +5,20 @@ The file's content decides how it is read, not its name: a PNG saved as ``.jpeg`
 file without a suffix decodes as DICOM, and a text or HTML file named ``.png`` is reported as not an image.
 
 Two levels of checking:
-- :func:`check_header` — cheap (one open, two small reads): empty, not an image, or visibly truncated. Readers run it
-  on every file at index time, which keeps indexing 100k-image datasets to seconds.
-- :func:`load_image` / :func:`decode_image` — the full decode; ``verify_images`` (medq.data.check) runs it on every
-  file of small datasets and ``medq data check`` on a sample.
+- :func:`check_header` — cheap (one open, a few small reads): empty, not an image, visibly truncated, or more pixels
+  than ``data.max_megapixels`` (a decompression bomb: a 1 MB PNG can claim 32,000×32,000 pixels). Readers run it on
+  every file at index time, which keeps indexing 100k-image datasets to seconds.
+- :func:`load_image` / :func:`decode_image` — the full decode, strict: the pixel limit is checked from the header
+  before any pixel is decoded, and a JPEG whose entropy-coded body is corrupt (libjpeg warns "Corrupt JPEG data" and
+  returns grey garbage) is unreadable. ``verify_images`` (medq.data.check) runs it on every file of small datasets
+  and ``medq data check`` on a sample.
 """
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +32,14 @@ DICOM_SUFFIXES = {".dcm", ".dicom", ""}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 _TAIL = 1024  # bytes read from the end of a JPEG to find its end-of-image marker
+MAX_MEGAPIXELS = 100.0  # data.max_megapixels' default: far above any radiograph (a 4k×4k film is 16)
+# JPEG start-of-frame markers (SOF0-SOF15 without DHT C4, JPG C8, DAC CC): they carry the image size.
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+# libjpeg reports a damaged body only as a warning on the process's stderr (no file name, no error), so JPEG decodes
+# run one at a time with file descriptor 2 pointed at a capture file: the warning becomes this file's reason.
+_LIBJPEG_LOCK = threading.Lock()
+_CAPTURE = None  # the capture file, opened on first use and reused under the lock
+_LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid JPEG", "Bogus", "Huffman")
 
 
 class UnreadableImage(DataError):
@@ -67,10 +81,56 @@ def _truncation(kind: str, tail: bytes) -> str | None:
     return None
 
 
-def check_header(path: str | Path) -> str | None:
-    """Why ``path`` cannot be an image (empty, not PNG/JPEG/DICOM, truncated), or None if its header looks right.
+def _png_size(read) -> tuple[int, int] | None:
+    ihdr = read(12, 12)  # after the signature and the chunk length: b"IHDR", width, height
+    if len(ihdr) < 12 or ihdr[:4] != b"IHDR":
+        return None
+    return int.from_bytes(ihdr[4:8], "big"), int.from_bytes(ihdr[8:12], "big")
 
-    One open and two small reads, no pathlib: it runs on every file of 100k-image datasets at index time."""
+
+def _jpeg_size(read) -> tuple[int, int] | None:
+    """(width, height) from the first start-of-frame segment, walking the segments from the start of the file."""
+    offset = 2
+    for _ in range(512):  # a real file reaches its SOF within a few segments
+        marker = read(offset, 4)
+        if len(marker) < 4 or marker[0] != 0xFF:
+            return None
+        kind = marker[1]
+        if kind == 0xFF:  # fill byte
+            offset += 1
+            continue
+        if kind in _SOF:
+            frame = read(offset + 4, 5)
+            return (int.from_bytes(frame[3:5], "big"), int.from_bytes(frame[1:3], "big")) if len(frame) == 5 else None
+        if kind in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            return None
+        offset += 2 + int.from_bytes(marker[2:4], "big")
+    return None
+
+
+def image_size(kind: str, read) -> tuple[int, int] | None:
+    """(width, height) a PNG or JPEG header claims, or None when it cannot be read; ``read(offset, n)`` → bytes."""
+    return _png_size(read) if kind == "png" else _jpeg_size(read) if kind == "jpeg" else None
+
+
+def pixel_problem(size: tuple[int, int] | None, max_megapixels: float) -> str | None:
+    """medq's own refusal of an image whose header claims more pixels than ``data.max_megapixels``."""
+    if size is None:
+        return None
+    width, height = size
+    megapixels = width * height / 1e6
+    if megapixels <= max_megapixels:
+        return None
+    return (f"{width}×{height} pixels ({megapixels:,.0f} megapixels) is above data.max_megapixels "
+            f"({max_megapixels:g}); refused unread (a decompression bomb would exhaust memory) — raise "
+            "data.max_megapixels if the image is real")
+
+
+def check_header(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> str | None:
+    """Why ``path`` cannot be an image (empty, not PNG/JPEG/DICOM, truncated, too many pixels), or None if its
+    header looks right.
+
+    One open and a few small reads, no pathlib: it runs on every file of 100k-image datasets at index time."""
     name = os.fspath(path)
     try:
         with open(name, "rb", buffering=0) as fh:
@@ -86,7 +146,15 @@ def check_header(path: str | Path) -> str | None:
                 return None if len(head) == 132 and fh.read(1) else "truncated DICOM (header only)"
             size = fh.seek(0, os.SEEK_END)
             fh.seek(max(0, size - (_TAIL if kind == "jpeg" else 12)))
-            return _truncation(kind, fh.read())
+            problem = _truncation(kind, fh.read())
+            if problem:
+                return problem
+
+            def read(offset: int, n: int) -> bytes:
+                fh.seek(offset)
+                return fh.read(n)
+
+            return pixel_problem(image_size(kind, read), max_megapixels)
     except FileNotFoundError:
         return "file not found"
     except OSError as exc:
@@ -101,7 +169,32 @@ def is_dicom(path: Path) -> bool:
         return False
 
 
-def decode_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
+def _libjpeg_decode(raw: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """OpenCV's decode of a JPEG and what libjpeg warned on stderr meanwhile (other text there is passed on)."""
+    global _CAPTURE
+    with _LIBJPEG_LOCK:
+        if _CAPTURE is None:
+            _CAPTURE = tempfile.TemporaryFile()
+        _CAPTURE.seek(0)
+        _CAPTURE.truncate()
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(_CAPTURE.fileno(), 2)
+            image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        _CAPTURE.seek(0)
+        text = _CAPTURE.read().decode("utf-8", errors="replace")
+    warnings = [line.strip() for line in text.splitlines() if line.strip().startswith(_LIBJPEG_WARNINGS)]
+    others = [line for line in text.splitlines() if line.strip() and line.strip() not in warnings]
+    if others:
+        print("\n".join(others), file=sys.stderr)
+    return image, "; ".join(warnings)
+
+
+def decode_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> tuple[np.ndarray, dict[str, Any]]:
     """Full decode: (float32 [0, 1] gray [H, W] or RGB [H, W, 3], facts about the stored file).
 
     The facts: ``format`` (png/jpeg/dicom), ``width``, ``height``, ``channels`` (gray/RGB/RGBA), ``bits`` (stored bit
@@ -121,13 +214,20 @@ def decode_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     if kind == "dicom":
         from medq.data.dicom import read_dicom
 
-        return read_dicom(path)
+        return read_dicom(path, max_megapixels)
     if kind is None:
         raise UnreadableImage(f"{path}: not a PNG, JPEG or DICOM file (content is {_describe_content(head)})")
-    problem = _truncation(kind, raw[-_TAIL:].tobytes())
+    problem = _truncation(kind, raw[-_TAIL:].tobytes()) or pixel_problem(
+        image_size(kind, lambda offset, n: raw[offset:offset + n].tobytes()), max_megapixels)
     if problem:
         raise UnreadableImage(f"{path}: {problem}")
-    image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    if kind == "jpeg":
+        image, warning = _libjpeg_decode(raw)
+        if warning:
+            raise UnreadableImage(f"{path}: corrupt JPEG data (libjpeg: {warning}); the decoded pixels would be "
+                                  "garbage — replace the file from the original source, or remove it")
+    else:
+        image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
     if image is None:
         raise UnreadableImage(f"{path}: not a decodable {kind.upper()} (corrupt data)")
     channels = 1 if image.ndim == 2 else image.shape[2]
@@ -137,9 +237,9 @@ def decode_image(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     return to_unit_float(image, path), info
 
 
-def load_image(path: str | Path) -> np.ndarray:
+def load_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     """float32 [0, 1], gray [H, W] or RGB [H, W, 3]; :class:`UnreadableImage` if the file cannot be decoded."""
-    return decode_image(path)[0]
+    return decode_image(path, max_megapixels)[0]
 
 
 def to_unit_float(image: np.ndarray, path: Path | str = "<array>") -> np.ndarray:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medq.data.decode import UnreadableImage
+from medq.data.decode import UnreadableImage, pixel_problem
 
 GRAY = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -58,13 +58,18 @@ def _short(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
 
 
-def read_dicom(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """(image as :func:`load_dicom` returns it, facts: format, width, height, channels, bits, photometric)."""
+def read_dicom(path: str | Path, max_megapixels: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """(image as :func:`load_dicom` returns it, facts: format, width, height, channels, bits, photometric); an
+    image whose Rows × Columns exceed ``max_megapixels`` is refused before its pixel data is decoded."""
     path = Path(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pydicom warns about harmless header oddities of real-world files
         ds = _read(path)
         try:
+            size = (int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
+            problem = pixel_problem(size, max_megapixels) if max_megapixels is not None else None
+            if problem:
+                raise UnreadableImage(f"{path}: {problem}")
             return _decode(path, ds)
         except UnreadableImage:
             raise

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register, subdirs
+from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -23,6 +24,7 @@ SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "
 PATH_COLUMNS = ("path", "image", "file", "filename", "image_path", "filepath")
 PATIENT_COLUMNS = ("patient", "patient_id", "patientid", "subject")
 TRUE, FALSE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", ""}
+SEPARATORS = (";", "\t", "|")
 
 
 def _task(classes: list[str], multilabel: bool = False) -> str:
@@ -36,16 +38,42 @@ def _sorted_values(values: set[str]) -> list[str]:
     return sorted(values)
 
 
+def _label_classes(values: list[str]) -> tuple[list[str], dict[str, str], list[str]]:
+    """(classes, lower-cased value → class, merged spellings): labels that differ only in case (NORMAL, normal) are
+    one class, spelled as most rows spell it."""
+    counts: dict[str, dict[str, int]] = {}
+    for value in values:
+        if value:
+            by_spelling = counts.setdefault(value.lower(), {})
+            by_spelling[value] = by_spelling.get(value, 0) + 1
+    spelling = {key: min(found, key=lambda v: (-found[v], v)) for key, found in counts.items()}
+    merged = [" / ".join(sorted(found)) + f" → {spelling[key]}" for key, found in sorted(counts.items())
+              if len(found) > 1]
+    return _sorted_values(set(spelling.values())), spelling, merged
+
+
 # --- a CSV table -----------------------------------------------------------------------------------------------
 
 def _header(table: Path) -> list[str]:
     """The header row only (detection must not fail on a table whose body is damaged: reading it says why)."""
     try:
         with open(table, "rb") as fh:
-            first = fh.readline(65536).decode("utf-8-sig", errors="replace")
-        return [h.strip() for h in next(csv.reader([first]), [])]
-    except (OSError, csv.Error):
+            head = fh.read(65536)
+    except OSError:
         return []
+    utf16 = head.startswith((b"\xff\xfe", b"\xfe\xff"))  # still detected as a table: reading it says why
+    text = head.decode("utf-16" if utf16 else "utf-8-sig", errors="replace")
+    first = text.splitlines()[0] if text else ""
+    try:
+        row = next(csv.reader([first]), [])
+    except csv.Error:
+        return []
+    if len(row) == 1:  # a table separated by ';' or tabs (a spreadsheet's locale): detected, then refused
+        for separator in SEPARATORS:
+            if separator in first:
+                row = first.split(separator)
+                break
+    return [h.strip() for h in row]
 
 
 def _pick(header: list[str], names: tuple[str, ...]) -> int | None:
@@ -73,7 +101,7 @@ def _detect_csv(root: Path) -> bool:
 @register("csv", _detect_csv)
 def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                    val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
-                   **_: object) -> DatasetIndex:
+                   max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
     root = Path(root)
     table = csv_table(root)
     if table is None:
@@ -81,7 +109,15 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         which = f" (found {', '.join(p.name for p in candidates)})" if candidates else ""
         raise DataError(f"{root}: no single CSV table with a path column{which}; set data.root to the .csv file "
                         f"(header: {PATH_COLUMNS[0]},label[,label...])")
-    header = _header(table)
+    table_rows = read_table(table)  # the encoding is checked before the header is trusted
+    header = [h.strip() for h in table_rows[0]] if table_rows else []
+    if len(header) == 1:
+        separator = next((sep for sep in SEPARATORS if sep in header[0]), None)
+        if separator is not None:
+            name = {";": "semicolons", "\t": "tabs", "|": "'|'"}[separator]
+            raise DataError(f"{table}: the columns are separated by {name}, not commas (header {header[0]!r}); "
+                            "save the table as comma-separated CSV (spreadsheet programs: 'CSV UTF-8 "
+                            "(comma delimited)')")
     i_path = _pick(header, PATH_COLUMNS)
     if i_path is None:
         raise DataError(f"{table}: no path column in the header; name it one of {', '.join(PATH_COLUMNS)}")
@@ -91,15 +127,16 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         raise DataError(f"{table}: no label column; add one (class names) or several 0/1 columns (multi-label)")
     if variant is not None:
         raise DataError(f"{table}: the csv format has no variants; the label columns define the task")
-    intake = Intake(strict)
-    rows = [(line, row) for line, row in enumerate(read_table(table), start=1)
+    intake = Intake(strict, max_megapixels)
+    rows = [(line, row) for line, row in enumerate(table_rows, start=1)
             if line > 1 and any(c.strip() for c in row)]
     multilabel = len(label_cols) > 1
     if multilabel:
         classes = [header[i] for i in label_cols]
+        _check_label_columns(table, header, label_cols, rows, (i_path, i_patient, i_split))
     else:
-        values = {row[label_cols[0]].strip() for _, row in rows if len(row) > label_cols[0]}
-        classes = _sorted_values(values - {""})
+        classes, spelling, merged = _label_classes([row[label_cols[0]].strip() for _, row in rows
+                                                    if len(row) > label_cols[0]])
         if len(classes) < 2:
             raise DataError(f"{table}: column {header[label_cols[0]]!r} holds {len(classes)} distinct label(s); "
                             "a classifier needs at least two")
@@ -127,7 +164,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
             if not value:
                 intake.skip(path, f"{where}: empty label", file_problem=False)
                 continue
-            label = one_hot(classes.index(value), len(classes))
+            label = one_hot(classes.index(spelling[value.lower()]), len(classes))
         split = "train"
         if i_split is not None:
             split = SPLIT_ALIASES.get(row[i_split].strip().lower(), "")
@@ -150,12 +187,34 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
              "patients: " + (f"column {header[i_patient]!r}" if i_patient is not None
                              else "no patient column, so each image is its own patient"),
              "split: " + (f"column {header[i_split]!r}" if i_split is not None else "none in the table")]
+    if not multilabel and merged:
+        notes.append(f"labels differing only in case, read as one class: {'; '.join(merged)}")
     if blank_cells:
         notes.append(f"{blank_cells} blank label cell(s) read as 0 (finding absent); write 0 or 1 in every cell if "
                      "blank means something else")
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
                          seed=seed, notes=notes)
     return finish("csv", _task(classes, multilabel), classes, splits, intake, notes, table)
+
+
+def _check_label_columns(table: Path, header: list[str], label_cols: list[int], rows: list[tuple[int, list[str]]],
+                         known: tuple[int | None, ...]) -> None:
+    """Several label columns make a multi-label table of 0/1 columns; a column that is never 0/1 (class names, or
+    metadata such as age) means the table was meant otherwise: say so, with the fix, instead of skipping every row."""
+    not_binary = {}
+    for i in label_cols:
+        cells = [row[i].strip().lower() for _, row in rows if len(row) > i]
+        odd = [c for c in cells if c not in TRUE | FALSE]
+        if cells and len(odd) == len(cells):
+            not_binary[header[i]] = sorted(set(odd))[:3]
+    if not not_binary:
+        return
+    used = [header[i] for i in known if i is not None]
+    shown = "; ".join(f"{name!r} holds {', '.join(repr(v) for v in values)}" for name, values in not_binary.items())
+    raise DataError(f"{table}: every column besides {', '.join(repr(u) for u in used)} is read as a label, so "
+                    f"{len(label_cols)} label columns make a multi-label table of 0/1 columns, but {shown}; for one "
+                    "label per image keep a single label column (remove metadata columns such as age), for "
+                    "multi-label write 0 or 1 in every label column")
 
 
 # --- folder per class ------------------------------------------------------------------------------------------
@@ -182,7 +241,8 @@ def _detect_folder(root: Path) -> bool:
 
 @register("folder", _detect_folder)  # detected last: almost any tree matches
 def read_folder(root: Path, *, variant: str | None = None, val_split: str = "from-train", val_fraction: float = 0.2,
-                test_fraction: float = 0.2, strict: bool = False, seed: int = 42, **_: object) -> DatasetIndex:
+                test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
+                max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
     root = Path(root)
     if variant is not None:
         raise DataError(f"{root}: the folder layout has no variants; the class folders are the classes")
@@ -202,7 +262,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     if len(classes) < 2:
         raise DataError(f"{layout['train']}: found {len(classes)} class folder(s); a classifier needs at least two "
                         "(root/<class>/image files)")
-    intake = Intake(strict)
+    intake = Intake(strict, max_megapixels)
     splits: dict[str, list[Sample]] = {}
     for split, folder in layout.items():
         splits[split] = []

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, subdirs
+from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -91,7 +92,7 @@ def _read_list(path: Path) -> set[str]:
 @register("nih-chestxray14", _detect_nih)
 def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                          val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
-                         seed: int = 42, **_: object) -> DatasetIndex:
+                         seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
     root = Path(root)
     table = entry_table(root)
     if table is None:
@@ -99,7 +100,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if variant not in VARIANTS:
         raise DataError(f"{root}: nih-chestxray14 has no variant {variant!r}; it is the 14-label task")
     files, duplicate_files = image_files(root)
-    intake = Intake(strict)
+    intake = Intake(strict, max_megapixels)
     cache: dict[str, tuple[float, ...] | str] = {}
     samples: dict[str, Sample] = {}
     missing = 0

@@ -21,8 +21,10 @@ import re
 from pathlib import Path
 
 from medq.data.common import (  # noqa: F401 - the public names of medq.data.readers
-    DETECTORS, READERS, SPLITS, Intake, child_dir, finish, is_junk, make_splits, one_hot, patient_split, register,
+    DETECTORS, READERS, SPLITS, Intake, child_dir, child_dirs, finish, is_junk, make_splits, one_hot, patient_split,
+    register,
 )
+from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -73,14 +75,14 @@ def _detect_kaggle(root: Path) -> bool:
 @register("kaggle-pneumonia", _detect_kaggle)
 def read_kaggle_pneumonia(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                           val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
-                          seed: int = 42, **_: object) -> DatasetIndex:
+                          seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
     """Binary NORMAL/PNEUMONIA, or with variant '3-class' NORMAL/BACTERIA/VIRUS from the file names."""
     base = _kaggle_root(Path(root))
     if variant not in KAGGLE_VARIANTS:
         raise DataError(f"{root}: kaggle-pneumonia has no variant {variant!r}; use 'binary' or '3-class'")
     three_class = KAGGLE_VARIANTS[variant]
     classes = ["NORMAL", "BACTERIA", "VIRUS"] if three_class else ["NORMAL", "PNEUMONIA"]
-    intake = Intake(strict)
+    intake = Intake(strict, max_megapixels)
     notes = [f"classes: {', '.join(classes)}" + (" (the cause is read from the file names)" if three_class else "")]
     if base.name == "chest_xray" and (base / "chest_xray").is_dir():
         notes.append(f"ignored the archive's nested duplicate {base / 'chest_xray'}")
@@ -91,11 +93,14 @@ def read_kaggle_pneumonia(root: Path, *, variant: str | None = None, val_split: 
         if split_dir is None:
             continue
         for folder in ("NORMAL", "PNEUMONIA"):
-            class_dir = child_dir(split_dir, folder)
-            if class_dir is None:
+            class_dirs = child_dirs(split_dir, folder)
+            if not class_dirs:
                 raise DataError(f"{split_dir / folder}: missing; each split of the Kaggle layout has NORMAL/ and "
                                 "PNEUMONIA/")
-            for path in intake.files(class_dir):
+            if len(class_dirs) > 1:
+                notes.append(f"class folders differing only in case, read as one class {folder}: "
+                             + " / ".join(str(d.relative_to(base)) for d in class_dirs))
+            for path in (p for class_dir in class_dirs for p in intake.files(class_dir)):
                 if not intake.admit(path):
                     continue
                 patient, cause = kaggle_patient_and_cause(path.name)
@@ -149,8 +154,8 @@ def read_dataset(data_config, seed: int = 42) -> DatasetIndex:
     """Read ``data.root`` with the configured (or detected) reader; notes say what was detected and decided."""
     root = Path(data_config.root)
     if not root.exists():
-        raise DataError(f"{root}: dataset folder not found; run `medq data` to generate the phantoms "
-                        "or set data.root (or DATA_DIR) to your dataset")
+        raise DataError(f"{root}: dataset folder not found; set data.root (or DATA_DIR) to your dataset, or run "
+                        "`medq data` (add --phantoms outside the built-in location) to generate the phantoms")
     name = data_config.format
     if name == "auto":
         name = detect_format(root)
@@ -159,7 +164,7 @@ def read_dataset(data_config, seed: int = 42) -> DatasetIndex:
     try:
         index = READERS[name](root, variant=data_config.variant, val_split=data_config.val_split,
                               val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction,
-                              strict=data_config.strict, seed=seed)
+                              strict=data_config.strict, seed=seed, max_megapixels=data_config.max_megapixels)
     except OSError as exc:  # a folder the readers scan cannot be listed (permissions, a vanished mount)
         raise DataError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc}); check that the dataset "
                         "folder is readable by this user") from None

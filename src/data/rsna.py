@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register
+from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -64,7 +65,7 @@ def _targets(labels: Path | None) -> dict[str, set[str]]:
 @register("rsna-pneumonia", _detect_rsna)
 def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                         val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
-                        seed: int = 42, **_: object) -> DatasetIndex:
+                        seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
     root = Path(root)
     found = rsna_files(root)
     if found is None:
@@ -77,7 +78,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         raise DataError(f"{images}: missing; the RSNA layout keeps the DICOM files in stage_2_train_images/")
     binary = variant == "binary"
     classes = BINARY_CLASSES if binary else RSNA_CLASSES
-    intake = Intake(strict)
+    intake = Intake(strict, max_megapixels)
     by_patient: dict[str, list[str]] = {}
     rows = 0
     for _, row in _rows(table, ("patientId", "class")):

@@ -7,6 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from medq.progress import progress
+
 
 class CalibrationLoader:
     """INC's calibration dataloader: ``batch_size`` and ``(images, labels)`` batches; it records, per pass, the
@@ -20,7 +22,7 @@ class CalibrationLoader:
     def __iter__(self):
         fed: list[str] = []
         self.passes.append(fed)
-        for start in range(0, len(self.images), self.batch_size):
+        for start in progress(range(0, len(self.images), self.batch_size), desc="calibrate", unit="batch"):
             stop = start + self.batch_size
             fed.extend(self.paths[start:stop])
             yield self.images[start:stop], self.labels[start:stop]
