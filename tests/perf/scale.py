@@ -142,26 +142,34 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "medq-scale")
     parser.add_argument("--films", type=int, default=120, help="distinct 1024² films to draw (~1 s each)")
     parser.add_argument("--pipeline-images", type=int, default=2000, help="images in the input-pipeline measurement")
+    parser.add_argument("--stages", default="data,train,freeze,quantize,benchmark",
+                        help="stages to measure (the earlier ones must have run in --workdir)")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     films = base_films(work / "films", args.films)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
-    results: dict = {"cpu": cpu, "cores": os.cpu_count(), "sizes": {}}
+    # INC stops at its first trial: the quantize row measures the stage's data handling, not the number of trials
+    deploy = work / "deploy-one-trial.yaml"
+    deploy.write_text((REPO / "configs" / "deploy.yaml").read_text().replace("relative: 0.01", "absolute: 0.5")
+                      .replace("max_trials: 50", "max_trials: 1"))
+    saved = work / "scale.json"
+    results: dict = json.loads(saved.read_text()) if saved.is_file() else {"sizes": {}}
+    results |= {"cpu": cpu, "cores": os.cpu_count()}
     for n in [int(s) for s in args.sizes.split(",")]:
         root = work / f"nih-{n}" / "ChestXray-NIHCC"
         nih_layout(root, n, films)
         out = work / f"nih-{n}" / "output"
         sets = [f"data.root={root}", f"run.output_dir={out}", "data.format=nih-chestxray14", "data.generate=false",
-                *STAGE_SETS]
+                f"quantize.deploy={deploy}", *STAGE_SETS]
         flags = [a for s in sets for a in ("--set", s)]
-        row = {}
-        for stage in ("data", "train", "freeze", "quantize", "benchmark"):
+        row = results["sizes"].setdefault(str(n), {})
+        for stage in args.stages.split(","):
             row[stage] = measured([sys.executable, "-m", "medq", stage, "--config", "configs/chestxray14.yaml",
                                    *flags], work / f"nih-{n}" / f"{stage}.log")
             print(f"N={n} {stage}: {row[stage]}", flush=True)
-        results["sizes"][n] = row
+            saved.write_text(json.dumps(results, indent=1))
     largest = max(int(s) for s in args.sizes.split(","))
     results["input_pipeline"] = input_pipeline(work / f"nih-{largest}" / "ChestXray-NIHCC", work / "pipeline-cache",
                                                min(args.pipeline_images, largest))
@@ -174,9 +182,11 @@ def main() -> int:
 def table(results: dict) -> str:
     sizes = list(results["sizes"])
     lines = [f"CPU: {results['cpu']} ({results['cores']} cores)", "",
-             "| stage | " + " | ".join(f"N={n:,} peak RSS MB / s" for n in sizes) + " | RSS growth |",
+             "| stage | " + " | ".join(f"N={int(n):,} peak RSS MB / s" for n in sizes) + " | RSS growth |",
              "|---|" + "---|" * (len(sizes) + 1)]
-    for stage in results["sizes"][sizes[0]]:
+    for stage in ("data", "train", "freeze", "quantize", "benchmark"):
+        if not all(stage in results["sizes"][n] for n in sizes):
+            continue
         cells = [f"{results['sizes'][n][stage]['peak_rss_mb']} / {results['sizes'][n][stage]['seconds']}"
                  for n in sizes]
         growth = results["sizes"][sizes[-1]][stage]["peak_rss_mb"] - results["sizes"][sizes[0]][stage]["peak_rss_mb"]
