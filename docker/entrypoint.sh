@@ -16,9 +16,10 @@ fi
 # check_folder VARIABLE FOLDER HOST_FOLDER NEEDS_WRITE: FOLDER must exist and be readable; when NEEDS_WRITE is
 # "write" (or "write-unless-ro": unless it is mounted read-only) also writable by the container's user.
 check_folder() {
-  variable=$1 folder=$2 host=${3:-$2} needs=$4
-  where="$host ($variable, mounted at $folder)"
-  [ -d "$folder" ] || fail "$where does not exist in the container; mount the host folder at $folder"
+  variable=$1 folder=$2 host=$3 needs=$4
+  where="$folder ($variable)"
+  [ -z "$host" ] || where="host folder $host ($variable, mounted at $folder)"
+  [ -d "$folder" ] || fail "$variable=$folder does not exist in the container; mount the host folder there"
   [ -r "$folder" ] && [ -x "$folder" ] || fail "$where is not readable by $me; chmod/chown the host folder, or set MEDQ_UID/MEDQ_GID to its owner (ls -ln)"
   [ "$needs" != none ] || return 0
   if [ "$needs" = write-unless-ro ] && mount_options "$folder" | grep -qw ro; then
