@@ -19,6 +19,7 @@ import yaml
 
 from medq.cli import build_parser
 from medq.config import load_config
+from medq.inc.deploy import load_deploy
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -222,6 +223,8 @@ def test_smoke_config_is_the_default_job_at_toy_size_on_the_default_phantoms():
     assert smoke.run.name != default.run.name
     assert smoke.train.epochs == 1 and smoke.tune.max_trials == 1 and smoke.preprocess.image_size <= 32
     assert "int8" in smoke.benchmark.precisions
+    deploy = load_deploy(smoke.quantize.deploy)  # one INC trial that any INT8 model passes: seconds, not minutes
+    assert deploy.max_trials == 1 and deploy.criterion.kind == "absolute" and deploy.criterion.tolerance >= 1.0
 
 
 # --- the entry point and the install script, run here --------------------------------------------------------------
