@@ -295,8 +295,10 @@ def test_install_script_names_the_missing_wheel_in_one_line(tmp_path):
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     (tmp_path / "wheelhouse").mkdir()
     shutil.copytree(REPO / "env", tmp_path / "env")
-    # as in the image: no pip configuration, no other wheel folder (this host's pip config names some)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+    # as in the image: no pip configuration, no other wheel folder (this host's pip config names some), and an
+    # index that answers nothing, so that a script which lost --no-index fails here without downloading
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {
+        "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0"}
     done = subprocess.run(["sh", str(DOCKER / "install-wheels.sh"), str(venv), str(tmp_path / "wheelhouse"),
                            "convert"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
