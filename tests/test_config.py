@@ -19,7 +19,7 @@ def test_defaults_load_without_a_file():
 
 
 def test_all_shipped_stage_configs_load(repo_root):
-    configs = [p for p in (Path(repo_root) / "configs").glob("*.yaml") if p.name != "deploy.yaml"]
+    configs = [p for p in (Path(repo_root) / "configs").glob("*.yaml") if not p.name.endswith("deploy.yaml")]
     assert configs
     for path in configs:
         load_config(path)

@@ -1,31 +1,36 @@
-"""docker/Dockerfile and docker/docker-compose.yml, checked without a Docker engine (none runs here): the files parse,
-every path they COPY or mount exists, every variable they use is defined, every command they run exists (medq
-subcommands parse with medq's own CLI parser), and versions come only from env/requirements*.txt.
-
-Not checked here (needs an engine): that the image builds, that pip resolves inside it, and that the services start.
-"""
+"""docker/: the Dockerfile, the compose file, the entry point and the scripts, checked without a Docker engine
+(docker/test.sh builds the image and runs both services for real; CI runs it after this suite). Static checks that
+fail if the files regress, plus the entry point's and the install script's refusals run on this host."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 from medq.cli import build_parser
+from medq.config import load_config
+from medq.inc.deploy import load_deploy
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
-# Commands a python:3.11-slim (Debian) image has, plus what the Dockerfile installs (pip's medq entry point).
-IMAGE_COMMANDS = {"pip", "python", "python3", "groupadd", "useradd", "mkdir", "chown", "chmod", "set", "for", "done",
-                  "medq", "bash", "sh", "rm", "ln", "echo", "true", "test", "cp"}
-SHELL_KEYWORDS = {"do", "then", "fi", "else", "if"}
+# Commands a Debian image with python3 has, plus what the Dockerfile itself puts there.
+IMAGE_COMMANDS = {"python3", "sh", "bash", "test", "groupadd", "useradd", "mkdir", "chown", "chmod", "rm", "medq",
+                  "/opt/medq/bin/pip"}
 VERSION = re.compile(r"[A-Za-z0-9_.\-\[\]]+\s*(==|>=|<=|~=|!=|<|>)\s*\d")
+MOUNTS = {"DATA_DIR": "/data", "OUTPUT_DIR": "/output", "MODELS_DIR": "/models"}
 
 
-# --- a small Dockerfile parser ------------------------------------------------------------------------------------
+# --- the Dockerfile ------------------------------------------------------------------------------------------------
 
 def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     """[(INSTRUCTION, arguments)] with comments dropped and backslash continuations joined."""
@@ -33,17 +38,26 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
     pending = ""
     for raw in text.splitlines():
         line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if pending and line.startswith("#"):
+        if not line or line.startswith("#"):
             continue
         if line.endswith("\\"):
             pending += line[:-1] + " "
             continue
         line, pending = pending + line, ""
         instruction, _, arguments = line.partition(" ")
-        out.append((instruction.upper(), arguments.strip()))
+        out.append((instruction.upper(), " ".join(arguments.split())))
     assert not pending, "Dockerfile ends inside a continued line"
+    return out
+
+
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage, each starting with its FROM (global ARGs before the first dropped)."""
+    out: list[list[tuple[str, str]]] = []
+    for instruction, arguments in instructions:
+        if instruction == "FROM":
+            out.append([])
+        if out:
+            out[-1].append((instruction, arguments))
     return out
 
 
@@ -52,139 +66,313 @@ def dockerfile() -> list[tuple[str, str]]:
     return dockerfile_instructions((DOCKER / "Dockerfile").read_text())
 
 
+def test_base_image_is_a_build_argument_defaulting_to_python_311_slim(dockerfile):
+    assert dockerfile[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")
+    build, runtime = stages(dockerfile)
+    assert build[0] == ("FROM", "${BASE_IMAGE} AS build") and runtime[0] == ("FROM", "${BASE_IMAGE}")
+    known = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "USER", "CMD", "ENTRYPOINT"}
+    assert {i for i, _ in dockerfile} <= known
+
+
+def test_build_stage_installs_the_lock_into_a_venv_from_the_wheelhouse_only(dockerfile):
+    build, _ = stages(dockerfile)
+    runs = [a for i, a in build if i == "RUN"]
+    assert "python3 -m venv /opt/medq" in runs
+    (install,) = [r for r in runs if "install-wheels.sh" in r]
+    assert shlex.split(install)[2:4] == ["/opt/medq", "/wheelhouse"] and "$MEDQ_EXTRAS" in install
+    assert ("COPY", "docker/wheelhouse/ /wheelhouse/") in build
+    script = (DOCKER / "install-wheels.sh").read_text()
+    assert '--no-index --find-links "$wheelhouse" -r env/requirements.txt' in script
+    assert 'requirements="$requirements -r env/requirements-$extra.txt"' in script
+    (medq_wheel,) = [r for r in runs if " wheel " in r]
+    assert "--no-index" in medq_wheel and "--no-deps" in medq_wheel
+    assert not VERSION.search(" ".join(runs)), "the Dockerfile repeats a version: they live in env/requirements*.txt"
+
+
+def test_a_code_edit_leaves_the_dependency_layers_cached(dockerfile):
+    build, runtime = stages(dockerfile)
+    order = [(i, a) for i, a in build]
+    install = next(n for n, (i, a) in enumerate(order) if i == "RUN" and "install-wheels.sh" in a)
+    copies_code = [n for n, (i, a) in enumerate(order) if i == "COPY" and a.split()[0] in ("src/", "setup.cfg")]
+    assert copies_code and install < min(copies_code), "COPY src/ before the dependency install rebuilds it per edit"
+    copies = [a for i, a in runtime if i == "COPY"]
+    assert copies[0] == "--from=build /opt/medq /opt/medq", "the venv first: it is cached until env/ changes"
+    assert any(c.startswith("--from=build /dist/") for c in copies[1:]), "medq arrives as its own wheel"
+
+
+def test_runtime_stage_runs_as_a_non_root_user_through_the_entry_point(dockerfile):
+    _, runtime = stages(dockerfile)
+    users = [a for i, a in runtime if i == "USER"]
+    assert users and users[-1] not in ("root", "0", "0:0")
+    (create_user,) = [a for i, a in runtime if i == "RUN" and "useradd" in a]
+    assert 'test "$MEDQ_UID" != 0' in create_user  # an image built for root stops
+    (entrypoint,) = [a for i, a in runtime if i == "ENTRYPOINT"]
+    copied = dict(reversed(a.split()) for i, a in runtime if i == "COPY" and not a.startswith("--"))
+    assert yaml.safe_load(entrypoint) == ["medq-entrypoint"]
+    assert copied["/usr/local/bin/medq-entrypoint"] == "docker/entrypoint.sh"
+    assert os.access(DOCKER / "entrypoint.sh", os.X_OK), "COPY keeps the mode: the entry point must be executable"
+    env = " ".join(a for i, a in runtime if i == "ENV")
+    for variable, mount in MOUNTS.items():
+        assert f"{variable}={mount}" in env
+    assert "PATH=/opt/medq/bin:" in env and "/usr/bin" in env  # an imported base image has no PATH to extend
+
+
+def test_dockerfile_variables_are_defined_and_commands_exist(dockerfile):
+    parser = build_parser()
+    for stage in stages(dockerfile):
+        defined = {"BASE_IMAGE"}
+        for instruction, arguments in stage:
+            if instruction == "ARG":
+                defined.add(arguments.split("=", 1)[0])
+            elif instruction == "ENV":
+                defined.update(re.findall(r"([A-Z_][A-Z0-9_]*)=", arguments))
+            elif instruction == "RUN":
+                for name in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", arguments):
+                    assert name in defined, f"RUN uses ${name}, which no ARG/ENV of its stage defines"
+                for command in re.split(r"&&|\|\||;|\|", arguments):
+                    words = [w for w in shlex.split(command) if w != ">" and not w.startswith("/dev/")]
+                    assert words[0] in IMAGE_COMMANDS, f"RUN calls {words[0]!r}, which the image lacks"
+                    if words[0] == "medq":
+                        with pytest.raises(SystemExit) as done:
+                            parser.parse_args(words[1:])
+                        assert done.value.code == 0  # --help
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent folders decides; '!' re-includes."""
+    excluded = False
+    parts = path.split("/")
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        pattern = pattern.lstrip("!").rstrip("/")
+        candidates = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatchcase(c, pattern) or fnmatch.fnmatchcase(c, pattern.replace("**/", "")) for c in candidates):
+            excluded = not negated
+    return excluded
+
+
+def test_every_copied_path_is_in_the_build_context_and_nothing_heavy_is(dockerfile):
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    for heavy in (".venv/bin/python", ".git/HEAD", "data/chest_xray", "output/default/model.keras", "models/x.pt",
+                  "tests/test_docker.py", "src/__pycache__/cli.cpython-311.pyc"):
+        assert dockerignore_excludes(heavy, patterns), f".dockerignore lets {heavy} into the build context"
+    assert not dockerignore_excludes("docker/wheelhouse/numpy-1.26.4-cp311-cp311-manylinux2014_x86_64.whl", patterns)
+    for instruction, arguments in dockerfile:
+        if instruction != "COPY" or arguments.startswith("--from"):
+            continue
+        for source in arguments.split()[:-1]:
+            rel = source.rstrip("/")
+            assert dockerignore_excludes(rel, patterns) is False, f"COPY {source}: excluded by .dockerignore"
+            if rel != "docker/wheelhouse":  # filled by docker/wheelhouse.sh, git-ignored
+                assert (REPO / rel).exists(), f"COPY {source}: not in the repository"
+    assert "docker/wheelhouse/" in (REPO / ".gitignore").read_text().split()
+
+
+# --- the compose file ----------------------------------------------------------------------------------------------
+
 @pytest.fixture(scope="module")
 def compose() -> dict:
     return yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
 
 
-def _context(compose: dict) -> Path:
-    contexts = {(DOCKER / s["build"]["context"]).resolve() for s in compose["services"].values() if "build" in s}
-    assert len(contexts) == 1
-    return contexts.pop()
-
-
-def test_dockerfile_instructions_are_known_and_start_from_python_311_slim(dockerfile):
-    known = {"FROM", "ARG", "ENV", "WORKDIR", "COPY", "RUN", "USER", "CMD", "ENTRYPOINT", "LABEL", "EXPOSE"}
-    assert {i for i, _ in dockerfile} <= known
-    froms = [a for i, a in dockerfile if i == "FROM"]
-    assert froms == ["python:3.11-slim"]
-    assert dockerfile[0][0] in ("FROM", "ARG")
-    users = [a for i, a in dockerfile if i == "USER"]
-    assert users and users[-1] not in ("root", "0", "0:0"), "the container must not run as root"
-    cmd = [a for i, a in dockerfile if i == "CMD"][-1]
-    assert cmd.startswith("[") and yaml.safe_load(cmd)[0] in IMAGE_COMMANDS
-
-
-def test_every_copied_path_exists_and_survives_dockerignore(dockerfile, compose):
-    context = _context(compose)
-    assert context == REPO
-    ignore = [p.strip() for p in (context / ".dockerignore").read_text().splitlines()
-              if p.strip() and not p.startswith("#")]
-    for heavy in (".venv", ".git", "data", "output"):
-        assert heavy in ignore, f".dockerignore must keep {heavy} out of the build context"
-    copies = [a.split() for i, a in dockerfile if i == "COPY"]
-    assert copies
-    for args in copies:
-        sources = [a for a in args[:-1] if not a.startswith("--")]
-        for source in sources:
-            matches = list(context.glob(source.rstrip("/")))
-            assert matches, f"COPY {source}: nothing in the build context"
-            for match in matches:
-                rel = match.relative_to(context).as_posix()
-                assert not any(fnmatch.fnmatch(rel, p) or rel.split("/")[0] == p for p in ignore), \
-                    f"COPY {source}: {rel} is excluded by .dockerignore"
-
-
-def test_dockerfile_variables_are_defined_and_commands_exist(dockerfile):
-    defined: set[str] = set()
-    parser = build_parser()
-    for instruction, arguments in dockerfile:
-        if instruction == "ARG":
-            defined.add(arguments.split("=", 1)[0])
-        elif instruction == "ENV":
-            defined.update(re.findall(r"([A-Z_][A-Z0-9_]*)=", arguments))
-        elif instruction == "RUN":
-            local = set(re.findall(r"(?:^|[;&|\s])([A-Za-z_][A-Za-z0-9_]*)=", arguments))
-            local |= set(re.findall(r"\bfor\s+([A-Za-z_][A-Za-z0-9_]*)\s+in\b", arguments))
-            for name in re.findall(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)", arguments):
-                assert name in defined | local, f"RUN uses ${name}, which no ARG/ENV defines"
-            for command in re.split(r"&&|\|\||;|\|", arguments):
-                words = shlex.split(command)
-                while words and (words[0] in SHELL_KEYWORDS or "=" in words[0]):
-                    words = words[1:]
-                if not words:
-                    continue
-                assert words[0] in IMAGE_COMMANDS, f"RUN calls {words[0]!r}, not in the image"
-                if words[0] == "medq" and words[1:] and not words[1].startswith("-"):
-                    _parse_medq(parser, words[1:])
-
-
-def test_dockerfile_installs_versions_only_from_env_requirements(dockerfile):
-    runs = " ".join(a for i, a in dockerfile if i == "RUN")
-    copies = " ".join(a for i, a in dockerfile if i == "COPY")
-    assert "-r env/requirements.txt" in runs and ("env/" in copies.split() or "env/requirements.txt" in copies)
-    assert not VERSION.search(runs), "the Dockerfile repeats a version: install from env/requirements*.txt"
-    assert "pip install --no-deps -e ." in runs  # medq itself
-    # extras are named by the MEDQ_EXTRAS build argument and read from the same env/ files
-    assert re.search(r"for (\w+) in \$MEDQ_EXTRAS; do .*-r env/requirements-\$\1\.txt", runs)
-
-
-def _parse_medq(parser, argv: list[str]):
-    try:
-        return parser.parse_args(argv)
-    except SystemExit:
-        pytest.fail(f"`medq {' '.join(argv)}` is not a valid medq command line")
-
-
 def _interpolate(value: str, where: str) -> str:
     """Compose interpolation with every variable's default; a variable without a default is an error here."""
     def sub(match: re.Match) -> str:
-        name, default = match.group(1), match.group(3)
-        assert default is not None, f"{where}: ${{{name}}} has no default (write ${{{name}:-...}})"
-        return default
+        assert match.group(3) is not None, f"{where}: ${{{match.group(1)}}} has no default (write ${{NAME:-...}})"
+        return match.group(3)
 
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-([^}]*))?\}", sub, value)
 
 
-def _strings(node, where: str = ""):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _strings(value, f"{where}.{key}" if where else str(key))
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            yield from _strings(value, f"{where}[{i}]")
-    elif isinstance(node, str):
-        yield where, node
-
-
-def test_compose_services_mounts_and_environment(compose):
+def test_compose_services_mount_the_host_folders_and_run_as_the_callers_ids(compose):
     services = compose["services"]
-    assert {"interactive", "pipeline"} <= set(services)
-    for where, value in _strings(compose):
-        _interpolate(value, where)
-        assert "$" not in re.sub(r"\$\{[^}]*\}", "", value), f"{where}: bare $VAR; use ${{VAR:-default}}"
+    assert set(services) == {"interactive", "pipeline"}
     for name, service in services.items():
         build = service["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
-        env = service["environment"]
-        mounts = {}
-        for volume in service["volumes"]:
-            host, container = _interpolate(volume, name).split(":")[:2]
-            mounts[container] = host
-        for variable in ("DATA_DIR", "OUTPUT_DIR", "MODELS_DIR"):
-            assert env[variable] in mounts, f"{name}: {variable}={env[variable]} is not a mount point"
-            assert f"${{{variable}:-" in " ".join(service["volumes"]), f"{name}: host {variable} is not mounted"
-        assert not Path(service.get("working_dir", "/workspace")).is_relative_to("/data")
-    interactive = services["interactive"]
-    assert interactive["stdin_open"] and interactive["tty"]
-    assert (DOCKER / interactive["volumes"][0].split(":")[0]).resolve() == REPO  # the repository, live
-    assert interactive["volumes"][0].split(":")[1] == interactive["working_dir"] == "/workspace"
-    assert _interpolate(" ".join(interactive["command"]), "interactive") in IMAGE_COMMANDS
+        assert build["args"]["BASE_IMAGE"] == "${MEDQ_BASE_IMAGE:-python:3.11-slim}"
+        assert service["user"] == "${MEDQ_UID:-1000}:${MEDQ_GID:-1000}"
+        assert "0" not in _interpolate(service["user"], name).split(":")
+        mounts = {v["target"]: v for v in service["volumes"]}
+        for variable, target in MOUNTS.items():
+            volume = mounts[target]
+            # the long form: a missing host folder is an error naming it, never created as root
+            assert volume["type"] == "bind" and volume["source"].startswith(f"${{{variable}:-")
+            assert service["environment"][variable] == target
+            assert service["environment"][f"MEDQ_HOST_{variable}"] == volume["source"]
+        configs = mounts["/workspace/configs"]
+        assert configs["read_only"] and (DOCKER / configs["source"]).resolve() == REPO / "configs"
+        assert service["working_dir"] == "/workspace"
+    assert services["interactive"]["stdin_open"] and services["interactive"]["tty"]
+    assert services["interactive"]["command"] == ["bash"]
 
 
-def test_compose_pipeline_runs_a_real_medq_command(compose):
-    command = [_interpolate(part, "pipeline.command") for part in compose["services"]["pipeline"]["command"]]
-    assert command[0] == "medq"
-    args = _parse_medq(build_parser(), command[1:])
-    assert args.command == "run"
-    assert (REPO / args.config).is_file(), f"{args.config} is not in the image (COPY configs/)"
+def test_compose_pipeline_runs_medq_run_on_the_config_MEDQ_CONFIG_names(compose):
+    command = compose["services"]["pipeline"]["command"]
+    assert command[command.index("--config") + 1] == "${MEDQ_CONFIG:-configs/default.yaml}"
+    args = build_parser().parse_args([_interpolate(part, "pipeline.command") for part in command[1:]])
+    # inside the container DATA_DIR=/data is never the built-in data location: phantoms need asking for
+    assert command[0] == "medq" and args.command == "run" and args.phantoms
+    for config in (args.config, "configs/smoke.yaml"):  # docker/test.sh runs the smoke config
+        assert load_config(REPO / config).data.root.endswith("/chest_xray")
+
+
+def test_smoke_config_is_the_default_job_at_toy_size_on_the_default_phantoms():
+    default, smoke = load_config(REPO / "configs/default.yaml"), load_config(REPO / "configs/smoke.yaml")
+    assert smoke.data == default.data, "medq data in the interactive service must find the pipeline's phantoms"
+    assert smoke.run.name != default.run.name
+    assert smoke.train.epochs == 1 and smoke.tune.max_trials == 1 and smoke.preprocess.image_size <= 32
+    assert "int8" in smoke.benchmark.precisions
+    deploy = load_deploy(smoke.quantize.deploy)  # one INC trial that any INT8 model passes: seconds, not minutes
+    assert deploy.max_trials == 1 and deploy.criterion.kind == "absolute" and deploy.criterion.tolerance >= 1.0
+
+
+# --- the entry point and the install script, run here --------------------------------------------------------------
+
+def _as_unprivileged() -> list[str]:
+    """A command prefix that drops root (root can write anything), or nothing when this is not root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("needs setpriv (util-linux) to check permissions as root")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _entrypoint(tmp_path: Path, prefix: list[str], **folders: Path) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ["PATH"]}
+    for variable in MOUNTS:
+        env[variable] = str(folders.get(variable, tmp_path / variable.lower()))
+        env[f"MEDQ_HOST_{variable}"] = f"/host/{variable.lower()}"
+    return subprocess.run([*prefix, "sh", str(DOCKER / "entrypoint.sh"), "echo", "started"], env=env,
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def folders():
+    """The three folders, in a directory the unprivileged user can reach (pytest's tmp_path is root's alone)."""
+    root = Path(tempfile.mkdtemp(prefix="medq-entrypoint-"))
+    os.chmod(root, 0o755)
+    for variable in MOUNTS:
+        (root / variable.lower()).mkdir()
+        os.chmod(root / variable.lower(), 0o777)
+    yield root
+    shutil.rmtree(root)
+
+
+def test_entrypoint_runs_the_command_when_the_folders_are_writable(folders):
+    done = _entrypoint(folders, _as_unprivileged())
+    assert (done.returncode, done.stdout, done.stderr) == (0, "started\n", "")
+
+
+@pytest.mark.parametrize("variable", ["OUTPUT_DIR", "DATA_DIR"])
+def test_entrypoint_refuses_a_folder_it_cannot_write_in_one_line_naming_the_host_folder(folders, variable):
+    os.chmod(folders / variable.lower(), 0o755)
+    prefix = _as_unprivileged()
+    if not prefix:
+        os.chmod(folders / variable.lower(), 0o555)
+    done = _entrypoint(folders, prefix)
+    assert done.returncode == 2 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert f"host folder /host/{variable.lower()} ({variable}" in line and "not writable" in line
+
+
+def test_entrypoint_refuses_a_missing_folder(folders):
+    done = _entrypoint(folders, _as_unprivileged(), DATA_DIR=folders / "nowhere")
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"medq container: DATA_DIR={folders / 'nowhere'} does not exist in the "
+                                        "container; mount the host folder there"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_entrypoint_refuses_to_run_as_root(folders):
+    done = _entrypoint(folders, [])
+    assert done.returncode == 2 and "runs as root" in done.stderr and done.stdout == ""
+
+
+def test_install_script_names_the_missing_wheel_in_one_line(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    (tmp_path / "wheelhouse").mkdir()
+    shutil.copytree(REPO / "env", tmp_path / "env")
+    # as in the image: no pip configuration, no other wheel folder (this host's pip config names some), and an
+    # index that answers nothing, so that a script which lost --no-index fails here without downloading
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {
+        "PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0"}
+    done = subprocess.run(["sh", str(DOCKER / "install-wheels.sh"), str(venv), str(tmp_path / "wheelhouse"),
+                           "convert"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    missing = re.fullmatch(r"docker build: docker/wheelhouse/ has no wheel for (\S+); run docker/wheelhouse.sh "
+                           r"convert and build again", line)
+    assert missing, line
+    pins = (REPO / "env/requirements.txt").read_text() + (REPO / "env/requirements-convert.txt").read_text()
+    assert missing.group(1) in pins.splitlines()
+    assert not list((venv / "lib").glob("python3*/site-packages/numpy")), "nothing is installed before the check"
+
+
+@pytest.mark.parametrize("script", ["install-wheels.sh", "wheelhouse.sh"])
+def test_scripts_refuse_an_unknown_extra_in_one_line(tmp_path, script):
+    args = [str(tmp_path), str(tmp_path)] if script == "install-wheels.sh" else []
+    done = subprocess.run(["bash", str(DOCKER / script), *args, "nosuch"], cwd=REPO, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert "unknown extra 'nosuch'" in line and "convert" in line and "reference" in line
+
+
+# --- docker/test.sh, docker/wheelhouse.sh and CI -------------------------------------------------------------------
+
+def test_wheelhouse_script_downloads_binary_wheels_for_the_images_platform():
+    script = (DOCKER / "wheelhouse.sh").read_text()
+    subprocess.run(["bash", "-n", str(DOCKER / "wheelhouse.sh")], check=True)
+    for option in ("--only-binary=:all:", "--python-version 3.11", "--implementation cp", "--abi cp311",
+                   "--platform manylinux2014_x86_64", '--dest "$wheelhouse"', 'files=(env/requirements.txt)',
+                   'files+=("env/requirements-$extra.txt")', 'requirements+=(-r "$file")'):
+        assert option in script
+    assert 'wheelhouse="${MEDQ_WHEELHOUSE:-docker/wheelhouse}"' in script
+
+
+def test_wheelhouse_script_skips_the_index_only_while_its_stamp_and_wheels_are_intact(tmp_path):
+    wheel = "numpy-1.26.4-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+    (tmp_path / wheel).write_bytes(b"")
+    digest = hashlib.sha256((REPO / "env/requirements.txt").read_bytes()).hexdigest()
+    (tmp_path / ".medq-wheelhouse").write_text(f"{digest}\n{wheel}\n")
+    env = {**os.environ, "MEDQ_WHEELHOUSE": str(tmp_path), "PYTHON": "false"}  # any pip call fails
+
+    def run(*extras):
+        return subprocess.run(["bash", str(DOCKER / "wheelhouse.sh"), *extras], env=env, capture_output=True,
+                              text=True, timeout=30)
+
+    done = run()
+    assert done.returncode == 0 and "up to date (1 wheels)" in done.stdout
+    assert run("convert").returncode != 0, "another set of requirement files must download again"
+    (tmp_path / wheel).unlink()
+    assert run().returncode != 0, "a wheel gone from the folder must download again"
+
+
+def test_docker_test_script_runs_both_services_as_the_issue_asks():
+    script = (DOCKER / "test.sh").read_text()
+    subprocess.run(["bash", "-n", str(DOCKER / "test.sh")], check=True)
+    assert os.access(DOCKER / "test.sh", os.X_OK)
+    for needed in ("set -euo pipefail", 'dockerd --data-root "$cache/docker"', "cache=${MEDQ_DOCKER_CACHE:-/var/cache/medq-docker}",
+                   "mmdebstrap --quiet --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates bookworm",
+                   'docker import "$rootfs"', "docker/wheelhouse.sh", "compose build",
+                   "MEDQ_CONFIG=configs/smoke.yaml compose run -T --rm pipeline",
+                   "compose run -T --rm interactive id -u", 'kill "$dockerd_pid"', "trap cleanup EXIT"):
+        assert needed in script, f"docker/test.sh lost: {needed}"
+    parser = build_parser()
+    interactive = re.findall(r"compose run -T --rm interactive medq (.+)", script)
+    assert sorted(interactive) == ["data", "train --set train.epochs=1"]
+    for command in interactive:
+        parser.parse_args(shlex.split(command))
+    assert "apt-get install" in script and all(p in script for p in ("docker.io", "docker-compose", "mmdebstrap"))
+
+
+def test_ci_runs_docker_test_after_the_suite_unless_switched_off():
+    commands = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    suite = next(n for n, line in enumerate(commands) if "-m pytest" in line)
+    assert "set -euo pipefail" in commands and commands.index("docker/test.sh") > suite
+    assert any('"${MEDQ_CI_DOCKER:-1}" = 0' in line for line in commands[suite:commands.index("docker/test.sh")])

@@ -1,12 +1,17 @@
 """The bare-metal conda environment installs exactly the pins of env/requirements.txt (the one place versions live)
-and medq itself."""
+and medq itself; setup.cfg declares the supported ranges (install_requires, extras) and the pins of env/ are the
+lock inside them, so that `pip install ".[convert]" -c env/requirements.txt` installs within what CI tested."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from setuptools.config.setupcfg import read_configuration
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = REPO / "env"
@@ -84,3 +89,82 @@ def test_thread_settings_come_from_the_runtime_config():
     custom = thread_environment(SimpleNamespace(intra_op_threads=3, inter_op_threads=2, kmp_blocktime=0,
                                                 kmp_affinity="disabled"))
     assert custom["OMP_NUM_THREADS"] == "3" and custom["TF_NUM_INTEROP_THREADS"] == "2"
+
+
+# --- setup.cfg ranges against the env/ lock ---------------------------------------------------------------------
+
+# The lock file of each group of setup.cfg ranges (the base stack's file pins the test runner too).
+LOCKS = {"install_requires": "requirements.txt", "test": "requirements.txt",
+         "convert": "requirements-convert.txt", "reference": "requirements-reference.txt"}
+
+
+def setup_cfg_ranges() -> dict[str, dict[str, Requirement]]:
+    """What setuptools reads from setup.cfg, by group (install_requires and each extra), by package name."""
+    options = read_configuration(REPO / "setup.cfg")["options"]
+    groups = {"install_requires": options.get("install_requires", []), **options.get("extras_require", {})}
+    return {group: _by_name(map(Requirement, lines)) for group, lines in groups.items()}
+
+
+def _by_name(requirements) -> dict[str, Requirement]:
+    return {canonicalize_name(r.name): r for r in requirements}
+
+
+def lock(file_name: str) -> dict[str, Requirement]:
+    return _by_name(map(Requirement, requirement_lines(ENV / file_name)))
+
+
+def lock_problems(ranges: dict[str, Requirement], pins: dict[str, Requirement], where: str) -> list[str]:
+    """Ranges without a pin, and pins outside their range (a range in the lock must be the range itself)."""
+    problems = []
+    for name, declared in ranges.items():
+        pin = pins.get(name)
+        if pin is None:
+            problems.append(f"setup.cfg's {declared} has no pin in {where}")
+            continue
+        exact = [s.version for s in pin.specifier if s.operator == "=="]
+        if exact and not declared.specifier.contains(exact[0], prereleases=True):
+            problems.append(f"{where}: {pin} lies outside setup.cfg's {declared}")
+        if not exact and pin.specifier != declared.specifier:
+            problems.append(f"{where}: {pin} differs from setup.cfg's {declared}")
+    return problems
+
+
+def test_setup_cfg_has_the_extras_users_install_each_with_its_lock_file():
+    groups = setup_cfg_ranges()
+    assert set(groups) == set(LOCKS) and {"convert", "reference"} <= set(groups)
+    assert all((ENV / file_name).is_file() for file_name in LOCKS.values())
+
+
+@pytest.mark.parametrize("group", sorted(LOCKS))
+def test_every_range_has_a_pin_inside_it(group):
+    assert lock_problems(setup_cfg_ranges()[group], lock(LOCKS[group]), f"env/{LOCKS[group]}") == []
+
+
+@pytest.mark.parametrize("file_name", sorted(set(LOCKS.values())))
+def test_every_pin_has_a_range(file_name):
+    groups = setup_cfg_ranges()
+    declared = {name for group, file in LOCKS.items() if file == file_name for name in groups[group]}
+    assert sorted(set(lock(file_name)) - declared) == [], f"env/{file_name}: pins without a range in setup.cfg"
+
+
+def test_ranges_are_ranges_and_the_lock_is_exact():
+    for group, ranges in setup_cfg_ranges().items():
+        for requirement in ranges.values():
+            operators = {s.operator for s in requirement.specifier}
+            assert operators and not operators & {"==", "==="}, \
+                f"setup.cfg {group}: {requirement} must be a range (exact versions belong in env/)"
+    for file_name in set(LOCKS.values()):
+        for name, pin in lock(file_name).items():
+            if name != "setuptools":  # the one range in the lock: below 81 (pkg_resources), torch's floor
+                assert [s.operator for s in pin.specifier] == ["=="], f"env/{file_name}: {pin} is not exact"
+
+
+def test_the_lock_check_catches_a_pin_outside_its_range_and_a_missing_pin():
+    ranges = setup_cfg_ranges()["install_requires"]
+    pins = lock("requirements.txt")
+    pins["numpy"] = Requirement("numpy==2.0.0")  # TensorFlow 2.14 fails on NumPy 2: the range must exclude it
+    del pins["tqdm"]
+    problems = lock_problems(ranges, pins, "lock")
+    assert any("numpy==2.0.0 lies outside" in p for p in problems)
+    assert any(p.startswith("setup.cfg's tqdm") and "no pin" in p for p in problems)
+    assert len(problems) == 2
