@@ -162,17 +162,21 @@ def load_split_arrays(paths: list[str], spec: PreprocessSpec, dropped: dict[str,
     return (np.stack(images) if images else np.zeros(shape, np.float32)), np.asarray(kept, dtype=int)
 
 
-def iter_split_arrays(paths: list[str], spec: PreprocessSpec, chunk: int = 256, dropped: dict[str, str] | None = None,
+def iter_split_arrays(paths: list[str], spec: PreprocessSpec, chunk: int = 64, dropped: dict[str, str] | None = None,
                       cache: ImageCache | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """:func:`load_split_arrays` chunk by chunk, decoding in threads: (images, indices into ``paths`` kept) per
-    chunk, so a whole split never sits in memory."""
+    """:func:`load_split_arrays` chunk by chunk, decoding in threads straight into one array per chunk: (images,
+    indices into ``paths`` kept) per chunk, so a whole split never sits in memory."""
     from concurrent.futures import ThreadPoolExecutor
 
     load = _loader(spec, dropped, cache)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for start in range(0, len(paths), chunk):
-            loaded = list(pool.map(load, [p.encode() for p in paths[start:start + chunk]]))
-            kept = [i for i, (_, ok) in enumerate(loaded) if ok]
-            shape = (0, *spec.input_shape)
-            images = np.stack([loaded[i][0] for i in kept]) if kept else np.zeros(shape, np.float32)
-            yield images, np.asarray(kept, dtype=int) + start
+            names = paths[start:start + chunk]
+            images = np.empty((len(names), *spec.input_shape), np.float32)
+
+            def fill(i: int) -> bool:
+                images[i], ok = load(names[i].encode())
+                return ok
+
+            ok = np.fromiter(pool.map(fill, range(len(names))), dtype=bool, count=len(names))
+            yield (images if ok.all() else images[ok]), np.flatnonzero(ok) + start

@@ -175,3 +175,21 @@ def test_multi_worker_shards_cover_each_image_at_most_once_per_epoch_with_equal_
         seen = [i for worker in range(workers) for i in epochs[worker][epoch]]
         assert len(seen) == len(set(seen)) == workers * steps * local_batch  # never one image twice in an epoch
     assert set(epochs[0][0]) != set(epochs[0][1])  # reshuffled every epoch, identically on every worker
+
+
+def test_benchmark_inputs_are_written_and_read_back_in_batches_without_a_memory_map(tmp_path):
+    from medq.benchmark.runner import write_inputs
+    from medq.benchmark.worker import npy_batches, predict_all
+
+    paths = [str(write_png(tmp_path / f"{i}.png", 9 * i, size=16)) for i in range(5)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    spec = PreprocessSpec(8, 3, "imagenet")
+    kept = write_inputs(paths[:2] + [str(broken)] + paths[2:], spec, tmp_path / "inputs.npy")
+    assert kept.tolist() == [0, 1, 3, 4, 5]
+    stored = np.load(tmp_path / "inputs.npy")
+    assert stored.shape == (5, 8, 8, 3) and stored.dtype == np.float32
+    np.testing.assert_array_equal(stored[2], preprocess(load_image(paths[2]), spec))
+    assert [len(b) for b in npy_batches(tmp_path / "inputs.npy", 2)] == [2, 2, 1]
+    means = predict_all(lambda x: x.mean(axis=(1, 2, 3))[:, None], tmp_path / "inputs.npy", 2)
+    np.testing.assert_allclose(means[:, 0], stored.mean(axis=(1, 2, 3)))

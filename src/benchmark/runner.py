@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ log = logging.getLogger("medq")
 BENCH_DIR = "benchmark"  # inputs, jobs, worker logs, probabilities and reference models of the stage
 INPUTS = "test_inputs.npy"
 CALIBRATION = "calibration_inputs.npy"
-PREPROCESS_CHUNK = 256
+PREPROCESS_CHUNK = 64
 
 
 class WorkerError(Exception):
@@ -37,27 +38,26 @@ class WorkerError(Exception):
 # --- inputs -----------------------------------------------------------------------------------------------------
 
 def write_inputs(paths: list[str], spec: Any, target: Path, cache: Any = None) -> np.ndarray:
-    """Preprocess ``paths`` into ``target`` (.npy, written chunk by chunk so a large split never sits in memory);
-    returns the indices of the files kept (unreadable files are dropped)."""
+    """Preprocess ``paths`` into ``target`` (.npy), chunk by chunk with plain writes, so that neither a large split
+    nor a memory map of it ever sits in this process's memory; returns the indices of the files kept (unreadable
+    files are dropped)."""
     from medq.tfdata import iter_split_arrays
 
-    n = len(paths)
     kept: list[int] = []
     with artifacts.atomic_path(target) as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, *spec.input_shape))
-        for x, k in iter_split_arrays(paths, spec, chunk=PREPROCESS_CHUNK, cache=cache):
-            out[len(kept):len(kept) + len(x)] = x
-            kept.extend(int(i) for i in k)
-        out.flush()
-        del out
-        if len(kept) < n:  # rewrite without the rows of the unreadable files
-            full = np.load(tmp, mmap_mode="r")
-            trimmed = tmp.with_name(tmp.name + ".trim.npy")
-            dst = np.lib.format.open_memmap(trimmed, mode="w+", dtype=np.float32, shape=(len(kept), *spec.input_shape))
-            dst[:] = full[:len(kept)]
-            dst.flush()
-            del dst, full
-            os.replace(trimmed, tmp)
+        rows = tmp.with_name(tmp.name + ".rows")
+        try:
+            with open(rows, "wb") as fh:
+                for x, k in iter_split_arrays(paths, spec, chunk=PREPROCESS_CHUNK, cache=cache):
+                    fh.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+                    kept.extend(int(i) for i in k)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                      "shape": (len(kept), *spec.input_shape)}
+            with open(tmp, "wb") as out, open(rows, "rb") as fh:
+                np.lib.format.write_array_header_1_0(out, header)
+                shutil.copyfileobj(fh, out, 1 << 22)
+        finally:
+            rows.unlink(missing_ok=True)
     return np.asarray(kept, dtype=int)
 
 

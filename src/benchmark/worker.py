@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -69,8 +69,23 @@ def throughput(times: list[float], batch_size: int) -> dict[str, Any]:
             "throughput_mean_ips": batch_size * len(times) / sum(times), "batch_latency_ms": percentiles_ms(times)}
 
 
-def predict_all(predict, x: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate([predict(np.ascontiguousarray(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+def predict_all(predict, path: str | Path, batch_size: int) -> np.ndarray:
+    """Probabilities for every row of the .npy at ``path``, read batch by batch with plain reads (a memory map
+    would keep every page it touched in this process's resident memory: the whole test split)."""
+    return np.concatenate([predict(batch) for batch in npy_batches(path, batch_size)])
+
+
+def npy_batches(path: str | Path, batch_size: int) -> Iterator[np.ndarray]:
+    with open(path, "rb") as fh:
+        header = {(1, 0): np.lib.format.read_array_header_1_0}.get(np.lib.format.read_magic(fh),
+                                                                  np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = header(fh)
+        if fortran:
+            raise ValueError(f"{path}: Fortran-ordered arrays are not written by medq")
+        row = int(np.prod(shape[1:], dtype=np.int64))
+        for start in range(0, shape[0], batch_size):
+            n = min(batch_size, shape[0] - start)
+            yield np.fromfile(fh, dtype=dtype, count=n * row).reshape(n, *shape[1:])
 
 
 def _load(job: dict[str, Any]) -> tuple[np.ndarray, Callable, dict[str, Any]]:
@@ -94,7 +109,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
         batches = make_batches(x, bs, job["throughput_iterations"])
         sweep.append(throughput(timed_calls(predict, batches, warmup, job["throughput_iterations"]), bs))
     start = time.perf_counter()
-    probs = predict_all(predict, x, job["batch_size"])
+    probs = predict_all(predict, job["inputs"], job["batch_size"])
     with artifacts.atomic_path(job["probs"]) as tmp:
         np.save(tmp, probs)
     return {"engine_facts": facts, "latency_ms": latency, "sweep": sweep,
