@@ -134,9 +134,21 @@ def check_run(run_dir: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def lost(before: dict[str, str], run_dir: Path) -> list[str]:
-    """Artifacts valid before a kill that are neither valid now nor replaced by a valid newer version."""
-    _, after = check_run(run_dir)
-    return [key for key in before if key not in after]
+    """Artifacts valid before a kill whose entry, file or content is gone now. One that is now stale (the kill came
+    after the stage published a new upstream artifact) is not lost: it is refused, with the stage to rerun."""
+    from medq import runrecord
+
+    try:
+        manifest = runrecord.load(run_dir)
+    except Exception:  # noqa: BLE001 - an unreadable manifest loses everything
+        return list(before)
+    gone = []
+    for key in before:
+        entry = manifest.artifacts.get(key)
+        path = run_dir / entry.path if entry else None
+        if entry is None or not path.is_file() or sha256(path) != entry.sha256:
+            gone.append(key)
+    return gone
 
 
 def kill_points(h: Harness, base: str, durations: dict[str, float], fractions: list[float]) -> list[dict]:
