@@ -301,24 +301,33 @@ def paired_comparison(task: str, y_true: np.ndarray, p_reference: np.ndarray, p_
     columns = judged_columns(task, y_true)
     if not columns:
         out |= {"auc_difference": None, "auc_difference_ci": None, "p_value": None, "equivalent": None,
+                "conclusion": "not judged",
                 "verdict": "not judged: the test images lack 2 positives and 2 negatives of every class"}
         return out
     test = delong_difference(y_true, p_reference, p_other, columns)
-    low, high = test["ci"]
-    equivalent = bool(-margin <= low and high <= margin)
+    conclusion, verdict = equivalence_verdict(test["ci"], margin)
     out |= {"auc_difference": test["difference"], "auc_difference_se": test["se"], "auc_difference_ci": test["ci"],
-            "p_value": test["p_value"], "equivalent": equivalent,
-            "verdict": equivalence_verdict(equivalent, test["ci"], margin)}
+            "p_value": test["p_value"], "equivalent": conclusion == "equivalent", "conclusion": conclusion,
+            "verdict": verdict}
     return out
 
 
-def equivalence_verdict(equivalent: bool, ci: list[float], margin: float) -> str:
+def equivalence_verdict(ci: list[float], margin: float) -> tuple[str, str]:
+    """(conclusion: 'equivalent' | 'different' | 'not shown equivalent', the sentence a report prints)."""
     span = f"95% CI of the AUC difference [{ci[0]:+.4f}, {ci[1]:+.4f}]"
-    if equivalent:
-        return f"equivalent to FP32 within ±{margin:g} AUC ({span} lies inside)"
+    if -margin <= ci[0] and ci[1] <= margin:
+        return "equivalent", f"equivalent to FP32 within ±{margin:g} AUC ({span} lies inside)"
     if ci[1] < -margin or ci[0] > margin:
-        return f"different from FP32 by more than {margin:g} AUC ({span} lies outside ±{margin:g})"
-    return f"not shown equivalent within ±{margin:g} AUC ({span} crosses the margin; more test images would tell)"
+        return "different", f"different from FP32 by more than {margin:g} AUC ({span} lies outside ±{margin:g})"
+    return "not shown equivalent", (f"not shown equivalent within ±{margin:g} AUC ({span} crosses the margin; more "
+                                    "test images would tell)")
+
+
+def with_ci(value: Any, ci: list[float] | None, digits: int = 3) -> str:
+    """'0.812 [0.751, 0.873]' for reports; the value alone without an interval, '' without a value."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return ""
+    return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 
 def _ratio(a: Any, b: Any) -> float | None:

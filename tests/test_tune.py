@@ -21,8 +21,8 @@ def _config(tmp_path, data_root, *overrides):
 
 @pytest.fixture
 def count_trainings(monkeypatch):
-    """How many models the search trains (each trial calls medq.train.fit_model once)."""
-    import medq.train as train
+    """How many models the search trains (each trial calls medq.fitting.fit_model once)."""
+    import medq.fitting as train
 
     calls = []
     original = train.fit_model
@@ -77,7 +77,7 @@ def test_every_tuner_kind_is_a_medq_tuner(tmp_path):
     for kind in ("random", "hyperband", "bayesian"):
         config = load_config(None, [f"run.output_dir={tmp_path}", f"run.name={kind}", f"tune.tuner={kind}"])
         tuner = make_tuner(config, declare_space(config, "binary"), runner=None)
-        assert type(tuner).__name__.startswith("Medq") and tuner.oracle.objective.name == "val_primary"
+        assert type(tuner).__name__.startswith("Medq") and tuner.oracle.objective.name == "val_objective"
         assert tuner.oracle.objective.direction == "max" and tuner.oracle.seed == config.run.seed
         assert tuner.project_dir == str(config.run_dir / "tuner")
 
@@ -170,7 +170,7 @@ def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, 
     assert manifest["config"]["preprocess"]["image_size"] == result.best.image_size
     assert run_freeze(config).is_file()
     assert runrecord.read_manifest(config.run_dir)["input_shape"] == [result.best.image_size] * 2 + [1]
-    assert np.isfinite(result.best.val_primary)
+    assert np.isfinite(result.best.val_objective)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("search-*.yaml")),
@@ -204,14 +204,14 @@ def test_multilabel_search_is_scored_by_mean_auc(tmp_path):
     result = run_tune(config)
     assert sorted(r.values["loss"] for r in result.trials) == ["focal", "weighted-bce"]
     for row in result.trials:
-        assert row.val_primary == row.val_auc == row.val_metrics["auc"]  # mean AUC over the labels
+        assert row.val_objective == row.val_auc == row.val_metrics["auc"]  # mean AUC over the labels
         assert "exact_match" in row.val_metrics
     assert runrecord.read_manifest(config.run_dir)["task"] == "multilabel"
 
 
 def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, data_root, monkeypatch):
     """Ctrl-C in trial 2 of 3: the rerun trains trial 2 again and trial 3, never trial 1 (its model is untouched)."""
-    import medq.train as train
+    import medq.fitting as train
     from medq.tune import run_tune
 
     config = _config(tmp_path, data_root, "tune.max_trials=3")
