@@ -124,7 +124,8 @@ def fidelity_section(report: dict[str, Any]) -> list[str]:
                       _f(f["max_abs_diff"], 5), _f(f["mean_abs_diff"], 5)])
     return [f"## Fidelity against {report['baseline']} (paired, the same {n} test images)", "",
             _table(["row", "Δ AUC [95% CI]", f"verdict (margin ±{margin:g} AUC)",
-                    f"decisions flipped at {first['threshold']:g}", "max |Δ probability|", "mean |Δ probability|"],
+                    f"decisions flipped at {first['threshold']:g}", r"max \|Δ probability\|",
+                    r"mean \|Δ probability\|"],
                    table), "",
             f"Δ AUC: row − FP32, {'mean AUC over the classes, ' if report['task'] != 'binary' else ''}"
             "DeLong's test for correlated ROC curves on the same images. Equivalent means the whole 95% interval of "
@@ -147,7 +148,7 @@ def clinical_section(report: dict[str, Any]) -> list[str]:
     scope = {"binary": "of the positive class", "multilabel": "means over the labels (per label in benchmark.json)",
              "multiclass": "one-vs-rest means over the classes; Brier multi-class, ECE of the top class"}
     return ["## Clinical operating points and calibration", "", _table(header, table), "",
-            f"Operating points {scope.get(report['task'], '')}: the best sensitivity of any threshold that keeps the "
+            f"Operating points ({scope.get(report['task'], '')}): the best sensitivity of any threshold that keeps the "
             "specificity at least as stated, and the other way round. ECE: 10 equal-width probability bins.", ""]
 
 
