@@ -95,7 +95,8 @@ def test_show_prints_config_metrics_artifacts_and_benchmark(output, capsys):
     bench = [line.split() for line in text.splitlines()[-3:]]
     assert bench[0] == ["ENGINE", "PRECISION", "P50", "MS", "IMG/S", "ACCURACY", "AUC", "[95%", "CI]", "VS", "FP32"]
     assert " ".join(bench[1]) == "tensorflow fp32 4.25 310.5 0.9000 0.9500 -"  # the baseline is not paired with itself
-    assert " ".join(bench[2]) == "tensorflow int8 2.50 612.0 0.8950 0.9490 [0.9100, 0.9880] not shown equivalent (±0.005)"
+    assert " ".join(bench[2]) == ("tensorflow int8 2.50 612.0 0.8950 0.9490 [0.9100, 0.9880] "
+                                  "not shown equivalent (±0.005)")
 
     assert main(["runs", "show", str(output / "partial"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
