@@ -422,7 +422,7 @@ def _fold_into_objective(data: dict[str, Any], source: str, strict: bool = True)
             raise ConfigError(f"{source}: {where} is replaced by run.objective; remove it and set run.objective to "
                               "auc or accuracy")
         if meaning[value] is not None:
-            implied[where] = meaning[value]
+            implied[f"{where}: {value}"] = meaning[value]
         if strict:
             log.warning("%s: %s is replaced by run.objective (one objective for epochs, trials and INC)%s; "
                         "move it there", source, where,
@@ -435,7 +435,7 @@ def _fold_into_objective(data: dict[str, Any], source: str, strict: bool = True)
     given = run.get("objective")
     choices = set(implied.values()) | ({given} if given else set())
     if strict and len(choices) > 1:
-        said = ", ".join(f"{k}: {v}" for k, v in implied.items()) + (f", run.objective: {given}" if given else "")
+        said = ", ".join(f"{k} ({v})" for k, v in implied.items()) + (f", run.objective: {given}" if given else "")
         raise ConfigError(f"{source}: {said} disagree, and one run.objective now drives training, tuning and INC; "
                           "set run.objective and remove train.monitor / quantize.metric")
     run.setdefault("objective", next(iter(implied.values())))

@@ -53,7 +53,7 @@ def test_int_is_accepted_where_float_is_expected(tmp_path):
     ("train: [\n", "not valid YAML at line"),
     ("run:\n  objective: f1\n", "run.objective: 'f1' is not allowed; use one of 'auc', 'accuracy'"),
     ("train:\n  monitor: auc\nquantize:\n  metric: accuracy\n", "disagree, and one run.objective now drives"),
-    ("run:\n  objective: auc\ntrain:\n  monitor: primary\n", "train.monitor: accuracy, run.objective: auc disagree"),
+    ("run:\n  objective: auc\ntrain:\n  monitor: primary\n", "train.monitor: primary (accuracy), run.objective: auc disagree"),
 ])
 def test_bad_values_are_rejected_with_file_and_key(tmp_path, text, fragment):
     path = write(tmp_path, text)

@@ -140,3 +140,20 @@ def test_operating_points_and_calibration():
 
 def test_midranks_average_ties():
     assert metrics.midranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+
+
+def test_evaluate_prints_intervals_operating_points_and_calibration():
+    from medq.cli import _evaluation_lines
+
+    rng = np.random.default_rng(4)
+    truth = np.r_[np.ones(30), np.zeros(30)]
+    p = np.clip(0.3 * truth + 0.7 * rng.random(60), 0, 1)
+    y, probs = np.stack([1 - truth, truth], 1), np.stack([1 - p, p], 1)
+    single = metrics.task_metrics("binary", y, probs, ["n", "p"]) | {
+        "clinical": metrics.clinical_metrics("binary", y, probs, ["n", "p"])}
+    lines = _evaluation_lines({"objective": "auc", "n_images": 60, "split": "test", "single_crop": single,
+                               "ten_crop": None})
+    low, high = single["ci"]["auc"]
+    assert lines[0] == "objective: auc; 60 test images"
+    assert f"auc {single['auc']:.4f} [{low:.4f}, {high:.4f}]" in lines[1]
+    assert "sensitivity at specificity 0.90" in lines[1] and "Brier" in lines[1] and len(lines) == 2
