@@ -265,7 +265,7 @@ def format_run(s: dict[str, Any]) -> str:
         f"  preprocess  {s['image_size'] or '-'} px, {s['channels'] or '-'} channel(s), {s['normalization'] or '-'}",
         f"  training    {_train_text(s.get('config', {}).get('train') or {})}",
         f"  selected    {_hyper_text(s)}",
-        f"  objective   {s.get('objective') or 'auc (not recorded)'} (run.objective: epochs, trials and INC)",
+        f"  objective   {s.get('objective') or '- (not recorded)'} (run.objective: epochs, trials and INC)",
         f"  validation  {_ci_text(s['val_metrics'], s.get('val_ci') or {})}"
         + (f"  (best epoch {s['best_epoch']})" if s["best_epoch"] else ""),
         f"  quantize    {_quant_text(s['quantize'])}"
