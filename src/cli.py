@@ -114,9 +114,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medq.train import run_evaluate
 
     report = run_evaluate(_load(args), split=args.split, ten_crop=args.ten_crop, threshold=args.threshold)
-    for name in ("single_crop", "ten_crop"):
-        if report.get(name):
-            print(f"{name.replace('_', '-'):12s} {_short_metrics(report[name])}")
+    print("\n".join(_evaluation_lines(report)))
     return 0
 
 
@@ -234,7 +232,43 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def _short_metrics(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {metrics[k]:.4f}" for k in ("accuracy", "auc") if isinstance(metrics.get(k), float))
+    """'accuracy 0.8100 [0.7500, 0.8600], auc …' (95% intervals where the metrics carry them)."""
+    from medq.metrics import with_ci
+
+    ci = metrics.get("ci") or {}
+    return ", ".join(f"{k} {with_ci(metrics[k], ci.get(k), 4)}" for k in ("accuracy", "auc")
+                     if isinstance(metrics.get(k), float))
+
+
+def _evaluation_lines(report: dict[str, Any]) -> list[str]:
+    """Each view's metrics with 95% intervals, sensitivity/specificity at the threshold, operating points."""
+    from medq.metrics import with_ci
+
+    lines = [f"objective: {report.get('objective')}; {report['n_images']} {report['split']} images"]
+    for name in ("single_crop", "ten_crop"):
+        m = report.get(name)
+        if not m:
+            continue
+        ci = m.get("ci") or {}
+        parts = [_short_metrics(m)]
+        for key in ("sensitivity", "specificity"):
+            value = m.get(key)
+            if isinstance(value, float):
+                parts.append(f"{key} {with_ci(value, ci.get(key), 4)}")
+            elif isinstance(value, dict):
+                parts.append(f"{key} " + " ".join(f"{c} {with_ci(v, (ci.get(key) or {}).get(c), 3)}"
+                                                  for c, v in value.items() if v is not None))
+        clinical = m.get("clinical") or {}
+        points = clinical.get("sensitivity_at_specificity") or {}
+        if points:
+            parts.append("sensitivity at specificity " + ", ".join(f"{k} {_f4(v)}" for k, v in points.items()))
+        parts.append(f"Brier {_f4(clinical.get('brier'))}, ECE {_f4(clinical.get('ece'))}")
+        lines.append(f"{name.replace('_', '-'):12s} " + "; ".join(parts))
+    return lines
+
+
+def _f4(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else "n/a"
 
 
 # --- parser -----------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ wrong types are errors that name the file and the key), then overridden from the
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import types
@@ -20,6 +21,7 @@ import yaml
 
 from medq.errors import ConfigError
 
+log = logging.getLogger("medq")
 DatasetFormat = Literal["auto", "kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi", "folder", "csv"]
 PhantomKind = Literal["chest-pneumonia", "chest-multilabel", "rsna-dicom", "busi"]
 Task = Literal["binary", "multiclass", "multilabel"]
@@ -27,11 +29,18 @@ Normalization = Literal["unit", "imagenet", "symmetric"]
 Precision = Literal["fp32", "bf16", "int8", "int8-bf16"]
 
 
+Objective = Literal["auc", "accuracy"]
+
+
 @dataclass
 class RunConfig:
     name: str = "default"
     output_dir: str = "${OUTPUT_DIR:-output}"
     seed: int = 42
+    # The validation number that picks training's best epoch (and drives early stopping and the LR schedule), ranks
+    # the tuner's trials and is INC's accuracy criterion (medq.selection). ROC-AUC (mean over classes for multiclass
+    # and multi-label) is threshold-free; accuracy rewards the majority class on imbalanced data: only when asked.
+    objective: Objective = "auc"
 
 
 @dataclass
@@ -117,9 +126,6 @@ class TrainConfig:
     class_weight: Literal["balanced", "none"] = "balanced"
     dropout: float = 0.2
     early_stopping_patience: int = 6
-    # The validation number that picks the best epoch and drives early stopping and the LR schedule: ROC-AUC
-    # (threshold-free, CheXNet's), or the task's primary metric (accuracy for single-label, mean AUC multi-label).
-    monitor: Literal["auc", "primary"] = "auc"
     focal_gamma: float = 2.0  # loss: focal
     # data-parallel training: 'mirrored' (this machine's devices) or 'multi-worker' (TF_CONFIG names the cluster)
     distribute: Literal["none", "mirrored", "multi-worker"] = "none"
@@ -159,9 +165,6 @@ class FreezeConfig:
 @dataclass
 class QuantizeConfig:
     deploy: str = "configs/deploy.yaml"  # INC 2.x deploy.yaml: calibration size, criterion, exit policy, seed
-    # The task metric INC's accuracy-aware tuning is judged by, on the validation split.
-    # auto: mean AUC for multilabel, accuracy otherwise.
-    metric: Literal["auto", "accuracy", "auc"] = "auto"
     # Precision paths whose validation metric is measured; paths this CPU cannot run are skipped with the reason.
     precisions: list[Precision] = field(default_factory=lambda: ["fp32", "bf16", "int8", "int8-bf16"])
 
@@ -189,6 +192,8 @@ class BenchmarkConfig:
     # Measure every row this many times, in rounds (each round runs every row once, each in a fresh process), and
     # report the median of the rounds: on a shared machine this spreads other jobs' load over all rows alike.
     repeats: int = 1
+    # Each row is equivalent to TF FP32 iff the 95% interval of its paired AUC difference lies within ±this.
+    equivalence_margin: float = 0.005
 
 
 @dataclass
@@ -413,6 +418,45 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+# Settings run.objective replaced, and the objective each of their values meant (None: the default, no choice).
+_REPLACED_BY_OBJECTIVE = {("train", "monitor"): {"auc": "auc", "primary": "accuracy"},
+                          ("quantize", "metric"): {"auto": None, "auc": "auc", "accuracy": "accuracy"}}
+
+
+def _fold_into_objective(data: dict[str, Any], source: str, strict: bool = True) -> None:
+    """Read the replaced ``train.monitor`` / ``quantize.metric`` as ``run.objective`` (in place), with a warning;
+    ``strict``: settings that disagree with each other or with run.objective are an error (a saved run's config
+    is read leniently)."""
+    implied: dict[str, str] = {}
+    for (section, key), meaning in _REPLACED_BY_OBJECTIVE.items():
+        node = data.get(section)
+        if not isinstance(node, dict) or key not in node:
+            continue
+        value = node.pop(key)
+        where = f"{section}.{key}"
+        if value not in meaning:
+            raise ConfigError(f"{source}: {where} is replaced by run.objective; remove it and set run.objective to "
+                              "auc or accuracy")
+        if meaning[value] is not None:
+            implied[f"{where}: {value}"] = meaning[value]
+        if strict:
+            log.warning("%s: %s is replaced by run.objective (one objective for epochs, trials and INC)%s; "
+                        "move it there", source, where,
+                        f", read as run.objective: {meaning[value]}" if meaning[value] else "")
+    if not implied:
+        return
+    run = data.setdefault("run", {})
+    if not isinstance(run, dict):
+        return  # _build reports the malformed section
+    given = run.get("objective")
+    choices = set(implied.values()) | ({given} if given else set())
+    if strict and len(choices) > 1:
+        said = ", ".join(f"{k} ({v})" for k, v in implied.items()) + (f", run.objective: {given}" if given else "")
+        raise ConfigError(f"{source}: {said} disagree, and one run.objective now drives training, tuning and INC; "
+                          "set run.objective and remove train.monitor / quantize.metric")
+    run.setdefault("objective", next(iter(implied.values())))
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults ← file ← ``--set`` overrides, validated as a whole."""
     data: dict[str, Any] = read_yaml(Path(path)) if path else {}
@@ -420,6 +464,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for text in overrides:
         keys, value = parse_override(text)
         _merge(data, keys, value)
+    _fold_into_objective(data, source)
     try:
         config = _build(Config, data, "")
     except ConfigError as exc:
@@ -470,4 +515,5 @@ def builtin_data_root(config: Config) -> Path | None:
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved in a run's manifest."""
     data = {k: v for k, v in data.items() if k != "source"}
+    _fold_into_objective(data, "manifest config", strict=False)
     return _build(Config, data, "")

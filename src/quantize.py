@@ -99,14 +99,14 @@ class _QuantizeRun:
     """The stage's state: the data, the INC result, the numbers recorded in the manifest."""
 
     def __init__(self, config: Any, manifest: dict[str, Any], deploy: Any, say: Callable[..., None]):
-        from medq.metrics import primary_metric
+        from medq.selection import objective
 
         self.config, self.deploy, self.say = config, deploy, say
         self.run_dir = config.run_dir
         self.task, self.classes = manifest["task"], list(manifest["classes"])
         self.input_name, self.output_name = manifest["input_name"], manifest["output_name"]
         self.preprocess = manifest["preprocess"]
-        self.metric = primary_metric(self.task) if config.quantize.metric == "auto" else config.quantize.metric
+        self.metric = objective(config, manifest)  # the run's one objective (run.objective), as its model was chosen
 
     def metrics(self, graph_def, bf16_rewrite: bool = False) -> dict[str, Any]:
         return graph_metrics(graph_def, self.val_batches, self.y_val, self.task, self.classes, self.input_name,
@@ -173,7 +173,7 @@ class _QuantizeRun:
         baseline = fp32_val[metric]
         if not np.isfinite(baseline):
             raise DataError(f"{self.config.data.root}: the FP32 {metric} on the validation split is undefined (a "
-                            "class is missing there); set quantize.metric: accuracy or raise data.val_fraction")
+                            "class is missing there); set run.objective: accuracy or raise data.val_fraction")
         chance = chance_level(metric, self.y_val, self.task)
         near_chance = bool(baseline <= chance + CHANCE_MARGIN)
         if near_chance:

@@ -14,6 +14,7 @@ from typing import Any
 
 from medq import runrecord
 from medq.errors import MedqError
+from medq.metrics import with_ci
 
 log = logging.getLogger("medq")
 
@@ -79,10 +80,14 @@ def benchmark_rows(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
     rows = []
     for row in results:
         metrics = _metrics(row.get("metrics"))
+        fidelity = row.get("fidelity") or {}
         rows.append({"engine": row.get("engine", "?"), "precision": row.get("precision", ""),
                      "latency_p50_ms": _number((row.get("latency_ms") or {}).get("p50")),
                      "throughput_ips": _number(row.get("throughput_ips")),
-                     "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc")})
+                     "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"),
+                     "auc_ci": ((row.get("metrics") or {}).get("ci") or {}).get("auc"),
+                     "vs_fp32": (f"{fidelity['conclusion']} (±{fidelity['margin']:g})"
+                                 if fidelity.get("conclusion") and row.get("id") != report.get("baseline") else None)})
     return rows, None
 
 
@@ -121,6 +126,8 @@ def summarize(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "channels": pre.get("channels"),
         "normalization": pre.get("normalization"),
         "val_metrics": _metrics(manifest.get("selected_val_metrics") or train.get("val_metrics")),
+        "val_ci": (manifest.get("selected_val_metrics") or train.get("val_metrics") or {}).get("ci") or {},
+        "objective": manifest.get("objective") or _get(config, "run.objective"),
         "best_epoch": train.get("best_epoch"),
         "quantize": quantize_metrics(stages.get("quantize") or {}),
         "quantize_status": (stages.get("quantize") or {}).get("status"),
@@ -166,6 +173,11 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 def _metric_text(metrics: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()) or "-"
+
+
+def _ci_text(metrics: dict[str, float], ci: dict[str, Any]) -> str:
+    """'accuracy 0.9200 [0.8700, 0.9500], auc …' (the intervals the metrics were recorded with)."""
+    return ", ".join(f"{k} {with_ci(v, ci.get(k), 4)}" for k, v in metrics.items()) or "-"
 
 
 def _quant_text(quant: dict[str, dict[str, float]]) -> str:
@@ -225,7 +237,7 @@ def _train_text(train: dict[str, Any]) -> str:
         return "-"
     low = train.get("low_res") or {}
     return (f"{train.get('epochs')} epochs, batch {train.get('batch_size')}, {train.get('optimizer')} lr "
-            f"{train.get('learning_rate')}, loss {train.get('loss')}, monitor {train.get('monitor', 'auc')}"
+            f"{train.get('learning_rate')}, loss {train.get('loss')}"
             + (f", first {low['epochs']} at {low['image_size']} px" if low.get("epochs") else ""))
 
 
@@ -255,7 +267,9 @@ def format_run(s: dict[str, Any]) -> str:
         f"  preprocess  {s['image_size'] or '-'} px, {s['channels'] or '-'} channel(s), {s['normalization'] or '-'}",
         f"  training    {_train_text(s.get('config', {}).get('train') or {})}",
         f"  selected    {_hyper_text(s)}",
-        f"  validation  {_metric_text(s['val_metrics'])}" + (f"  (best epoch {s['best_epoch']})" if s["best_epoch"] else ""),
+        f"  objective   {s.get('objective') or '- (not recorded)'} (run.objective: epochs, trials and INC)",
+        f"  validation  {_ci_text(s['val_metrics'], s.get('val_ci') or {})}"
+        + (f"  (best epoch {s['best_epoch']})" if s["best_epoch"] else ""),
         f"  quantize    {_quant_text(s['quantize'])}"
         + (f"  ({s['quantize_status']})" if s.get("quantize_status") else "")
         + ("  STALE (see int8_pb below)" if (s["artifacts"].get("int8_pb") or {}).get("stale") else ""),
@@ -272,9 +286,10 @@ def format_run(s: dict[str, Any]) -> str:
         stale = (s["artifacts"].get("benchmark_json") or {}).get("stale")
         lines.append("  benchmark" + (f"   STALE: {stale}; rerun `medq benchmark`" if stale else ""))
         table = [[r["engine"], r["precision"], _fmt(r["latency_p50_ms"], 2), _fmt(r["throughput_ips"], 1),
-                  _fmt(r["accuracy"], 4), _fmt(r["auc"], 4)] for r in s["benchmark"]]
-        lines += ["    " + line for line in _table(["ENGINE", "PRECISION", "P50 MS", "IMG/S", "ACCURACY", "AUC"],
-                                                    table)]
+                  _fmt(r["accuracy"], 4), with_ci(r["auc"], r.get("auc_ci"), 4) or "-", r.get("vs_fp32") or "-"]
+                 for r in s["benchmark"]]
+        lines += ["    " + line for line in _table(["ENGINE", "PRECISION", "P50 MS", "IMG/S", "ACCURACY",
+                                                     "AUC [95% CI]", "VS FP32"], table)]
     else:
         lines.append("  benchmark   - (not run)")
     return "\n".join(lines)

@@ -2,8 +2,10 @@
 
 The search lives in ``<run>/tuner/`` (keras-tuner's project folder, never overwritten): rerunning the same search
 reloads it and continues — finished trials are not repeated, an interrupted trial is run again. Every trial trains
-with :func:`medq.train.fit_model` (the same data, augmentation, loss and per-image validation metrics as `train`),
-and is scored by ``val_primary`` (validation accuracy for single-label tasks, mean AUC for multi-label; maximised).
+with :func:`medq.fitting.fit_model` (the same data, augmentation, loss and per-image validation metrics as `train`),
+and is scored by ``val_objective``: the validation ``run.objective`` (AUC unless accuracy is asked for; maximised).
+Trials are ranked by :mod:`medq.selection`: one whose validation AUC is not above chance by its 95% interval ranks
+below every trial that is, and never replaces the run's model.
 
 Each trial's folder holds its best-epoch ``model.keras`` and ``medq_trial.json`` (values, validation metrics,
 parameters, FLOPs, batch-1 Keras latency, which tuner ran it). The run gets a trial table (``tune_trials.csv`` and
@@ -38,7 +40,8 @@ from medq import artifacts, runrecord
 from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, MedqError
 from medq.losses import resolve_loss_name
-from medq.metrics import primary_metric
+from medq.metrics import with_ci
+from medq.selection import at_chance, is_better, other_metric, rank
 
 log = logging.getLogger("medq")
 
@@ -48,7 +51,7 @@ WARM_START_MODEL = "warm_start.keras"
 TRIAL_MODEL = "model.keras"
 SEARCH_FILE = "medq_search.json"
 REPORT_CSV, REPORT_MD, REPORT_PNG = "tune_trials.csv", "tune_trials.md", "tune_tradeoff.png"
-OBJECTIVE = "val_primary"
+OBJECTIVE = "val_objective"
 FIT_KEYS = ("learning_rate", "batch_size", "dropout", "optimizer", "loss")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 RANGE_KINDS = ("loguniform", "uniform", "int")
@@ -65,8 +68,12 @@ class TrialRow:
     tuner_id: str | None = None
     image_size: int | None = None
     epochs: int | None = None
-    val_primary: float | None = None
+    val_objective: float | None = None
     val_auc: float | None = None
+    val_auc_ci: list[float] | None = None
+    val_accuracy: float | None = None
+    val_accuracy_ci: list[float] | None = None
+    at_chance: bool = False  # the validation AUC's 95% interval reaches 0.5
     parameters: int | None = None
     flops: int | None = None
     latency_ms: float | None = None
@@ -77,7 +84,7 @@ class TrialRow:
 
     @property
     def completed(self) -> bool:
-        return self.status == "COMPLETED" and self.val_primary is not None
+        return self.status == "COMPLETED" and self.val_objective is not None
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -214,7 +221,7 @@ def _search_signature(config: Any) -> dict[str, Any]:
             "hyperband_factor": config.tune.hyperband_factor, "model": config.model.name,
             "model_params": config.model.params, "preprocess": dataclasses.asdict(config.preprocess),
             "data": runrecord.split_settings(config), "split": runrecord.split_sha(config.run_dir),
-            "warm_start": config.tune.warm_start}
+            "warm_start": config.tune.warm_start, "objective": config.run.objective}
 
 
 def _check_signature(project: Path, config: Any, worker: bool = False) -> None:
@@ -404,7 +411,7 @@ def _trial_runner(config: Any, index: DatasetIndex, warm_start: Path | None = No
         import tensorflow as tf
 
         from medq.flops import keras_latency_ms
-        from medq.train import fit_model
+        from medq.fitting import fit_model
 
         values = dict(trial.hyperparameters.values)
         fit, params, size = trial_settings(config, values)
@@ -424,7 +431,7 @@ def _trial_runner(config: Any, index: DatasetIndex, warm_start: Path | None = No
         with artifacts.atomic_path(trial_dir / TRIAL_MODEL) as tmp:
             result.model.save(tmp)
         latency = keras_latency_ms(result.model, runs=max(1, config.tune.latency_runs))
-        key = primary_metric(index.task)
+        key = config.run.objective
         facts = {"trial_id": trial.trial_id, "tuner_id": tuner.tuner_id, "values": values, "image_size": size,
                  "epochs": epochs, "best_epoch": result.best_epoch, "val_metrics": result.val_metrics,
                  "parameters": result.facts["parameters"], "flops": result.facts["flops"],
@@ -459,7 +466,7 @@ def _short(values: dict[str, Any]) -> str:
 
 # --- the trial table -----------------------------------------------------------------------------------------------
 
-def collect_trials(project: Path, task: str, oracle=None) -> list[TrialRow]:
+def collect_trials(project: Path, objective: str, oracle=None) -> list[TrialRow]:
     """Every trial in the project folder (keras-tuner's trial.json + medq's facts), in trial-id order."""
     rows = []
     for trial_dir in sorted(project.glob("trial_*"), key=_trial_order):
@@ -477,8 +484,11 @@ def collect_trials(project: Path, task: str, oracle=None) -> list[TrialRow]:
                        facts.get("tuner_id"), facts.get("image_size"), facts.get("epochs"),
                        message=message[-1][:200] if message else None, val_metrics=metrics)
         if facts:
-            row.val_primary = _number(metrics.get(primary_metric(task)))
-            row.val_auc = _number(metrics.get("auc"))
+            ci = metrics.get("ci") or {}
+            row.val_objective = _number(metrics.get(objective))
+            row.val_auc, row.val_auc_ci = _number(metrics.get("auc")), ci.get("auc")
+            row.val_accuracy, row.val_accuracy_ci = _number(metrics.get("accuracy")), ci.get("accuracy")
+            row.at_chance = at_chance(metrics)
             row.parameters, row.flops = facts.get("parameters"), facts.get("flops")
             row.latency_ms, row.seconds = facts.get("latency_ms"), facts.get("seconds")
         rows.append(row)
@@ -494,27 +504,26 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def _key(row: TrialRow) -> tuple[float, float]:
-    return (row.val_primary if row.val_primary is not None else -math.inf,
-            row.val_auc if row.val_auc is not None else -math.inf)
-
-
 def _latency(row: TrialRow) -> float:
     return row.latency_ms if row.latency_ms is not None else math.inf
 
 
-def pick(rows: list[TrialRow], tolerance: float) -> tuple[TrialRow | None, TrialRow | None]:
-    """(best by primary metric then AUC, the fastest trial within ``tolerance`` of the best); marks the Pareto front
-    of metric (higher) against latency (lower)."""
+def pick(rows: list[TrialRow], tolerance: float, objective: str) -> tuple[TrialRow | None, TrialRow | None]:
+    """(best by :func:`medq.selection.rank`, the fastest trial above chance within ``tolerance`` of the best's
+    objective); marks the Pareto front of rank (higher) against latency (lower)."""
     done = [r for r in rows if r.completed]
     if not done:
         return None, None
-    best = max(done, key=_key)
+
+    def key(r: TrialRow) -> tuple[bool, float, float]:
+        return rank(r.val_metrics, objective)
+
+    best = max(done, key=key)
     for r in done:
-        r.pareto = not any(_key(o) >= _key(r) and _latency(o) <= _latency(r) and
-                           (_key(o) > _key(r) or _latency(o) < _latency(r)) for o in done if o is not r)
-    near = [r for r in done if r.val_primary >= best.val_primary - tolerance]
-    tradeoff = min(near, key=lambda r: (_latency(r), [-k for k in _key(r)]))
+        r.pareto = not any(key(o) >= key(r) and _latency(o) <= _latency(r) and
+                           (key(o) > key(r) or _latency(o) < _latency(r)) for o in done if o is not r)
+    near = [r for r in done if r.at_chance == best.at_chance and r.val_objective >= best.val_objective - tolerance]
+    tradeoff = min(near, key=lambda r: (_latency(r), [-k for k in key(r)]))
     return best, tradeoff
 
 
@@ -529,34 +538,42 @@ def trial_table_csv(rows: list[TrialRow], best: TrialRow | None, tradeoff: Trial
     hp_names = _columns(rows)
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["trial", "tuner", "status", *hp_names, "image_size", "epochs", "val_primary", "val_auc",
-                     "parameters", "flops", "latency_ms", "seconds", "pareto", "pick"])
+    writer.writerow(["trial", "tuner", "status", *hp_names, "image_size", "epochs", "val_objective", "val_auc",
+                     "val_auc_ci_low", "val_auc_ci_high", "val_accuracy", "val_accuracy_ci_low",
+                     "val_accuracy_ci_high", "at_chance", "parameters", "flops", "latency_ms", "seconds", "pareto",
+                     "pick"])
     for r in rows:
+        auc_ci, acc_ci = r.val_auc_ci or [None, None], r.val_accuracy_ci or [None, None]
         writer.writerow([r.trial_id, r.tuner_id or "", r.status, *[r.values.get(k, "") for k in hp_names],
-                         r.image_size or "", r.epochs or "", _fmt(r.val_primary), _fmt(r.val_auc),
-                         r.parameters or "", r.flops or "", _fmt(r.latency_ms, 3), r.seconds or "",
-                         int(r.pareto), _pick_label(r, best, tradeoff)])
+                         r.image_size or "", r.epochs or "", _fmt(r.val_objective), _fmt(r.val_auc),
+                         _fmt(auc_ci[0]), _fmt(auc_ci[1]), _fmt(r.val_accuracy), _fmt(acc_ci[0]), _fmt(acc_ci[1]),
+                         int(r.at_chance), r.parameters or "", r.flops or "", _fmt(r.latency_ms, 3),
+                         r.seconds or "", int(r.pareto), _pick_label(r, best, tradeoff)])
     return out.getvalue()
 
 
-def trial_table_markdown(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow | None, task: str) -> str:
+def trial_table_markdown(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow | None,
+                         objective: str) -> str:
     from medq.flops import human
 
     hp_names = _columns(rows)
-    metric = primary_metric(task)
-    head = ["trial", "tuner", "status", *hp_names, "size", f"val {metric}", "val AUC", "params", "FLOPs",
-            "bs1 ms", "train s", "pick"]
+    head = ["trial", "tuner", "status", *hp_names, "size", "val AUC [95% CI]", "val accuracy [95% CI]", "params",
+            "FLOPs", "bs1 ms", "train s", "pick"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        auc = with_ci(r.val_auc, r.val_auc_ci) + (" (chance)" if r.at_chance else "")
         cells = [r.trial_id, r.tuner_id or "", r.status, *[str(r.values.get(k, "")) for k in hp_names],
-                 str(r.image_size or ""), _fmt(r.val_primary), _fmt(r.val_auc),
+                 str(r.image_size or ""), auc, with_ci(r.val_accuracy, r.val_accuracy_ci),
                  human(r.parameters) if r.parameters else "", human(r.flops) if r.flops else "",
                  _fmt(r.latency_ms, 2), str(r.seconds or ""),
                  " ".join(filter(None, [_pick_label(r, best, tradeoff), "pareto" if r.pareto else ""]))]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"Objective: validation {metric} per image ({OBJECTIVE}, maximised; ties by AUC). "
+    notes = [f"Objective (run.objective): validation {objective} per image ({OBJECTIVE}, maximised; ties by "
+             f"{other_metric(objective)}). A trial marked (chance) has a validation AUC whose 95% DeLong interval "
+             "reaches 0.5: it ranks below every trial that does not and never replaces the run's model. "
+             "Accuracy intervals: Wilson. "
              "bs1 ms: batch-1 Keras latency, median, measured once per trial model in the search process. "
-             "pareto: no other trial is both at least as accurate and at least as fast."]
+             "pareto: no other trial is both at least as good and at least as fast."]
     if best is not None:
         notes.append(f"Best: trial {best.trial_id}. Trade-off pick: trial {tradeoff.trial_id} (the fastest within "
                      f"the configured tolerance of the best).")
@@ -572,7 +589,7 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow | None, task: str,
+def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow | None, objective: str,
                  target: Path, reference: float | None = None) -> Path | None:
     """Metric against parameters, FLOPs and latency, one panel each; Pareto trials filled, best/pick labelled, and
     the run's current model's metric (``reference``, the bar a trial must beat) as a dashed line."""
@@ -595,10 +612,10 @@ def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow
             x = getattr(r, attr)
             if x is None:
                 continue
-            ax.scatter([x], [r.val_primary], s=50, c="tab:blue" if r.pareto else "white", edgecolors="tab:blue",
+            ax.scatter([x], [r.val_objective], s=50, c="tab:blue" if r.pareto else "white", edgecolors="tab:blue",
                        zorder=3)
             tag = r.trial_id + (" best" if r is best else "") + (" pick" if r is tradeoff and r is not best else "")
-            ax.annotate(tag, (x, r.val_primary), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(tag, (x, r.val_objective), textcoords="offset points", xytext=(4, 4), fontsize=7)
         if reference is not None:
             ax.axhline(reference, color="tab:red", linestyle="--", linewidth=1,
                        label="the run's model before this tune")
@@ -607,7 +624,7 @@ def tradeoff_png(rows: list[TrialRow], best: TrialRow | None, tradeoff: TrialRow
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human(v)))
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"validation {primary_metric(task)}")
+    axes[0].set_ylabel(f"validation {objective}")
     if reference is not None:
         axes[0].legend(loc="lower right", fontsize=7)
     fig.suptitle("tuning trials: filled = Pareto front (metric vs latency)")
@@ -657,32 +674,33 @@ def _run_tune(config: Any, index: DatasetIndex, verbose: int, role: str) -> Tune
         raise MedqError(f"{project}: {lines[0].rstrip('.')}; the last trial failed with: {_error_line(lines)}") \
             from None
     if role == "worker":
-        mine = [r for r in collect_trials(project, index.task) if r.tuner_id == tuner.tuner_id]
+        mine = [r for r in collect_trials(project, config.run.objective) if r.tuner_id == tuner.tuner_id]
         return TuneResult(mine, None, None, False, "worker: the chief selects the model", role,
                           time.perf_counter() - start)
-    rows = collect_trials(project, index.task, tuner.oracle)
-    best, tradeoff = pick(rows, config.tune.tradeoff_tolerance)
+    objective = config.run.objective
+    rows = collect_trials(project, objective, tuner.oracle)
+    best, tradeoff = pick(rows, config.tune.tradeoff_tolerance, objective)
     staging = runrecord.staging_dir(run_dir)
     reports = {
         "tune_trials_csv": artifacts.write_text(staging / REPORT_CSV, trial_table_csv(rows, best, tradeoff)),
         "tune_trials_md": artifacts.write_text(staging / REPORT_MD,
-                                               trial_table_markdown(rows, best, tradeoff, index.task)),
+                                               trial_table_markdown(rows, best, tradeoff, objective)),
     }
     current = runrecord.read_manifest(run_dir).get("selected_val_metrics") or {}
-    png = tradeoff_png(rows, best, tradeoff, index.task, staging / REPORT_PNG,
-                       reference=_number(current.get(primary_metric(index.task))))
+    png = tradeoff_png(rows, best, tradeoff, objective, staging / REPORT_PNG,
+                       reference=_number(current.get(objective)))
     if png is not None:
         reports["tune_tradeoff_png"] = png
     replaced, decision, top = _select(config, index, best)
     seconds = time.perf_counter() - start
-    entry = {"tuner": config.tune.tuner, "objective": f"{OBJECTIVE} (validation {primary_metric(index.task)}, max)",
+    entry = {"tuner": config.tune.tuner, "objective": objective,
              "trials": [r.to_dict() for r in rows], "best_trial": best.trial_id if best else None,
              "tradeoff_trial": tradeoff.trial_id if tradeoff else None, "replaced": replaced, "decision": decision,
              "best_values": best.values if best else None, "seconds": round(seconds, 1),
              "dropped_workers": dropped}
     model_artifact = {"keras_model": staging / runrecord.KERAS_MODEL} if replaced else {}
     runrecord.commit(run_dir, "tune", config=config, artifacts=reports | model_artifact, inputs=("split",),
-                     facts=top, **entry)
+                     facts=top | {"objective": objective}, **entry)
     log.info("tune: %s", decision)
     return TuneResult(rows, best, tradeoff, replaced, decision, role, seconds, reports)
 
@@ -704,7 +722,7 @@ def _warm_start_model(config: Any, project: Path) -> Path | None:
 
 def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bool, str, dict[str, Any]]:
     """Copy the best trial's model over the run's when it is better (atomically); returns (replaced, why, top)."""
-    from medq.train import dataset_facts, is_better
+    from medq.fitting import dataset_facts
 
     run_dir = config.run_dir
     if best is None:
@@ -713,14 +731,20 @@ def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bo
     has_model = runrecord.usable(run_dir, "keras_model")
     current = manifest.get("selected_val_metrics") if has_model else None
     source = run_dir / TUNER_PROJECT / f"trial_{best.trial_id}" / TRIAL_MODEL
-    metric = primary_metric(index.task)
+    metric = config.run.objective
+    trial = f"trial {best.trial_id}'s validation AUC {with_ci(best.val_auc, best.val_auc_ci, 4) or 'n/a'}"
     if current is not None and manifest.get("model_source") == "tune" and \
             manifest["artifacts"]["keras_model"]["sha256"] == artifacts.sha256(source):
         return False, f"trial {best.trial_id} is already the run's model", {}
-    if current is not None and not is_better(best.val_metrics, current, index.task):
-        return False, (f"kept the trained model: its validation {metric} {current.get(metric):.4f} (AUC "
-                       f"{_fmt(_number(current.get('auc')))}) is not beaten by the best trial {best.trial_id}'s "
-                       f"{best.val_primary:.4f} (AUC {_fmt(best.val_auc)})"), {}
+    if current is not None and best.at_chance:
+        return False, f"kept the run's model: the best {trial} is not above chance", {}
+    if current is not None and not is_better(best.val_metrics, current, metric):
+        return False, (f"kept the trained model: its validation {metric} {_fmt(_number(current.get(metric)))} "
+                       f"(AUC {_fmt(_number(current.get('auc')))}) is not beaten by the best trial "
+                       f"{best.trial_id}'s {best.val_objective:.4f} (AUC {_fmt(best.val_auc)})"), {}
+    if best.at_chance:
+        log.warning("tune: the run had no model, so the best trial became it, but its validation AUC is not above "
+                    "chance: train longer or check the data")
     shutil.copyfile(source, runrecord.staging_path(run_dir, runrecord.KERAS_MODEL))  # committed with the manifest entry
     top: dict[str, Any] = {"model_source": "tune", "selected_val_metrics": best.val_metrics,
                            "tuned_hyperparameters": best.values, "selected_hyperparameters": best.values}
@@ -729,6 +753,6 @@ def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bo
                     best.image_size, best.image_size)
         config.preprocess.image_size = best.image_size
     top |= dataset_facts(config, index)
-    was = "no trained model" if current is None else f"the trained model's {current.get(metric):.4f}"
-    return True, (f"trial {best.trial_id} became the run's model: validation {metric} {best.val_primary:.4f} "
-                  f"(AUC {_fmt(best.val_auc)}) over {was}"), top
+    was = "no trained model" if current is None else f"the trained model's {_fmt(_number(current.get(metric)))}"
+    return True, (f"trial {best.trial_id} became the run's model: validation {metric} {best.val_objective:.4f} "
+                  f"(AUC {with_ci(best.val_auc, best.val_auc_ci, 4) or 'n/a'}) over {was}"), top

@@ -162,7 +162,7 @@ def _row(row_id, p50, ips, auc):
 
 def _synthetic() -> dict:
     return {"run": "synthetic", "created_at": "now", "task": "multilabel", "classes": ["a", "b"],
-            "primary_metric": "auc", "baseline": "tensorflow-fp32",
+            "objective": "auc", "baseline": "tensorflow-fp32",
             "inputs": {"path": "benchmark/test_inputs.npy", "sha256": "0" * 64, "n_images": 10},
             "settings": {"warmup": 1, "latency_iterations": 5, "throughput_iterations": 2, "batch_size": 32,
                          "batch_sizes": [1, 32], "instances": ["2x1"]},
@@ -171,6 +171,37 @@ def _synthetic() -> dict:
                             "load_average": {"before": [0.5], "after": [0.7]}},
             "results": [_row("tensorflow-fp32", 40.0, 30.0, 0.80), _row("tensorflow-int8", 20.0, 60.0, 0.79)],
             "skipped": [{"id": "tensorflow-bf16", "reason": "no BF16"}], "notes": []}
+
+
+def _with_fidelity(rep: dict, margin: float) -> dict:
+    """Real metrics, clinical numbers and FP32 pairing for the synthetic rows, from constructed probabilities."""
+    from medq.metrics import clinical_metrics, paired_comparison, task_metrics
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((60, 2)) < 0.4).astype(float)
+    fp32 = np.clip(0.35 * y + 0.65 * rng.random((60, 2)), 0, 1)
+    int8 = np.clip(fp32 + rng.normal(scale=0.002, size=fp32.shape), 0, 1)
+    for row, probs in zip(rep["results"], (fp32, int8)):
+        row["metrics"] = task_metrics("multilabel", y, probs, rep["classes"])
+        row["clinical"] = clinical_metrics("multilabel", y, probs, rep["classes"])
+        row["fidelity"] = paired_comparison("multilabel", y, fp32, probs, margin)
+    return rep
+
+
+def test_fidelity_and_clinical_sections_state_the_verdict_for_every_row(tmp_path):
+    rep = _with_fidelity(_synthetic(), margin=0.05)
+    report.add_comparisons(rep)
+    md = report.markdown(rep)
+    assert "## Fidelity against tensorflow-fp32 (paired, the same 60 test images)" in md
+    int8 = rep["results"][1]["fidelity"]
+    assert int8["equivalent"] and f"| tensorflow-int8 | {int8['auc_difference']:+.4f} [" in md
+    assert "equivalent to FP32 within ±0.05 AUC" in md and "verdict (margin ±0.05 AUC)" in md
+    assert "## Clinical operating points and calibration" in md and "sensitivity @ specificity 0.95" in md
+    assert "AUC [95% CI]" in md and "selection objective: auc" in md
+    assert "equivalent to FP32 within ±0.05 AUC" in summary_text(rep)
+    strict = _with_fidelity(_synthetic(), margin=1e-6)  # the same rows against a margin no interval fits in
+    report.add_comparisons(strict)
+    assert "not shown equivalent within ±1e-06 AUC" in report.markdown(strict)
 
 
 def test_comparisons_markdown_chart_and_summary(tmp_path):
@@ -291,6 +322,12 @@ def test_every_tensorflow_path_each_in_its_own_process(tiny_run):
     manifest = runrecord.read_manifest(config.run_dir)
     assert {"benchmark_json", "benchmark_md", "benchmark_png"} <= set(manifest["artifacts"])
     assert "INT8 vs FP32" in summary_text(rep)
+    # every row paired with FP32 on the same images, a verdict in words, operating points and calibration
+    assert all(r["fidelity"]["verdict"] and 0 <= r["fidelity"]["flipped_fraction"] <= 1 for r in rep["results"])
+    assert rows["tensorflow-fp32"]["fidelity"]["flipped_fraction"] == 0
+    assert all({"brier", "ece", "sensitivity_at_specificity"} <= set(r["clinical"]) for r in rep["results"])
+    md = (config.run_dir / "benchmark.md").read_text()
+    assert "## Fidelity against tensorflow-fp32" in md and "| tensorflow-int8 |" in md.split("## Fidelity")[1]
 
 
 def test_simulated_cpu_without_bf16_and_absent_reference_engines(tiny_run, monkeypatch):
@@ -328,7 +365,7 @@ def test_reference_rows_run_in_their_own_processes_on_the_same_inputs(tiny_run, 
     assert len({r["pid"] for r in rep["results"]}) == 5
     assert {r["inputs_sha256"] for r in rep["results"]} == {rep["inputs"]["sha256"]}
     # the FP32 exports compute what TensorFlow computes
-    assert rows["onnxruntime-fp32"]["max_abs_diff_vs_fp32"] < 1e-4
-    assert rows["openvino-fp32"]["max_abs_diff_vs_fp32"] < 1e-3
+    assert rows["onnxruntime-fp32"]["fidelity"]["max_abs_diff"] < 1e-4
+    assert rows["openvino-fp32"]["fidelity"]["max_abs_diff"] < 1e-3
     assert rows["openvino-fp32"]["engine_facts"]["inference_precision"] == "f32"
     assert any("the INC calibration set" in note for note in rep["notes"]), rep["notes"]

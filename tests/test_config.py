@@ -51,6 +51,9 @@ def test_int_is_accepted_where_float_is_expected(tmp_path):
     ("benchmark:\n  precisions: [fp32, fp64]\n", "benchmark.precisions[1]: 'fp64' is not allowed"),
     ("- just\n- a list\n", "expected a mapping of sections"),
     ("train: [\n", "not valid YAML at line"),
+    ("run:\n  objective: f1\n", "run.objective: 'f1' is not allowed; use one of 'auc', 'accuracy'"),
+    ("train:\n  monitor: auc\nquantize:\n  metric: accuracy\n", "disagree, and one run.objective now drives"),
+    ("run:\n  objective: auc\ntrain:\n  monitor: primary\n", "train.monitor: primary (accuracy), run.objective: auc disagree"),
 ])
 def test_bad_values_are_rejected_with_file_and_key(tmp_path, text, fragment):
     path = write(tmp_path, text)
@@ -86,3 +89,14 @@ def test_override_syntax_errors_are_clear():
         parse_override("train.epochs")
     assert load_config(None, ["train.learning_rate=1e-3"]).train.learning_rate == 1e-3
     assert parse_override("a.b=true") == (["a", "b"], True)
+
+
+def test_the_replaced_monitor_and_metric_settings_load_as_the_objective(tmp_path, caplog):
+    assert load_config(None).run.objective == "auc"
+    config = load_config(write(tmp_path, "train:\n  monitor: primary\nquantize:\n  metric: auto\n"))
+    assert config.run.objective == "accuracy"
+    assert not hasattr(config.train, "monitor") and not hasattr(config.quantize, "metric")
+    said = [r.getMessage() for r in caplog.records]
+    assert any("train.monitor is replaced by run.objective" in m and "read as run.objective: accuracy" in m
+               for m in said)
+    assert load_config(None, ["quantize.metric=auc", "run.objective=auc"]).run.objective == "auc"

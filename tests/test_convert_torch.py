@@ -234,7 +234,7 @@ def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
     report = run_benchmark(config)
     assert [(r["id"], r["model"]) for r in report["results"]] == [("tensorflow-fp32", "model_fp32.pb"),
                                                                   ("tensorflow-int8", int8.name)]
-    assert report["classes"] == list(CHEXNET_CLASSES) and report["primary_metric"] == "auc"
+    assert report["classes"] == list(CHEXNET_CLASSES) and report["objective"] == "auc"
 
 
 def test_one_channel_resnet18_study_checkpoint_gets_a_softmax(tmp_path):

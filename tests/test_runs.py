@@ -14,7 +14,7 @@ CONFIG = {"model": {"name": "refkit-cnn", "params": {"blocks": 2}}, "data": {"fo
                                                                          "root": "/data/chest_xray"},
           "preprocess": {"image_size": 96, "channels": 1, "normalization": "unit"},
           "train": {"epochs": 15, "batch_size": 32, "optimizer": "adam", "learning_rate": 0.001, "loss": "auto",
-                    "monitor": "auc", "low_res": {"image_size": 48, "epochs": 4}}}
+                    "low_res": {"image_size": 48, "epochs": 4}}, "run": {"objective": "auc"}}
 
 
 def _write_run(output: Path, name: str, stages: dict, benchmark: dict | None = None, **top) -> Path:
@@ -39,11 +39,13 @@ QUANTIZE = {"status": "ok", "metric": "accuracy", "fp32_val": {"accuracy": 0.91,
             "precision_val": {"fp32": {"accuracy": 0.91}, "bf16": {"accuracy": 0.909},
                               "int8": {"accuracy": 0.905}, "int8-bf16": {"accuracy": 0.9}},
             "finished_at": "2026-01-01T11:00:00+0000"}
-BENCHMARK = {"results": [
+BENCHMARK = {"baseline": "tf-fp32", "results": [
     {"id": "tf-fp32", "engine": "tensorflow", "precision": "fp32", "latency_ms": {"p50": 4.25, "p90": 5.0},
-     "throughput_ips": 310.5, "metrics": {"accuracy": 0.9, "auc": 0.95}},
+     "throughput_ips": 310.5, "metrics": {"accuracy": 0.9, "auc": 0.95},
+     "fidelity": {"conclusion": "equivalent", "margin": 0.005}},
     {"id": "tf-int8", "engine": "tensorflow", "precision": "int8", "latency_ms": {"p50": 2.5},
-     "throughput_ips": 612.0, "metrics": {"accuracy": 0.895, "auc": 0.949}},
+     "throughput_ips": 612.0, "metrics": {"accuracy": 0.895, "auc": 0.949, "ci": {"auc": [0.91, 0.988]}},
+     "fidelity": {"conclusion": "not shown equivalent", "margin": 0.005}},
 ]}
 
 
@@ -51,7 +53,8 @@ BENCHMARK = {"results": [
 def output(tmp_path):
     out = tmp_path / "output"
     _write_run(out, "full", {"train": TRAIN, "freeze": {}, "quantize": QUANTIZE, "benchmark": {}}, BENCHMARK,
-               model_source="tune", selected_val_metrics={"accuracy": 0.92, "auc": 0.97})
+               model_source="tune", objective="auc",
+               selected_val_metrics={"accuracy": 0.92, "auc": 0.97, "ci": {"auc": [0.95, 0.99]}})
     _write_run(out, "partial", {"train": TRAIN})
     (out / "corrupt").mkdir()
     (out / "corrupt" / "manifest.json").write_text('{"stages": {"train": ')  # interrupted by hand-editing
@@ -82,15 +85,18 @@ def test_show_prints_config_metrics_artifacts_and_benchmark(output, capsys):
     for expected in ("run full", "task        binary: NORMAL, PNEUMONIA",
                      "refkit-cnn (blocks=2), 12,345 parameters, selected by tune",
                      "kaggle-pneumonia at /data/chest_xray  (train 640, val 160)", "96 px, 1 channel(s), unit",
-                     "validation  accuracy 0.9200, auc 0.9700  (best epoch 7)",
-                     "training    15 epochs, batch 32, adam lr 0.001, loss auto, monitor auc, first 4 at 48 px",
+                     "validation  accuracy 0.9200, auc 0.9700 [0.9500, 0.9900]  (best epoch 7)",
+                     "objective   auc (run.objective: epochs, trials and INC)",
+                     "training    15 epochs, batch 32, adam lr 0.001, loss auto, first 4 at 48 px",
                      "fp32 accuracy 0.9100, auc 0.9600; bf16 accuracy 0.9090; int8 accuracy 0.9050, auc 0.9550; "
                      "int8-bf16 accuracy 0.9000  (ok)",
                      "keras_model    model.keras  2.0 KB", "fp32_pb        model_fp32.pb  MISSING"):
         assert expected in text, expected
     bench = [line.split() for line in text.splitlines()[-3:]]
-    assert bench[0] == ["ENGINE", "PRECISION", "P50", "MS", "IMG/S", "ACCURACY", "AUC"]
-    assert bench[2] == ["tensorflow", "int8", "2.50", "612.0", "0.8950", "0.9490"]
+    assert bench[0] == ["ENGINE", "PRECISION", "P50", "MS", "IMG/S", "ACCURACY", "AUC", "[95%", "CI]", "VS", "FP32"]
+    assert " ".join(bench[1]) == "tensorflow fp32 4.25 310.5 0.9000 0.9500 -"  # the baseline is not paired with itself
+    assert " ".join(bench[2]) == ("tensorflow int8 2.50 612.0 0.8950 0.9490 [0.9100, 0.9880] "
+                                  "not shown equivalent (±0.005)")
 
     assert main(["runs", "show", str(output / "partial"), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -126,7 +132,8 @@ def test_benchmark_rows_read_the_schema_and_flag_a_corrupt_file(tmp_path):
     (tmp_path / "benchmark.json").write_text(json.dumps(BENCHMARK))
     rows, warning = benchmark_rows(tmp_path)
     assert warning is None and rows[1] == {"engine": "tensorflow", "precision": "int8", "latency_p50_ms": 2.5,
-                                           "throughput_ips": 612.0, "accuracy": 0.895, "auc": 0.949}
+                                           "throughput_ips": 612.0, "accuracy": 0.895, "auc": 0.949,
+                                           "auc_ci": [0.91, 0.988], "vs_fp32": "not shown equivalent (±0.005)"}
     for broken in ("{", '{"rows": []}'):
         (tmp_path / "benchmark.json").write_text(broken)
         rows, warning = benchmark_rows(tmp_path)

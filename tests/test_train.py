@@ -38,6 +38,7 @@ def resumed(tmp_path_factory, data_root):
     """A 4-epoch training interrupted after epoch 2, then resumed: (config, first-call state, FitResult)."""
     import tensorflow as tf
 
+    import medq.fitting as fitting
     import medq.train as train
 
     config = _config(tmp_path_factory.mktemp("runs"), data_root, "train.epochs=4", "train.tensorboard=true")
@@ -58,7 +59,7 @@ def resumed(tmp_path_factory, data_root):
             train.run_train(config)
     finally:
         train.fit_model = original
-    state = json.loads((config.run_dir / "checkpoints" / train.LAST_STATE).read_text())
+    state = json.loads((config.run_dir / "checkpoints" / fitting.LAST_STATE).read_text())
     reader = tf.train.load_checkpoint(str(config.run_dir / "checkpoints" / state["checkpoint"]))
     state["optimizer_iterations"] = int(reader.get_tensor("optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE"))
     return config, state, train.run_train(config, resume=True)
@@ -69,7 +70,7 @@ def test_resume_continues_from_the_last_epoch(resumed):
     assert state["epoch"] == 2 and not state["finished"]
     assert result.epochs_run == 2  # epochs 3 and 4 only
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
-    assert all("val_primary" in row and "val_auc" in row for row in result.history)
+    assert all("val_objective" in row and "val_auc" in row for row in result.history)
     # the optimizer state came back too: its step count continues from the interrupted one
     steps = len(read_dataset(config.data, seed=config.run.seed).splits["train"]) // 16
     assert state["optimizer_iterations"] >= 2 * steps
@@ -181,12 +182,13 @@ def test_intensity_augmentation_keeps_normalised_units():
 
 
 def test_low_res_phase_starts_the_full_resolution_training(tmp_path, data_root, monkeypatch):
+    import medq.fitting as fitting
     import medq.train as train
 
     config = _config(tmp_path, data_root, "train.epochs=1", "train.low_res.image_size=16", "train.low_res.epochs=2")
     starts = []
-    copy = train._copy_weights
-    monkeypatch.setattr(train, "_copy_weights", lambda source, model: (starts.append(source), copy(source, model)))
+    copy = fitting._copy_weights
+    monkeypatch.setattr(fitting, "_copy_weights", lambda source, model: (starts.append(source), copy(source, model)))
     result = train.run_train(config)
     low = config.run_dir / train.LOW_RES_MODEL
     assert starts == [low]
@@ -202,7 +204,7 @@ def test_low_res_phase_starts_the_full_resolution_training(tmp_path, data_root, 
 def test_a_model_whose_weights_depend_on_the_input_size_cannot_change_resolution(tmp_path):
     import tensorflow as tf
 
-    from medq.train import _copy_weights
+    from medq.fitting import _copy_weights
 
     def flat(size):
         return tf.keras.Sequential([tf.keras.Input((size, size, 1)), tf.keras.layers.Flatten(),
@@ -214,17 +216,22 @@ def test_a_model_whose_weights_depend_on_the_input_size_cannot_change_resolution
 
 
 def test_selection_rule_and_class_weights():
-    from medq.train import class_weights, is_better
+    from medq.fitting import class_weights
+    from medq.selection import is_better
 
-    assert is_better({"accuracy": 0.8, "auc": 0.7}, {"accuracy": 0.7, "auc": 0.9}, "binary")
-    assert is_better({"accuracy": 0.8, "auc": 0.9}, {"accuracy": 0.8, "auc": 0.7}, "binary")  # tie → AUC
-    assert not is_better({"accuracy": 0.8, "auc": 0.7}, {"accuracy": 0.8, "auc": 0.7}, "binary")
-    assert is_better({"auc": 0.8, "accuracy": 0.1}, {"auc": 0.7, "accuracy": 0.9}, "multilabel")
-    assert is_better({"accuracy": 0.5, "auc": float("nan")}, None, "binary")
-    # train.monitor: auc (the default) picks epochs by AUC, ties by accuracy
-    assert is_better({"accuracy": 0.7, "auc": 0.9}, {"accuracy": 0.8, "auc": 0.7}, "binary", "auc")
-    assert is_better({"accuracy": 0.8, "auc": 0.9}, {"accuracy": 0.7, "auc": 0.9}, "binary", "auc")
-    assert not is_better({"accuracy": 0.9, "auc": 0.6}, {"accuracy": 0.7, "auc": 0.9}, "binary", "auc")
+    assert is_better({"accuracy": 0.8, "auc": 0.7}, {"accuracy": 0.7, "auc": 0.9}, "accuracy")
+    assert is_better({"accuracy": 0.8, "auc": 0.9}, {"accuracy": 0.8, "auc": 0.7}, "accuracy")  # tie → AUC
+    assert not is_better({"accuracy": 0.8, "auc": 0.7}, {"accuracy": 0.8, "auc": 0.7}, "accuracy")
+    assert is_better({"accuracy": 0.5, "auc": float("nan")}, None, "auc")
+    # run.objective: auc (the default) picks by AUC, ties by accuracy
+    assert is_better({"accuracy": 0.7, "auc": 0.9}, {"accuracy": 0.8, "auc": 0.7}, "auc")
+    assert is_better({"accuracy": 0.8, "auc": 0.9}, {"accuracy": 0.7, "auc": 0.9}, "auc")
+    assert not is_better({"accuracy": 0.9, "auc": 0.6}, {"accuracy": 0.7, "auc": 0.9}, "auc")
+    # the chance-level guard: an AUC whose interval reaches 0.5 never replaces a model, whatever the objective
+    chance = {"accuracy": 0.95, "auc": 0.6, "ci": {"auc": [0.45, 0.75]}}
+    learned = {"accuracy": 0.6, "auc": 0.58, "ci": {"auc": [0.52, 0.64]}}
+    assert not is_better(chance, learned, "auc") and not is_better(chance, learned, "accuracy")
+    assert is_better(learned, chance, "accuracy") and is_better(chance, None, "auc")
     weights = class_weights(np.array([[1, 0], [0, 1], [0, 1], [0, 1]], np.float32), "binary", "balanced")
     assert weights == {0: 2.0, 1: pytest.approx(2 / 3)}
 
@@ -232,7 +239,7 @@ def test_selection_rule_and_class_weights():
 @pytest.mark.parametrize("strategy", ["mirrored", "multi-worker"])
 def test_fit_under_a_distribution_strategy(strategy, tmp_path, data_root, monkeypatch):
     """The strategy wiring on one machine: the model is built and trained one epoch inside the strategy's scope."""
-    from medq.train import fit_model, is_chief, make_strategy
+    from medq.fitting import fit_model, is_chief, make_strategy
 
     monkeypatch.delenv("TF_CONFIG", raising=False)
     config = _config(tmp_path, data_root, "train.epochs=1", "train.batch_size=64", f"train.distribute={strategy}")
@@ -319,7 +326,7 @@ def test_an_interrupted_retrain_leaves_the_previous_model_and_manifest_as_they_w
 
 
 def test_nan_validation_outputs_stop_training_with_one_line(tmp_path, data_root):
-    import medq.train as train
+    import medq.fitting as train
 
     config = _config(tmp_path, data_root, "train.epochs=1", "train.learning_rate=9.0", "train.optimizer=sgd",
                      "train.loss=cce")

@@ -21,8 +21,8 @@ def _config(tmp_path, data_root, *overrides):
 
 @pytest.fixture
 def count_trainings(monkeypatch):
-    """How many models the search trains (each trial calls medq.train.fit_model once)."""
-    import medq.train as train
+    """How many models the search trains (each trial calls medq.fitting.fit_model once)."""
+    import medq.fitting as train
 
     calls = []
     original = train.fit_model
@@ -77,7 +77,7 @@ def test_every_tuner_kind_is_a_medq_tuner(tmp_path):
     for kind in ("random", "hyperband", "bayesian"):
         config = load_config(None, [f"run.output_dir={tmp_path}", f"run.name={kind}", f"tune.tuner={kind}"])
         tuner = make_tuner(config, declare_space(config, "binary"), runner=None)
-        assert type(tuner).__name__.startswith("Medq") and tuner.oracle.objective.name == "val_primary"
+        assert type(tuner).__name__.startswith("Medq") and tuner.oracle.objective.name == "val_objective"
         assert tuner.oracle.objective.direction == "max" and tuner.oracle.seed == config.run.seed
         assert tuner.project_dir == str(config.run_dir / "tuner")
 
@@ -170,7 +170,7 @@ def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, 
     assert manifest["config"]["preprocess"]["image_size"] == result.best.image_size
     assert run_freeze(config).is_file()
     assert runrecord.read_manifest(config.run_dir)["input_shape"] == [result.best.image_size] * 2 + [1]
-    assert np.isfinite(result.best.val_primary)
+    assert np.isfinite(result.best.val_objective)
 
 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("search-*.yaml")),
@@ -204,14 +204,14 @@ def test_multilabel_search_is_scored_by_mean_auc(tmp_path):
     result = run_tune(config)
     assert sorted(r.values["loss"] for r in result.trials) == ["focal", "weighted-bce"]
     for row in result.trials:
-        assert row.val_primary == row.val_auc == row.val_metrics["auc"]  # mean AUC over the labels
+        assert row.val_objective == row.val_auc == row.val_metrics["auc"]  # mean AUC over the labels
         assert "exact_match" in row.val_metrics
     assert runrecord.read_manifest(config.run_dir)["task"] == "multilabel"
 
 
 def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, data_root, monkeypatch):
     """Ctrl-C in trial 2 of 3: the rerun trains trial 2 again and trial 3, never trial 1 (its model is untouched)."""
-    import medq.train as train
+    import medq.fitting as train
     from medq.tune import run_tune
 
     config = _config(tmp_path, data_root, "tune.max_trials=3")
@@ -234,3 +234,54 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, data_root, mon
     assert len([t for t in resumed.trials if t.status == "COMPLETED"]) == 3
     after = {p.parent.name: p.stat().st_mtime_ns for p in (config.run_dir / "tuner").glob("trial_*/model.keras")}
     assert {k: after[k] for k in finished} == finished and len(after) == 3
+
+
+# --- selection on stubbed trial results (no training) -------------------------------------------------------------
+
+# The search of issue 14: a trial that predicts the majority class (AUC 0.503) with the better accuracy.
+MAJORITY = {"accuracy": 0.658, "auc": 0.503, "ci": {"auc": [0.41, 0.60], "accuracy": [0.59, 0.72]}}
+TRAINED = {"accuracy": 0.627, "auc": 0.812, "ci": {"auc": [0.75, 0.87], "accuracy": [0.56, 0.69]}}
+# a chance-level trial whose AUC point estimate beats the trained model's: its interval still reaches 0.5
+LUCKY = {"accuracy": 0.70, "auc": 0.83, "ci": {"auc": [0.48, 1.0], "accuracy": [0.5, 0.85]}}
+
+
+def _stub_trials(project: Path, results: dict[str, dict]) -> None:
+    for trial_id, metrics in results.items():
+        folder = project / f"trial_{trial_id}"
+        folder.mkdir(parents=True)
+        artifacts.write_json(folder / "trial.json", {"trial_id": trial_id, "status": "COMPLETED",
+                                                     "hyperparameters": {"values": {"learning_rate": 0.001}}})
+        artifacts.write_json(folder / "medq_trial.json", {"trial_id": trial_id, "val_metrics": metrics,
+                                                          "latency_ms": 1.0, "parameters": 10, "flops": 10})
+        (folder / "model.keras").write_bytes(b"trial " + trial_id.encode())
+
+
+@pytest.mark.parametrize("objective", ["auc", "accuracy"])
+def test_the_tuner_never_selects_a_chance_level_trial_over_a_better_auc_model(tmp_path, objective):
+    from types import SimpleNamespace
+
+    from medq.tune import TUNER_PROJECT, _select, collect_trials, pick, trial_table_markdown
+
+    config = load_config(None, [f"run.output_dir={tmp_path}", f"run.objective={objective}"])
+    run_dir = config.run_dir
+    project = run_dir / TUNER_PROJECT
+    _stub_trials(project, {"0": MAJORITY, "1": TRAINED})
+    best, tradeoff = pick(collect_trials(project, objective), config.tune.tradeoff_tolerance, objective)
+    assert best.trial_id == "1" and tradeoff.trial_id == "1"  # even when accuracy is the objective
+    table = trial_table_markdown(collect_trials(project, objective), best, tradeoff, objective)
+    assert "0.503 [0.410, 0.600] (chance)" in table and f"validation {objective}" in table
+
+    # the run's trained model against a search whose only trials are at chance
+    staged = runrecord.staging_path(run_dir, runrecord.KERAS_MODEL)
+    staged.write_bytes(b"trained")
+    runrecord.commit(run_dir, "train", artifacts={"keras_model": staged},
+                     facts={"model_source": "train", "selected_val_metrics": TRAINED})
+    chance_only = tmp_path / "chance-search" / TUNER_PROJECT
+    _stub_trials(chance_only, {"0": MAJORITY, "1": LUCKY})
+    best, _ = pick(collect_trials(chance_only, objective), config.tune.tradeoff_tolerance, objective)
+    assert best.at_chance
+    (project.parent / "tuner").rename(project.parent / "tuner-searched")
+    chance_only.rename(project)
+    replaced, decision, top = _select(config, SimpleNamespace(task="binary", classes=["a", "b"]), best)
+    assert not replaced and top == {} and "is not above chance" in decision
+    assert (run_dir / "model.keras").read_bytes() == b"trained"

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from medq import artifacts
+from medq.metrics import OPERATING_POINTS, with_ci
 
 BENCHMARK_JSON = "benchmark.json"
 BENCHMARK_MD = "benchmark.md"
@@ -88,18 +89,67 @@ def environment_lines(report: dict[str, Any]) -> list[str]:
             f"{_f((load.get('after') or [None])[0])}"]
 
 
+def _ci(metrics: dict[str, Any], key: str) -> str:
+    return with_ci(metrics.get(key), (metrics.get("ci") or {}).get(key), 4) or "—"
+
+
 def main_table(report: dict[str, Any]) -> str:
     bs = report["settings"]["batch_size"]
     header = ["engine", "precision", "size", "p50 ms", "p90 ms", "p99 ms", f"img/s @{bs}", "× throughput",
-              "× latency", "accuracy", "AUC", "Δ accuracy", "Δ AUC"]
+              "× latency", "accuracy [95% CI]", "AUC [95% CI]", "Δ accuracy", "Δ AUC"]
     rows = []
     for r in report["results"]:
         lat, vs, m = r["latency_ms"], r.get("vs_fp32", {}), r.get("metrics", {})
         rows.append([r["engine"], r["precision"], _size(r.get("model_bytes")), _f(lat["p50"]), _f(lat["p90"]),
                      _f(lat["p99"]), _f(r["throughput_ips"], 1), _x(vs.get("throughput_speedup")),
-                     _x(vs.get("latency_speedup")), _f(m.get("accuracy"), 4), _f(m.get("auc"), 4),
+                     _x(vs.get("latency_speedup")), _ci(m, "accuracy"), _ci(m, "auc"),
                      _signed(vs.get("accuracy_delta")), _signed(vs.get("auc_delta"))])
     return _table(header, rows)
+
+
+def fidelity_section(report: dict[str, Any]) -> list[str]:
+    """Every row paired with TF FP32 on the same images: AUC difference (paired DeLong) with its interval, the
+    verdict against the margin in words, decisions flipped at the threshold, |Δ probability|."""
+    rows = [r for r in report["results"] if r.get("fidelity") and r["id"] != report["baseline"]]
+    if not rows:
+        return []
+    first = rows[0]["fidelity"]
+    margin, n = first["margin"], first["n_images"]
+    table = []
+    for r in rows:
+        f = r["fidelity"]
+        ci = f.get("auc_difference_ci")
+        diff = f"{_signed(f.get('auc_difference'))} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "—"
+        table.append([r["id"], diff, f["verdict"], f"{f['flipped_images']} ({100 * f['flipped_fraction']:.1f}%)",
+                      _f(f["max_abs_diff"], 5), _f(f["mean_abs_diff"], 5)])
+    return [f"## Fidelity against {report['baseline']} (paired, the same {n} test images)", "",
+            _table(["row", "Δ AUC [95% CI]", f"verdict (margin ±{margin:g} AUC)",
+                    f"decisions flipped at {first['threshold']:g}", r"max \|Δ probability\|",
+                    r"mean \|Δ probability\|"],
+                   table), "",
+            f"Δ AUC: row − FP32, {'mean AUC over the classes, ' if report['task'] != 'binary' else ''}"
+            "DeLong's test for correlated ROC curves on the same images. Equivalent means the whole 95% interval of "
+            f"the difference lies within ±{margin:g} (benchmark.equivalence_margin); an interval that crosses the "
+            "margin proves neither. A flipped decision: the image's call (the class, or any finding for multi-label) "
+            "at the threshold differs from FP32's.", ""]
+
+
+def clinical_section(report: dict[str, Any]) -> list[str]:
+    """Operating points and calibration per row: a quantized model can keep its AUC and move its operating point."""
+    rows = [r for r in report["results"] if r.get("clinical")]
+    if not rows:
+        return []
+    points = [f"{p:.2f}" for p in OPERATING_POINTS]
+    header = (["row"] + [f"sensitivity @ specificity {p}" for p in points]
+              + [f"specificity @ sensitivity {p}" for p in points] + ["Brier", "ECE"])
+    table = [[r["id"]] + [_f(r["clinical"]["sensitivity_at_specificity"].get(p), 4) for p in points]
+             + [_f(r["clinical"]["specificity_at_sensitivity"].get(p), 4) for p in points]
+             + [_f(r["clinical"].get("brier"), 4), _f(r["clinical"].get("ece"), 4)] for r in rows]
+    scope = {"binary": "of the positive class", "multilabel": "means over the labels (per label in benchmark.json)",
+             "multiclass": "one-vs-rest means over the classes; Brier multi-class, ECE of the top class"}
+    return ["## Clinical operating points and calibration", "", _table(header, table), "",
+            f"Operating points ({scope.get(report['task'], '')}): the best sensitivity of any threshold that keeps the "
+            "specificity at least as stated, and the other way round. ECE: 10 equal-width probability bins.", ""]
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -108,7 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
            f"{report['created_at']} · {report['task']} · data: {report.get('data_source') or 'not recorded'} · "
            f"test split: {inputs['n_images']} images "
            f"(`{inputs['path']}`, sha256 `{inputs['sha256'][:16]}…`, identical for every row) · "
-           f"primary metric: {report['primary_metric']}", "", "## Environment", ""]
+           f"selection objective: {report['objective']} (run.objective)", "", "## Environment", ""]
     out += [f"- {line}" for line in environment_lines(report)]
     out += ["", f"## Results (speed-ups and deltas against {report['baseline']})", "", main_table(report), ""]
     if report["results"]:
@@ -132,16 +182,13 @@ def markdown(report: dict[str, Any]) -> str:
                  f"[wall {_f(by[name].get('wall_throughput_ips'), 1)}]"
                  if "throughput_ips" in by.get(name, {}) else "failed" if name in by else "—") for name in layouts])
         out += [_table(["engine", "precision"] + [name.replace("x", " × ") for name in layouts], cells), ""]
+    out += fidelity_section(report) + clinical_section(report)
     if report["task"] in ("multilabel", "multiclass") and report["results"]:
-        out += ["## Per-class AUC", "",
+        out += ["## Per-class AUC [95% DeLong CI]", "",
                 _table(["class"] + [r["id"] for r in report["results"]],
-                       [[c] + [_f(r["metrics"].get("per_class_auc", {}).get(c), 4) for r in report["results"]]
-                        for c in report["classes"]]), ""]
-    if any("max_abs_diff_vs_fp32" in r for r in report["results"]):
-        out += ["## Agreement with TF FP32", "",
-                _table(["row", "max |Δ probability|", "same decisions"],
-                       [[r["id"], _f(r.get("max_abs_diff_vs_fp32"), 5), _f(r.get("agreement_vs_fp32"), 4)]
-                        for r in report["results"]]), ""]
+                       [[c] + [with_ci(r["metrics"].get("per_class_auc", {}).get(c),
+                                       (r["metrics"].get("ci") or {}).get("per_class_auc", {}).get(c), 3) or "—"
+                               for r in report["results"]] for c in report["classes"]]), ""]
     if report["skipped"]:
         out += ["## Skipped", ""] + [f"- **{s_['id']}**: {s_['reason']}" for s_ in report["skipped"]] + [""]
     preset = report.get("preset")
@@ -159,7 +206,8 @@ def markdown(report: dict[str, Any]) -> str:
             + (f" Every row was measured in {s['repeats']} rounds (a fresh process each, rounds interleaved across "
                "rows); the figures are the medians of the rounds." if s.get("repeats", 1) > 1 else ""),
             "- Metrics: every test image, predicted in the same process after timing; the thread environment above "
-            "was set for every worker before its runtime started.",
+            "was set for every worker before its runtime started. 95% intervals: DeLong for AUC (per class, and "
+            "the mean over classes), Wilson for accuracy (over images), sensitivity and specificity.",
             "- OpenVINO rows set INFERENCE_PRECISION_HINT explicitly (f32 or bf16): its CPU default on AMX hardware "
             "is bf16."]
     perf = s.get("deploy_performance")
@@ -181,7 +229,7 @@ def chart_png(report: dict[str, Any]) -> bytes:
 
     rows = report["results"]
     labels = [r["id"] for r in rows] or ["(no rows)"]
-    primary = report["primary_metric"]
+    primary = report["objective"]
     footer = "\n".join(textwrap.fill(line, 200) for line in environment_lines(report)[:4])
     footer_inches = 0.16 + 0.13 * (footer.count("\n") + 1)
     height = 1.8 + 0.45 * len(labels) + footer_inches
@@ -228,7 +276,7 @@ def write_reports(run_dir: str | Path, report: dict[str, Any]) -> dict[str, Path
 def summary_text(report: dict[str, Any]) -> str:
     """One screen: each row's latency, throughput, metric and speed-up against TF FP32, then INT8 vs FP32."""
     bs = report["settings"]["batch_size"]
-    primary = report["primary_metric"]
+    primary = report["objective"]
     cpu = report["environment"]["cpu"]
     flags = "/".join(label for key, label in (("vnni", "VNNI"), ("bf16", "BF16"), ("amx_int8", "AMX")) if cpu.get(key))
     lines = [f"benchmark {report['run']}: {report['inputs']['n_images']} test images, {cpu.get('model')} "
@@ -247,6 +295,9 @@ def summary_text(report: dict[str, Any]) -> str:
         delta = vs.get("auc_delta" if primary == "auc" else "accuracy_delta")
         lines.append(f"INT8 vs FP32 (TensorFlow): {_x(vs['throughput_speedup'])} throughput, "
                      f"{_x(vs['latency_speedup'])} latency, {primary} {_signed(delta)}")
+        fidelity = by_id["tensorflow-int8"].get("fidelity")
+        if fidelity:
+            lines.append(f"  {fidelity['verdict']}; {100 * fidelity['flipped_fraction']:.1f}% of decisions flipped")
     for s in report["skipped"]:
         lines.append(f"skipped {s['id']}: {s['reason'][:110]}")
     lines += [f"note: {n[:120]}" for n in report.get("notes", []) if n.startswith("the machine was busy")]

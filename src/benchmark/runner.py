@@ -239,6 +239,9 @@ def _check_settings(bc: Any) -> list[int]:
         raise ConfigError(f"benchmark.repeats: must be greater than 0, got {bc.repeats}")
     if bc.calibration_images <= 0:
         raise ConfigError(f"benchmark.calibration_images: must be greater than 0, got {bc.calibration_images}")
+    if not 0 < bc.equivalence_margin < 0.5:
+        raise ConfigError(f"benchmark.equivalence_margin: an AUC difference between 0 and 0.5 (e.g. 0.005), got "
+                          f"{bc.equivalence_margin}")
     return sizes
 
 
@@ -279,11 +282,17 @@ def _metrics(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarra
     return _clean(task_metrics(task, labels, probs, classes))
 
 
-def _agreement(task: str, probs: np.ndarray, base: np.ndarray) -> float:
-    """Share of decisions equal to the baseline's: the arg-max class, or every thresholded label (multi-label)."""
-    if task == "multilabel":
-        return float(((probs >= 0.5) == (base >= 0.5)).mean())
-    return float((probs.argmax(axis=1) == base.argmax(axis=1)).mean())
+def _clinical(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    from medq.metrics import clinical_metrics
+
+    return _clean(clinical_metrics(task, labels, probs, classes))
+
+
+def _fidelity(task: str, labels: np.ndarray, base: np.ndarray, probs: np.ndarray, margin: float) -> dict[str, Any]:
+    """The row against TF FP32 on the same images (:func:`medq.metrics.paired_comparison`)."""
+    from medq.metrics import paired_comparison
+
+    return _clean(paired_comparison(task, labels, base, probs, margin))
 
 
 def _job(row: plan.Row, manifest: dict[str, Any], inputs: dict[str, Any], bc: Any, sizes: list[int],
@@ -420,7 +429,7 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
 
 
 def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) -> dict[str, Any]:
-    from medq.metrics import primary_metric
+    from medq.selection import objective
 
     fp32_pb = runrecord.verified_path(run_dir, "fp32_pb", config)
     manifest = runrecord.read_manifest(run_dir)
@@ -431,7 +440,7 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
     bc = config.benchmark
     sizes = _check_settings(bc)
     task, classes = manifest["task"], list(manifest["classes"])
-    primary = primary_metric(task)
+    primary = objective(config, manifest)
     features = hwinfo.cpu_features()
     load_before = os.getloadavg()
     int8_pb, int8_unusable = _int8_graph(run_dir, config)
@@ -480,11 +489,11 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
         entry = _row_entry(row, combine_rounds(measured[row.id]), run_dir, bc.batch_size)
         probs = np.load(bench / "probs" / f"{row.id}.npy")
         entry["metrics"] = _metrics(task, classes, inputs["labels"], probs)
+        entry["clinical"] = _clinical(task, classes, inputs["labels"], probs)
         if row.id == plan.BASELINE:
             base_probs = probs
-        if base_probs is not None:
-            entry["max_abs_diff_vs_fp32"] = float(np.max(np.abs(probs - base_probs)))
-            entry["agreement_vs_fp32"] = _agreement(task, probs, base_probs)
+        if base_probs is not None:  # the baseline is measured first: every other row is paired with it
+            entry["fidelity"] = _fidelity(task, inputs["labels"], base_probs, probs, bc.equivalence_margin)
         if not row.reference and row.precision in bc.instance_precisions:
             job = _job(row, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench)
             for layout in layouts:
@@ -506,12 +515,12 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
                      "absolute times are inflated and noisy; compare the ratios")
     out = {
         "schema": 1, "run": config.run.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": task, "classes": classes, "primary_metric": primary, "baseline": plan.BASELINE,
+        "task": task, "classes": classes, "objective": primary, "baseline": plan.BASELINE,
         "data_source": manifest.get("data_source"),
         "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                      "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,
-                     "batch_sizes": sizes, "repeats": bc.repeats,
+                     "batch_sizes": sizes, "repeats": bc.repeats, "equivalence_margin": bc.equivalence_margin,
                      "instances": [layout.name for layout in layouts],
                      "deploy_performance": performance or None},
         "environment": {"cpu": features, "thread_environment": thread_env,
