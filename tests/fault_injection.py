@@ -186,8 +186,11 @@ def scenario_concurrent_writers(h: Harness, base: str) -> tuple[bool, str]:
     run = "s-concurrent"
     h.copy_run(base, run)
     first = h.start("train", run)
-    time.sleep(8)  # past TensorFlow's import: the first has the lock
-    second = h.medq("quantize", run)
+    lock = h.output / run / ".lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.is_file() and lock.read_text().strip()):
+        time.sleep(0.05)  # the holder writes its pid into the lock file once it has the lock
+    second = h.medq("data", run)  # the quickest writer to reach the lock
     first_out = first.communicate()[0]
     problems, _ = check_run(h.output / run)
     message = (second.stderr or second.stdout).strip()
