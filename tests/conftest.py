@@ -14,7 +14,9 @@ def _medq_logger_reset():
     """Tests that call the CLI in-process leave handlers on the 'medq' logger bound to that test's captured
     streams; later tests would log into closed streams."""
     yield
-    logging.getLogger("medq").handlers.clear()
+    logger = logging.getLogger("medq")
+    logger.handlers.clear()
+    logger.propagate = True  # the CLI stops propagation to the root logger, where pytest's caplog listens
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -203,7 +203,7 @@ def test_benchmark_markdown_and_predict_name_the_data_source(tmp_path):
     from medq.benchmark.report import markdown
     from medq.predict import PredictSummary, read_run
 
-    rep = {"run": "r", "created_at": "now", "task": "binary", "classes": ["a", "b"], "primary_metric": "accuracy",
+    rep = {"run": "r", "created_at": "now", "task": "binary", "classes": ["a", "b"], "objective": "accuracy",
            "baseline": "tensorflow-fp32", "data_source": "synthetic phantoms (kaggle-pneumonia layout)",
            "inputs": {"path": "x.npy", "sha256": "0" * 64, "n_images": 4},
            "settings": {"warmup": 1, "latency_iterations": 2, "throughput_iterations": 1, "batch_size": 4,

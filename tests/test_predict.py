@@ -216,8 +216,8 @@ def test_bad_run_or_missing_model_is_one_line(tiny, tmp_path, capsys, clean_thre
     (partial / "manifest.json").write_text(json.dumps(manifest))
     graph_only = tmp_path / "graph_only"  # e.g. a converted run: a frozen graph, no Keras model
     graph_only.mkdir()
-    fp32 = str(runrecord.recorded_path(tiny.run_dir, "fp32_pb").resolve())
-    manifest["artifacts"] = {"fp32_pb": {"path": fp32}}
+    shutil.copy(runrecord.recorded_path(tiny.run_dir, "fp32_pb"), graph_only / "model_fp32.pb")
+    manifest["artifacts"] = {"fp32_pb": runrecord.read_manifest(tiny.run_dir)["artifacts"]["fp32_pb"] | {"inputs": {}}}
     (graph_only / "manifest.json").write_text(json.dumps(manifest))
     cases = {
         ("--run", str(tmp_path / "nope")): "no such run folder",
