@@ -57,7 +57,8 @@ def trained(tmp_path_factory):
         f"data.root={base / 'chest_xray'}", "data.generate=false", "data.val_fraction=0.3",
         f"run.output_dir={base / 'output'}", "run.name=trained", "preprocess.image_size=40",
         "model.params={blocks: 2, filters: 8, dense_units: 16}", "train.epochs=5", "train.batch_size=8",
-        "train.learning_rate=0.003", f"quantize.deploy={DEPLOY}"])
+        "train.learning_rate=0.003", f"quantize.deploy={DEPLOY}",
+        "run.objective=accuracy"])  # these tests read INC's accuracy criterion on accuracy (the default is AUC)
     run_train(config)
     run_freeze(config)
     return config
