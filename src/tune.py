@@ -350,6 +350,7 @@ def serve_oracle(tuner, worker_timeout: float, poll_seconds: float = 0.5) -> lis
 
 
 def _heartbeat_servicer(base, protos):
+    from keras_tuner.src.engine import trial as trial_module
     from keras_tuner.src.engine.oracle import synchronized
 
     class HeartbeatServicer(base):
@@ -359,6 +360,7 @@ def _heartbeat_servicer(base, protos):
             super().__init__(oracle)
             self.last_seen: dict[str, float] = {}
             self.dropped: list[dict[str, Any]] = []
+            self.idle_seconds = 1.0
 
         def _seen_trial(self, trial_id: str) -> None:
             for tuner_id, trial in list(self.oracle.ongoing_trials.items()):
@@ -367,6 +369,12 @@ def _heartbeat_servicer(base, protos):
 
         def CreateTrial(self, request, context):
             self.last_seen[request.tuner_id] = time.monotonic()
+            if must_wait(self.oracle, request.tuner_id):
+                # keras-tuner would stop this worker; if the busy one is dead, its trial would then have no one left
+                # to run it once dropped. The worker asks again (IDLE) until the others end or are dropped.
+                time.sleep(self.idle_seconds)
+                idle = trial_module.Trial(self.oracle.get_space(), status=trial_module.TrialStatus.IDLE)
+                return protos.get_service().CreateTrialResponse(trial=idle.to_proto())
             return super().CreateTrial(request, context)
 
         def UpdateTrial(self, request, context):
@@ -383,20 +391,31 @@ def _heartbeat_servicer(base, protos):
         def drop_silent_workers(self, timeout: float) -> None:
             now = time.monotonic()
             for tuner_id in [t for t in self.oracle.ongoing_trials if now - self.last_seen.get(t, now) > timeout]:
-                self._drop(self.oracle, tuner_id, now)
+                trial = requeue_trial(self.oracle, tuner_id)
+                if trial is None:
+                    continue
+                silent = now - self.last_seen.pop(tuner_id, now)
+                self.dropped.append({"tuner_id": tuner_id, "trial_id": trial.trial_id,
+                                     "silent_seconds": round(silent)})
+                log.warning("tune: worker %s silent for %.0f s (dead?); its trial %s goes to the next worker",
+                            tuner_id, silent, trial.trial_id)
 
-        @synchronized
-        def _drop(self, oracle, tuner_id: str, now: float) -> None:
-            trial = oracle.ongoing_trials.pop(tuner_id, None)
-            if trial is None:
-                return
+    # keras-tuner's @synchronized locks on its first argument, so these take the oracle first (not the servicer)
+    @synchronized
+    def must_wait(oracle, tuner_id: str) -> bool:
+        """No new trial to give, but other workers still hold trials that may come back if they are dropped."""
+        return (oracle.max_trials is not None and len(oracle.trials) >= oracle.max_trials
+                and not oracle._retry_queue and tuner_id not in oracle.ongoing_trials
+                and bool(oracle.ongoing_trials))
+
+    @synchronized
+    def requeue_trial(oracle, tuner_id: str):
+        trial = oracle.ongoing_trials.pop(tuner_id, None)
+        if trial is not None:
             oracle.tuner_ids.discard(tuner_id)
             oracle._retry_queue.append(trial.trial_id)  # keras-tuner's queue of trials to run again, served first
             oracle.save()
-            silent = now - self.last_seen.pop(tuner_id, now)
-            self.dropped.append({"tuner_id": tuner_id, "trial_id": trial.trial_id, "silent_seconds": round(silent)})
-            log.warning("tune: worker %s silent for %.0f s (dead?); its trial %s goes to the next worker", tuner_id,
-                        silent, trial.trial_id)
+        return trial
 
     return HeartbeatServicer
 

@@ -113,3 +113,45 @@ tune:
     assert len(trials) == 3 and all(t["status"] == "COMPLETED" for t in trials), trials
     assert {t["tuner_id"] for t in trials} == {"tuner0"}  # tuner0 ran tuner1's trial too
     assert dropped["trial_id"] in {t["trial_id"] for t in trials}
+
+
+def test_a_worker_that_finishes_first_waits_for_a_dead_workers_trial_instead_of_leaving(tmp_path):
+    """The live worker asks for more work before the dead one is noticed: it must be told to wait (IDLE), not stop,
+    or the dead worker's trial is dropped into the retry queue with no one left to run it."""
+    from keras_tuner import HyperParameters, Objective
+    from keras_tuner.src import protos
+    from keras_tuner.src.distribute import oracle_chief
+    from keras_tuner.src.engine import trial as trial_module
+    from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
+
+    from medq.tune import _heartbeat_servicer
+
+    hp = HyperParameters()
+    hp.Choice("lr", [0.1, 0.2, 0.3])
+    oracle = RandomSearchOracle(objective=Objective("val_auc", "max"), max_trials=2, hyperparameters=hp, seed=1)
+    oracle._set_project_dir(str(tmp_path), "search")
+    servicer = _heartbeat_servicer(oracle_chief.OracleServicer, protos)(oracle)
+    servicer.idle_seconds = 0
+
+    def ask(tuner_id):
+        request = protos.get_service().CreateTrialRequest(tuner_id=tuner_id)
+        return trial_module.Trial.from_proto(servicer.CreateTrial(request, None).trial)
+
+    def finish(trial):
+        trial.status = "COMPLETED"
+        servicer.UpdateTrial(protos.get_service().UpdateTrialRequest(trial_id=trial.trial_id, metrics={}), None)
+        oracle.update_trial(trial.trial_id, {"val_auc": 0.7})
+        servicer.EndTrial(protos.get_service().EndTrialRequest(trial=trial.to_proto()), None)
+
+    dead_trial, live_trial = ask("dead"), ask("live")
+    finish(live_trial)
+    assert ask("live").status == "IDLE"  # keras-tuner alone answers STOPPED here and forgets the live worker
+    assert not servicer.stop_triggered
+
+    servicer.last_seen["dead"] -= 60
+    servicer.drop_silent_workers(timeout=30)
+    retried = ask("live")
+    assert retried.trial_id == dead_trial.trial_id and retried.status == "RUNNING"
+    finish(retried)
+    assert ask("live").status == "STOPPED" and oracle_chief.exit_chief(oracle)
+    assert {t.status for t in oracle.trials.values()} == {"COMPLETED"} and len(oracle.trials) == 2
