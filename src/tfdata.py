@@ -13,22 +13,24 @@ import numpy as np
 
 from medq.data.cache import ImageCache
 from medq.data.decode import UnreadableImage, load_image
-from medq.preprocess import PreprocessSpec, normalize, resize
+from medq.preprocess import PreprocessSpec, model_channels, normalize, normalize_batch, resize
 
 # One unit of brightness in [0, 1] image terms, expressed in each normalisation's units.
 _INTENSITY_SCALE = {"unit": 1.0, "symmetric": 2.0, "imagenet": 1.0 / 0.226}
 
 
 def _loader(spec: PreprocessSpec, dropped: dict[str, str] | None = None, cache: ImageCache | None = None):
+    """path → (uint8 [S, S, C] stored image, ok): the decode half; normalisation is applied to whole batches."""
+
     def load(path: bytes) -> tuple[np.ndarray, bool]:
         name = path.decode()
         try:
             stored = cache.get(name) if cache is not None else resize(load_image(name), spec)
-            return normalize(stored, spec), True
+            return model_channels(stored, spec), True
         except UnreadableImage as exc:
             if dropped is not None:
                 dropped[name] = str(exc)
-            return np.zeros(spec.input_shape, np.float32), False
+            return np.zeros(spec.input_shape, np.uint8), False
 
     return load
 
@@ -84,7 +86,7 @@ def _decoded_batches(ds, spec: PreprocessSpec, batch_size: int, seed: int, augme
 
 
     def decode(path, label):
-        image, ok = tf.numpy_function(load, [path], [tf.float32, tf.bool], stateful=False)
+        image, ok = tf.numpy_function(load, [path], [tf.uint8, tf.bool], stateful=False)
         image.set_shape(spec.input_shape)
         return image, label, ok
 
@@ -97,7 +99,7 @@ def _decoded_batches(ds, spec: PreprocessSpec, batch_size: int, seed: int, augme
     # Decoding (OpenCV, pydicom) and the cache's reads release the GIL: the parallel map uses every core.
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.filter(decoded).map(drop_flag)
-    ds = ds.batch(batch_size)
+    ds = ds.batch(batch_size).map(lambda x, y: (normalize_batch(x, spec), y), num_parallel_calls=tf.data.AUTOTUNE)
     if augment is not None:
         augmenter = build_augmenter(augment, spec, seed)
 
@@ -154,9 +156,9 @@ def load_split_arrays(paths: list[str], spec: PreprocessSpec, dropped: dict[str,
     images, kept = [], []
     load = _loader(spec, dropped, cache)
     for i, path in enumerate(paths):
-        image, ok = load(path.encode())
+        stored, ok = load(path.encode())
         if ok:
-            images.append(image)
+            images.append(normalize(stored, spec))
             kept.append(i)
     shape = (0, *spec.input_shape)
     return (np.stack(images) if images else np.zeros(shape, np.float32)), np.asarray(kept, dtype=int)
@@ -175,7 +177,8 @@ def iter_split_arrays(paths: list[str], spec: PreprocessSpec, chunk: int = 64, d
             images = np.empty((len(names), *spec.input_shape), np.float32)
 
             def fill(i: int) -> bool:
-                images[i], ok = load(names[i].encode())
+                stored, ok = load(names[i].encode())
+                normalize(stored, spec, out=images[i])
                 return ok
 
             ok = np.fromiter(pool.map(fill, range(len(names))), dtype=bool, count=len(names))

@@ -81,3 +81,29 @@ def test_unreadable_files_raise_a_clear_error(tmp_path, content, reason):
     with pytest.raises(UnreadableImage, match=reason) as info:
         load_image(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("channels, normalization", [(3, "imagenet"), (1, "symmetric"), (3, "unit")])
+def test_training_batches_normalised_in_tensorflow_equal_the_per_image_preprocessing(tmp_path, channels,
+                                                                                     normalization):
+    """Training normalises whole uint8 batches in TensorFlow; evaluation, calibration and prediction normalise one
+    image at a time in numpy/OpenCV. Both must give the model the same numbers."""
+    from medq.tfdata import image_dataset, iter_split_arrays
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, shape in enumerate([(50, 40), (50, 40, 3), (30, 60), (64, 64, 3), (20, 20)]):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), rng.integers(0, 256, shape, dtype=np.uint8))
+        paths.append(str(path))
+    spec = PreprocessSpec(24, channels, normalization)
+    expected = np.stack([load_and_preprocess(p, spec) for p in paths])
+    labels = np.eye(2, dtype=np.float32)[[0, 1, 0, 1, 0]]
+    batches = list(image_dataset(paths, labels, spec, batch_size=2))
+    trained_on = np.concatenate([x.numpy() for x, _ in batches])
+    assert trained_on.dtype == np.float32 and trained_on.shape == (5, 24, 24, channels)
+    np.testing.assert_allclose(trained_on, expected, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([y.numpy() for _, y in batches]), labels)
+    (chunk, kept), = list(iter_split_arrays(paths, spec, chunk=8))
+    np.testing.assert_array_equal(chunk, expected)
+    assert list(kept) == [0, 1, 2, 3, 4]

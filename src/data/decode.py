@@ -244,10 +244,9 @@ def load_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.n
 
 def to_unit_float(image: np.ndarray, path: Path | str = "<array>") -> np.ndarray:
     """uint8/uint16 gray, BGR or BGRA (OpenCV's order) → float32 [0, 1], gray [H, W] or RGB [H, W, 3]."""
-    if image.dtype == np.uint8:
-        scaled = image.astype(np.float32) / 255.0
-    elif image.dtype == np.uint16:
-        scaled = image.astype(np.float32) / 65535.0
+    if image.dtype in (np.uint8, np.uint16):  # in place: one full-resolution float copy, not two
+        scaled = image.astype(np.float32)
+        np.divide(scaled, np.float32(255.0 if image.dtype == np.uint8 else 65535.0), out=scaled)
     elif np.issubdtype(image.dtype, np.floating):
         scaled = np.clip(image.astype(np.float32), 0.0, 1.0)
     else:
