@@ -97,12 +97,13 @@ def _feature_layers(model: Any) -> list[str]:
 
 
 def overlay(image: np.ndarray, cam: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
-    """uint8 BGR [H, W, 3]: the image (float [0, 1], gray or RGB) with the map resized to it in the JET colour map."""
+    """uint8 BGR [H, W, 3]: the image (8-bit pixels or float [0, 1], gray or RGB) with the map resized to it in the
+    JET colour map."""
     height, width = image.shape[:2]
     heat = cv2.resize(np.asarray(cam, np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
     heat = np.clip(heat, 0.0, 1.0)
     colour = cv2.applyColorMap(np.round(heat * 255).astype(np.uint8), cv2.COLORMAP_JET).astype(np.float32)
-    base = np.clip(image, 0.0, 1.0) * 255.0
+    base = image.astype(np.float32) if image.dtype == np.uint8 else np.clip(image, 0.0, 1.0) * 255.0
     base = np.repeat(base[:, :, None], 3, axis=2) if base.ndim == 2 else base[:, :, ::-1]  # RGB → BGR
     weight = alpha * heat[:, :, None]  # cold regions keep the image, hot ones take the colour
     return np.round(base * (1.0 - weight) + colour * weight).astype(np.uint8)

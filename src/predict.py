@@ -2,7 +2,7 @@
 its Keras model, optionally averaged over ten crops, optionally with Grad-CAM heatmaps.
 
 The run's manifest supplies the class names, the task and the preprocessing. Every image goes through the same
-decode → preprocess functions as training, calibration and the benchmark (medq.data.decode.load_image,
+decode → preprocess functions as training, calibration and the benchmark (medq.data.decode.load_pixels,
 medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
 
 Output: one JSON object per input file, in input order —
@@ -25,7 +25,7 @@ import numpy as np
 
 from medq import artifacts, runrecord
 from medq.data.common import is_junk
-from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, is_dicom, load_image
+from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, is_dicom, load_pixels
 from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
@@ -270,7 +270,7 @@ class HeatmapWriter:
 def _load_one(item: ImageInput, spec: PreprocessSpec, ten_crop: bool, keep_image: bool):
     """(model input [S,S,C] or [10,S,S,C], decoded image or None, error text or None)."""
     try:
-        image = load_image(item.path)
+        image = load_pixels(item.path)
         x = ten_crops(image, spec) if ten_crop else preprocess(image, spec)
         return x, (image if keep_image else None), None
     except UnreadableImage as exc:

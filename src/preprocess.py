@@ -1,8 +1,8 @@
 """The one preprocessing function. Training, calibration, evaluation, benchmarking and prediction all call it.
 
-decoded image in [0, 1] (any size, gray or RGB) → :func:`resize` to the input size, 8-bit (what the disk cache of
-:mod:`medq.data.cache` stores) → :func:`normalize`: channel count the model expects, normalisation.
-The reference kit divided calibration images by 255 twice; here scaling to [0, 1] happens exactly once, in decoding.
+decoded image (any size, gray or RGB; 8-bit pixels or float in [0, 1]) → :func:`resize` to the input size, 8-bit
+(what the disk cache of :mod:`medq.data.cache` stores) → :func:`normalize`: channel count the model expects,
+normalisation. The reference kit divided calibration images by 255 twice; here each pixel is scaled exactly once.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from medq.data.decode import load_image
+from medq.data.decode import load_pixels
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -44,21 +44,24 @@ class PreprocessSpec:
 
 
 def preprocess(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """float32 [0, 1] image, [H, W] or [H, W, 3] → float32 [S, S, C] ready for the model."""
+    """Decoded image (float32 [0, 1] or 8-bit pixels, [H, W] or [H, W, 3]) → float32 [S, S, C] for the model."""
     return normalize(resize(image, spec), spec)
 
 
 def resize(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """The first half of :func:`preprocess`, what the disk cache stores: the image at the model's input size as
     uint8, gray [S, S, 1] when the source is gray or the model takes one channel, else RGB [S, S, 3]. A 224×224
-    radiograph is 50 KB instead of the 600 KB of its float32 three-channel input."""
+    radiograph is 50 KB instead of the 600 KB of its float32 three-channel input.
+
+    ``image``: float32 [0, 1], or the uint8 pixels of an 8-bit file (:func:`medq.data.decode.load_pixels`), which
+    OpenCV resizes without a float copy; both give the same 8-bit result up to OpenCV's rounding."""
     if image.ndim == 3 and spec.channels == 1:
         image = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     size = (spec.image_size, spec.image_size)
     shrinking = image.shape[0] > spec.image_size or image.shape[1] > spec.image_size
     image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
     # 8 bits after resizing: the precision of the PNGs CheXNet-style models are trained on
-    stored = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+    stored = image if image.dtype == np.uint8 else np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
     return stored[:, :, None] if stored.ndim == 2 else stored
 
 
@@ -105,7 +108,7 @@ def normalize_batch(stored, spec: PreprocessSpec):
 
 
 def load_and_preprocess(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
-    return preprocess(load_image(path), spec)
+    return preprocess(load_pixels(path), spec)
 
 
 def load_batch(paths: list[str], spec: PreprocessSpec) -> np.ndarray:

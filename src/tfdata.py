@@ -12,7 +12,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from medq.data.cache import ImageCache
-from medq.data.decode import UnreadableImage, load_image
+from medq.data.decode import UnreadableImage, load_pixels
 from medq.preprocess import PreprocessSpec, model_channels, normalize, normalize_batch, resize
 
 # One unit of brightness in [0, 1] image terms, expressed in each normalisation's units.
@@ -25,7 +25,7 @@ def _loader(spec: PreprocessSpec, dropped: dict[str, str] | None = None, cache: 
     def load(path: bytes) -> tuple[np.ndarray, bool]:
         name = path.decode()
         try:
-            stored = cache.get(name) if cache is not None else resize(load_image(name), spec)
+            stored = cache.get(name) if cache is not None else resize(load_pixels(name), spec)
             return model_channels(stored, spec), True
         except UnreadableImage as exc:
             if dropped is not None:

@@ -142,7 +142,7 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
     in chunks of ``chunk`` (only the probabilities are kept); unreadable files are dropped from both and counted.
     Returns ``{'single_crop': metrics, 'ten_crop': metrics | None, 'n_skipped': k}``.
     """
-    from medq.data.decode import UnreadableImage, load_image
+    from medq.data.decode import UnreadableImage, load_pixels
     from medq.tfdata import iter_split_arrays
 
     labels = np.asarray(labels, dtype=np.float32)
@@ -156,7 +156,7 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
             single, tens = [], []
             for i, path in enumerate(paths[start:start + chunk], start):
                 try:
-                    image = load_image(path)
+                    image = load_pixels(path)
                 except UnreadableImage:
                     continue
                 kept.append(i)

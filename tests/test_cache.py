@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from medq.data.cache import CacheFull, ImageCache
-from medq.data.decode import load_image
-from medq.preprocess import PreprocessSpec, normalize, preprocess
+from medq.preprocess import PreprocessSpec, load_and_preprocess, normalize
 
 SPEC = PreprocessSpec(32, 3, "imagenet")
 
@@ -35,7 +34,7 @@ def test_a_second_read_is_a_hit_and_equals_the_preprocessing_of_the_source(tmp_p
     # a gray radiograph is stored with one channel, 8-bit, at the input size: expanded to three on the fly
     assert second.dtype == np.uint8 and second.shape == (32, 32, 1) and len(entries(cache)) == 1
     np.testing.assert_array_equal(first, second)
-    np.testing.assert_array_equal(normalize(second, SPEC), preprocess(load_image(image), SPEC))
+    np.testing.assert_array_equal(normalize(second, SPEC), load_and_preprocess(image, SPEC))
     # one cache serves every normalisation: the stored image does not depend on it
     other = ImageCache(tmp_path / "cache", PreprocessSpec(32, 3, "unit"))
     assert other.folder == cache.folder and other.get(image).tobytes() == first.tobytes() and other.stats.hits == 1
@@ -49,7 +48,7 @@ def test_a_changed_source_file_is_never_served_from_the_cache(tmp_path):
     os.utime(image, ns=(os.stat(image).st_atime_ns, os.stat(image).st_mtime_ns + 10**9))
     after = cache.get(image)
     assert cache.stats.misses == 2 and not np.array_equal(before, after)
-    np.testing.assert_array_equal(normalize(after, SPEC), preprocess(load_image(image), SPEC))
+    np.testing.assert_array_equal(normalize(after, SPEC), load_and_preprocess(image, SPEC))
 
 
 def test_other_preprocessing_uses_other_entries(tmp_path):
@@ -73,7 +72,7 @@ def test_a_file_changing_while_it_is_decoded_is_not_stored(tmp_path, monkeypatch
     import medq.data.decode as decode
 
     image = write_png(tmp_path / "a.png", 40)
-    real = decode.load_image
+    real = decode.load_pixels
 
     def changing(path):
         out = real(path)
@@ -81,7 +80,7 @@ def test_a_file_changing_while_it_is_decoded_is_not_stored(tmp_path, monkeypatch
         os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
         return out
 
-    monkeypatch.setattr(decode, "load_image", changing)
+    monkeypatch.setattr(decode, "load_pixels", changing)
     cache = ImageCache(tmp_path / "cache", SPEC)
     cache.get(image)
     assert entries(cache) == [] and cache.stats.not_stored == 1
@@ -154,7 +153,7 @@ def test_streamed_chunks_are_bounded_and_skip_unreadable_files_with_their_indice
     assert [len(x) for x, _ in chunks] == [3, 2, 2] and max(len(x) for x, _ in chunks) <= 3
     assert np.concatenate([k for _, k in chunks]).tolist() == [0, 1, 2, 4, 5, 6, 7]
     assert list(dropped) == [str(broken)]
-    np.testing.assert_array_equal(chunks[1][0][0], preprocess(load_image(paths[4]), SPEC))
+    np.testing.assert_array_equal(chunks[1][0][0], load_and_preprocess(paths[4], SPEC))
 
 
 def test_multi_worker_shards_cover_each_image_at_most_once_per_epoch_with_equal_steps(tmp_path):
@@ -189,7 +188,7 @@ def test_benchmark_inputs_are_written_and_read_back_in_batches_without_a_memory_
     assert kept.tolist() == [0, 1, 3, 4, 5]
     stored = np.load(tmp_path / "inputs.npy")
     assert stored.shape == (5, 8, 8, 3) and stored.dtype == np.float32
-    np.testing.assert_array_equal(stored[2], preprocess(load_image(paths[2]), spec))
+    np.testing.assert_array_equal(stored[2], load_and_preprocess(paths[2], spec))
     assert [len(b) for b in npy_batches(tmp_path / "inputs.npy", 2)] == [2, 2, 1]
     means = predict_all(lambda x: x.mean(axis=(1, 2, 3))[:, None], tmp_path / "inputs.npy", 2)
     np.testing.assert_allclose(means[:, 0], stored.mean(axis=(1, 2, 3)))

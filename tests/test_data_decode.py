@@ -201,3 +201,21 @@ def test_dicom_that_is_not_one_2d_image_is_rejected_naming_the_file(tmp_path, ki
         load_image(path)
     text = str(err.value)
     assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_8bit_files_keep_their_own_pixels_in_rgb_order_and_16bit_ones_become_unit_floats(tmp_path):
+    from medq.data.decode import load_pixels
+
+    rng = np.random.default_rng(3)
+    bgra = rng.integers(0, 256, (20, 30, 4), dtype=np.uint8)
+    cv2.imwrite(str(tmp_path / "bgra.png"), bgra)
+    cv2.imwrite(str(tmp_path / "bgr.jpeg"), bgra[:, :, :3], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    cv2.imwrite(str(tmp_path / "g16.png"), bgra[:, :, 0].astype(np.uint16) * 257)
+    rgb = load_pixels(tmp_path / "bgra.png")
+    assert rgb.dtype == np.uint8 and rgb.shape == (20, 30, 3)
+    np.testing.assert_array_equal(rgb, bgra[:, :, 2::-1])  # alpha dropped, BGR → RGB
+    for name in ("bgra.png", "bgr.jpeg"):  # the float decode is the same pixels scaled once
+        np.testing.assert_array_equal(load_image(tmp_path / name), load_pixels(tmp_path / name) / np.float32(255))
+    g16 = load_pixels(tmp_path / "g16.png")
+    assert g16.dtype == np.float32 and g16.shape == (20, 30)
+    np.testing.assert_array_equal(g16, load_image(tmp_path / "g16.png"))

@@ -131,9 +131,9 @@ def test_keras_and_frozen_fp32_agree_and_int8_matches_its_graph(tiny):
 
 
 def test_ten_crop_averages_ten_crops_of_the_same_preprocessing(tiny, tmp_path):
-    from medq.data.decode import load_image
+    from medq.data.decode import load_pixels
 
-    image = load_image(tiny.test_files[1])
+    image = load_pixels(tiny.test_files[1])
     crops = ten_crops(image, tiny.spec)
     assert crops.shape == (10, 32, 32, 1)
     np.testing.assert_array_equal(crops[5], crops[0][:, ::-1])  # flips of the corner crops
@@ -145,7 +145,7 @@ def test_ten_crop_averages_ten_crops_of_the_same_preprocessing(tiny, tmp_path):
     run_predict(tiny.run_dir, tiny.test_files[:3], ten_crop=True, output=out, quiet=True)
     graph = FrozenGraph(runrecord.recorded_path(tiny.run_dir, "fp32_pb"))
     for rec, path in zip(_read_jsonl(out), tiny.test_files[:3]):
-        want = graph.predict(ten_crops(load_image(path), tiny.spec)).mean(axis=0)
+        want = graph.predict(ten_crops(load_pixels(path), tiny.spec)).mean(axis=0)
         np.testing.assert_allclose(_probs(rec), want, atol=2e-6)
     graph.close()
 
@@ -312,14 +312,14 @@ def test_a_file_that_breaks_the_decoder_is_one_error_record_not_a_lost_run(tmp_p
     for name in ("a.png", "odd.png", "c.png"):
         files.append(tmp_path / name)
         cv2.imwrite(str(files[-1]), np.full((12, 12), 128, np.uint8))
-    real = predict.load_image
+    real = predict.load_pixels
 
     def decoder(path):
         if Path(path).name == "odd.png":
             raise cv2.error("OpenCV(4.11) resize.cpp:4152: error: (-215:Assertion failed) !ssize.empty()")
         return real(path)
 
-    monkeypatch.setattr(predict, "load_image", decoder)
+    monkeypatch.setattr(predict, "load_pixels", decoder)
 
     class Fixed:
         def __init__(self):

@@ -30,7 +30,7 @@ from medq.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when resize() changes what it stores
+CACHE_VERSION = 2  # bump when resize() changes what it stores (2: 8-bit files resized as uint8)
 
 
 class CacheFull(DataError):
@@ -72,7 +72,7 @@ class ImageCache:
         return self.folder / key[:2] / f"{key}.npy"
 
     def get(self, path: str | Path) -> np.ndarray:
-        from medq.data.decode import UnreadableImage, load_image
+        from medq.data.decode import UnreadableImage, load_pixels
         from medq.preprocess import resize
 
         try:
@@ -91,7 +91,7 @@ class ImageCache:
             pass
         except (OSError, ValueError, EOFError):
             damaged = True
-        stored = resize(load_image(path), self.spec)
+        stored = resize(load_pixels(path), self.spec)
         self.stats.add(**({"rebuilt": 1} if damaged else {"misses": 1}))
         try:
             unchanged = _identity(os.stat(path)) == _identity(st)
