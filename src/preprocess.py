@@ -67,8 +67,7 @@ def resize(image: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def normalization_affine(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
     """The model's input units as one per-channel affine map of the stored uint8 pixel: input = stored * scale +
-    offset, float32 [C] each. The one definition :func:`normalize` (numpy, per image) and :func:`normalize_batch`
-    (TensorFlow, per training batch) both apply."""
+    offset, float32 [C] each: what :func:`normalize` applies."""
     channels = spec.channels
     if spec.normalization == "imagenet":
         mean = IMAGENET_MEAN if channels == 3 else IMAGENET_MEAN.mean(keepdims=True)
@@ -96,15 +95,6 @@ def normalize(stored: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
     # OpenCV's per-pixel affine map: one pass in C, outside the GIL (numpy's broadcasting is 10x slower here)
     result = cv2.transform(model_channels(stored, spec).astype(np.float32), matrix, dst=out)
     return result if result.ndim == 3 else result[:, :, None]
-
-
-def normalize_batch(stored, spec: PreprocessSpec):
-    """:func:`normalize` in TensorFlow for a uint8 [B, S, S, C] batch: vectorised and outside the GIL, which is what
-    lets training read the cache at thousands of images per second."""
-    import tensorflow as tf
-
-    scale, offset = normalization_affine(spec)
-    return tf.cast(stored, tf.float32) * scale + offset
 
 
 def load_and_preprocess(path: str | Path, spec: PreprocessSpec) -> np.ndarray:

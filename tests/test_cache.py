@@ -58,6 +58,21 @@ def test_other_preprocessing_uses_other_entries(tmp_path):
     assert small.folder != large.folder and large.stats.misses == 1
 
 
+def test_entries_are_plain_npy_files_and_a_foreign_or_short_one_is_rebuilt(tmp_path):
+    image = write_png(tmp_path / "a.png", 40)
+    cache = ImageCache(tmp_path / "cache", SPEC)
+    good = cache.get(image)
+    (entry,) = entries(cache)
+    np.testing.assert_array_equal(np.load(entry, allow_pickle=False), good)
+    np.save(entry, good.astype(np.uint16))  # a valid .npy, but not an entry this cache writes
+    np.testing.assert_array_equal(cache.get(image), good)
+    entry.write_bytes(entry.read_bytes() + b"\0")  # one byte too many
+    np.testing.assert_array_equal(cache.get(image), good)
+    assert cache.stats.rebuilt == 2 and cache.stats.hits == 0
+    np.testing.assert_array_equal(cache.get(image), good)
+    assert cache.stats.hits == 1
+
+
 def test_a_damaged_entry_is_rebuilt(tmp_path):
     image = write_png(tmp_path / "a.png", 40)
     cache = ImageCache(tmp_path / "cache", SPEC)
@@ -93,11 +108,11 @@ def test_a_full_disk_stops_the_cache_growing_without_failing_the_read_or_leaving
     image = write_png(tmp_path / "a.png", 40)
     cache = ImageCache(tmp_path / "cache", SPEC)
 
-    def no_space(fh, array, allow_pickle=False):
+    def no_space(fh, array):
         fh.write(b"\x93NUMPY partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_module.np, "save", no_space)
+    monkeypatch.setattr(cache_module, "_write_entry", no_space)
     stored = cache.get(image)
     assert stored.shape == (32, 32, 1) and isinstance(cache.full, CacheFull) and str(tmp_path / "cache") in str(
         cache.full)
@@ -131,6 +146,18 @@ def test_the_training_pipeline_streams_from_disk_and_shuffles_file_names_not_ima
     assert shuffle < decode  # GraphDef nodes are in input order: the shuffle feeds the decoding map
     seen = [tuple(y) for _, ys in ds for y in ys.numpy()]
     assert len(seen) == 6
+
+
+def test_every_input_pipeline_runs_without_the_autotuning_thread(tmp_path):
+    """tf.data's autotuning thread held up each epoch's iterator teardown by seconds; every pipeline turns it off."""
+    from medq.tfdata import image_dataset, sharded_image_dataset
+
+    paths = [str(write_png(tmp_path / f"{i}.png", 10 * i)) for i in range(4)]
+    labels = np.eye(2, dtype=np.float32)[[0, 1] * 2]
+    plain = image_dataset(paths, labels, SPEC, batch_size=2)
+    sharded = sharded_image_dataset(paths, labels, SPEC, local_batch=1, workers=2, worker=0, seed=0)
+    assert plain.options().autotune.enabled is False and sharded.options().autotune.enabled is False
+    assert sum(int(x.shape[0]) for x, _ in plain) == 4
 
 
 def graph_of(ds):

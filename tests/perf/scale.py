@@ -99,12 +99,18 @@ def input_pipeline(root: Path, cache_dir: Path, limit: int) -> dict[str, float]:
     cache = ImageCache(cache_dir, spec)
 
     def rate(ds) -> float:
+        """images/s from the iterator's start to its last batch; tearing the iterator down (tf.data sometimes takes
+        several seconds to, once per epoch, whatever the epoch's size) is reported apart."""
         start, n = time.perf_counter(), 0
-        for x, _ in ds:
+        iterator = iter(ds)
+        for x, _ in iterator:
             n += int(x.shape[0])
-        return n / (time.perf_counter() - start)
+        delivered = time.perf_counter()
+        del iterator
+        out.setdefault("iterator_teardown_s", []).append(round(time.perf_counter() - delivered, 2))
+        return n / (delivered - start)
 
-    out = {"images": len(paths)}
+    out: dict = {"images": len(paths)}
     out["first_pass_png_per_s"] = rate(image_dataset(paths, labels, spec, batch_size=32, cache=cache))
     out["cached_per_s"] = rate(image_dataset(paths, labels, spec, batch_size=32, cache=cache))
 
@@ -195,7 +201,8 @@ def table(results: dict) -> str:
     lines += ["", f"input pipeline on {p['images']} images (224×224×3, 2 threads): first pass from 1024² PNG "
               f"{p['first_pass_png_per_s']:.0f} img/s ({p['first_pass_vs_opencv']:.0%} of OpenCV alone, "
               f"{p['opencv_alone_per_s']:.0f} img/s); from the cache {p['cached_per_s']:.0f} img/s; training step "
-              f"{p['train_step_ms']:.0f} ms, waiting for input {p['waiting_for_input_fraction']:.0%}"]
+              f"{p['train_step_ms']:.0f} ms, waiting for input {p['waiting_for_input_fraction']:.0%}; iterator teardown "
+              f"{' / '.join(f'{t} s' for t in p.get('iterator_teardown_s', []))}"]
     return "\n".join(lines)
 
 
