@@ -7,6 +7,7 @@ Augmentation runs on training batches only, after preprocessing, in the model's 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -128,17 +129,19 @@ def _fill(names, spec: PreprocessSpec, load, pool) -> tuple[np.ndarray, np.ndarr
 
 
 _POOL = None
+_POOL_LOCK = threading.Lock()
 
 
 def _decode_pool():
     """The threads that decode training batches, shared by every pipeline of the process (tuning trials build new
     pipelines; a pool each would leave idle threads behind)."""
     global _POOL
-    if _POOL is None:
-        from concurrent.futures import ThreadPoolExecutor
+    with _POOL_LOCK:  # two batches may ask first at the same time
+        if _POOL is None:
+            from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medq-decode")
-    return _POOL
+            _POOL = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="medq-decode")
+        return _POOL
 
 
 def build_augmenter(augment: Any, spec: PreprocessSpec, seed: int = 0):
