@@ -69,6 +69,8 @@ cleanup() {
   echo "docker/test.sh: $([ "$status" = 0 ] && echo passed || echo FAILED) in $((SECONDS - started)) s"
 }
 trap cleanup EXIT
+trap 'exit 143' TERM  # stopped from outside (CI's time budget): clean up all the same
+trap 'exit 130' INT
 
 # compose ARGS...: docker-compose on this repository's compose file, with the test's host folders and user
 compose() {
