@@ -370,12 +370,30 @@ def test_docker_test_script_runs_both_services_as_the_issue_asks():
     assert "apt-get install" in script and all(p in script for p in ("docker.io", "docker-compose", "mmdebstrap"))
 
 
-def test_ci_runs_docker_test_after_the_suite_unless_switched_off_or_out_of_time():
-    commands = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
-                if line.strip() and not line.lstrip().startswith("#")]
-    suite = next(n for n, line in enumerate(commands) if "-m pytest" in line)
-    assert "set -euo pipefail" in commands and commands.index("docker/test.sh") > suite
-    before = commands[suite:commands.index("docker/test.sh")]
-    assert any('"${MEDQ_CI_DOCKER:-auto}" = 0' in line for line in before)
-    # the 25-minute budget: skipped with the reason only when the suite has used too much of it
-    assert any("-gt 24" in line and "auto" in line for line in before)
+def test_ci_runs_docker_test_after_the_suite_unless_switched_off_or_out_of_time(tmp_path):
+    """.ci/run against stubs of setup.sh, the suite and docker/test.sh: docker/test.sh runs after the suite when the
+    budget holds it, is skipped with the reason when it does not or when switched off, and its failure fails CI."""
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO / ".ci" / "run", tmp_path / ".ci" / "run")
+    calls = tmp_path / "calls"
+    stubs = {"env/setup.sh": 'echo setup >> "$CALLS"', ".venv/bin/python": 'echo suite >> "$CALLS"',
+             "docker/test.sh": 'echo docker >> "$CALLS"; exit "${DOCKER_STATUS:-0}"'}
+    for rel, body in stubs.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(f"#!/usr/bin/env bash\n{body}\n")
+        (tmp_path / rel).chmod(0o755)
+
+    def ci(**env):
+        calls.write_text("")
+        done = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True, text=True,
+                              env=dict(os.environ, CALLS=str(calls), **env))
+        return done.returncode, calls.read_text().split(), done.stdout
+
+    assert ci(MEDQ_CI_MINUTES_USED="10")[:2] == (0, ["setup", "suite", "docker"])
+    code, order, out = ci(MEDQ_CI_MINUTES_USED="21")
+    assert (code, order) == (0, ["setup", "suite"]) and "skipped: CI has used 21 of its 25 minutes" in out
+    code, order, out = ci(MEDQ_CI_MINUTES_USED="10", MEDQ_CI_DOCKER="0")
+    assert (code, order) == (0, ["setup", "suite"]) and "skipped (MEDQ_CI_DOCKER=0)" in out
+    assert ci(MEDQ_CI_MINUTES_USED="21", MEDQ_CI_DOCKER="1")[:2] == (0, ["setup", "suite", "docker"])
+    assert ci(MEDQ_CI_MINUTES_USED="10", DOCKER_STATUS="3")[:2] == (3, ["setup", "suite", "docker"])
+    assert "timeout" in (REPO / ".ci" / "run").read_text()  # a run that the budget stops is not left running
