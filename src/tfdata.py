@@ -98,7 +98,7 @@ def _decoded_batches(ds, spec: PreprocessSpec, batch_size: int, seed: int, augme
     # One Python call per batch; its files are decoded and normalised by the same functions every other stage
     # uses, in a thread per core (OpenCV, pydicom and the cache's reads release the GIL). Normalising in
     # TensorFlow instead took 0.5 ms an image (three passes over the batch), more than reading it from the cache.
-    ds = ds.batch(batch_size).map(decode, num_parallel_calls=2, deterministic=True)
+    ds = ds.batch(batch_size).map(decode, num_parallel_calls=_BATCHES_IN_FLIGHT, deterministic=True)
     ds = ds.filter(lambda x, y: tf.shape(x)[0] > 0)  # a batch of unreadable files only
     if augment is not None:
         augmenter = build_augmenter(augment, spec, seed)
@@ -115,8 +115,8 @@ def _decoded_batches(ds, spec: PreprocessSpec, batch_size: int, seed: int, augme
 
 
 def _fill(names, spec: PreprocessSpec, load, pool) -> tuple[np.ndarray, np.ndarray]:
-    """Decode and normalise ``names`` in ``pool`` straight into one float32 array: (images, ok per file); an
-    unreadable file's row is zeros."""
+    """Decode and normalise ``names`` in ``pool`` straight into one float32 array: (images, ok per file); the row
+    of an unreadable file holds a normalised black image, for the caller to drop."""
     images = np.empty((len(names), *spec.input_shape), np.float32)
 
     def fill(i: int) -> bool:
@@ -128,6 +128,7 @@ def _fill(names, spec: PreprocessSpec, load, pool) -> tuple[np.ndarray, np.ndarr
     return images, np.fromiter(pool.map(fill, range(len(names))), dtype=bool, count=len(names))
 
 
+_BATCHES_IN_FLIGHT = 2  # the next batch decodes while the model consumes this one; each uses every core
 _POOL = None
 _POOL_LOCK = threading.Lock()
 

@@ -87,7 +87,7 @@ class ImageCache:
         damaged = False
         try:
             stored = self._read(target)
-            if stored is not None and self._valid(stored):
+            if stored is not None:
                 self.stats.add(hits=1)
                 return stored
             damaged = True
@@ -108,7 +108,8 @@ class ImageCache:
         return stored
 
     def _read(self, target: Path) -> np.ndarray | None:
-        """The entry's array; None when its header is not one this cache writes or its data is short (damaged)."""
+        """The entry's array, of a shape and type this cache writes; None when the header is another (a foreign or
+        damaged file) or the data has another length."""
         with open(target, "rb") as fh:
             data = fh.read()
         for header, shape in self._headers.items():
@@ -117,11 +118,6 @@ class ImageCache:
                     return None
                 return np.frombuffer(data, np.uint8, offset=len(header)).reshape(shape)
         return None
-
-    def _valid(self, stored: np.ndarray) -> bool:
-        s = self.spec.image_size
-        return (stored.dtype == np.uint8 and stored.ndim == 3 and stored.shape[:2] == (s, s)
-                and stored.shape[2] in ((1,) if self.spec.channels == 1 else (1, 3)))
 
     def _store(self, target: Path, stored: np.ndarray) -> None:
         tmp = None
