@@ -217,6 +217,7 @@ class _QuantizeRun:
             raise MedqError(f"{deploy.path}: the INT8 graph INC returned scores {int8_val[metric]:.4f} {metric} on "
                             f"validation, below {threshold:.4f} ({deploy.criterion.describe()}); this is a bug, "
                             f"please report it with {log_path}")
+        int8_graph, int8_val, int8_concat = self.int8_concat(int8_graph, int8_val, baseline, threshold)
         paths_val = self.precision_paths(kept, fp32_graph, int8_graph, fp32_val, int8_val)
         fallbacks = fallback_ops(fp32_graph, int8_graph, result, deploy)
         int8_counts = op_type_counts(int8_graph)
@@ -229,13 +230,45 @@ class _QuantizeRun:
                                                   "calibration_list": hashlib.sha256(calibration_list).hexdigest()},
             status="ok",
             metric=metric, fp32_val=fp32_val, int8_val=int8_val, criterion=criterion | {"met": True},
-            op_table=result.op_table, fallback_ops=fallbacks, precision_val=paths_val,
+            op_table=result.op_table, int8_concat=int8_concat, fallback_ops=fallbacks, precision_val=paths_val,
             quantized_kernels=sum(n for op, n in int8_counts.items() if "Quantized" in op),
             seconds=round(time.perf_counter() - start, 1), **facts)
         target = self.run_dir / INT8_PB
         _summary(say, result, metric, baseline, int8_val[metric], threshold, deploy, fallbacks, paths_val,
-                 log_path, target)
+                 int8_concat, log_path, target)
         return target
+
+    def int8_concat(self, graph, val: dict[str, Any], baseline: float,
+                    threshold: float) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+        """INC's graph with its concatenations kept in INT8 (:mod:`medq.inc.int8_concat`) when that still meets the
+        accuracy criterion on the validation split; else INC's graph as it is. Returns (graph, its metrics, facts)."""
+        from medq.inc.int8_concat import rewrite_int8_concat
+
+        metric, say = self.metric, self.say
+        if not self.config.quantize.int8_concat:
+            return graph, val, {"applied": False, "reason": "quantize.int8_concat is false"}
+        rewritten, report = rewrite_int8_concat(graph)
+        facts = report.to_dict()
+        if not report.groups:
+            reason = "no concatenation to keep in INT8" + (f" ({next(iter(report.skipped.values()))})"
+                                                          if report.skipped else "")
+            return graph, val, facts | {"applied": False, "reason": reason}
+        try:
+            new_val = self.metrics(rewritten)
+        except Exception as exc:  # e.g. a TensorFlow build without oneDNN's fused INT8 depthwise kernel
+            reason = f"the rewritten graph does not run here ({str(exc).strip().splitlines()[0]})"
+            say(f"  INT8 concatenation: not used: {reason}; INC's graph is written", warning=True)
+            return graph, val, facts | {"applied": False, "reason": reason}
+        facts |= {"val": new_val[metric], "inc_val": val[metric]}
+        if not self.deploy.criterion.met(baseline, new_val[metric]):
+            reason = (f"validation {metric} {new_val[metric]:.4f} is below {threshold:.4f} "
+                      f"({self.deploy.criterion.describe()})")
+            say(f"  INT8 concatenation: not used: {reason}; INC's graph ({val[metric]:.4f}) is written", warning=True)
+            return graph, val, facts | {"applied": False, "reason": reason}
+        say(f"  INT8 concatenation: {report.concats} ConcatV2 in {report.groups} group(s) and "
+            f"{report.folded_batchnorms} BatchNorm+ReLU moved into INT8; validation {metric} {new_val[metric]:.4f} "
+            f"(INC's graph {val[metric]:.4f}), criterion met")
+        return rewritten, new_val, facts | {"applied": True}
 
     def precision_paths(self, kept: list[str], fp32_graph, int8_graph, fp32_val: dict[str, Any],
                         int8_val: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -352,13 +385,14 @@ def _sayer(stream) -> Callable[..., None]:
 
 
 def _summary(say: Callable[..., None], result: Any, metric: str, fp32: float, int8: float, threshold: float,
-             deploy: Any, fallbacks: list[dict[str, str]], paths_val: dict[str, dict[str, float]], log_path: Path,
-             target: Path) -> None:
+             deploy: Any, fallbacks: list[dict[str, str]], paths_val: dict[str, dict[str, float]],
+             int8_concat: dict[str, Any], log_path: Path, target: Path) -> None:
     say(f"  validation {metric}: FP32 {fp32:.4f}, INT8 {int8:.4f}; criterion {deploy.criterion.describe()}: "
         f"INT8 ≥ {threshold:.4f} → met ({len(result.trials)} trial(s), {result.seconds:.0f} s in INC)")
     table = ", ".join(f"{op} {c['int8']}/{c['total']} INT8" + (f" {c['bf16']} BF16" if c["bf16"] else "")
                       for op, c in result.op_table.items())
-    say(f"  INC op table: {table or 'empty'}")
+    say(f"  INC op table: {table or 'empty'}" + (" (INC's graph, before medq's INT8 concatenation)"
+                                                 if int8_concat.get("applied") else ""))
     groups: dict[tuple[str, str, str], list[str]] = {}
     for op in fallbacks:
         groups.setdefault((op["op_type"], op["runs_as"], op["reason"]), []).append(op["name"])

@@ -66,3 +66,180 @@ def test_densenet_int8_census(densenet_graphs):
     # that feeds an FP32 op: the 58 concatenated outputs, 3 transitions' pools, the stem's pool, the head's input
     assert after["QuantizeV2"] == len(pre_activation) + 2
     assert after["Dequantize"] == before["ConcatV2"] + 3 + 1 + 1
+
+
+# --- medq.inc.int8_concat: the same graph with its concatenations kept in INT8 ---------------------------------------
+
+@pytest.fixture(scope="module")
+def rewritten(densenet_graphs):
+    from medq.inc.int8_concat import rewrite_int8_concat
+
+    _, int8 = densenet_graphs
+    before = type(int8)()
+    before.CopyFrom(int8)
+    graph, report = rewrite_int8_concat(int8)
+    assert int8 == before  # the input graph is left as it was
+    return graph, report
+
+
+def _folded_batchnorms(fp32):
+    """Pre-activation BatchNorms whose ReLU feeds a convolution (the final one feeds the global pooling)."""
+    readers = {}
+    for node in fp32.node:
+        for tensor in node.input:
+            readers.setdefault(tensor.split(":")[0], []).append(node)
+    out = []
+    for bn in fp32.node:
+        if bn.op == "FusedBatchNormV3" and _producer(fp32, bn.input[0]).op != "Conv2D":
+            relu = [r for r in readers[bn.name] if r.op == "Relu"]
+            if relu and any(r.op == "Conv2D" for r in readers.get(relu[0].name, [])):
+                out.append(bn.name)
+    return out
+
+
+def test_int8_concat_census(densenet_graphs, rewritten):
+    fp32, _ = densenet_graphs
+    graph, report = rewritten
+    before, after = op_type_counts(fp32), op_type_counts(graph)
+    folded = _folded_batchnorms(fp32)
+    assert len(folded) == 61
+    assert (report.groups, report.concats, report.folded_batchnorms) == (4, before["ConcatV2"], len(folded))
+    assert report.skipped == {}
+    assert "ConcatV2" not in after and after["QuantizedConcatV2"] == before["ConcatV2"]
+    assert after["_FusedQuantizedDepthwiseConv2D"] == len(folded)
+    # what stays FP32: the final BatchNorm + ReLU before the global pooling, read through one Dequantize
+    assert after["FusedBatchNormV3"] == after["Relu"] == before["FusedBatchNormV3"] - 59 - len(folded) == 1
+    # 3x3 convolutions and transitions requantize into their block's range; the stem's pool is requantized once
+    assert (report.retargeted_convs, report.requantized_inputs, report.dequantized_readers) == (58 + 3, 1, 1)
+    quantized_convs = sum(n for op, n in after.items() if op.startswith("QuantizedConv2D"))
+    assert quantized_convs == before["Conv2D"]
+    assert after["Dequantize"] == 3  # the stem's ReLU (its Pad is FP32), the stem's pool, the final BatchNorm's input
+
+
+def _session(graph_def):
+    import tensorflow as tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    return tf.compat.v1.Session(graph=graph, config=tf.compat.v1.ConfigProto(intra_op_parallelism_threads=2,
+                                                                             inter_op_parallelism_threads=1))
+
+
+def _tensor(name):
+    return name if ":" in name else f"{name}:0"
+
+
+def _scalar(graph_def, name):
+    from tensorflow.python.framework import tensor_util
+
+    node = {n.name: n for n in graph_def.node}[name.split(":")[0]]
+    return tensor_util.MakeNdarray(node.attr["value"].tensor)
+
+
+def test_every_fold_equals_its_batchnorm_relu_quantize_op_by_op(densenet_graphs, rewritten):
+    """Each fused INT8 depthwise, given the INT8 tensor it reads, equals INC's FP32 BatchNorm → ReLU → QuantizeV2
+    computed on the same values (numpy, from the INC graph's constants) within one quantization step."""
+    _, int8 = densenet_graphs
+    graph, _ = rewritten
+    x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    folds = [n for n in graph.node if n.op == "_FusedQuantizedDepthwiseConv2D"]
+    fetch = [_tensor(n.input[0]) for n in folds] + [f"{n.name}:0" for n in folds]
+    with _session(graph) as session:
+        values = session.run(fetch, {"input:0": x})
+    sources, outputs = values[:len(folds)], values[len(folds):]
+    inc = {n.name: n for n in int8.node}
+    worst = 0.0
+    for node, source, out in zip(folds, sources, outputs):
+        bn = inc[node.input[1].rsplit("/int8_fold/", 1)[0]]
+        quantize = inc[node.name]  # the fold took the name of INC's QuantizeV2
+        assert bn.op == "FusedBatchNormV3" and quantize.op == "QuantizeV2"
+        gamma, beta, mean, var = (_scalar(int8, t).astype(np.float64) for t in bn.input[1:5])
+        in_scale = float(_scalar(graph, node.input[4])) / 127
+        out_max = float(_scalar(int8, quantize.input[2]))
+        assert float(_scalar(int8, quantize.input[1])) == 0.0
+        y = (source.astype(np.float64) * in_scale - mean) * gamma / np.sqrt(var + bn.attr["epsilon"].f) + beta
+        expected = np.clip(np.round(np.maximum(y, 0) * 255 / out_max), 0, 255)
+        worst = max(worst, float(np.abs(out.astype(np.float64) - expected).max()))
+    assert worst <= 1.0
+
+
+def test_every_int8_concatenation_is_an_exact_copy_of_its_inputs(rewritten):
+    graph, report = rewritten
+    x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    concats = [n for n in graph.node if n.op == "QuantizedConcatV2"]
+    ranges = set()
+    with _session(graph) as session:
+        for node in concats:
+            n = node.attr["N"].i
+            ranges.add(tuple(float(_scalar(graph, t)) for t in (node.input[n + 1], node.input[2 * n + 1])))
+            ins_out = session.run([_tensor(t) for t in node.input[:n]] + [f"{node.name}:0"], {"input:0": x})
+            np.testing.assert_array_equal(np.concatenate(ins_out[:-1], axis=3), ins_out[-1])
+            assert len({t for t in node.input[n + 1:]}) == 2  # one min and one max for all inputs: a plain copy
+    assert sorted(ranges) == sorted((-r, r) for r in np.float32(list(report.ranges.values())))
+
+
+def test_int8_concat_graph_predicts_like_inc_graph(densenet_graphs, rewritten):
+    from medq.graph import FrozenGraph
+
+    fp32, int8 = densenet_graphs
+    graph, _ = rewritten
+    x = np.random.default_rng(3).normal(size=(8, 32, 32, 3)).astype(np.float32)
+    outputs = []
+    for g in (fp32, int8, graph):
+        with FrozenGraph(g) as frozen:
+            outputs.append(frozen.run(x))
+    fp32_out, inc_out, ours = outputs
+    inc_error = np.abs(inc_out - fp32_out).max()
+    assert np.abs(ours - fp32_out).max() <= max(3 * inc_error, 1e-3)
+
+
+def test_a_graph_without_an_int8_concatenation_comes_back_unchanged(densenet_graphs):
+    from medq.inc.int8_concat import rewrite_int8_concat
+
+    fp32, _ = densenet_graphs
+    graph, report = rewrite_int8_concat(fp32)  # FP32 concatenations of FP32 tensors: nothing to keep in INT8
+    assert graph == fp32
+    assert report.groups == 0 and len(report.skipped) == 4
+    assert all("not by a SCALED Dequantize" in why for why in report.skipped.values())
+
+
+def _stage(repo_root, metrics, enabled=True):
+    """The quantize stage's state as far as its INT8-concatenation step reads it."""
+    from types import SimpleNamespace
+
+    from medq.inc.deploy import load_deploy
+
+    said = []
+    return SimpleNamespace(config=SimpleNamespace(quantize=SimpleNamespace(int8_concat=enabled)), metric="auc",
+                           metrics=metrics, deploy=load_deploy(Path(repo_root) / "configs" / "deploy.yaml"),
+                           say=lambda line, warning=False: said.append(line), said=said)
+
+
+@pytest.mark.parametrize("case", ["met", "missed", "fails", "off"])
+def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo_root, densenet_graphs, case):
+    from medq.quantize import _QuantizeRun
+
+    _, int8 = densenet_graphs
+    baseline, inc_val = 0.90, {"auc": 0.895}
+
+    def metrics(graph):
+        assert any(n.op == "QuantizedConcatV2" for n in graph.node)  # only the rewritten graph is evaluated here
+        if case == "fails":
+            raise RuntimeError("No OpKernel was registered to support Op '_FusedQuantizedDepthwiseConv2D'\nmore")
+        return {"auc": 0.899 if case == "met" else 0.80}
+
+    stage = _stage(repo_root, metrics, enabled=case != "off")
+    threshold = stage.deploy.criterion.threshold(baseline)
+    graph, val, facts = _QuantizeRun.int8_concat(stage, int8, inc_val, baseline, threshold)
+    if case == "met":
+        assert facts["applied"] and val == {"auc": 0.899} and graph is not int8
+        assert facts["concats"] == 58 and facts["inc_val"] == 0.895
+        assert "criterion met" in stage.said[-1]
+        return
+    assert graph is int8 and val is inc_val and not facts["applied"]
+    expected = {"missed": f"validation auc 0.8000 is below {threshold:.4f}",
+                "fails": "does not run here (No OpKernel was registered to support Op "
+                         "'_FusedQuantizedDepthwiseConv2D')",
+                "off": "quantize.int8_concat is false"}[case]
+    assert expected in facts["reason"]

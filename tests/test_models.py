@@ -103,19 +103,35 @@ def test_heads_and_channels(name):
         assert facts["input_shape"] == [32, 32, channels]
 
 
+def _int8_concat(int8_graph, x):
+    """medq.inc.int8_concat on INC's graph: (report, INC graph's output, rewritten graph's output)."""
+    from medq.graph import FrozenGraph
+    from medq.inc.int8_concat import rewrite_int8_concat
+
+    rewritten, report = rewrite_int8_concat(int8_graph)
+    if not report.groups:
+        assert rewritten == int8_graph
+    outputs = []
+    for graph in (int8_graph, rewritten):
+        with FrozenGraph(graph) as runner:
+            outputs.append(runner.predict(x))
+    return report, outputs[0], outputs[1]
+
+
+# concatenation groups medq.inc.int8_concat keeps in INT8: one per dense block, none without concatenations
+CONCAT_GROUPS = {"refkit-cnn": 0, "scaled-densenet": 4, "chexnet": 4, "densenet121": 4, "densenet169": 4,
+                 "resnet50": 0, "vgg16": 0}
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_small_models_train_freeze_quantize(name, tmp_path):
-    from medq.graph import FrozenGraph
-
     model, graph_def, _ = _build_train_freeze(name, 32, 1, "binary", **TINY[name])
     x = np.random.default_rng(3).uniform(0, 1, (8, 32, 32, 1)).astype(np.float32)
-    runner = FrozenGraph(_quantize(graph_def, x, tmp_path))
-    try:
-        out = runner.predict(x)
-    finally:
-        runner.close()
+    report, out, rewritten_out = _int8_concat(_quantize(graph_def, x, tmp_path), x)
     assert out.shape == (8, 2)
     assert np.abs(out - model.predict(x, verbose=0)).max() < 0.1  # INT8 stays close on a 2-class softmax
+    assert report.groups == CONCAT_GROUPS[name]
+    assert np.abs(rewritten_out - model.predict(x, verbose=0)).max() < 0.1
 
 
 @pytest.mark.slow
@@ -123,7 +139,9 @@ def test_small_models_train_freeze_quantize(name, tmp_path):
 def test_application_models_build_train_freeze_quantize(name, tmp_path):
     model, graph_def, x = _build_train_freeze(name, 32, 1, "multilabel")
     assert model_facts(model)["flops"] > 1e6
-    _quantize(graph_def, np.concatenate([x, x]), tmp_path)
+    report, out, rewritten_out = _int8_concat(_quantize(graph_def, np.concatenate([x, x]), tmp_path), x)
+    assert report.groups == CONCAT_GROUPS[name] and not report.skipped
+    assert np.abs(rewritten_out - out).max() < 0.1
 
 
 def test_compound_scaling_follows_the_efficientnet_rule():

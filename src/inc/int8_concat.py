@@ -1,0 +1,430 @@
+"""INT8 concatenation: a graph rewrite of INC's INT8 graph for networks that grow a concatenation (DenseNet).
+
+INC 2.6 on intel-tensorflow 2.14 quantizes every convolution of DenseNet but leaves each dense layer's input in FP32:
+the 3x3 convolution's INT8 output is dequantized, appended to the FP32 concatenation, and the next layer's
+pre-activation BatchNorm + ReLU + QuantizeV2 read the whole, ever-wider FP32 tensor again (about 21 bytes of memory
+traffic per element and layer, against 4 for the convolutions' INT8 inputs). This rewrite keeps the concatenation in
+INT8, as OpenVINO's low-precision transformations do:
+
+1. every concatenation group (ConcatV2 nodes feeding each other: one dense block) gets one symmetric range, the
+   widest of its inputs' calibrated ranges, so the concatenation is a plain INT8 copy (TensorFlow's oneDNN
+   QuantizedConcatV2 only concatenates without requantizing when all input ranges are equal);
+2. the convolutions whose outputs enter the group requantize straight into that range (their frozen output range is
+   replaced); an input that does not come from such a convolution is requantized from its FP32 value once;
+3. each BatchNorm → ReLU → QuantizeV2 that reads a group tensor becomes one INT8 1x1 depthwise convolution with
+   BiasAdd, ReLU and requantization fused (``_FusedQuantizedDepthwiseConv2D``): per channel the weight is ±127 with
+   range |γ'|, the bias β' (γ' = γ/√(var+ε), β' = β − mean·γ'), the output range the QuantizeV2's, so its consumer,
+   the INT8 1x1 convolution, reads the same quantized tensor as before;
+4. any other reader of a group tensor gets a Dequantize of it.
+
+Graphs without such groups (ResNet, VGG, the small CNN) come back unchanged. The only new approximation is step 1's
+coarser range for the narrower inputs; medq's quantize stage keeps the rewritten graph only when it still meets
+deploy.yaml's accuracy criterion on the validation split.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_RANGE_PRESERVING = ("QuantizedAvgPool", "QuantizedMaxPool")  # INT8 in, INT8 out, the input's range passed on
+_RETARGETABLE = ("QuantizedConv2DWithBiasAndRequantize", "QuantizedConv2DWithBiasAndReluAndRequantize",
+                 "QuantizedConv2DWithBiasSumAndReluAndRequantize", "QuantizedDepthwiseConv2DWithBiasAndRequantize")
+_FROZEN_OUTPUT_RANGE = (7, 8)  # min_freezed_output, max_freezed_output of the *AndRequantize convolutions
+
+
+@dataclass
+class RewriteReport:
+    groups: int = 0  # concatenation groups made INT8
+    concats: int = 0  # ConcatV2 → QuantizedConcatV2
+    folded_batchnorms: int = 0  # BatchNorm + ReLU + QuantizeV2 → fused INT8 depthwise
+    retargeted_convs: int = 0  # convolutions requantizing straight into their group's range
+    requantized_inputs: int = 0  # group inputs requantized from FP32 (not from a retargetable convolution)
+    dequantized_readers: int = 0  # other readers of a group tensor, given a Dequantize
+    ranges: dict[str, float] = field(default_factory=dict)  # group (its first concat) → symmetric range
+    skipped: dict[str, str] = field(default_factory=dict)  # group → why it stayed FP32
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rewrite_int8_concat(graph_def) -> tuple[Any, RewriteReport]:
+    """INC's INT8 GraphDef → (rewritten copy, what was done). The input graph is not modified."""
+    from tensorflow.core.framework import graph_pb2
+
+    out = graph_pb2.GraphDef()
+    out.CopyFrom(graph_def)
+    report = RewriteReport()
+    graph = _Graph(out)
+    claimed: set[str] = set()  # tensors already given a group's range: another group must not change it again
+    for group in graph.concat_groups():
+        plan = _plan_group(graph, group, claimed)
+        if isinstance(plan, str):
+            report.skipped[group[0]] = plan
+            continue
+        claimed.update(plan.inputs)
+        _apply(graph, plan, report)
+    graph.drop_unused()
+    return out, report
+
+
+# --- reading the graph ----------------------------------------------------------------------------------------------
+
+def _name(tensor: str) -> str:
+    return tensor.lstrip("^").split(":")[0]
+
+
+def _port(tensor: str) -> int:
+    return int(tensor.split(":")[1]) if ":" in tensor else 0
+
+
+class _Graph:
+    def __init__(self, graph_def):
+        self.graph_def = graph_def
+        self.nodes = {n.name: n for n in graph_def.node}
+        self.readers: dict[str, list[tuple[Any, int]]] = defaultdict(list)  # "node:port" → [(reader, input index)]
+        for node in graph_def.node:
+            for i, tensor in enumerate(node.input):
+                if not tensor.startswith("^"):
+                    self.readers[f"{_name(tensor)}:{_port(tensor)}"].append((node, i))
+        self.removed: set[str] = set()
+
+    def const(self, tensor: str) -> np.ndarray | None:
+        from tensorflow.python.framework import tensor_util
+
+        node = self.nodes.get(_name(tensor))
+        while node is not None and node.op == "Identity":
+            node = self.nodes.get(_name(node.input[0]))
+        if node is None or node.op not in ("Const", "HostConst"):
+            return None
+        return tensor_util.MakeNdarray(node.attr["value"].tensor)
+
+    def scalar(self, tensor: str) -> float | None:
+        value = self.const(tensor)
+        return float(value.reshape(-1)[0]) if value is not None and value.size == 1 else None
+
+    def producer(self, tensor: str):
+        return self.nodes[_name(tensor)]
+
+    def readers_of(self, tensor: str) -> list[tuple[Any, int]]:
+        return [(n, i) for n, i in self.readers[f"{_name(tensor)}:{_port(tensor)}"] if n.name not in self.removed]
+
+    def only_reader(self, tensor: str, op: str):
+        readers = self.readers_of(tensor)
+        if len(readers) == 1 and readers[0][0].op == op and readers[0][1] == 0:
+            return readers[0][0]
+        return None
+
+    def concat_groups(self) -> list[list[str]]:
+        """Float ConcatV2 nodes along channels (NHWC), grouped where one feeds another, in graph order."""
+        concats = [n for n in self.graph_def.node if n.op == "ConcatV2" and n.attr["T"].type == _dtype("float32")
+                   and self.scalar(n.input[n.attr["N"].i]) in (3, -1)]
+        parent = {n.name: n.name for n in concats}
+
+        def root(name: str) -> str:
+            while parent[name] != name:
+                parent[name] = parent[parent[name]]
+                name = parent[name]
+            return name
+
+        for node in concats:
+            for tensor in node.input[:node.attr["N"].i]:
+                if _name(tensor) in parent and _port(tensor) == 0:
+                    parent[root(_name(tensor))] = root(node.name)
+        groups: dict[str, list[str]] = defaultdict(list)
+        for node in concats:
+            groups[root(node.name)].append(node.name)
+        return list(groups.values())
+
+    def add(self, name: str, op: str, inputs: list[str], attrs: dict[str, Any]):
+        node = self.graph_def.node.add()
+        node.name, node.op = name, op
+        node.input.extend(inputs)
+        for key, value in attrs.items():
+            node.attr[key].CopyFrom(value)
+        self.nodes[name] = node
+        for i, tensor in enumerate(inputs):
+            self.readers[f"{_name(tensor)}:{_port(tensor)}"].append((node, i))
+        return node
+
+    def add_const(self, name: str, value: np.ndarray, dtype: str):
+        from tensorflow.python.framework import dtypes, tensor_util
+
+        tensor = tensor_util.make_tensor_proto(value, dtypes.as_dtype(dtype), list(np.shape(value)))
+        return self.add(name, "Const", [], {"dtype": _type_attr(dtype), "value": _attr(tensor=tensor)})
+
+    def set_input(self, node, index: int, tensor: str) -> None:
+        old = f"{_name(node.input[index])}:{_port(node.input[index])}"
+        self.readers[old] = [(n, i) for n, i in self.readers[old] if not (n is node and i == index)]
+        node.input[index] = tensor
+        self.readers[f"{_name(tensor)}:{_port(tensor)}"].append((node, index))
+
+    def set_inputs(self, node, tensors: list[str]) -> None:
+        for tensor in set(node.input):
+            key = f"{_name(tensor)}:{_port(tensor)}"
+            self.readers[key] = [(n, i) for n, i in self.readers[key] if n is not node]
+        del node.input[:]
+        node.input.extend(tensors)
+        for i, tensor in enumerate(tensors):
+            self.readers[f"{_name(tensor)}:{_port(tensor)}"].append((node, i))
+
+    def remove(self, node) -> None:
+        self.removed.add(node.name)
+
+    def drop_unused(self) -> None:
+        """Remove the replaced nodes and the constants that only they read."""
+        orphaned = {_name(t) for n in self.graph_def.node if n.name in self.removed for t in n.input}
+        kept = [n for n in self.graph_def.node if n.name not in self.removed]
+        read = {_name(t) for n in kept for t in n.input}
+        kept = [n for n in kept if not (n.name in orphaned and n.name not in read and n.op in ("Const", "HostConst"))]
+        del self.graph_def.node[:]
+        self.graph_def.node.extend(kept)
+
+
+# --- planning one group ---------------------------------------------------------------------------------------------
+
+@dataclass
+class _Input:
+    """A tensor entering the group's concatenation: its FP32 form (read by the concat) and how to get it in INT8."""
+
+    fp32: str  # the Dequantize's output
+    dequantize: Any
+    retarget: Any | None  # the convolution that requantizes straight into the group's range, or None: requantize
+    abs_max: float
+
+
+@dataclass
+class _Fold:
+    batchnorm: Any
+    relu: Any
+    quantize: Any
+    source: str  # the FP32 group tensor it reads
+
+
+@dataclass
+class _Plan:
+    concats: list[Any]
+    inputs: dict[str, _Input]  # FP32 tensor → group input
+    folds: list[_Fold]
+    fp32_readers: list[tuple[str, Any, int]]  # (FP32 concat tensor, reader, input index) that need a Dequantize
+    abs_max: float
+
+
+def _plan_group(graph: _Graph, names: list[str], claimed: set[str]) -> _Plan | str:
+    concats = [graph.nodes[n] for n in names]
+    members = set(names)
+    inputs: dict[str, _Input] = {}
+    for node in concats:
+        for tensor in node.input[:node.attr["N"].i]:
+            if _name(tensor) in members:
+                continue
+            found = _group_input(graph, tensor)
+            if isinstance(found, str):
+                return f"input {tensor}: {found}"
+            if f"{_name(tensor)}:{_port(tensor)}" in claimed:
+                return f"input {tensor}: it also enters another concatenation, which set its range"
+            inputs[f"{_name(tensor)}:{_port(tensor)}"] = found
+    tensors = [f"{n}:0" for n in names] + list(inputs)
+    folds, fp32_readers = [], []
+    for tensor in tensors:
+        for reader, index in graph.readers_of(tensor):
+            if reader.name in members:
+                continue
+            fold = _batchnorm_chain(graph, reader, index, tensor)
+            if fold is not None:
+                folds.append(fold)
+            elif _name(tensor) in members:
+                fp32_readers.append((tensor, reader, index))
+            # an input's other FP32 readers keep reading its Dequantize
+    if not folds:
+        return "no BatchNorm + ReLU + QuantizeV2 reads the concatenation: nothing to gain"
+    abs_max = max(i.abs_max for i in inputs.values())
+    if not abs_max > 0:
+        return "its inputs' calibrated range is empty"
+    return _Plan(concats, inputs, folds, fp32_readers, abs_max)
+
+
+def _group_input(graph: _Graph, tensor: str) -> _Input | str:
+    dequantize = graph.producer(tensor)
+    if dequantize.op != "Dequantize" or dequantize.attr["mode"].s != b"SCALED" or _port(tensor) != 0:
+        return f"made by {dequantize.op}, not by a SCALED Dequantize of an INT8 tensor"
+    abs_max = _abs_max(graph, dequantize.input[1], dequantize.input[2])
+    if abs_max is None:
+        return "its range is not a calibrated constant"
+    node, path = graph.producer(dequantize.input[0]), [dequantize]
+    while node.op in _RANGE_PRESERVING:
+        path.append(node)
+        node = graph.producer(node.input[0])
+    retarget = None
+    if (node.op in _RETARGETABLE and "Relu" not in node.op and node.attr["out_type"].type == _dtype("qint8")
+            and _only_read_along(graph, node, path)):
+        retarget = node
+    return _Input(tensor, dequantize, retarget, abs_max)
+
+
+def _only_read_along(graph: _Graph, conv, path: list[Any]) -> bool:
+    """True when the convolution's output reaches nothing but the pooling/Dequantize chain to the group."""
+    chain = [conv] + path[:0:-1]  # conv, pools in data order (the Dequantize, path[0], is last)
+    for node, nxt in zip(chain, chain[1:] + [path[0]]):
+        for port in (0, 1, 2):
+            if any(r is not nxt for r, _ in graph.readers_of(f"{node.name}:{port}")):
+                return False
+    return True
+
+
+def _abs_max(graph: _Graph, min_tensor: str, max_tensor: str) -> float | None:
+    low, high = _range_value(graph, min_tensor), _range_value(graph, max_tensor)
+    if low is None or high is None:
+        return None
+    return max(abs(low), abs(high))
+
+
+def _range_value(graph: _Graph, tensor: str) -> float | None:
+    """A min/max tensor of an INT8 tensor, followed back to its frozen constant."""
+    value = graph.scalar(tensor)
+    if value is not None:
+        return value
+    node, port = graph.producer(tensor), _port(tensor)
+    if port in (1, 2) and node.op in _RANGE_PRESERVING:
+        return _range_value(graph, node.input[port])
+    if port in (1, 2) and node.op in _RETARGETABLE:
+        return _range_value(graph, node.input[_FROZEN_OUTPUT_RANGE[port - 1]])
+    if port in (1, 2) and node.op == "QuantizeV2":  # its calibrated range (widened only below ensure_minimum_range)
+        return _range_value(graph, node.input[port])
+    return None
+
+
+def _batchnorm_chain(graph: _Graph, reader, index: int, tensor: str) -> _Fold | None:
+    """BatchNorm(inference, NHWC) → ReLU → QuantizeV2(quint8, SCALED, constant range), each read only by the next."""
+    if (reader.op != "FusedBatchNormV3" or index != 0 or reader.attr["is_training"].b
+            or reader.attr["data_format"].s not in (b"NHWC", b"")):
+        return None
+    if any(graph.const(t) is None for t in reader.input[1:5]):
+        return None
+    if any(graph.readers_of(f"{reader.name}:{p}") for p in range(1, 6)):
+        return None
+    relu = graph.only_reader(f"{reader.name}:0", "Relu")
+    quantize = relu is not None and graph.only_reader(f"{relu.name}:0", "QuantizeV2")
+    if not quantize or quantize.attr["T"].type != _dtype("quint8") or quantize.attr["mode"].s != b"SCALED":
+        return None
+    if graph.scalar(quantize.input[1]) is None or graph.scalar(quantize.input[2]) is None:
+        return None
+    return _Fold(reader, relu, quantize, tensor)
+
+
+# --- applying the plan ----------------------------------------------------------------------------------------------
+
+def _apply(graph: _Graph, plan: _Plan, report: RewriteReport) -> None:
+    key = plan.concats[0].name
+    low = graph.add_const(f"{key}/int8_concat_min", np.float32(-plan.abs_max), "float32")
+    high = graph.add_const(f"{key}/int8_concat_max", np.float32(plan.abs_max), "float32")
+    low, high = low.name, high.name
+    int8_of: dict[str, str] = {}  # FP32 group tensor → the same values in INT8 at the group's range
+    for tensor, found in plan.inputs.items():
+        if found.retarget is not None:
+            for i, bound in zip(_FROZEN_OUTPUT_RANGE, (low, high)):
+                graph.set_input(found.retarget, i, bound)
+            int8_of[tensor] = found.dequantize.input[0]
+            report.retargeted_convs += 1
+        else:
+            requantize = graph.add(f"{found.dequantize.name}/int8_concat_quantize", "QuantizeV2",
+                                   [tensor, low, high],
+                                   {"T": _type_attr("qint8"), "mode": _attr(s=b"SCALED"),
+                                    "round_mode": _attr(s=b"HALF_TO_EVEN"), "narrow_range": _attr(b=False),
+                                    "axis": _attr(i=-1), "ensure_minimum_range": _attr(f=0.0)})
+            int8_of[tensor] = requantize.name
+            report.requantized_inputs += 1
+    for node in plan.concats:
+        int8_of[f"{node.name}:0"] = node.name
+    for node in plan.concats:  # ConcatV2(values, axis) → QuantizedConcatV2(values, axis, mins, maxes), same name
+        n = node.attr["N"].i
+        values = [int8_of[f"{_name(t)}:{_port(t)}"] for t in node.input[:n]]
+        graph.set_inputs(node, values + [node.input[n]] + [low] * n + [high] * n)
+        node.op = "QuantizedConcatV2"
+        node.attr["T"].CopyFrom(_type_attr("qint8"))
+        report.concats += 1
+    for fold in plan.folds:
+        _fold(graph, fold, int8_of[fold.source], low, high)
+        report.folded_batchnorms += 1
+    dequantized: dict[str, str] = {}
+    for tensor, reader, index in plan.fp32_readers:
+        if tensor not in dequantized:
+            node = graph.add(f"{_name(tensor)}/int8_concat_dequantize", "Dequantize", [int8_of[tensor], low, high],
+                             {"T": _type_attr("qint8"), "mode": _attr(s=b"SCALED"), "narrow_range": _attr(b=False),
+                              "axis": _attr(i=-1), "dtype": _type_attr("float32")})
+            dequantized[tensor] = node.name
+        graph.set_input(reader, index, dequantized[tensor])
+        report.dequantized_readers += 1
+    for found in plan.inputs.values():  # the inputs' Dequantize stays only where something still reads it
+        if found.retarget is not None and not graph.readers_of(found.fp32):
+            graph.remove(found.dequantize)
+    report.groups += 1
+    report.ranges[key] = plan.abs_max
+
+
+def _fold(graph: _Graph, fold: _Fold, source: str, low: str, high: str) -> None:
+    bn, quantize = fold.batchnorm, fold.quantize
+    gamma, beta, mean, variance = (graph.const(t).astype(np.float64) for t in bn.input[1:5])
+    scale = gamma / np.sqrt(variance + bn.attr["epsilon"].f)
+    shift = beta - mean * scale
+    channels = scale.size
+    magnitude = np.abs(scale)
+    tiny = magnitude < 1e-12  # a channel the BatchNorm zeroes: weight 0, the bias alone
+    weights = np.where(tiny, 0, np.sign(scale) * 127).astype(np.int8).reshape(1, 1, channels, 1)
+    magnitude = np.where(tiny, 1e-12, magnitude).astype(np.float32)
+    out_low, out_high = graph.scalar(quantize.input[1]), graph.scalar(quantize.input[2])
+    # QuantizeV2 widens a range narrower than ensure_minimum_range (relative to its magnitude); so does the fold
+    widened = max(out_high, out_low + quantize.attr["ensure_minimum_range"].f * max(1.0, abs(out_low), abs(out_high)))
+    prefix, name, out_min, out_max = f"{bn.name}/int8_fold", quantize.name, quantize.input[1], quantize.input[2]
+    graph.remove(bn)
+    graph.remove(fold.relu)
+    graph.graph_def.node.remove(quantize)  # replaced below by a node of the same name; its range constants stay read
+    if widened != out_high:
+        out_max = graph.add_const(f"{prefix}/max_output", np.float32(widened), "float32").name
+    inputs = [source, graph.add_const(f"{prefix}/weights", weights, "qint8").name,
+              graph.add_const(f"{prefix}/bias", shift.astype(np.float32), "float32").name, low, high,
+              graph.add_const(f"{prefix}/min_filter", -magnitude, "float32").name,
+              graph.add_const(f"{prefix}/max_filter", magnitude, "float32").name,
+              out_min, out_max]
+    # Takes the QuantizeV2's name: its readers (the INT8 1x1 convolution) read name:0/1/2 exactly as before.
+    graph.add(name, "_FusedQuantizedDepthwiseConv2D", inputs, {
+        "Tinput": _type_attr("qint8"), "Tfilter": _type_attr("qint8"), "Tbias": _type_attr("float32"),
+        "Tsummand": _type_attr("quint8"), "out_type": _type_attr("quint8"),
+        "Tdevice_inputs": _types(), "Tdevice_outputs": _types(),
+        "Thost_inputs": _types("qint8", "qint8", "float32", *["float32"] * 6),
+        "Thost_outputs": _types("quint8", "float32", "float32"),
+        "fused_ops": _attr(list_s=[b"BiasAdd", b"Relu", b"Requantize"]),
+        "strides": _attr(list_i=[1, 1, 1, 1]), "dilations": _attr(list_i=[1, 1, 1, 1]),
+        "padding": _attr(s=b"VALID"), "data_format": _attr(s=b"NHWC")})
+
+
+# --- attribute helpers ----------------------------------------------------------------------------------------------
+
+def _dtype(name: str) -> int:
+    from tensorflow.python.framework import dtypes
+
+    return dtypes.as_dtype(name).as_datatype_enum
+
+
+def _type_attr(name: str):
+    from tensorflow.core.framework import attr_value_pb2
+
+    return attr_value_pb2.AttrValue(type=_dtype(name))
+
+
+def _types(*names: str):
+    from tensorflow.core.framework import attr_value_pb2
+
+    return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(type=[_dtype(n) for n in names]))
+
+
+def _attr(**kwargs: Any):
+    from tensorflow.core.framework import attr_value_pb2
+
+    if "list_s" in kwargs:
+        return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(s=kwargs["list_s"]))
+    if "list_i" in kwargs:
+        return attr_value_pb2.AttrValue(list=attr_value_pb2.AttrValue.ListValue(i=kwargs["list_i"]))
+    return attr_value_pb2.AttrValue(**kwargs)
