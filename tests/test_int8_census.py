@@ -109,8 +109,10 @@ def test_int8_concat_census(densenet_graphs, rewritten):
     assert after["_FusedQuantizedDepthwiseConv2D"] == len(folded)
     # what stays FP32: the final BatchNorm + ReLU before the global pooling, read through one Dequantize
     assert after["FusedBatchNormV3"] == after["Relu"] == before["FusedBatchNormV3"] - 59 - len(folded) == 1
-    # 3x3 convolutions and transitions requantize into their block's range; the stem's pool is requantized once
-    assert (report.retargeted_convs, report.requantized_inputs, report.dequantized_readers) == (58 + 3, 1, 1)
+    # the 58 3x3 convolutions' and 3 transitions' INT8 outputs enter as INC made them; the stem's quint8 pool is
+    # requantized to qint8 once; the final BatchNorm reads a Dequantize with the per-channel scales (one Mul)
+    assert (report.inputs, report.requantized_inputs, report.dequantized_readers) == (58 + 3 + 1, 1, 1)
+    assert after["Mul"] == 1
     quantized_convs = sum(n for op, n in after.items() if op.startswith("QuantizedConv2D"))
     assert quantized_convs == before["Conv2D"]
     assert after["Dequantize"] == 3  # the stem's ReLU (its Pad is FP32), the stem's pool, the final BatchNorm's input
@@ -137,12 +139,41 @@ def _scalar(graph_def, name):
     return tensor_util.MakeNdarray(node.attr["value"].tensor)
 
 
+def _channel_scales(int8, graph, x):
+    """Per INT8 tensor of the rewritten graph that a concatenation or a fold reads: the true scale of each channel,
+    found without the rewrite's bookkeeping: INC's own Dequantize ranges (run on ``x``), the requantized inputs' output
+    ranges, and concatenations as the concatenation of their inputs' scales."""
+    dequantizes = [n for n in int8.node if n.op == "Dequantize" and n.attr["T"].type == 11]  # qint8
+    with _session(int8) as session:
+        ranges = session.run([_tensor(t) for n in dequantizes for t in n.input[1:3]], {"input:0": x})
+    scale = {_tensor(n.input[0]): max(abs(float(ranges[2 * i])), abs(float(ranges[2 * i + 1]))) / 127
+             for i, n in enumerate(dequantizes)}
+    requantized = [n.name for n in graph.node if n.op == "QuantizeV2" and n.name.endswith("/int8_concat_quantize")]
+    concats = [n for n in graph.node if n.op == "QuantizedConcatV2"]
+    with _session(graph) as session:
+        values = session.run([f"{r}:{p}" for r in requantized for p in (1, 2)], {"input:0": x})
+        shapes = session.run([_tensor(t) for c in concats for t in c.input[:c.attr["N"].i]], {"input:0": x})
+    for i, name in enumerate(requantized):
+        scale[f"{name}:0"] = max(abs(float(values[2 * i])), abs(float(values[2 * i + 1]))) / 127
+    per_channel = {}
+
+    def of(tensor):  # a concatenation's per-channel scales, or an INC tensor's one scale
+        return per_channel.get(_tensor(tensor), scale.get(_tensor(tensor)))
+
+    inputs = iter(shapes)
+    for concat in concats:  # graph order: inputs before the concatenations that read them
+        parts = [np.broadcast_to(of(t), next(inputs).shape[-1]) for t in concat.input[:concat.attr["N"].i]]
+        per_channel[f"{concat.name}:0"] = np.concatenate(parts)
+    return of
+
+
 def test_every_fold_equals_its_batchnorm_relu_quantize_op_by_op(densenet_graphs, rewritten):
     """Each fused INT8 depthwise, given the INT8 tensor it reads, equals INC's FP32 BatchNorm → ReLU → QuantizeV2
     computed on the same values (numpy, from the INC graph's constants) within one quantization step."""
     _, int8 = densenet_graphs
     graph, _ = rewritten
     x = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    true_scale = _channel_scales(int8, graph, x)
     folds = [n for n in graph.node if n.op == "_FusedQuantizedDepthwiseConv2D"]
     fetch = [_tensor(n.input[0]) for n in folds] + [f"{n.name}:0" for n in folds]
     with _session(graph) as session:
@@ -155,10 +186,10 @@ def test_every_fold_equals_its_batchnorm_relu_quantize_op_by_op(densenet_graphs,
         quantize = inc[node.name]  # the fold took the name of INC's QuantizeV2
         assert bn.op == "FusedBatchNormV3" and quantize.op == "QuantizeV2"
         gamma, beta, mean, var = (_scalar(int8, t).astype(np.float64) for t in bn.input[1:5])
-        in_scale = float(_scalar(graph, node.input[4])) / 127
         out_max = float(_scalar(int8, quantize.input[2]))
         assert float(_scalar(int8, quantize.input[1])) == 0.0
-        y = (source.astype(np.float64) * in_scale - mean) * gamma / np.sqrt(var + bn.attr["epsilon"].f) + beta
+        real = source.astype(np.float64) * true_scale(node.input[0])
+        y = (real - mean) * gamma / np.sqrt(var + bn.attr["epsilon"].f) + beta
         expected = np.clip(np.round(np.maximum(y, 0) * 255 / out_max), 0, 255)
         worst = max(worst, float(np.abs(out.astype(np.float64) - expected).max()))
     assert worst <= 1.0
@@ -177,6 +208,7 @@ def test_every_int8_concatenation_is_an_exact_copy_of_its_inputs(rewritten):
             np.testing.assert_array_equal(np.concatenate(ins_out[:-1], axis=3), ins_out[-1])
             assert len({t for t in node.input[n + 1:]}) == 2  # one min and one max for all inputs: a plain copy
     assert sorted(ranges) == sorted((-r, r) for r in np.float32(list(report.ranges.values())))
+    assert all(1 <= spread < 100 for spread in report.scale_spread.values())
 
 
 def test_int8_concat_graph_predicts_like_inc_graph(densenet_graphs, rewritten):

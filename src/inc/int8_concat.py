@@ -6,19 +6,21 @@ pre-activation BatchNorm + ReLU + QuantizeV2 read the whole, ever-wider FP32 ten
 traffic per element and layer, against 4 for the convolutions' INT8 inputs). This rewrite keeps the concatenation in
 INT8, as OpenVINO's low-precision transformations do:
 
-1. every concatenation group (ConcatV2 nodes feeding each other: one dense block) gets one symmetric range, the
-   widest of its inputs' calibrated ranges, so the concatenation is a plain INT8 copy (TensorFlow's oneDNN
-   QuantizedConcatV2 only concatenates without requantizing when all input ranges are equal);
-2. the convolutions whose outputs enter the group requantize straight into that range (their frozen output range is
-   replaced); an input that does not come from such a convolution is requantized from its FP32 value once;
-3. each BatchNorm → ReLU → QuantizeV2 that reads a group tensor becomes one INT8 1x1 depthwise convolution with
+1. every concatenation group (ConcatV2 nodes feeding each other: one dense block) concatenates the INT8 tensors INC
+   already makes, each at its own calibrated scale, as one plain INT8 copy (TensorFlow's oneDNN QuantizedConcatV2
+   copies without requantizing when all declared input ranges are equal, so every input is declared at the group's
+   range R and the true scale of each channel, its input's, is carried as a per-channel factor); an input that is
+   not INT8 with a signed range (DenseNet's stem pool, quint8) is requantized to qint8 at its own range once;
+2. each BatchNorm → ReLU → QuantizeV2 that reads a group tensor becomes one INT8 1x1 depthwise convolution with
    BiasAdd, ReLU and requantization fused (``_FusedQuantizedDepthwiseConv2D``): per channel the weight is ±127 with
-   range |γ'|, the bias β' (γ' = γ/√(var+ε), β' = β − mean·γ'), the output range the QuantizeV2's, so its consumer,
-   the INT8 1x1 convolution, reads the same quantized tensor as before;
-4. any other reader of a group tensor gets a Dequantize of it.
+   range |γ'|·s_c/S (γ' = γ/√(var+ε), s_c the channel's true scale, S = R/127 the declared one), the bias β' =
+   β − mean·γ', the output range the QuantizeV2's, so its consumer, the INT8 1x1 convolution, reads the same
+   quantized tensor as before;
+3. any other reader of a group tensor gets a Dequantize of it and a per-channel Mul by s_c/S.
 
-Graphs without such groups (ResNet, VGG, the small CNN) come back unchanged. The only new approximation is step 1's
-coarser range for the narrower inputs; medq's quantize stage keeps the rewritten graph only when it still meets
+No producer is changed and every channel keeps its own scale, so the only new rounding is step 1's requantization of
+a non-qint8 input and the fold's own requantization (what QuantizeV2 did). Graphs without such groups (ResNet, VGG,
+the small CNN) come back unchanged. medq's quantize stage keeps the rewritten graph only when it still meets
 deploy.yaml's accuracy criterion on the validation split.
 """
 from __future__ import annotations
@@ -30,8 +32,9 @@ from typing import Any
 import numpy as np
 
 _RANGE_PRESERVING = ("QuantizedAvgPool", "QuantizedMaxPool")  # INT8 in, INT8 out, the input's range passed on
-_RETARGETABLE = ("QuantizedConv2DWithBiasAndRequantize", "QuantizedConv2DWithBiasAndReluAndRequantize",
-                 "QuantizedConv2DWithBiasSumAndReluAndRequantize", "QuantizedDepthwiseConv2DWithBiasAndRequantize")
+_REQUANTIZING = ("QuantizedConv2DWithBiasAndRequantize", "QuantizedConv2DWithBiasAndReluAndRequantize",
+                 "QuantizedConv2DWithBiasSumAndReluAndRequantize", "QuantizedDepthwiseConv2DWithBiasAndRequantize",
+                 "QuantizedDepthwiseConv2DWithBiasAndReluAndRequantize")
 _FROZEN_OUTPUT_RANGE = (7, 8)  # min_freezed_output, max_freezed_output of the *AndRequantize convolutions
 
 
@@ -40,10 +43,11 @@ class RewriteReport:
     groups: int = 0  # concatenation groups made INT8
     concats: int = 0  # ConcatV2 → QuantizedConcatV2
     folded_batchnorms: int = 0  # BatchNorm + ReLU + QuantizeV2 → fused INT8 depthwise
-    retargeted_convs: int = 0  # convolutions requantizing straight into their group's range
-    requantized_inputs: int = 0  # group inputs requantized from FP32 (not from a retargetable convolution)
-    dequantized_readers: int = 0  # other readers of a group tensor, given a Dequantize
-    ranges: dict[str, float] = field(default_factory=dict)  # group (its first concat) → symmetric range
+    inputs: int = 0  # INT8 tensors entering the groups as INC made them
+    requantized_inputs: int = 0  # inputs requantized to qint8 first (not signed INT8 from INC)
+    dequantized_readers: int = 0  # other readers of a group tensor, given a Dequantize (and the channel scales)
+    ranges: dict[str, float] = field(default_factory=dict)  # group (its first concat) → declared symmetric range R
+    scale_spread: dict[str, float] = field(default_factory=dict)  # group → widest / narrowest input range
     skipped: dict[str, str] = field(default_factory=dict)  # group → why it stayed FP32
 
     def to_dict(self) -> dict[str, Any]:
@@ -58,13 +62,13 @@ def rewrite_int8_concat(graph_def) -> tuple[Any, RewriteReport]:
     out.CopyFrom(graph_def)
     report = RewriteReport()
     graph = _Graph(out)
-    claimed: set[str] = set()  # tensors already given a group's range: another group must not change it again
-    for group in graph.concat_groups():
-        plan = _plan_group(graph, group, claimed)
+    groups = graph.concat_groups()
+    channels = _channel_counts(graph_def) if groups else {}
+    for group in groups:
+        plan = _plan_group(graph, group, channels)
         if isinstance(plan, str):
             report.skipped[group[0]] = plan
             continue
-        claimed.update(plan.inputs)
         _apply(graph, plan, report)
     graph.drop_unused()
     return out, report
@@ -191,8 +195,9 @@ class _Input:
 
     fp32: str  # the Dequantize's output
     dequantize: Any
-    retarget: Any | None  # the convolution that requantizes straight into the group's range, or None: requantize
-    abs_max: float
+    signed: bool  # qint8 already: concatenated as it is; else requantized to qint8 at its own range
+    abs_max: float  # its range: the true scale of its channels is abs_max / 127 (qint8)
+    channels: int
 
 
 @dataclass
@@ -205,14 +210,29 @@ class _Fold:
 
 @dataclass
 class _Plan:
-    concats: list[Any]
+    concats: list[Any]  # each after the concatenations it reads
     inputs: dict[str, _Input]  # FP32 tensor → group input
     folds: list[_Fold]
     fp32_readers: list[tuple[str, Any, int]]  # (FP32 concat tensor, reader, input index) that need a Dequantize
-    abs_max: float
+    abs_max: float  # R, the declared range of every concatenation in the group
 
 
-def _plan_group(graph: _Graph, names: list[str], claimed: set[str]) -> _Plan | str:
+def _channel_counts(graph_def) -> dict[str, int]:
+    """Every tensor's static channel count (last dimension), from TensorFlow's shape inference."""
+    import tensorflow as tf
+
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    out = {}
+    for op in graph.get_operations():
+        for tensor in op.outputs:
+            shape = tensor.shape
+            if shape.rank and shape[-1] is not None:
+                out[tensor.name] = int(shape[-1])
+    return out
+
+
+def _plan_group(graph: _Graph, names: list[str], channels: dict[str, int]) -> _Plan | str:
     concats = [graph.nodes[n] for n in names]
     members = set(names)
     inputs: dict[str, _Input] = {}
@@ -220,11 +240,9 @@ def _plan_group(graph: _Graph, names: list[str], claimed: set[str]) -> _Plan | s
         for tensor in node.input[:node.attr["N"].i]:
             if _name(tensor) in members:
                 continue
-            found = _group_input(graph, tensor)
+            found = _group_input(graph, tensor, channels)
             if isinstance(found, str):
                 return f"input {tensor}: {found}"
-            if f"{_name(tensor)}:{_port(tensor)}" in claimed:
-                return f"input {tensor}: it also enters another concatenation, which set its range"
             inputs[f"{_name(tensor)}:{_port(tensor)}"] = found
     tensors = [f"{n}:0" for n in names] + list(inputs)
     folds, fp32_readers = [], []
@@ -240,38 +258,46 @@ def _plan_group(graph: _Graph, names: list[str], claimed: set[str]) -> _Plan | s
             # an input's other FP32 readers keep reading its Dequantize
     if not folds:
         return "no BatchNorm + ReLU + QuantizeV2 reads the concatenation: nothing to gain"
-    abs_max = max(i.abs_max for i in inputs.values())
-    if not abs_max > 0:
-        return "its inputs' calibrated range is empty"
-    return _Plan(concats, inputs, folds, fp32_readers, abs_max)
+    ordered = _inputs_first(concats, members)
+    if ordered is None:
+        return "its concatenations form a cycle"
+    width = {tensor: found.channels for tensor, found in inputs.items()}
+    for node in ordered:
+        width[f"{node.name}:0"] = sum(width[f"{_name(t)}:{_port(t)}"] for t in node.input[:node.attr["N"].i])
+    for fold in folds:
+        if graph.const(fold.batchnorm.input[1]).size != width[fold.source]:
+            return f"{fold.batchnorm.name} normalises a different number of channels than {fold.source} holds"
+    return _Plan(ordered, inputs, folds, fp32_readers, max(i.abs_max for i in inputs.values()))
 
 
-def _group_input(graph: _Graph, tensor: str) -> _Input | str:
+def _inputs_first(concats: list[Any], members: set[str]) -> list[Any] | None:
+    """The group's concatenations ordered so that each comes after the ones it reads (GraphDef order is arbitrary)."""
+    done: set[str] = set()
+    ordered: list[Any] = []
+    pending = list(concats)
+    while pending:
+        ready = [n for n in pending
+                 if all(_name(t) in done for t in n.input[:n.attr["N"].i] if _name(t) in members)]
+        if not ready:
+            return None
+        ordered += ready
+        done.update(n.name for n in ready)
+        pending = [n for n in pending if n.name not in done]
+    return ordered
+
+
+def _group_input(graph: _Graph, tensor: str, channels: dict[str, int]) -> _Input | str:
     dequantize = graph.producer(tensor)
     if dequantize.op != "Dequantize" or dequantize.attr["mode"].s != b"SCALED" or _port(tensor) != 0:
         return f"made by {dequantize.op}, not by a SCALED Dequantize of an INT8 tensor"
     abs_max = _abs_max(graph, dequantize.input[1], dequantize.input[2])
-    if abs_max is None:
+    if abs_max is None or not abs_max > 0:
         return "its range is not a calibrated constant"
-    node, path = graph.producer(dequantize.input[0]), [dequantize]
-    while node.op in _RANGE_PRESERVING:
-        path.append(node)
-        node = graph.producer(node.input[0])
-    retarget = None
-    if (node.op in _RETARGETABLE and "Relu" not in node.op and node.attr["out_type"].type == _dtype("qint8")
-            and _only_read_along(graph, node, path)):
-        retarget = node
-    return _Input(tensor, dequantize, retarget, abs_max)
-
-
-def _only_read_along(graph: _Graph, conv, path: list[Any]) -> bool:
-    """True when the convolution's output reaches nothing but the pooling/Dequantize chain to the group."""
-    chain = [conv] + path[:0:-1]  # conv, pools in data order (the Dequantize, path[0], is last)
-    for node, nxt in zip(chain, chain[1:] + [path[0]]):
-        for port in (0, 1, 2):
-            if any(r is not nxt for r, _ in graph.readers_of(f"{node.name}:{port}")):
-                return False
-    return True
+    count = channels.get(f"{_name(tensor)}:{_port(tensor)}")
+    if count is None:
+        return "its channel count is not static"
+    signed = dequantize.attr["T"].type == _dtype("qint8")
+    return _Input(tensor, dequantize, signed, abs_max, count)
 
 
 def _abs_max(graph: _Graph, min_tensor: str, max_tensor: str) -> float | None:
@@ -289,7 +315,7 @@ def _range_value(graph: _Graph, tensor: str) -> float | None:
     node, port = graph.producer(tensor), _port(tensor)
     if port in (1, 2) and node.op in _RANGE_PRESERVING:
         return _range_value(graph, node.input[port])
-    if port in (1, 2) and node.op in _RETARGETABLE:
+    if port in (1, 2) and node.op in _REQUANTIZING:
         return _range_value(graph, node.input[_FROZEN_OUTPUT_RANGE[port - 1]])
     if port in (1, 2) and node.op == "QuantizeV2":  # its calibrated range (widened only below ensure_minimum_range)
         return _range_value(graph, node.input[port])
@@ -318,59 +344,66 @@ def _batchnorm_chain(graph: _Graph, reader, index: int, tensor: str) -> _Fold | 
 
 def _apply(graph: _Graph, plan: _Plan, report: RewriteReport) -> None:
     key = plan.concats[0].name
-    low = graph.add_const(f"{key}/int8_concat_min", np.float32(-plan.abs_max), "float32")
-    high = graph.add_const(f"{key}/int8_concat_max", np.float32(plan.abs_max), "float32")
-    low, high = low.name, high.name
-    int8_of: dict[str, str] = {}  # FP32 group tensor → the same values in INT8 at the group's range
+    low = graph.add_const(f"{key}/int8_concat_min", np.float32(-plan.abs_max), "float32").name
+    high = graph.add_const(f"{key}/int8_concat_max", np.float32(plan.abs_max), "float32").name
+    int8_of: dict[str, str] = {}  # FP32 group tensor → the same values in INT8 (channel c at scale factor[c] · R/127)
+    factor: dict[str, np.ndarray] = {}  # FP32 group tensor → per channel, true scale / declared scale
     for tensor, found in plan.inputs.items():
-        if found.retarget is not None:
-            for i, bound in zip(_FROZEN_OUTPUT_RANGE, (low, high)):
-                graph.set_input(found.retarget, i, bound)
+        if found.signed:
             int8_of[tensor] = found.dequantize.input[0]
-            report.retargeted_convs += 1
         else:
+            own = graph.add_const(f"{found.dequantize.name}/int8_concat_range", np.float32(found.abs_max), "float32")
+            own_low = graph.add_const(f"{found.dequantize.name}/int8_concat_range_min", np.float32(-found.abs_max),
+                                      "float32")
             requantize = graph.add(f"{found.dequantize.name}/int8_concat_quantize", "QuantizeV2",
-                                   [tensor, low, high],
+                                   [tensor, own_low.name, own.name],
                                    {"T": _type_attr("qint8"), "mode": _attr(s=b"SCALED"),
                                     "round_mode": _attr(s=b"HALF_TO_EVEN"), "narrow_range": _attr(b=False),
                                     "axis": _attr(i=-1), "ensure_minimum_range": _attr(f=0.0)})
             int8_of[tensor] = requantize.name
             report.requantized_inputs += 1
-    for node in plan.concats:
-        int8_of[f"{node.name}:0"] = node.name
-    for node in plan.concats:  # ConcatV2(values, axis) → QuantizedConcatV2(values, axis, mins, maxes), same name
+        factor[tensor] = np.full(found.channels, found.abs_max / plan.abs_max)
+        report.inputs += 1
+    for node in plan.concats:  # a concatenation's inputs come before it
         n = node.attr["N"].i
-        values = [int8_of[f"{_name(t)}:{_port(t)}"] for t in node.input[:n]]
-        graph.set_inputs(node, values + [node.input[n]] + [low] * n + [high] * n)
+        values = [f"{_name(t)}:{_port(t)}" for t in node.input[:n]]
+        factor[f"{node.name}:0"] = np.concatenate([factor[v] for v in values])
+        int8_of[f"{node.name}:0"] = node.name
+        # ConcatV2(values, axis) → QuantizedConcatV2(values, axis, mins, maxes), same name
+        graph.set_inputs(node, [int8_of[v] for v in values] + [node.input[n]] + [low] * n + [high] * n)
         node.op = "QuantizedConcatV2"
         node.attr["T"].CopyFrom(_type_attr("qint8"))
         report.concats += 1
     for fold in plan.folds:
-        _fold(graph, fold, int8_of[fold.source], low, high)
+        _fold(graph, fold, int8_of[fold.source], factor[fold.source], low, high)
         report.folded_batchnorms += 1
     dequantized: dict[str, str] = {}
     for tensor, reader, index in plan.fp32_readers:
         if tensor not in dequantized:
-            node = graph.add(f"{_name(tensor)}/int8_concat_dequantize", "Dequantize", [int8_of[tensor], low, high],
-                             {"T": _type_attr("qint8"), "mode": _attr(s=b"SCALED"), "narrow_range": _attr(b=False),
-                              "axis": _attr(i=-1), "dtype": _type_attr("float32")})
-            dequantized[tensor] = node.name
+            name = f"{_name(tensor)}/int8_concat_dequantize"
+            graph.add(name, "Dequantize", [int8_of[tensor], low, high],
+                      {"T": _type_attr("qint8"), "mode": _attr(s=b"SCALED"), "narrow_range": _attr(b=False),
+                       "axis": _attr(i=-1), "dtype": _type_attr("float32")})
+            scale = graph.add_const(f"{name}/channel_scale", factor[tensor].astype(np.float32), "float32")
+            graph.add(f"{name}/scaled", "Mul", [name, scale.name], {"T": _type_attr("float32")})
+            dequantized[tensor] = f"{name}/scaled"
         graph.set_input(reader, index, dequantized[tensor])
         report.dequantized_readers += 1
-    for found in plan.inputs.values():  # the inputs' Dequantize stays only where something still reads it
-        if found.retarget is not None and not graph.readers_of(found.fp32):
+    for found in plan.inputs.values():  # an input's Dequantize stays only where something still reads it
+        if found.signed and not graph.readers_of(found.fp32):
             graph.remove(found.dequantize)
     report.groups += 1
     report.ranges[key] = plan.abs_max
+    report.scale_spread[key] = plan.abs_max / min(i.abs_max for i in plan.inputs.values())
 
 
-def _fold(graph: _Graph, fold: _Fold, source: str, low: str, high: str) -> None:
+def _fold(graph: _Graph, fold: _Fold, source: str, factor: np.ndarray, low: str, high: str) -> None:
     bn, quantize = fold.batchnorm, fold.quantize
     gamma, beta, mean, variance = (graph.const(t).astype(np.float64) for t in bn.input[1:5])
     scale = gamma / np.sqrt(variance + bn.attr["epsilon"].f)
     shift = beta - mean * scale
-    channels = scale.size
-    magnitude = np.abs(scale)
+    channels = scale.size  # == factor.size, checked by the plan
+    magnitude = np.abs(scale) * factor  # the declared input scale is R/127; channel c's true one factor[c] times that
     tiny = magnitude < 1e-12  # a channel the BatchNorm zeroes: weight 0, the bias alone
     weights = np.where(tiny, 0, np.sign(scale) * 127).astype(np.int8).reshape(1, 1, channels, 1)
     magnitude = np.where(tiny, 1e-12, magnitude).astype(np.float32)

@@ -20,11 +20,13 @@ import sys
 from pathlib import Path
 
 GROUPS = [  # first match wins; matched against the kernel's op type (TensorFlow's _Mkl* names included)
+    ("INT8 BatchNorm+ReLU (medq's fused depthwise)", r"_FusedQuantizedDepthwiseConv2D"),
     ("INT8 conv / matmul", r"Quantized(Conv|DepthwiseConv|MatMul)|_FusedQuantized"),
     ("FP32 conv / matmul", r"Conv2D|MatMul|DepthwiseConv"),
     ("BatchNorm (+ReLU)", r"BatchNorm"),
     ("ReLU", r"^(_Mkl)?(Native)?Relu"),
-    ("Concat", r"Concat"),
+    ("INT8 concat", r"QuantizedConcat"),
+    ("FP32 concat", r"Concat"),
     ("Quantize", r"QuantizeV2"),
     ("Dequantize", r"Dequantize"),
     ("Requantize", r"Requantize"),
