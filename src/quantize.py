@@ -249,7 +249,7 @@ class _QuantizeRun:
             return graph, val, {"applied": False, "reason": "quantize.int8_concat is false"}
         rewritten, report = rewrite_int8_concat(graph)
         facts = report.to_dict()
-        if not report.groups:
+        if not (report.groups or report.int8_pads):
             reason = "no concatenation to keep in INT8" + (f" ({next(iter(report.skipped.values()))})"
                                                           if report.skipped else "")
             return graph, val, facts | {"applied": False, "reason": reason}
@@ -265,9 +265,10 @@ class _QuantizeRun:
                       f"({self.deploy.criterion.describe()})")
             say(f"  INT8 concatenation: not used: {reason}; INC's graph ({val[metric]:.4f}) is written", warning=True)
             return graph, val, facts | {"applied": False, "reason": reason}
-        say(f"  INT8 concatenation: {report.concats} ConcatV2 in {report.groups} group(s) and "
-            f"{report.folded_batchnorms} BatchNorm+ReLU moved into INT8; validation {metric} {new_val[metric]:.4f} "
-            f"(INC's graph {val[metric]:.4f}), criterion met")
+        moved = [f"{report.concats} ConcatV2 in {report.groups} group(s)", f"{report.folded_batchnorms} BatchNorm+ReLU",
+                 f"{report.int8_pads} zero padding(s)"]
+        say(f"  INT8 concatenation: {', '.join(m for m in moved if not m.startswith('0 '))} moved into INT8; "
+            f"validation {metric} {new_val[metric]:.4f} (INC's graph {val[metric]:.4f}), criterion met")
         return rewritten, new_val, facts | {"applied": True}
 
     def precision_paths(self, kept: list[str], fp32_graph, int8_graph, fp32_val: dict[str, Any],

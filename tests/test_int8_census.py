@@ -115,7 +115,10 @@ def test_int8_concat_census(densenet_graphs, rewritten):
     assert after["Mul"] == 1
     quantized_convs = sum(n for op, n in after.items() if op.startswith("QuantizedConv2D"))
     assert quantized_convs == before["Conv2D"]
-    assert after["Dequantize"] == 3  # the stem's ReLU (its Pad is FP32), the stem's pool, the final BatchNorm's input
+    # the stem's zero padding runs on the INT8 bytes (uint8 Bitcast both ways), not as Dequantize → Pad → QuantizeV2
+    assert report.int8_pads == 1 and after["Bitcast"] == 2
+    assert after["QuantizeV2"] == 3  # the input's, the stem pool's requantization, the classifier head's
+    assert after["Dequantize"] == 2  # the stem's pool (to be requantized as qint8) and the final BatchNorm's input
 
 
 def _session(graph_def):
@@ -226,6 +229,26 @@ def test_int8_concat_graph_predicts_like_inc_graph(densenet_graphs, rewritten):
     assert np.abs(ours - fp32_out).max() <= max(3 * inc_error, 1e-3)
 
 
+def test_the_int8_pad_is_exact(densenet_graphs):
+    """Dequantize → Pad → QuantizeV2 at the same range, replaced by the Pad of the INT8 bytes: bit-identical outputs."""
+    from medq.graph import FrozenGraph
+    from medq.inc import int8_concat
+
+    _, int8 = densenet_graphs
+    padded = type(int8)()
+    padded.CopyFrom(int8)
+    graph = int8_concat._Graph(padded)
+    assert int8_concat._int8_pads(graph) == 1
+    graph.drop_unused()
+    assert op_type_counts(padded)["QuantizeV2"] == op_type_counts(int8)["QuantizeV2"] - 1
+    x = np.random.default_rng(4).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    outputs = []
+    for g in (int8, padded):
+        with FrozenGraph(g) as frozen:
+            outputs.append(frozen.run(x))
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
 def test_a_graph_without_an_int8_concatenation_comes_back_unchanged(densenet_graphs):
     from medq.inc.int8_concat import rewrite_int8_concat
 
@@ -267,7 +290,8 @@ def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo
     if case == "met":
         assert facts["applied"] and val == {"auc": 0.899} and graph is not int8
         assert facts["concats"] == 58 and facts["inc_val"] == 0.895
-        assert "criterion met" in stage.said[-1]
+        assert stage.said[-1].startswith("  INT8 concatenation: 58 ConcatV2 in 4 group(s), 61 BatchNorm+ReLU, 1 zero "
+                                         "padding(s) moved into INT8") and "criterion met" in stage.said[-1]
         return
     assert graph is int8 and val is inc_val and not facts["applied"]
     expected = {"missed": f"validation auc 0.8000 is below {threshold:.4f}",

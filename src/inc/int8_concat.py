@@ -18,6 +18,10 @@ INT8, as OpenVINO's low-precision transformations do:
    quantized tensor as before;
 3. any other reader of a group tensor gets a Dequantize of it and a per-channel Mul by s_c/S.
 
+Before that, a zero padding that INC runs in FP32 between a Dequantize and a QuantizeV2 of the same range (DenseNet's
+stem, in front of its max pooling) becomes the same Pad on the INT8 bytes (zero is zero in both, so this is exact; the
+Pad goes through uint8, whose kernel is fast, where TensorFlow's quint8 Pad is not).
+
 No producer is changed and every channel keeps its own scale, so the only new rounding is step 1's requantization of
 a non-qint8 input and the fold's own requantization (what QuantizeV2 did). Graphs without such groups (ResNet, VGG,
 the small CNN) come back unchanged. medq's quantize stage keeps the rewritten graph only when it still meets
@@ -43,6 +47,7 @@ class RewriteReport:
     groups: int = 0  # concatenation groups made INT8
     concats: int = 0  # ConcatV2 → QuantizedConcatV2
     folded_batchnorms: int = 0  # BatchNorm + ReLU + QuantizeV2 → fused INT8 depthwise
+    int8_pads: int = 0  # Dequantize → Pad → QuantizeV2 of the same range → Pad of the INT8 bytes
     inputs: int = 0  # INT8 tensors entering the groups as INC made them
     requantized_inputs: int = 0  # inputs requantized to qint8 first (not signed INT8 from INC)
     dequantized_readers: int = 0  # other readers of a group tensor, given a Dequantize (and the channel scales)
@@ -62,6 +67,7 @@ def rewrite_int8_concat(graph_def) -> tuple[Any, RewriteReport]:
     out.CopyFrom(graph_def)
     report = RewriteReport()
     graph = _Graph(out)
+    report.int8_pads = _int8_pads(graph)
     groups = graph.concat_groups()
     channels = _channel_counts(graph_def) if groups else {}
     for group in groups:
@@ -185,6 +191,40 @@ class _Graph:
         kept = [n for n in kept if not (n.name in orphaned and n.name not in read and n.op in ("Const", "HostConst"))]
         del self.graph_def.node[:]
         self.graph_def.node.extend(kept)
+
+
+# --- zero padding in INT8 ---------------------------------------------------------------------------------------
+
+def _int8_pads(graph: _Graph) -> int:
+    done = 0
+    for quantize in [n for n in graph.graph_def.node if n.op == "QuantizeV2" and n.attr["mode"].s == b"SCALED"]:
+        pad = graph.producer(quantize.input[0])
+        if pad.op != "Pad" or _port(quantize.input[0]) != 0 or len(graph.readers_of(f"{pad.name}:0")) != 1:
+            continue
+        dequantize = graph.producer(pad.input[0])
+        dtype = quantize.attr["T"].type
+        if (dequantize.op != "Dequantize" or dequantize.attr["mode"].s != b"SCALED"
+                or dequantize.attr["T"].type != dtype or dtype not in (_dtype("quint8"), _dtype("qint8"))):
+            continue
+        bounds = ((_range_value(graph, dequantize.input[1]), graph.scalar(quantize.input[1])),
+                  (_range_value(graph, dequantize.input[2]), graph.scalar(quantize.input[2])))
+        if any(found is None or found != wanted for found, wanted in bounds):
+            continue
+        plain = _dtype("uint8") if dtype == _dtype("quint8") else _dtype("int8")
+        to_plain = graph.add(f"{pad.name}/int8_bytes", "Bitcast", [dequantize.input[0]],
+                             {"T": _attr(type=dtype), "type": _attr(type=plain)})
+        padded = graph.add(f"{pad.name}/int8_pad", "Pad", [to_plain.name, pad.input[1]],
+                           {"T": _attr(type=plain), "Tpaddings": pad.attr["Tpaddings"]})
+        back = graph.add(f"{pad.name}/int8", "Bitcast", [padded.name], {"T": _attr(type=plain), "type": _attr(type=dtype)})
+        for port, tensor in enumerate((f"{back.name}:0", dequantize.input[1], dequantize.input[2])):
+            for reader, index in graph.readers_of(f"{quantize.name}:{port}"):
+                graph.set_input(reader, index, tensor)
+        graph.remove(quantize)
+        graph.remove(pad)
+        if not graph.readers_of(f"{dequantize.name}:0"):
+            graph.remove(dequantize)
+        done += 1
+    return done
 
 
 # --- planning one group ---------------------------------------------------------------------------------------------
