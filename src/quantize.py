@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -247,7 +248,16 @@ class _QuantizeRun:
         metric, say = self.metric, self.say
         if not self.config.quantize.int8_concat:
             return graph, val, {"applied": False, "reason": "quantize.int8_concat is false"}
-        rewritten, report = rewrite_int8_concat(graph)
+        def keep_inc(reason: str, facts: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+            say(f"  INT8 concatenation: not used: {reason}; INC's graph ({val[metric]:.4f}) is written", warning=True)
+            return graph, val, facts | {"applied": False, "reason": reason}
+
+        try:
+            rewritten, report = rewrite_int8_concat(graph)
+        except Exception as exc:  # a graph the rewrite did not foresee: INC's graph is still good
+            traceback.print_exc()  # into the stage's log
+            return keep_inc(f"the rewrite failed ({type(exc).__name__}: {_first_line(exc)}); a medq bug, please "
+                            "report it", {})
         facts = report.to_dict()
         if not (report.groups or report.int8_pads):
             reason = "no concatenation to keep in INT8" + (f" ({next(iter(report.skipped.values()))})"
@@ -255,16 +265,16 @@ class _QuantizeRun:
             return graph, val, facts | {"applied": False, "reason": reason}
         try:
             new_val = self.metrics(rewritten)
-        except Exception as exc:  # e.g. a TensorFlow build without oneDNN's fused INT8 depthwise kernel
-            reason = f"the rewritten graph does not run here ({str(exc).strip().splitlines()[0]})"
-            say(f"  INT8 concatenation: not used: {reason}; INC's graph is written", warning=True)
-            return graph, val, facts | {"applied": False, "reason": reason}
+        except Exception as exc:
+            traceback.print_exc()
+            if "No OpKernel" in str(exc):  # a TensorFlow build without oneDNN's fused INT8 depthwise kernel
+                return keep_inc(f"the rewritten graph does not run here ({_first_line(exc)})", facts)
+            return keep_inc(f"the rewritten graph failed ({type(exc).__name__}: {_first_line(exc)}); a medq bug, "
+                            "please report it", facts)
         facts |= {"val": new_val[metric], "inc_val": val[metric]}
         if not self.deploy.criterion.met(baseline, new_val[metric]):
-            reason = (f"validation {metric} {new_val[metric]:.4f} is below {threshold:.4f} "
-                      f"({self.deploy.criterion.describe()})")
-            say(f"  INT8 concatenation: not used: {reason}; INC's graph ({val[metric]:.4f}) is written", warning=True)
-            return graph, val, facts | {"applied": False, "reason": reason}
+            return keep_inc(f"validation {metric} {new_val[metric]:.4f} is below {threshold:.4f} "
+                            f"({self.deploy.criterion.describe()})", facts)
         moved = [f"{report.concats} ConcatV2 in {report.groups} group(s)", f"{report.folded_batchnorms} BatchNorm+ReLU",
                  f"{report.int8_pads} zero padding(s)"]
         say(f"  INT8 concatenation: {', '.join(m for m in moved if not m.startswith('0 '))} moved into INT8; "
@@ -284,6 +294,10 @@ class _QuantizeRun:
                 values = self.metrics(fp32_graph if path == "bf16" else int8_graph, bf16_rewrite=True)
             out[path] = {"accuracy": values["accuracy"], "auc": values["auc"], self.metric: values[self.metric]}
         return out
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _announce(say: Callable[..., None], deploy: Any, inputs: list[str], outputs: list[str], run_dir: Path) -> None:

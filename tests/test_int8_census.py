@@ -271,8 +271,10 @@ def _stage(repo_root, metrics, enabled=True):
                            say=lambda line, warning=False: said.append(line), said=said)
 
 
-@pytest.mark.parametrize("case", ["met", "missed", "fails", "off"])
-def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo_root, densenet_graphs, case):
+@pytest.mark.parametrize("case", ["met", "missed", "no kernel", "graph fails", "rewrite fails", "off"])
+def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo_root, densenet_graphs, case,
+                                                                            monkeypatch):
+    from medq.inc import int8_concat
     from medq.quantize import _QuantizeRun
 
     _, int8 = densenet_graphs
@@ -280,9 +282,16 @@ def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo
 
     def metrics(graph):
         assert any(n.op == "QuantizedConcatV2" for n in graph.node)  # only the rewritten graph is evaluated here
-        if case == "fails":
+        if case == "no kernel":
             raise RuntimeError("No OpKernel was registered to support Op '_FusedQuantizedDepthwiseConv2D'\nmore")
+        if case == "graph fails":
+            raise ValueError("Input 0 of node x was passed int8 from y:0 incompatible with expected float.\nmore")
         return {"auc": 0.899 if case == "met" else 0.80}
+
+    if case == "rewrite fails":
+        def broken(graph_def):
+            raise KeyError("densenet121/conv2_block1_concat/concat:0")
+        monkeypatch.setattr(int8_concat, "rewrite_int8_concat", broken)
 
     stage = _stage(repo_root, metrics, enabled=case != "off")
     threshold = stage.deploy.criterion.threshold(baseline)
@@ -295,7 +304,55 @@ def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo
         return
     assert graph is int8 and val is inc_val and not facts["applied"]
     expected = {"missed": f"validation auc 0.8000 is below {threshold:.4f}",
-                "fails": "does not run here (No OpKernel was registered to support Op "
-                         "'_FusedQuantizedDepthwiseConv2D')",
+                "no kernel": "does not run here (No OpKernel was registered to support Op "
+                             "'_FusedQuantizedDepthwiseConv2D')",
+                "graph fails": "the rewritten graph failed (ValueError: Input 0 of node x was passed int8 from y:0 "
+                               "incompatible with expected float.); a medq bug",
+                "rewrite fails": "the rewrite failed (KeyError: 'densenet121/conv2_block1_concat/concat:0'); a medq bug",
                 "off": "quantize.int8_concat is false"}[case]
     assert expected in facts["reason"]
+    if case != "off":
+        assert stage.said[-1].startswith("  INT8 concatenation: not used: ") and expected in stage.said[-1]
+        assert stage.said[-1].endswith("INC's graph (0.8950) is written")
+
+
+def test_a_concatenation_named_by_a_control_dependency_is_left_alone(densenet_graphs):
+    from medq.graph import FrozenGraph
+    from medq.inc.int8_concat import rewrite_int8_concat
+
+    _, int8 = densenet_graphs
+    pinned = type(int8)()
+    pinned.CopyFrom(int8)
+    first = next(n.name for n in pinned.node if n.op == "ConcatV2")
+    waiter = pinned.node.add()
+    waiter.name, waiter.op = "waits_for_the_first_concat", "NoOp"
+    waiter.input.append(f"^{first}")
+    graph, report = rewrite_int8_concat(pinned)
+    assert report.groups == 3 and "control dependency" in report.skipped[first]
+    assert any(n.name == first and n.op == "ConcatV2" for n in graph.node)
+    assert list(next(n for n in graph.node if n.name == waiter.name).input) == [f"^{first}"]
+    x = np.random.default_rng(5).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    with FrozenGraph(graph) as frozen:
+        assert np.isfinite(frozen.run(x)).all()
+
+
+def test_quantize_range_is_widened_as_tensorflow_does():
+    """A QuantizeV2 narrower than ensure_minimum_range (default 0.01) quantizes with the widened range."""
+    import tensorflow as tf
+
+    from medq.inc import int8_concat
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, (1, 4))
+        tf.raw_ops.QuantizeV2(input=x, min_range=0.0, max_range=0.001, T=tf.quint8, mode="SCALED", name="narrow")
+        tf.raw_ops.QuantizeV2(input=x, min_range=0.0, max_range=0.001, T=tf.quint8, mode="SCALED",
+                              ensure_minimum_range=0.0, name="exact")
+    graph_def = graph.as_graph_def()
+    nodes = {n.name: n for n in graph_def.node}
+    del nodes["narrow"].attr["ensure_minimum_range"]  # as in graphs written without the attribute: the op's default
+    view = int8_concat._Graph(graph_def)
+    assert int8_concat._quantize_range(view, nodes["narrow"]) == pytest.approx((0.0, 0.01))
+    assert int8_concat._quantize_range(view, nodes["exact"]) == pytest.approx((0.0, 0.001))
+    with tf.compat.v1.Session(graph=graph) as session:  # what TensorFlow itself reports for the default
+        assert session.run("narrow:2", {"Placeholder:0": np.zeros((1, 4), np.float32)}) == pytest.approx(0.01)

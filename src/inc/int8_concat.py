@@ -95,9 +95,12 @@ class _Graph:
         self.graph_def = graph_def
         self.nodes = {n.name: n for n in graph_def.node}
         self.readers: dict[str, list[tuple[Any, int]]] = defaultdict(list)  # "node:port" → [(reader, input index)]
+        self.pinned: set[str] = set()  # nodes a control dependency names or that carry one: left as they are
         for node in graph_def.node:
             for i, tensor in enumerate(node.input):
-                if not tensor.startswith("^"):
+                if tensor.startswith("^"):
+                    self.pinned.update((node.name, _name(tensor)))
+                else:
                     self.readers[f"{_name(tensor)}:{_port(tensor)}"].append((node, i))
         self.removed: set[str] = set()
 
@@ -206,9 +209,9 @@ def _int8_pads(graph: _Graph) -> int:
         if (dequantize.op != "Dequantize" or dequantize.attr["mode"].s != b"SCALED"
                 or dequantize.attr["T"].type != dtype or dtype not in (_dtype("quint8"), _dtype("qint8"))):
             continue
-        bounds = ((_range_value(graph, dequantize.input[1]), graph.scalar(quantize.input[1])),
-                  (_range_value(graph, dequantize.input[2]), graph.scalar(quantize.input[2])))
-        if any(found is None or found != wanted for found, wanted in bounds):
+        wanted = _quantize_range(graph, quantize)
+        found = (_range_value(graph, dequantize.input[1]), _range_value(graph, dequantize.input[2]))
+        if wanted is None or found != wanted or {quantize.name, pad.name, dequantize.name} & graph.pinned:
             continue
         plain = _dtype("uint8") if dtype == _dtype("quint8") else _dtype("int8")
         to_plain = graph.add(f"{pad.name}/int8_bytes", "Bitcast", [dequantize.input[0]],
@@ -275,6 +278,8 @@ def _channel_counts(graph_def) -> dict[str, int]:
 def _plan_group(graph: _Graph, names: list[str], channels: dict[str, int]) -> _Plan | str:
     concats = [graph.nodes[n] for n in names]
     members = set(names)
+    if members & graph.pinned:
+        return "a control dependency names or holds one of its concatenations"
     inputs: dict[str, _Input] = {}
     for node in concats:
         for tensor in node.input[:node.attr["N"].i]:
@@ -283,6 +288,8 @@ def _plan_group(graph: _Graph, names: list[str], channels: dict[str, int]) -> _P
             found = _group_input(graph, tensor, channels)
             if isinstance(found, str):
                 return f"input {tensor}: {found}"
+            if found.dequantize.name in graph.pinned:
+                return f"input {tensor}: a control dependency names or holds its Dequantize"
             inputs[f"{_name(tensor)}:{_port(tensor)}"] = found
     tensors = [f"{n}:0" for n in names] + list(inputs)
     folds, fp32_readers = [], []
@@ -347,6 +354,17 @@ def _abs_max(graph: _Graph, min_tensor: str, max_tensor: str) -> float | None:
     return max(abs(low), abs(high))
 
 
+def _quantize_range(graph: _Graph, quantize) -> tuple[float, float] | None:
+    """The range a QuantizeV2 of constant bounds really quantizes with: TensorFlow widens one narrower than
+    ensure_minimum_range (relative to its magnitude; the op's default 0.01 when the attribute is absent)."""
+    low, high = graph.scalar(quantize.input[1]), graph.scalar(quantize.input[2])
+    if low is None or high is None:
+        return None
+    ensure = quantize.attr["ensure_minimum_range"].f if "ensure_minimum_range" in quantize.attr else 0.01
+    low = min(0.0, low)
+    return low, max(0.0, high, low + ensure * max(1.0, abs(low), abs(high)))
+
+
 def _range_value(graph: _Graph, tensor: str) -> float | None:
     """A min/max tensor of an INT8 tensor, followed back to its frozen constant."""
     value = graph.scalar(tensor)
@@ -357,16 +375,17 @@ def _range_value(graph: _Graph, tensor: str) -> float | None:
         return _range_value(graph, node.input[port])
     if port in (1, 2) and node.op in _REQUANTIZING:
         return _range_value(graph, node.input[_FROZEN_OUTPUT_RANGE[port - 1]])
-    if port in (1, 2) and node.op == "QuantizeV2":  # its calibrated range (widened only below ensure_minimum_range)
-        return _range_value(graph, node.input[port])
+    if port in (1, 2) and node.op == "QuantizeV2":
+        bounds = _quantize_range(graph, node)
+        return None if bounds is None else bounds[port - 1]
     return None
 
 
 def _batchnorm_chain(graph: _Graph, reader, index: int, tensor: str) -> _Fold | None:
     """BatchNorm(inference, NHWC) → ReLU → QuantizeV2(quint8, SCALED, constant range), each read only by the next."""
-    if (reader.op != "FusedBatchNormV3" or index != 0 or reader.attr["is_training"].b
-            or reader.attr["data_format"].s not in (b"NHWC", b"")):
-        return None
+    if (reader.op != "FusedBatchNormV3" or index != 0 or "is_training" not in reader.attr
+            or reader.attr["is_training"].b or reader.attr["data_format"].s not in (b"NHWC", b"")):
+        return None  # (is_training defaults to true)
     if any(graph.const(t) is None for t in reader.input[1:5]):
         return None
     if any(graph.readers_of(f"{reader.name}:{p}") for p in range(1, 6)):
@@ -375,7 +394,10 @@ def _batchnorm_chain(graph: _Graph, reader, index: int, tensor: str) -> _Fold | 
     quantize = relu is not None and graph.only_reader(f"{relu.name}:0", "QuantizeV2")
     if not quantize or quantize.attr["T"].type != _dtype("quint8") or quantize.attr["mode"].s != b"SCALED":
         return None
-    if graph.scalar(quantize.input[1]) is None or graph.scalar(quantize.input[2]) is None:
+    bounds = _quantize_range(graph, quantize)
+    if bounds is None or bounds[0] != 0.0:  # after a ReLU; the fused kernel's quint8 output starts at 0
+        return None
+    if {reader.name, relu.name, quantize.name} & graph.pinned:
         return None
     return _Fold(reader, relu, quantize, tensor)
 
@@ -392,16 +414,15 @@ def _apply(graph: _Graph, plan: _Plan, report: RewriteReport) -> None:
         if found.signed:
             int8_of[tensor] = found.dequantize.input[0]
         else:
-            own = graph.add_const(f"{found.dequantize.name}/int8_concat_range", np.float32(found.abs_max), "float32")
-            own_low = graph.add_const(f"{found.dequantize.name}/int8_concat_range_min", np.float32(-found.abs_max),
-                                      "float32")
-            requantize = graph.add(f"{found.dequantize.name}/int8_concat_quantize", "QuantizeV2",
-                                   [tensor, own_low.name, own.name],
-                                   {"T": _type_attr("qint8"), "mode": _attr(s=b"SCALED"),
-                                    "round_mode": _attr(s=b"HALF_TO_EVEN"), "narrow_range": _attr(b=False),
-                                    "axis": _attr(i=-1), "ensure_minimum_range": _attr(f=0.0)})
-            int8_of[tensor] = requantize.name
-            report.requantized_inputs += 1
+            name = f"{found.dequantize.name}/int8_concat_quantize"
+            if name not in graph.nodes:  # an input of two groups is requantized once
+                own_low = graph.add_const(f"{name}/min", np.float32(-found.abs_max), "float32").name
+                own_high = graph.add_const(f"{name}/max", np.float32(found.abs_max), "float32").name
+                graph.add(name, "QuantizeV2", [tensor, own_low, own_high],
+                          {"T": _type_attr("qint8"), "mode": _attr(s=b"SCALED"), "round_mode": _attr(s=b"HALF_TO_EVEN"),
+                           "narrow_range": _attr(b=False), "axis": _attr(i=-1), "ensure_minimum_range": _attr(f=0.0)})
+                report.requantized_inputs += 1
+            int8_of[tensor] = name
         factor[tensor] = np.full(found.channels, found.abs_max / plan.abs_max)
         report.inputs += 1
     for node in plan.concats:  # a concatenation's inputs come before it
@@ -440,16 +461,15 @@ def _apply(graph: _Graph, plan: _Plan, report: RewriteReport) -> None:
 def _fold(graph: _Graph, fold: _Fold, source: str, factor: np.ndarray, low: str, high: str) -> None:
     bn, quantize = fold.batchnorm, fold.quantize
     gamma, beta, mean, variance = (graph.const(t).astype(np.float64) for t in bn.input[1:5])
-    scale = gamma / np.sqrt(variance + bn.attr["epsilon"].f)
+    epsilon = bn.attr["epsilon"].f if "epsilon" in bn.attr else 1e-4  # the op's default
+    scale = gamma / np.sqrt(variance + epsilon)
     shift = beta - mean * scale
     channels = scale.size  # == factor.size, checked by the plan
     magnitude = np.abs(scale) * factor  # the declared input scale is R/127; channel c's true one factor[c] times that
     tiny = magnitude < 1e-12  # a channel the BatchNorm zeroes: weight 0, the bias alone
     weights = np.where(tiny, 0, np.sign(scale) * 127).astype(np.int8).reshape(1, 1, channels, 1)
     magnitude = np.where(tiny, 1e-12, magnitude).astype(np.float32)
-    out_low, out_high = graph.scalar(quantize.input[1]), graph.scalar(quantize.input[2])
-    # QuantizeV2 widens a range narrower than ensure_minimum_range (relative to its magnitude); so does the fold
-    widened = max(out_high, out_low + quantize.attr["ensure_minimum_range"].f * max(1.0, abs(out_low), abs(out_high)))
+    out_high, widened = graph.scalar(quantize.input[2]), _quantize_range(graph, quantize)[1]  # as QuantizeV2 ran
     prefix, name, out_min, out_max = f"{bn.name}/int8_fold", quantize.name, quantize.input[1], quantize.input[2]
     graph.remove(bn)
     graph.remove(fold.relu)
