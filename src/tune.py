@@ -236,7 +236,7 @@ def _check_signature(project: Path, config: Any, worker: bool = False) -> None:
             changed = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
             raise ConfigError(f"{project}: this search was started with a different {', '.join(changed)}; "
                               "use another run name (--run-name) or delete the folder to start a new search")
-    else:
+    elif not worker:  # only the chief writes it: a worker that starts first has not seen the chief's pinned split
         artifacts.write_json(path, mine)
 
 

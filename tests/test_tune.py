@@ -153,6 +153,21 @@ def test_a_changed_search_is_not_silently_resumed(tmp_path, data_root):
         run_tune(config)
 
 
+def test_only_the_chief_writes_the_search_signature(tmp_path, data_root):
+    """A worker that starts before the chief must not write the signature: it has not seen the split the chief pins,
+    so the chief would then refuse its own search as 'started with a different split'."""
+    from medq.tune import SEARCH_FILE, _check_signature
+
+    config = _config(tmp_path, data_root)
+    project = config.run_dir / "tuner"
+    project.mkdir(parents=True)
+    _check_signature(project, config, worker=True)
+    assert not (project / SEARCH_FILE).exists()
+    _check_signature(project, config)  # the chief writes it
+    assert json.loads((project / SEARCH_FILE).read_text())["model"] == config.model.name
+    _check_signature(project, config, worker=True)  # a worker checks against it
+
+
 def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, data_root, count_trainings):
     from medq.freeze import run_freeze
     from medq.tune import run_tune

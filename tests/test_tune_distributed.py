@@ -3,6 +3,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 from medq import runrecord
 
@@ -47,7 +48,8 @@ tune:
                                    stderr=subprocess.STDOUT, text=True)
              for tid in ("chief", "tuner0", "tuner1")}
     try:
-        outputs = {tid: p.communicate(timeout=600)[0] for tid, p in procs.items()}
+        deadline = time.monotonic() + 600  # one deadline for all three, not 600 s each
+        outputs = {tid: p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for tid, p in procs.items()}
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -86,11 +88,18 @@ tune:
                 TF_CPP_MIN_LOG_LEVEL="2")
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    # tuner1 SIGKILLs itself once its first trial has started (after the chief handed it the trial)
+    # tuner1 SIGKILLs itself once its first trial has started (after the chief handed it the trial); tuner0 starts
+    # its first trial only after that, so that tuner1 always holds a trial when it dies (on a loaded machine tuner0
+    # could otherwise finish every trial before tuner1 asks for one)
     start = ("import os, signal, sys, time, pathlib, tensorflow, keras_tuner, medq.tune; from medq.cli import main; "
              "b = pathlib.Path(sys.argv[1]); tid = os.environ['KERASTUNER_TUNER_ID']; (b / tid).touch(); "
-             "t = time.time()\n"
-             "if tid == 'tuner1': medq.tune.with_image_size = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+             "t = time.time(); sized = medq.tune.with_image_size\n"
+             "def dying(*a): (b.parent / 'tuner1-has-a-trial').touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
+             "def waiting(*a):\n"
+             "    while not (b.parent / 'tuner1-has-a-trial').exists() and time.time() - t < 300: time.sleep(0.1)\n"
+             "    return sized(*a)\n"
+             "if tid == 'tuner1': medq.tune.with_image_size = dying\n"
+             "if tid == 'tuner0': medq.tune.with_image_size = waiting\n"
              "while tid != 'chief' and len(list(b.iterdir())) < 3 and time.time() - t < 300: time.sleep(0.1)\n"
              "sys.exit(main(sys.argv[2:]))")
     args = [sys.executable, "-c", start, str(barrier), "tune", "--config", str(config)]
@@ -98,7 +107,8 @@ tune:
                                    stderr=subprocess.STDOUT, text=True)
              for tid in ("chief", "tuner0", "tuner1")}
     try:
-        outputs = {tid: p.communicate(timeout=600)[0] for tid, p in procs.items()}
+        deadline = time.monotonic() + 600  # one deadline for all three, not 600 s each
+        outputs = {tid: p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for tid, p in procs.items()}
     finally:
         for p in procs.values():
             if p.poll() is None:
