@@ -248,6 +248,7 @@ class _QuantizeRun:
         metric, say = self.metric, self.say
         if not self.config.quantize.int8_concat:
             return graph, val, {"applied": False, "reason": "quantize.int8_concat is false"}
+
         def keep_inc(reason: str, facts: dict[str, Any]) -> tuple[Any, dict[str, Any], dict[str, Any]]:
             say(f"  INT8 concatenation: not used: {reason}; INC's graph ({val[metric]:.4f}) is written", warning=True)
             return graph, val, facts | {"applied": False, "reason": reason}

@@ -230,7 +230,7 @@ def test_int8_concat_graph_predicts_like_inc_graph(densenet_graphs, rewritten):
 
 
 def test_the_int8_pad_is_exact(densenet_graphs):
-    """Dequantize → Pad → QuantizeV2 at the same range, replaced by the Pad of the INT8 bytes: bit-identical outputs."""
+    """Dequantize → Pad → QuantizeV2 at one range, replaced by the Pad of the INT8 bytes: bit-identical outputs."""
     from medq.graph import FrozenGraph
     from medq.inc import int8_concat
 
@@ -308,7 +308,8 @@ def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo
                              "'_FusedQuantizedDepthwiseConv2D')",
                 "graph fails": "the rewritten graph failed (ValueError: Input 0 of node x was passed int8 from y:0 "
                                "incompatible with expected float.); a medq bug",
-                "rewrite fails": "the rewrite failed (KeyError: 'densenet121/conv2_block1_concat/concat:0'); a medq bug",
+                "rewrite fails": "the rewrite failed (KeyError: 'densenet121/conv2_block1_concat/concat:0'); "
+                                 "a medq bug",
                 "off": "quantize.int8_concat is false"}[case]
     assert expected in facts["reason"]
     if case != "off":

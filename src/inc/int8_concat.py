@@ -218,7 +218,8 @@ def _int8_pads(graph: _Graph) -> int:
                              {"T": _attr(type=dtype), "type": _attr(type=plain)})
         padded = graph.add(f"{pad.name}/int8_pad", "Pad", [to_plain.name, pad.input[1]],
                            {"T": _attr(type=plain), "Tpaddings": pad.attr["Tpaddings"]})
-        back = graph.add(f"{pad.name}/int8", "Bitcast", [padded.name], {"T": _attr(type=plain), "type": _attr(type=dtype)})
+        back = graph.add(f"{pad.name}/int8", "Bitcast", [padded.name],
+                         {"T": _attr(type=plain), "type": _attr(type=dtype)})
         for port, tensor in enumerate((f"{back.name}:0", dequantize.input[1], dequantize.input[2])):
             for reader, index in graph.readers_of(f"{quantize.name}:{port}"):
                 graph.set_input(reader, index, tensor)
@@ -382,7 +383,8 @@ def _range_value(graph: _Graph, tensor: str) -> float | None:
 
 
 def _batchnorm_chain(graph: _Graph, reader, index: int, tensor: str) -> _Fold | None:
-    """BatchNorm(inference, NHWC) → ReLU → QuantizeV2(quint8, SCALED, constant range), each read only by the next."""
+    """BatchNorm (inference, NHWC) → ReLU → QuantizeV2 (quint8, SCALED, constant range), each read only by the
+    next."""
     if (reader.op != "FusedBatchNormV3" or index != 0 or "is_training" not in reader.attr
             or reader.attr["is_training"].b or reader.attr["data_format"].s not in (b"NHWC", b"")):
         return None  # (is_training defaults to true)
@@ -408,7 +410,7 @@ def _apply(graph: _Graph, plan: _Plan, report: RewriteReport) -> None:
     key = plan.concats[0].name
     low = graph.add_const(f"{key}/int8_concat_min", np.float32(-plan.abs_max), "float32").name
     high = graph.add_const(f"{key}/int8_concat_max", np.float32(plan.abs_max), "float32").name
-    int8_of: dict[str, str] = {}  # FP32 group tensor → the same values in INT8 (channel c at scale factor[c] · R/127)
+    int8_of: dict[str, str] = {}  # FP32 group tensor → its values in INT8 (channel c at scale factor[c] · R/127)
     factor: dict[str, np.ndarray] = {}  # FP32 group tensor → per channel, true scale / declared scale
     for tensor, found in plan.inputs.items():
         if found.signed:
