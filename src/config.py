@@ -168,7 +168,7 @@ class QuantizeConfig:
     # Precision paths whose validation metric is measured; paths this CPU cannot run are skipped with the reason.
     precisions: list[Precision] = field(default_factory=lambda: ["fp32", "bf16", "int8", "int8-bf16"])
     # Keep DenseNet-style concatenations (and the BatchNorm+ReLU reading them) in INT8 after INC
-    # (medq.inc.int8_concat); the rewritten graph is kept only when it still meets deploy.yaml's accuracy criterion.
+    # (medq.inc.rewrite); the rewritten graph is kept only when it still meets deploy.yaml's accuracy criterion.
     int8_concat: bool = True
 
 

@@ -241,9 +241,9 @@ class _QuantizeRun:
 
     def int8_concat(self, graph, val: dict[str, Any], baseline: float,
                     threshold: float) -> tuple[Any, dict[str, Any], dict[str, Any]]:
-        """INC's graph with its concatenations kept in INT8 (:mod:`medq.inc.int8_concat`) when that still meets the
+        """INC's graph with its concatenations kept in INT8 (:mod:`medq.inc.rewrite`) when that still meets the
         accuracy criterion on the validation split; else INC's graph as it is. Returns (graph, its metrics, facts)."""
-        from medq.inc.int8_concat import rewrite_int8_concat
+        from medq.inc.rewrite import rewrite_int8_concat
 
         metric, say = self.metric, self.say
         if not self.config.quantize.int8_concat:

@@ -13,7 +13,9 @@ import pytest
 
 from medq.graph import op_type_counts
 
-pytestmark = pytest.mark.filterwarnings("ignore")
+# every test here reads INC's INT8 DenseNet121 (a module fixture of ~1 min); each pass's fast test is in
+# tests/test_inc_rewrite.py
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
 
 def _producer(graph_def, name: str):
@@ -68,11 +70,11 @@ def test_densenet_int8_census(densenet_graphs):
     assert after["Dequantize"] == before["ConcatV2"] + 3 + 1 + 1
 
 
-# --- medq.inc.int8_concat: the same graph with its concatenations kept in INT8 ---------------------------------------
+# --- medq.inc.rewrite: the same graph with its concatenations kept in INT8 -------------------------------------------
 
 @pytest.fixture(scope="module")
 def rewritten(densenet_graphs):
-    from medq.inc.int8_concat import rewrite_int8_concat
+    from medq.inc.rewrite import rewrite_int8_concat
 
     _, int8 = densenet_graphs
     before = type(int8)()
@@ -232,13 +234,14 @@ def test_int8_concat_graph_predicts_like_inc_graph(densenet_graphs, rewritten):
 def test_the_int8_pad_is_exact(densenet_graphs):
     """Dequantize → Pad → QuantizeV2 at one range, replaced by the Pad of the INT8 bytes: bit-identical outputs."""
     from medq.graph import FrozenGraph
-    from medq.inc import int8_concat
+    from medq.inc.rewrite import pad
+    from medq.inc.rewrite.graph import GraphView
 
     _, int8 = densenet_graphs
     padded = type(int8)()
     padded.CopyFrom(int8)
-    graph = int8_concat._Graph(padded)
-    assert int8_concat._int8_pads(graph) == 1
+    graph = GraphView(padded)
+    assert pad.run(graph) == 1
     graph.drop_unused()
     assert op_type_counts(padded)["QuantizeV2"] == op_type_counts(int8)["QuantizeV2"] - 1
     x = np.random.default_rng(4).normal(size=(4, 32, 32, 3)).astype(np.float32)
@@ -250,7 +253,7 @@ def test_the_int8_pad_is_exact(densenet_graphs):
 
 
 def test_a_graph_without_an_int8_concatenation_comes_back_unchanged(densenet_graphs):
-    from medq.inc.int8_concat import rewrite_int8_concat
+    from medq.inc.rewrite import rewrite_int8_concat
 
     fp32, _ = densenet_graphs
     graph, report = rewrite_int8_concat(fp32)  # FP32 concatenations of FP32 tensors: nothing to keep in INT8
@@ -274,7 +277,7 @@ def _stage(repo_root, metrics, enabled=True):
 @pytest.mark.parametrize("case", ["met", "missed", "no kernel", "graph fails", "rewrite fails", "off"])
 def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo_root, densenet_graphs, case,
                                                                             monkeypatch):
-    from medq.inc import int8_concat
+    from medq.inc import rewrite
     from medq.quantize import _QuantizeRun
 
     _, int8 = densenet_graphs
@@ -291,7 +294,7 @@ def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo
     if case == "rewrite fails":
         def broken(graph_def):
             raise KeyError("densenet121/conv2_block1_concat/concat:0")
-        monkeypatch.setattr(int8_concat, "rewrite_int8_concat", broken)
+        monkeypatch.setattr(rewrite, "rewrite_int8_concat", broken)
 
     stage = _stage(repo_root, metrics, enabled=case != "off")
     threshold = stage.deploy.criterion.threshold(baseline)
@@ -319,7 +322,7 @@ def test_the_quantize_stage_keeps_the_rewrite_only_when_the_criterion_holds(repo
 
 def test_a_concatenation_named_by_a_control_dependency_is_left_alone(densenet_graphs):
     from medq.graph import FrozenGraph
-    from medq.inc.int8_concat import rewrite_int8_concat
+    from medq.inc.rewrite import rewrite_int8_concat
 
     _, int8 = densenet_graphs
     pinned = type(int8)()
@@ -336,24 +339,3 @@ def test_a_concatenation_named_by_a_control_dependency_is_left_alone(densenet_gr
     with FrozenGraph(graph) as frozen:
         assert np.isfinite(frozen.run(x)).all()
 
-
-def test_quantize_range_is_widened_as_tensorflow_does():
-    """A QuantizeV2 narrower than ensure_minimum_range (default 0.01) quantizes with the widened range."""
-    import tensorflow as tf
-
-    from medq.inc import int8_concat
-
-    graph = tf.Graph()
-    with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, (1, 4))
-        tf.raw_ops.QuantizeV2(input=x, min_range=0.0, max_range=0.001, T=tf.quint8, mode="SCALED", name="narrow")
-        tf.raw_ops.QuantizeV2(input=x, min_range=0.0, max_range=0.001, T=tf.quint8, mode="SCALED",
-                              ensure_minimum_range=0.0, name="exact")
-    graph_def = graph.as_graph_def()
-    nodes = {n.name: n for n in graph_def.node}
-    del nodes["narrow"].attr["ensure_minimum_range"]  # as in graphs written without the attribute: the op's default
-    view = int8_concat._Graph(graph_def)
-    assert int8_concat._quantize_range(view, nodes["narrow"]) == pytest.approx((0.0, 0.01))
-    assert int8_concat._quantize_range(view, nodes["exact"]) == pytest.approx((0.0, 0.001))
-    with tf.compat.v1.Session(graph=graph) as session:  # what TensorFlow itself reports for the default
-        assert session.run("narrow:2", {"Placeholder:0": np.zeros((1, 4), np.float32)}) == pytest.approx(0.01)

@@ -104,9 +104,9 @@ def test_heads_and_channels(name):
 
 
 def _int8_concat(int8_graph, x):
-    """medq.inc.int8_concat on INC's graph: (report, INC graph's output, rewritten graph's output)."""
+    """medq.inc.rewrite on INC's graph: (report, INC graph's output, rewritten graph's output)."""
     from medq.graph import FrozenGraph
-    from medq.inc.int8_concat import rewrite_int8_concat
+    from medq.inc.rewrite import rewrite_int8_concat
 
     rewritten, report = rewrite_int8_concat(int8_graph)
     if not report.groups and not report.int8_pads:
@@ -120,7 +120,7 @@ def _int8_concat(int8_graph, x):
     return report, outputs[0], outputs[1]
 
 
-# concatenation groups medq.inc.int8_concat keeps in INT8: one per dense block, none without concatenations
+# concatenation groups medq.inc.rewrite keeps in INT8: one per dense block, none without concatenations
 CONCAT_GROUPS = {"refkit-cnn": 0, "scaled-densenet": 4, "chexnet": 4, "densenet121": 4, "densenet169": 4,
                  "resnet50": 0, "vgg16": 0}
 

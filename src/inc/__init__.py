@@ -9,7 +9,8 @@ takes ~15 s and changes ``yaml.SafeLoader`` globally); only :mod:`medq.inc.ptq` 
 - ``medq.inc.ptq``: ``run_ptq(...) -> PtqResult``. Every deploy.yaml value mapped onto ``PostTrainingQuantConfig``
   and ``quantization.fit``; INC's log to a file; what INC received and decided (trials, op table, ops left out of
   INT8) recorded. ``check_with_inc(deploy)`` runs INC's own schema over the file.
-- ``medq.inc.int8_concat``: ``rewrite_int8_concat(graph_def) -> (graph_def, RewriteReport)``. INC's INT8 graph with
+- ``medq.inc.rewrite``: ``rewrite_int8_concat(graph_def) -> (graph_def, RewriteReport)``. INC's INT8 graph with
   DenseNet's concatenations, and the BatchNorm+ReLU that read them, moved into INT8 (INC 2.6 leaves them in FP32);
-  the quantize stage keeps the result only when it meets deploy.yaml's accuracy criterion.
+  the quantize stage keeps the result only when it meets deploy.yaml's accuracy criterion. One pass per module
+  (``pad``, ``concat``, ``fold``) over one ``graph.GraphView``.
 """
