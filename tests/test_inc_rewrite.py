@@ -88,7 +88,8 @@ def test_quantize_range_is_widened_as_tensorflow_does():
 # --- pad: zero padding on the INT8 bytes ----------------------------------------------------------------------------
 
 def _padded_graph(out_high):
-    """x → QuantizeV2 quint8 [0, 6] → Dequantize → Pad(1 pixel) → QuantizeV2 [0, out_high] → Dequantize → out."""
+    """x → QuantizeV2 quint8 [0, 6] → Dequantize → Pad(1 pixel) → QuantizeV2 [0, out_high] → Dequantize →
+    out."""
     def body(tf):
         x = tf.compat.v1.placeholder(tf.float32, (2, 3, 3, 2), name="x")
         q = _quantize(tf, x, 0.0, 6.0, tf.quint8, "q")
@@ -139,7 +140,7 @@ def test_pad_between_two_ranges_is_left_in_fp32():
     np.testing.assert_allclose(_run(graph_def, "out:0", x), expected, rtol=1e-6, atol=1e-6)
 
 
-# --- fold: BatchNorm + ReLU + QuantizeV2 on an INT8 tensor → fused INT8 depthwise ------------------------------------
+# --- fold: BatchNorm + ReLU + QuantizeV2 on an INT8 tensor → fused INT8 depthwise -------------------------------
 
 GAMMA = np.array([1.5, -0.7, 0.0, 0.9], np.float32)  # a negative and a zero scale among them
 BETA = np.array([0.2, 0.5, 0.3, -0.1], np.float32)
@@ -226,10 +227,10 @@ def _dense_block(int8_inputs=True):
         rng = np.random.default_rng(7)
         for i, c in enumerate((c1, c2), 1):
             n = 2 * (i + 1)
-            bn = tf.raw_ops.FusedBatchNormV3(
-                x=c, scale=rng.uniform(0.3, 1.0, n).astype(np.float32), offset=rng.uniform(-0.2, 0.2, n).astype(np.float32),
-                mean=rng.uniform(-0.3, 0.3, n).astype(np.float32), variance=rng.uniform(0.5, 2, n).astype(np.float32),
-                epsilon=1e-3, is_training=False, name=f"bn{i}")
+            gamma, beta, mean, var = (rng.uniform(*bounds, n).astype(np.float32)
+                                      for bounds in ((0.3, 1.0), (-0.2, 0.2), (-0.3, 0.3), (0.5, 2.0)))
+            bn = tf.raw_ops.FusedBatchNormV3(x=c, scale=gamma, offset=beta, mean=mean, variance=var, epsilon=1e-3,
+                                             is_training=False, name=f"bn{i}")
             q = _quantize(tf, tf.nn.relu(bn.y), tf.constant(0.0), tf.constant(4.0), tf.quint8, f"q{i}")
             _dequantize(tf, q.output, q.output_min, q.output_max, f"out{i}")
         tf.identity(c2, name="raw")

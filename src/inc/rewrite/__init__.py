@@ -60,7 +60,8 @@ def rewrite_int8_concat(graph_def) -> tuple[Any, RewriteReport]:
         if isinstance(plan, str):
             report.skipped[group[0]] = plan
             continue
-        made, requantized = concat.apply(graph, plan)
+        made = concat.apply(graph, plan)
+        # the folds before the other readers: an input's Dequantize goes once no fold reads it any more
         for match in plan.folds:
             fold.apply(graph, fold.plan(graph, match, made.int8_of[match.source], made.factor[match.source],
                                         made.low, made.high))
@@ -69,7 +70,7 @@ def rewrite_int8_concat(graph_def) -> tuple[Any, RewriteReport]:
         report.concats += len(plan.concats)
         report.folded_batchnorms += len(plan.folds)
         report.inputs += len(plan.inputs)
-        report.requantized_inputs += requantized
+        report.requantized_inputs += made.requantized
         report.dequantized_readers += len(plan.fp32_readers)
         report.ranges[plan.key] = plan.abs_max
         report.scale_spread[plan.key] = plan.abs_max / min(i.abs_max for i in plan.inputs.values())

@@ -62,6 +62,7 @@ class Int8Group:
     factor: dict[str, np.ndarray]
     low: str  # the declared range's constants
     high: str
+    requantized: int = 0  # inputs requantized to qint8 here (an input of two groups is requantized once)
 
 
 def groups(graph: GraphView) -> list[list[str]]:
@@ -175,12 +176,11 @@ def _group_input(graph: GraphView, tensor: str, channels: dict[str, int]) -> Gro
     return GroupInput(tensor, dequantize, signed, magnitude, count)
 
 
-def apply(graph: GraphView, group: GroupPlan) -> tuple[Int8Group, int]:
-    """The group's concatenations in INT8 (same names). Returns the INT8 forms and how many inputs were requantized."""
+def apply(graph: GraphView, group: GroupPlan) -> Int8Group:
+    """The group's concatenations in INT8 (same names); its folds and other readers come next."""
     low = graph.add_const(f"{group.key}/int8_concat_min", np.float32(-group.abs_max), "float32").name
     high = graph.add_const(f"{group.key}/int8_concat_max", np.float32(group.abs_max), "float32").name
     made = Int8Group({}, {}, low, high)
-    requantized = 0
     for tensor, found in group.inputs.items():
         if found.signed:
             made.int8_of[tensor] = found.dequantize.input[0]
@@ -192,7 +192,7 @@ def apply(graph: GraphView, group: GroupPlan) -> tuple[Int8Group, int]:
                 graph.add(name, "QuantizeV2", [tensor, own_low, own_high],
                           {"T": type_attr("qint8"), "mode": attr(s=b"SCALED"), "round_mode": attr(s=b"HALF_TO_EVEN"),
                            "narrow_range": attr(b=False), "axis": attr(i=-1), "ensure_minimum_range": attr(f=0.0)})
-                requantized += 1
+                made.requantized += 1
             made.int8_of[tensor] = name
         made.factor[tensor] = np.full(found.channels, found.abs_max / group.abs_max)
     for node in group.concats:  # a concatenation's inputs come before it
@@ -203,7 +203,7 @@ def apply(graph: GraphView, group: GroupPlan) -> tuple[Int8Group, int]:
         # ConcatV2(values, axis) → QuantizedConcatV2(values, axis, mins, maxes), same name
         graph.set_inputs(node, [made.int8_of[v] for v in values] + [node.input[n]] + [low] * n + [high] * n)
         graph.retype(node, "QuantizedConcatV2", {"T": type_attr("qint8")})
-    return made, requantized
+    return made
 
 
 def dequantize_readers(graph: GraphView, group: GroupPlan, made: Int8Group) -> None:

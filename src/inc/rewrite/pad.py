@@ -27,7 +27,8 @@ class PadMatch:
 
 
 def match(graph: GraphView, quantize) -> PadMatch | None:
-    """The Dequantize → Pad → QuantizeV2 that ends at ``quantize``, when both quantizations have one range."""
+    """The Dequantize → Pad → QuantizeV2 that ends at ``quantize``, when both quantizations have one range (the
+    match is the whole plan: the new nodes copy its attributes)."""
     if quantize.op != "QuantizeV2" or quantize.attr["mode"].s != b"SCALED":
         return None
     pad = graph.producer(quantize.input[0])
