@@ -29,6 +29,7 @@ PhantomKind = Literal["chest-pneumonia", "chest-multilabel", "rsna-dicom", "busi
 Task = Literal["binary", "multiclass", "multilabel"]
 Normalization = Literal["unit", "imagenet", "symmetric"]
 Precision = Literal["fp32", "bf16", "int8", "int8-bf16"]
+BitDepth = Literal["auto", 8, 9, 10, 11, 12, 13, 14, 15, 16]
 
 
 Objective = Literal["auc", "accuracy"]
@@ -70,6 +71,10 @@ class DataConfig:
     strict: bool = False  # unreadable files: error instead of listed skip
     # Images whose header claims more pixels are refused unread, as a listed skip (decompression bombs).
     max_megapixels: float = 100.0
+    # The significant bits of 16-bit images without an sBIT chunk (a PNG's sBIT always wins): 'auto' reads all 16
+    # and warns about images that use at most 14 of them; 12 reads DICOM→PNG exports of 12-bit data as a viewer
+    # told "12-bit" would (4095 is white). Recorded with the run's preprocessing (medq.data.decode).
+    bit_depth: BitDepth = "auto"
     # Generate the phantom dataset when root does not exist: only at the config's built-in location (its data.root
     # without DATA_DIR), or anywhere with `--phantoms`; elsewhere a missing folder is an error (a typo must not train
     # on phantoms).

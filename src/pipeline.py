@@ -93,7 +93,7 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
     """Stage 1: make sure the dataset is there (``phantoms``: generate it wherever data.root points), read it,
     report counts, skips and patient overlap, and pin the run's split (``resplit``: split the current dataset
     again, which makes the run's models stale)."""
-    from medq.data.check import verify_images
+    from medq.data.check import note_pixel_range, verify_images
     from medq.data.readers import read_dataset
 
     ensure_phantoms(config, phantoms)
@@ -106,6 +106,7 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
         log.info("data: %s at %s", source, config.data.root)
         for note in index.notes:
             log.info("%s", note)
+        note_pixel_range(index, config.data.bit_depth, config.run.seed)
         for split, samples in index.splits.items():
             log.info("%-5s %5d images  %s", split, len(samples), index.counts(split))
         if index.skipped:
