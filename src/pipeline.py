@@ -100,7 +100,8 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
     with runrecord.writer_lock(config.run_dir, "data"):
         index = read_dataset(config.data, seed=config.run.seed)
         if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
-            index = verify_images(index, strict=config.data.strict, max_megapixels=config.data.max_megapixels)
+            index = verify_images(index, strict=config.data.strict, max_megapixels=config.data.max_megapixels,
+                                  bit_depth=config.data.bit_depth)
         index = runrecord.run_index(config, index, resplit=resplit, stage="data")
         source = data_source(config.data.root, index.format)
         log.info("data: %s at %s", source, config.data.root)

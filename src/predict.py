@@ -2,8 +2,8 @@
 its Keras model, optionally averaged over ten crops, optionally with Grad-CAM heatmaps.
 
 The run's manifest supplies the class names, the task and the preprocessing. Every image goes through the same
-decode → preprocess functions as training, calibration and the benchmark (medq.data.decode.load_pixels,
-medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
+decode → preprocess functions as training, calibration and the benchmark (medq.data.decode.decode_pixels with the
+run's bit depth, medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
 
 Output: one JSON object per input file, in input order —
 ``{"file", "probabilities": {class: p}, "prediction": class}`` (binary/multiclass: the arg-max class),

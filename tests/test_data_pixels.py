@@ -239,3 +239,18 @@ def test_the_cache_and_the_model_input_see_the_rotated_image(tmp_path):
     stored = ImageCache(tmp_path / "cache", spec).get(path)
     assert np.abs(stored.astype(int) - upright).max() <= 3
     np.testing.assert_allclose(load_and_preprocess(path, spec), stored / 255.0, atol=1e-6)
+
+
+def test_verification_lists_a_file_brighter_than_the_bit_depth_set_as_a_skip(tmp_path):
+    from medq.data.check import verify_images
+
+    root = tmp_path / "ds"
+    for c, cls in enumerate(("normal", "pneumonia")):
+        for i in range(4):
+            png16(root / cls / f"{cls}{i}.png", (VALUES - VALUES // (10 + 2 * i + c)).astype(np.uint16))
+    bright = png16(root / "normal" / "bright.png", (VALUES.astype(np.uint32) * 16).astype(np.uint16))
+    index = read_dataset(DataConfig(format="folder", root=str(root), generate=False), seed=1)
+    assert verify_images(index).skipped == []
+    verified = verify_images(index, bit_depth=12)
+    assert [(Path(p), r.split(";")[0]) for p, r in verified.skipped] == [
+        (bright, "a pixel value of 65520 is above 4095, the largest 12-bit value, but data.bit_depth is 12")]

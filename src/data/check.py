@@ -54,11 +54,13 @@ def _decode_all(paths: list[str], max_megapixels: float = MAX_MEGAPIXELS, desc: 
         return list(progress(pool.map(one, paths), total=len(paths), desc=desc, unit="img"))
 
 
-def verify_images(index: DatasetIndex, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS) -> DatasetIndex:
-    """Decode every image; files that fail move to ``skipped`` with the reason (``strict``: UnreadableImage)."""
+def verify_images(index: DatasetIndex, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS,
+                  bit_depth: int | str = "auto") -> DatasetIndex:
+    """Decode every image (16-bit ones with ``data.bit_depth``); files that fail move to ``skipped`` with the reason
+    (``strict``: UnreadableImage)."""
     splits, skipped, failed = {}, list(index.skipped), 0
     for name, samples in index.splits.items():
-        results = _decode_all([s.path for s in samples], max_megapixels, f"verify {name} images")
+        results = _decode_all([s.path for s in samples], max_megapixels, f"verify {name} images", bit_depth)
         kept = []
         for sample, (_, reason) in zip(samples, results):
             if reason is None:

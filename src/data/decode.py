@@ -51,7 +51,6 @@ _LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid
 # OpenCV's read: the file's own depth (8/16-bit) and colour (gray stays gray), alpha dropped (it carries no anatomy),
 # EXIF Orientation applied (IMREAD_UNCHANGED would ignore it).
 _IMREAD = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
-BIT_DEPTHS = tuple(range(8, 17))  # data.bit_depth: the significant bits of 16-bit samples without an sBIT chunk
 LOW_RANGE_MAX = 2 ** 14 - 1  # a 16-bit image whose maximum is at most this uses at most 14 of its 16 bits
 # PNG colour type → (sBIT bytes, how many of them are colour channels, has alpha)
 _PNG_COLOUR = {0: (1, 1, False), 2: (3, 3, False), 3: (3, 3, False), 4: (2, 1, True), 6: (4, 3, True)}
@@ -214,7 +213,7 @@ def decode_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS, *,
     """Full decode: (float32 [0, 1] gray [H, W] or RGB [H, W, 3], facts about the stored file).
 
     The facts: ``format`` (png/jpeg/dicom), ``width``, ``height`` (as shown, after EXIF Orientation), ``channels``
-    (gray/RGB/RGBA), ``bits`` (stored bit depth); for 16-bit PNG/JPEG also ``significant_bits`` (what 1.0 is),
+    (gray/RGB/RGBA), ``bits`` (stored bit depth); for 16-bit images (PNG) also ``significant_bits`` (what 1.0 is),
     ``bits_from`` ('sBIT' | 'data.bit_depth' | 'stored'), ``max_value`` (the largest stored sample) and
     ``low_range`` (see :func:`significant_samples`). ``bit_depth``: ``data.bit_depth``. Raises
     :class:`UnreadableImage` naming the file and what is wrong with it.
