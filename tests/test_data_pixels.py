@@ -116,6 +116,12 @@ def test_the_setting_is_typed_and_travels_with_the_preprocessing(tmp_path):
     assert spec.bit_depth == 12 and PreprocessSpec.from_dict(spec.to_dict()) == spec
     # a manifest written before the setting existed reads as auto
     assert PreprocessSpec.from_dict({"image_size": 8, "channels": 1, "normalization": "unit"}).bit_depth == "auto"
+    from medq.data.index import DatasetIndex
+    from medq.fitting import dataset_facts
+
+    # what train (and tune) record in the manifest, where quantize, benchmark and predict read the spec from
+    facts = dataset_facts(config, DatasetIndex("folder", "binary", ["a", "b"], {"train": [], "val": [], "test": []}))
+    assert PreprocessSpec.from_dict(facts["preprocess"]).bit_depth == 12
     with pytest.raises(ConfigError, match="data.bit_depth: 7 is not allowed; use one of 'auto', 8,"):
         load_config(None, ["data.bit_depth=7"])
     path = png16(tmp_path / "plain.png", VALUES)
