@@ -31,7 +31,8 @@ from medq.progress import progress
 log = logging.getLogger("medq")
 
 SAMPLE_PER_SPLIT = 200
-BIT_DEPTH_SAMPLE = 24  # images pixel_range_note decodes
+BIT_DEPTH_SAMPLE = 24  # images note_pixel_range decodes
+_PIXEL_RANGE = "bit depth:"  # how its note begins
 VERIFY_ALL_UP_TO = 3000  # check_dataset decodes every file of datasets up to this size, else a sample per split
 
 
@@ -194,8 +195,6 @@ def note_pixel_range(index: DatasetIndex, bit_depth: int | str = "auto", seed: i
     index.notes.append(note)
     return note
 
-
-_PIXEL_RANGE = "bit depth:"
 
 
 def format_check_report(report: dict) -> str:
