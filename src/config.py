@@ -1,6 +1,7 @@
 """One typed config object for every stage.
 
-Loaded from a YAML file (``yaml.safe_load``), checked field by field against the dataclasses below (unknown keys and
+Loaded from a YAML file (``yaml.safe_load`` semantics through :mod:`medq.yamlio`; a key repeated at any level
+is an error naming both lines), checked field by field against the dataclasses below (unknown keys and
 wrong types are errors that name the file and the key), then overridden from the command line with
 ``--set section.key=value``. String values may use ``${VAR}`` or ``${VAR:-default}`` so that ``DATA_DIR`` and
 ``OUTPUT_DIR`` (the reference kit's habit) work without editing the file.
@@ -19,6 +20,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from medq import yamlio
 from medq.errors import ConfigError
 
 log = logging.getLogger("medq")
@@ -27,6 +29,7 @@ PhantomKind = Literal["chest-pneumonia", "chest-multilabel", "rsna-dicom", "busi
 Task = Literal["binary", "multiclass", "multilabel"]
 Normalization = Literal["unit", "imagenet", "symmetric"]
 Precision = Literal["fp32", "bf16", "int8", "int8-bf16"]
+BitDepth = Literal["auto", 8, 9, 10, 11, 12, 13, 14, 15, 16]
 
 
 Objective = Literal["auc", "accuracy"]
@@ -68,6 +71,10 @@ class DataConfig:
     strict: bool = False  # unreadable files: error instead of listed skip
     # Images whose header claims more pixels are refused unread, as a listed skip (decompression bombs).
     max_megapixels: float = 100.0
+    # The significant bits of 16-bit images without an sBIT chunk (a PNG's sBIT always wins): 'auto' reads all 16
+    # and warns about images that use at most 14 of them; 12 reads DICOM→PNG exports of 12-bit data as a viewer
+    # told "12-bit" would (4095 is white). Recorded with the run's preprocessing (medq.data.decode).
+    bit_depth: BitDepth = "auto"
     # Generate the phantom dataset when root does not exist: only at the config's built-in location (its data.root
     # without DATA_DIR), or anywhere with `--phantoms`; elsewhere a missing folder is an error (a typo must not train
     # on phantoms).
@@ -406,14 +413,12 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
+    """The config file as a mapping of sections; a key repeated at any level is an error (YAML would keep the last
+    block silently: two ``train:`` sections lose the first one's settings)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing file with --config (see configs/)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at}; fix the syntax") from None
+    data, repeated = yamlio.read_yaml(path)
+    yamlio.refuse_repeated(path, repeated)
     if data is None:
         return {}
     if not isinstance(data, dict):

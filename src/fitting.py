@@ -220,7 +220,8 @@ def _fingerprint(config: Any, split_sha: str | None) -> str:
                                                                         "tensorboard")}
     data = {"root": config.data.root, "format": config.data.format, "variant": config.data.variant,
             "val_fraction": config.data.val_fraction, "seed": config.run.seed}
-    data |= {"val_split": config.data.val_split, "test_fraction": config.data.test_fraction, "split": split_sha}
+    data |= {"val_split": config.data.val_split, "test_fraction": config.data.test_fraction, "split": split_sha,
+             "bit_depth": config.data.bit_depth}
     blob = json.dumps({"model": asdict(config.model), "preprocess": asdict(config.preprocess), "train": train,
                        "data": data, "objective": config.run.objective}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

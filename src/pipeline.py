@@ -93,19 +93,21 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
     """Stage 1: make sure the dataset is there (``phantoms``: generate it wherever data.root points), read it,
     report counts, skips and patient overlap, and pin the run's split (``resplit``: split the current dataset
     again, which makes the run's models stale)."""
-    from medq.data.check import verify_images
+    from medq.data.check import note_pixel_range, verify_images
     from medq.data.readers import read_dataset
 
     ensure_phantoms(config, phantoms)
     with runrecord.writer_lock(config.run_dir, "data"):
         index = read_dataset(config.data, seed=config.run.seed)
         if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
-            index = verify_images(index, strict=config.data.strict, max_megapixels=config.data.max_megapixels)
+            index = verify_images(index, strict=config.data.strict, max_megapixels=config.data.max_megapixels,
+                                  bit_depth=config.data.bit_depth)
         index = runrecord.run_index(config, index, resplit=resplit, stage="data")
         source = data_source(config.data.root, index.format)
         log.info("data: %s at %s", source, config.data.root)
         for note in index.notes:
             log.info("%s", note)
+        note_pixel_range(index, config.data.bit_depth, config.run.seed)
         for split, samples in index.splits.items():
             log.info("%-5s %5d images  %s", split, len(samples), index.counts(split))
         if index.skipped:

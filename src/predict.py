@@ -2,13 +2,15 @@
 its Keras model, optionally averaged over ten crops, optionally with Grad-CAM heatmaps.
 
 The run's manifest supplies the class names, the task and the preprocessing. Every image goes through the same
-decode → preprocess functions as training, calibration and the benchmark (medq.data.decode.load_pixels,
-medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
+decode → preprocess functions as training, calibration and the benchmark (medq.data.decode.decode_pixels with the
+run's bit depth, medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
 
 Output: one JSON object per input file, in input order —
 ``{"file", "probabilities": {class: p}, "prediction": class}`` (binary/multiclass: the arg-max class),
 ``{"file", "probabilities": {label: p}, "findings": [labels with p >= threshold], "threshold"}`` (multilabel),
 ``{"file", "error"}`` for a file that cannot be decoded (it is skipped, counted, and the rest are predicted).
+A prediction may carry ``"warning"``: a 16-bit image that uses only the low bits of its range (12-bit values in a
+16-bit PNG without sBIT), read with the run's ``data.bit_depth`` as training read its images.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import numpy as np
 
 from medq import artifacts, runrecord
 from medq.data.common import is_junk
-from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, is_dicom, load_pixels
+from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom, low_range_advice
 from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
@@ -268,15 +270,22 @@ class HeatmapWriter:
 # --- the loop ---------------------------------------------------------------------------------------------------
 
 def _load_one(item: ImageInput, spec: PreprocessSpec, ten_crop: bool, keep_image: bool):
-    """(model input [S,S,C] or [10,S,S,C], decoded image or None, error text or None)."""
+    """(model input [S,S,C] or [10,S,S,C], decoded image or None, error text or None, warning or None)."""
     try:
-        image = load_pixels(item.path)
+        image, facts = decode_pixels(item.path, bit_depth=spec.bit_depth)
         x = ten_crops(image, spec) if ten_crop else preprocess(image, spec)
-        return x, (image if keep_image else None), None
+        return x, (image if keep_image else None), None, _pixel_warning(facts, spec)
     except UnreadableImage as exc:
-        return None, None, _error_text(item.path, exc)
+        return None, None, _error_text(item.path, exc), None
     except Exception as exc:  # noqa: BLE001 - one odd file (a codec error, say) must not cost the others
-        return None, None, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+        return None, None, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})", None
+
+
+def _pixel_warning(facts: dict[str, Any], spec: PreprocessSpec) -> str | None:
+    if not facts.get("low_range"):
+        return None
+    return (f"a 16-bit image with {low_range_advice(facts['max_value'])} in the run's config and retrain "
+            f"(predict reads pixels as the run's training did: data.bit_depth {spec.bit_depth})")
 
 
 def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_size: int = 32,
@@ -291,7 +300,7 @@ def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_si
         for start in range(0, len(inputs), batch_size):
             chunk = inputs[start:start + batch_size]
             loaded = list(pool.map(lambda item: _load_one(item, info.spec, ten_crop, heatmaps is not None), chunk))
-            good = [i for i, (x, _, error) in enumerate(loaded) if error is None]
+            good = [i for i, (x, _, error, _) in enumerate(loaded) if error is None]
             results: dict[int, dict[str, Any]] = {}
             if good:
                 x = np.stack([loaded[i][0] for i in good])
@@ -301,6 +310,8 @@ def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_si
                     probs = predictor(x, batch_size)
                 for j, i in enumerate(good):
                     results[i] = record(chunk[i].path, probs[j], info, threshold)
+                    if loaded[i][3]:
+                        results[i]["warning"] = loaded[i][3]
                 if heatmaps is not None:
                     plain = x if not ten_crop else np.stack([preprocess(loaded[i][1], info.spec) for i in good])
                     maps = heatmaps.write([chunk[i] for i in good], [loaded[i][1] for i in good], plain, probs)
@@ -317,6 +328,8 @@ class PredictSummary:
     errors: int = 0
     ignored: int = 0
     first_error: str | None = None
+    warnings: int = 0
+    first_warning: str | None = None
     model: str = ""
     data_source: str | None = None  # what the run's model was trained on
     output: Path | None = None
@@ -334,6 +347,8 @@ class PredictSummary:
         if self.errors:
             text += f"; {self.errors} unreadable file{'s' if self.errors != 1 else ''} skipped " \
                     f"(first: {self.first_error})"
+        if self.warnings:
+            text += f"; {self.warnings} with a warning (first: {self.first_warning})"
         if self.ignored:
             text += f"; {self.ignored} non-image file{'s' if self.ignored != 1 else ''} in the folders ignored"
         if self.output is not None:
@@ -399,5 +414,8 @@ def _write_lines(stream: Iterator[dict[str, Any]], fh: TextIO, summary: PredictS
             summary.first_error = summary.first_error or f"{rec['file']}: {rec['error']}"
         else:
             summary.predicted += 1
+        if "warning" in rec:
+            summary.warnings += 1
+            summary.first_warning = summary.first_warning or f"{rec['file']}: {rec['warning']}"
         fh.write(json.dumps(rec) + "\n")
     fh.flush()

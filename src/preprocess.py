@@ -24,16 +24,22 @@ class PreprocessSpec:
     image_size: int
     channels: int
     normalization: str  # 'unit' | 'imagenet' | 'symmetric'
+    # data.bit_depth: how 16-bit samples without an sBIT chunk are read. It travels with the run's preprocessing so
+    # that every stage, predict and serve read a file's pixels exactly as training did (runs recorded before it: auto).
+    bit_depth: int | str = "auto"
 
     @classmethod
     def from_config(cls, config: Any) -> "PreprocessSpec":
         pre = config.preprocess
-        return cls(image_size=pre.image_size, channels=pre.channels, normalization=pre.normalization)
+        return cls(image_size=pre.image_size, channels=pre.channels, normalization=pre.normalization,
+                   bit_depth=config.data.bit_depth)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "PreprocessSpec":
+        bit_depth = data.get("bit_depth", "auto")
         return cls(image_size=int(data["image_size"]), channels=int(data["channels"]),
-                   normalization=str(data["normalization"]))
+                   normalization=str(data["normalization"]), bit_depth=bit_depth if bit_depth == "auto"
+                   else int(bit_depth))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,8 +103,13 @@ def normalize(stored: np.ndarray, spec: PreprocessSpec, out: np.ndarray | None =
     return result if result.ndim == 3 else result[:, :, None]
 
 
+def read_source(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
+    """The decoded image :func:`preprocess` takes, read as ``spec`` says (its bit depth)."""
+    return load_pixels(path, bit_depth=spec.bit_depth)
+
+
 def load_and_preprocess(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
-    return preprocess(load_pixels(path), spec)
+    return preprocess(read_source(path, spec), spec)
 
 
 def load_batch(paths: list[str], spec: PreprocessSpec) -> np.ndarray:

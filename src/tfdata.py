@@ -13,8 +13,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from medq.data.cache import ImageCache
-from medq.data.decode import UnreadableImage, load_pixels
-from medq.preprocess import PreprocessSpec, normalize, resize
+from medq.data.decode import UnreadableImage
+from medq.preprocess import PreprocessSpec, normalize, read_source, resize
 
 # One unit of brightness in [0, 1] image terms, expressed in each normalisation's units.
 _INTENSITY_SCALE = {"unit": 1.0, "symmetric": 2.0, "imagenet": 1.0 / 0.226}
@@ -26,7 +26,7 @@ def _loader(spec: PreprocessSpec, dropped: dict[str, str] | None = None, cache: 
     def load(path: bytes) -> tuple[np.ndarray, bool]:
         name = path.decode()
         try:
-            stored = cache.get(name) if cache is not None else resize(load_pixels(name), spec)
+            stored = cache.get(name) if cache is not None else resize(read_source(name, spec), spec)
             return stored, True
         except UnreadableImage as exc:
             if dropped is not None:

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 
 from medq import artifacts, runrecord
-from medq.data.check import stage_skipped_files
+from medq.data.check import note_pixel_range, stage_skipped_files
 from medq.data.index import DatasetIndex
 from medq.data.cache import image_cache
 from medq.errors import ConfigError, DataError
 from medq.fitting import FitResult, dataset_facts, fit_model, is_chief, make_strategy
 from medq.metrics import clinical_metrics, task_metrics
-from medq.preprocess import PreprocessSpec, preprocess
+from medq.preprocess import PreprocessSpec, preprocess, read_source
 from medq.selection import objective
 from medq.tta import ten_crops
 
@@ -64,6 +64,7 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
                           "checkpoints are temporary); rerun without --resume")
     with runrecord.writer_lock(run_dir, "train"):
         index = runrecord.run_index(config, index, stage="train")
+        note_pixel_range(index, config.data.bit_depth, config.run.seed)
         split = runrecord.split_sha(run_dir)
         low_res = _train_low_res(config, index, verbose, resume, split, run_dir)
         result = fit_model(config, index, verbose=verbose, checkpoint_dir=run_dir / CHECKPOINT_DIR, resume=resume,
@@ -142,7 +143,7 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
     in chunks of ``chunk`` (only the probabilities are kept); unreadable files are dropped from both and counted.
     Returns ``{'single_crop': metrics, 'ten_crop': metrics | None, 'n_skipped': k}``.
     """
-    from medq.data.decode import UnreadableImage, load_pixels
+    from medq.data.decode import UnreadableImage
     from medq.tfdata import iter_split_arrays
 
     labels = np.asarray(labels, dtype=np.float32)
@@ -156,7 +157,7 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
             single, tens = [], []
             for i, path in enumerate(paths[start:start + chunk], start):
                 try:
-                    image = load_pixels(path)
+                    image = read_source(path, spec)
                 except UnreadableImage:
                     continue
                 kept.append(i)

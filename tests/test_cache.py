@@ -84,18 +84,18 @@ def test_a_damaged_entry_is_rebuilt(tmp_path):
 
 
 def test_a_file_changing_while_it_is_decoded_is_not_stored(tmp_path, monkeypatch):
-    import medq.data.decode as decode
+    import medq.preprocess as preprocess
 
     image = write_png(tmp_path / "a.png", 40)
-    real = decode.load_pixels
+    real = preprocess.read_source
 
-    def changing(path):
-        out = real(path)
+    def changing(path, spec):
+        out = real(path, spec)
         write_png(Path(path), 90)  # a download replacing the file mid-read
         os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 10**9))
         return out
 
-    monkeypatch.setattr(decode, "load_pixels", changing)
+    monkeypatch.setattr(preprocess, "read_source", changing)
     cache = ImageCache(tmp_path / "cache", SPEC)
     cache.get(image)
     assert entries(cache) == [] and cache.stats.not_stored == 1

@@ -100,3 +100,38 @@ def test_the_replaced_monitor_and_metric_settings_load_as_the_objective(tmp_path
     assert any("train.monitor is replaced by run.objective" in m and "read as run.objective: accuracy" in m
                for m in said)
     assert load_config(None, ["quantize.metric=auc", "run.objective=auc"]).run.objective == "auc"
+
+
+# --- repeated keys: yaml.safe_load keeps the last block silently; the run config refuses them ---------------------
+
+def test_a_repeated_section_is_refused_naming_the_file_the_key_and_both_lines(tmp_path):
+    # the file: the first train block's epochs: 1 vanished and it trained the second block's 10 epochs
+    path = write(tmp_path, "run:\n  name: a\ntrain:\n  epochs: 1\ndata:\n  strict: true\ntrain:\n  epochs: 10\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: section 'train' appears 2 times (lines 3 and 7)")
+    assert "\n" not in message
+
+
+def test_a_repeated_nested_key_is_refused_with_its_dotted_name(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 1\n  batch_size: 8\n  epochs: 10\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: key 'train.epochs' appears 2 times \(lines 2 and 4\)"):
+        load_config(path)
+    deeper = write(tmp_path, "train:\n  augment:\n    zoom: 0.1\n    zoom: 0.2\n")
+    with pytest.raises(ConfigError, match=r"key 'train.augment.zoom' appears 2 times \(lines 3 and 4\)"):
+        load_config(deeper)
+
+
+def test_set_overrides_still_apply_over_a_strict_file(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 1\n  batch_size: 8\n")
+    config = load_config(path, ["train.epochs=3", "train.epochs=4"])  # a repeated --set: the last one wins
+    assert (config.train.epochs, config.train.batch_size) == (4, 8)
+
+
+def test_null_reads_as_none_even_after_inc_rewired_the_global_safeloader(tmp_path, monkeypatch):
+    import yaml
+
+    # importing neural_compressor.conf.config makes every yaml.safe_load read null as {}
+    monkeypatch.setitem(yaml.SafeLoader.yaml_constructors, "tag:yaml.org,2002:null", lambda loader, node: {})
+    assert load_config(write(tmp_path, "data:\n  variant: null\n")).data.variant is None

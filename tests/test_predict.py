@@ -312,14 +312,14 @@ def test_a_file_that_breaks_the_decoder_is_one_error_record_not_a_lost_run(tmp_p
     for name in ("a.png", "odd.png", "c.png"):
         files.append(tmp_path / name)
         cv2.imwrite(str(files[-1]), np.full((12, 12), 128, np.uint8))
-    real = predict.load_pixels
+    real = predict.decode_pixels
 
-    def decoder(path):
+    def decoder(path, **settings):
         if Path(path).name == "odd.png":
             raise cv2.error("OpenCV(4.11) resize.cpp:4152: error: (-215:Assertion failed) !ssize.empty()")
-        return real(path)
+        return real(path, **settings)
 
-    monkeypatch.setattr(predict, "load_pixels", decoder)
+    monkeypatch.setattr(predict, "decode_pixels", decoder)
 
     class Fixed:
         def __init__(self):

@@ -7,7 +7,7 @@ instead (~0.1 ms). Normalisation stays on the fly (:func:`medq.preprocess.normal
 normalisation.
 
 An entry is keyed by the source file's identity (resolved path, size, mtime) inside a folder named by the resize
-settings: a changed file or changed preprocessing never serves a stale image, and a file that changes while it is
+settings and the bit depth 16-bit files are read with (``data.bit_depth``): a changed file or changed preprocessing never serves a stale image, and a file that changes while it is
 decoded is not stored. Entries are written to a temporary file and renamed, so an interrupted build leaves only
 complete entries and resumes where it stopped; an entry that does not load as the expected array is rebuilt.
 """
@@ -30,7 +30,9 @@ from medq.errors import DataError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when resize() changes what it stores (2: 8-bit files resized as uint8)
+# bump when resize() or the decode changes what is stored (2: 8-bit files resized as uint8; 3: EXIF Orientation
+# applied, 16-bit PNG samples scaled by their sBIT significant bits)
+CACHE_VERSION = 3
 
 
 class CacheFull(DataError):
@@ -62,8 +64,9 @@ class ImageCache:
     def __init__(self, root: str | Path, spec: Any):
         self.spec = spec
         gray = "gray" if spec.channels == 1 else "source"
+        depth = "" if spec.bit_depth == "auto" else f"-{spec.bit_depth}bit"  # how 16-bit files without sBIT read
         self.root = Path(root)
-        self.folder = self.root / f"{spec.image_size}px-{gray}-v{CACHE_VERSION}"
+        self.folder = self.root / f"{spec.image_size}px-{gray}{depth}-v{CACHE_VERSION}"
         self.stats = CacheStats()
         self.full: CacheFull | None = None  # set once the disk filled up: no more writes, reads go on
         # The .npy headers an entry can have: reading one is then a byte comparison, not numpy's header parser
@@ -76,8 +79,8 @@ class ImageCache:
         return self.folder / key[:2] / f"{key}.npy"
 
     def get(self, path: str | Path) -> np.ndarray:
-        from medq.data.decode import UnreadableImage, load_pixels
-        from medq.preprocess import resize
+        from medq.data.decode import UnreadableImage
+        from medq.preprocess import read_source, resize
 
         try:
             st = os.stat(path)
@@ -95,7 +98,7 @@ class ImageCache:
             pass
         except (OSError, ValueError, EOFError):
             damaged = True
-        stored = resize(load_pixels(path), self.spec)
+        stored = resize(read_source(path, self.spec), self.spec)
         self.stats.add(**({"rebuilt": 1} if damaged else {"misses": 1}))
         try:
             unchanged = _identity(os.stat(path)) == _identity(st)

@@ -5,7 +5,9 @@
   that still fails to decode.
 - :func:`check_dataset` reads a folder as medq would and reports: the format (and whether it was detected), per
   split per class counts (per label for multi-label), image size / channel / bit-depth statistics from a sample of
-  files per split, unreadable files with the reason, and patients shared between splits.
+  files per split, unreadable files with the reason, patients shared between splits, and 16-bit images that use
+  only the low bits of their range (12-bit values in a 16-bit PNG without sBIT: read as 16-bit they are near black).
+- :func:`note_pixel_range`: that last check on a sample of a run's images, for the notes of `medq data` and train.
 - :func:`format_check_report` renders that report as text.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, decode_image
+from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, decode_image, low_range_advice
 from medq.data.index import DatasetIndex
 from medq.errors import DataError
 from medq.progress import progress
@@ -29,16 +31,18 @@ from medq.progress import progress
 log = logging.getLogger("medq")
 
 SAMPLE_PER_SPLIT = 200
+BIT_DEPTH_SAMPLE = 24  # images note_pixel_range decodes
+_PIXEL_RANGE = "bit depth:"  # how its note begins
 VERIFY_ALL_UP_TO = 3000  # check_dataset decodes every file of datasets up to this size, else a sample per split
 
 
-def _decode_all(paths: list[str], max_megapixels: float = MAX_MEGAPIXELS,
-                desc: str = "verify images") -> list[tuple[dict[str, Any] | None, str | None]]:
+def _decode_all(paths: list[str], max_megapixels: float = MAX_MEGAPIXELS, desc: str = "verify images",
+                bit_depth: int | str = "auto") -> list[tuple[dict[str, Any] | None, str | None]]:
     """(info, None) or (None, reason) per path, in order; decoded on a few threads (OpenCV releases the GIL), with
     a progress bar."""
     def one(path: str) -> tuple[dict[str, Any] | None, str | None]:
         try:
-            return decode_image(path, max_megapixels)[1], None
+            return decode_image(path, max_megapixels, bit_depth=bit_depth)[1], None
         except UnreadableImage as exc:
             text = str(exc)
             return None, text[len(path) + 2:] if text.startswith(f"{path}: ") else text
@@ -51,11 +55,13 @@ def _decode_all(paths: list[str], max_megapixels: float = MAX_MEGAPIXELS,
         return list(progress(pool.map(one, paths), total=len(paths), desc=desc, unit="img"))
 
 
-def verify_images(index: DatasetIndex, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS) -> DatasetIndex:
-    """Decode every image; files that fail move to ``skipped`` with the reason (``strict``: UnreadableImage)."""
+def verify_images(index: DatasetIndex, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS,
+                  bit_depth: int | str = "auto") -> DatasetIndex:
+    """Decode every image (16-bit ones with ``data.bit_depth``); files that fail move to ``skipped`` with the reason
+    (``strict``: UnreadableImage)."""
     splits, skipped, failed = {}, list(index.skipped), 0
     for name, samples in index.splits.items():
-        results = _decode_all([s.path for s in samples], max_megapixels, f"verify {name} images")
+        results = _decode_all([s.path for s in samples], max_megapixels, f"verify {name} images", bit_depth)
         kept = []
         for sample, (_, reason) in zip(samples, results):
             if reason is None:
@@ -109,8 +115,9 @@ def _tally(items: list[Any]) -> dict[str, int]:
 def check_dataset(root: Path, format: str = "auto", variant: str | None = None, seed: int = 42,
                   val_fraction: float = 0.2, test_fraction: float = 0.2, val_split: str = "from-train", *,
                   verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT,
-                  max_megapixels: float = MAX_MEGAPIXELS) -> dict:
-    """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds."""
+                  max_megapixels: float = MAX_MEGAPIXELS, bit_depth: int | str = "auto") -> dict:
+    """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds;
+    ``bit_depth``: ``data.bit_depth``, how 16-bit images without sBIT are read."""
     from medq.config import DataConfig
     from medq.data.readers import read_dataset
 
@@ -124,6 +131,7 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
     splits: dict[str, Any] = {}
     image_stats: dict[str, Any] = {}
     unreadable = [{"path": p, "reason": r} for p, r in index.skipped]
+    decoded: list[tuple[str, dict[str, Any]]] = []
     for name, samples in index.splits.items():
         splits[name] = {"images": len(samples), "patients": len({s.patient for s in samples}),
                         "per_class": index.counts(name) if samples else {c: 0 for c in index.classes}}
@@ -132,8 +140,9 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
         chosen = list(range(len(samples)))
         if not decode_everything and len(chosen) > sample_per_split:
             chosen = sorted(rng.choice(len(samples), sample_per_split, replace=False).tolist())
-        results = _decode_all([samples[i].path for i in chosen], max_megapixels, f"check {name} images")
+        results = _decode_all([samples[i].path for i in chosen], max_megapixels, f"check {name} images", bit_depth)
         infos = [info for info, _ in results if info is not None]
+        decoded += [(samples[i].path, info) for i, (info, _) in zip(chosen, results) if info is not None]
         unreadable += [{"path": samples[i].path, "reason": reason}
                        for i, (_, reason) in zip(chosen, results) if reason is not None]
         image_stats[name] = {
@@ -143,14 +152,49 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
             "formats": _tally([i["format"] for i in infos]),
         }
     overlap = index.patient_overlap()
+    pixel_range = _low_range(decoded)
     return {
         "root": str(root), "format": index.format, "detected": format == "auto", "task": index.task,
         "classes": list(index.classes), "notes": list(index.notes), "splits": splits, "images": total,
         "image_stats": image_stats, "verified": "all" if decode_everything else "sample",
         "sample_per_split": sample_per_split,
-        "unreadable": unreadable, "patient_overlap": overlap,
-        "ok": not unreadable and not any(overlap.values()) and all(splits[s]["images"] for s in ("train", "val")),
+        "unreadable": unreadable, "patient_overlap": overlap, "pixel_range": pixel_range,
+        "ok": not unreadable and not any(overlap.values()) and all(splits[s]["images"] for s in ("train", "val"))
+        and not pixel_range["images"],
     }
+
+
+def _low_range(decoded: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The decoded 16-bit images flagged ``low_range`` (no sBIT, data.bit_depth auto, maximum far below 65535)."""
+    sixteen = [(path, info) for path, info in decoded if "low_range" in info]
+    low = [(path, info) for path, info in sixteen if info["low_range"]]
+    peak = max((info["max_value"] for _, info in low), default=0)
+    return {"images": len(low), "of_16_bit": len(sixteen), "max_value": peak,
+            "advice": low_range_advice(peak) if low else None, "files": [path for path, _ in low]}
+
+
+def note_pixel_range(index: DatasetIndex, bit_depth: int | str = "auto", seed: int = 0,
+                     sample: int = BIT_DEPTH_SAMPLE) -> str | None:
+    """For `medq data` and train: when, of ``sample`` images of the index (seeded), 16-bit ones without sBIT use only
+    the low bits of their range, a warning logged and added to ``index.notes`` (once); returns it. Nothing when
+    ``data.bit_depth`` is set (it says how to read them)."""
+    if bit_depth != "auto" or any(note.startswith(_PIXEL_RANGE) for note in index.notes):
+        return None
+    paths = [s.path for samples in index.splits.values() for s in samples]
+    if not paths:
+        return None
+    chosen = np.random.default_rng(seed).choice(len(paths), min(sample, len(paths)), replace=False)
+    picked = [paths[i] for i in sorted(chosen)]
+    found = _low_range([(p, info) for p, (info, _) in zip(picked, _decode_all(picked, desc="check bit depth"))
+                        if info is not None])
+    if not found["images"]:
+        return None
+    note = (f"{_PIXEL_RANGE} {found['images']} of {found['of_16_bit']} sampled 16-bit images have "
+            f"{found['advice']} (first: {found['files'][0]}; `medq data check` lists them)")
+    log.warning("%s", note)
+    index.notes.append(note)
+    return note
+
 
 
 def format_check_report(report: dict) -> str:
@@ -198,6 +242,13 @@ def format_check_report(report: dict) -> str:
     overlap = report["patient_overlap"]
     lines.append("patients in two splits: " + ", ".join(f"{pair} {n}" for pair, n in overlap.items())
                  + ("  (none)" if not any(overlap.values()) else "  ← leaks between splits"))
+    low = report.get("pixel_range") or {}
+    if low.get("images"):
+        lines.append(f"16-bit images using only the low bits of their range: {low['images']} of {low['of_16_bit']} "
+                     f"decoded 16-bit images have {low['advice']}")
+        lines += [f"  {path}" for path in low["files"][:20]]
+        if len(low["files"]) > 20:
+            lines.append(f"  ... and {len(low['files']) - 20} more (--json lists all)")
     lines.append("verdict: " + ("OK" if report["ok"] else "usable with the problems listed above"
                                 if report["splits"]["train"]["images"] else "NOT usable"))
     return "\n".join(lines)

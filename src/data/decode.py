@@ -12,6 +12,14 @@ Two levels of checking:
   before any pixel is decoded, and a JPEG whose entropy-coded body is corrupt (libjpeg warns "Corrupt JPEG data" and
   returns grey garbage) is unreadable. ``verify_images`` (medq.data.check) runs it on every file of small datasets
   and ``medq data check`` on a sample.
+
+Pixels are read as a viewer shows them:
+- EXIF Orientation (phone and scanner JPEGs, PNG's eXIf chunk) is applied, as viewers and PIL's
+  ``ImageOps.exif_transpose`` do: OpenCV applies it unless asked for ``IMREAD_UNCHANGED``, which medq used to ask for.
+- 16-bit samples are divided by the largest value of their *significant* bits, not always by 65535
+  (:func:`significant_samples`): a PNG's ``sBIT`` chunk says how many bits are significant (OpenCV and PIL ignore it);
+  without one, ``data.bit_depth`` says it (``auto``: all 16, and an image that uses at most 14 of them, as 12-bit
+  DICOM exports do, is flagged ``low_range`` for the warnings of ``medq data``, ``data check``, train and predict).
 """
 from __future__ import annotations
 
@@ -40,6 +48,12 @@ _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 
 _LIBJPEG_LOCK = threading.Lock()
 _CAPTURE = None  # the capture file, opened on first use and reused under the lock
 _LIBJPEG_WARNINGS = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid JPEG", "Bogus", "Huffman")
+# OpenCV's read: the file's own depth (8/16-bit) and colour (gray stays gray), alpha dropped (it carries no anatomy),
+# EXIF Orientation applied (IMREAD_UNCHANGED would ignore it).
+_IMREAD = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+LOW_RANGE_MAX = 2 ** 14 - 1  # a 16-bit image whose maximum is at most this uses at most 14 of its 16 bits
+# PNG colour type → (sBIT bytes, how many of them are colour channels, has alpha)
+_PNG_COLOUR = {0: (1, 1, False), 2: (3, 3, False), 3: (3, 3, False), 4: (2, 1, True), 6: (4, 3, True)}
 
 
 class UnreadableImage(DataError):
@@ -181,7 +195,7 @@ def _libjpeg_decode(raw: np.ndarray) -> tuple[np.ndarray | None, str]:
         saved = os.dup(2)
         try:
             os.dup2(_CAPTURE.fileno(), 2)
-            image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+            image = cv2.imdecode(raw, _IMREAD)
         finally:
             os.dup2(saved, 2)
             os.close(saved)
@@ -194,29 +208,39 @@ def _libjpeg_decode(raw: np.ndarray) -> tuple[np.ndarray | None, str]:
     return image, "; ".join(warnings)
 
 
-def decode_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> tuple[np.ndarray, dict[str, Any]]:
+def decode_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS, *,
+                 bit_depth: int | str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """Full decode: (float32 [0, 1] gray [H, W] or RGB [H, W, 3], facts about the stored file).
 
-    The facts: ``format`` (png/jpeg/dicom), ``width``, ``height``, ``channels`` (gray/RGB/RGBA), ``bits`` (stored bit
-    depth). Raises :class:`UnreadableImage` naming the file and what is wrong with it.
+    The facts: ``format`` (png/jpeg/dicom), ``width``, ``height`` (as shown, after EXIF Orientation), ``channels``
+    (gray/RGB/RGBA), ``bits`` (stored bit depth); for 16-bit images (PNG) also ``significant_bits`` (what 1.0 is),
+    ``bits_from`` ('sBIT' | 'data.bit_depth' | 'stored'), ``max_value`` (the largest stored sample) and
+    ``low_range`` (see :func:`significant_samples`). ``bit_depth``: ``data.bit_depth``. Raises
+    :class:`UnreadableImage` naming the file and what is wrong with it.
     """
-    image, info = _decode(Path(path), max_megapixels)
-    return (image if info["format"] == "dicom" else to_unit_float(image, path)), info
+    image, info = _decode(Path(path), max_megapixels, bit_depth)
+    if info["format"] == "dicom":
+        return image, info
+    return to_unit_float(image, path, info.get("significant_bits")), info
 
 
-def decode_pixels(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> tuple[np.ndarray, dict[str, Any]]:
+def decode_pixels(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS, *,
+                  bit_depth: int | str = "auto") -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`decode_image` without the conversion to float: 8-bit files stay uint8 (gray [H, W] or RGB [H, W, 3],
     alpha dropped), 16-bit files and DICOM are float32 [0, 1]. Resizing the 8-bit pixels directly is what keeps a
     first pass over 1024² PNGs close to OpenCV's own speed (a full-resolution float copy costs as much as the
     resize)."""
-    image, info = _decode(Path(path), max_megapixels)
+    image, info = _decode(Path(path), max_megapixels, bit_depth)
     if info["format"] == "dicom":
         return image, info
-    return (rgb_order(image, path) if image.dtype == np.uint8 else to_unit_float(image, path)), info
+    if image.dtype == np.uint8:
+        return rgb_order(image, path), info
+    return to_unit_float(image, path, info.get("significant_bits")), info
 
 
-def _decode(path: Path, max_megapixels: float) -> tuple[np.ndarray, dict[str, Any]]:
-    """OpenCV's pixels (gray, BGR or BGRA; uint8 or uint16) or DICOM's float32 [0, 1] gray, and the file's facts."""
+def _decode(path: Path, max_megapixels: float, bit_depth: int | str) -> tuple[np.ndarray, dict[str, Any]]:
+    """OpenCV's pixels (gray or BGR; uint8, or uint16 on the scale of ``info['significant_bits']``) or DICOM's
+    float32 [0, 1] gray, and the file's facts."""
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
@@ -243,32 +267,129 @@ def _decode(path: Path, max_megapixels: float) -> tuple[np.ndarray, dict[str, An
             raise UnreadableImage(f"{path}: corrupt JPEG data (libjpeg: {warning}); the decoded pixels would be "
                                   "garbage — replace the file from the original source, or remove it")
     else:
-        image = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        image = cv2.imdecode(raw, _IMREAD)
     if image is None:
         raise UnreadableImage(f"{path}: not a decodable {kind.upper()} (corrupt data)")
+    chunks = png_chunks(raw) if kind == "png" else {}
     channels = 1 if image.ndim == 2 else image.shape[2]
-    info = {"format": kind, "width": int(image.shape[1]), "height": int(image.shape[0]),
-            "channels": {1: "gray", 3: "RGB", 4: "RGBA"}.get(channels, f"{channels}-channel"),
+    name = {1: "gray", 3: "RGB"}.get(channels, f"{channels}-channel")
+    if _has_alpha(chunks):
+        name = "RGBA"
+    info = {"format": kind, "width": int(image.shape[1]), "height": int(image.shape[0]), "channels": name,
             "bits": 16 if image.dtype == np.uint16 else 8}
+    if image.dtype == np.uint16:
+        image, facts = significant_samples(image, png_sbit(chunks), bit_depth, path)
+        info |= facts
     return image, info
 
 
-def load_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+def png_chunks(raw: np.ndarray) -> dict[bytes, bytes]:
+    """The chunks of a PNG before its first IDAT (IHDR, sBIT, PLTE, tRNS, eXIf, ...): type → data. A few small
+    reads from the start of the file; a damaged chunk table ends the walk (OpenCV reports a corrupt file)."""
+    chunks: dict[bytes, bytes] = {}
+    offset = len(PNG_MAGIC)
+    while offset + 8 <= raw.size:
+        length = int.from_bytes(raw[offset:offset + 4].tobytes(), "big")
+        kind = raw[offset + 4:offset + 8].tobytes()
+        if kind == b"IDAT" or offset + 12 + length > raw.size:
+            break
+        chunks.setdefault(kind, raw[offset + 8:offset + 8 + length].tobytes())
+        offset += 12 + length
+    return chunks
+
+
+def _has_alpha(chunks: dict[bytes, bytes]) -> bool:
+    ihdr = chunks.get(b"IHDR", b"")
+    if len(ihdr) < 10:
+        return False
+    colour = ihdr[9]
+    return _PNG_COLOUR.get(colour, (0, 0, False))[2] or (colour != 0 and b"tRNS" in chunks)
+
+
+def png_sbit(chunks: dict[bytes, bytes]) -> int | None:
+    """The significant bits of a 16-bit PNG's colour samples from its sBIT chunk (the largest, should the channels
+    differ); None without a valid chunk, or when it says all 16 (what some writers always write: no information)."""
+    ihdr, sbit = chunks.get(b"IHDR", b""), chunks.get(b"sBIT")
+    if sbit is None or len(ihdr) < 10 or ihdr[8] != 16 or ihdr[9] not in _PNG_COLOUR:
+        return None
+    size, colour, _ = _PNG_COLOUR[ihdr[9]]
+    if len(sbit) != size or not all(1 <= b <= 16 for b in sbit):
+        return None  # libpng ignores an invalid sBIT too
+    bits = max(sbit[:colour])
+    return bits if bits < 16 else None
+
+
+def significant_samples(image: np.ndarray, sbit: int | None, bit_depth: int | str,
+                        path: Path | str) -> tuple[np.ndarray, dict[str, Any]]:
+    """16-bit samples → (the same samples on the scale of their significant bits, 0 … 2**bits − 1; facts).
+
+    - ``sbit`` (the file's sBIT chunk, < 16): the PNG specification has the exporter scale N-bit values up to 16 bits
+      (so the top N bits are the value), but DICOM→PNG exporters commonly store the N-bit values as they are. Samples
+      that are all at most 2**N − 1 and not all scaled-up values are the latter; otherwise the top N bits are taken.
+      Either way 1.0 is the largest N-bit value.
+    - no sBIT and ``bit_depth`` N (``data.bit_depth``): the samples are N-bit values; a larger sample makes the file
+      unreadable (never silently clipped).
+    - no sBIT and ``bit_depth`` 'auto': all 16 bits, as before; ``low_range`` flags an image whose maximum is at most
+      :data:`LOW_RANGE_MAX` (read as 16-bit it is near black: likely 10-, 12- or 14-bit values).
+    """
+    peak = int(image.max()) if image.size else 0
+    if sbit is not None:
+        as_written = peak < 2 ** sbit and not _scaled_up(image, sbit)
+        facts = {"significant_bits": sbit, "bits_from": "sBIT", "max_value": peak, "low_range": False}
+        return (image if as_written else image >> (16 - sbit)), facts
+    if bit_depth != "auto":
+        bits = int(bit_depth)
+        if peak >= 2 ** bits:
+            raise UnreadableImage(f"{path}: a pixel value of {peak} is above {2 ** bits - 1}, the largest {bits}-bit "
+                                  f"value, but data.bit_depth is {bits}; set data.bit_depth to the bit depth the "
+                                  "exporter wrote (auto reads all 16 bits)")
+        return image, {"significant_bits": bits, "bits_from": "data.bit_depth", "max_value": peak,
+                       "low_range": False}
+    return image, {"significant_bits": 16, "bits_from": "stored", "max_value": peak,
+                   "low_range": peak <= LOW_RANGE_MAX}
+
+
+def _scaled_up(image: np.ndarray, bits: int) -> bool:
+    """Whether every 16-bit sample is its top ``bits`` bits scaled to 16 bits in a way the PNG specification names:
+    a left shift, a shift with the high bits repeated in the low ones, or the linear map v · 65535 / (2**bits − 1).
+    """
+    shift = 16 - bits
+    value = image >> shift
+    ok = (image == value << shift) | (image == np.rint(value * (65535.0 / (2 ** bits - 1))))
+    if bits >= shift:
+        ok |= image == (value << shift) | (value >> (bits - shift))
+    return bool(ok.all())
+
+
+def low_range_advice(max_value: int) -> str:
+    """What is wrong with 16-bit images of this maximum that ``data.bit_depth: auto`` read as 16-bit, and the fix."""
+    used = max(1, int(max_value).bit_length())
+    likely = next((b for b in (10, 12, 14) if max_value < 2 ** b), 16)
+    return (f"no sBIT chunk and use at most {used} of their 16 bits (maximum {max_value}): read as 16-bit they are "
+            f"near black; if the exporter wrote {likely}-bit values (DICOM→PNG exports usually write 12), set "
+            f"data.bit_depth: {likely}")
+
+
+def load_image(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS, *,
+               bit_depth: int | str = "auto") -> np.ndarray:
     """float32 [0, 1], gray [H, W] or RGB [H, W, 3]; :class:`UnreadableImage` if the file cannot be decoded."""
-    return decode_image(path, max_megapixels)[0]
+    return decode_image(path, max_megapixels, bit_depth=bit_depth)[0]
 
 
-def load_pixels(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+def load_pixels(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS, *,
+                bit_depth: int | str = "auto") -> np.ndarray:
     """What :func:`medq.preprocess.resize` takes: uint8 for 8-bit files, float32 [0, 1] otherwise (see
     :func:`decode_pixels`)."""
-    return decode_pixels(path, max_megapixels)[0]
+    return decode_pixels(path, max_megapixels, bit_depth=bit_depth)[0]
 
 
-def to_unit_float(image: np.ndarray, path: Path | str = "<array>") -> np.ndarray:
-    """uint8/uint16 gray, BGR or BGRA (OpenCV's order) → float32 [0, 1], gray [H, W] or RGB [H, W, 3]."""
+def to_unit_float(image: np.ndarray, path: Path | str = "<array>", bits: int | None = None) -> np.ndarray:
+    """uint8/uint16 gray, BGR or BGRA (OpenCV's order) → float32 [0, 1], gray [H, W] or RGB [H, W, 3]; ``bits``:
+    the significant bits of uint16 samples (1.0 is 2**bits − 1; default all 16)."""
     if image.dtype in (np.uint8, np.uint16):  # in place: one full-resolution float copy, not two
         scaled = image.astype(np.float32)
-        np.divide(scaled, np.float32(255.0 if image.dtype == np.uint8 else 65535.0), out=scaled)
+        peak = 255.0 if image.dtype == np.uint8 else float(2 ** (bits or 16) - 1)
+        np.divide(scaled, np.float32(peak), out=scaled)
     elif np.issubdtype(image.dtype, np.floating):
         scaled = np.clip(image.astype(np.float32), 0.0, 1.0)
     else:

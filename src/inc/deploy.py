@@ -5,11 +5,12 @@ file or from INC 2.6's own default, and :attr:`DeployConfig.defaults` lists the 
 
 Reading rules:
 
-- The file is read with a ``yaml.SafeLoader`` subclass (what ``yaml.safe_load`` uses) that also records repeated
-  keys. ``yaml.safe_load`` and INC silently keep the last of a repeated key; here that still happens (so the reference
-  kit's own file, which repeats ``evaluation:``, is accepted as it is), but a warning names the key, its lines and the
-  winner. The subclass also pins ``null`` to ``None``: importing ``neural_compressor.conf.config`` rewires the global
-  ``SafeLoader`` to read ``null`` as ``{}``.
+- The file is read by :mod:`medq.yamlio` (``yaml.safe_load``'s loader plus a record of repeated keys, ``null``
+  pinned to ``None`` whatever INC's import did to the global ``SafeLoader``). ``yaml.safe_load`` and INC silently keep
+  the last of a repeated key; here that still happens, but with a warning naming the key, its lines and the winner.
+  Unlike the run config (where a repeated key is an error), deploy.yaml is also read by INC itself, which keeps the
+  last value, and the reference kit's own file repeats ``evaluation:``: refusing it would reject the file users
+  bring from the kit, while the warning says exactly which block is in force.
 - The keys and values are INC 2.6's (``neural_compressor/conf/config.py``, ``schema``). A key INC does not know is an
   error naming the file, the dotted key and the keys allowed there. A key INC knows but medq's post-training run
   cannot honour (pruning, QAT, a dataloader section — medq builds the data itself) is accepted only when empty, and
@@ -27,10 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
-from yaml.constructor import SafeConstructor
-
 from medq.errors import ConfigError
+from medq.yamlio import RepeatedKey, read_yaml
 
 # INC 2.6 defaults (conf/config.py ``schema``); tests/test_quantize.py checks them against the installed INC.
 INC_VERSION_DEFAULT = 2.0
@@ -50,61 +49,18 @@ class DeployError(ConfigError):
     """deploy.yaml is missing, is not YAML, or breaks INC's schema."""
 
 
-# --- reading: a SafeLoader that records repeated keys ------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RepeatedKey:
-    key: str
-    lines: tuple[int, ...]  # 1-based, in file order; the last one wins
-    top_level: bool
-
-
-class _DeployLoader(yaml.SafeLoader):
-    """``yaml.safe_load``'s loader, plus a record of repeated mapping keys."""
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self.repeated: list[RepeatedKey] = []
-        self._root = None
-
-    def construct_document(self, node):
-        self._root = node
-        return super().construct_document(node)
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            lines: dict[Any, list[int]] = {}
-            for key_node, _ in node.value:
-                if isinstance(key_node, yaml.ScalarNode):
-                    lines.setdefault(self.construct_object(key_node), []).append(key_node.start_mark.line + 1)
-            for key, where in lines.items():
-                if len(where) > 1:
-                    self.repeated.append(RepeatedKey(str(key), tuple(where), node is self._root))
-        return super().construct_mapping(node, deep=deep)
-
-
-_DeployLoader.add_constructor("tag:yaml.org,2002:null", SafeConstructor.construct_yaml_null)
-
+# --- reading: medq.yamlio records repeated keys; here they are warnings ---------------------------------------
 
 def read_deploy_yaml(path: Path) -> tuple[dict[str, Any], list[RepeatedKey]]:
     """The winning document (last value of a repeated key, as ``yaml.safe_load``) and the repeated keys."""
     if not path.is_file():
         raise DeployError(f"{path}: deploy file not found; pass an INC deploy.yaml with --deploy or set "
                           "quantize.deploy (configs/deploy.yaml is the default)")
-    loader = _DeployLoader(path.read_text())
-    try:
-        data = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise DeployError(f"{path}: not valid YAML{at} ({problem}); fix the syntax") from None
-    finally:
-        loader.dispose()
+    data, repeated = read_yaml(path, DeployError)
     if not isinstance(data, dict):
         raise DeployError(f"{path}: expected INC's deploy.yaml mapping (model:, quantization:, tuning:, ...), "
                           f"got {type(data).__name__}; see configs/deploy.yaml")
-    return data, loader.repeated
+    return data, repeated
 
 
 # --- the schema ---------------------------------------------------------------------------------------------------
