@@ -84,7 +84,8 @@ def cmd_data(args: argparse.Namespace) -> int:
             report = check_dataset(Path(args.path), format=args.format or data.format,
                                    variant=args.variant or data.variant, seed=config.run.seed,
                                    val_fraction=data.val_fraction, test_fraction=data.test_fraction,
-                                   val_split=data.val_split, max_megapixels=data.max_megapixels)
+                                   val_split=data.val_split, max_megapixels=data.max_megapixels,
+                                   cross_split_copies=data.cross_split_copies)
         else:
             report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
         print(json.dumps(report, indent=2, default=str) if args.json else format_check_report(report))

@@ -68,6 +68,10 @@ class DataConfig:
     strict: bool = False  # unreadable files: error instead of listed skip
     # Images whose header claims more pixels are refused unread, as a listed skip (decompression bombs).
     max_megapixels: float = 100.0
+    # One image (the same file, or a byte-identical copy) in two of the splits the dataset fixes (Kaggle folders,
+    # NIH lists, a CSV split column) leaks into the test metrics: 'error' (default) names both files;
+    # 'drop-later' keeps it in the earliest of train/val/test and lists the dropped copy as a skip.
+    cross_split_copies: Literal["error", "drop-later"] = "error"
     # Generate the phantom dataset when root does not exist: only at the config's built-in location (its data.root
     # without DATA_DIR), or anywhere with `--phantoms`; elsewhere a missing folder is an error (a typo must not train
     # on phantoms).

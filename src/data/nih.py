@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, subdirs
+from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, real_sample, subdirs
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
@@ -92,7 +92,8 @@ def _read_list(path: Path) -> set[str]:
 @register("nih-chestxray14", _detect_nih)
 def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                          val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
-                         seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
+                         seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
+                         report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     table = entry_table(root)
     if table is None:
@@ -100,7 +101,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if variant not in VARIANTS:
         raise DataError(f"{root}: nih-chestxray14 has no variant {variant!r}; it is the 14-label task")
     files, duplicate_files = image_files(root)
-    intake = Intake(strict, max_megapixels)
+    intake = Intake(strict, max_megapixels, copies, report)
     cache: dict[str, tuple[float, ...] | str] = {}
     samples: dict[str, Sample] = {}
     missing = 0
@@ -134,7 +135,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
             intake.skip(name, "listed in the table but no such file in images_*/images/")
             continue
         patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
-        samples[name] = Sample(path, label, patient)
+        samples[name] = real_sample(path, label, patient, f"{table.name} line {line} ({name})")
     checked = {name: s for name, s in samples.items() if intake.admit(s.path)}  # header check: ~20 µs a file
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
     if missing:
@@ -165,5 +166,5 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
         splits["train"] = list(checked.values())
         notes.append(f"split: patient-wise by Patient ID ({TRAIN_VAL_LIST} / {TEST_LIST} not found)")
     splits = make_splits(splits, val_split="from-train", val_fraction=val_fraction, test_fraction=test_fraction,
-                         seed=seed, notes=notes)
+                         seed=seed, notes=notes, intake=intake, classes=CHEXNET_CLASSES)
     return finish("nih-chestxray14", "multilabel", list(CHEXNET_CLASSES), splits, intake, notes, table)
