@@ -69,9 +69,8 @@ def identical_files(paths: Iterable[str]) -> list[list[str]]:
             by_size[os.stat(path).st_size].append(path)
         except OSError:
             continue
-    groups = [g for g in by_size.values() if len(g) > 1]
-    long_ones = [g for g in groups if os.stat(g[0]).st_size > PREFIX]
-    short_ones = [g for g in groups if os.stat(g[0]).st_size <= PREFIX]
+    long_ones = [g for size, g in by_size.items() if len(g) > 1 and size > PREFIX]
+    short_ones = [g for size, g in by_size.items() if len(g) > 1 and size <= PREFIX]
     candidates = _regroup(long_ones, lambda p: _digest(p, PREFIX)) + short_ones
     return _regroup(candidates, _digest)
 
