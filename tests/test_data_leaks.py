@@ -156,13 +156,13 @@ def test_a_split_medq_carves_keeps_copies_and_aliases_together(tmp_path):
 
 
 def test_identical_files_against_hashlib(tmp_path):
-    """Same size, same first 64 KiB but another last byte: not copies; a true copy of a long file: found."""
-    from medq.data.duplicates import PREFIX, identical_files
+    """Same size and same start, middle and end but one other byte in between: not copies (only a full hash tells);
+    a true copy of a long file, and of a short one: found."""
+    from medq.data.duplicates import identical_files
 
-    rng = np.random.default_rng(0)
-    long = rng.integers(0, 256, PREFIX + 100, dtype=np.uint8).tobytes()
-    files = {"a": long, "b": long, "c": long[:-1] + bytes([long[-1] ^ 1]), "d": b"short", "e": b"short",
-             "f": b"other"}
+    long = np.random.default_rng(0).integers(0, 256, 100_000, dtype=np.uint8).tobytes()
+    files = {"a": long, "b": long, "c": long[:25_000] + bytes([long[25_000] ^ 1]) + long[25_001:],
+             "d": b"short", "e": b"short", "f": b"other"}
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     paths = [str(tmp_path / name) for name in files]
