@@ -16,7 +16,7 @@ import pytest
 
 from medq.config import DataConfig
 from medq.data.check import check_dataset, format_check_report
-from medq.data.decode import check_header
+from medq.data.decode import UnreadableImage, check_header, load_pixels
 from medq.data.readers import read_dataset
 from medq.errors import DataError
 
@@ -122,6 +122,34 @@ def test_byte_identical_copies_across_the_datasets_splits(tmp_path):
         read(root, "csv")
 
 
+def test_kaggle_test_folder_linked_to_train_files_and_nih_name_in_both_lists(tmp_path):
+    """The dataset's own splits: a Kaggle test/ file that is a symbolic link to a train/ file, and an NIH image
+    named in both train_val_list.txt and test_list.txt (it used to go to test silently)."""
+    kaggle = tmp_path / "chest_xray"
+    for split in ("train", "test"):
+        for cls, name in (("NORMAL", "IM-{:04d}-0001.jpeg"), ("PNEUMONIA", "person{}_bacteria_1.jpeg")):
+            for i in range(3):
+                image(kaggle / split / cls / name.format(i + (10 if split == "test" else 0)))
+    (kaggle / "test" / "NORMAL" / "IM-0099-0001.jpeg").symlink_to(kaggle / "train" / "NORMAL" / "IM-0001-0001.jpeg")
+    with pytest.raises(DataError, match=r"train/NORMAL/IM-0001-0001\.jpeg: listed twice in two splits: .* \(train\) "
+                                        r"and \S+test/NORMAL/IM-0099-0001\.jpeg \(test\)"):
+        read(kaggle, "kaggle-pneumonia")
+
+    nih = tmp_path / "nih"
+    rows = ["Image Index,Finding Labels,Follow-up #,Patient ID"]
+    for i in range(8):
+        image(nih / "images_001" / "images" / f"{i:08d}_000.png")
+        rows.append(f"{i:08d}_000.png,{'Effusion' if i % 2 else 'No Finding'},0,{i}")
+    table(nih / "Data_Entry_2017.csv", rows)
+    table(nih / "train_val_list.txt", [f"{i:08d}_000.png" for i in range(6)])
+    table(nih / "test_list.txt", ["00000006_000.png", "00000007_000.png", "00000002_000.png"])
+    with pytest.raises(DataError, match=r"train_val_list\.txt line 3 \(00000002_000\.png\) \(train\) and "
+                                        r"test_list\.txt line 3 \(00000002_000\.png\) \(test\)"):
+        read(nih, "nih-chestxray14")
+    kept = read(nih, "nih-chestxray14", cross_split_copies="drop-later")
+    assert sorted(Path(p).name for p in kept.paths("test")) == ["00000006_000.png", "00000007_000.png"]
+
+
 def test_copies_with_two_labels_are_an_error(tmp_path):
     root = tmp_path / "ds"
     for cls in ("a", "b"):
@@ -215,6 +243,10 @@ def test_a_symlink_loop_is_followed_once(tmp_path):
     expected = sorted(os.path.realpath(p) for p in root.rglob("*.png")) + [str(tmp_path / "elsewhere" / "linked.png")]
     assert paths == sorted(expected) and len(paths) == 11
     assert any("not followed again" in note and "loop" in note for note in index.notes)
+    (root / "NORMAL" / "gone.png").symlink_to(tmp_path / "deleted.png")  # a broken link: a listed skip
+    index = read(root, "folder", val_fraction=0.25, test_fraction=0.25)
+    assert [(Path(p).name, r) for p, r in index.skipped] == [("gone.png", "broken symbolic link (its target does "
+                                                                         "not exist)")]
 
 
 def test_tiff_and_bmp_get_one_rule_in_check_and_predict(tmp_path):
@@ -235,6 +267,54 @@ def test_tiff_and_bmp_get_one_rule_in_check_and_predict(tmp_path):
     unreadable = {Path(u["path"]).name: u["reason"] for u in report["unreadable"]}
     assert "image format medq does not read" in unreadable["scan.tiff"]
     assert "image format medq does not read" in unreadable["scan.bmp"]
+    with pytest.raises(UnreadableImage, match="image format medq does not read"):
+        load_pixels(tiff)  # what predict reports for it
     items, ignored = collect_inputs([root])
     assert {i.path.name for i in items} >= {"scan.tiff", "scan.bmp"} and ignored == 1  # only notes.txt
     assert json.dumps(report)  # the report stays JSON
+
+
+# --- the run: its pinned split and its record -------------------------------------------------------------------
+
+def _run_config(tmp_path, root, *overrides):
+    from medq.config import load_config
+
+    return load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={root}", "data.generate=false",
+                              *overrides])
+
+
+def test_a_pin_written_with_unresolved_paths_still_matches_the_dataset(tmp_path):
+    """Pins made before paths were resolved name files through the symlinked data root: they are the same files."""
+    from medq import runrecord
+
+    real = tmp_path / "data"
+    for cls in ("a", "b"):
+        for i in range(6):
+            image(real / cls / f"{cls}{i}.png")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    config = _run_config(tmp_path, tmp_path / "link", "data.format=folder")
+    current = read(tmp_path / "link", "folder")
+    assert all(p.startswith(str(real)) for split in current.splits for p in current.paths(split))
+    old_pin = {"settings": runrecord.split_settings(config), "format": current.format, "task": current.task,
+               "classes": current.classes,
+               "samples": [[s.path.replace(str(real), str(tmp_path / "link")), split, s.patient, list(s.label), 0, 0]
+                           for split, samples in current.splits.items() for s in samples]}
+    pinned = runrecord._apply_pin(config, old_pin, current, tmp_path / "split.json")
+    assert {k: sorted(pinned.paths(k)) for k in pinned.splits} == {k: sorted(current.paths(k)) for k in current.splits}
+    assert not pinned.skipped and not any("added" in n or "gone" in n for n in pinned.notes)
+
+
+def test_medq_data_records_a_class_missing_from_test(tmp_path):
+    from medq import runrecord
+    from medq.pipeline import run_data
+
+    root = tmp_path / "ds"
+    rows = ["path,label,split"]
+    for i in range(10):
+        image(root / f"{i}.png")
+        rows.append(f"{i}.png,{'AB'[i % 2]},{'test' if i == 9 else 'train'}")  # test: one B, no A
+    table(root / "labels.csv", rows)
+    config = _run_config(tmp_path, root / "labels.csv", "data.format=csv")
+    run_data(config)
+    warnings = runrecord.read_manifest(config.run_dir)["stages"]["data"]["warnings"]
+    assert "test has no image of class A: its test sensitivity and AUC are undefined" in warnings

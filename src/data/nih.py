@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, real_sample, subdirs
@@ -85,8 +86,9 @@ def label_vector(text: str, cache: dict[str, tuple[float, ...] | str]) -> tuple[
     return result
 
 
-def _read_list(path: Path) -> set[str]:
-    return {line.strip() for line in read_text(path).splitlines() if line.strip()}
+def _read_list(path: Path) -> dict[str, int]:
+    """Image name → its line in an official list file."""
+    return {text.strip(): line for line, text in enumerate(read_text(path).splitlines(), start=1) if text.strip()}
 
 
 @register("nih-chestxray14", _detect_nih)
@@ -151,13 +153,11 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if all(p.is_file() for p in lists):
         train_val, test = (_read_list(p) for p in lists)
         neither = 0
-        for name, sample in checked.items():
-            if name in test:
-                splits["test"].append(sample)
-            elif name in train_val:
-                splits["train"].append(sample)
-            else:
-                neither += 1
+        for name, sample in checked.items():  # a name in both lists goes to both: reconcile refuses the leak
+            for split, listed, file in (("train", train_val, TRAIN_VAL_LIST), ("test", test, TEST_LIST)):
+                if name in listed:
+                    splits[split].append(replace(sample, source=f"{file} line {listed[name]} ({name})"))
+            neither += name not in train_val and name not in test
         notes.append(f"split: the official {TRAIN_VAL_LIST} / {TEST_LIST}"
                      + (f"; {neither} images in neither list are unused" if neither else ""))
         if val_split == "official":
