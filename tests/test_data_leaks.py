@@ -72,7 +72,8 @@ def test_csv_path_alias_in_two_splits_is_an_error_naming_both_lines(tmp_path, al
     real = os.path.realpath(root / "imgs" / "0.jpeg")
     assert real in kept.paths("train") + kept.paths("val") and real not in kept.paths("test")
     assert len(kept.splits["test"]) == 2  # lines 8 and 9 only
-    assert any(alias in path and "dropped from test" in reason for path, reason in kept.skipped)
+    assert [(p, r.split(":")[0]) for p, r in kept.skipped if "dropped from test" in r] == [
+        (real, f"labels.csv line 10 ({alias})")]
 
 
 def test_csv_same_file_two_labels_is_an_error_with_both_lines(tmp_path):
@@ -318,3 +319,15 @@ def test_medq_data_records_a_class_missing_from_test(tmp_path):
     run_data(config)
     warnings = runrecord.read_manifest(config.run_dir)["stages"]["data"]["warnings"]
     assert "test has no image of class A: its test sensitivity and AUC are undefined" in warnings
+
+
+def test_label_conflicts_drop_both_leaves_out_every_listing_and_copy(tmp_path):
+    root = tmp_path / "ds"
+    rows = csv_dataset(root)
+    shutil.copy(root / "imgs" / "2.jpeg", root / "imgs" / "copy2.jpeg")
+    rows += ["imgs/../imgs/2.jpeg,B,train", "imgs/copy2.jpeg,A,train"]  # 2.jpeg: A (line 4) and B; a copy says A
+    table(root / "labels.csv", rows)
+    index = read(root, "csv", label_conflicts="drop-both")
+    used = {Path(p).name for split in index.splits for p in index.paths(split)}
+    assert used == {f"{i}.jpeg" for i in range(8)} - {"2.jpeg"}
+    assert sorted(Path(p).name for p, r in index.skipped if "two labels" in r) == ["2.jpeg", "2.jpeg", "copy2.jpeg"]

@@ -39,8 +39,8 @@ def _detect_busi(root: Path) -> bool:
 @register("busi", _detect_busi)
 def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-train", val_fraction: float = 0.2,
               test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
-              max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", report: bool = False,
-              **_: object) -> DatasetIndex:
+              max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", conflicts: str = "error",
+              report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     base = busi_root(root)
     if base is None:
@@ -49,7 +49,7 @@ def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-
     if variant not in (None, "binary", "3-class"):
         raise DataError(f"{root}: busi has no variant {variant!r}; use 'binary' (default) or '3-class'")
     classes = THREE_CLASSES if variant == "3-class" else BINARY_CLASSES
-    intake = Intake(strict, max_megapixels, copies, report)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     notes = [f"classes: {', '.join(classes)}"]
     samples: list[Sample] = []
     masks = unmasked = 0

@@ -111,14 +111,16 @@ def _tally(items: list[Any]) -> dict[str, int]:
 def check_dataset(root: Path, format: str = "auto", variant: str | None = None, seed: int = 42,
                   val_fraction: float = 0.2, test_fraction: float = 0.2, val_split: str = "from-train", *,
                   verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT,
-                  max_megapixels: float = MAX_MEGAPIXELS, cross_split_copies: str = "error") -> dict:
+                  max_megapixels: float = MAX_MEGAPIXELS, cross_split_copies: str = "error",
+                  label_conflicts: str = "error") -> dict:
     """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds."""
     from medq.config import DataConfig
     from medq.data.readers import class_warnings, read_dataset
 
     config = DataConfig(format=format, root=str(root), variant=variant, val_split=val_split,
                         val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False,
-                        max_megapixels=max_megapixels, cross_split_copies=cross_split_copies)
+                        max_megapixels=max_megapixels, cross_split_copies=cross_split_copies,
+                        label_conflicts=label_conflicts)
     index = read_dataset(config, seed=seed, report=True)
     total = sum(len(s) for s in index.splits.values())
     decode_everything = total <= verify_all_up_to

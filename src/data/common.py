@@ -153,10 +153,11 @@ class Intake:
     or, under ``strict``, raised as a one-line error naming the file."""
 
     def __init__(self, strict: bool = False, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
-                 report: bool = False):
+                 conflicts: str = "error", report: bool = False):
         self.strict = strict
         self.max_megapixels = max_megapixels
         self.copies = copies  # data.cross_split_copies (medq.data.duplicates)
+        self.conflicts = conflicts  # data.label_conflicts
         self.report = report  # `medq data check`: problems are listed in the index, not raised
         self.skipped: list[tuple[str, str]] = []
         self.errors: list[str] = []
@@ -245,8 +246,8 @@ def make_splits(splits: dict[str, list[Sample]], *, val_split: str, val_fraction
     each real file is made one sample and copies in two of the layout's splits are refused
     (:func:`medq.data.duplicates.reconcile`)."""
     given = {name: list(splits.get(name, [])) for name in SPLITS}
-    out, links, errors = reconcile(given, classes, policy=intake.copies, report=intake.report, notes=notes,
-                                   skipped=intake.skipped)
+    out, links, errors = reconcile(given, classes, copies=intake.copies, conflicts=intake.conflicts,
+                                   report=intake.report, notes=notes, skipped=intake.skipped)
     intake.errors += errors
     if not out["test"]:
         if test_fraction <= 0:

@@ -33,8 +33,8 @@ from medq.errors import DataError
 
 BLOCK = 4096  # bytes read at the start, middle and end of a file before a full hash: different images differ there
 SPLIT_ORDER = ("train", "val", "test")  # drop-later keeps a copy in the earliest of these
-POLICIES = ("error", "drop-later")
-_SETTING = "data.cross_split_copies"
+COPIES, CONFLICTS = ("error", "drop-later"), ("error", "drop-both")
+_SETTING, _CONFLICTS = "data.cross_split_copies", "data.label_conflicts"
 
 
 def _digest(path: str) -> bytes | None:
@@ -113,38 +113,54 @@ class _Problems:
             raise DataError(self.errors[0] + more)
 
 
-def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, policy: str = "error", report: bool = False,
-              notes: list[str], skipped: list[tuple[str, str]]
+def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, copies: str = "error",
+              conflicts: str = "error", report: bool = False, notes: list[str], skipped: list[tuple[str, str]]
               ) -> tuple[dict[str, list[Sample]], dict[str, str], list[str]]:
     """The layout's splits with each real file once and no copy in two splits.
 
-    Returns (splits, links: patient → the patient its copies are grouped with, errors). Errors are raised
-    (one DataError) unless ``report`` (``medq data check``), where they are returned and the later listing dropped.
+    ``copies`` (data.cross_split_copies) says what to do with one image in two of the layout's splits, ``conflicts``
+    (data.label_conflicts) with one image under two labels. Returns (splits, links: patient → the patient its
+    copies are grouped with, errors). Errors are raised (one DataError) unless ``report`` (``medq data check``),
+    where they are returned and the later listing dropped.
     """
-    if policy not in POLICIES:
-        raise DataError(f"{_SETTING}: {policy!r} is not one of {', '.join(POLICIES)}")
+    for setting, value, allowed in ((_SETTING, copies, COPIES), (_CONFLICTS, conflicts, CONFLICTS)):
+        if value not in allowed:
+            raise DataError(f"{setting}: {value!r} is not one of {', '.join(allowed)}")
     problems = _Problems(report)
     order = [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
     listed = [(split, s) for split in order for s in splits[split]]
     drop: set[int] = set()  # positions in `listed`
     twice: list[str] = []
     leaks: list[str] = []
+    conflicting: list[str] = []
+    left_out: set[int] = set()  # every listing of an image with two labels, under drop-both
 
     def compare(i: int, j: int, same_file: bool) -> None:
         """Listing j against the earlier listing i of the same image (file or copy)."""
         (split_a, a), (split_b, b) = listed[i], listed[j]
         what = f"{a.path}: listed twice" if same_file else "byte-identical copies"
         where = f"{_shown(a)} ({split_a}) and {_shown(b)} ({split_b})"
-        if a.label != b.label:
-            problems.add(f"{what} with two labels, {label_text(a.label, classes)} and {label_text(b.label, classes)}"
-                         f": {where}; one image has one label: correct the wrong listing or remove the copy")
+        if i in left_out or (a.label != b.label and conflicts == "drop-both"):
+            if i not in left_out:
+                conflicting.append(f"{what} with two labels, {label_text(a.label, classes)} and "
+                                   f"{label_text(b.label, classes)}: {where}")
+            for k in (i, j):
+                if k not in left_out:
+                    skipped.append((listed[k][1].path, f"one image with two labels ({where}); left out "
+                                                       f"({_CONFLICTS}: drop-both)"))
+                    left_out.add(k)
+            drop.update((i, j))
+        elif a.label != b.label:
+            text = f"{what} with two labels, {label_text(a.label, classes)} and {label_text(b.label, classes)}: {where}"
+            problems.add(f"{text}; one image has one label: correct the wrong listing or remove the copy, or set "
+                         f"{_CONFLICTS}: drop-both to leave it out")
             drop.add(j)
         elif split_a != split_b:
             text = (f"{what} in two splits: {where}; the {split_b} metrics would be measured on a {split_a} image")
-            if policy == "drop-later":
+            if copies == "drop-later":
                 leaks.append(text)
-                skipped.append((_shown(b), f"the same image as {_shown(a)} in {split_a}; dropped from {split_b} "
-                                           f"({_SETTING}: drop-later)"))
+                skipped.append((b.path, f"{_shown(b)}: the same image as {_shown(a)} in {split_a}; dropped from "
+                                        f"{split_b} ({_SETTING}: drop-later)"))
             else:
                 problems.add(f"{text}; keep it in one split, or set {_SETTING}: drop-later to drop the "
                              f"{split_b} copy")
@@ -159,19 +175,24 @@ def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, policy: st
             compare(first_at[sample.path], j, same_file=True)
         else:
             first_at[sample.path] = j
-    kept_paths = [listed[i][1].path for i in sorted(first_at.values()) if i not in drop]
+    kept_paths = [listed[i][1].path for i in sorted(first_at.values()) if i not in drop or i in left_out]
     parent: dict[str, str] = {}  # union-find over patients: copies of copies end in one group
     copies_within = 0
     for group in identical_files(kept_paths):
         positions = [first_at[p] for p in group]
-        for j in positions[1:]:
-            compare(positions[0], j, same_file=False)
-            copies_within += j not in drop
+        anchor = next((i for i in positions if i in left_out), positions[0])  # a left-out image takes its copies
+        for j in positions:
+            if j != anchor:
+                compare(anchor, j, same_file=False)
+                copies_within += j not in drop
         for j in positions[1:]:
             parent[_root(parent, listed[j][1].patient)] = _root(parent, listed[positions[0]][1].patient)
     problems.raise_any()
     if twice:
         notes.append(f"{len(twice)} file(s) listed twice with the same label, each used once (first: {twice[0]})")
+    if conflicting:
+        notes.append(f"{len(conflicting)} image(s) with two labels left out ({_CONFLICTS}: drop-both; listed in "
+                     f"skipped); first: {conflicting[0]}")
     if leaks:
         notes.append(f"{len(leaks)} image(s) in two of the dataset's splits, the later copy dropped ({_SETTING}: "
                      f"drop-later; listed in skipped); first: {leaks[0]}")

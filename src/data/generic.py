@@ -101,8 +101,8 @@ def _detect_csv(root: Path) -> bool:
 @register("csv", _detect_csv)
 def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                    val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
-                   max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", report: bool = False,
-                   **_: object) -> DatasetIndex:
+                   max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", conflicts: str = "error",
+                   report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     table = csv_table(root)
     if table is None:
@@ -128,7 +128,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         raise DataError(f"{table}: no label column; add one (class names) or several 0/1 columns (multi-label)")
     if variant is not None:
         raise DataError(f"{table}: the csv format has no variants; the label columns define the task")
-    intake = Intake(strict, max_megapixels, copies, report)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     rows = [(line, row) for line, row in enumerate(table_rows, start=1)
             if line > 1 and any(c.strip() for c in row)]
     multilabel = len(label_cols) > 1
@@ -238,8 +238,8 @@ def _detect_folder(root: Path) -> bool:
 @register("folder", _detect_folder)  # detected last: almost any tree matches
 def read_folder(root: Path, *, variant: str | None = None, val_split: str = "from-train", val_fraction: float = 0.2,
                 test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
-                max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", report: bool = False,
-                **_: object) -> DatasetIndex:
+                max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", conflicts: str = "error",
+                report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     if variant is not None:
         raise DataError(f"{root}: the folder layout has no variants; the class folders are the classes")
@@ -259,7 +259,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     if len(classes) < 2:
         raise DataError(f"{layout['train']}: found {len(classes)} class folder(s); a classifier needs at least two "
                         "(root/<class>/image files)")
-    intake = Intake(strict, max_megapixels, copies, report)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     splits: dict[str, list[Sample]] = {}
     for split, folder in layout.items():
         splits[split] = []

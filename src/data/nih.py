@@ -95,7 +95,7 @@ def _read_list(path: Path) -> dict[str, int]:
 def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                          val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
                          seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
-                         report: bool = False, **_: object) -> DatasetIndex:
+                         conflicts: str = "error", report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     table = entry_table(root)
     if table is None:
@@ -103,7 +103,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if variant not in VARIANTS:
         raise DataError(f"{root}: nih-chestxray14 has no variant {variant!r}; it is the 14-label task")
     files, duplicate_files = image_files(root)
-    intake = Intake(strict, max_megapixels, copies, report)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     cache: dict[str, tuple[float, ...] | str] = {}
     samples: dict[str, Sample] = {}
     missing = 0

@@ -76,14 +76,14 @@ def _detect_kaggle(root: Path) -> bool:
 def read_kaggle_pneumonia(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                           val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
                           seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
-                          report: bool = False, **_: object) -> DatasetIndex:
+                          conflicts: str = "error", report: bool = False, **_: object) -> DatasetIndex:
     """Binary NORMAL/PNEUMONIA, or with variant '3-class' NORMAL/BACTERIA/VIRUS from the file names."""
     base = _kaggle_root(Path(root))
     if variant not in KAGGLE_VARIANTS:
         raise DataError(f"{root}: kaggle-pneumonia has no variant {variant!r}; use 'binary' or '3-class'")
     three_class = KAGGLE_VARIANTS[variant]
     classes = ["NORMAL", "BACTERIA", "VIRUS"] if three_class else ["NORMAL", "PNEUMONIA"]
-    intake = Intake(strict, max_megapixels, copies, report)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     notes = [f"classes: {', '.join(classes)}" + (" (the cause is read from the file names)" if three_class else "")]
     if base.name == "chest_xray" and (base / "chest_xray").is_dir():
         notes.append(f"ignored the archive's nested duplicate {base / 'chest_xray'}")
@@ -168,7 +168,8 @@ def read_dataset(data_config, seed: int = 42, *, report: bool = False) -> Datase
         index = READERS[name](root, variant=data_config.variant, val_split=data_config.val_split,
                               val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction,
                               strict=data_config.strict, seed=seed, max_megapixels=data_config.max_megapixels,
-                              copies=data_config.cross_split_copies, report=report)
+                              copies=data_config.cross_split_copies, conflicts=data_config.label_conflicts,
+                              report=report)
     except OSError as exc:  # a folder the readers scan cannot be listed (permissions, a vanished mount)
         raise DataError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc}); check that the dataset "
                         "folder is readable by this user") from None

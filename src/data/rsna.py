@@ -66,7 +66,7 @@ def _targets(labels: Path | None) -> dict[str, set[str]]:
 def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                         val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
                         seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
-                        report: bool = False, **_: object) -> DatasetIndex:
+                        conflicts: str = "error", report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     found = rsna_files(root)
     if found is None:
@@ -79,7 +79,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         raise DataError(f"{images}: missing; the RSNA layout keeps the DICOM files in stage_2_train_images/")
     binary = variant == "binary"
     classes = BINARY_CLASSES if binary else RSNA_CLASSES
-    intake = Intake(strict, max_megapixels, copies, report)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     by_patient: dict[str, list[str]] = {}
     rows = 0
     for _, row in _rows(table, ("patientId", "class")):
