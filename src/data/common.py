@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, check_header
-from medq.data.duplicates import reconcile
+from medq.data.duplicates import raise_first, reconcile
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
 
@@ -285,10 +285,8 @@ def finish(name: str, task: str, classes: list[str], splits: dict[str, list[Samp
         index.errors.append(f"{where}: class {', '.join(untrained)} has no training image"
                             + (f" ({found})" if found else "") + "; a model cannot learn a class it never sees: "
                             "add training images of it (or move some from test), or remove it from the dataset")
-    if index.errors and not intake.report:
-        more = f" (and {len(index.errors) - 1} more problems; `medq data check` lists them all)" \
-            if len(index.errors) > 1 else ""
-        raise DataError(index.errors[0] + more)
+    if not intake.report:
+        raise_first(index.errors)
     return index
 
 

@@ -96,21 +96,11 @@ def _shown(sample: Sample) -> str:
     return sample.source if sample.source and sample.source != sample.path else sample.path
 
 
-class _Problems:
-    """Errors found while reconciling: raised as one line (the first, and how many more), or kept for a report."""
-
-    def __init__(self, report: bool):
-        self.report = report
-        self.errors: list[str] = []
-
-    def add(self, message: str) -> None:
-        self.errors.append(message)
-
-    def raise_any(self) -> None:
-        if self.errors and not self.report:
-            more = f" (and {len(self.errors) - 1} more such problems; `medq data check` lists them all)" \
-                if len(self.errors) > 1 else ""
-            raise DataError(self.errors[0] + more)
+def raise_first(errors: list[str]) -> None:
+    """The first error as one DataError line, saying how many more there are (`medq data check` lists them all)."""
+    if errors:
+        more = f" (and {len(errors) - 1} more problems; `medq data check` lists them all)" if len(errors) > 1 else ""
+        raise DataError(errors[0] + more)
 
 
 def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, copies: str = "error",
@@ -126,7 +116,7 @@ def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, copies: st
     for setting, value, allowed in ((_SETTING, copies, COPIES), (_CONFLICTS, conflicts, CONFLICTS)):
         if value not in allowed:
             raise DataError(f"{setting}: {value!r} is not one of {', '.join(allowed)}")
-    problems = _Problems(report)
+    errors: list[str] = []
     order = [s for s in SPLIT_ORDER if s in splits] + [s for s in splits if s not in SPLIT_ORDER]
     listed = [(split, s) for split in order for s in splits[split]]
     drop: set[int] = set()  # positions in `listed`
@@ -152,8 +142,8 @@ def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, copies: st
             drop.update((i, j))
         elif a.label != b.label:
             text = f"{what} with two labels, {label_text(a.label, classes)} and {label_text(b.label, classes)}: {where}"
-            problems.add(f"{text}; one image has one label: correct the wrong listing or remove the copy, or set "
-                         f"{_CONFLICTS}: drop-both to leave it out")
+            errors.append(f"{text}; one image has one label: correct the wrong listing or remove the copy, or set "
+                          f"{_CONFLICTS}: drop-both to leave it out")
             drop.add(j)
         elif split_a != split_b:
             text = (f"{what} in two splits: {where}; the {split_b} metrics would be measured on a {split_a} image")
@@ -162,8 +152,8 @@ def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, copies: st
                 skipped.append((b.path, f"{_shown(b)}: the same image as {_shown(a)} in {split_a}; dropped from "
                                         f"{split_b} ({_SETTING}: drop-later)"))
             else:
-                problems.add(f"{text}; keep it in one split, or set {_SETTING}: drop-later to drop the "
-                             f"{split_b} copy")
+                errors.append(f"{text}; keep it in one split, or set {_SETTING}: drop-later to drop the "
+                              f"{split_b} copy")
             drop.add(j)
         elif same_file:
             twice.append(where)
@@ -187,7 +177,8 @@ def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, copies: st
                 copies_within += j not in drop
         for j in positions[1:]:
             parent[_root(parent, listed[j][1].patient)] = _root(parent, listed[positions[0]][1].patient)
-    problems.raise_any()
+    if not report:
+        raise_first(errors)
     if twice:
         notes.append(f"{len(twice)} file(s) listed twice with the same label, each used once (first: {twice[0]})")
     if conflicting:
@@ -203,7 +194,7 @@ def reconcile(splits: dict[str, list[Sample]], classes: list[str], *, copies: st
     for j, (split, sample) in enumerate(listed):
         if j not in drop:
             out[split].append(sample)
-    return out, {p: _root(parent, p) for p in parent}, problems.errors
+    return out, {p: _root(parent, p) for p in parent}, errors
 
 
 def _root(parent: dict[str, str], patient: str) -> str:
