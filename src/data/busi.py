@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from medq.data.common import Intake, child_dir, child_dirs, finish, make_splits, one_hot, register, real_sample
+from medq.data.common import Intake, child_dir, child_dirs, finish, make_splits, one_hot, register
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
@@ -73,7 +73,7 @@ def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-
         unmasked += sum(1 for f in images if f.stem not in masked)
         for path in images:
             if intake.admit(path):
-                samples.append(real_sample(path, one_hot(classes.index(name), len(classes)), f"{name}/{path.stem}"))
+                samples.append(intake.sample(path, one_hot(classes.index(name), len(classes)), f"{name}/{path.stem}"))
     notes.append(f"ignored {masks} segmentation masks (*_mask*.png)"
                  + (f"; {unmasked} images have no mask" if unmasked else ""))
     notes.append("patients: BUSI does not identify them, so each image is its own patient")

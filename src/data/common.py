@@ -112,12 +112,6 @@ def walk(folder: Path, recursive: bool = True, skip: Callable[[Path], bool] = is
             stack.extend(reversed(folders))
 
 
-def real_sample(path: str | Path, label: tuple[float, ...], patient: str, source: str = "") -> Sample:
-    """A sample at the file's real path (aliases such as ``a/../a/x.png`` and symlinked folders are one file),
-    remembering where the reader found it."""
-    return Sample(os.path.realpath(path), label, patient, source or str(path))
-
-
 def one_hot(index: int, n: int) -> tuple[float, ...]:
     return tuple(1.0 if i == index else 0.0 for i in range(n))
 
@@ -163,6 +157,22 @@ class Intake:
         self.errors: list[str] = []
         self.junk = 0
         self.seen: list[Path] = []  # symbolic links to a folder already read (loops), not followed again
+        self._real_dirs: dict[str, str] = {}  # folder as found → its real path, for this read only
+
+    def sample(self, path: str | Path, label: tuple[float, ...], patient: str, source: str = "") -> Sample:
+        """A sample at the file's real path (aliases such as ``a/../a/x.png`` and symlinked folders are one file),
+        remembering where the reader found it (``source``, default the path as found)."""
+        return Sample(self.real_path(path), label, patient, source or str(path))
+
+    def real_path(self, path: str | Path) -> str:
+        """``os.path.realpath``, with each folder resolved once per read (~40 µs a file otherwise: 5 s for NIH)."""
+        path = os.fspath(path)
+        folder, name = os.path.split(path)
+        if name in ("", ".", "..") or os.path.islink(path):
+            return os.path.realpath(path)
+        if folder not in self._real_dirs:
+            self._real_dirs[folder] = os.path.realpath(folder or ".")
+        return os.path.join(self._real_dirs[folder], name)
 
     def skip(self, path: str | Path, reason: str, *, file_problem: bool = True) -> None:
         """List a skip. File problems (unreadable, missing) raise under strict; label problems are always listed."""

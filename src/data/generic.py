@@ -14,7 +14,7 @@ import csv
 import os
 from pathlib import Path
 
-from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register, real_sample, subdirs
+from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register, subdirs
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
@@ -177,7 +177,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         if not intake.admit(path):
             continue
         patient = row[i_patient].strip() if i_patient is not None else ""
-        splits[split].append(real_sample(path, label, patient or f"file:{cell}", f"{where} ({cell})"))
+        splits[split].append(intake.sample(path, label, patient or f"file:{cell}", f"{where} ({cell})"))
     notes = [f"table: {table.name}, " + (f"multi-label over columns {', '.join(classes)}" if multilabel
                                          else f"classes from column {header[label_cols[0]]!r}: {', '.join(classes)}"),
              "patients: " + (f"column {header[i_patient]!r}" if i_patient is not None
@@ -267,7 +267,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
             label = one_hot(classes.index(canonical[class_dir.name.lower()]), len(classes))
             for path in intake.files(class_dir, recursive=True):
                 if intake.admit(path):
-                    splits[split].append(real_sample(path, label, f"file:{path.relative_to(root)}"))
+                    splits[split].append(intake.sample(path, label, f"file:{path.relative_to(root)}"))
         for path in intake.files(folder):
             intake.skip(path, "not inside a class folder", file_problem=False)
     given = "none (class folders directly under the root)" if layout == {"train": root} else \

@@ -14,7 +14,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, real_sample, subdirs
+from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, subdirs
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
@@ -137,7 +137,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
             intake.skip(name, "listed in the table but no such file in images_*/images/")
             continue
         patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
-        samples[name] = real_sample(path, label, patient, f"{table.name} line {line} ({name})")
+        samples[name] = intake.sample(path, label, patient, f"{table.name} line {line} ({name})")
     checked = {name: s for name, s in samples.items() if intake.admit(s.path)}  # header check: ~20 µs a file
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
     if missing:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from medq.data.common import (  # noqa: F401 - the public names of medq.data.readers
     DETECTORS, READERS, SPLITS, Intake, child_dir, child_dirs, class_warnings, finish, is_junk, make_splits, one_hot,
-    patient_split, register, real_sample,
+    patient_split, register,
 )
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
@@ -114,7 +114,7 @@ def read_kaggle_pneumonia(root: Path, *, variant: str | None = None, val_split: 
                 else:
                     intake.skip(path, "pneumonia file name names no cause (bacteria/virus)", file_problem=False)
                     continue
-                splits[split].append(real_sample(path, one_hot(label_index, len(classes)), patient))
+                splits[split].append(intake.sample(path, one_hot(label_index, len(classes)), patient))
     if not splits["test"]:
         raise DataError(f"{base}: the Kaggle layout has a test/ split; it is missing or empty")
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register, real_sample
+from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
@@ -114,7 +114,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         if not intake.admit(path):
             continue
         index = int(name == OPACITY) if binary else RSNA_CLASSES.index(name)
-        samples.append(real_sample(path, one_hot(index, len(classes)), patient))
+        samples.append(intake.sample(path, one_hot(index, len(classes)), patient))
     notes = [f"labels: {table.name}: {rows} rows for {len(by_patient)} patients, duplicate rows collapsed"
              + ("; cross-checked with " + labels.name if labels else ""),
              f"classes: {', '.join(classes)}"]
