@@ -447,7 +447,7 @@ def run_index(config: Any, index: Any = None, *, resplit: bool = False, stage: s
 
 
 def _pin(config: Any, index: Any, stage: str, replaced: bool) -> None:
-    from medq.data.common import data_source
+    from medq.data.common import class_warnings, data_source
 
     samples = []
     for split, members in index.splits.items():
@@ -465,7 +465,8 @@ def _pin(config: Any, index: Any, stage: str, replaced: bool) -> None:
     files.write_text(staged, json.dumps(files.finite(body), separators=(",", ":"), allow_nan=False))
     commit(config.run_dir, "split", artifacts={"split": staged}, pinned_by=stage, resplit=replaced,
            facts={"data_source": data_source(config.data.root, index.format)},
-           split_sizes={k: len(v) for k, v in index.splits.items()}, settings=split_settings(config))
+           split_sizes={k: len(v) for k, v in index.splits.items()}, settings=split_settings(config),
+           warnings=class_warnings(index))
 
 
 def _apply_pin(config: Any, pinned: dict[str, Any], current: Any, path: Path) -> Any:
