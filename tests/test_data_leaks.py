@@ -21,11 +21,12 @@ from medq.data.readers import read_dataset
 from medq.errors import DataError
 
 
-def image(path: Path, suffix: str | None = None) -> Path:
-    """A 32×32 grayscale image whose pixels are drawn from its path (two paths: two different images)."""
+def image(path: Path) -> Path:
+    """A 32×32 grayscale image encoded by the path's suffix (PNG, JPEG, TIFF, BMP), its pixels drawn from the path
+    (two paths: two different images)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(zlib.crc32(str(path).encode())).integers(0, 256, (32, 32)).astype(np.uint8)
-    ok, data = cv2.imencode(suffix or path.suffix, pixels)
+    ok, data = cv2.imencode(path.suffix, pixels)
     assert ok
     path.write_bytes(data.tobytes())
     return path
