@@ -67,6 +67,18 @@ class _LogFile(logging.FileHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         self.broken = True
 
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.broken = True
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            self.broken = True
+
 
 def _read_config(args: argparse.Namespace):
     """The config from --config/--set/--run-name, without a log file (for commands that only read runs)."""

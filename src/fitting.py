@@ -174,7 +174,12 @@ def _last_epoch_callback(manager, state_path: Path, fingerprint: str, validation
         """After every epoch: checkpoint weights + optimizer, then (atomically) the epoch number and callback state."""
 
         def on_epoch_end(self, epoch, logs=None):
-            path = manager.save(checkpoint_number=epoch + 1)
+            try:
+                path = manager.save(checkpoint_number=epoch + 1)
+            except BaseException:  # a full disk, an interrupt: no half-written checkpoint is left to resume from
+                for partial in state_path.parent.glob(f"last-{epoch + 1}[._]*"):
+                    shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+                raise
             if validation.best_epoch == epoch:  # the best weights so far, kept apart from the run's model file
                 with artifacts.atomic_path(state_path.parent / BEST_WEIGHTS) as tmp:
                     with open(tmp, "wb") as fh:

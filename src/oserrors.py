@@ -38,8 +38,9 @@ def explain(code: int, path: Path) -> str:
     if code in NO_SPACE:
         folder = _existing(path if path.is_dir() else path.parent)
         free = shutil.disk_usage(folder).free
-        return (f"{folder}: no space left on its disk ({_size(free)} free) while writing {path}; free space there "
-                "(the command needs room for its artifacts and logs) or point run.output_dir at a disk with room")
+        what = "" if path == folder else f" while writing {path.name}"
+        return (f"{folder}: no space left on its disk ({_size(free)} free){what}; free space there (the command "
+                "needs room for its artifacts and logs) or point run.output_dir at a disk with room")
     if code in NOT_A_FOLDER:
         blocker = _file_in_the_way(path)
         return (f"{blocker}: is a file where a folder is expected (to hold {path}); move it away or point "
