@@ -138,11 +138,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from medq.selection import at_chance
     from medq.train import run_train
 
     config = _load(args)
     result = run_train(config, verbose=2 if args.verbose else 0, resume=args.resume)
     log.info("best epoch %d: validation %s", result.best_epoch, _short_metrics(result.val_metrics))
+    if at_chance(result.val_metrics):
+        log.warning("  at chance: its validation AUC interval reaches 0.5, so the model is not shown to have learned "
+                    "anything (the chance guard kept the first such epoch); train longer or on more data")
     log.info("model: %s", config.run_dir / "model.keras")
     return 0
 
