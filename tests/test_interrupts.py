@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # a tiny model is trained, frozen and quantized o
 REPO = Path(__file__).resolve().parents[1]
 WIDE = REPO / "tests" / "fixtures" / "wide_criterion_deploy.yaml"
 # What belongs to the run's record; logs/ (which record the interruption) and INC's scratch workspace do not.
-NOT_RECORD = ("logs", "nc_workspace")
+NOT_RECORD = ("logs", "nc_workspace", "benchmark")  # benchmark/: the benchmark's working folder
 
 
 def write_films(root: Path, per_split: dict[str, int], size: int = 32) -> None:
@@ -56,7 +56,9 @@ def quantized(tmp_path_factory):
     overrides = [f"data.root={base / 'chest_xray'}", "data.generate=false", f"run.output_dir={base / 'output'}",
                  "run.name=good", "preprocess.image_size=32", "model.params={blocks: 1, filters: 4, dense_units: 8}",
                  "train.epochs=2", "train.batch_size=8", f"quantize.deploy={WIDE}", "quantize.precisions=[fp32, int8]",
-                 "quantize.int8_concat=false"]
+                 "quantize.int8_concat=false", "benchmark.precisions=[fp32, int8]", "benchmark.reference=[]",
+                 "benchmark.instances=[]", "benchmark.batch_sizes=[4]", "benchmark.batch_size=4",
+                 "benchmark.warmup=1", "benchmark.latency_iterations=3", "benchmark.throughput_iterations=2"]
     config = load_config(None, overrides)
     run_train(config)
     run_freeze(config)
@@ -135,3 +137,33 @@ def test_ctrl_c_during_training_exits_130_and_leaves_the_run_as_it_was(quantized
     assert {k: v for k, v in after.items() if not k.startswith("checkpoints/")} == \
         {k: v for k, v in before.items() if not k.startswith("checkpoints/")}
     assert not (config.run_dir / ".staging").exists()
+
+
+# SIGTERM to this process (only: as `kill PID` or a container stop would) once the first benchmark worker runs.
+SIGTERM_WITH_A_WORKER_RUNNING = """
+import os, signal, threading
+from medq.benchmark import runner
+real = runner._start
+def start(job, bench, env):
+    proc, paths = real(job, bench, env)
+    (bench.parents[2] / "worker.pid").write_text(str(proc.pid))
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # while the parent waits for it
+    return proc, paths
+runner._start = start
+"""
+
+
+def test_sigterm_during_the_benchmark_stops_its_worker_and_leaves_the_run_as_it_was(quantized, tmp_path):
+    import os
+
+    config, overrides = quantized
+    before = snapshot(config.run_dir)
+    argv = ["benchmark", *[a for o in overrides for a in ("--set", o)]]
+    result = medq_interrupted(argv, SIGTERM_WITH_A_WORKER_RUNNING, tmp_path)
+
+    assert result.returncode == 143, result.stderr
+    assert "medq benchmark: terminated" in result.stderr.splitlines()[-1]
+    assert snapshot(config.run_dir) == before
+    worker = int((config.run_dir.parents[1] / "worker.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # the worker is gone (and reaped), not measuring on as an orphan
+        os.kill(worker, 0)
