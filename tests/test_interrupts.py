@@ -66,10 +66,16 @@ def quantized(tmp_path_factory):
     return config, overrides
 
 
-def medq_interrupted(argv: list[str], patch: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``medq ARGV`` in a child whose ``patch`` (Python source) arranges for the signal, then medq.cli.main."""
+def interrupted(quantized, command: str, patch: str, cwd: Path) -> tuple[subprocess.CompletedProcess, dict, dict]:
+    """``medq COMMAND`` on the run in a child whose ``patch`` (Python source) arranges for the signal; returns the
+    child's result and the run's snapshot before and after."""
+    config, overrides = quantized
+    before = snapshot(config.run_dir)
+    argv = [command, *[a for o in overrides for a in ("--set", o)]]
     driver = textwrap.dedent(patch) + f"\nimport sys\nfrom medq.cli import main\nsys.exit(main({argv!r}))\n"
-    return subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, cwd=cwd, timeout=600)
+    result = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert not (config.run_dir / ".staging").exists() and not (config.run_dir / ".commit.json").exists()
+    return result, before, snapshot(config.run_dir)
 
 
 # SIGINT to this very process on INC's second evaluation: the first INT8 trial (the first is the FP32 baseline).
@@ -91,20 +97,15 @@ adapters.eval_func = eval_func
 
 @pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_during_inc_tuning_exits_and_keeps_the_good_int8_graph(quantized, sig, code, tmp_path):
-    config, overrides = quantized
-    before = snapshot(config.run_dir)
-    manifest = json.loads((config.run_dir / "manifest.json").read_text())
-    assert manifest["stages"]["quantize"]["status"] == "ok" and "model_int8.pb" in before
-
-    argv = ["quantize", *[a for o in overrides for a in ("--set", o)]]
-    result = medq_interrupted(argv, SIGNAL_IN_FIRST_TRIAL.replace("{sig}", sig), tmp_path)
+    manifest = json.loads((quantized[0].run_dir / "manifest.json").read_text())
+    assert manifest["stages"]["quantize"]["status"] == "ok"
+    result, before, after = interrupted(quantized, "quantize", SIGNAL_IN_FIRST_TRIAL.replace("{sig}", sig), tmp_path)
 
     assert result.returncode == code, result.stderr
     assert "could not produce" not in result.stderr and "unexpected error" not in result.stderr
     word = "interrupted" if sig == "SIGINT" else "terminated"
     assert f"medq quantize: {word}" in result.stderr.splitlines()[-1]
-    assert snapshot(config.run_dir) == before  # manifest, INT8 graph, op table: byte for byte; no .staging left
-    assert not (config.run_dir / ".staging").exists() and not (config.run_dir / ".commit.json").exists()
+    assert "model_int8.pb" in before and after == before  # manifest, INT8 graph, op table: byte for byte
 
 
 # SIGINT at the end of the first training epoch (after its checkpoint), as a Ctrl-C in the second would arrive.
@@ -125,18 +126,13 @@ fitting._last_epoch_callback = last_epoch
 
 
 def test_ctrl_c_during_training_exits_130_and_leaves_the_run_as_it_was(quantized, tmp_path):
-    config, overrides = quantized
-    before = snapshot(config.run_dir)
-    argv = ["train", *[a for o in overrides for a in ("--set", o)]]
-    result = medq_interrupted(argv, SIGNAL_AFTER_FIRST_EPOCH, tmp_path)
+    result, before, after = interrupted(quantized, "train", SIGNAL_AFTER_FIRST_EPOCH, tmp_path)
 
     assert result.returncode == 130, result.stderr
     assert "--resume" in result.stderr.splitlines()[-1]
-    after = snapshot(config.run_dir)
     # the run's record is untouched; only the resumable checkpoint of the interrupted training is new
     assert {k: v for k, v in after.items() if not k.startswith("checkpoints/")} == \
         {k: v for k, v in before.items() if not k.startswith("checkpoints/")}
-    assert not (config.run_dir / ".staging").exists()
 
 
 # SIGTERM to this process (only: as `kill PID` or a container stop would) once the first benchmark worker runs.
@@ -156,14 +152,11 @@ runner._start = start
 def test_sigterm_during_the_benchmark_stops_its_worker_and_leaves_the_run_as_it_was(quantized, tmp_path):
     import os
 
-    config, overrides = quantized
-    before = snapshot(config.run_dir)
-    argv = ["benchmark", *[a for o in overrides for a in ("--set", o)]]
-    result = medq_interrupted(argv, SIGTERM_WITH_A_WORKER_RUNNING, tmp_path)
+    result, before, after = interrupted(quantized, "benchmark", SIGTERM_WITH_A_WORKER_RUNNING, tmp_path)
 
     assert result.returncode == 143, result.stderr
     assert "medq benchmark: terminated" in result.stderr.splitlines()[-1]
-    assert snapshot(config.run_dir) == before
-    worker = int((config.run_dir.parents[1] / "worker.pid").read_text())
+    assert after == before
+    worker = int((quantized[0].run_dir.parents[1] / "worker.pid").read_text())
     with pytest.raises(ProcessLookupError):  # the worker is gone (and reaped), not measuring on as an orphan
         os.kill(worker, 0)
