@@ -160,3 +160,32 @@ def test_sigterm_during_the_benchmark_stops_its_worker_and_leaves_the_run_as_it_
     worker = int((quantized[0].run_dir.parents[1] / "worker.pid").read_text())
     with pytest.raises(ProcessLookupError):  # the worker is gone (and reaped), not measuring on as an orphan
         os.kill(worker, 0)
+
+
+def test_inc_timeout_still_ends_tuning_while_a_user_signal_passes_through():
+    """INC's timer interrupts the main thread through the same SIGINT handler as a Ctrl-C: fit() must go on treating
+    the first as "stop tuning" and the second must reach the caller once fit() has returned."""
+    import os
+    import time
+
+    from neural_compressor import quantization
+
+    from medq.inc.ptq import _interrupts_pass_through, _Record
+
+    def fit(stop):  # INC's shape: tuning under its time limit, KeyboardInterrupt swallowed
+        try:
+            with quantization.time_limit(0.2):
+                stop()
+                time.sleep(5)
+        except KeyboardInterrupt:
+            return "stopped"
+        return "finished"
+
+    record = _Record()
+    with _interrupts_pass_through(record):
+        assert fit(lambda: None) == "stopped"  # the timer fired
+    assert record.timed_out and record.interrupted is None
+
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_pass_through(_Record()):
+            assert fit(lambda: os.kill(os.getpid(), signal.SIGINT)) == "stopped"  # swallowed inside, as INC does
