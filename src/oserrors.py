@@ -40,11 +40,11 @@ def explain(code: int, path: Path) -> str:
         free = shutil.disk_usage(folder).free
         what = "" if path == folder else f" while writing {path.name}"
         return (f"{folder}: no space left on its disk ({_size(free)} free){what}; free space there (the command "
-                "needs room for its artifacts and logs) or point run.output_dir at a disk with room")
+                "needs room for its files and logs) or write elsewhere (run.output_dir, --output)")
     if code in NOT_A_FOLDER:
         blocker = _file_in_the_way(path)
-        return (f"{blocker}: is a file where a folder is expected (to hold {path}); move it away or point "
-                "run.output_dir elsewhere")
+        return (f"{blocker}: is a file where a folder is expected (to hold {path}); move it away or write "
+                "elsewhere (run.output_dir, --output)")
     folder = path if path.exists() else _existing(path.parent)
     if code == errno.EROFS or _read_only(folder):
         reason = "is on a read-only file system"
@@ -52,8 +52,8 @@ def explain(code: int, path: Path) -> str:
     else:
         reason = f"is not writable by uid {os.geteuid()}" if hasattr(os, "geteuid") else "is not writable"
         need = "give this user write permission there (chmod/chown)"
-    return (f"{folder}: {reason}, and writing {path} needs write access; {need} or point run.output_dir at a folder "
-            "you can write")
+    return (f"{folder}: {reason}, and writing {path} needs write access; {need} or write "
+            "elsewhere (run.output_dir, --output)")
 
 
 def _existing(path: Path) -> Path:
