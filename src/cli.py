@@ -526,19 +526,19 @@ def _refuse_unused_options(args: argparse.Namespace) -> None:
         given = [flag for flag, on in (("--format", args.format), ("--variant", args.variant), ("--json", args.json))
                  if on]
         if args.action != "check" and given:
-            raise MedqError(f"{_flags(given)} without `check PATH` (they set how `medq data check` reads "
-                            "and reports a folder); drop them, or run `medq data check PATH`")
+            raise MedqError(f"{_flags(given)} without `check PATH` (`medq data check` options); drop "
+                            f"{_them(given)}, or run `medq data check PATH`")
         given = [flag for flag, on in (("--phantoms", args.phantoms), ("--resplit", args.resplit),
                                        ("--cache", args.cache)) if on]
         if args.action == "check" and given:
-            raise MedqError(f"{_flags(given)} with `check` (check only reads the folder); drop them, or "
-                            "run `medq data` without check")
+            raise MedqError(f"{_flags(given)} with `check` (check only reads the folder); drop "
+                            f"{_them(given)}, or run `medq data` without check")
     if command == "predict" and args.heatmap is None:
         given = [flag for flag, on in (("--heatmap-classes", args.heatmap_classes),
                                        ("--heatmap-layer", args.heatmap_layer)) if on is not None]
         if given:
-            raise MedqError(f"{_flags(given)} without --heatmap DIR (they choose what the heatmaps show); "
-                            "add --heatmap DIR or drop them")
+            raise MedqError(f"{_flags(given)} without --heatmap DIR (heatmap options); "
+                            f"add --heatmap DIR or drop {_them(given)}")
     if command == "runs" and args.action == "list" and args.run_name is not None:
         raise MedqError("--run-name does nothing with `runs list`, which lists every run under "
                         "run.output_dir; drop it, or use `medq runs show NAME`")
@@ -551,6 +551,10 @@ def _refuse_unused_options(args: argparse.Namespace) -> None:
 
 def _flags(given: list[str]) -> str:
     return f"{given[0]} does nothing" if len(given) == 1 else f"{', '.join(given)} do nothing"
+
+
+def _them(given: list[str]) -> str:
+    return "it" if len(given) == 1 else "them"
 
 
 class Terminated(KeyboardInterrupt):
