@@ -248,7 +248,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for key, value in thread_environment(config.runtime).items():
         os.environ.setdefault(key, value)  # before TensorFlow starts; the user's own settings win
     summary = run_predict(run_dir, args.inputs, model=args.model, model_file=args.model_file, output=args.output,
-                          ten_crop=args.ten_crop, heatmap_dir=args.heatmap, heatmap_classes=args.heatmap_classes or "all",
+                          ten_crop=args.ten_crop, heatmap_dir=args.heatmap,
+                          heatmap_classes=args.heatmap_classes or "all",
                           heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
                           quiet=args.quiet, overwrite=args.overwrite,
                           intra_op_threads=config.runtime.intra_op_threads,

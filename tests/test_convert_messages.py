@@ -19,7 +19,8 @@ SIZE = 32
 
 
 def classifier(path, middle: list, extra=(), batch: int = 1):
-    """images [batch, 1, 32, 32] → Conv → MIDDLE (→ 'm') → GlobalAveragePool → Flatten → Gemm → logits [batch, 2]."""
+    """images [batch, 1, 32, 32] → Conv → MIDDLE (→ 'm') → GlobalAveragePool → Flatten → Gemm → logits
+    [batch, 2]."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3],
                               name="conv"), *middle,

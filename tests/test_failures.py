@@ -81,7 +81,8 @@ def test_a_full_disk_during_training_names_the_folder_and_leaves_no_partial_chec
     """192 KiB hold the split, manifest and logs but not the first epoch's checkpoint (64 3x3 filters + Adam)."""
     disk = mounts(tmp_path / "small", "size=192k")
     run = disk / "out" / "default"
-    result = medq("train", "-q", "--set", f"run.output_dir={disk / 'out'}", "--set", f"data.root={films(tmp_path / 'x')}",
+    result = medq("train", "-q", "--set", f"run.output_dir={disk / 'out'}",
+                  "--set", f"data.root={films(tmp_path / 'x')}",
                   "--set", "data.generate=false", "--set", f"data.cache_dir={tmp_path / 'cache'}",
                   "--set", "preprocess.image_size=32", "--set", "model.params={blocks: 1, filters: 64, dense_units: 8}",
                   "--set", "train.epochs=1", "--set", "train.batch_size=4", "--set", "train.tensorboard=false",

@@ -71,7 +71,8 @@ def plan_head(model_ends_in: str, num_outputs: int, task: str | None, where: str
         return HeadPlan(model_ends_in, "binary", steps + ("two-column",), 2)
     if model_ends_in == "sigmoid":
         if task not in (None, "multilabel"):
-            raise wrong(f"that is multi-label, and {task} needs a softmax: pass --task multilabel, or export the logits")
+            raise wrong(f"that is multi-label, and {task} needs a softmax: pass --task multilabel, or export the "
+                        "logits")
         return HeadPlan(model_ends_in, "multilabel", (), num_outputs)
     if task is None:
         if model_ends_in == "logits":
