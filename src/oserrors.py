@@ -23,7 +23,7 @@ def file_system_error(exc: BaseException, fallback: Path | None = None) -> tuple
         seen.add(id(current))
         if isinstance(current, OSError) and current.errno in (*NO_SPACE, *NOT_WRITABLE, *NOT_A_FOLDER):
             name = current.filename if current.filename is not None else fallback
-            if name is not None:
+            if name is not None and (current.errno not in NOT_A_FOLDER or _file_in_the_way(Path(os.fsdecode(name)))):
                 return current.errno, Path(os.fsdecode(name))
         text = str(current)
         for message, code in _MESSAGES.items():
@@ -64,13 +64,14 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def _file_in_the_way(path: Path) -> Path:
-    """The first component of ``path`` that exists and is not a folder (else ``path`` itself)."""
+def _file_in_the_way(path: Path) -> Path | None:
+    """The first component of ``path`` that exists and is not a folder (None: nothing is in the way, and an EEXIST
+    was about something else, a file created exclusively say)."""
     current = Path(os.path.abspath(path))
     for part in [*reversed(current.parents), current]:
         if part.exists() and not part.is_dir():
             return part
-    return current
+    return None
 
 
 def _read_only(folder: Path) -> bool:
