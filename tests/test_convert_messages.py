@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from medq.convert import convert
+from medq.convert import convert, export_onnx
 from medq.convert.parity import phantom_batch, run_frozen
 from medq.errors import MedqError
 
@@ -68,3 +68,6 @@ def test_a_model_with_a_batch_1_grid_passes_parity_at_its_fixed_batch(tmp_path):
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     got = run_frozen(result.fp32_pb, x, batch_size=1)
     assert np.abs(got - expected).max() < 1e-4
+
+    exported = export_onnx(tmp_path / "run", verbose=False)  # the run's graph to ONNX, checked at the same batch
+    assert exported.parity["passed"] and exported.parity["batch"] == 1

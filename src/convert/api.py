@@ -284,19 +284,22 @@ def _export_onnx(run_dir: Path, source: str | Path | None, opset: int, tolerance
     made_from = "fp32_pb" if runrecord.recorded_path(run_dir, "fp32_pb") else "keras_model"
     path = Path(source) if source else runrecord.verified_path(run_dir, made_from, hint="medq freeze")
     x = parity.phantom_batch(spec, parity_images)
+    # a converted model that runs only at its fixed batch (recorded by convert's parity check) is checked at it
+    batch = (manifest.get("stages", {}).get("convert", {}).get("parity") or {}).get("batch") or len(x)
     if path.suffix == ".pb":
         graph_def = read_graph_def(path)
-        reference = parity.run_frozen(graph_def, x, input_name, output_name)
+        reference = parity.run_frozen(graph_def, x, input_name, output_name, batch_size=batch)
     else:
         from medq.graph import freeze_keras
         from medq.models import load_keras_model
 
         keras_model = load_keras_model(path)
         graph_def = freeze_keras(keras_model, input_name, output_name)
-        reference = keras_model.predict(x, batch_size=len(x), verbose=0)
+        reference = keras_model.predict(x, batch_size=batch, verbose=0)
     model = graph_def_to_onnx(graph_def, opset, path, input_name, output_name)
-    report = parity.parity_report({"tensorflow": reference, "onnxruntime": onnx_graph.run_onnx(model, x)}, spec,
-                                  tolerance)
+    onnx_outputs = parity.in_batches(lambda b: onnx_graph.run_onnx(model, b), x, batch)
+    report = parity.parity_report({"tensorflow": reference, "onnxruntime": onnx_outputs}, spec, tolerance)
+    report["batch"] = batch
     parity.record(report, run_dir / EXPORT_PARITY_FILE, path, verbose)
     staged = artifacts.write_bytes(runrecord.staging_path(run_dir, ONNX_FP32_FILE), model.SerializeToString())
     manifest = runrecord.commit(run_dir, "export-onnx", artifacts={"fp32_onnx": staged},
