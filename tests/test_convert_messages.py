@@ -71,3 +71,15 @@ def test_a_model_with_a_batch_1_grid_passes_parity_at_its_fixed_batch(tmp_path):
 
     exported = export_onnx(tmp_path / "run", verbose=False)  # the run's graph to ONNX, checked at the same batch
     assert exported.parity["passed"] and exported.parity["batch"] == 1
+
+
+def test_the_node_onnx2tf_names_on_failure_is_reported_with_its_op(tmp_path):
+    """onnx2tf's own failure report (utils/common_functions.py: ``error(f'onnx_op_name: {graph_node.name}')``, in
+    colour) → the node and its op type from the model."""
+    from medq.convert.onnx_graph import _failed_node
+
+    source = classifier(tmp_path / "m.onnx", [helper.make_node("Relu", ["c1"], ["m"], name="act_3")])
+    output = ("\x1b[31mERROR:\x1b[0m The trace log is below.\nTraceback ...\nValueError: shapes\n"
+              "\x1b[31mERROR:\x1b[0m onnx_op_name: act_3\n\x1b[31mERROR:\x1b[0m Read this and deal with it.\n")
+    assert _failed_node(source, output) == "node 'act_3' (op Relu)"
+    assert _failed_node(source, "Segmentation fault") is None  # nothing named: the message says "the ONNX graph"
