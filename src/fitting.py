@@ -111,8 +111,8 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
             self.best_epoch = -1
             self.best_metrics: dict[str, Any] = {}
             self.best_weights = None
-            self.guarded = False  # this epoch scored higher but its AUC interval reaches 0.5: the chance guard kept the
-            # earlier one
+            # the last epoch scored higher, but its AUC interval reaches 0.5: the chance guard kept the earlier one
+            self.guarded = False
 
         def on_epoch_end(self, epoch, logs=None):
             y, p = predict_dataset(self.model, val_ds)
