@@ -266,9 +266,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         rows = list_runs(config.run.output_dir)
         print(json.dumps(rows, indent=2, default=str) if args.json else format_runs(rows, config.run.output_dir))
         return 0
-    if not args.name:
+    if not args.name and args.run_name is None:
         raise MedqError("medq runs show: give a run name or folder, e.g. medq runs show default")
-    summary = run_summary(resolve_run(args.name, config))
+    summary = run_summary(resolve_run(args.name or args.run_name, config))
     print(json.dumps(summary, indent=2, default=str) if args.json else format_run(summary))
     return 0
 
@@ -543,6 +543,8 @@ def _refuse_unused_options(args: argparse.Namespace) -> None:
     if command == "runs" and args.action == "list" and args.run_name is not None:
         raise MedqError("--run-name does nothing with `runs list`, which lists every run under "
                         "run.output_dir; drop it, or use `medq runs show NAME`")
+    if command == "runs" and args.action == "show" and args.name and args.run_name is not None:
+        raise MedqError(f"`runs show {args.name}` and --run-name {args.run_name} both name the run; give one of them")
     if command in ("convert", "export-onnx"):
         unused = [item for item in args.set or [] if not item.strip().startswith("run.")]
         if unused:

@@ -108,3 +108,14 @@ def test_the_readme_names_the_benchmark_folder_the_stage_writes():
 
     readme = (REPO / "README.md").read_text()
     assert f"the run's `{BENCH_DIR}/` folder" in readme and "`bench/`" not in readme
+
+
+def test_runs_show_takes_the_run_from_run_name_and_refuses_two_names(tmp_path, capsys):
+    from medq import runrecord
+
+    runrecord.commit(tmp_path / "mine", "data", facts={"classes": ["a", "b"], "task": "binary"})
+    assert main(["runs", "show", "--run-name", "mine", "--json", "--set", f"run.output_dir={tmp_path}"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["classes"] == ["a", "b"] and str(tmp_path / "mine") in json.dumps(shown)
+    assert main(["runs", "show", "other", "--run-name", "mine", "--set", f"run.output_dir={tmp_path}"]) == 2
+    assert "both name the run" in capsys.readouterr().err
