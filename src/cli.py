@@ -530,7 +530,7 @@ def _refuse_unused_options(args: argparse.Namespace) -> None:
             raise MedqError(f"{_flags(given)} without `check PATH` (`medq data check` options); drop "
                             f"{_them(given)}, or run `medq data check PATH`")
         given = [flag for flag, on in (("--phantoms", args.phantoms), ("--resplit", args.resplit),
-                                       ("--cache", args.cache)) if on]
+                                       ("--cache", args.cache), ("--run-name", args.run_name is not None)) if on]
         if args.action == "check" and given:
             raise MedqError(f"{_flags(given)} with `check` (check only reads the folder); drop "
                             f"{_them(given)}, or run `medq data` without check")

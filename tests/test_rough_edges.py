@@ -19,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
     (["data", "--format", "busi"], "--format"),
     (["data", "--variant", "binary", "--json"], "--variant, --json"),
     (["data", "check", "somewhere", "--resplit"], "--resplit"),
+    (["data", "check", "somewhere", "--run-name", "mine"], "--run-name"),
     (["predict", "x.png", "--heatmap-classes", "predicted"], "--heatmap-classes"),
     (["predict", "x.png", "--heatmap-layer", "conv5"], "--heatmap-layer"),
     (["runs", "list", "--run-name", "mine"], "--run-name"),
