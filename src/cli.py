@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable, Iterator, get_args
 
 from medq.config import DatasetFormat
 from medq.errors import MedqError
@@ -24,7 +27,9 @@ def _quiet_tensorflow(verbose: bool) -> None:
         os.environ.setdefault("KMP_WARNINGS", "0")
 
 
-def _setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> None:
+def _setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> Path | None:
+    """Console logging, and the command's log file; returns the log file actually used (a temporary file when
+    ``log_file``'s folder cannot be created or written: its path is printed)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     root = logging.getLogger("medq")
     root.setLevel(logging.DEBUG)
@@ -33,13 +38,46 @@ def _setup_logging(verbose: bool, quiet: bool, log_file: Path | None = None) -> 
     console.setLevel(level)
     console.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(console)
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(log_file)
-        handler.setLevel(logging.DEBUG)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        root.addHandler(handler)
     root.propagate = False
+    if log_file is None:
+        return None
+    try:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = _LogFile(log_file)
+    except OSError as exc:
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix=f"medq-{log_file.stem}-", suffix=".log")
+        os.close(fd)
+        print(f"medq: note: cannot write the log {log_file} ({exc.strerror or exc}); logging to {name}",
+              file=sys.stderr)
+        log_file, handler = Path(name), _LogFile(name)
+    handler.setLevel(logging.DEBUG)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    return log_file
+
+
+class _LogFile(logging.FileHandler):
+    """The command's log file; a failed write (a full disk) marks it broken instead of printing logging's own
+    traceback, and the traceback of the failure then goes to a temporary file (:func:`_log_traceback`)."""
+
+    broken = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.broken = True
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.broken = True
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError:
+            self.broken = True
 
 
 def _read_config(args: argparse.Namespace):
@@ -65,8 +103,7 @@ _SESSION: dict[str, Any] = {}
 def _load(args: argparse.Namespace):
     config = _read_config(args)
     _SESSION["run_dir"], _SESSION["existed"] = config.run_dir, config.run_dir.exists()
-    _SESSION["log"] = config.run_dir / "logs" / f"{args.command}.log"
-    _setup_logging(args.verbose, args.quiet, _SESSION["log"])
+    _SESSION["log"] = _setup_logging(args.verbose, args.quiet, config.run_dir / "logs" / f"{args.command}.log")
     return config
 
 
@@ -104,11 +141,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from medq.selection import at_chance
     from medq.train import run_train
 
     config = _load(args)
     result = run_train(config, verbose=2 if args.verbose else 0, resume=args.resume)
     log.info("best epoch %d: validation %s", result.best_epoch, _short_metrics(result.val_metrics))
+    if at_chance(result.val_metrics):
+        log.warning("  at chance: its validation AUC interval reaches 0.5, so the model is not shown to have learned "
+                    "anything (the chance guard kept the first such epoch); train longer or on more data")
     log.info("model: %s", config.run_dir / "model.keras")
     return 0
 
@@ -210,7 +251,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for key, value in thread_environment(config.runtime).items():
         os.environ.setdefault(key, value)  # before TensorFlow starts; the user's own settings win
     summary = run_predict(run_dir, args.inputs, model=args.model, model_file=args.model_file, output=args.output,
-                          ten_crop=args.ten_crop, heatmap_dir=args.heatmap, heatmap_classes=args.heatmap_classes,
+                          ten_crop=args.ten_crop, heatmap_dir=args.heatmap,
+                          heatmap_classes=args.heatmap_classes or "all",
                           heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
                           quiet=args.quiet, overwrite=args.overwrite,
                           intra_op_threads=config.runtime.intra_op_threads,
@@ -227,9 +269,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
         rows = list_runs(config.run.output_dir)
         print(json.dumps(rows, indent=2, default=str) if args.json else format_runs(rows, config.run.output_dir))
         return 0
-    if not args.name:
+    if not args.name and args.run_name is None:
         raise MedqError("medq runs show: give a run name or folder, e.g. medq runs show default")
-    summary = run_summary(resolve_run(args.name, config))
+    summary = run_summary(resolve_run(args.name or args.run_name, config))
     print(json.dumps(summary, indent=2, default=str) if args.json else format_run(summary))
     return 0
 
@@ -344,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default: test")
             p.add_argument("--ten-crop", action="store_true", help="also report 10-crop averaging (CheXNet's TTA)")
-            p.add_argument("--threshold", type=float, default=0.5,
+            p.add_argument("--threshold", type=_probability, default=0.5,
                            help="probability that counts as a positive call (binary: the second class; multi-label: "
                            "each label) for sensitivity and specificity (default 0.5)")
         if name == "benchmark":
@@ -389,6 +431,17 @@ def _convert_arguments(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--parity-images", type=int, default=8, help="phantom images in the parity check (default 8)")
 
 
+def _probability(text: str) -> float:
+    """A threshold on a probability: strictly between 0 and 1 (0 or 1 would call every image, or none)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 1 (a probability)")
+    return value
+
+
 def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="PNG/JPEG/DICOM files, or folders searched recursively for them")
@@ -411,12 +464,12 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="let --heatmap replace PNG files already in DIR (without it an existing file is an error "
                         "before any work starts)")
-    p.add_argument("--heatmap-classes", choices=["all", "predicted"], default="all",
+    p.add_argument("--heatmap-classes", choices=["all", "predicted"],
                    help="heatmaps for every class (default) or only the predicted class / findings")
     p.add_argument("--heatmap-layer", metavar="NAME",
                    help="the Keras layer Grad-CAM reads (default: the last convolutional feature map)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=_probability, default=0.5,
                    help="multi-label: a finding is reported when its probability reaches this (default 0.5)")
 
 
@@ -429,29 +482,104 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MEDQ_PROGRESS", "0")  # medq.progress: no bars under --quiet
     _setup_logging(args.verbose, args.quiet)
     _SESSION.clear()
+    with _terminate_as_interrupt():
+        return _run(args, argv)
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    """The error boundary: every way a command ends, as an exit code and at most one line on stderr."""
     try:
+        _refuse_unused_options(args)
         return args.func(args)
     except MedqError as exc:
         _forget_new_run_folder()
         print(f"medq {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"medq {args.command}: interrupted; {_continue_hint(args.command, argv)}", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: stages unwind without committing; the run is as it was
+        _forget_new_run_folder()
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"medq {args.command}: {how}; {_continue_hint(args.command, argv)}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except BrokenPipeError:  # `medq runs show X | head`: the reader has all it wanted
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again on the closed pipe
         return 141
     except Exception as exc:  # a bug or an environment problem: one line here, the traceback in the log
+        from medq.oserrors import explain, file_system_error
+
+        failure = file_system_error(exc, _SESSION.get("run_dir"))
         log_file = _log_traceback(args.command)
         if args.verbose:
             import traceback
 
             traceback.print_exc()
+        if failure is not None:  # a full disk, a read-only or unwritable folder: the folder and what it needs
+            print(f"medq {args.command}: error: {explain(*failure)} (the traceback is in {log_file})",
+                  file=sys.stderr)
+            return 1
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         print(f"medq {args.command}: unexpected error: {type(exc).__name__}: {first}; the traceback is in "
               f"{log_file} (rerun with --verbose to see it here)", file=sys.stderr)
         return 1
+
+
+def _refuse_unused_options(args: argparse.Namespace) -> None:
+    """An option that does nothing where it was given is refused, never silently ignored."""
+    command = args.command
+    if command == "data":
+        given = [flag for flag, on in (("--format", args.format), ("--variant", args.variant), ("--json", args.json))
+                 if on]
+        if args.action != "check" and given:
+            raise MedqError(f"{_flags(given)} without `check PATH` (`medq data check` options); drop "
+                            f"{_them(given)}, or run `medq data check PATH`")
+        given = [flag for flag, on in (("--phantoms", args.phantoms), ("--resplit", args.resplit),
+                                       ("--cache", args.cache), ("--run-name", args.run_name is not None)) if on]
+        if args.action == "check" and given:
+            raise MedqError(f"{_flags(given)} with `check` (check only reads the folder); drop "
+                            f"{_them(given)}, or run `medq data` without check")
+    if command == "predict" and args.heatmap is None:
+        given = [flag for flag, on in (("--heatmap-classes", args.heatmap_classes),
+                                       ("--heatmap-layer", args.heatmap_layer)) if on is not None]
+        if given:
+            raise MedqError(f"{_flags(given)} without --heatmap DIR (heatmap options); "
+                            f"add --heatmap DIR or drop {_them(given)}")
+    if command == "runs" and args.action == "list" and args.run_name is not None:
+        raise MedqError("--run-name does nothing with `runs list`, which lists every run under "
+                        "run.output_dir; drop it, or use `medq runs show NAME`")
+    if command == "runs" and args.action == "show" and args.name and args.run_name is not None:
+        raise MedqError(f"`runs show {args.name}` and --run-name {args.run_name} both name the run; give one of them")
+    if command in ("convert", "export-onnx"):
+        unused = [item for item in args.set or [] if not item.strip().startswith("run.")]
+        if unused:
+            raise MedqError(f"--set {unused[0]} does nothing with `{command}`, which reads only the run folder "
+                            "from the config (run.output_dir, run.name); drop it")
+
+
+def _flags(given: list[str]) -> str:
+    return f"{given[0]} does nothing" if len(given) == 1 else f"{', '.join(given)} do nothing"
+
+
+def _them(given: list[str]) -> str:
+    return "it" if len(given) == 1 else "them"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, a scheduler's kill): unwinds like Ctrl-C, so a stage leaves the run as it was."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    def terminate(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _continue_hint(command: str, argv: list[str]) -> str:
@@ -466,15 +594,17 @@ def _continue_hint(command: str, argv: list[str]) -> str:
 
 
 def _log_traceback(command: str) -> Path:
-    """Write the current exception's traceback to the command's log (a temporary file when there is none, or when
-    the run folder is removed because the command created it and left nothing)."""
+    """Write the current exception's traceback to the command's log (a temporary file when there is none, when
+    writing it failed, or when the run folder is removed because the command created it and left nothing)."""
     import tempfile
     import traceback
 
     text = traceback.format_exc()
     log.debug("%s", text)
     log_file = _SESSION.get("log")
-    if log_file is None or _forget_new_run_folder():
+    written = log_file is not None and Path(log_file).is_file() and any(
+        isinstance(h, _LogFile) and not h.broken and h.baseFilename == os.path.abspath(log_file) for h in log.handlers)
+    if _forget_new_run_folder() or not written:
         fd, name = tempfile.mkstemp(prefix=f"medq-{command}-", suffix=".log")
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

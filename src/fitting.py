@@ -26,7 +26,7 @@ from medq.losses import make_loss
 from medq.metrics import task_metrics
 from medq.models import build_model
 from medq.preprocess import PreprocessSpec
-from medq.selection import is_better
+from medq.selection import at_chance, is_better, rank
 from medq.tfdata import image_dataset, shard_steps, sharded_image_dataset
 
 log = logging.getLogger("medq")
@@ -111,6 +111,8 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
             self.best_epoch = -1
             self.best_metrics: dict[str, Any] = {}
             self.best_weights = None
+            # the last epoch scored higher, but its AUC interval reaches 0.5: the chance guard kept the earlier one
+            self.guarded = False
 
         def on_epoch_end(self, epoch, logs=None):
             y, p = predict_dataset(self.model, val_ds)
@@ -124,6 +126,8 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
             logs["val_objective"] = metrics[key] if np.isfinite(metrics[key]) else -np.inf
             # A chance-level epoch never replaces a model; ties go to the later epoch only when the other metric
             # improved (accuracy saturates on easy splits).
+            self.guarded = bool(self.best_epoch >= 0 and at_chance(metrics)
+                                and rank(metrics, key)[1:] > rank(self.best_metrics, key)[1:])
             if self.best_epoch < 0 or is_better(metrics, self.best_metrics, key):
                 self.best = metrics[key] if np.isfinite(metrics[key]) else -np.inf
                 self.best_epoch, self.best_metrics = epoch, metrics
@@ -155,11 +159,20 @@ def _epoch_log(rows: list[dict[str, float]], n_epochs: int, steps: int, objectiv
             self.bar.close()
             row = {k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) or getattr(v, "shape", None) == ()}
             rows.append(row | {"epoch": epoch + 1})
-            log.info("epoch %d/%d: loss %.4f, val %s %.4f (best epoch %d), %.0f s", epoch + 1, n_epochs,
+            log.info("epoch %d/%d: loss %.4f, val %s %.4f (best epoch %d%s), %.0f s", epoch + 1, n_epochs,
                      row.get("loss", float("nan")), objective, row.get("val_objective", float("nan")),
-                     validation.best_epoch + 1, time.perf_counter() - self.started)
+                     validation.best_epoch + 1, _chance_note(validation), time.perf_counter() - self.started)
 
     return EpochLog()
+
+
+def _chance_note(validation) -> str:
+    """Why the best epoch is what it is, when the chance guard (medq.selection.at_chance) decided."""
+    if validation.guarded:
+        return "; this epoch scored higher, but its AUC interval reaches 0.5, so the chance guard kept the earlier one"
+    if at_chance(validation.best_metrics):
+        return ", at chance: its AUC interval reaches 0.5"
+    return ""
 
 
 # The attributes of Keras' EarlyStopping / ReduceLROnPlateau that on_train_begin resets and a resume must restore.
@@ -174,7 +187,12 @@ def _last_epoch_callback(manager, state_path: Path, fingerprint: str, validation
         """After every epoch: checkpoint weights + optimizer, then (atomically) the epoch number and callback state."""
 
         def on_epoch_end(self, epoch, logs=None):
-            path = manager.save(checkpoint_number=epoch + 1)
+            try:
+                path = manager.save(checkpoint_number=epoch + 1)
+            except BaseException:  # a full disk, an interrupt: no half-written checkpoint is left to resume from
+                for partial in state_path.parent.glob(f"last-{epoch + 1}[._]*"):
+                    shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+                raise
             if validation.best_epoch == epoch:  # the best weights so far, kept apart from the run's model file
                 with artifacts.atomic_path(state_path.parent / BEST_WEIGHTS) as tmp:
                     with open(tmp, "wb") as fh:
@@ -256,6 +274,10 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
         raise DataError(f"{config.data.root}: the train split is empty")
     if not index.splits["val"]:
         raise DataError(f"{config.data.root}: the validation split is empty; raise data.val_fraction")
+    if bs > len(index.splits["train"]):  # a larger batch only pads memory (5 GB for 642 images at 100000)
+        log.info("note: batch size %d exceeds the %d training images; training with batches of %d", bs,
+                 len(index.splits["train"]), len(index.splits["train"]))
+        bs = len(index.splits["train"])
     y_train = index.labels("train")
     dropped: dict[str, str] = {}
     cache = image_cache(config, spec)

@@ -107,11 +107,11 @@ def test_single_output_sigmoid_model_becomes_two_binary_columns(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"normalization": "unit"}, "pass task"),  # logits: softmax or sigmoid is the user's call
-    ({"task": "multilabel"}, "pass normalization"),
+    ({"normalization": "unit"}, "pass --task"),  # logits: softmax or sigmoid is the user's call
+    ({"task": "multilabel"}, "pass --normalization"),
     ({"task": "binary", "normalization": "unit"}, "binary means 2 classes"),
     ({"task": "multiclass", "normalization": "unit", "image_size": 64}, "takes 32x32 images"),
-    ({"task": "multiclass", "normalization": "unit", "classes": ["a", "b"]}, "2 class names"),
+    ({"task": "multiclass", "normalization": "unit", "classes": ["a", "b"]}, "pass --classes with 3 distinct names"),
 ])
 def test_onnx_input_errors_are_one_line_naming_the_file(tmp_path, kwargs, message):
     source = tiny_onnx(tmp_path / "m.onnx", classes=3)

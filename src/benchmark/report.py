@@ -221,7 +221,17 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def chart_png(report: dict[str, Any]) -> bytes:
-    """Throughput at the main batch size, latency p50 (p90/p99 whiskers) and the primary metric, one bar per row."""
+    """Throughput at the main batch size, latency p50 (p90/p99 whiskers) and the primary metric, one row each."""
+    import matplotlib.pyplot as plt
+
+    fig = chart_figure(report)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def chart_figure(report: dict[str, Any]):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,23 +256,37 @@ def chart_png(report: dict[str, Any]) -> bytes:
     for i, r in enumerate(rows):
         axes[1].text(p50[i], i, f" {_x(r['vs_fp32']['latency_speedup'])}", va="bottom", fontsize=8)
     axes[1].set_title("latency, batch 1 (ms; p50, whisker to p99)")
-    measured = [r["metrics"].get(primary) for r in rows]
-    values = [v if v is not None else 0.0 for v in measured]
-    axes[2].barh(list(y), values, color="#55A868")
-    for i, v in enumerate(measured):
-        axes[2].text(values[i], i, f" {v:.4f}" if v is not None else " n/a", va="center", fontsize=8)
-    axes[2].set_xlim(0, 1.12)
-    axes[2].set_title(f"test {primary}")
+    _metric_panel(axes[2], rows, primary)
     axes[0].set_yticks(list(range(len(labels))))
     axes[0].set_yticklabels(labels)
     axes[0].invert_yaxis()
     fig.suptitle(f"medq benchmark: {report['run']}", fontsize=11)
     fig.text(0.01, 0.01, footer, fontsize=7, va="bottom")
     fig.tight_layout(rect=(0, (footer_inches + 0.1) / height, 1, 1 - 0.35 / height))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
+
+
+def _metric_panel(ax, rows: list[dict[str, Any]], primary: str) -> None:
+    """Each row's metric as a point with its 95% interval, on an axis zoomed to the values and intervals (INT8 and
+    FP32 differ in the third decimal: on a 0-1 axis every bar looks the same)."""
+    ends: list[float] = []
+    for i, r in enumerate(rows):
+        value = r["metrics"].get(primary)
+        if value is None:
+            ax.text(0.5, i, "n/a", va="center", ha="center", fontsize=8, transform=ax.get_yaxis_transform())
+            continue
+        ci = (r["metrics"].get("ci") or {}).get(primary)
+        low, high = (ci[0], ci[1]) if ci else (value, value)
+        ax.errorbar([value], [i], xerr=[[value - low], [high - value]], fmt="o", color="#55A868", capsize=3)
+        ax.annotate(f"{value:.4f}", (value, i), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+        ends += [low, high, value]
+    if ends:
+        pad = max(0.005, 0.08 * (max(ends) - min(ends)))
+        ax.set_xlim(max(0.0, min(ends) - pad), min(1.0, max(ends) + pad))
+    fp32 = next((r["metrics"].get(primary) for r in rows if r["id"] == "tensorflow-fp32"), None)
+    if fp32 is not None:
+        ax.axvline(fp32, color="grey", linewidth=0.8, linestyle="--")
+    ax.set_title(f"test {primary} (95% interval; dashed: TF FP32)")
 
 
 def write_reports(run_dir: str | Path, report: dict[str, Any]) -> dict[str, Path]:
@@ -298,7 +322,15 @@ def summary_text(report: dict[str, Any]) -> str:
         fidelity = by_id["tensorflow-int8"].get("fidelity")
         if fidelity:
             lines.append(f"  {fidelity['verdict']}; {100 * fidelity['flipped_fraction']:.1f}% of decisions flipped")
-    for s in report["skipped"]:
-        lines.append(f"skipped {s['id']}: {s['reason'][:110]}")
-    lines += [f"note: {n[:120]}" for n in report.get("notes", []) if n.startswith("the machine was busy")]
+    for s in report["skipped"]:  # wrapped whole, never cut: a reason may end in a command to paste
+        lines += _wrapped(f"skipped {s['id']}: {s['reason']}")
+    for note in report.get("notes", []):
+        if note.startswith("the machine was busy"):
+            lines += _wrapped(f"note: {note}")
     return "\n".join(lines)
+
+
+def _wrapped(text: str, width: int = 110) -> list[str]:
+    """``text`` over lines of at most ``width`` characters, broken between words only (paths, file names and
+    hyphenated words stay whole), continuation lines indented."""
+    return textwrap.wrap(text, width, subsequent_indent="  ", break_long_words=False, break_on_hyphens=False)

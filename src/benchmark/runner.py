@@ -173,6 +173,10 @@ def run_worker(job: dict[str, Any], bench: Path, env: dict[str, str], timeout: f
         proc.kill()
         proc.wait()
         raise WorkerError(f"worker timed out after {timeout:.0f} s (benchmark.worker_timeout; log: {paths['log']})")
+    finally:  # an interrupted or terminated parent leaves no worker behind (SIGTERM reaches the parent only)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     return _finish(proc, paths)
 
 

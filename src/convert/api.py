@@ -68,7 +68,7 @@ def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
         raise MedqError(f"{path}: input is {sig.height}x{sig.width}; medq feeds square images")
     if image_size is not None and sig.height is not None and image_size != sig.height:
         raise MedqError(f"{path}: the model takes {sig.height}x{sig.width} images, not {image_size}; "
-                        f"drop image_size or pass {sig.height}")
+                        f"drop --image-size or pass --image-size {sig.height}")
     size = sig.height or image_size or DEFAULT_IMAGE_SIZE
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     info = {"kind": "onnx", "opset": opset, "input": onnx_graph.real_inputs(model.graph)[0].name,
@@ -80,7 +80,7 @@ def _load_torch(path: Path, arch: str | None, image_size: int, trust_torchscript
     """The torch model from a checkpoint (strictly loaded) or a trusted TorchScript file: the quick part."""
     if torch_models.is_torchscript(path):
         if arch is not None:
-            raise MedqError(f"{path}: a TorchScript file carries its own architecture; drop arch={arch!r}")
+            raise MedqError(f"{path}: a TorchScript file carries its own architecture; drop --arch {arch}")
         return torch_models.load_torchscript(path, image_size, trust_torchscript)
     return torch_models.load_checkpoint_model(path, arch)
 
@@ -99,7 +99,7 @@ def _class_names(classes: list[str] | None, arch: str | None, n: int, where: Pat
         classes = [str(c) for c in classes]
         if len(classes) != n or len(set(classes)) != n:
             raise MedqError(f"{where}: {len(classes)} class names given for a model with {n} outputs "
-                            "(or names repeat); pass one distinct name per output, in output order")
+                            f"(or names repeat); pass --classes with {n} distinct names, in output order")
         return classes
     if arch == "chexnet" and n == len(CHEXNET_CLASSES):
         return list(CHEXNET_CLASSES)
@@ -111,7 +111,7 @@ def _normalization(requested: str | None, arch: str | None, where: Path) -> str:
         requested = torch_models.get_architecture(arch, where).normalization
     if requested not in NORMALIZATIONS:
         got = f"{requested!r} is not one" if requested else "it is not known for this model"
-        raise MedqError(f"{where}: pass normalization, the preprocessing the model was trained with ({got}): "
+        raise MedqError(f"{where}: pass --normalization, the preprocessing the model was trained with ({got}): "
                         "imagenet (ImageNet mean/std), symmetric (mean 0.5, std 0.5) or unit ([0, 1])")
     return requested
 
@@ -123,7 +123,7 @@ def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, 
     _check_settings(source, opset, parity_images)
     is_onnx = source.suffix.lower() == ".onnx"
     if is_onnx and arch is not None:
-        raise MedqError(f"{source}: an ONNX file carries its own architecture; drop arch={arch!r}")
+        raise MedqError(f"{source}: an ONNX file carries its own architecture; drop --arch {arch}")
     if not is_onnx:
         torch_models.require_torch(source)
     trained = sorted(set(runrecord.read_manifest(run_dir).get("stages", {})) & {"train", "tune", "freeze"})
@@ -133,11 +133,29 @@ def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, 
     return is_onnx
 
 
-def _raw_outputs(src: _Source, network, saved_model: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+def _raw_outputs(src: _Source, network, saved_model: Path, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
     """The network's own outputs (before medq's head) in the source engine, onnxruntime and the SavedModel."""
-    x_nchw = x.transpose(0, 3, 1, 2)
-    return {src.engine: src.predict(x_nchw), "onnxruntime": onnx_graph.run_onnx(network, x_nchw),
-            "tensorflow": onnx_graph.load_serving(saved_model)(x).numpy()}
+    serve = onnx_graph.load_serving(saved_model)
+    return {src.engine: src.predict(x.transpose(0, 3, 1, 2)),
+            "onnxruntime": parity.in_batches(lambda b: onnx_graph.run_onnx(network, b.transpose(0, 3, 1, 2)), x, batch),
+            "tensorflow": parity.in_batches(lambda b: serve(b).numpy(), x, batch)}
+
+
+def _parity_batch(network, sig: onnx_graph.OnnxSignature, x: np.ndarray) -> int:
+    """The batch the parity check runs at: all its images at once, unless the source declares a fixed batch that
+    the network really depends on (a GridSample grid or a Reshape of batch 1): then that batch."""
+    import onnxruntime as ort
+
+    if not sig.batch or sig.batch >= len(x):
+        return len(x)
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the expected failure is the answer, not an error for the terminal
+    session = ort.InferenceSession(network.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    try:
+        session.run(None, {session.get_inputs()[0].name: x[:sig.batch + 1].transpose(0, 3, 1, 2)})
+    except Exception:  # noqa: BLE001 - onnxruntime's shape failure; the fixed batch is tried next, for real
+        return sig.batch
+    return len(x)
 
 
 def _check_settings(where: Path, opset: int, parity_images: int) -> None:
@@ -201,15 +219,23 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
         onnx_path = work / ONNX_FILE
         onnx_path.write_bytes(head.append_head(network, plan).SerializeToString())
         # The SavedModel is the network as onnx2tf converts it; the head is added in TF when freezing.
-        saved_model = onnx_graph.onnx_to_saved_model(network_path, work / SAVED_MODEL_DIR, source)
+        retry = ("re-export the model from its framework without that op, or with another opset" if is_onnx
+                 else "try another --opset")
+        saved_model = onnx_graph.onnx_to_saved_model(network_path, work / SAVED_MODEL_DIR, source, retry)
         graph_def = onnx_graph.freeze_saved_model(saved_model, spec.input_shape, head.tf_head(plan))
 
         x = parity.phantom_batch(spec, parity_images)
-        raw = _raw_outputs(src, network, saved_model, x)
+        batch = _parity_batch(network, sig, x)
+        raw = _raw_outputs(src, network, saved_model, x, batch)
         probabilities = {src.engine: head.apply_head(plan, raw[src.engine]),
-                         "onnxruntime": onnx_graph.run_onnx(onnx_path, x.transpose(0, 3, 1, 2)),
-                         "tensorflow": parity.run_frozen(graph_def, x)}
+                         "onnxruntime": parity.in_batches(
+                             lambda b: onnx_graph.run_onnx(onnx_path, b.transpose(0, 3, 1, 2)), x, batch),
+                         "tensorflow": parity.run_frozen(graph_def, x, batch_size=batch)}
         report = parity.parity_report(probabilities, spec, tolerance, raw if plan.appended else None)
+        report["batch"] = batch
+        if batch < len(x):
+            report["note"] = (f"the model runs only at batch {batch}, its source's fixed batch; run later stages "
+                              f"at batch {batch}")
         parity.record(report, run_dir / PARITY_FILE, source, verbose)
 
         staged_pb = artifacts.write_bytes(runrecord.staging_path(run_dir, FROZEN_FP32), graph_def.SerializeToString())
@@ -258,19 +284,22 @@ def _export_onnx(run_dir: Path, source: str | Path | None, opset: int, tolerance
     made_from = "fp32_pb" if runrecord.recorded_path(run_dir, "fp32_pb") else "keras_model"
     path = Path(source) if source else runrecord.verified_path(run_dir, made_from, hint="medq freeze")
     x = parity.phantom_batch(spec, parity_images)
+    # a converted model that runs only at its fixed batch (recorded by convert's parity check) is checked at it
+    batch = (manifest.get("stages", {}).get("convert", {}).get("parity") or {}).get("batch") or len(x)
     if path.suffix == ".pb":
         graph_def = read_graph_def(path)
-        reference = parity.run_frozen(graph_def, x, input_name, output_name)
+        reference = parity.run_frozen(graph_def, x, input_name, output_name, batch_size=batch)
     else:
         from medq.graph import freeze_keras
         from medq.models import load_keras_model
 
         keras_model = load_keras_model(path)
         graph_def = freeze_keras(keras_model, input_name, output_name)
-        reference = keras_model.predict(x, batch_size=len(x), verbose=0)
+        reference = keras_model.predict(x, batch_size=batch, verbose=0)
     model = graph_def_to_onnx(graph_def, opset, path, input_name, output_name)
-    report = parity.parity_report({"tensorflow": reference, "onnxruntime": onnx_graph.run_onnx(model, x)}, spec,
-                                  tolerance)
+    onnx_outputs = parity.in_batches(lambda b: onnx_graph.run_onnx(model, b), x, batch)
+    report = parity.parity_report({"tensorflow": reference, "onnxruntime": onnx_outputs}, spec, tolerance)
+    report["batch"] = batch
     parity.record(report, run_dir / EXPORT_PARITY_FILE, path, verbose)
     staged = artifacts.write_bytes(runrecord.staging_path(run_dir, ONNX_FP32_FILE), model.SerializeToString())
     manifest = runrecord.commit(run_dir, "export-onnx", artifacts={"fp32_onnx": staged},

@@ -64,24 +64,25 @@ def plan_head(model_ends_in: str, num_outputs: int, task: str | None, where: str
 
     if num_outputs == 1:
         if task not in (None, "binary"):
-            raise wrong(f"one output is a binary classifier, not {task}: pass task=binary")
+            raise wrong(f"one output is a binary classifier, not {task}: pass --task binary")
         if model_ends_in in ("softmax", "log-softmax"):
             raise wrong("a softmax over one value is always 1; export the logits instead")
         steps = () if model_ends_in == "sigmoid" else ("sigmoid",)
         return HeadPlan(model_ends_in, "binary", steps + ("two-column",), 2)
     if model_ends_in == "sigmoid":
         if task not in (None, "multilabel"):
-            raise wrong(f"that is multi-label, and {task} needs a softmax: pass task=multilabel, or export the logits")
+            raise wrong(f"that is multi-label, and {task} needs a softmax: pass --task multilabel, or export the "
+                        "logits")
         return HeadPlan(model_ends_in, "multilabel", (), num_outputs)
     if task is None:
         if model_ends_in == "logits":
-            raise wrong("pass task: binary or multiclass appends a softmax, multilabel a sigmoid")
+            raise wrong("pass --task: binary or multiclass appends a softmax, multilabel a sigmoid")
         task = "binary" if num_outputs == 2 else "multiclass"
     if task == "binary" and num_outputs != 2:
-        raise wrong("binary means 2 classes: pass task=multiclass or task=multilabel")
+        raise wrong("binary means 2 classes: pass --task multiclass or --task multilabel")
     if model_ends_in in ("softmax", "log-softmax"):
         if task == "multilabel":
-            raise wrong("that is single-label: pass task=multiclass (or binary)")
+            raise wrong("that is single-label: pass --task multiclass (or binary)")
         return HeadPlan(model_ends_in, task, ("exp",) if model_ends_in == "log-softmax" else (), num_outputs)
     return HeadPlan(model_ends_in, task, ("sigmoid",) if task == "multilabel" else ("softmax",), num_outputs)
 

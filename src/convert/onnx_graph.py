@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -92,7 +93,7 @@ def standardize(model, image_size: int, where: str | Path, input_name: str = "in
         onnx.checker.check_model(model)
     except Exception as exc:
         raise MedqError(f"{where}: the model does not accept a {image_size}x{image_size} input with a free batch "
-                        f"size ({first_line(exc)}); pass its own image size or re-export with a dynamic "
+                        f"size ({first_line(exc)}); pass its own --image-size or re-export with a dynamic "
                         "batch") from None
     return model
 
@@ -114,12 +115,14 @@ def run_onnx(model_or_path, x: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs, axis=0)
 
 
-def onnx_to_saved_model(onnx_path: Path, target: Path, where: str | Path) -> Path:
+def onnx_to_saved_model(onnx_path: Path, target: Path, where: str | Path,
+                        retry: str = "try another opset") -> Path:
     """onnx2tf → Keras (NHWC) → a SavedModel with one ``serving_default`` signature ``input → {output}``.
 
     onnx2tf runs in a child process: importing it loads tf_keras beside tf.keras and sets TF_USE_LEGACY_KERAS, and
     from then on ``tf.keras.models.load_model`` in that process never returns (two Keras copies registering their
-    tensor types). The child's one-line error becomes this process's MedqError.
+    tensor types). The child's one-line error becomes this process's MedqError, naming the node onnx2tf failed on
+    and its op; ``retry`` says what the user can change.
     """
     import subprocess
     import sys
@@ -130,8 +133,32 @@ def onnx_to_saved_model(onnx_path: Path, target: Path, where: str | Path) -> Pat
     if proc.returncode != 0:
         lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit code {proc.returncode}"
-        raise MedqError(f"{where}: onnx2tf could not convert the ONNX graph ({reason[:200]}); try another opset")
+        node = _failed_node(onnx_path, proc.stdout + proc.stderr)
+        raise MedqError(f"{where}: onnx2tf could not convert {node or 'the ONNX graph'} ({reason[:200]}); {retry}")
     return target
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _failed_node(onnx_path: Path, output: str) -> str | None:
+    """'node NAME (op TYPE)' from onnx2tf's output: the node it names on failure, or the nodes of an op type it has
+    no converter for ("No module named 'onnx2tf.ops.LpPool'")."""
+    import onnx
+
+    text = _ANSI.sub("", output)
+    nodes = list(onnx.load(str(onnx_path), load_external_data=False).graph.node)
+    named = re.findall(r"onnx_op_name: (\S+)", text)
+    if named:
+        op = next((n.op_type for n in nodes if n.name == named[-1]), None)
+        return f"node {named[-1]!r}" + (f" (op {op})" if op else "")
+    missing = re.search(r"No module named 'onnx2tf\.ops\.(\w+)'", text)
+    if missing:
+        names = [n.name or f"#{i}" for i, n in enumerate(nodes) if n.op_type == missing.group(1)]
+        shown = ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"op {missing.group(1)} (node {shown}; onnx2tf has no converter for it)" if names else \
+            f"op {missing.group(1)} (onnx2tf has no converter for it)"
+    return None
 
 
 def _onnx2tf_saved_model(onnx_path: Path, target: Path) -> None:

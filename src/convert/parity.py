@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,11 +29,17 @@ def phantom_batch(spec: PreprocessSpec, n: int) -> np.ndarray:
     return np.stack([preprocess(image, spec) for image in images]).astype(np.float32)
 
 
-def run_frozen(graph_def, x: np.ndarray, input_name: str = "input", output_name: str = "output") -> np.ndarray:
+def run_frozen(graph_def, x: np.ndarray, input_name: str = "input", output_name: str = "output",
+               batch_size: int | None = None) -> np.ndarray:
     from medq.graph import FrozenGraph
 
     with FrozenGraph(graph_def, input_name, output_name) as runner:
-        return runner.predict(x, batch_size=len(x))
+        return runner.predict(x, batch_size=batch_size or len(x))
+
+
+def in_batches(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, batch: int) -> np.ndarray:
+    """``predict`` over ``x`` in chunks of ``batch`` (a model with a fixed batch; the last chunk may be shorter)."""
+    return np.concatenate([predict(x[i:i + batch]) for i in range(0, len(x), batch)])
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
@@ -97,6 +103,8 @@ def format_report(report: dict[str, Any]) -> str:
                      f"top-1 agreement {p['top1_agreement']:.0%}")
     for name, p in report.get("raw_outputs", {}).get("pairs", {}).items():
         lines.append(f"  {name + ' (logits)':<32} max |diff| {p['max_abs_diff']:.2e}  relative {p['max_rel_diff']:.2e}")
+    if "note" in report:
+        lines.append(f"  note: {report['note']}")
     if report["saturated_fraction"] > 0.5 and "raw_outputs" not in report:
         lines.append(f"  warning: {report['saturated_fraction']:.0%} of the probabilities are saturated at 0 or 1 on "
                      "these inputs, where engines agree whatever they compute; check on real images too")
@@ -118,7 +126,7 @@ def record(report: dict[str, Any], target: Path, where: str | Path, verbose: boo
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The parity facts the manifest keeps."""
-    keys = ("passed", "tolerance", "max_abs_diff", "saturated_fraction", "images")
+    keys = ("passed", "tolerance", "max_abs_diff", "saturated_fraction", "images", "batch")
     facts = {k: report[k] for k in keys if k in report}
     if "raw_outputs" in report:
         facts["logits_max_rel_diff"] = report["raw_outputs"]["max_rel_diff"]

@@ -316,5 +316,5 @@ def export_onnx_from_torch(loaded: LoadedModel, target: Path, image_size: int, o
                               do_constant_folding=True, dynamo=False)
     except Exception as exc:
         raise MedqError(f"{where}: torch.onnx.export failed at {image_size}px, opset {opset} ({first_line(exc)}); "
-                        "try another image size or opset") from None
+                        "try another --image-size or --opset") from None
     return target

@@ -7,7 +7,8 @@ records what INC actually held (its strategy's config and global options) so tha
 
 ``quantization.fit`` swallows every exception raised during tuning (it logs it and returns ``None`` or the best model
 so far); ``run_ptq`` re-raises errors of the evaluation function instead. INC's timeout interrupts the main thread
-(KeyboardInterrupt, which ``fit`` treats as "stop tuning"): a Ctrl-C during tuning likewise ends tuning early.
+(KeyboardInterrupt, which ``fit`` treats as "stop tuning"); a Ctrl-C or SIGTERM from the user is told apart from it
+and raised again once ``fit`` returns, so the command stops instead of reporting a failed tuning.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ class _Record:
     trials: list[Trial] = field(default_factory=list)
     baseline: float | None = None
     error: Exception | None = None
+    timed_out: bool = False  # INC's own timer interrupted the main thread (tuning.exit_policy.timeout)
+    interrupted: tuple[int, Any] | None = None  # (signal, its handler): the user's Ctrl-C or SIGTERM during fit()
 
 
 def build_ptq_config(deploy: DeployConfig, inputs: list[str], outputs: list[str], sampling_sizes: list[int]):
@@ -118,7 +121,7 @@ def run_ptq(graph_def, deploy: DeployConfig, *, inputs: list[str], outputs: list
             options.workspace = str(workspace)
             options.tensorboard = deploy.tensorboard
             options.resume_from = None
-            with _recording(record):
+            with _recording(record), _interrupts_pass_through(record):
                 q_model = quantization.fit(graph_def, conf, calib_dataloader=calib_dataloader,
                                            eval_func=_recorded_eval(eval_func, record))
             received = _received(record, options)
@@ -249,6 +252,61 @@ def _recording(record: _Record) -> Iterator[None]:
     finally:
         TuneStrategy.__init__, adaptor_cls.quantize = strategy_init, adaptor_quantize
         graph_converter.CaptureOutputToFile = smooth_quant_calibration.CaptureOutputToFile = CaptureOutputToFile
+
+
+@contextlib.contextmanager
+def _interrupts_pass_through(record: _Record) -> Iterator[None]:
+    """``fit`` catches KeyboardInterrupt as "timeout: stop tuning" and returns; a signal from the user during it is
+    raised again afterwards by its own handler. INC's timer is wrapped to say which is which (it interrupts the main
+    thread through the same SIGINT handler)."""
+    import _thread
+    import signal
+    import threading
+
+    from neural_compressor import quantization
+
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    @contextlib.contextmanager
+    def time_limit(seconds):
+        def expire():
+            record.timed_out = True
+            _thread.interrupt_main()
+
+        timer = threading.Timer(seconds or 3600 * 24 * 365, expire)  # 0: no limit (INC's own workaround)
+        timer.start()
+        try:
+            yield
+        finally:
+            timer.cancel()
+
+    def noted(previous):
+        def handler(signum, frame):
+            if signum == signal.SIGINT and record.timed_out and record.interrupted is None:
+                raise KeyboardInterrupt  # INC's timeout: fit() stops tuning and returns its best model
+            record.interrupted = (signum, previous)
+            previous(signum, frame)
+
+        return handler
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    real_time_limit = quantization.time_limit
+    quantization.time_limit = time_limit
+    for sig, previous in saved.items():
+        if callable(previous):  # Python-level handlers only (SIG_DFL kills the process anyway)
+            signal.signal(sig, noted(previous))
+    try:
+        yield
+    finally:
+        quantization.time_limit = real_time_limit
+        for sig, previous in saved.items():
+            signal.signal(sig, previous)
+    if record.interrupted is not None:
+        signum, previous = record.interrupted
+        previous(signum, None)  # raises what the user's signal raises (KeyboardInterrupt for Ctrl-C)
+        raise KeyboardInterrupt
 
 
 class _Fd2:
