@@ -23,7 +23,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 class PreprocessSpec:
     image_size: int
     channels: int
-    normalization: str  # 'unit' | 'imagenet' | 'symmetric'
+    normalization: str  # 'unit' | 'imagenet' | 'symmetric' | 'raw' (0-255, for models that normalise inside)
 
     @classmethod
     def from_config(cls, config: Any) -> "PreprocessSpec":
@@ -77,6 +77,8 @@ def normalization_affine(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
         return np.full(channels, 2.0 / 255.0, np.float32), np.full(channels, -1.0, np.float32)
     if spec.normalization == "unit":
         return np.full(channels, 1.0 / 255.0, np.float32), np.zeros(channels, np.float32)
+    if spec.normalization == "raw":  # the model rescales and normalises inside itself (medq.models.ModelEntry)
+        return np.ones(channels, np.float32), np.zeros(channels, np.float32)
     raise ValueError(f"unknown normalization {spec.normalization!r}")
 
 
