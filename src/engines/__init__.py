@@ -103,6 +103,7 @@ class EngineSpec:
 
 _ENGINES: dict[str, EngineSpec] = {}
 _RECIPES: dict[str, Recipe] = {}
+_discovered = False
 
 
 def register(spec: EngineSpec) -> EngineSpec:
@@ -117,10 +118,14 @@ def register(spec: EngineSpec) -> EngineSpec:
 
 
 def _discover() -> None:
-    """Import every engine module of this package (each registers its spec), in name order."""
+    """Import every engine module of this package (each registers its spec), in name order; once per process."""
+    global _discovered
+    if _discovered:
+        return
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    _discovered = True
 
 
 def engines() -> list[EngineSpec]:
