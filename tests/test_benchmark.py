@@ -89,6 +89,15 @@ def test_reference_rows_skip_cleanly_when_their_engines_are_absent(tmp_path):
     assert all("requirements-reference.txt" in why for why in skipped.values())
 
 
+def test_model_size_counts_the_files_its_recipe_writes_beside_it(tmp_path):
+    from medq.benchmark.reference import model_bytes
+
+    (tmp_path / "openvino_fp32.xml").write_bytes(b"x" * 10)
+    (tmp_path / "openvino_fp32.bin").write_bytes(b"x" * 100)
+    assert model_bytes(tmp_path / "openvino_fp32.xml", "openvino-fp32") == 110  # an IR: its .xml and its .bin
+    assert model_bytes(tmp_path / "openvino_fp32.xml") == 10  # a run artifact: the file alone
+
+
 def test_layouts_auto_deploy_and_too_many_cores():
     layouts, skipped = plan.plan_layouts(["auto", "4x1"], 2, {"num_of_instance": 1, "cores_per_instance": 2})
     assert [layout.name for layout in layouts] == ["1x2", "2x1"]

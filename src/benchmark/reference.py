@@ -15,13 +15,12 @@ from medq import engines
 CACHE = "cache.json"
 
 
-def model_bytes(path: Path) -> int:
-    """Size on disk; an OpenVINO IR is its .xml plus its .bin."""
+def model_bytes(path: Path, recipe: str | None = None) -> int:
+    """Size on disk, with the files its recipe writes beside it (an OpenVINO IR is its .xml plus its .bin)."""
     path = Path(path)
-    total = path.stat().st_size
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        total += path.with_suffix(".bin").stat().st_size
-    return total
+    companions = engines.recipe(recipe).companions if recipe else ()
+    return path.stat().st_size + sum(path.with_suffix(s).stat().st_size for s in companions
+                                     if path.with_suffix(s).is_file())
 
 
 def cache_key(name: str, source_sha: str, calibration_sha: str | None, opset: int) -> str:

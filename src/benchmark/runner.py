@@ -266,7 +266,8 @@ def _row_entry(row: plan.Row, result: dict[str, Any], run_dir: Path, main_bs: in
     sweep = {int(s["batch_size"]): s for s in result["sweep"]}
     return {
         "id": row.id, "engine": row.engine, "precision": row.precision,
-        "model": os.path.relpath(row.model, run_dir), "model_bytes": reference.model_bytes(row.model),
+        "model": os.path.relpath(row.model, run_dir),
+        "model_bytes": reference.model_bytes(row.model, row.recipe),
         "options": row.options,
         "latency_ms": result["latency_ms"], "batch_size": main_bs, "throughput_ips": sweep[main_bs]["throughput_ips"],
         "throughput_mean_ips": sweep[main_bs].get("throughput_mean_ips"),

@@ -66,6 +66,7 @@ class Recipe:
     source: str  # a run artifact key ("fp32_pb", "int8_pb") or another recipe's name
     build: Callable[[BuildRequest, Path], None]  # writes the model to the given path, atomically
     calibrated: bool = False  # built with the calibration images (their sha256 is part of its cache key)
+    companions: tuple[str, ...] = ()  # suffixes of the files written beside it (an OpenVINO IR's ".bin")
 
 
 @dataclass(frozen=True)

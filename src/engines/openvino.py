@@ -68,6 +68,7 @@ SPEC = register(EngineSpec(
     offers=(Offer("fp32", "openvino-fp32", F32), Offer("bf16", "openvino-fp32", BF16, bf16=True),
             Offer("int8", "openvino-int8", F32, needs=("nncf",)),
             Offer("int8-bf16", "openvino-int8", BF16, needs=("nncf",), bf16=True)),
-    recipes=(Recipe("openvino-fp32", "openvino_fp32.xml", "onnx-fp32", convert),
-             Recipe("openvino-int8", "openvino_int8.xml", "onnx-fp32", quantize, calibrated=True)),
+    recipes=(Recipe("openvino-fp32", "openvino_fp32.xml", "onnx-fp32", convert, companions=(".bin",)),
+             Recipe("openvino-int8", "openvino_int8.xml", "onnx-fp32", quantize, calibrated=True,
+                    companions=(".bin",))),
 ))
