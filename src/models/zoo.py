@@ -157,9 +157,12 @@ def _application(name: str, arch: str, input_shape, n_classes, task, dropout, we
 def chexnet(input_shape, n_classes, task, dropout=0.0, weights=None):
     """CheXNet (Rajpurkar et al. 2017): DenseNet121 with an N-way head — sigmoid for ChestX-ray14's 14 labels.
 
-    Train it with ``train.loss: weighted-bce`` (CheXNet's per-label weighting) and ``preprocess.normalization:
-    imagenet``; ``model.weights`` may name a local ImageNet ``densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5``
-    (its first convolution is folded to one channel for grayscale input).
+    Train it with ``train.loss: weighted-bce`` (CheXNet's per-label weighting). Its registry entry keeps medq's
+    original input defaults (96 px, 1 channel, unit), which configs that name chexnet without a ``preprocess:``
+    section have always had; CheXNet's own input (224 px, ``normalization: imagenet``) is set in the config, as in
+    configs/chestxray14.yaml. ``model.weights`` may name a local ImageNet
+    ``densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5`` (its first convolution is folded to one channel for
+    grayscale input).
     """
     return _application("chexnet", "densenet121", input_shape, n_classes, task, dropout, weights)
 
