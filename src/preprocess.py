@@ -23,7 +23,7 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 class PreprocessSpec:
     image_size: int
     channels: int
-    normalization: str  # 'unit' | 'imagenet' | 'symmetric' | 'raw' (0-255, for models that normalise inside)
+    normalization: str  # 'unit' | 'imagenet' | 'symmetric'
 
     @classmethod
     def from_config(cls, config: Any) -> "PreprocessSpec":
