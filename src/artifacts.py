@@ -14,7 +14,7 @@ import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 # Packages whose versions are recorded beside every number medq writes.
 RECORDED_PACKAGES = (
@@ -92,9 +92,10 @@ def sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(extra: Iterable[str] = ()) -> dict[str, str]:
+    """Installed versions of RECORDED_PACKAGES and of ``extra`` distributions (absent ones left out)."""
     versions = {"python": platform.python_version()}
-    for name in RECORDED_PACKAGES:
+    for name in dict.fromkeys((*RECORDED_PACKAGES, *extra)):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

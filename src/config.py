@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 import yaml
 
@@ -27,12 +27,29 @@ log = logging.getLogger("medq")
 DatasetFormat = Literal["auto", "kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi", "folder", "csv"]
 PhantomKind = Literal["chest-pneumonia", "chest-multilabel", "rsna-dicom", "busi"]
 Task = Literal["binary", "multiclass", "multilabel"]
-Normalization = Literal["unit", "imagenet", "symmetric"]
+Normalization = Literal["unit", "imagenet", "symmetric", "raw"]  # raw: 0-255 pixels, for models that normalise inside
 Precision = Literal["fp32", "bf16", "int8", "int8-bf16"]
 BitDepth = Literal["auto", 8, 9, 10, 11, 12, 13, 14, 15, 16]
 
 
 Objective = Literal["auc", "accuracy"]
+
+
+@dataclass(frozen=True)
+class Choices:
+    """Marks a string setting whose allowed values come from a registry, read when the config is checked:
+    ``Annotated[str, Choices(fn)]`` is checked like ``Literal[*fn()]``."""
+
+    values: Callable[[], tuple[str, ...]]
+
+
+def _reference_rows() -> tuple[str, ...]:
+    from medq.engines import row_ids
+
+    return row_ids(reference=True)
+
+
+ReferenceRow = Annotated[str, Choices(_reference_rows)]  # <engine>-<precision> of a medq.engines spec
 
 
 @dataclass
@@ -200,9 +217,8 @@ class BenchmarkConfig:
     instances: list[str] = field(default_factory=lambda: ["auto"])
     instance_precisions: list[Precision] = field(default_factory=lambda: ["fp32", "int8"])  # TF rows measured so
     # Optional reference rows, each skipped with the reason when its package is not installed (the `reference` extra).
-    reference: list[Literal["onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8",
-                            "openvino-int8-bf16"]] = field(default_factory=lambda: [
-                                "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"])
+    reference: list[ReferenceRow] = field(default_factory=lambda: [
+        "onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-int8"])
     calibration_images: int = 100  # reference INT8 calibration (train split) when the quantize stage recorded none
     onnx_opset: int = 17
     worker_timeout: int = 1800  # seconds per measuring process
@@ -236,6 +252,9 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     source: Optional[str] = None  # the file this was loaded from (set by load_config, not by the user)
+    # The preprocess settings the config left out, which took model.name's registry defaults (set by load_config;
+    # recorded with the config in the run's manifest).
+    preprocess_from_model: list[str] = field(default_factory=list)
 
     @property
     def run_dir(self) -> Path:
@@ -245,6 +264,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
+_NOT_SETTINGS = ("source", "preprocess_from_model")  # set by load_config, never by the user
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -271,6 +291,9 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (int → float, env expanded)."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        choices = next(m for m in tp.__metadata__ if isinstance(m, Choices))
+        return _coerce(value, Literal[choices.values()], where)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -328,8 +351,8 @@ def _yaml11_float(text: str) -> float | str:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.name != "source"}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    names = {f.name for f in dataclasses.fields(cls) if f.name not in _NOT_SETTINGS}
     unknown = sorted(set(data) - names)
     if unknown:
         section = f"{where}: " if where else ""
@@ -482,6 +505,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     _fold_into_objective(data, source)
     try:
         config = _build(Config, data, "")
+        _model_input(config, data.get("preprocess"))
     except ConfigError as exc:
         given = _override_behind(str(exc), overrides)
         raise ConfigError(f"--set {given}: {exc}" if given else f"{source}: {exc}") from None
@@ -489,6 +513,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path:
         config.quantize.deploy = _resolve_beside(config.quantize.deploy, Path(path))
     return config
+
+
+def _model_input(config: Config, given: Any) -> None:
+    """Preprocess settings the config leaves out come from the model's registry entry (their names are recorded in
+    ``preprocess_from_model``); a normalisation or channel count the model cannot take is an error. An unknown model
+    is left to build_model's error."""
+    from medq.models import PREPROCESS_KEYS, model_entry
+
+    entry = model_entry(config.model.name)
+    if entry is None:
+        return
+    config.preprocess_from_model = [k for k in PREPROCESS_KEYS if not (isinstance(given, dict) and k in given)]
+    for key in config.preprocess_from_model:
+        setattr(config.preprocess, key, entry.defaults()[key])
+    entry.check(config.preprocess.channels, config.preprocess.normalization)
 
 
 def _override_behind(message: str, overrides: list[str] | tuple[str, ...]) -> str | None:
@@ -529,6 +568,6 @@ def builtin_data_root(config: Config) -> Path | None:
 
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config saved in a run's manifest."""
-    data = {k: v for k, v in data.items() if k != "source"}
+    data = {k: v for k, v in data.items() if k not in _NOT_SETTINGS}
     _fold_into_objective(data, "manifest config", strict=False)
     return _build(Config, data, "")

@@ -83,6 +83,8 @@ def normalization_affine(spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
         return np.full(channels, 2.0 / 255.0, np.float32), np.full(channels, -1.0, np.float32)
     if spec.normalization == "unit":
         return np.full(channels, 1.0 / 255.0, np.float32), np.zeros(channels, np.float32)
+    if spec.normalization == "raw":  # the model rescales and normalises inside itself (medq.models.ModelEntry)
+        return np.ones(channels, np.float32), np.zeros(channels, np.float32)
     raise ValueError(f"unknown normalization {spec.normalization!r}")
 
 

@@ -17,7 +17,7 @@ from medq.data.decode import UnreadableImage
 from medq.preprocess import PreprocessSpec, normalize, read_source, resize
 
 # One unit of brightness in [0, 1] image terms, expressed in each normalisation's units.
-_INTENSITY_SCALE = {"unit": 1.0, "symmetric": 2.0, "imagenet": 1.0 / 0.226}
+_INTENSITY_SCALE = {"unit": 1.0, "symmetric": 2.0, "imagenet": 1.0 / 0.226, "raw": 255.0}
 
 
 def _loader(spec: PreprocessSpec, dropped: dict[str, str] | None = None, cache: ImageCache | None = None):

@@ -89,6 +89,15 @@ def test_reference_rows_skip_cleanly_when_their_engines_are_absent(tmp_path):
     assert all("requirements-reference.txt" in why for why in skipped.values())
 
 
+def test_model_size_counts_the_files_its_recipe_writes_beside_it(tmp_path):
+    from medq.benchmark.reference import model_bytes
+
+    (tmp_path / "openvino_fp32.xml").write_bytes(b"x" * 10)
+    (tmp_path / "openvino_fp32.bin").write_bytes(b"x" * 100)
+    assert model_bytes(tmp_path / "openvino_fp32.xml", "openvino-fp32") == 110  # an IR: its .xml and its .bin
+    assert model_bytes(tmp_path / "openvino_fp32.xml") == 10  # a run artifact: the file alone
+
+
 def test_layouts_auto_deploy_and_too_many_cores():
     layouts, skipped = plan.plan_layouts(["auto", "4x1"], 2, {"num_of_instance": 1, "cores_per_instance": 2})
     assert [layout.name for layout in layouts] == ["1x2", "2x1"]
@@ -369,3 +378,108 @@ def test_reference_rows_run_in_their_own_processes_on_the_same_inputs(tiny_run, 
     assert rows["openvino-fp32"]["fidelity"]["max_abs_diff"] < 1e-3
     assert rows["openvino-fp32"]["engine_facts"]["inference_precision"] == "f32"
     assert any("the INC calibration set" in note for note in rep["notes"]), rep["notes"]
+
+
+# --- a new engine is one source file: registered here, it flows through config, plan, builder, worker and report ---
+
+NUMPY_ENGINE = '''
+"""A trivial engine: a linear map fitted to nothing (seeded) and a softmax, in numpy."""
+import numpy as np
+
+from medq import artifacts, engines
+
+
+def build(request, target):
+    x = request.calibration_images()
+    w = np.random.default_rng(0).normal(size=(int(np.prod(x.shape[1:])), 2)).astype(np.float32)
+    with artifacts.atomic_path(target) as tmp:
+        np.save(tmp, w / np.float32(np.sqrt(w.shape[0])))
+
+
+def load(request):
+    w = np.load(request.model)
+
+    def predict(batch):
+        z = batch.reshape(len(batch), -1) @ w * request.options["gain"]
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    return predict, {"numpy": np.__version__, "gain": request.options["gain"]}
+
+
+SPEC = engines.register(engines.EngineSpec(
+    name="numpy", load=load, needs=("numpy",), install="pip install numpy", version_keys=("PyYAML",),
+    offers=(engines.Offer("fp32", "numpy-linear", {"gain": 3.0}), engines.Offer("int8", "int8_pb")),
+    recipes=(engines.Recipe("numpy-linear", "numpy_linear.npy", "fp32_pb", build, calibrated=True),)))
+'''
+
+
+@pytest.fixture
+def numpy_engine(tmp_path, monkeypatch):
+    """The engine above as a module of its own, importable here and in the workers (PYTHONPATH), registered for
+    this test only."""
+    import importlib
+
+    from medq import engines
+
+    folder = tmp_path / "plugin"
+    folder.mkdir()
+    (folder / "medq_numpy_engine.py").write_text(NUMPY_ENGINE)
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+    engines.engines()  # the built-in ones first, as in any process
+    monkeypatch.setattr(engines, "_ENGINES", dict(engines._ENGINES))
+    monkeypatch.setattr(engines, "_RECIPES", dict(engines._RECIPES))
+    monkeypatch.delitem(sys.modules, "medq_numpy_engine", raising=False)
+    return importlib.import_module("medq_numpy_engine").SPEC
+
+
+def test_a_registered_engine_is_planned_like_the_built_in_ones(numpy_engine, tmp_path):
+    from medq import engines
+
+    fp32 = tmp_path / "fp32.pb"
+    fp32.write_bytes(b"x")
+    assert engines.row_ids(reference=True)[-2:] == ("numpy-fp32", "numpy-int8")
+    rows, skipped = plan.plan_rows(["fp32"], ["numpy-fp32", "numpy-int8", "numpy-bf16"], FULL_CPU, fp32, None)
+    assert [(r.id, r.recipe, r.reference, r.options) for r in rows] == [
+        ("tensorflow-fp32", None, False, {"bf16_rewrite": False}), ("numpy-fp32", "numpy-linear", True, {"gain": 3.0})]
+    assert set(skipped) == {"numpy-int8", "numpy-bf16"} and skipped["numpy-int8"] == plan.NO_INT8
+    assert skipped["numpy-bf16"].startswith("unknown reference row; use one of onnxruntime-fp32, ")
+    assert skipped["numpy-bf16"].endswith(", numpy-fp32, numpy-int8")
+    _, skipped = plan.plan_rows([], ["numpy-fp32"], FULL_CPU, fp32, None, is_installed=lambda m: m != "numpy")
+    assert skipped == {"numpy-fp32": "numpy not installed; pip install numpy"}
+    # a recipe made from another is built after it; both come from the run's FP32 graph
+    assert engines.recipe_chain(["openvino-int8", "numpy-linear"]) == ["onnx-fp32", "openvino-int8", "numpy-linear"]
+    assert engines.root_artifact("openvino-int8") == "fp32_pb"
+
+
+def test_the_config_offers_the_rows_of_the_registered_engines(tmp_path, monkeypatch, request):
+    with pytest.raises(ConfigError, match="'numpy-fp32' is not allowed"):
+        load_config(None, ["benchmark.reference=[numpy-fp32]"])
+    request.getfixturevalue("numpy_engine")
+    assert load_config(None, ["benchmark.reference=[numpy-fp32]"]).benchmark.reference == ["numpy-fp32"]
+
+
+def test_a_registered_engine_runs_in_its_own_worker_and_reaches_the_report(tiny_run, numpy_engine):
+    from importlib import metadata
+
+    config = load_config(None, tiny_run + ["benchmark.precisions=[fp32]", "benchmark.instances=[]",
+                                           "benchmark.reference=[numpy-fp32]"])
+    rep = run_benchmark(config)
+    check_schema(rep)
+    rows = {r["id"]: r for r in rep["results"]}
+    assert list(rows) == ["tensorflow-fp32", "numpy-fp32"], rep["skipped"]
+    row = rows["numpy-fp32"]
+    assert row["model"] == os.path.join("benchmark", "reference", "numpy_linear.npy")
+    assert row["engine_facts"]["gain"] == 3.0 and row["pid"] not in (os.getpid(), rows["tensorflow-fp32"]["pid"])
+    # its probabilities are the engine's on the stage's test inputs, computed here independently
+    x = np.load(config.run_dir / rep["inputs"]["path"])
+    w = np.load(config.run_dir / row["model"])
+    z = x.reshape(len(x), -1).astype(np.float64) @ w * 3.0
+    oracle = np.exp(z - z.max(axis=1, keepdims=True))
+    oracle /= oracle.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.load(config.run_dir / "benchmark" / "probs" / "numpy-fp32.npy"), oracle, atol=1e-5)
+    assert row["fidelity"]["n_images"] == len(x)
+    # its version key is recorded and shown
+    assert rep["environment"]["versions"]["PyYAML"] == metadata.version("PyYAML")
+    assert f"PyYAML {metadata.version('PyYAML')}" in (config.run_dir / "benchmark.md").read_text()

@@ -168,3 +168,11 @@ def test_the_lock_check_catches_a_pin_outside_its_range_and_a_missing_pin():
     assert any("numpy==2.0.0 lies outside" in p for p in problems)
     assert any(p.startswith("setup.cfg's tqdm") and "no pin" in p for p in problems)
     assert len(problems) == 2
+
+
+def test_every_package_of_the_source_tree_is_installed():
+    """A package missing from setup.cfg's list is absent from a wheel (docker) while an editable install hides it."""
+    packages = set(read_configuration(REPO / "setup.cfg")["options"]["packages"])
+    found = {"medq" + "".join(f".{p}" for p in init.parent.relative_to(REPO / "src").parts)
+             for init in (REPO / "src").rglob("__init__.py")}
+    assert found - packages == set()

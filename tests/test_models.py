@@ -236,3 +236,55 @@ def test_losses_by_name():
         make_loss("weighted-bce", "binary")
     with pytest.raises(ConfigError, match="one class per image"):
         make_loss("cce", "multilabel")
+
+
+# --- registry entries carry their input ------------------------------------------------------------------------------
+
+def test_a_config_takes_the_preprocessing_it_leaves_out_from_the_model(tmp_path):
+    from medq.config import load_config
+
+    effnet = load_config(None, ["model.name=efficientnetb0"])
+    assert (effnet.preprocess.image_size, effnet.preprocess.channels, effnet.preprocess.normalization) == (224, 3,
+                                                                                                            "raw")
+    assert effnet.preprocess_from_model == ["image_size", "channels", "normalization"]
+    assert effnet.to_dict()["preprocess_from_model"] == effnet.preprocess_from_model  # what the manifest records
+    given = load_config(None, ["model.name=efficientnetb0", "preprocess.image_size=64", "preprocess.channels=1"])
+    assert (given.preprocess.image_size, given.preprocess.channels, given.preprocess.normalization) == (64, 1, "raw")
+    assert given.preprocess_from_model == ["normalization"]
+    # the models registered before entries carried their input keep the input their configs always had
+    for name in ("refkit-cnn", "chexnet", "scaled-densenet", "densenet121", "resnet50", "vgg16"):
+        pre = load_config(None, [f"model.name={name}"]).preprocess
+        assert (pre.image_size, pre.channels, pre.normalization) == (96, 1, "unit"), name
+    file = tmp_path / "c.yaml"
+    file.write_text("model: {name: densenet121}\npreprocess: {image_size: 64, channels: 3, normalization: imagenet}\n")
+    config = load_config(file)
+    assert (config.preprocess.image_size, config.preprocess.normalization, config.preprocess_from_model) == (
+        64, "imagenet", [])
+
+
+def test_a_model_that_normalises_inside_is_never_normalised_twice(tmp_path):
+    from medq.config import load_config
+
+    with pytest.raises(ConfigError, match="normalises its input itself.*'imagenet' would normalise twice") as info:
+        load_config(None, ["model.name=efficientnetb0", "preprocess.normalization=imagenet"])
+    assert str(info.value).startswith("--set preprocess.normalization=imagenet: preprocess.normalization: ")
+    file = tmp_path / "c.yaml"
+    file.write_text("model: {name: efficientnetb0}\npreprocess: {normalization: unit}\n")
+    with pytest.raises(ConfigError, match=f"^{file}: preprocess.normalization: efficientnetb0"):
+        load_config(file)
+
+
+def test_raw_pixels_are_scaled_once_by_the_model_itself():
+    """efficientnetb0 fed medq's 'raw' preprocessing: its own Rescaling layer sees 0-255 pixels and makes [0, 1]."""
+    import tensorflow as tf
+
+    from medq.preprocess import PreprocessSpec, preprocess
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    x = preprocess(pixels, PreprocessSpec(32, 3, "raw"))
+    np.testing.assert_array_equal(x, pixels.astype(np.float32))
+    model = build_model("efficientnetb0", (32, 32, 3), 2, "binary")
+    rescaling = next(layer for layer in model.layers if isinstance(layer, tf.keras.layers.Rescaling))
+    np.testing.assert_allclose(rescaling(x[None]).numpy()[0], pixels / 255.0, rtol=1e-6)
+    with pytest.raises(ConfigError, match="efficientnetb0 needs at least 32 px, got 16"):
+        build_model("efficientnetb0", (16, 16, 3), 2, "binary")

@@ -7,31 +7,16 @@ import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from medq import engines
 from medq.errors import ConfigError
 
-TF_PRECISIONS = ("fp32", "bf16", "int8", "int8-bf16")
-REFERENCE_ROWS = ("onnxruntime-fp32", "onnxruntime-int8", "openvino-fp32", "openvino-bf16", "openvino-int8",
-                  "openvino-int8-bf16")
 BASELINE = "tensorflow-fp32"
 NO_BF16 = "this CPU has neither AVX512-BF16 nor AMX-BF16, so the BF16 path would not run natively"
 NO_INT8 = "no INT8 graph (int8_pb) in this run; run `medq quantize` first"
-
-# What each reference engine needs installed (import names), beyond the pinned stack's TensorFlow.
-REFERENCE_NEEDS = {
-    "onnxruntime-fp32": ("tf2onnx", "onnxruntime"),
-    "onnxruntime-int8": ("tf2onnx", "onnxruntime"),
-    "openvino-fp32": ("tf2onnx", "openvino"),
-    "openvino-bf16": ("tf2onnx", "openvino"),
-    "openvino-int8": ("tf2onnx", "openvino", "nncf"),
-    "openvino-int8-bf16": ("tf2onnx", "openvino", "nncf"),
-}
-# The prepared model each reference row runs (a key of medq.benchmark.reference.FILES).
-REFERENCE_MODEL = {
-    "onnxruntime-fp32": "onnx-fp32", "onnxruntime-int8": "onnx-int8", "openvino-fp32": "openvino-fp32",
-    "openvino-bf16": "openvino-fp32", "openvino-int8": "openvino-int8", "openvino-int8-bf16": "openvino-int8",
-}
+TF_PRECISIONS = tuple(o.precision for o in engines.get("tensorflow").offers)
+REFERENCE_ROWS = engines.row_ids(reference=True)  # at import; engines registered later: engines.row_ids()
 
 
 @dataclass
@@ -39,14 +24,12 @@ class Row:
     """One measured configuration: an engine running one model file at one precision."""
 
     id: str  # "<engine>-<precision>", e.g. "tensorflow-int8", "openvino-int8-bf16"
-    engine: str  # tensorflow | onnxruntime | openvino
+    engine: str  # a medq.engines name: tensorflow | onnxruntime | openvino | ...
     precision: str  # fp32 | bf16 | int8 | int8-bf16
-    model: Path | None = None  # None for reference rows until their model is prepared
-    options: dict[str, Any] = field(default_factory=dict)  # bf16_rewrite (TF), inference_precision (OpenVINO)
-
-    @property
-    def reference(self) -> bool:
-        return self.engine != "tensorflow"
+    model: Path | None = None  # None until its recipe is built
+    options: dict[str, Any] = field(default_factory=dict)  # the offer's loader options
+    recipe: str | None = None  # the medq.engines recipe its model is built by (None: a run artifact)
+    reference: bool = False  # a benchmark.reference row (not one of the run's own TensorFlow paths)
 
 
 @dataclass
@@ -70,36 +53,46 @@ def plan_rows(precisions: Iterable[str], reference: Iterable[str], features: dic
     """TensorFlow rows for the requested precisions, then the reference rows; and {row id: reason} for the rest."""
     from medq.precision import select_precisions
 
-    is_installed = is_installed or installed
+    run_models = {"fp32_pb": fp32_pb, "int8_pb": int8_pb}
+    check = _RowCheck(features, run_models, is_installed or installed)
     kept, why = select_precisions(list(precisions), features)
     skipped = {f"tensorflow-{p}": reason for p, reason in why.items()}
     rows: list[Row] = []
-    for precision in kept:
-        row_id = f"tensorflow-{precision}"
-        if precision not in TF_PRECISIONS:
-            skipped[row_id] = f"unknown precision {precision!r}; use one of {', '.join(TF_PRECISIONS)}"
-            continue
-        model = fp32_pb if precision in ("fp32", "bf16") else int8_pb
-        if model is None or not Path(model).is_file():
-            skipped[row_id] = NO_INT8
-            continue
-        rows.append(Row(row_id, "tensorflow", precision, Path(model), {"bf16_rewrite": precision.endswith("bf16")}))
-    for row_id in dict.fromkeys(reference):
-        if row_id not in REFERENCE_NEEDS:
-            skipped[row_id] = f"unknown reference row; use one of {', '.join(REFERENCE_ROWS)}"
-            continue
-        engine, _, precision = row_id.partition("-")
-        missing = [m for m in REFERENCE_NEEDS[row_id] if not is_installed(m)]
-        if missing:
-            skipped[row_id] = (f"{', '.join(missing)} not installed; install the reference extra: "
-                               ".venv/bin/pip install -r env/requirements-reference.txt")
-            continue
-        if precision.endswith("bf16") and not features.get("bf16"):
-            skipped[row_id] = NO_BF16
-            continue
-        options = {"inference_precision": "bf16" if precision.endswith("bf16") else "f32"} if engine == "openvino" else {}
-        rows.append(Row(row_id, engine, precision, None, options))
+    requested = [(f"tensorflow-{p}", False) for p in kept] + [(r, True) for r in dict.fromkeys(reference)]
+    for row_id, is_reference in requested:
+        row = check.row(row_id, is_reference)
+        if isinstance(row, Row):
+            rows.append(row)
+        else:
+            skipped[row_id] = row
     return rows, skipped
+
+
+@dataclass
+class _RowCheck:
+    """The skip rules of one requested row, in order: known, installed, native BF16, its model there."""
+
+    features: dict[str, Any]
+    run_models: dict[str, Path | None]
+    is_installed: Callable[[str], bool]
+
+    def row(self, row_id: str, reference: bool) -> Row | str:
+        found = engines.find_row(row_id)
+        if found is None or found[0].reference != reference:
+            return f"unknown reference row; use one of {', '.join(engines.row_ids(reference=True))}"
+        spec, offer = found
+        missing = [m for m in spec.needs_for(offer) if not self.is_installed(m)]
+        if missing:
+            return f"{', '.join(missing)} not installed; {spec.install}"
+        if offer.bf16 and not self.features.get("bf16"):
+            return NO_BF16
+        source = engines.root_artifact(offer.model)  # the run artifact its model is, or is built from
+        model = self.run_models.get(source)
+        if model is None or not Path(model).is_file():
+            return NO_INT8 if source == "int8_pb" else f"no {source} in this run"
+        recipe = offer.model if engines.is_recipe(offer.model) else None
+        return Row(row_id, spec.name, offer.precision, None if recipe else Path(model), dict(offer.options), recipe,
+                   reference)
 
 
 # --- multi-instance layouts -------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from medq import artifacts
+from medq import artifacts, engines
 from medq.metrics import OPERATING_POINTS, with_ci
 
 BENCHMARK_JSON = "benchmark.json"
@@ -14,7 +14,7 @@ BENCHMARK_MD = "benchmark.md"
 BENCHMARK_PNG = "benchmark.png"
 FLAG_NAMES = (("avx512_vnni", "AVX512-VNNI"), ("avx_vnni", "AVX-VNNI"), ("avx512_bf16", "AVX512-BF16"),
               ("amx_bf16", "AMX-BF16"), ("amx_int8", "AMX-INT8"))
-VERSION_KEYS = ("python", "intel-tensorflow", "numpy", "neural-compressor", "onnxruntime", "tf2onnx", "openvino", "nncf")
+VERSION_KEYS = ("python", "intel-tensorflow", "numpy", "neural-compressor")  # then each engine's (medq.engines)
 
 
 def _ratio(a: Any, b: Any) -> float | None:
@@ -81,7 +81,8 @@ def environment_lines(report: dict[str, Any]) -> list[str]:
     cpu = env["cpu"]
     flags = ", ".join(f"{label} {'yes' if cpu.get(key) else 'no'}" for key, label in FLAG_NAMES)
     threads = ", ".join(f"{k}={v}" for k, v in env["thread_environment"].items())
-    versions = ", ".join(f"{k} {env['versions'][k]}" for k in VERSION_KEYS if k in env["versions"])
+    keys = dict.fromkeys(VERSION_KEYS + engines.version_keys())
+    versions = ", ".join(f"{k} {env['versions'][k]}" for k in keys if k in env["versions"])
     load = env.get("load_average", {})
     return [f"CPU: {cpu.get('model')} ({cpu.get('physical_cores')} physical cores, {cpu.get('logical_cpus')} logical)",
             f"Flags: {flags}", f"Threads: {threads}", f"Versions: {versions}",

@@ -12,16 +12,20 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from medq import artifacts, hwinfo, runrecord
+from medq import artifacts, engines, hwinfo, runrecord
 from medq.benchmark import plan, reference, report
-from medq.errors import ConfigError, MedqError
+from medq.config import BenchmarkConfig, Config
 from medq.data.cache import image_cache
+from medq.data.index import DatasetIndex
+from medq.errors import ConfigError, MedqError
 from medq.progress import progress
+from medq.selection import objective
 
 log = logging.getLogger("medq")
 
@@ -61,7 +65,7 @@ def write_inputs(paths: list[str], spec: Any, target: Path, cache: Any = None) -
     return np.asarray(kept, dtype=int)
 
 
-def test_inputs(config: Any, manifest: dict[str, Any], index: Any, bench: Path) -> dict[str, Any]:
+def test_inputs(config: Config, manifest: dict[str, Any], index: DatasetIndex, bench: Path) -> dict[str, Any]:
     """The test split, preprocessed once with the run's recorded preprocessing: every engine loads this file."""
     from medq.preprocess import PreprocessSpec
 
@@ -85,7 +89,7 @@ def recorded_deploy(manifest: dict[str, Any]) -> dict[str, Any]:
     return (manifest.get("stages", {}).get("quantize") or {}).get("deploy") or {}
 
 
-def calibration_inputs(config: Any, manifest: dict[str, Any], index: Any, bench: Path) -> dict[str, Any]:
+def calibration_inputs(config: Config, manifest: dict[str, Any], index: DatasetIndex, bench: Path) -> dict[str, Any]:
     """The calibration images of the reference INT8 models: the images `medq quantize` calibrates INC with (same
     deploy.yaml sampling size and seed, same stratified choice from the train split), else — without a usable
     deploy.yaml — a seeded sample of ``benchmark.calibration_images`` train images."""
@@ -233,7 +237,7 @@ def run_instances(job: dict[str, Any], layout: plan.Layout, groups: list[list[in
 
 # --- the stage --------------------------------------------------------------------------------------------------
 
-def _check_settings(bc: Any) -> list[int]:
+def _check_settings(bc: BenchmarkConfig) -> list[int]:
     if bc.warmup < 0:
         raise ConfigError(f"benchmark.warmup: must be 0 or more, got {bc.warmup}")
     sizes = sorted(set(bc.batch_sizes) | {bc.batch_size})
@@ -266,7 +270,8 @@ def _row_entry(row: plan.Row, result: dict[str, Any], run_dir: Path, main_bs: in
     sweep = {int(s["batch_size"]): s for s in result["sweep"]}
     return {
         "id": row.id, "engine": row.engine, "precision": row.precision,
-        "model": os.path.relpath(row.model, run_dir), "model_bytes": reference.model_bytes(row.model),
+        "model": os.path.relpath(row.model, run_dir),
+        "model_bytes": reference.model_bytes(row.model, row.recipe),
         "options": row.options,
         "latency_ms": result["latency_ms"], "batch_size": main_bs, "throughput_ips": sweep[main_bs]["throughput_ips"],
         "throughput_mean_ips": sweep[main_bs].get("throughput_mean_ips"),
@@ -299,44 +304,79 @@ def _fidelity(task: str, labels: np.ndarray, base: np.ndarray, probs: np.ndarray
     return _clean(paired_comparison(task, labels, base, probs, margin))
 
 
-def _job(row: plan.Row, manifest: dict[str, Any], inputs: dict[str, Any], bc: Any, sizes: list[int],
-         threads: int, inter: int, bench: Path) -> dict[str, Any]:
-    return {"kind": "measure", "id": row.id, "engine": row.engine, "precision": row.precision, "model": str(row.model),
-            "input_name": manifest.get("input_name", "input"), "output_name": manifest.get("output_name", "output"),
-            **row.options, "intra_op_threads": threads, "inter_op_threads": inter, "inputs": str(inputs["path"]),
-            "warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
-            "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size, "batch_sizes": sizes,
-            "probs": str(bench / "probs" / f"{row.id}.npy")}
+@dataclass
+class Measuring:
+    """What every measuring worker of the stage shares: the run's facts, the test inputs, the settings, the thread
+    settings and CPU groups, where jobs and logs go and the workers' environment."""
+
+    manifest: dict[str, Any]
+    inputs: dict[str, Any]  # test_inputs(): path, sha256, labels, ...
+    settings: BenchmarkConfig
+    sizes: list[int]  # the throughput sweep's batch sizes
+    thread_env: dict[str, str]
+    inter_op_threads: int
+    groups: list[list[int]]  # logical CPUs by physical core, for pinned instances
+    bench: Path
+    verbose: bool = False
+    env: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.env = worker_env(self.thread_env)
+
+    @property
+    def threads(self) -> int:
+        return int(self.thread_env["TF_NUM_INTRAOP_THREADS"])
+
+    def job(self, row: plan.Row) -> dict[str, Any]:
+        bc = self.settings
+        return {"kind": "measure", "id": row.id, "engine": row.engine,
+                "engine_modules": [engines.get(row.engine).module], "precision": row.precision, "model": str(row.model),
+                "input_name": self.manifest.get("input_name", "input"),
+                "output_name": self.manifest.get("output_name", "output"), "options": row.options,
+                "intra_op_threads": self.threads, "inter_op_threads": self.inter_op_threads,
+                "inputs": str(self.inputs["path"]), "warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
+                "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,
+                "batch_sizes": self.sizes, "probs": str(self.probs(row))}
+
+    def probs(self, row: plan.Row) -> Path:
+        return self.bench / "probs" / f"{row.id}.npy"
 
 
-def _prepare_reference(rows: list[plan.Row], config: Any, manifest: dict[str, Any], index: Any, fp32_pb: Path,
-                       bench: Path, env: dict[str, str], notes: list[str]) -> dict[str, str]:
-    """Build (or reuse) the reference models; sets each row's model. Returns {row id: reason} for rows whose model
-    could not be built."""
-    wanted = {plan.REFERENCE_MODEL[r.id] for r in rows}
-    ref_dir = bench / "reference"
+def _build_models(rows: list[plan.Row], config: Config, index: DatasetIndex, run_models: dict[str, Path | None],
+                  measuring: Measuring, notes: list[str]) -> dict[str, str]:
+    """Build (or reuse) the models the rows run that engines make from the run's graphs (their recipes); sets each
+    such row's model. Returns {row id: reason} for rows whose model could not be built."""
+    wanted = {r.recipe for r in rows if r.recipe}
+    if not wanted:
+        return {}
+    chain = engines.recipe_chain(wanted)
+    ref_dir = measuring.bench / "reference"
     ref_dir.mkdir(parents=True, exist_ok=True)
-    models = {name: ref_dir / reference.FILES[name] for name in reference.FILES}
+    models = {name: ref_dir / engines.recipe(name).file for name in chain}
     calibration = None
-    if wanted & reference.NEEDS_CALIBRATION:
-        calibration = calibration_inputs(config, manifest, index, bench)
+    if any(engines.recipe(name).calibrated for name in chain):
+        calibration = calibration_inputs(config, measuring.manifest, index, measuring.bench)
         notes.append(f"reference INT8 calibration: {calibration['source']} (sha256 {calibration['sha256'][:12]})")
     cache_file = ref_dir / reference.CACHE
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    fp32_sha = artifacts.sha256(fp32_pb)
-    keys = {name: reference.cache_key(name, fp32_sha, calibration and calibration["sha256"], config.benchmark.onnx_opset)
-            for name in reference.needed(wanted)}
+    roots = {engines.root_artifact(name) for name in chain}
+    shas = {key: artifacts.sha256(run_models[key]) for key in sorted(roots)}
+    keys = {name: reference.cache_key(name, shas[engines.root_artifact(name)],
+                                      calibration and calibration["sha256"], config.benchmark.onnx_opset)
+            for name in chain}
     build = [name for name, key in keys.items() if not (models[name].is_file() and cache.get(name) == key)]
     failures: dict[str, str] = {}
     if build:
         log.info("benchmark: building reference models %s (not timed)", ", ".join(build))
         job = {"kind": "prepare", "id": "prepare-reference", "build": build,
-               "models": {k: str(v) for k, v in models.items()}, "fp32_pb": str(fp32_pb),
-               "opset": config.benchmark.onnx_opset, "input_name": manifest.get("input_name", "input"),
-               "output_name": manifest.get("output_name", "output"),
+               "engine_modules": sorted({engines.get(r.engine).module for r in rows}),
+               "models": {k: str(v) for k, v in models.items()},
+               "sources": {k: str(run_models[k]) for k in sorted(roots)}, "opset": config.benchmark.onnx_opset,
+               "input_name": measuring.manifest.get("input_name", "input"),
+               "output_name": measuring.manifest.get("output_name", "output"),
                "calibration": str(calibration["path"]) if calibration else None}
         try:
-            built = run_worker(job, bench, env, config.benchmark.worker_timeout)["built"]
+            built = run_worker(job, measuring.bench, measuring.env, config.benchmark.worker_timeout)["built"]
         except WorkerError as exc:
             built = {name: {"ok": False, "error": str(exc)} for name in build}
         for name, outcome in built.items():
@@ -348,48 +388,49 @@ def _prepare_reference(rows: list[plan.Row], config: Any, manifest: dict[str, An
         artifacts.write_json(cache_file, cache)
     skipped = {}
     for row in rows:
-        name = plan.REFERENCE_MODEL[row.id]
-        if name in failures or not models[name].is_file():
-            skipped[row.id] = f"could not build the {name} model: {failures.get(name, 'missing')}"
+        if row.recipe is None:
+            continue
+        if row.recipe in failures or not models[row.recipe].is_file():
+            skipped[row.id] = f"could not build the {row.recipe} model: {failures.get(row.recipe, 'missing')}"
         else:
-            row.model = models[name]
+            row.model = models[row.recipe]
     return skipped
 
 
-def _measure_rounds(todo: list[plan.Row], manifest: dict[str, Any], inputs: dict[str, Any], bc: Any,
-                    sizes: list[int], threads: int, inter: int, bench: Path, env: dict[str, str],
-                    skipped: dict[str, str], verbose: bool) -> dict[str, list[dict[str, Any]]]:
-    """``bc.repeats`` rounds; each round runs every row once, one process after another. A row whose worker fails
-    is dropped (recorded in ``skipped``)."""
+def _measure_rounds(todo: list[plan.Row], measuring: Measuring, skipped: dict[str, str]
+                    ) -> dict[str, list[dict[str, Any]]]:
+    """``benchmark.repeats`` rounds; each round runs every row once, one process after another. A row whose worker
+    fails is dropped (recorded in ``skipped``)."""
     measured: dict[str, list[dict[str, Any]]] = {row.id: [] for row in todo}
-    with progress(total=bc.repeats * len(todo), desc="benchmark rows", unit="row") as bar:
-        for round_ in range(bc.repeats):
+    repeats = measuring.settings.repeats
+    with progress(total=repeats * len(todo), desc="benchmark rows", unit="row") as bar:
+        for round_ in range(repeats):
             for i, row in enumerate(todo, 1):
                 if row.id not in skipped:
-                    _measure_row(i, round_, row, todo, (manifest, inputs, bc, sizes, threads, inter, bench, env),
-                                 skipped, measured, verbose)
+                    where = f"[{i}/{len(todo)}]" + (f" round {round_ + 1}/{repeats}" if repeats > 1 else "")
+                    result = _measure_row(row, round_, where, measuring)
+                    if isinstance(result, str):
+                        skipped[row.id] = result
+                    else:
+                        measured[row.id].append(result)
                 bar.update(1)
     return {k: v for k, v in measured.items() if k not in skipped}
 
 
-def _measure_row(i: int, round_: int, row: plan.Row, todo: list[plan.Row], job_args: tuple,
-                 skipped: dict[str, str], measured: dict[str, list[dict[str, Any]]], verbose: bool) -> None:
-    """One row's worker in one round: its result appended to ``measured``, or the row ``skipped`` if it failed."""
-    manifest, inputs, bc, sizes, threads, inter, bench, env = job_args
-    where = f"[{i}/{len(todo)}]" + (f" round {round_ + 1}/{bc.repeats}" if bc.repeats > 1 else "")
+def _measure_row(row: plan.Row, round_: int, where: str, measuring: Measuring) -> dict[str, Any] | str:
+    """One row's worker in one round: its result, or why it failed."""
     log.info("benchmark %s %s: measuring %s", where, row.id, row.model.name)
-    job = _job(row, manifest, inputs, bc, sizes, threads, inter, bench)
+    job = measuring.job(row)
     if round_:
         job["id"] = f"{row.id}~{round_ + 1}"
     try:
-        result = run_worker(job, bench, env, bc.worker_timeout)
+        result = run_worker(job, measuring.bench, measuring.env, measuring.settings.worker_timeout)
     except WorkerError as exc:
-        skipped[row.id] = f"failed: {exc}"
         log.error("benchmark: %s failed: %s", row.id, exc)
-        return
-    (log.info if verbose else log.debug)("benchmark: %s ran as pid %s: %s (log: %s)", row.id, result["pid"],
-                                         " ".join(result["command"]), result["log"])
-    measured[row.id].append(result)
+        return f"failed: {exc}"
+    (log.info if measuring.verbose else log.debug)("benchmark: %s ran as pid %s: %s (log: %s)", row.id, result["pid"],
+                                                   " ".join(result["command"]), result["log"])
+    return result
 
 
 def combine_rounds(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -422,7 +463,7 @@ def _progress(i: int, n: int, entry: dict[str, Any], primary: str) -> str:
             f"{entry['throughput_ips']:.1f} img/s at batch {entry['batch_size']}{metric_text} ({entry['seconds']:.0f} s)")
 
 
-def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
+def run_benchmark(config: Config, verbose: bool = False) -> dict[str, Any]:
     """Measure every precision path (and the reference engines) of the run, each in its own process; write
     benchmark.json, benchmark.md and benchmark.png into the run folder and return the benchmark.json content."""
 
@@ -432,21 +473,75 @@ def run_benchmark(config: Any, verbose: bool = False) -> dict[str, Any]:
         return _run_benchmark(config, run_dir, started, verbose)
 
 
-def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) -> dict[str, Any]:
-    from medq.selection import objective
+@dataclass
+class StagePlan:
+    """What the stage will measure and what it skips, decided before anything runs."""
 
+    rows: list[plan.Row]
+    skipped: dict[str, str]  # row id → reason (measuring failures are added later)
+    layouts: list[plan.Layout]
+    layout_skips: dict[str, str]
+    features: dict[str, Any]  # hwinfo.cpu_features()
+    cores: int
+    performance: dict[str, Any]  # the deploy.yaml's evaluation.performance
+    run_models: dict[str, Path | None]  # fp32_pb, int8_pb (None: absent or unusable)
+    notes: list[str]
+
+
+def _run_benchmark(config: Config, run_dir: Path, started: float, verbose: bool) -> dict[str, Any]:
     fp32_pb = runrecord.verified_path(run_dir, "fp32_pb", config)
     manifest = runrecord.read_manifest(run_dir)
     missing = [k for k in ("preprocess", "task", "classes") if k not in manifest]
     if missing:
         raise MedqError(f"{run_dir / runrecord.MANIFEST}: no {', '.join(missing)} recorded; run "
                         f"`{runrecord.command(config, 'train')}` first")
-    bc = config.benchmark
-    sizes = _check_settings(bc)
-    task, classes = manifest["task"], list(manifest["classes"])
-    primary = objective(config, manifest)
-    features = hwinfo.cpu_features()
+    sizes = _check_settings(config.benchmark)
     load_before = os.getloadavg()
+    stage = _plan(config, run_dir, manifest, fp32_pb)
+
+    bench = run_dir / BENCH_DIR
+    bench.mkdir(parents=True, exist_ok=True)
+    index = runrecord.run_index(config, stage="benchmark")
+    runrecord.check_classes(run_dir, manifest, index)
+    inputs = test_inputs(config, manifest, index, bench)
+    if inputs["recorded_test_size"] not in (None, len(index.paths("test"))):
+        stage.notes.append(f"the test split has {len(index.paths('test'))} images now, {inputs['recorded_test_size']} "
+                           "when the model was trained: check data.root and run.seed")
+    if inputs["dropped"]:
+        stage.notes.append(f"{inputs['dropped']} unreadable test images were dropped")
+    measuring = Measuring(manifest, inputs, config.benchmark, sizes, hwinfo.thread_environment(config.runtime),
+                          config.runtime.inter_op_threads, plan.core_groups(allowed=os.sched_getaffinity(0)), bench,
+                          verbose)
+    log.info("benchmark: %d test images (%s), %d rows, threads %s", inputs["n_images"],
+             inputs["sha256"][:12], len(stage.rows), measuring.thread_env["OMP_NUM_THREADS"])
+
+    own_rows = [r for r in stage.rows if not r.reference]
+    ref_rows = [r for r in stage.rows if r.reference]
+    if ref_rows:
+        stage.skipped.update(_build_models(ref_rows, config, index, stage.run_models, measuring, stage.notes))
+        ref_rows = [r for r in ref_rows if r.id not in stage.skipped]
+    todo = own_rows + ref_rows
+    measured = _measure_rounds(todo, measuring, stage.skipped)
+    results = _results(todo, measured, measuring, stage.layouts, objective(config, manifest), run_dir)
+
+    load_after = os.getloadavg()
+    busy = max(load_before[0], load_after[0])
+    if busy > stage.cores + 0.5:  # the workers themselves account for about `cores`
+        stage.notes.append(f"the machine was busy (1-minute load average up to {busy:.1f} on {stage.cores} cores): "
+                           "absolute times are inflated and noisy; compare the ratios")
+    out = _report(config, manifest, stage, measuring, results, (load_before, load_after), started)
+    written = report.write_reports(runrecord.staging_dir(run_dir), out)
+    runrecord.commit(run_dir, "benchmark", artifacts=written,
+                     inputs=("fp32_pb", "split") + (("int8_pb",) if stage.run_models["int8_pb"] is not None else ()),
+                     rows=[r["id"] for r in results], skipped=out["skipped"], seconds=out["seconds"],
+                     inputs_sha256=inputs["sha256"])
+    return out
+
+
+def _plan(config: Config, run_dir: Path, manifest: dict[str, Any], fp32_pb: Path) -> StagePlan:
+    """The rows and layouts to measure, with every skip logged; a stale or changed INT8 graph is a listed skip."""
+    bc = config.benchmark
+    features = hwinfo.cpu_features()
     int8_pb, int8_unusable = _int8_graph(run_dir, config)
     rows, skipped = plan.plan_rows(bc.precisions, bc.reference, features, fp32_pb, int8_pb)
     if int8_unusable:
@@ -459,95 +554,79 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
     notes: list[str] = []
     if not features.get("vnni") and any(r.precision.startswith("int8") for r in rows):
         notes.append("the CPU has no VNNI: INT8 runs without its dot-product instructions, expect little speed-up")
+    return StagePlan(rows, skipped, layouts, layout_skips, features, cores, performance,
+                     {"fp32_pb": fp32_pb, "int8_pb": int8_pb}, notes)
 
-    bench = run_dir / BENCH_DIR
-    bench.mkdir(parents=True, exist_ok=True)
-    index = runrecord.run_index(config, stage="benchmark")
-    runrecord.check_classes(run_dir, manifest, index)
-    inputs = test_inputs(config, manifest, index, bench)
-    if inputs["recorded_test_size"] not in (None, len(index.paths("test"))):
-        notes.append(f"the test split has {len(index.paths('test'))} images now, {inputs['recorded_test_size']} when "
-                     "the model was trained: check data.root and run.seed")
-    if inputs["dropped"]:
-        notes.append(f"{inputs['dropped']} unreadable test images were dropped")
-    thread_env = hwinfo.thread_environment(config.runtime)
-    threads = int(thread_env["TF_NUM_INTRAOP_THREADS"])
-    env = worker_env(thread_env)
-    groups = plan.core_groups(allowed=os.sched_getaffinity(0))
-    log.info("benchmark: %d test images (%s), %d rows, threads %s", inputs["n_images"],
-             inputs["sha256"][:12], len(rows), thread_env["OMP_NUM_THREADS"])
 
-    tf_rows = [r for r in rows if not r.reference]
-    ref_rows = [r for r in rows if r.reference]
-    if ref_rows:
-        skipped.update(_prepare_reference(ref_rows, config, manifest, index, fp32_pb, bench, env, notes))
-        ref_rows = [r for r in ref_rows if r.id not in skipped]
-    todo = tf_rows + ref_rows
-    measured = _measure_rounds(todo, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench,
-                               env, skipped, verbose)
+def _results(todo: list[plan.Row], measured: dict[str, list[dict[str, Any]]], measuring: Measuring,
+             layouts: list[plan.Layout], primary: str, run_dir: Path) -> list[dict[str, Any]]:
+    """benchmark.json's rows: each measured row's combined rounds, metrics, clinical numbers, fidelity against the
+    baseline (measured first) and its multi-instance layouts."""
+    task, classes, labels = measuring.manifest["task"], list(measuring.manifest["classes"]), measuring.inputs["labels"]
+    bc = measuring.settings
     results: list[dict[str, Any]] = []
     base_probs = None
     for i, row in enumerate(todo, 1):
         if not measured.get(row.id):
             continue
         entry = _row_entry(row, combine_rounds(measured[row.id]), run_dir, bc.batch_size)
-        probs = np.load(bench / "probs" / f"{row.id}.npy")
-        entry["metrics"] = _metrics(task, classes, inputs["labels"], probs)
-        entry["clinical"] = _clinical(task, classes, inputs["labels"], probs)
+        probs = np.load(measuring.probs(row))
+        entry["metrics"] = _metrics(task, classes, labels, probs)
+        entry["clinical"] = _clinical(task, classes, labels, probs)
         if row.id == plan.BASELINE:
             base_probs = probs
         if base_probs is not None:  # the baseline is measured first: every other row is paired with it
-            entry["fidelity"] = _fidelity(task, inputs["labels"], base_probs, probs, bc.equivalence_margin)
+            entry["fidelity"] = _fidelity(task, labels, base_probs, probs, bc.equivalence_margin)
         if not row.reference and row.precision in bc.instance_precisions:
-            job = _job(row, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench)
-            for layout in layouts:
-                log.info("benchmark [%d/%d] %s: %d instance(s) x %d core(s)", i, len(todo), row.id,
-                         layout.instances, layout.cores_per_instance)
-                try:
-                    entry["multi_instance"].append(
-                        run_instances(job, layout, groups, bench, thread_env, bc.worker_timeout))
-                except WorkerError as exc:
-                    entry["multi_instance"].append({"layout": layout.name, "error": str(exc)})
-                    log.error("benchmark: %s multi-instance %s failed: %s", row.id, layout.name, exc)
+            entry["multi_instance"] = [_multi_instance(row, layout, measuring, f"[{i}/{len(todo)}]")
+                                       for layout in layouts]
         results.append(entry)
         log.info("%s", _progress(i, len(todo), entry, primary))
+    return results
 
-    load_after = os.getloadavg()
-    busy = max(load_before[0], load_after[0])
-    if busy > cores + 0.5:  # the workers themselves account for about `cores`
-        notes.append(f"the machine was busy (1-minute load average up to {busy:.1f} on {cores} cores): "
-                     "absolute times are inflated and noisy; compare the ratios")
+
+def _multi_instance(row: plan.Row, layout: plan.Layout, measuring: Measuring, where: str) -> dict[str, Any]:
+    log.info("benchmark %s %s: %d instance(s) x %d core(s)", where, row.id, layout.instances,
+             layout.cores_per_instance)
+    try:
+        return run_instances(measuring.job(row), layout, measuring.groups, measuring.bench, measuring.thread_env,
+                             measuring.settings.worker_timeout)
+    except WorkerError as exc:
+        log.error("benchmark: %s multi-instance %s failed: %s", row.id, layout.name, exc)
+        return {"layout": layout.name, "error": str(exc)}
+
+
+def _report(config: Config, manifest: dict[str, Any], stage: StagePlan, measuring: Measuring,
+            results: list[dict[str, Any]], load: tuple[tuple[float, ...], tuple[float, ...]],
+            started: float) -> dict[str, Any]:
+    """benchmark.json's content, with the comparisons against the baseline, JSON-safe."""
+    bc, inputs, run_dir = config.benchmark, measuring.inputs, config.run_dir
     out = {
         "schema": 1, "run": config.run.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": task, "classes": classes, "objective": primary, "baseline": plan.BASELINE,
-        "data_source": manifest.get("data_source"),
+        "task": manifest["task"], "classes": list(manifest["classes"]), "objective": objective(config, manifest),
+        "baseline": plan.BASELINE, "data_source": manifest.get("data_source"),
         "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                      "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,
-                     "batch_sizes": sizes, "repeats": bc.repeats, "equivalence_margin": bc.equivalence_margin,
-                     "instances": [layout.name for layout in layouts],
-                     "deploy_performance": performance or None},
-        "environment": {"cpu": features, "thread_environment": thread_env,
-                        "runtime": dataclasses.asdict(config.runtime), "versions": artifacts.package_versions(),
+                     "batch_sizes": measuring.sizes, "repeats": bc.repeats, "equivalence_margin": bc.equivalence_margin,
+                     "instances": [layout.name for layout in stage.layouts],
+                     "deploy_performance": stage.performance or None},
+        "environment": {"cpu": stage.features, "thread_environment": measuring.thread_env,
+                        "runtime": dataclasses.asdict(config.runtime),
+                        "versions": artifacts.package_versions(engines.version_keys()),
                         "platform": platform.platform(), "python": sys.executable,
                         "parent_pid": os.getpid(), "parent_cpus": sorted(os.sched_getaffinity(0)),
-                        "load_average": {"before": list(load_before), "after": list(load_after)}},
+                        "load_average": {"before": list(load[0]), "after": list(load[1])}},
         "results": results,
-        "skipped": [{"id": k, "reason": v} for k, v in skipped.items()]
-        + [{"id": f"multi-instance {k}", "reason": v} for k, v in layout_skips.items()],
-        "notes": notes, "seconds": round(time.perf_counter() - started, 1),
+        "skipped": [{"id": k, "reason": v} for k, v in stage.skipped.items()]
+        + [{"id": f"multi-instance {k}", "reason": v} for k, v in stage.layout_skips.items()],
+        "notes": stage.notes, "seconds": round(time.perf_counter() - started, 1),
     }
     report.add_comparisons(out)
-    out = _clean(out)
-    written = report.write_reports(runrecord.staging_dir(run_dir), out)
-    runrecord.commit(run_dir, "benchmark", artifacts=written,
-                     inputs=("fp32_pb", "split") + (("int8_pb",) if int8_pb is not None else ()),
-                     rows=[r["id"] for r in results], skipped=out["skipped"], seconds=out["seconds"],
-                     inputs_sha256=inputs["sha256"])
-    return out
+    return _clean(out)
 
 
-def _int8_graph(run_dir: Path, config: Any) -> tuple[Path | None, str | None]:
+def _int8_graph(run_dir: Path, config: Config) -> tuple[Path | None, str | None]:
     """The run's INT8 graph if it may be measured, else (None, why not) — a stale or changed INT8 graph is a listed
     skip, never measured."""
     if runrecord.recorded_path(run_dir, "int8_pb") is None:

@@ -7,7 +7,7 @@ Job kinds:
   and the probabilities for every input image (written to ``job['probs']``; the parent computes the metrics);
 - ``instance``: one instance of a multi-instance run, pinned to its CPUs with ``os.sched_setaffinity``: load and warm
   up, signal ready, wait for the parent's go, then time ``throughput_iterations`` batches;
-- ``prepare``: build reference models (medq.benchmark.reference), nothing timed.
+- ``prepare``: build the engines' models from their recipes (medq.benchmark.reference), nothing timed.
 
 Every kind writes its result JSON to ``job['result']`` with its own pid and parent pid, the sha256 of the inputs it
 loaded, its CPU affinity and the thread settings in force.
@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from medq import artifacts
+from medq import artifacts, engines
 from medq.hwinfo import thread_settings_in_force
 
 GO_TIMEOUT = 900.0  # seconds an instance waits for the others to load
@@ -89,11 +89,11 @@ def npy_batches(path: str | Path, batch_size: int) -> Iterator[np.ndarray]:
 
 
 def _load(job: dict[str, Any]) -> tuple[np.ndarray, Callable, dict[str, Any]]:
-    from medq.benchmark.engines import load_engine
-
     x = np.load(job["inputs"], mmap_mode="r")
     start = time.perf_counter()
-    predict, facts = load_engine(job)
+    request = engines.LoadRequest(Path(job["model"]), job["input_name"], job["output_name"],
+                                  job["intra_op_threads"], job["inter_op_threads"], job["options"])
+    predict, facts = engines.open_engine(job["engine"], request)
     predict(np.ascontiguousarray(x[:1]))  # first run: graph optimisation / kernel compilation, not timed below
     facts["load_seconds"] = round(time.perf_counter() - start, 3)
     return x, predict, facts
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     job = json.loads(Path(argv[0]).read_text())
     if job.get("cpus"):
         os.sched_setaffinity(0, job["cpus"])  # before any runtime starts its thread pool
+    engines.import_modules(job.get("engine_modules", ()))  # specs registered outside medq.engines
     result: dict[str, Any] = {"id": job.get("id"), "kind": job["kind"], "pid": os.getpid(),
                               "parent_pid": os.getppid(), "cpus": sorted(os.sched_getaffinity(0)),
                               "threads": thread_settings_in_force(),

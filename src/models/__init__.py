@@ -12,26 +12,71 @@ Every model takes ``[N, S, S, C]`` float32 preprocessed images (C = 1 or 3) and 
 | densenet169 | keras.applications, weights=None | 12.6 M, 1.2 G |
 | resnet50 | keras.applications, weights=None | 23.6 M, 1.4 G |
 | vgg16 | keras.applications, weights=None | 14.7 M, 5.6 G |
+| efficientnetb0 | keras.applications, weights=None; scales its own input (normalization raw) | 4.1 M, 0.14 G |
+
+Each entry carries its input (:class:`ModelEntry`): the default image size, channels and normalisation a config
+that leaves them out gets (``medq.config`` applies them and records which settings came from the model), its
+smallest input side and channel counts, and whether it normalises inside itself (then only ``raw`` pixels are fed).
 
 ``model.weights`` names a local file (``.h5`` or ``.keras``): nothing is downloaded. Parameters and FLOPs of any
 model: :func:`medq.flops.model_facts`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from medq.errors import ConfigError, MedqError
 
 MODELS: dict[str, Callable[..., Any]] = {}
+ENTRIES: dict[str, "ModelEntry"] = {}
+PREPROCESS_KEYS = ("image_size", "channels", "normalization")
 
 
-def register(name: str):
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered architecture and the input it expects (as timm's ``default_cfg`` travels with its model): the
+    preprocessing a config that leaves it out gets, and the inputs it cannot take."""
+
+    name: str
+    image_size: int = 96  # default input side
+    channels: int = 1  # default channel count
+    normalization: str = "unit"  # default medq.preprocess normalisation
+    min_size: int = 1  # smallest input side it builds at
+    channel_choices: tuple[int, ...] = (1, 3)
+    # Its first layers scale and normalise raw pixels themselves (keras.applications EfficientNet): it takes
+    # normalization 'raw' (0-255) only, so the pixels are never normalised twice.
+    normalizes_inside: bool = False
+
+    def defaults(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in PREPROCESS_KEYS}
+
+    def check(self, channels: int, normalization: str) -> None:
+        """A ConfigError naming the setting when the model cannot take these inputs (the size is checked when the
+        model is built: the tuner may change it per trial)."""
+        if channels not in self.channel_choices:
+            raise ConfigError(f"preprocess.channels: {self.name} takes {' or '.join(map(str, self.channel_choices))} "
+                              f"channels, got {channels}")
+        if self.normalizes_inside and normalization != "raw":
+            raise ConfigError(f"preprocess.normalization: {self.name} rescales and normalises its input itself, so "
+                              f"{normalization!r} would normalise twice; set raw (0-255 pixels) or leave it unset")
+
+
+def register(name: str, **entry: Any):
+    """Register a builder under ``name``; ``entry``: its :class:`ModelEntry` fields (input defaults, limits)."""
     def wrap(fn):
         MODELS[name] = fn
+        ENTRIES[name] = ModelEntry(name, **entry)
         return fn
 
     return wrap
+
+
+def model_entry(name: str) -> ModelEntry | None:
+    from medq.models import zoo  # noqa: F401  (registers the architectures)
+
+    return ENTRIES.get(name)
 
 
 def build_model(name: str, input_shape: tuple[int, int, int], n_classes: int, task: str, *, dropout: float = 0.2,
@@ -41,6 +86,9 @@ def build_model(name: str, input_shape: tuple[int, int, int], n_classes: int, ta
 
     if name not in MODELS:
         raise ConfigError(f"model.name: unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    entry = ENTRIES[name]
+    if min(input_shape[:2]) < entry.min_size:
+        raise ConfigError(f"preprocess.image_size: {name} needs at least {entry.min_size} px, got {input_shape[0]}")
     try:
         model = MODELS[name](input_shape=tuple(input_shape), n_classes=n_classes, task=task, dropout=dropout,
                              weights=weights, **params)

@@ -135,15 +135,16 @@ def refkit_cnn(input_shape, n_classes, task, dropout=0.2, weights=None, *, block
 # --- keras.applications backbones -------------------------------------------------------------------------------
 
 APPLICATIONS = {"densenet121": "DenseNet121", "densenet169": "DenseNet169", "resnet50": "ResNet50",
-                "vgg16": "VGG16"}
+                "vgg16": "VGG16", "efficientnetb0": "EfficientNetB0"}
+# Their input, beyond the registry's defaults (the defaults keep the input every existing config had).
+APPLICATION_INPUTS = {"efficientnetb0": {"image_size": 224, "channels": 3, "normalization": "raw",
+                                         "normalizes_inside": True}}
 
 
 def _application(name: str, arch: str, input_shape, n_classes, task, dropout, weights):
     """keras.applications ``arch`` without its top (weights=None, so any channel count), plus the task's head."""
     import tensorflow as tf
 
-    if min(input_shape[:2]) < 32:
-        raise ConfigError(f"preprocess.image_size: {name} needs at least 32 px, got {input_shape[0]}")
     backbone = getattr(tf.keras.applications, APPLICATIONS[arch])(include_top=False, weights=None,
                                                                   input_shape=tuple(input_shape), pooling="avg")
     outputs = _classifier_head(backbone.output, n_classes, task, dropout)
@@ -152,13 +153,16 @@ def _application(name: str, arch: str, input_shape, n_classes, task, dropout, we
     return model
 
 
-@register("chexnet")
+@register("chexnet", min_size=32)
 def chexnet(input_shape, n_classes, task, dropout=0.0, weights=None):
     """CheXNet (Rajpurkar et al. 2017): DenseNet121 with an N-way head — sigmoid for ChestX-ray14's 14 labels.
 
-    Train it with ``train.loss: weighted-bce`` (CheXNet's per-label weighting) and ``preprocess.normalization:
-    imagenet``; ``model.weights`` may name a local ImageNet ``densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5``
-    (its first convolution is folded to one channel for grayscale input).
+    Train it with ``train.loss: weighted-bce`` (CheXNet's per-label weighting). Its registry entry keeps medq's
+    original input defaults (96 px, 1 channel, unit), which configs that name chexnet without a ``preprocess:``
+    section have always had; CheXNet's own input (224 px, ``normalization: imagenet``) is set in the config, as in
+    configs/chestxray14.yaml. ``model.weights`` may name a local ImageNet
+    ``densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5`` (its first convolution is folded to one channel for
+    grayscale input).
     """
     return _application("chexnet", "densenet121", input_shape, n_classes, task, dropout, weights)
 
@@ -169,7 +173,7 @@ def _register_application(name: str) -> None:
 
     build.__name__ = name
     build.__doc__ = f"keras.applications {APPLICATIONS[name]} (weights=None; ``weights`` may name a local file)."
-    register(name)(build)
+    register(name, min_size=32, **APPLICATION_INPUTS.get(name, {}))(build)
 
 
 for _name in APPLICATIONS:
