@@ -111,7 +111,7 @@ def test_a_commit_killed_before_its_journal_leaves_the_run_as_it_was(tmp_path, m
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # SIGKILL while the journal is being written: the atomic write never lands
 
-    monkeypatch.setattr(runrecord.files, "write_text", killed)
+    monkeypatch.setattr(runrecord.journal.files, "write_text", killed)
     with pytest.raises(KeyboardInterrupt):
         runrecord.commit(run, "train", artifacts={"keras_model": run / ".staging" / "model.keras"})
     monkeypatch.undo()
@@ -131,7 +131,7 @@ def test_a_commit_killed_after_its_journal_is_finished_by_the_next_command(tmp_p
         original(src, dst)
 
     staged = _write(run, "model.keras", b"model v2")
-    monkeypatch.setattr(runrecord.os, "replace", killed_before_the_manifest_lands)
+    monkeypatch.setattr(runrecord.journal.os, "replace", killed_before_the_manifest_lands)
     with pytest.raises(KeyboardInterrupt):  # model.keras renamed, manifest not yet written
         runrecord.commit(run, "train", artifacts={"keras_model": staged})
     monkeypatch.undo()
