@@ -1,6 +1,7 @@
 """The package's layering, read from the source: stages never import each other, only medq.inc imports INC, the run
 record imports nothing from the data layer and is in no import cycle."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,35 +69,44 @@ def _skip(path: Path) -> str | None:
 
 def package_graph() -> dict[str, set[str]]:
     """medq's top-level modules and packages (``data``, ``runrecord``, ``train`` ...) → those they import."""
-    graph: dict[str, set[str]] = {}
+    graph: dict[str, set[str]] = {p.relative_to(SRC).parts[0].removesuffix(".py"): set() for p in sources()}
     for path in sources():
         unit = path.relative_to(SRC).parts[0].removesuffix(".py")
         for name in imports(path, _skip(path)):
             parts = name.split(".")
-            if parts[0] == "medq" and len(parts) > 1 and parts[1] != unit and \
-                    ((SRC / parts[1]).is_dir() or (SRC / f"{parts[1]}.py").is_file()):
-                graph.setdefault(unit, set()).add(parts[1])
+            if parts[0] == "medq" and len(parts) > 1 and parts[1] != unit and parts[1] in graph:
+                graph[unit].add(parts[1])
     return graph
 
 
-def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
-    """The strongly connected components with more than one member: each is an import cycle."""
-    def reach(start: str) -> set[str]:
-        seen, todo = set(), [start]
-        while todo:
-            for nxt in graph.get(todo.pop(), ()):
-                if nxt not in seen:
-                    seen.add(nxt)
-                    todo.append(nxt)
-        return seen
+def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[set[str]] = []
 
-    reachable = {node: reach(node) for node in graph}
-    found: list[set[str]] = []
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while not component or member != node:
+                member = stack.pop()
+                component.add(member)
+            if len(component) > 1:
+                cycles.append(component)
+
     for node in graph:
-        component = {node} | {other for other in reachable[node] if node in reachable.get(other, ())}
-        if len(component) > 1 and component not in found:
-            found.append(component)
-    return found
+        if node not in index:
+            visit(node)
+    return cycles
 
 
 def test_the_run_record_imports_nothing_from_the_data_layer():
@@ -107,7 +117,8 @@ def test_the_run_record_imports_nothing_from_the_data_layer():
 
 
 def test_the_run_record_is_in_no_import_cycle():
-    assert [c for c in cycles(package_graph()) if "runrecord" in c] == []
+    """Package by package: medq.data.check → medq.runrecord → medq.data.* was a loop even with lazy imports."""
+    assert [c for c in import_cycles(package_graph()) if "runrecord" in c] == []
 
 
 def test_importing_the_run_record_loads_no_data_module():
@@ -118,9 +129,27 @@ def test_importing_the_run_record_loads_no_data_module():
 
 
 def test_the_cycle_check_sees_a_cycle_and_the_forward_import(tmp_path):
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
-    assert cycles({"a": {"b"}, "b": set()}) == []
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+    assert {"data", "runrecord"} <= next(iter(import_cycles({"data": {"runrecord"}, "runrecord": {"data"}})))
     probe = tmp_path / "probe.py"
     probe.write_text("def __getattr__(name):\n    from medq.data import pinned\n\n"
                      "def f():\n    import medq.data.readers\n")
     assert imports(probe, "__getattr__") == {"medq.data.readers"}
+
+
+# A key read into the manifest's JSON (`manifest["classes"]`, `.get("stages", {}).get("train")`): outside the run
+# record, code reads its typed fields instead. benchmark/ is being restructured on another branch; its reads are next.
+KEY_READ = re.compile(r"""manifest\s*(\[|\.get\()\s*["']|\.get\(\s*["']stages["']"""
+                      r"""|read_manifest\([^()]*\)\s*(\[|\.get\()""")
+NOT_CONVERTED_YET = ("benchmark",)
+
+
+def test_stages_read_the_run_record_through_its_types_not_its_keys():
+    reads = [f"{p.relative_to(SRC)}:{n}: {line.strip()}" for p in sources()
+             if p.relative_to(SRC).parts[0].removesuffix(".py") not in ("runrecord", *NOT_CONVERTED_YET)
+             for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if KEY_READ.search(line)]
+    assert reads == []
+    for old in ('manifest.get("stages", {}).get("train", {})', 'manifest["preprocess"]',
+                'runrecord.read_manifest(run_dir).get("preprocess")', 'x = read_manifest(d)["stages"]["run"]'):
+        assert KEY_READ.search(old), old

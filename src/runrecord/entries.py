@@ -91,8 +91,16 @@ class StageEntry(Entry):
     finished_at: str | None = None
 
 
+class _SplitSizes:
+    split_sizes: dict[str, int] | None
+
+    def split_size(self, split: str) -> int | None:
+        """How many images ``split`` had when the stage ran (None: not recorded)."""
+        return (self.split_sizes or {}).get(split)
+
+
 @dataclass
-class DataEntry(StageEntry):
+class DataEntry(StageEntry, _SplitSizes):
     STAGE: ClassVar[str] = "data"
     format: str | None = None
     task: str | None = None
@@ -105,7 +113,7 @@ class DataEntry(StageEntry):
 
 
 @dataclass
-class SplitEntry(StageEntry):
+class SplitEntry(StageEntry, _SplitSizes):
     STAGE: ClassVar[str] = "split"
     pinned_by: str | None = None
     resplit: bool | None = None
@@ -114,7 +122,7 @@ class SplitEntry(StageEntry):
 
 
 @dataclass
-class TrainEntry(StageEntry):
+class TrainEntry(StageEntry, _SplitSizes):
     STAGE: ClassVar[str] = "train"
     model: str | None = None
     parameters: int | None = None
