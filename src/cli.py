@@ -85,7 +85,9 @@ def cmd_data(args: argparse.Namespace) -> int:
                                    variant=args.variant or data.variant, seed=config.run.seed,
                                    val_fraction=data.val_fraction, test_fraction=data.test_fraction,
                                    val_split=data.val_split, max_megapixels=data.max_megapixels,
-                                   bit_depth=data.bit_depth)
+                                   bit_depth=data.bit_depth,
+                                   cross_split_copies=data.cross_split_copies,
+                                   label_conflicts=data.label_conflicts)
         else:
             report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
         print(json.dumps(report, indent=2, default=str) if args.json else format_check_report(report))

@@ -75,6 +75,13 @@ class DataConfig:
     # and warns about images that use at most 14 of them; 12 reads DICOM→PNG exports of 12-bit data as a viewer
     # told "12-bit" would (4095 is white). Recorded with the run's preprocessing (medq.data.decode).
     bit_depth: BitDepth = "auto"
+    # One image (the same file, or a byte-identical copy) in two of the splits the dataset fixes (Kaggle folders,
+    # NIH lists, a CSV split column) leaks into the test metrics: 'error' (default) names both files;
+    # 'drop-later' keeps it in the earliest of train/val/test and lists the dropped copy as a skip.
+    cross_split_copies: Literal["error", "drop-later"] = "error"
+    # One image with two labels (one file listed twice, or byte-identical copies): 'error' (default) names both
+    # listings; 'drop-both' leaves out every listing of it (neither label can be trusted), each a listed skip.
+    label_conflicts: Literal["error", "drop-both"] = "error"
     # Generate the phantom dataset when root does not exist: only at the config's built-in location (its data.root
     # without DATA_DIR), or anywhere with `--phantoms`; elsewhere a missing folder is an error (a typo must not train
     # on phantoms).

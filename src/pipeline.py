@@ -95,7 +95,7 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
     again, which makes the run's models stale)."""
     from medq.data import pinned
     from medq.data.check import note_pixel_range, verify_images
-    from medq.data.readers import read_dataset
+    from medq.data.readers import class_warnings, read_dataset
 
     ensure_phantoms(config, phantoms)
     with runrecord.writer_lock(config.run_dir, "data"):
@@ -116,12 +116,15 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
         overlap = index.patient_overlap()
         if any(overlap.values()):
             log.warning("patients shared between splits: %s", overlap)
+        warnings = class_warnings(index)
+        for warning in warnings:
+            log.warning("%s", warning)
         runrecord.commit(
             config.run_dir, "data", config=config, facts={"data_source": source},
             format=index.format, task=index.task, classes=index.classes,
             split_sizes={k: len(v) for k, v in index.splits.items()},
             class_counts={k: index.counts(k) for k in index.splits}, patient_overlap=overlap,
-            skipped=[{"path": p, "reason": r} for p, r in index.skipped], notes=index.notes,
+            skipped=[{"path": p, "reason": r} for p, r in index.skipped], notes=index.notes, warnings=warnings,
         )
     return index
 

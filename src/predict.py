@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence, TextIO
 import numpy as np
 
 from medq import artifacts, runrecord
-from medq.data.common import is_junk
+from medq.data.common import UNREAD_IMAGE_SUFFIXES, is_junk, walk
 from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom, low_range_advice
 from medq.errors import MedqError
 from medq.preprocess import PreprocessSpec, preprocess
@@ -139,7 +139,9 @@ class ImageInput:
 
 
 def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], int]:
-    """Files as given (whatever their name: content decides) and image files under folders (recursive, sorted).
+    """Files as given (whatever their name: content decides) and image files under folders (recursive, sorted;
+    symbolic links followed, each real folder once). Image formats medq does not decode (TIFF, BMP, ...) are inputs
+    too, so they are reported unreadable with the decoder's reason, as `medq data check` reports them.
 
     Returns (inputs, number of non-image files ignored in folders).
     """
@@ -150,14 +152,12 @@ def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], i
         if not path.is_dir():
             found.append(ImageInput(path))
             continue
-        for current, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not is_junk(Path(current) / d))
-            for name in sorted(files):
-                file = Path(current) / name
-                if name.startswith(".") or is_junk(file):
-                    continue
+        for kind, file in walk(path, skip=lambda p: p.name.startswith(".") or is_junk(p)):
+            if kind == "broken link":
+                found.append(ImageInput(file, path))  # reported: file not found
+            elif kind == "file":
                 suffix = file.suffix.lower()
-                if suffix in IMAGE_SUFFIXES or (not suffix and is_dicom(file)):
+                if suffix in IMAGE_SUFFIXES | UNREAD_IMAGE_SUFFIXES or (not suffix and is_dicom(file)):
                     found.append(ImageInput(file, path))
                 else:
                     ignored += 1

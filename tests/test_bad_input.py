@@ -64,10 +64,10 @@ def jpeg_claiming(path: Path, width: int, height: int) -> Path:
 
 
 def kaggle_tree(root: Path, per_class: int = 6) -> Path:
-    for split in ("train", "test"):
+    for s, split in enumerate(("train", "test")):  # every file another image (identical bytes would be copies)
         for k, cls in enumerate(("NORMAL", "PNEUMONIA")):
             for i in range(per_class):
-                good_jpeg(root / split / cls / f"{cls.lower()}-{i}.jpeg", seed=100 * k + i)
+                good_jpeg(root / split / cls / f"{cls.lower()}-{i}.jpeg", seed=1000 * s + 100 * k + i)
     return root
 
 
@@ -245,9 +245,10 @@ def test_a_lowercase_class_folder_beside_the_kaggle_one_is_merged_not_dropped(tm
 
 def test_busi_class_folders_differing_only_in_case_are_merged(tmp_path):
     base = tmp_path / "Dataset_BUSI_with_GT"
-    for folder, n in (("benign", 3), ("Benign", 2), ("malignant", 3)):
-        for i in range(n):
-            write(base / folder / f"{folder} ({i}).png", cv2.imencode(".png", np.full((16, 16), 9 * i, np.uint8))[1])
+    for f, (folder, n) in enumerate((("benign", 3), ("Benign", 2), ("malignant", 3))):
+        for i in range(n):  # every file another image (identical bytes would be copies)
+            write(base / folder / f"{folder} ({i}).png",
+                  cv2.imencode(".png", np.full((16, 16), 9 * i + 40 * f, np.uint8))[1])
     index = read(base, test_fraction=0.0)
     assert sum(len(v) for v in index.splits.values()) == 8
     assert any("differing only in case" in n and "Benign / benign" in n for n in index.notes)

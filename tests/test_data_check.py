@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import cv2
@@ -18,6 +19,8 @@ from medq.data.readers import read_dataset
 def png(path: Path, shape=(20, 30), dtype=np.uint8) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = (np.arange(np.prod(shape)).reshape(shape) % 200).astype(dtype)
+    # a few pixels drawn from the path: two files are two images (identical bytes would be copies)
+    pixels.flat[:8] = np.random.default_rng(zlib.crc32(str(path).encode())).integers(0, 200, 8)
     path.write_bytes(cv2.imencode(path.suffix, pixels)[1].tobytes())
     return path
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -27,9 +28,13 @@ def write(path: Path, data: bytes) -> Path:
 
 
 def image(path: Path, kind: str = "gray") -> Path:
-    """A small valid image of the given kind, encoded by the path's suffix."""
-    pixels = {"gray": GRAY, "rgb": cv2.cvtColor(GRAY, cv2.COLOR_GRAY2BGR),
-              "rgba": cv2.cvtColor(GRAY, cv2.COLOR_GRAY2BGRA), "16bit": GRAY.astype(np.uint16) * 257}[kind]
+    """A small valid image of the given kind, encoded by the path's suffix; its first row is drawn from the path, so
+    two files are two different images (as in a real dataset: identical bytes are copies, which medq refuses across
+    splits)."""
+    gray = GRAY.copy()
+    gray[0] = np.random.default_rng(zlib.crc32(str(path).encode())).integers(0, 256, 16)
+    pixels = {"gray": gray, "rgb": cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR),
+              "rgba": cv2.cvtColor(gray, cv2.COLOR_GRAY2BGRA), "16bit": gray.astype(np.uint16) * 257}[kind]
     ok, data = cv2.imencode(".png" if path.suffix == ".png" else ".jpg", pixels)
     assert ok
     return write(path, data.tobytes())
@@ -354,7 +359,7 @@ def test_csv_single_label_with_patients_and_splits(tmp_path):
     for i in range(12):
         image(root / "img" / f"{i}.png")
         rows.append(f"img/{i}.png,{['effusion', 'normal'][i % 2]},P{i // 2},{'test' if i >= 10 else 'train'}")
-    rows += ["img/missing.png,normal,P9,train", "img/0.png,normal,P0,train", "img/3.png,,P1,train",
+    rows += ["img/missing.png,normal,P9,train", "img/0.png,effusion,P0,train", "img/3.png,,P1,train",
              "img/4.png,normal,P2,holdout"]
     write(root / "labels.csv", ("\n".join(rows) + "\n").encode())
     index = read(root, val_fraction=0.25)
@@ -362,7 +367,8 @@ def test_csv_single_label_with_patients_and_splits(tmp_path):
     assert len(index.splits["test"]) == 2 and len(index.splits["train"]) + len(index.splits["val"]) == 10
     assert {s.patient for s in index.splits["test"]} == {"P5"}
     reasons = {Path(p).name: r for p, r in index.skipped}
-    assert "file not found" in reasons["missing.png"] and "listed twice" in reasons["0.png"]
+    assert "file not found" in reasons["missing.png"] and "0.png" not in reasons  # listed twice, one label: used once
+    assert any("1 file(s) listed twice with the same label" in note for note in index.notes)
     assert "empty label" in reasons["3.png"] and "holdout" in reasons["4.png"]
     assert_patient_wise(index)
 

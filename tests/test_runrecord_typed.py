@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from medq import runrecord
-from medq.runrecord import (BenchmarkEntry, DataEntry, Facts, QuantizeEntry, RunEntry, StageEntry, TrainEntry,
-                            TuneEntry)
+from medq.runrecord import (BenchmarkEntry, DataEntry, Facts, QuantizeEntry, RunEntry, SplitEntry, StageEntry,
+                            TrainEntry, TuneEntry)
 
 SHA = "ab" * 32
 METRICS = {"accuracy": 0.9, "auc": 0.95, "ci": {"auc": [0.9, 0.99], "accuracy": [0.85, 0.94]}, "n_images": 40}
@@ -42,9 +42,10 @@ MAIN_MANIFEST = {
         "data": {"format": "kaggle-pneumonia", "task": "binary", "classes": ["NORMAL", "PNEUMONIA"],
                  "split_sizes": {"train": 160, "val": 40, "test": 40}, "class_counts": {"train": [80, 80]},
                  "patient_overlap": {}, "skipped": [{"path": "/d/x.png", "reason": "unreadable"}], "notes": [],
-                 "finished_at": "2026-12-06T10:00:00+0000"},
+                 "warnings": ["test has no image of class A"], "finished_at": "2026-12-06T10:00:00+0000"},
         "split": {"pinned_by": "data", "resplit": False, "split_sizes": {"train": 160, "val": 40, "test": 40},
-                  "settings": {"root": "/d", "seed": 42}, "finished_at": "2026-12-06T10:00:00+0000"},
+                  "settings": {"root": "/d", "seed": 42}, "warnings": ["test has no image of class A"],
+                  "finished_at": "2026-12-06T10:00:00+0000"},
         "train": {"model": "refkit-cnn", "parameters": 12345, "flops": 6.5e6, "best_epoch": 2,
                   "val_metrics": METRICS, "seconds": 12.5, "epochs_run": 2, "resumed": False,
                   "low_res": {"image_size": 32, "epochs": 1, "best_epoch": 1},
@@ -90,6 +91,7 @@ def test_a_manifest_written_by_main_loads_typed_and_round_trips_byte_for_byte(tm
     assert record.stage(TrainEntry).split_sizes["test"] == 40 and record.stage(TrainEntry).low_res["image_size"] == 32
     assert record.stage(QuantizeEntry).deploy == {"path": "deploy.yaml"} and record.stage(QuantizeEntry).status == \
         "failed"
+    assert record.stage(DataEntry).warnings == ["test has no image of class A"] == record.stage(SplitEntry).warnings
     assert record.stage(RunEntry).stage_seconds == {"train": 12.5, "quantize": 20.0}
     assert record.stage(TuneEntry).tradeoff_trial is None and record.stage(BenchmarkEntry).rows == ["tensorflow-fp32"]
     assert record.facts.classes == ["NORMAL", "PNEUMONIA"] and record.facts.preprocess["bit_depth"] == "auto"

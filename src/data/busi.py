@@ -39,7 +39,8 @@ def _detect_busi(root: Path) -> bool:
 @register("busi", _detect_busi)
 def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-train", val_fraction: float = 0.2,
               test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
-              max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
+              max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", conflicts: str = "error",
+              report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     base = busi_root(root)
     if base is None:
@@ -48,7 +49,7 @@ def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-
     if variant not in (None, "binary", "3-class"):
         raise DataError(f"{root}: busi has no variant {variant!r}; use 'binary' (default) or '3-class'")
     classes = THREE_CLASSES if variant == "3-class" else BINARY_CLASSES
-    intake = Intake(strict, max_megapixels)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     notes = [f"classes: {', '.join(classes)}"]
     samples: list[Sample] = []
     masks = unmasked = 0
@@ -72,10 +73,10 @@ def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-
         unmasked += sum(1 for f in images if f.stem not in masked)
         for path in images:
             if intake.admit(path):
-                samples.append(Sample(str(path), one_hot(classes.index(name), len(classes)), f"{name}/{path.stem}"))
+                samples.append(intake.sample(path, one_hot(classes.index(name), len(classes)), f"{name}/{path.stem}"))
     notes.append(f"ignored {masks} segmentation masks (*_mask*.png)"
                  + (f"; {unmasked} images have no mask" if unmasked else ""))
     notes.append("patients: BUSI does not identify them, so each image is its own patient")
     splits = make_splits({"train": samples}, val_split=val_split, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed, notes=notes)
+                         test_fraction=test_fraction, seed=seed, notes=notes, intake=intake, classes=classes)
     return finish("busi", "multiclass" if len(classes) > 2 else "binary", list(classes), splits, intake, notes, base)

@@ -6,8 +6,10 @@
 - :func:`check_dataset` reads a folder as medq would and reports: the format (and whether it was detected), per
   split per class counts (per label for multi-label), image size / channel / bit-depth statistics from a sample of
   files per split, unreadable files with the reason, patients shared between splits, and 16-bit images that use
-  only the low bits of their range (12-bit values in a 16-bit PNG without sBIT: read as 16-bit they are near black).
-- :func:`note_pixel_range`: that last check on a sample of a run's images, for the notes of `medq data` and train.
+  only the low bits of their range (12-bit values in a 16-bit PNG without sBIT: read as 16-bit they are near black),
+  the problems that would stop a run (``errors``: one image in two splits or with two labels, a class without
+  training images) and the warnings (a class missing from val or test), each naming the files and table lines.
+- :func:`note_pixel_range`: the low-bits check on a sample of a run's images, for the notes of `medq data` and train.
 - :func:`format_check_report` renders that report as text.
 """
 from __future__ import annotations
@@ -115,16 +117,18 @@ def _tally(items: list[Any]) -> dict[str, int]:
 def check_dataset(root: Path, format: str = "auto", variant: str | None = None, seed: int = 42,
                   val_fraction: float = 0.2, test_fraction: float = 0.2, val_split: str = "from-train", *,
                   verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT,
-                  max_megapixels: float = MAX_MEGAPIXELS, bit_depth: int | str = "auto") -> dict:
+                  max_megapixels: float = MAX_MEGAPIXELS, bit_depth: int | str = "auto",
+                  cross_split_copies: str = "error", label_conflicts: str = "error") -> dict:
     """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds;
     ``bit_depth``: ``data.bit_depth``, how 16-bit images without sBIT are read."""
     from medq.config import DataConfig
-    from medq.data.readers import read_dataset
+    from medq.data.readers import class_warnings, read_dataset
 
     config = DataConfig(format=format, root=str(root), variant=variant, val_split=val_split,
                         val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False,
-                        max_megapixels=max_megapixels)
-    index = read_dataset(config, seed=seed)
+                        max_megapixels=max_megapixels, cross_split_copies=cross_split_copies,
+                        label_conflicts=label_conflicts)
+    index = read_dataset(config, seed=seed, report=True)
     total = sum(len(s) for s in index.splits.values())
     decode_everything = total <= verify_all_up_to
     rng = np.random.default_rng(seed)
@@ -159,8 +163,9 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
         "image_stats": image_stats, "verified": "all" if decode_everything else "sample",
         "sample_per_split": sample_per_split,
         "unreadable": unreadable, "patient_overlap": overlap, "pixel_range": pixel_range,
-        "ok": not unreadable and not any(overlap.values()) and all(splits[s]["images"] for s in ("train", "val"))
-        and not pixel_range["images"],
+        "errors": list(index.errors), "warnings": class_warnings(index),
+        "ok": not unreadable and not index.errors and not any(overlap.values())
+        and all(splits[s]["images"] for s in ("train", "val")) and not pixel_range["images"],
     }
 
 
@@ -249,6 +254,11 @@ def format_check_report(report: dict) -> str:
         lines += [f"  {path}" for path in low["files"][:20]]
         if len(low["files"]) > 20:
             lines.append(f"  ... and {len(low['files']) - 20} more (--json lists all)")
-    lines.append("verdict: " + ("OK" if report["ok"] else "usable with the problems listed above"
-                                if report["splits"]["train"]["images"] else "NOT usable"))
+    for kind in ("warnings", "errors"):
+        lines.append(f"{kind}: {len(report[kind])}" + ("  ← a run stops here" if kind == "errors" and report[kind]
+                                                         else ""))
+        lines += [f"  {text}" for text in report[kind]]
+    usable = report["splits"]["train"]["images"] and not report["errors"]
+    lines.append("verdict: " + ("OK" if report["ok"] else "usable with the problems listed above" if usable
+                                else "NOT usable"))
     return "\n".join(lines)

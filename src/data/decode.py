@@ -87,6 +87,11 @@ def _describe_content(head: bytes) -> str:
     return f"unknown content (starts with {head[:8].hex(' ')})"
 
 
+def not_an_image(suffix: str, head: bytes) -> str:
+    """The one reason for a file that is no PNG, JPEG or DICOM (TIFF, BMP, text...): check and decode say the same."""
+    return f"not a PNG, JPEG or DICOM file: named {suffix or '(no suffix)'}, content is {_describe_content(head)}"
+
+
 def _truncation(kind: str, tail: bytes) -> str | None:
     if kind == "png" and tail[-12:][4:8] != b"IEND":
         return "truncated PNG (no IEND chunk at the end of the file)"
@@ -154,8 +159,7 @@ def check_header(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> st
             suffix = os.path.splitext(name)[1]
             kind = sniff(head, suffix)
             if kind is None:
-                return f"not a PNG, JPEG or DICOM file: named {suffix or '(no suffix)'}, content is " \
-                       f"{_describe_content(head)}"
+                return not_an_image(suffix, head)
             if kind == "dicom":
                 return None if len(head) == 132 and fh.read(1) else "truncated DICOM (header only)"
             size = fh.seek(0, os.SEEK_END)
@@ -256,7 +260,7 @@ def _decode(path: Path, max_megapixels: float, bit_depth: int | str) -> tuple[np
 
         return read_dicom(path, max_megapixels)
     if kind is None:
-        raise UnreadableImage(f"{path}: not a PNG, JPEG or DICOM file (content is {_describe_content(head)})")
+        raise UnreadableImage(f"{path}: {not_an_image(path.suffix, head)}")
     problem = _truncation(kind, raw[-_TAIL:].tobytes()) or pixel_problem(
         image_size(kind, lambda offset, n: raw[offset:offset + n].tobytes()), max_megapixels)
     if problem:

@@ -101,7 +101,8 @@ def _detect_csv(root: Path) -> bool:
 @register("csv", _detect_csv)
 def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                    val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
-                   max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
+                   max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", conflicts: str = "error",
+                   report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     table = csv_table(root)
     if table is None:
@@ -127,7 +128,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         raise DataError(f"{table}: no label column; add one (class names) or several 0/1 columns (multi-label)")
     if variant is not None:
         raise DataError(f"{table}: the csv format has no variants; the label columns define the task")
-    intake = Intake(strict, max_megapixels)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     rows = [(line, row) for line, row in enumerate(table_rows, start=1)
             if line > 1 and any(c.strip() for c in row)]
     multilabel = len(label_cols) > 1
@@ -141,7 +142,6 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
             raise DataError(f"{table}: column {header[label_cols[0]]!r} holds {len(classes)} distinct label(s); "
                             "a classifier needs at least two")
     splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
-    seen: set[str] = set()
     blank_cells = 0
     width = max([i_path, *label_cols] + [i for i in (i_patient, i_split) if i is not None]) + 1
     for line, row in rows:
@@ -171,17 +171,13 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
             if not split:
                 intake.skip(path, f"{where}: split {row[i_split]!r} is not train, val or test", file_problem=False)
                 continue
-        if str(path) in seen:
-            intake.skip(path, f"{where}: the same file is listed twice", file_problem=False)
-            continue
-        seen.add(str(path))
         if not path.is_file():
             intake.skip(path, f"{where}: file not found")
             continue
         if not intake.admit(path):
             continue
         patient = row[i_patient].strip() if i_patient is not None else ""
-        splits[split].append(Sample(str(path), label, patient or f"file:{cell}"))
+        splits[split].append(intake.sample(path, label, patient or f"file:{cell}", f"{where} ({cell})"))
     notes = [f"table: {table.name}, " + (f"multi-label over columns {', '.join(classes)}" if multilabel
                                          else f"classes from column {header[label_cols[0]]!r}: {', '.join(classes)}"),
              "patients: " + (f"column {header[i_patient]!r}" if i_patient is not None
@@ -193,7 +189,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         notes.append(f"{blank_cells} blank label cell(s) read as 0 (finding absent); write 0 or 1 in every cell if "
                      "blank means something else")
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
-                         seed=seed, notes=notes)
+                         seed=seed, notes=notes, intake=intake, classes=classes)
     return finish("csv", _task(classes, multilabel), classes, splits, intake, notes, table)
 
 
@@ -242,7 +238,8 @@ def _detect_folder(root: Path) -> bool:
 @register("folder", _detect_folder)  # detected last: almost any tree matches
 def read_folder(root: Path, *, variant: str | None = None, val_split: str = "from-train", val_fraction: float = 0.2,
                 test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
-                max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
+                max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", conflicts: str = "error",
+                report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     if variant is not None:
         raise DataError(f"{root}: the folder layout has no variants; the class folders are the classes")
@@ -262,7 +259,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     if len(classes) < 2:
         raise DataError(f"{layout['train']}: found {len(classes)} class folder(s); a classifier needs at least two "
                         "(root/<class>/image files)")
-    intake = Intake(strict, max_megapixels)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     splits: dict[str, list[Sample]] = {}
     for split, folder in layout.items():
         splits[split] = []
@@ -270,7 +267,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
             label = one_hot(classes.index(canonical[class_dir.name.lower()]), len(classes))
             for path in intake.files(class_dir, recursive=True):
                 if intake.admit(path):
-                    splits[split].append(Sample(str(path), label, f"file:{path.relative_to(root)}"))
+                    splits[split].append(intake.sample(path, label, f"file:{path.relative_to(root)}"))
         for path in intake.files(folder):
             intake.skip(path, "not inside a class folder", file_problem=False)
     given = "none (class folders directly under the root)" if layout == {"train": root} else \
@@ -281,5 +278,5 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
              "patients: the folder layout does not identify them, so each image is its own patient "
              "(use format: csv with a patient column when several images share one)"]
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
-                         seed=seed, notes=notes)
+                         seed=seed, notes=notes, intake=intake, classes=classes)
     return finish("folder", _task(classes), classes, splits, intake, notes, layout["train"])

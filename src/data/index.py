@@ -11,6 +11,9 @@ class Sample:
     path: str
     label: tuple[float, ...]  # one-hot (binary, multiclass) or multi-hot (multilabel), in the order of `classes`
     patient: str
+    # where the reader found it, for messages: 'labels.csv line 3 (./imgs/../x.jpeg)' or the path as listed
+    # (``path`` is the real path: aliases and symlinked folders are one file)
+    source: str = field(default="", compare=False)
 
 
 @dataclass
@@ -21,6 +24,9 @@ class DatasetIndex:
     splits: dict[str, list[Sample]]  # 'train', 'val', 'test'
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     notes: list[str] = field(default_factory=list)  # what the reader decided (detection, split source, ...)
+    # problems that make the dataset unusable for a run; only `medq data check` gets an index with any (a run's
+    # read raises the first as a DataError)
+    errors: list[str] = field(default_factory=list)
 
     def paths(self, split: str) -> list[str]:
         return [s.path for s in self.splits[split]]
@@ -36,3 +42,8 @@ class DatasetIndex:
         patients = {name: {s.patient for s in samples} for name, samples in self.splits.items()}
         names = sorted(patients)
         return {f"{a}/{b}": len(patients[a] & patients[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+
+    def missing_classes(self) -> dict[str, list[str]]:
+        """Per non-empty split, the classes (multi-label: labels) it has no image of."""
+        return {name: [c for c, n in self.counts(name).items() if n == 0]
+                for name, samples in self.splits.items() if samples}

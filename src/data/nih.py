@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, subdirs
@@ -85,14 +86,16 @@ def label_vector(text: str, cache: dict[str, tuple[float, ...] | str]) -> tuple[
     return result
 
 
-def _read_list(path: Path) -> set[str]:
-    return {line.strip() for line in read_text(path).splitlines() if line.strip()}
+def _read_list(path: Path) -> dict[str, int]:
+    """Image name → its line in an official list file."""
+    return {text.strip(): line for line, text in enumerate(read_text(path).splitlines(), start=1) if text.strip()}
 
 
 @register("nih-chestxray14", _detect_nih)
 def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                          val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
-                         seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
+                         seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
+                         conflicts: str = "error", report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     table = entry_table(root)
     if table is None:
@@ -100,7 +103,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if variant not in VARIANTS:
         raise DataError(f"{root}: nih-chestxray14 has no variant {variant!r}; it is the 14-label task")
     files, duplicate_files = image_files(root)
-    intake = Intake(strict, max_megapixels)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     cache: dict[str, tuple[float, ...] | str] = {}
     samples: dict[str, Sample] = {}
     missing = 0
@@ -134,7 +137,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
             intake.skip(name, "listed in the table but no such file in images_*/images/")
             continue
         patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
-        samples[name] = Sample(path, label, patient)
+        samples[name] = intake.sample(path, label, patient, f"{table.name} line {line} ({name})")
     checked = {name: s for name, s in samples.items() if intake.admit(s.path)}  # header check: ~20 µs a file
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
     if missing:
@@ -150,13 +153,11 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if all(p.is_file() for p in lists):
         train_val, test = (_read_list(p) for p in lists)
         neither = 0
-        for name, sample in checked.items():
-            if name in test:
-                splits["test"].append(sample)
-            elif name in train_val:
-                splits["train"].append(sample)
-            else:
-                neither += 1
+        for name, sample in checked.items():  # a name in both lists goes to both: reconcile refuses the leak
+            for split, listed, file in (("train", train_val, TRAIN_VAL_LIST), ("test", test, TEST_LIST)):
+                if name in listed:
+                    splits[split].append(replace(sample, source=f"{file} line {listed[name]} ({name})"))
+            neither += name not in train_val and name not in test
         notes.append(f"split: the official {TRAIN_VAL_LIST} / {TEST_LIST}"
                      + (f"; {neither} images in neither list are unused" if neither else ""))
         if val_split == "official":
@@ -165,5 +166,5 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
         splits["train"] = list(checked.values())
         notes.append(f"split: patient-wise by Patient ID ({TRAIN_VAL_LIST} / {TEST_LIST} not found)")
     splits = make_splits(splits, val_split="from-train", val_fraction=val_fraction, test_fraction=test_fraction,
-                         seed=seed, notes=notes)
+                         seed=seed, notes=notes, intake=intake, classes=CHEXNET_CLASSES)
     return finish("nih-chestxray14", "multilabel", list(CHEXNET_CLASSES), splits, intake, notes, table)

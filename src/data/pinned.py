@@ -13,7 +13,7 @@ from typing import Any
 
 from medq import artifacts as files
 from medq import runrecord
-from medq.data.common import data_source
+from medq.data.common import class_warnings, data_source
 from medq.data.index import DatasetIndex, Sample
 from medq.data.readers import read_dataset
 from medq.runrecord import RunError
@@ -71,7 +71,8 @@ def _pin(config: Any, index: DatasetIndex, stage: str, replaced: bool) -> None:
     files.write_text(staged, json.dumps(files.finite(body), separators=(",", ":"), allow_nan=False))
     runrecord.commit(config.run_dir, "split", artifacts={"split": staged}, pinned_by=stage, resplit=replaced,
                      facts={"data_source": data_source(config.data.root, index.format)},
-                     split_sizes={k: len(v) for k, v in index.splits.items()}, settings=split_settings(config))
+                     split_sizes={k: len(v) for k, v in index.splits.items()}, settings=split_settings(config),
+                     warnings=class_warnings(index))
 
 
 def _apply_pin(config: Any, pinned: dict[str, Any], current: DatasetIndex, path: Path) -> DatasetIndex:
@@ -85,15 +86,19 @@ def _apply_pin(config: Any, pinned: dict[str, Any], current: DatasetIndex, path:
         raise RunError(f"{path}: the dataset's classes are now {current.task} {current.classes}, the run was split "
                        f"with {pinned['task']} {pinned['classes']} (a class folder renamed or added?); restore the "
                        f"dataset, or {fix}")
-    present = {s.path: s for members in current.splits.values() for s in members}
+    present = {s.path: s for members in current.splits.values() for s in members}  # real paths
     splits: dict[str, list[Any]] = {name: [] for name in current.splits}
     gone: list[tuple[str, str]] = []
+    used: set[str] = set()
     modified = relabelled = 0
-    for file, split, patient, label, size, mtime in pinned["samples"]:
+    for listed, split, patient, label, size, mtime in pinned["samples"]:
+        file = os.path.realpath(listed)  # a pin made before paths were resolved names aliases of one file
         sample = present.pop(file, None)
         if sample is None:
-            gone.append((file, "in the pinned split but no longer readable in the dataset"))
+            gone.append((listed, "the same file as an earlier entry of the pinned split (a path alias); used once"
+                         if file in used else "in the pinned split but no longer readable in the dataset"))
             continue
+        used.add(file)
         if sample.label != tuple(label):
             relabelled += 1
         try:

@@ -21,8 +21,8 @@ import re
 from pathlib import Path
 
 from medq.data.common import (  # noqa: F401 - the public names of medq.data.readers
-    DETECTORS, READERS, SPLITS, Intake, child_dir, child_dirs, finish, is_junk, make_splits, one_hot, patient_split,
-    register,
+    DETECTORS, READERS, SPLITS, Intake, child_dir, child_dirs, class_warnings, finish, is_junk, make_splits, one_hot,
+    patient_split, register,
 )
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
@@ -75,14 +75,15 @@ def _detect_kaggle(root: Path) -> bool:
 @register("kaggle-pneumonia", _detect_kaggle)
 def read_kaggle_pneumonia(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                           val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
-                          seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
+                          seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
+                          conflicts: str = "error", report: bool = False, **_: object) -> DatasetIndex:
     """Binary NORMAL/PNEUMONIA, or with variant '3-class' NORMAL/BACTERIA/VIRUS from the file names."""
     base = _kaggle_root(Path(root))
     if variant not in KAGGLE_VARIANTS:
         raise DataError(f"{root}: kaggle-pneumonia has no variant {variant!r}; use 'binary' or '3-class'")
     three_class = KAGGLE_VARIANTS[variant]
     classes = ["NORMAL", "BACTERIA", "VIRUS"] if three_class else ["NORMAL", "PNEUMONIA"]
-    intake = Intake(strict, max_megapixels)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     notes = [f"classes: {', '.join(classes)}" + (" (the cause is read from the file names)" if three_class else "")]
     if base.name == "chest_xray" and (base / "chest_xray").is_dir():
         notes.append(f"ignored the archive's nested duplicate {base / 'chest_xray'}")
@@ -113,11 +114,11 @@ def read_kaggle_pneumonia(root: Path, *, variant: str | None = None, val_split: 
                 else:
                     intake.skip(path, "pneumonia file name names no cause (bacteria/virus)", file_problem=False)
                     continue
-                splits[split].append(Sample(str(path), one_hot(label_index, len(classes)), patient))
+                splits[split].append(intake.sample(path, one_hot(label_index, len(classes)), patient))
     if not splits["test"]:
         raise DataError(f"{base}: the Kaggle layout has a test/ split; it is missing or empty")
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
-                         seed=seed, notes=notes)
+                         seed=seed, notes=notes, intake=intake, classes=classes)
     return finish("kaggle-pneumonia", "multiclass" if three_class else "binary", classes, splits, intake, notes,
                   base / "train")
 
@@ -150,8 +151,10 @@ def detect_format(root: Path) -> str:
     raise DataError(f"{root}: could not tell the dataset layout; set data.format to one of {', '.join(sorted(READERS))}")
 
 
-def read_dataset(data_config, seed: int = 42) -> DatasetIndex:
-    """Read ``data.root`` with the configured (or detected) reader; notes say what was detected and decided."""
+def read_dataset(data_config, seed: int = 42, *, report: bool = False) -> DatasetIndex:
+    """Read ``data.root`` with the configured (or detected) reader; notes say what was detected and decided.
+    ``report`` (`medq data check`): problems that would stop a run are listed in ``index.errors`` instead of raised.
+    """
     root = Path(data_config.root)
     if not root.exists():
         raise DataError(f"{root}: dataset folder not found; set data.root (or DATA_DIR) to your dataset, or run "
@@ -164,7 +167,9 @@ def read_dataset(data_config, seed: int = 42) -> DatasetIndex:
     try:
         index = READERS[name](root, variant=data_config.variant, val_split=data_config.val_split,
                               val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction,
-                              strict=data_config.strict, seed=seed, max_megapixels=data_config.max_megapixels)
+                              strict=data_config.strict, seed=seed, max_megapixels=data_config.max_megapixels,
+                              copies=data_config.cross_split_copies, conflicts=data_config.label_conflicts,
+                              report=report)
     except OSError as exc:  # a folder the readers scan cannot be listed (permissions, a vanished mount)
         raise DataError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc}); check that the dataset "
                         "folder is readable by this user") from None

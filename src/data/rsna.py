@@ -65,7 +65,8 @@ def _targets(labels: Path | None) -> dict[str, set[str]]:
 @register("rsna-pneumonia", _detect_rsna)
 def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                         val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
-                        seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, **_: object) -> DatasetIndex:
+                        seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
+                        conflicts: str = "error", report: bool = False, **_: object) -> DatasetIndex:
     root = Path(root)
     found = rsna_files(root)
     if found is None:
@@ -78,7 +79,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         raise DataError(f"{images}: missing; the RSNA layout keeps the DICOM files in stage_2_train_images/")
     binary = variant == "binary"
     classes = BINARY_CLASSES if binary else RSNA_CLASSES
-    intake = Intake(strict, max_megapixels)
+    intake = Intake(strict, max_megapixels, copies, conflicts, report)
     by_patient: dict[str, list[str]] = {}
     rows = 0
     for _, row in _rows(table, ("patientId", "class")):
@@ -113,7 +114,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         if not intake.admit(path):
             continue
         index = int(name == OPACITY) if binary else RSNA_CLASSES.index(name)
-        samples.append(Sample(path, one_hot(index, len(classes)), patient))
+        samples.append(intake.sample(path, one_hot(index, len(classes)), patient))
     notes = [f"labels: {table.name}: {rows} rows for {len(by_patient)} patients, duplicate rows collapsed"
              + ("; cross-checked with " + labels.name if labels else ""),
              f"classes: {', '.join(classes)}"]
@@ -121,5 +122,5 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
     if unused:
         notes.append(f"{unused} DICOM files have no row in {table.name} and are unused")
     splits = make_splits({"train": samples}, val_split=val_split, val_fraction=val_fraction,
-                         test_fraction=test_fraction, seed=seed, notes=notes)
+                         test_fraction=test_fraction, seed=seed, notes=notes, intake=intake, classes=classes)
     return finish("rsna-pneumonia", "binary" if binary else "multiclass", list(classes), splits, intake, notes, table)

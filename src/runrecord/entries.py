@@ -110,6 +110,7 @@ class DataEntry(StageEntry, _SplitSizes):
     patient_overlap: Any = None
     skipped: list[dict[str, str]] | None = None
     notes: list[str] | None = None
+    warnings: list[str] | None = None  # classes missing from a split, too few images (medq.data.common)
 
 
 @dataclass
@@ -119,6 +120,7 @@ class SplitEntry(StageEntry, _SplitSizes):
     resplit: bool | None = None
     split_sizes: dict[str, int] | None = None
     settings: dict[str, Any] | None = None
+    warnings: list[str] | None = None
 
 
 @dataclass
