@@ -42,7 +42,7 @@ def _parity_inputs(config: Any, input_shape: tuple[int, ...]) -> np.ndarray:
     from medq.data.readers import read_dataset
     from medq.preprocess import PreprocessSpec, load_batch
 
-    recorded = runrecord.read_manifest(config.run_dir).get("preprocess")  # tune may have changed the resolution
+    recorded = runrecord.read_manifest(config.run_dir).facts.preprocess  # tune may have changed the resolution
     spec = PreprocessSpec.from_dict(recorded) if recorded else PreprocessSpec.from_config(config)
     try:
         index = read_dataset(config.data, seed=config.run.seed)

@@ -93,6 +93,7 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
     """Stage 1: make sure the dataset is there (``phantoms``: generate it wherever data.root points), read it,
     report counts, skips and patient overlap, and pin the run's split (``resplit``: split the current dataset
     again, which makes the run's models stale)."""
+    from medq.data import pinned
     from medq.data.check import note_pixel_range, verify_images
     from medq.data.readers import class_warnings, read_dataset
 
@@ -102,7 +103,7 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
         if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
             index = verify_images(index, strict=config.data.strict, max_megapixels=config.data.max_megapixels,
                                   bit_depth=config.data.bit_depth)
-        index = runrecord.run_index(config, index, resplit=resplit, stage="data")
+        index = pinned.run_index(config, index, resplit=resplit, stage="data")
         source = data_source(config.data.root, index.format)
         log.info("data: %s at %s", source, config.data.root)
         for note in index.notes:
@@ -216,7 +217,7 @@ def _record_preset(name: str, config: Any, overrides: list[str] | tuple[str, ...
                    report: dict[str, Any]) -> dict[str, Any]:
     from medq.benchmark.report import write_reports
 
-    timings = runrecord.read_manifest(config.run_dir)["stages"]["run"]["stage_seconds"]
+    timings = runrecord.read_manifest(config.run_dir).stage(runrecord.RunEntry).stage_seconds
     report["preset"] = {"name": name, "config_file": config.source, "overrides": list(overrides),
                         "command": " ".join(["medq benchmark --preset", name, *(f"--set {o}" for o in overrides)]),
                         "stage_seconds": timings, "total_seconds": round(sum(timings.values()), 1)}

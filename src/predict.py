@@ -66,18 +66,18 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if not manifest_path.is_file():
         raise MedqError(f"{run_dir}: not a medq run (no {runrecord.MANIFEST}); pass --run output/<name> of a "
                         "trained run (`medq runs list` shows them)")
-    manifest = runrecord.read_manifest(run_dir)
-    missing = [key for key in ("classes", "task", "preprocess") if not manifest.get(key)]
+    facts = runrecord.read_manifest(run_dir).facts
+    missing = facts.missing("classes", "task", "preprocess")
     if missing:
         raise MedqError(f"{manifest_path}: no {', '.join(missing)} recorded; run `medq train` for this run first")
     try:
-        spec = PreprocessSpec.from_dict(manifest["preprocess"])
+        spec = PreprocessSpec.from_dict(facts.preprocess)
     except (KeyError, TypeError, ValueError):
         raise MedqError(f"{manifest_path}: 'preprocess' must hold image_size, channels and normalization; "
                         "re-run `medq train` for this run") from None
-    return RunInfo(run_dir, [str(c) for c in manifest["classes"]], str(manifest["task"]), spec,
-                   str(manifest.get("input_name", "input")), str(manifest.get("output_name", "output")),
-                   manifest.get("data_source"))
+    input_name, output_name = facts.tensor_names()
+    return RunInfo(run_dir, [str(c) for c in facts.classes], str(facts.task), spec, str(input_name),
+                   str(output_name), facts.data_source)
 
 
 def model_location(info: RunInfo, model: str = "fp32", model_file: str | Path | None = None) -> tuple[str, Path]:

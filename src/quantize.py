@@ -74,12 +74,12 @@ def _quantize(config: Any, deploy: Any, fp32_path: Path, verbose: bool, start: f
 
     run_dir = config.run_dir
     manifest = runrecord.read_manifest(run_dir)
-    missing = [k for k in ("task", "classes", "preprocess", "input_name", "output_name") if k not in manifest]
+    missing = manifest.facts.missing("task", "classes", "preprocess", "input_name", "output_name")
     if missing:
         raise MedqError(f"{run_dir / runrecord.MANIFEST}: lacks {', '.join(missing)}; re-run "
                         f"`{runrecord.command(config, 'train')}` and `medq freeze` for this run")
-    inputs = _tensor_names(deploy, "inputs", deploy.inputs, manifest["input_name"])
-    outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest["output_name"])
+    inputs = _tensor_names(deploy, "inputs", deploy.inputs, manifest.facts.input_name)
+    outputs = _tensor_names(deploy, "outputs", deploy.outputs, manifest.facts.output_name)
     log_path = run_dir / "logs" / "quantize.log"
     with output_to_log(log_path, verbose) as say:
         _announce(say, deploy, inputs, outputs, run_dir)
@@ -99,14 +99,15 @@ class QuantizeFailed(MedqError):
 class _QuantizeRun:
     """The stage's state: the data, the INC result, the numbers recorded in the manifest."""
 
-    def __init__(self, config: Any, manifest: dict[str, Any], deploy: Any, say: Callable[..., None]):
+    def __init__(self, config: Any, manifest: runrecord.Manifest, deploy: Any, say: Callable[..., None]):
         from medq.selection import objective
 
         self.config, self.deploy, self.say = config, deploy, say
         self.run_dir = config.run_dir
-        self.task, self.classes = manifest["task"], list(manifest["classes"])
-        self.input_name, self.output_name = manifest["input_name"], manifest["output_name"]
-        self.preprocess = manifest["preprocess"]
+        facts = manifest.facts
+        self.task, self.classes = facts.task, list(facts.classes)
+        self.input_name, self.output_name = facts.input_name, facts.output_name
+        self.preprocess = facts.preprocess
         self.metric = objective(config, manifest)  # the run's one objective (run.objective), as its model was chosen
 
     def metrics(self, graph_def, bf16_rewrite: bool = False) -> dict[str, Any]:
@@ -115,13 +116,14 @@ class _QuantizeRun:
 
     def load_data(self) -> adapters.CalibrationLoader:
         """Calibration images from the training split, validation images for the tuning metric; never test."""
+        from medq.data import pinned
         from medq.data.cache import image_cache
         from medq.preprocess import PreprocessSpec
         from medq.tfdata import iter_split_arrays
 
         data = self.config.data
-        index = runrecord.run_index(self.config, stage="quantize")  # the run's pinned split: never the test images
-        runrecord.check_classes(self.run_dir, {"classes": self.classes, "task": self.task}, index)
+        index = pinned.run_index(self.config, stage="quantize")  # the run's pinned split: never the test images
+        runrecord.check_classes(self.run_dir, runrecord.Facts(classes=self.classes, task=self.task), index)
         for split in (CALIBRATION_SPLIT, "val"):
             if not index.splits[split]:
                 raise DataError(f"{data.root}: the {split} split is empty; quantization needs training images to "

@@ -58,11 +58,11 @@ def _metrics(data: Any) -> dict[str, float]:
     return {k: _number(data[k]) for k in METRIC_KEYS if _number(data.get(k)) is not None}
 
 
-def quantize_metrics(entry: dict[str, Any]) -> dict[str, dict[str, float]]:
+def quantize_metrics(entry: runrecord.QuantizeEntry) -> dict[str, dict[str, float]]:
     """{precision path: {accuracy, auc}} on validation, as the quantize stage recorded them (``fp32_val``,
     ``int8_val`` and ``precision_val``)."""
-    measured = entry.get("precision_val") or {}
-    found = {p: {**_metrics(entry.get(f"{p}_val")), **_metrics(measured.get(p))} for p in PRECISION_PATHS}
+    measured = entry.precision_val or {}
+    found = {p: {**_metrics(entry.path_val(p)), **_metrics(measured.get(p))} for p in PRECISION_PATHS}
     return {p: metrics for p, metrics in found.items() if metrics}
 
 
@@ -91,46 +91,47 @@ def benchmark_rows(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
     return rows, None
 
 
-def summarize(run_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+def summarize(run_dir: Path, manifest: runrecord.Manifest) -> dict[str, Any]:
     """What `medq runs` shows about one run."""
-    config = manifest.get("config") or {}
-    stages = manifest.get("stages") or {}
-    pre = manifest.get("preprocess") or config.get("preprocess") or {}
-    train = stages.get("train") or {}
+    config = manifest.config or {}
+    facts = manifest.facts
+    pre = facts.preprocess or config.get("preprocess") or {}
+    train = manifest.stage(runrecord.TrainEntry)
+    quantize = manifest.stage(runrecord.QuantizeEntry)
     present = {}
-    record = runrecord.Manifest.from_dict(manifest, run_dir / runrecord.MANIFEST)
-    for key, entry in record.artifacts.items():
+    for key, entry in manifest.artifacts.items():
         present[key] = {"path": entry.path, "bytes": entry.bytes, "present": (run_dir / entry.path).exists(),
-                        "stale": record.stale_reason(key)}
+                        "stale": manifest.stale_reason(key)}
     bench, warning = benchmark_rows(run_dir)
     if warning:
         log.warning("%s", warning)
-    finished = [s.get("finished_at") for s in stages.values() if isinstance(s, dict) and s.get("finished_at")]
+    finished = [s.finished_at for s in manifest.stages.values() if s.finished_at]
+    selected = facts.selected_val_metrics or train.val_metrics
     return {
         "name": run_dir.name,
         "path": str(run_dir),
-        "stages": list(stages),
+        "stages": list(manifest.stages),
         "finished_at": max(finished) if finished else None,
-        "task": manifest.get("task"),
-        "classes": manifest.get("classes") or [],
-        "model": _get(config, "model.name") or train.get("model"),
+        "task": facts.task,
+        "classes": facts.classes or [],
+        "model": _get(config, "model.name") or train.model,
         "model_params": _get(config, "model.params") or {},
-        "model_source": manifest.get("model_source"),
-        "hyperparameters": manifest.get("selected_hyperparameters") or {},
-        "parameters": train.get("parameters"),
-        "data_format": manifest.get("dataset_format") or _get(config, "data.format"),
-        "data_source": manifest.get("data_source"),
+        "model_source": facts.model_source,
+        "hyperparameters": facts.selected_hyperparameters or {},
+        "parameters": train.parameters,
+        "data_format": facts.dataset_format or _get(config, "data.format"),
+        "data_source": facts.data_source,
         "data_root": _get(config, "data.root"),
-        "split_sizes": train.get("split_sizes") or _get(stages, "data.split_sizes") or {},
+        "split_sizes": train.split_sizes or manifest.stage(runrecord.DataEntry).split_sizes or {},
         "image_size": pre.get("image_size"),
         "channels": pre.get("channels"),
         "normalization": pre.get("normalization"),
-        "val_metrics": _metrics(manifest.get("selected_val_metrics") or train.get("val_metrics")),
-        "val_ci": (manifest.get("selected_val_metrics") or train.get("val_metrics") or {}).get("ci") or {},
-        "objective": manifest.get("objective") or _get(config, "run.objective"),
-        "best_epoch": train.get("best_epoch"),
-        "quantize": quantize_metrics(stages.get("quantize") or {}),
-        "quantize_status": (stages.get("quantize") or {}).get("status"),
+        "val_metrics": _metrics(selected),
+        "val_ci": (selected or {}).get("ci") or {},
+        "objective": facts.objective or _get(config, "run.objective"),
+        "best_epoch": train.best_epoch,
+        "quantize": quantize_metrics(quantize),
+        "quantize_status": quantize.status,
         "benchmark": bench,
         "artifacts": present,
     }
@@ -143,8 +144,7 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
         hint = f"; runs in {run_dir.parent}: {', '.join(known)}" if known else "; `medq runs list` shows the runs"
         raise MedqError(f"{run_dir}: not a medq run (no {runrecord.MANIFEST}){hint}")
     manifest = runrecord.read_manifest(run_dir)
-    return summarize(run_dir, manifest) | {"config": manifest.get("config") or {},
-                                           "lineage": runrecord.load(run_dir).lineage()}
+    return summarize(run_dir, manifest) | {"config": manifest.config or {}, "lineage": manifest.lineage()}
 
 
 def list_runs(output_dir: str | Path, warn: bool = True) -> list[dict[str, Any]]:

@@ -7,15 +7,18 @@ whose validation AUC is not above chance by its 95% interval never replaces anot
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from medq.runrecord import Manifest
 
 OBJECTIVES = ("auc", "accuracy")
 CHANCE_AUC = 0.5
 
 
-def objective(config: Any, manifest: dict[str, Any] | None = None) -> str:
+def objective(config: Any, manifest: Manifest | None = None) -> str:
     """The run's objective: the one its model was selected by (recorded in the manifest), else the config's."""
-    recorded = (manifest or {}).get("objective")
+    recorded = manifest.facts.objective if manifest is not None else None
     return recorded if recorded in OBJECTIVES else config.run.objective
 
 

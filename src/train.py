@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from medq import artifacts, runrecord
+from medq.data import pinned
 from medq.data.check import note_pixel_range, stage_skipped_files
 from medq.data.index import DatasetIndex
 from medq.data.cache import image_cache
@@ -51,8 +52,8 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
         # Multi-worker: every worker trains and saves in step with the chief (reading batch-norm statistics is a
         # collective operation), but into a temporary folder; only the chief writes the run.
         # Its calls must match the chief's one for one (same data, same saves), or the collectives mismatch.
-        index = runrecord.run_index(config, index, stage="train", write=False)
-        split = runrecord.split_sha(run_dir) if "split" in runrecord.load(run_dir).artifacts else None
+        index = pinned.run_index(config, index, stage="train", write=False)
+        split = runrecord.split_sha(run_dir)
         with tempfile.TemporaryDirectory(prefix="medq-worker-") as tmp:
             low_res = _train_low_res(config, index, verbose, False, split, Path(tmp))
             result = fit_model(config, index, checkpoint_dir=Path(tmp) / CHECKPOINT_DIR, verbose=verbose,
@@ -63,7 +64,7 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
         raise ConfigError("train.distribute: resuming a multi-worker training is not supported (the other workers' "
                           "checkpoints are temporary); rerun without --resume")
     with runrecord.writer_lock(run_dir, "train"):
-        index = runrecord.run_index(config, index, stage="train")
+        index = pinned.run_index(config, index, stage="train")
         note_pixel_range(index, config.data.bit_depth, config.run.seed)
         split = runrecord.split_sha(run_dir)
         low_res = _train_low_res(config, index, verbose, resume, split, run_dir)
@@ -197,12 +198,12 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
     with runrecord.writer_lock(run_dir, "evaluate"):
         keras_path = runrecord.verified_path(run_dir, "keras_model", config)
         manifest = runrecord.read_manifest(run_dir)
-        index = runrecord.run_index(config, index, stage="evaluate")
+        index = pinned.run_index(config, index, stage="evaluate")
         runrecord.check_classes(run_dir, manifest, index)
         if split not in index.splits or not index.splits[split]:
             raise DataError(f"{config.data.root}: the {split} split is empty")
-        spec = PreprocessSpec.from_dict(manifest["preprocess"]) if "preprocess" in manifest else \
-            PreprocessSpec.from_config(config)
+        recorded = manifest.facts.preprocess
+        spec = PreprocessSpec.from_dict(recorded) if recorded is not None else PreprocessSpec.from_config(config)
         result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec,
                                 ten_crop, task=index.task, classes=index.classes, threshold=threshold,
                                 cache=image_cache(config, spec))

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medq import artifacts, runrecord
+from medq.data import pinned
 from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, MedqError
 from medq.losses import resolve_loss_name
@@ -220,7 +221,7 @@ def _search_signature(config: Any) -> dict[str, Any]:
     return {"tuner": config.tune.tuner, "search_space": config.tune.search_space, "epochs": config.tune.epochs,
             "hyperband_factor": config.tune.hyperband_factor, "model": config.model.name,
             "model_params": config.model.params, "preprocess": dataclasses.asdict(config.preprocess),
-            "data": runrecord.split_settings(config), "split": runrecord.split_sha(config.run_dir),
+            "data": pinned.split_settings(config), "split": runrecord.split_sha(config.run_dir),
             "warm_start": config.tune.warm_start, "objective": config.run.objective}
 
 
@@ -666,9 +667,9 @@ def run_tune(config: Any, index: DatasetIndex | None = None, verbose: int = 0) -
     """
     role = distributed_role()
     if role == "worker":  # workers share the chief's run folder; only the chief (or a lone tuner) writes the run
-        return _run_tune(config, runrecord.run_index(config, index, write=False), verbose, role)
+        return _run_tune(config, pinned.run_index(config, index, write=False), verbose, role)
     with runrecord.writer_lock(config.run_dir, "tune"):
-        return _run_tune(config, runrecord.run_index(config, index, stage="tune"), verbose, role)
+        return _run_tune(config, pinned.run_index(config, index, stage="tune"), verbose, role)
 
 
 def _run_tune(config: Any, index: DatasetIndex, verbose: int, role: str) -> TuneResult:
@@ -705,7 +706,7 @@ def _run_tune(config: Any, index: DatasetIndex, verbose: int, role: str) -> Tune
         "tune_trials_md": artifacts.write_text(staging / REPORT_MD,
                                                trial_table_markdown(rows, best, tradeoff, objective)),
     }
-    current = runrecord.read_manifest(run_dir).get("selected_val_metrics") or {}
+    current = runrecord.read_manifest(run_dir).facts.selected_val_metrics or {}
     png = tradeoff_png(rows, best, tradeoff, objective, staging / REPORT_PNG,
                        reference=_number(current.get(objective)))
     if png is not None:
@@ -748,12 +749,12 @@ def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bo
         return False, "no trial completed; the run's model is unchanged", {}
     manifest = runrecord.read_manifest(run_dir)
     has_model = runrecord.usable(run_dir, "keras_model")
-    current = manifest.get("selected_val_metrics") if has_model else None
+    current = manifest.facts.selected_val_metrics if has_model else None
     source = run_dir / TUNER_PROJECT / f"trial_{best.trial_id}" / TRIAL_MODEL
     metric = config.run.objective
     trial = f"trial {best.trial_id}'s validation AUC {with_ci(best.val_auc, best.val_auc_ci, 4) or 'n/a'}"
-    if current is not None and manifest.get("model_source") == "tune" and \
-            manifest["artifacts"]["keras_model"]["sha256"] == artifacts.sha256(source):
+    if current is not None and manifest.facts.model_source == "tune" and \
+            manifest.artifacts["keras_model"].sha256 == artifacts.sha256(source):
         return False, f"trial {best.trial_id} is already the run's model", {}
     if current is not None and best.at_chance:
         return False, f"kept the run's model: the best {trial} is not above chance", {}

@@ -288,7 +288,7 @@ def _run_config(tmp_path, root, *overrides):
 
 def test_a_pin_written_with_unresolved_paths_still_matches_the_dataset(tmp_path):
     """Pins made before paths were resolved name files through the symlinked data root: they are the same files."""
-    from medq import runrecord
+    from medq.data.pinned import _apply_pin, split_settings
 
     real = tmp_path / "data"
     for cls in ("a", "b"):
@@ -298,11 +298,11 @@ def test_a_pin_written_with_unresolved_paths_still_matches_the_dataset(tmp_path)
     config = _run_config(tmp_path, tmp_path / "link", "data.format=folder")
     current = read(tmp_path / "link", "folder")
     assert all(p.startswith(str(real)) for split in current.splits for p in current.paths(split))
-    old_pin = {"settings": runrecord.split_settings(config), "format": current.format, "task": current.task,
+    old_pin = {"settings": split_settings(config), "format": current.format, "task": current.task,
                "classes": current.classes,
                "samples": [[s.path.replace(str(real), str(tmp_path / "link")), split, s.patient, list(s.label), 0, 0]
                            for split, samples in current.splits.items() for s in samples]}
-    pinned = runrecord._apply_pin(config, old_pin, current, tmp_path / "split.json")
+    pinned = _apply_pin(config, old_pin, current, tmp_path / "split.json")
     assert {k: sorted(pinned.paths(k)) for k in pinned.splits} == {k: sorted(current.paths(k)) for k in current.splits}
     assert not pinned.skipped and not any("added" in n or "gone" in n for n in pinned.notes)
 

@@ -211,7 +211,7 @@ def test_bad_run_or_missing_model_is_one_line(tiny, tmp_path, capsys, clean_thre
     image = tiny.test_files[0]
     partial = tmp_path / "partial"
     partial.mkdir()
-    manifest = runrecord.read_manifest(tiny.run_dir)
+    manifest = runrecord.read_manifest(tiny.run_dir).to_dict()
     manifest["artifacts"] = {k: v for k, v in manifest["artifacts"].items() if k != "int8_pb"}
     (partial / "manifest.json").write_text(json.dumps(manifest))
     graph_only = tmp_path / "graph_only"  # e.g. a converted run: a frozen graph, no Keras model

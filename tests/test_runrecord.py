@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from medq import artifacts, runrecord
+from medq.data import pinned
 from medq.config import load_config
 from medq.errors import MedqError
 
@@ -111,7 +112,7 @@ def test_a_commit_killed_before_its_journal_leaves_the_run_as_it_was(tmp_path, m
     def killed(*args, **kwargs):
         raise KeyboardInterrupt  # SIGKILL while the journal is being written: the atomic write never lands
 
-    monkeypatch.setattr(runrecord.files, "write_text", killed)
+    monkeypatch.setattr(runrecord.journal.files, "write_text", killed)
     with pytest.raises(KeyboardInterrupt):
         runrecord.commit(run, "train", artifacts={"keras_model": run / ".staging" / "model.keras"})
     monkeypatch.undo()
@@ -131,7 +132,7 @@ def test_a_commit_killed_after_its_journal_is_finished_by_the_next_command(tmp_p
         original(src, dst)
 
     staged = _write(run, "model.keras", b"model v2")
-    monkeypatch.setattr(runrecord.os, "replace", killed_before_the_manifest_lands)
+    monkeypatch.setattr(runrecord.journal.os, "replace", killed_before_the_manifest_lands)
     with pytest.raises(KeyboardInterrupt):  # model.keras renamed, manifest not yet written
         runrecord.commit(run, "train", artifacts={"keras_model": staged})
     monkeypatch.undo()
@@ -195,20 +196,20 @@ def test_the_split_is_pinned_and_files_added_later_never_reach_any_split(tmp_pat
     root = tmp_path / "data"
     _folder_dataset(root)
     config = _config(tmp_path, root)
-    first = runrecord.run_index(config, stage="train")
+    first = pinned.run_index(config, stage="train")
     assert (config.run_dir / "split.json").is_file()
     # a new download batch: with the same seed a fresh split would now move patients between splits
     _folder_dataset(root, per_class=30)
-    later = runrecord.run_index(config, stage="benchmark")
+    later = pinned.run_index(config, stage="benchmark")
     for split in ("train", "val", "test"):
         assert later.paths(split) == first.paths(split)
     assert any("added to the dataset since the split was pinned are not used" in n for n in later.notes)
     gone = first.paths("test")[0]
     os.remove(gone)
-    after = runrecord.run_index(config, stage="benchmark")
+    after = pinned.run_index(config, stage="benchmark")
     assert gone not in after.paths("test") and len(after.paths("test")) == len(first.paths("test")) - 1
     assert any(p == gone for p, _ in after.skipped)
-    again = runrecord.run_index(config, resplit=True)  # the explicit way: medq data --resplit
+    again = pinned.run_index(config, resplit=True)  # the explicit way: medq data --resplit
     assert len(again.paths("train")) + len(again.paths("val")) > len(first.paths("train")) + len(first.paths("val"))
 
 
@@ -216,11 +217,11 @@ def test_a_resplit_makes_the_models_stale(tmp_path):
     root = tmp_path / "data"
     _folder_dataset(root)
     config = _config(tmp_path, root)
-    runrecord.run_index(config, stage="train")
+    pinned.run_index(config, stage="train")
     run = config.run_dir
     runrecord.commit(run, "train", artifacts={"keras_model": _write(run, "model.keras", b"m")}, inputs=("split",))
     _folder_dataset(root, per_class=20)
-    runrecord.run_index(config, resplit=True)
+    pinned.run_index(config, resplit=True)
     with pytest.raises(MedqError, match="stale, it was made from an older split.json"):
         runrecord.verified_path(run, "keras_model")
 
@@ -228,13 +229,13 @@ def test_a_resplit_makes_the_models_stale(tmp_path):
 def test_changed_split_settings_or_classes_are_an_error_that_names_resplit(tmp_path):
     root = tmp_path / "data"
     _folder_dataset(root)
-    runrecord.run_index(_config(tmp_path, root), stage="train")
+    pinned.run_index(_config(tmp_path, root), stage="train")
     with pytest.raises(MedqError, match=r"val_fraction 0.2 → 0.3.*medq data --resplit"):
-        runrecord.run_index(_config(tmp_path, root, "data.val_fraction=0.3"), stage="quantize")
+        pinned.run_index(_config(tmp_path, root, "data.val_fraction=0.3"), stage="quantize")
     for split in ("train", "test"):
         os.rename(root / split / "PNEUMONIA", root / split / "VIRAL")
     with pytest.raises(MedqError, match=r"classes are now .*VIRAL.*split with .*PNEUMONIA"):
-        runrecord.run_index(_config(tmp_path, root), stage="benchmark")
+        pinned.run_index(_config(tmp_path, root), stage="benchmark")
 
 
 def test_check_classes_refuses_another_class_order(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from medq.cli import main
+from medq.runrecord import QuantizeEntry
 from medq.runs import benchmark_rows, list_runs, quantize_metrics
 
 CONFIG = {"model": {"name": "refkit-cnn", "params": {"blocks": 2}}, "data": {"format": "kaggle-pneumonia",
@@ -121,11 +122,12 @@ def test_empty_or_missing_output_dir(tmp_path, capsys):
 
 
 def test_quantize_metrics_come_from_the_stage_entry():
-    assert quantize_metrics(QUANTIZE) == {"fp32": {"accuracy": 0.91, "auc": 0.96}, "bf16": {"accuracy": 0.909},
-                                          "int8": {"accuracy": 0.905, "auc": 0.955}, "int8-bf16": {"accuracy": 0.9}}
-    assert quantize_metrics({"status": "failed", "fp32_val": {"auc": 0.7, "accuracy": float("nan")}}) == {
-        "fp32": {"auc": 0.7}}
-    assert quantize_metrics({}) == {}
+    assert quantize_metrics(QuantizeEntry.from_dict(QUANTIZE)) == {
+        "fp32": {"accuracy": 0.91, "auc": 0.96}, "bf16": {"accuracy": 0.909},
+        "int8": {"accuracy": 0.905, "auc": 0.955}, "int8-bf16": {"accuracy": 0.9}}
+    failed = QuantizeEntry.from_dict({"status": "failed", "fp32_val": {"auc": 0.7, "accuracy": float("nan")}})
+    assert quantize_metrics(failed) == {"fp32": {"auc": 0.7}}
+    assert quantize_metrics(QuantizeEntry()) == {}
 
 
 def test_benchmark_rows_read_the_schema_and_flag_a_corrupt_file(tmp_path):

@@ -37,7 +37,7 @@ class ExportResult:
     run_dir: Path
     onnx: Path  # convert: model.onnx (NCHW, as the source); export_onnx: model_fp32.onnx (NHWC, as model_fp32.pb)
     parity: dict[str, Any]  # the parity report, as written to the run folder
-    manifest: dict[str, Any]
+    manifest: runrecord.Manifest  # the run's record after the commit
 
 
 @dataclass
@@ -126,7 +126,7 @@ def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, 
         raise MedqError(f"{source}: an ONNX file carries its own architecture; drop --arch {arch}")
     if not is_onnx:
         torch_models.require_torch(source)
-    trained = sorted(set(runrecord.read_manifest(run_dir).get("stages", {})) & {"train", "tune", "freeze"})
+    trained = sorted(runrecord.read_manifest(run_dir).ran("train", "tune", "freeze"))
     if trained:
         raise MedqError(f"{run_dir}: holds a model medq trained ({', '.join(trained)} recorded); convert into a new "
                         "run folder")
@@ -274,13 +274,13 @@ def _export_onnx(run_dir: Path, source: str | Path | None, opset: int, tolerance
                  verbose: bool) -> ExportResult:
     from medq.graph import read_graph_def
 
-    manifest = runrecord.read_manifest(run_dir)
-    if "preprocess" not in manifest:
+    facts = runrecord.read_manifest(run_dir).facts
+    if facts.preprocess is None:
         raise MedqError(f"{run_dir / runrecord.MANIFEST}: no preprocessing recorded (not a medq run folder, or no "
                         "model yet); run `medq train` and `medq freeze`, or `medq convert`, for this run first")
     _check_settings(run_dir, opset, parity_images)
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
-    input_name, output_name = manifest.get("input_name", "input"), manifest.get("output_name", "output")
+    spec = PreprocessSpec.from_dict(facts.preprocess)
+    input_name, output_name = facts.tensor_names()
     made_from = "fp32_pb" if runrecord.recorded_path(run_dir, "fp32_pb") else "keras_model"
     path = Path(source) if source else runrecord.verified_path(run_dir, made_from, hint="medq freeze")
     x = parity.phantom_batch(spec, parity_images)
