@@ -21,6 +21,7 @@ import numpy as np
 from medq import artifacts, engines, hwinfo, runrecord
 from medq.benchmark import plan, reference, report
 from medq.config import BenchmarkConfig, Config
+from medq.data import pinned
 from medq.data.cache import image_cache
 from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, MedqError
@@ -65,11 +66,11 @@ def write_inputs(paths: list[str], spec: Any, target: Path, cache: Any = None) -
     return np.asarray(kept, dtype=int)
 
 
-def test_inputs(config: Config, manifest: dict[str, Any], index: DatasetIndex, bench: Path) -> dict[str, Any]:
+def test_inputs(config: Config, manifest: runrecord.Manifest, index: DatasetIndex, bench: Path) -> dict[str, Any]:
     """The test split, preprocessed once with the run's recorded preprocessing: every engine loads this file."""
     from medq.preprocess import PreprocessSpec
 
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    spec = PreprocessSpec.from_dict(manifest.facts.preprocess)
     paths = index.paths("test")
     if not paths:
         raise MedqError(f"{config.data.root}: the test split is empty; the benchmark measures the task metric on it")
@@ -78,24 +79,24 @@ def test_inputs(config: Config, manifest: dict[str, Any], index: DatasetIndex, b
     if not len(kept):
         raise MedqError(f"{config.data.root}: no test image could be decoded; run `medq data check {config.data.root}`")
     labels = index.labels("test")[kept]
-    recorded = manifest.get("stages", {}).get("train", {}).get("split_sizes", {}).get("test")
+    recorded = manifest.stage(runrecord.TrainEntry).split_size("test")
     return {"path": target, "sha256": artifacts.sha256(target), "n_images": int(len(kept)),
             "dropped": len(paths) - len(kept), "shape": [int(len(kept)), *spec.input_shape], "split": "test",
             "recorded_test_size": recorded, "labels": labels}
 
 
-def recorded_deploy(manifest: dict[str, Any]) -> dict[str, Any]:
+def recorded_deploy(manifest: runrecord.Manifest) -> dict[str, Any]:
     """The deploy.yaml settings the run's INT8 graph was made with, as `medq quantize` recorded them ({} if none)."""
-    return (manifest.get("stages", {}).get("quantize") or {}).get("deploy") or {}
+    return manifest.stage(runrecord.QuantizeEntry).deploy or {}
 
 
-def calibration_inputs(config: Config, manifest: dict[str, Any], index: DatasetIndex, bench: Path) -> dict[str, Any]:
+def calibration_inputs(config: Config, manifest: runrecord.Manifest, index: DatasetIndex, bench: Path) -> dict[str, Any]:
     """The calibration images of the reference INT8 models: the images `medq quantize` calibrates INC with (same
     deploy.yaml sampling size and seed, same stratified choice from the train split), else — without a usable
     deploy.yaml — a seeded sample of ``benchmark.calibration_images`` train images."""
     from medq.preprocess import PreprocessSpec
 
-    spec = PreprocessSpec.from_dict(manifest["preprocess"])
+    spec = PreprocessSpec.from_dict(manifest.facts.preprocess)
     target = bench / CALIBRATION
     try:
         from medq.calibration import load_calibration
@@ -309,7 +310,7 @@ class Measuring:
     """What every measuring worker of the stage shares: the run's facts, the test inputs, the settings, the thread
     settings and CPU groups, where jobs and logs go and the workers' environment."""
 
-    manifest: dict[str, Any]
+    manifest: runrecord.Manifest
     inputs: dict[str, Any]  # test_inputs(): path, sha256, labels, ...
     settings: BenchmarkConfig
     sizes: list[int]  # the throughput sweep's batch sizes
@@ -331,8 +332,8 @@ class Measuring:
         bc = self.settings
         return {"kind": "measure", "id": row.id, "engine": row.engine,
                 "engine_modules": [engines.get(row.engine).module], "precision": row.precision, "model": str(row.model),
-                "input_name": self.manifest.get("input_name", "input"),
-                "output_name": self.manifest.get("output_name", "output"), "options": row.options,
+                "input_name": self.manifest.facts.tensor_names()[0],
+                "output_name": self.manifest.facts.tensor_names()[1], "options": row.options,
                 "intra_op_threads": self.threads, "inter_op_threads": self.inter_op_threads,
                 "inputs": str(self.inputs["path"]), "warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                 "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,
@@ -372,8 +373,8 @@ def _build_models(rows: list[plan.Row], config: Config, index: DatasetIndex, run
                "engine_modules": sorted({engines.get(r.engine).module for r in rows}),
                "models": {k: str(v) for k, v in models.items()},
                "sources": {k: str(run_models[k]) for k in sorted(roots)}, "opset": config.benchmark.onnx_opset,
-               "input_name": measuring.manifest.get("input_name", "input"),
-               "output_name": measuring.manifest.get("output_name", "output"),
+               "input_name": measuring.manifest.facts.tensor_names()[0],
+               "output_name": measuring.manifest.facts.tensor_names()[1],
                "calibration": str(calibration["path"]) if calibration else None}
         try:
             built = run_worker(job, measuring.bench, measuring.env, config.benchmark.worker_timeout)["built"]
@@ -491,7 +492,7 @@ class StagePlan:
 def _run_benchmark(config: Config, run_dir: Path, started: float, verbose: bool) -> dict[str, Any]:
     fp32_pb = runrecord.verified_path(run_dir, "fp32_pb", config)
     manifest = runrecord.read_manifest(run_dir)
-    missing = [k for k in ("preprocess", "task", "classes") if k not in manifest]
+    missing = manifest.facts.missing("preprocess", "task", "classes")
     if missing:
         raise MedqError(f"{run_dir / runrecord.MANIFEST}: no {', '.join(missing)} recorded; run "
                         f"`{runrecord.command(config, 'train')}` first")
@@ -501,7 +502,7 @@ def _run_benchmark(config: Config, run_dir: Path, started: float, verbose: bool)
 
     bench = run_dir / BENCH_DIR
     bench.mkdir(parents=True, exist_ok=True)
-    index = runrecord.run_index(config, stage="benchmark")
+    index = pinned.run_index(config, stage="benchmark")
     runrecord.check_classes(run_dir, manifest, index)
     inputs = test_inputs(config, manifest, index, bench)
     if inputs["recorded_test_size"] not in (None, len(index.paths("test"))):
@@ -538,7 +539,7 @@ def _run_benchmark(config: Config, run_dir: Path, started: float, verbose: bool)
     return out
 
 
-def _plan(config: Config, run_dir: Path, manifest: dict[str, Any], fp32_pb: Path) -> StagePlan:
+def _plan(config: Config, run_dir: Path, manifest: runrecord.Manifest, fp32_pb: Path) -> StagePlan:
     """The rows and layouts to measure, with every skip logged; a stale or changed INT8 graph is a listed skip."""
     bc = config.benchmark
     features = hwinfo.cpu_features()
@@ -562,7 +563,7 @@ def _results(todo: list[plan.Row], measured: dict[str, list[dict[str, Any]]], me
              layouts: list[plan.Layout], primary: str, run_dir: Path) -> list[dict[str, Any]]:
     """benchmark.json's rows: each measured row's combined rounds, metrics, clinical numbers, fidelity against the
     baseline (measured first) and its multi-instance layouts."""
-    task, classes, labels = measuring.manifest["task"], list(measuring.manifest["classes"]), measuring.inputs["labels"]
+    task, classes, labels = measuring.manifest.facts.task, list(measuring.manifest.facts.classes), measuring.inputs["labels"]
     bc = measuring.settings
     results: list[dict[str, Any]] = []
     base_probs = None
@@ -596,15 +597,15 @@ def _multi_instance(row: plan.Row, layout: plan.Layout, measuring: Measuring, wh
         return {"layout": layout.name, "error": str(exc)}
 
 
-def _report(config: Config, manifest: dict[str, Any], stage: StagePlan, measuring: Measuring,
+def _report(config: Config, manifest: runrecord.Manifest, stage: StagePlan, measuring: Measuring,
             results: list[dict[str, Any]], load: tuple[tuple[float, ...], tuple[float, ...]],
             started: float) -> dict[str, Any]:
     """benchmark.json's content, with the comparisons against the baseline, JSON-safe."""
     bc, inputs, run_dir = config.benchmark, measuring.inputs, config.run_dir
     out = {
         "schema": 1, "run": config.run.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "task": manifest["task"], "classes": list(manifest["classes"]), "objective": objective(config, manifest),
-        "baseline": plan.BASELINE, "data_source": manifest.get("data_source"),
+        "task": manifest.facts.task, "classes": list(manifest.facts.classes), "objective": objective(config, manifest),
+        "baseline": plan.BASELINE, "data_source": manifest.facts.data_source,
         "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                      "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,

@@ -274,7 +274,8 @@ def _export_onnx(run_dir: Path, source: str | Path | None, opset: int, tolerance
                  verbose: bool) -> ExportResult:
     from medq.graph import read_graph_def
 
-    facts = runrecord.read_manifest(run_dir).facts
+    manifest = runrecord.read_manifest(run_dir)
+    facts = manifest.facts
     if facts.preprocess is None:
         raise MedqError(f"{run_dir / runrecord.MANIFEST}: no preprocessing recorded (not a medq run folder, or no "
                         "model yet); run `medq train` and `medq freeze`, or `medq convert`, for this run first")
@@ -285,7 +286,7 @@ def _export_onnx(run_dir: Path, source: str | Path | None, opset: int, tolerance
     path = Path(source) if source else runrecord.verified_path(run_dir, made_from, hint="medq freeze")
     x = parity.phantom_batch(spec, parity_images)
     # a converted model that runs only at its fixed batch (recorded by convert's parity check) is checked at it
-    batch = (manifest.get("stages", {}).get("convert", {}).get("parity") or {}).get("batch") or len(x)
+    batch = (manifest.stage(runrecord.ConvertEntry).parity or {}).get("batch") or len(x)
     if path.suffix == ".pb":
         graph_def = read_graph_def(path)
         reference = parity.run_frozen(graph_def, x, input_name, output_name, batch_size=batch)
