@@ -216,6 +216,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medq.hwinfo import thread_environment
+    from medq.runs import resolve_run
+
+    config = _read_config(args)  # no log file: the run folders may be read-only mounts
+    settings = config.serve
+    for key in ("runs", "model", "host", "port", "token_file", "tls_cert", "tls_key"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    for key, value in thread_environment(config.runtime).items():
+        os.environ.setdefault(key, value)  # before TensorFlow starts; the user's own settings win
+    from medq.serve import run_serve
+
+    return run_serve(config, [resolve_run(run, config) for run in settings.runs])
+
+
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from medq.artifacts import write_json
     from medq.loadtest import format_report, run_loadtest
@@ -313,6 +329,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                     "parity-checked in onnxruntime"),
     "predict": (cmd_predict, "class probabilities (JSON lines) for image files or folders from a run's model, "
                              "optional ten-crop averaging and Grad-CAM heatmaps"),
+    "serve": (cmd_serve, "serve runs' models over HTTP: Open Inference Protocol v2 (KServe/Triton clients) and "
+                         "PNG/JPEG/DICOM in, dynamic batching, Prometheus /metrics"),
     "loadtest": (cmd_loadtest, "closed-loop load on a medq server on this machine: a concurrency sweep's throughput, "
                  "latency percentiles, answers by status and wrong answers, perf_analyzer style"),
     "runs": (cmd_runs, "list the runs under run.output_dir (`medq runs list`) or show one (`medq runs show NAME`)"),
@@ -370,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
             _convert_arguments(p, name)
         if name == "predict":
             _predict_arguments(p)
+        if name == "serve":
+            _serve_arguments(p)
         if name == "loadtest":
             _loadtest_arguments(p)
         if name == "runs":
@@ -433,6 +453,21 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multi-label: a finding is reported when its probability reaches this (default 0.5)")
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", dest="runs", action="append", metavar="DIR_OR_NAME",
+                   help="a run to serve (repeatable; a run name under run.output_dir or a run folder); the model is "
+                        "named by the run (default: serve.runs)")
+    p.add_argument("--model", choices=["int8", "fp32", "bf16", "keras"],
+                   help="which of each run's models: model_int8.pb (default), model_fp32.pb, model_fp32.pb under the "
+                        "BF16 rewrite, or model.keras")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8080)")
+    p.add_argument("--token-file", help="require `Authorization: Bearer <token>` with the token in this file on "
+                   "every request but /v2/health/*")
+    p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
 
 
 def _loadtest_arguments(p: argparse.ArgumentParser) -> None:
