@@ -227,6 +227,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             setattr(settings, key, getattr(args, key))
     for key, value in thread_environment(config.runtime).items():
         os.environ.setdefault(key, value)  # before TensorFlow starts; the user's own settings win
+    if args.ray:  # the same app as a Ray Serve deployment (medq.serve.ray_serve)
+        from medq.serve.ray_serve import run_ray_serve
+
+        return run_ray_serve(config, [resolve_run(run, config) for run in settings.runs], address=args.ray,
+                             replicas=args.replicas)
     from medq.serve import run_serve
 
     return run_serve(config, [resolve_run(run, config) for run in settings.runs])
@@ -468,6 +473,9 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
                    "every request but /v2/health/*")
     p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--ray", metavar="ADDRESS", help="run as a Ray Serve deployment on the Ray cluster at ADDRESS "
+                   "(host:6379 of `ray start --head`; the serve-ray extra)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the server (default 1)")
 
 
 def _loadtest_arguments(p: argparse.ArgumentParser) -> None:

@@ -4,68 +4,37 @@ answers under load are the answers alone, and an overload level gives only 200s 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import requests
+import served_run
 
 pytest.importorskip("fastapi")
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from medq.loadtest import run_loadtest  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """A 32-px refkit-cnn trained one epoch on phantom radiographs and frozen (model_fp32.pb)."""
-    from medq.config import load_config
-    from medq.data.phantoms import generate_chest_pneumonia
-    from medq.freeze import run_freeze
-    from medq.train import run_train
-
-    root = tmp_path_factory.mktemp("loadtest")
-    generate_chest_pneumonia(root / "data", n_train=40, n_val=4, n_test=16, size=48, seed=1)
-    config = load_config(None, [f"run.output_dir={root / 'output'}", f"data.root={root / 'data'}", "run.name=tiny",
-                                "data.generate=false", "preprocess.image_size=32", "train.epochs=1",
-                                "model.params={blocks: 2, filters: 4, dense_units: 8}"])
-    run_train(config)
-    run_freeze(config)
-    return Path(config.run_dir)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return served_run.tiny_run(tmp_path_factory.mktemp("loadtest"))
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run):
     """`medq serve` in its own process: small batches and a small queue, so that load reaches its limits."""
-    port = _free_port()
+    port = served_run.free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "KMP_", "TF_"))}
+    log = tiny_run.parent / "serve.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "medq", "serve", "--run", str(tiny_run), "--model", "fp32", "--port", str(port),
          "--set", "serve.max_batch_size=4", "--set", "serve.max_queue_size=8", "--set", "runtime.intra_op_threads=1"],
-        cwd=tiny_run.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        cwd=tiny_run.parent, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180  # stops a hung start; asserts nothing about speed
-    while True:
-        assert process.poll() is None, f"medq serve exited: {process.stdout.read()}"
-        try:
-            if requests.get(f"{url}/v2/health/ready", timeout=5).status_code == 200:
-                break
-        except requests.ConnectionError:
-            pass
-        assert time.monotonic() < deadline, "medq serve did not become ready"
-        time.sleep(0.2)
+    served_run.wait_ready(url, process, log)
     yield url, process.pid
     process.terminate()
     process.wait(60)
