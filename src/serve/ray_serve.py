@@ -37,12 +37,19 @@ def _import_ray():
     return ray, serve
 
 
-def deployment(config: Any, run_dirs: Sequence[str | Path], replicas: int = 1) -> Any:
-    """The bound Ray Serve application: REPLICAS replicas of the medq app over RUN_DIRS."""
+def deployment(config: Any, run_dirs: Sequence[str | Path], replicas: int | None = None) -> Any:
+    """The bound Ray Serve application: REPLICAS replicas of the medq app over RUN_DIRS (None: Ray's default or the
+    serve config file's num_replicas / autoscaling_config). Each run is read here first, so that a wrong folder is
+    one line now rather than a replica failing on every node."""
+    from medq.inference import read_run
+
     _, serve = _import_ray()
     settings = config.serve
+    for run_dir in run_dirs:
+        read_run(run_dir)
+    options = {} if replicas is None else {"num_replicas": replicas}
 
-    @serve.deployment(name=DEPLOYMENT, num_replicas=replicas,
+    @serve.deployment(name=DEPLOYMENT, **options,
                       # the app's own batcher makes the batches: give it as many requests as its queue holds, and
                       # let Ray's router refuse (503) what no replica can take
                       max_ongoing_requests=settings.max_queue_size, max_queued_requests=settings.max_queue_size,
@@ -74,7 +81,8 @@ def deployment(config: Any, run_dirs: Sequence[str | Path], replicas: int = 1) -
 
 def app_builder(args: dict[str, Any]) -> Any:
     """`serve run` entry point: args `config` (a medq config file), `set` (overrides, as --set takes them) and
-    `runs` (run names or folders; default serve.runs). Deployment options come from the serve config file."""
+    `runs` (run names or folders; default serve.runs). Replicas, autoscaling and the replicas' CPUs come from the
+    serve config file's `deployments` section (configs/ray/serve.yaml)."""
     from medq.config import load_config
     from medq.runs import resolve_run
     from medq.serve.server import check_settings
@@ -83,8 +91,7 @@ def app_builder(args: dict[str, Any]) -> Any:
     if args.get("runs"):
         config.serve.runs = list(args["runs"])
     check_settings(config.serve)
-    return deployment(config, [resolve_run(r, config) for r in config.serve.runs],
-                      replicas=int(args.get("replicas", 1)))
+    return deployment(config, [resolve_run(r, config) for r in config.serve.runs])
 
 
 def run_ray_serve(config: Any, run_dirs: Sequence[str | Path], *, address: str, replicas: int) -> int:
