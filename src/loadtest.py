@@ -361,6 +361,12 @@ class Outcome:
     status: str
     seconds: float
     same: bool | None  # a good 200: whether its probabilities are those given alone
+    started: float = 0.0  # perf_counter when it was sent
+    first: bool = False  # its client's first request (opens the connection): counted, but not timed
+
+    @property
+    def ended(self) -> float:
+        return self.started + self.seconds
 
 
 def run_level(target: Target, concurrency: int, schedule: Schedule, alone: list[np.ndarray], tolerance: float,
@@ -371,7 +377,7 @@ def run_level(target: Target, concurrency: int, schedule: Schedule, alone: list[
 
     def worker() -> None:
         conn = Connection(target, timeout)
-        mine = []
+        mine: list[Outcome] = []
         try:
             while (payload := schedule.take()) is not None:
                 start = time.perf_counter()
@@ -388,7 +394,7 @@ def run_level(target: Target, concurrency: int, schedule: Schedule, alone: list[
                     want = alone[payload.index]
                     same = got is not None and got.shape == want.shape and bool(
                         np.allclose(got, want, rtol=0.0, atol=tolerance))
-                mine.append(Outcome(payload, code, elapsed, same))
+                mine.append(Outcome(payload, code, elapsed, same, start, first=not mine))
         finally:
             conn.close()
             with lock:
@@ -405,13 +411,22 @@ def run_level(target: Target, concurrency: int, schedule: Schedule, alone: list[
 
 def summarize(level: Level, outcomes: list[Outcome], seconds: float, overload: bool) -> Level:
     """Fill LEVEL's counts, rates and percentiles from the outcomes, and list what the server got wrong."""
-    level.requests, level.seconds = len(outcomes), seconds
+    level.requests, level.seconds = len(outcomes), seconds  # the level's whole wall time
     level.statuses = dict(sorted(Counter(o.status for o in outcomes).items()))
     level.bad = sum(o.payload.bad for o in outcomes)
     level.good = level.requests - level.bad
-    answered = [o for o in outcomes if o.status != CONNECTION_ERROR]
+    # Rates and percentiles over the steady part, as perf_analyzer measures after its warm-up: from the moment every
+    # client has its first answer (connection set-up, thread start) to the last answer; the whole level when the
+    # level is too short to have one.
+    warm = max((o.ended for o in outcomes if o.first), default=0.0)
+    steady = [o for o in outcomes if o.started >= warm]
+    if steady:
+        seconds = max(o.ended for o in steady) - warm
+    else:
+        steady = outcomes
+    answered = [o for o in steady if o.status != CONNECTION_ERROR]
     level.throughput = len(answered) / seconds if seconds > 0 else 0.0
-    ok = [o.seconds * 1000 for o in outcomes if o.status == "200"]
+    ok = [o.seconds * 1000 for o in steady if o.status == "200"]
     if ok:
         level.p50_ms, level.p95_ms, level.p99_ms = (float(v) for v in np.percentile(ok, [50, 95, 99]))
     level.wrong = sum(o.same is False for o in outcomes)

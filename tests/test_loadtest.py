@@ -15,8 +15,8 @@ from PIL import Image
 
 from medq.cli import main
 from medq.errors import MedqError
-from medq.loadtest import (CONNECTION_ERROR, Payload, Schedule, format_report, loopback_target, run_loadtest,
-                           synthetic_jpeg)
+from medq.loadtest import (CONNECTION_ERROR, Level, Outcome, Payload, Schedule, format_report, loopback_target,
+                           run_loadtest, summarize, synthetic_jpeg)
 
 SIZE = 4
 
@@ -191,6 +191,21 @@ def test_every_bad_kind_reaches_the_server_and_a_bad_answered_200_is_reported(st
     stub.misbehave = accept_garbage
     report = load(stub, concurrency=[1], requests=40, bad_fraction=0.1, input_kind="image")
     assert any("bad requests not answered 400: {'garbage-bytes→200': 1}" in p for p in report.problems)
+
+
+def test_rates_and_percentiles_leave_out_each_clients_first_request():
+    """Two clients: their first requests (connection set-up) end at 1.0 s and 2.0 s; the steady part is the four
+    requests sent from 2.0 s on, answered by 4.0 s: 4 / 2 s = 2 req/s; the 200s among them took 0.5, 0.5, 1.0 s."""
+    good = Payload("tensor", "/g", b"", "")
+    outcomes = [Outcome(good, "200", 1.0, True, 0.0, first=True), Outcome(good, "200", 2.0, True, 0.0, first=True),
+                Outcome(good, "200", 0.5, True, 1.0),  # sent before the other client's first answer: not steady
+                Outcome(good, "200", 0.5, True, 2.0), Outcome(good, "200", 0.5, True, 2.5),
+                Outcome(good, "200", 1.0, True, 3.0), Outcome(good, "503", 2.0, None, 2.0)]
+    level = summarize(Level(2), outcomes, seconds=4.0, overload=False)
+    assert level.requests == 7 and level.statuses == {"200": 6, "503": 1}  # every request is counted
+    assert level.throughput == pytest.approx(4 / 2.0)
+    assert level.p50_ms == pytest.approx(float(np.percentile([500, 500, 1000], 50)))
+    assert level.seconds == 4.0
 
 
 def test_schedule_mixes_exactly_the_fraction_of_bad_requests():
