@@ -244,7 +244,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     report = run_loadtest(args.url, args.model, input_kind=args.input, images=[Path(p) for p in args.images],
                           image_size=args.image_size, concurrency=args.concurrency, requests=args.requests,
                           seconds=args.seconds, bad_fraction=args.bad_fraction, overload=args.overload,
-                          tolerance=args.tolerance, timeout=args.timeout, server_pid=args.server_pid)
+                          tolerance=args.tolerance, timeout=args.timeout, server_pid=args.server_pid,
+                          token_file=args.token_file)
     print(format_report(report))
     if args.output:
         write_json(args.output, report.as_json())
@@ -505,6 +506,7 @@ def _loadtest_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest difference from the probabilities given alone that counts as the same (default 1e-4)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as unanswered")
     p.add_argument("--server-pid", type=int, help="read the server's RSS from /proc/PID (default: its /metrics)")
+    p.add_argument("--token-file", help="the server's bearer token file (serve.token_file), sent with every request")
     p.add_argument("--output", "-o", metavar="FILE.json", help="also write the table and the failures as JSON")
 
 

@@ -50,6 +50,7 @@ class Target:
     host: str
     port: int
     model: str
+    token: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer …` (serve.token_file)
 
     @property
     def infer_path(self) -> str:
@@ -60,7 +61,7 @@ class Target:
         return f"/v1/models/{self.model}/predict"
 
 
-def loopback_target(url: str, model: str) -> Target:
+def loopback_target(url: str, model: str, token_file: str | Path | None = None) -> Target:
     """The server at URL, which must be plain HTTP on a loopback address."""
     parts = urlsplit(url if "//" in url else f"http://{url}")
     if parts.scheme != "http":
@@ -77,7 +78,20 @@ def loopback_target(url: str, model: str) -> Target:
                         "server on this machine (http://127.0.0.1:PORT)")
     if not model or "/" in model:
         raise MedqError(f"--model {model!r}: give the model's name as the server lists it (GET /v2/models/NAME)")
-    return Target(host, parts.port or 80, model)
+    return Target(host, parts.port or 80, model, _read_token(token_file))
+
+
+def _read_token(path: str | Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MedqError(f"{path}: cannot read the token file ({first_line(exc)}); give the file `medq serve` "
+                        "reads (serve.token_file)") from None
+    if not token:
+        raise MedqError(f"{path}: the token file is empty; give the file `medq serve` reads (serve.token_file)")
+    return token
 
 
 @dataclass(frozen=True)
@@ -204,6 +218,8 @@ class Connection:
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.target.host, self.target.port, timeout=self.timeout)
         headers = {"Content-Type": content_type} if content_type else {}
+        if self.target.token:
+            headers["Authorization"] = f"Bearer {self.target.token}"
         headers.update(extra)
         try:
             self.conn.request(method, path, body=body, headers=headers)
@@ -505,8 +521,9 @@ def answers_alone(target: Target, goods: list[Payload], timeout: float) -> list[
 def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Sequence[Path] = (),
                  image_size: int = 1024, concurrency: Sequence[int] = CONCURRENCY, requests: int = 200,
                  seconds: float = 30.0, bad_fraction: float = 0.0, overload: bool = False, tolerance: float = 1e-4,
-                 timeout: float = 60.0, server_pid: int | None = None, distinct: int = 8, seed: int = 0) -> Report:
-    target = loopback_target(url, model)
+                 timeout: float = 60.0, server_pid: int | None = None, distinct: int = 8, seed: int = 0,
+                 token_file: str | Path | None = None) -> Report:
+    target = loopback_target(url, model, token_file)
     if input_kind not in ("tensor", "image"):
         raise MedqError(f"--input {input_kind}: choose tensor or image")
     if not 0.0 <= bad_fraction < 1.0:

@@ -55,7 +55,20 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def refused(self) -> bool:
+        """With `server.token` set, everything but health needs it (as medq serve's token rule)."""
+        token = getattr(self.server, "token", None)
+        if token is None or self.path.startswith("/v2/health/") or \
+                self.headers.get("Authorization") == f"Bearer {token}":
+            return False
+        if self.command == "POST":
+            self.rfile.read(int(self.headers["Content-Length"]))
+        self.send(401, {"error": "missing or wrong bearer token"})
+        return True
+
     def do_GET(self):
+        if self.refused():
+            return
         if self.path == "/v2/health/ready":
             self.send(200, {})
         elif self.path == "/v2/models/m":
@@ -73,6 +86,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send(404, {"error": "no such route"})
 
     def do_POST(self):
+        if self.refused():
+            return
         body = self.rfile.read(int(self.headers["Content-Length"]))
         with self.server.lock:
             n = len(self.server.ledger)
@@ -206,6 +221,18 @@ def test_rates_and_percentiles_leave_out_each_clients_first_request():
     assert level.throughput == pytest.approx(4 / 2.0)
     assert level.p50_ms == pytest.approx(float(np.percentile([500, 500, 1000], 50)))
     assert level.seconds == 4.0
+
+
+def test_a_server_with_a_token_is_loaded_with_the_token_file(stub, tmp_path):
+    stub.token = "s3cret-Token"
+    with pytest.raises(MedqError, match="HTTP 401"):
+        load(stub)
+    (tmp_path / "token").write_text("s3cret-Token\n")
+    report = load(stub, token_file=tmp_path / "token", concurrency=[2])
+    assert report.levels[0].statuses == {"200": 20} and report.levels[0].batch_mean == pytest.approx(2.0)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(MedqError, match="token file is empty"):
+        load(stub, token_file=tmp_path / "empty")
 
 
 def test_schedule_mixes_exactly_the_fraction_of_bad_requests():
