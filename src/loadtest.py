@@ -84,14 +84,9 @@ def loopback_target(url: str, model: str, token_file: str | Path | None = None) 
 def _read_token(path: str | Path | None) -> str | None:
     if path is None:
         return None
-    try:
-        token = Path(path).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MedqError(f"{path}: cannot read the token file ({first_line(exc)}); give the file `medq serve` "
-                        "reads (serve.token_file)") from None
-    if not token:
-        raise MedqError(f"{path}: the token file is empty; give the file `medq serve` reads (serve.token_file)")
-    return token
+    from medq.serve.server import read_token  # the very rule the server applies to the same file
+
+    return read_token(str(path))
 
 
 @dataclass(frozen=True)

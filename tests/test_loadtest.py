@@ -231,7 +231,7 @@ def test_a_server_with_a_token_is_loaded_with_the_token_file(stub, tmp_path):
     report = load(stub, token_file=tmp_path / "token", concurrency=[2])
     assert report.levels[0].statuses == {"200": 20} and report.levels[0].batch_mean == pytest.approx(2.0)
     (tmp_path / "empty").write_text("\n")
-    with pytest.raises(MedqError, match="token file is empty"):
+    with pytest.raises(MedqError, match="must hold one token"):
         load(stub, token_file=tmp_path / "empty")
 
 
