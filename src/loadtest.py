@@ -521,16 +521,17 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
     target = loopback_target(url, model, token_file)
     if input_kind not in ("tensor", "image"):
         raise MedqError(f"--input {input_kind}: choose tensor or image")
+    if images and input_kind != "image":
+        raise MedqError("--images are sent only with --input image; add it, or drop --images to send tensors")
     if not 0.0 <= bad_fraction < 1.0:
         raise MedqError(f"--bad-fraction {bad_fraction}: give a fraction in [0, 1), e.g. 0.1")
     if requests < 1 or seconds <= 0 or not concurrency or min(concurrency) < 1:
         raise MedqError("--requests, --seconds and every --concurrency must be positive")
     get_json(target, "/v2/health/ready")
     metadata = get_json(target, f"/v2/models/{model}")
-    jpeg = synthetic_jpeg(image_size, seed)
     goods = (tensor_payloads(target, metadata, distinct, seed) if input_kind == "tensor"
              else image_payloads(target, list(images), distinct, image_size, seed))
-    bads = bad_payloads(target, metadata, jpeg, seed) if bad_fraction > 0 else []
+    bads = bad_payloads(target, metadata, synthetic_jpeg(image_size, seed), seed) if bad_fraction > 0 else []
     alone = answers_alone(target, goods, timeout)
     report = Report(url, model, input_kind, bad_fraction, [])
     first_rss = None

@@ -7,6 +7,7 @@ import json
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -252,6 +253,16 @@ def test_schedule_mixes_exactly_the_fraction_of_bad_requests():
 def test_only_loopback_addresses_are_loaded(url):
     with pytest.raises(MedqError, match="loopback|http://"):
         loopback_target(url, "m")
+
+
+@pytest.mark.parametrize("options, message", [({"images": [Path("x.jpg")]}, "only with --input image"),
+                                              ({"bad_fraction": 1.0}, "--bad-fraction 1.0"),
+                                              ({"concurrency": [0]}, "must be positive"),
+                                              ({"input_kind": "pixels"}, "choose tensor or image")])
+def test_options_that_cannot_run_are_refused_before_any_request(stub, options, message):
+    with pytest.raises(MedqError, match=message):
+        load(stub, **options)
+    assert stub.ledger == []
 
 
 def test_loopback_forms_are_accepted_and_localhost_is_not_resolved():
