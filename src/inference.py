@@ -114,9 +114,10 @@ class Predictor:
             self.graph.close()
 
 
-def record(path: Path, probs: np.ndarray, info: RunInfo, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """The JSON object for one image."""
-    out: dict[str, Any] = {"file": str(path),
+def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
+           threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
+    """The JSON object for one image (``file``: its path, or an upload's name, or None)."""
+    out: dict[str, Any] = {"file": None if file is None else str(file),
                            "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
     if info.task == "multilabel":  # the findings at the threshold, as both keys: one schema for every task
         out["findings"] = [c for c, p in zip(info.classes, probs) if p >= threshold]

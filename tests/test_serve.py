@@ -48,7 +48,7 @@ def tiny(tmp_path_factory, make_tiny_run):
 
 @contextlib.contextmanager
 def serving(models, *, token=None, **settings):
-    """The app on an ephemeral port in a thread of this process; yields its base URL."""
+    """The app on an ephemeral port in a thread of this process; yields its base URL (http://127.0.0.1:PORT)."""
     import uvicorn
 
     from medq.serve import create_app
@@ -63,7 +63,7 @@ def serving(models, *, token=None, **settings):
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(30)
@@ -73,7 +73,7 @@ def serving(models, *, token=None, **settings):
 
 def _metric(base: str, name: str, **labels) -> float:
     """A sample's value from /metrics, read with prometheus_client's own parser (0 when absent)."""
-    text = requests.get(f"http://{base}/metrics", timeout=30).text
+    text = requests.get(f"{base}/metrics", timeout=30).text
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
@@ -100,7 +100,7 @@ def _batch(n: int, seed: int = 0) -> np.ndarray:
 def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
     sha = hashlib.sha256(tiny.int8.read_bytes()).hexdigest()
     with serving(tiny.models) as base:
-        client = tritonclient_http.InferenceServerClient(base)
+        client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
         assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
         assert client.get_server_metadata()["name"] == "medq"
         meta = client.get_model_metadata("tiny")
@@ -158,14 +158,14 @@ def test_images_in_give_exactly_the_predict_cli_probabilities(tiny, tmp_path, cl
     assert len(expected) == len(files)
     with serving(tiny.models) as base:
         for path in files:  # one image per request, the file as the body
-            got = requests.post(f"http://{base}/v1/models/tiny/predict", data=path.read_bytes(), timeout=60)
+            got = requests.post(f"{base}/v1/models/tiny/predict", data=path.read_bytes(), timeout=60)
             assert got.status_code == 200, got.text
             answer = got.json()
             assert answer["probabilities"] == expected[path]["probabilities"], path.name
             assert answer["prediction"] == expected[path]["prediction"]
         paths = files[:4]  # several images in one multipart request, answered in part order
         parts = [("image", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
-        got = requests.post(f"http://{base}/v1/models/tiny/predict", files=parts, timeout=60)
+        got = requests.post(f"{base}/v1/models/tiny/predict", files=parts, timeout=60)
         assert got.status_code == 200, got.text
         answers = got.json()["predictions"]
         assert [a["file"] for a in answers] == [p.name for p in paths]
@@ -176,7 +176,7 @@ def test_images_in_give_exactly_the_predict_cli_probabilities(tiny, tmp_path, cl
 
 def _infer_json(base: str, x: np.ndarray, headers: dict | None = None) -> requests.Response:
     body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
-    return requests.post(f"http://{base}/v2/models/tiny/infer", json=body, headers=headers or {}, timeout=120)
+    return requests.post(f"{base}/v2/models/tiny/infer", json=body, headers=headers or {}, timeout=120)
 
 
 def test_concurrent_requests_run_in_fewer_engine_calls(tiny):
@@ -214,7 +214,8 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(tiny):
 
 # --- start and stop ---------------------------------------------------------------------------------------------
 
-def _serve_process(tiny, tmp_path, *extra: str) -> tuple[subprocess.Popen, str]:
+def _serve_process(tiny, tmp_path, *extra: str, tls: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`medq serve --run tiny` in a child process on a free port, once it answers ready; (process, base URL)."""
     import socket
 
     with socket.socket() as probe:
@@ -224,21 +225,31 @@ def _serve_process(tiny, tmp_path, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "medq", "serve", "--set", f"run.output_dir={tiny.root / 'output'}",
                              "--run", "tiny", "--port", str(port), *extra],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    base = f"127.0.0.1:{port}"
+    base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
 
     def ready() -> bool:
         assert proc.poll() is None, (tmp_path / "serve.log").read_text()
         with contextlib.suppress(requests.ConnectionError):
-            return requests.get(f"http://{base}/v2/health/ready", timeout=5).status_code == 200
+            return requests.get(f"{base}/v2/health/ready", timeout=5, verify=str(tls or True)).status_code == 200
         return False
 
     _wait_for(ready, "the server to be ready", 300)
     return proc, base
 
 
+@contextlib.contextmanager
+def _stopped(proc: subprocess.Popen):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny, tmp_path):
     proc, base = _serve_process(tiny, tmp_path, "--set", "serve.max_queue_delay_ms=4000")
-    try:
+    with _stopped(proc):
         x = _batch(2, seed=5)
         want = _graph_probs(tiny.int8, x)
         results: dict[int, requests.Response] = {}
@@ -248,7 +259,7 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny, tm
             t.start()
         _wait_for(lambda: _metric(base, "medq_queued_images", model="tiny") == 2, "two requests in the queue")
         proc.send_signal(signal.SIGTERM)
-        _wait_for(lambda: requests.get(f"http://{base}/v2/health/ready", timeout=5).status_code == 503, "draining")
+        _wait_for(lambda: requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 503, "draining")
         late = _infer_json(base, x[:1])
         assert late.status_code == 503 and "shutting down" in late.json()["error"]
         for t in threads:
@@ -257,10 +268,6 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny, tm
             assert results[i].status_code == 200, results[i].text
             np.testing.assert_allclose(results[i].json()["outputs"][0]["data"], want[i], atol=1e-6)
         assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _copy_run(tiny, tmp_path: Path) -> Path:
@@ -295,13 +302,57 @@ def test_a_tampered_or_stale_model_is_refused_at_start(tiny, tmp_path):
 
 def test_the_bearer_token_is_required_when_configured(tiny):
     with serving(tiny.models, token="s3cret-token") as base:
-        url = f"http://{base}/v2/models/tiny"
+        url = f"{base}/v2/models/tiny"
         assert requests.get(url, timeout=30).status_code == 401
         assert requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
-        assert requests.get(f"http://{base}/metrics", timeout=30).status_code == 401
+        assert requests.get(f"{base}/metrics", timeout=30).status_code == 401
         assert requests.get(url, headers={"Authorization": "Bearer s3cret-token"}, timeout=30).status_code == 200
         assert _infer_json(base, _batch(1)).status_code == 401
-        assert requests.get(f"http://{base}/v2/health/ready", timeout=30).status_code == 200  # probes need no token
+        assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200  # probes need no token
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with the cryptography library."""
+    import datetime
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_and_the_token_file_from_the_command_line(tiny, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("k9-Xq2-token\n")
+    token.chmod(0o600)
+    proc, base = _serve_process(tiny, tmp_path, "--token-file", str(token), "--tls-cert", str(cert), "--tls-key",
+                                str(key), tls=cert)
+    with _stopped(proc):
+        url = f"{base}/v2/models/tiny"
+        assert requests.get(url, verify=str(cert), timeout=30).status_code == 401
+        good = requests.get(url, verify=str(cert), headers={"Authorization": "Bearer k9-Xq2-token"}, timeout=30)
+        assert good.status_code == 200 and good.json()["name"] == "tiny"
+        with pytest.raises(requests.ConnectionError):  # no plain HTTP beside HTTPS
+            requests.get(url.replace("https://", "http://"), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
 
 
 def test_bad_input_is_a_400_with_one_message_and_the_server_carries_on(tiny, tmp_path):
@@ -311,8 +362,8 @@ def test_bad_input_is_a_400_with_one_message_and_the_server_carries_on(tiny, tmp
     binary = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "parameters": {"binary_data_size": 4096}}
     head = json.dumps({"inputs": [binary]}).encode()  # announces 4096 bytes, carries 8
     with serving(tiny.models, max_body_mb=1) as base:
-        infer = f"http://{base}/v2/models/tiny/infer"
-        predict = f"http://{base}/v1/models/tiny/predict"
+        infer = f"{base}/v2/models/tiny/infer"
+        predict = f"{base}/v1/models/tiny/predict"
         cases = {
             "not valid JSON": requests.post(infer, data=b"{nope", timeout=30),
             "shape": requests.post(infer, json={"inputs": [{**tensor, "shape": [1, 28, 28, 1]}]}, timeout=30),
@@ -333,8 +384,8 @@ def test_bad_input_is_a_400_with_one_message_and_the_server_carries_on(tiny, tmp
             assert expected in message and "\n" not in message, (expected, message)
         big = requests.post(predict, data=b"\0" * (2 * 2 ** 20), timeout=30)
         assert big.status_code == 413 and "max_body_mb" in big.json()["error"]
-        assert requests.post(f"http://{base}/v1/models/nope/predict", data=png, timeout=30).status_code == 404
-        assert requests.get(f"http://{base}/v2/health/ready", timeout=30).status_code == 200
+        assert requests.post(f"{base}/v1/models/nope/predict", data=png, timeout=30).status_code == 404
+        assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200
         assert _infer_json(base, x).status_code == 200
 
 
@@ -342,7 +393,7 @@ def test_the_pixel_limit_refuses_a_large_image(tiny):
     models = [dataclasses.replace(m, max_megapixels=0.001) for m in tiny.models]  # 1000 pixels at most
     png = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))[1].tobytes()
     with serving(models) as base:
-        answer = requests.post(f"http://{base}/v1/models/tiny/predict", data=png, timeout=30)
+        answer = requests.post(f"{base}/v1/models/tiny/predict", data=png, timeout=30)
         assert answer.status_code == 400 and "max_megapixels" in answer.json()["error"]
 
 
@@ -351,7 +402,7 @@ def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
     good = dicom_bytes(gray, patient_id=PATIENT)
     with caplog.at_level(logging.INFO, logger="medq"), serving(tiny.models) as base:
         logging.getLogger("medq").addHandler(caplog.handler)
-        url = f"http://{base}/v1/models/tiny/predict"
+        url = f"{base}/v1/models/tiny/predict"
         ok = requests.post(url, data=good, headers={"X-Request-ID": "trace-42"}, timeout=30)
         bad = requests.post(url, data=good[:len(good) // 2], timeout=30)  # pixel data cut off
     assert ok.status_code == 200 and ok.headers["x-request-id"] == "trace-42"

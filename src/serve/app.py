@@ -106,6 +106,8 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
 
     app = FastAPI(title="medq serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models, app.state.server, app.state.metrics = by_name, state, metrics
+    body_limit = int(settings.max_body_mb * 2 ** 20)
+    app.add_middleware(BodyLimit, limit=body_limit)  # inside the middleware below: a 413 is counted and logged
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> Response:
@@ -168,6 +170,11 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
         except (asyncio.TimeoutError, DeadlineExceeded):
             raise ServeError(504, f"{model.name}: no answer within serve.request_timeout_ms "
                              f"({settings.request_timeout_ms:g} ms)") from None
+        except Stopped as exc:
+            raise ServeError(503, str(exc), {"Retry-After": RETRY_AFTER_S}) from None
+        except Exception as exc:  # noqa: BLE001 - the engine failed (logged by the batcher): the server's fault
+            raise ServeError(500, f"{model.name}: the model failed on this batch ({type(exc).__name__}); the "
+                             f"server log has the details (request {request.state.request_id})") from None
 
     # --- health and metadata ----------------------------------------------------------------------------------
 
@@ -230,7 +237,7 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     @app.post("/v1/models/{name}/predict")
     async def predict_images(name: str, request: Request) -> Response:
         model = served(name)
-        files, multipart = await _images(request, settings.max_batch_size)
+        files, multipart = await _images(request, settings.max_batch_size, body_limit)
         try:
             x = np.stack([await run_in_threadpool(model.image_input, data) for _, data in files])
         except UnreadableImage as exc:
@@ -244,16 +251,15 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE)
 
-    app.add_middleware(BodyLimit, limit=int(settings.max_body_mb * 2 ** 20))
     return app
 
 
-async def _images(request: Request, max_images: int) -> tuple[list[tuple[str | None, bytes]], bool]:
+async def _images(request: Request, max_images: int, max_bytes: int) -> tuple[list[tuple[str | None, bytes]], bool]:
     """([(the client's file name or None, bytes)] per image, multipart?): a multipart form's file parts, or the
     whole body as one image."""
     multipart = request.headers.get("content-type", "").startswith("multipart/")
     if multipart:
-        form = await request.form(max_files=max_images, max_fields=max_images)
+        form = await request.form(max_files=max_images, max_fields=max_images, max_part_size=max_bytes)
         files = [(part.filename, await part.read()) for _, part in form.multi_items() if hasattr(part, "read")]
         if not files:
             raise ServeError(400, "the multipart body holds no file parts; send each image as a file part")

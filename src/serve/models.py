@@ -51,10 +51,13 @@ class ServedModel:
     def metadata(self) -> dict[str, Any]:
         """The v2 model metadata, with medq's facts under ``parameters``."""
         return {"name": self.name, "versions": [self.version], "platform": "tensorflow_graphdef"
-                if self.engine.precision != "keras" else "tensorflow_savedmodel",
+                if self.engine.precision != "keras" else "keras",
                 "inputs": [self.input.describe()], "outputs": [self.output.describe()],
                 "parameters": {"classes": self.info.classes, "task": self.info.task,
                                "preprocessing": self.info.spec.to_dict(),
+                               # binary/multiclass: the prediction is the arg-max class; multilabel: every label
+                               # whose probability reaches the threshold is a finding
+                               "decision": "threshold" if self.info.task == "multilabel" else "argmax",
                                "threshold": self.threshold, "precision": self.engine.precision,
                                "data_source": self.info.data_source, **self.facts}}
 
@@ -76,7 +79,7 @@ class ServedModel:
 
     def answer(self, probabilities: np.ndarray, file: str | None) -> dict[str, Any]:
         """The `medq predict` line for one image."""
-        return record(Path(file or ""), probabilities, self.info, self.threshold) | {"file": file}
+        return record(file, probabilities, self.info, self.threshold)
 
 
 def load_model(run_dir: str | Path, model: str, *, threshold: float, max_megapixels: float, warmup_batch: int = 1,
