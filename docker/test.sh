@@ -174,7 +174,7 @@ begin "serve: docker-compose up -d serve (medq serve on the smoke run), ready an
 serve_port=${MEDQ_SERVE_PORT:-18080}
 export MEDQ_SERVE_PORT=$serve_port
 MEDQ_SERVE_RUN=smoke MEDQ_CONFIG=configs/smoke.yaml compose up -d serve
-image=$(find "$work/data" -type f \( -name '*.jpeg' -o -name '*.jpg' -o -name '*.png' \) | sort | head -n 1)
+image=$(find "$work/data" -type f \( -name '*.jpeg' -o -name '*.jpg' -o -name '*.png' \) | sort | sed -n 1p)  # sed reads to the end: no SIGPIPE under pipefail
 [ -n "$image" ] || fail "no phantom image under $work/data to send to the serve service"
 # GET /v2/health/ready until 200 (bounded), then POST one image to /v1/models/smoke/predict: 200 with a probability
 # for each of the model's classes, summing to 1 (softmax).
