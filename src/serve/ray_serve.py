@@ -54,7 +54,8 @@ def deployment(config: Any, run_dirs: Sequence[str | Path], replicas: int | None
                       # let Ray's router refuse (503) what no replica can take
                       max_ongoing_requests=settings.max_queue_size, max_queued_requests=settings.max_queue_size,
                       graceful_shutdown_timeout_s=settings.drain_timeout_s,
-                      ray_actor_options={"num_cpus": 1})
+                      # Ray places replicas by the CPUs they reserve: as many as TensorFlow's threads use
+                      ray_actor_options={"num_cpus": max(1, config.runtime.intra_op_threads)})
     @serve.ingress()
     class MedqServer:
         def __init__(self, config: Any, run_dirs: list[str]):
