@@ -53,9 +53,8 @@ def serving(models, *, token=None, **settings):
 
     from medq.serve import create_app
 
-    fresh = [dataclasses.replace(m, batcher=None) for m in models]  # same engines, own queues
-    app = create_app(fresh, ServeConfig(**settings), token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    app = create_app(models, ServeConfig(**settings), token=token)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -66,9 +65,7 @@ def serving(models, *, token=None, **settings):
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(30)
-        for m in fresh:
-            m.batcher.close(30)
+        thread.join(60)
 
 
 def _metric(base: str, name: str, **labels) -> float:
@@ -128,6 +125,35 @@ def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
             client.infer("tiny", [tensor], model_version="0000")
         with pytest.raises(tritonclient_http.InferenceServerException, match="not served"):
             client.get_model_metadata("other")
+
+
+def test_two_runs_served_side_by_side_with_the_fp32_graph_and_the_keras_model(tiny, tmp_path):
+    import copy
+
+    from medq.errors import ConfigError
+    from medq.serve import load_models
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny.run_dir, second, ignore=shutil.ignore_patterns("nc_workspace", "checkpoints", "logs"))
+    x = _batch(4, seed=7)
+    want = _graph_probs(runrecord.recorded_path(tiny.run_dir, "fp32_pb"), x)
+    for model, tolerance in (("fp32", 1e-6), ("keras", 1e-5)):  # Keras and its frozen graph: float rounding only
+        config = copy.deepcopy(tiny.config)
+        config.serve.model = model
+        models = load_models(config, [tiny.run_dir, second])
+        try:
+            with serving(models) as base:
+                client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
+                for name in ("tiny", "second"):
+                    assert client.get_model_metadata(name)["parameters"]["precision"] == model
+                    tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+                    tensor.set_data_from_numpy(x)
+                    np.testing.assert_allclose(client.infer(name, [tensor]).as_numpy("output"), want, atol=tolerance)
+        finally:
+            for m in models:
+                m.engine.close()
+    with pytest.raises(ConfigError, match="two runs named 'tiny'"):
+        load_models(tiny.config, [tiny.run_dir, tmp_path / "elsewhere" / "tiny"])
 
 
 # --- images in: the same answer as `medq predict` -------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A run served as one model: its manifest facts, its verified engine, its batcher, and the images-in path.
+"""A run served as one model: its manifest facts, its verified engine, and the images-in path.
 
 Loading (:func:`load_model`) refuses a model file whose sha256 differs from the manifest's or that is stale (the rule
 every stage applies, through runrecord.verified_path), then runs a warm-up batch; only then is the model ready.
@@ -21,7 +21,6 @@ from medq.data.decode import UnreadableImage, load_pixels
 from medq.errors import MedqError
 from medq.inference import MODELS, RunInfo, read_run, record
 from medq.preprocess import preprocess
-from medq.serve.batching import Batcher
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
 
@@ -36,7 +35,6 @@ class ServedModel:
     version: str  # the model file's sha256, first 12 hex digits
     threshold: float
     max_megapixels: float
-    batcher: Batcher | None = None  # set by the app, which owns the queue settings and the metrics
     ready: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
 
