@@ -436,3 +436,24 @@ def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
     text = caplog.text
     assert "trace-42" in text and bad.headers["x-request-id"] in text
     assert PATIENT not in text and "Doe" not in text
+
+
+def test_serve_settings_are_checked_with_one_line_each(tmp_path):
+    from medq.config import load_config
+    from medq.errors import ConfigError
+    from medq.serve.server import check_settings, read_token
+
+    for override, message in [("serve.max_batch_size=0", "greater than 0"), ("serve.model=fp16", "not allowed"),
+                              ("serve.port=http", "integer")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    cases = [({"runs": []}, "no run to serve"), ({"threshold": 1.0}, "between 0 and 1"),
+             ({"max_queue_size": 4, "max_batch_size": 8}, "could never queue"),
+             ({"tls_cert": "cert.pem"}, "go together"), ({"token_file": str(tmp_path / "none")}, "not found")]
+    for changes, message in cases:
+        settings = dataclasses.replace(ServeConfig(runs=["tiny"]), **changes)
+        with pytest.raises(ConfigError, match=message):
+            check_settings(settings)
+    (tmp_path / "blank").write_text("\n")
+    with pytest.raises(ConfigError, match="one token"):
+        read_token(str(tmp_path / "blank"))
