@@ -438,6 +438,44 @@ def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
     assert PATIENT not in text and "Doe" not in text
 
 
+class _HeldEngine:
+    """Stands in for a model: holds every call until released, or fails."""
+
+    precision, path = "int8", Path("stand-in.pb")
+
+    def __init__(self, fail: bool = False):
+        self.release, self.fail = threading.Event(), fail
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.fail:
+            raise RuntimeError("kernel exploded")
+        self.release.wait(60)
+        return np.full((len(x), 2), 0.5, np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def test_not_ready_deadline_and_engine_failure_answers(tiny):
+    held, broken = _HeldEngine(), _HeldEngine(fail=True)
+    models = [dataclasses.replace(tiny.models[0], name="held", engine=held),
+              dataclasses.replace(tiny.models[0], name="broken", engine=broken),
+              dataclasses.replace(tiny.models[0], name="cold", ready=False)]
+    with serving(models, request_timeout_ms=300) as base:
+        assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 503  # one model is not ready
+        assert requests.get(f"{base}/v2/models/cold/ready", timeout=30).status_code == 503
+        assert requests.get(f"{base}/v2/models/held/ready", timeout=30).status_code == 200
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [0.0] * 1024}]}
+        answers = {name: requests.post(f"{base}/v2/models/{name}/infer", json=body, timeout=60)
+                   for name in ("cold", "held", "broken")}
+        held.release.set()
+        assert answers["cold"].status_code == 503 and "not ready" in answers["cold"].json()["error"]
+        assert answers["held"].status_code == 504 and "request_timeout_ms" in answers["held"].json()["error"]
+        failed = answers["broken"]
+        assert failed.status_code == 500 and failed.headers["x-request-id"] in failed.json()["error"]
+        assert "kernel exploded" not in failed.text  # the details go to the log, not to the client
+
+
 def test_serve_settings_are_checked_with_one_line_each(tmp_path):
     from medq.config import load_config
     from medq.errors import ConfigError
