@@ -427,7 +427,6 @@ def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
     gray = cv2.imread(tiny.test_files[2], cv2.IMREAD_GRAYSCALE)
     good = dicom_bytes(gray, patient_id=PATIENT)
     with caplog.at_level(logging.INFO, logger="medq"), serving(tiny.models) as base:
-        logging.getLogger("medq").addHandler(caplog.handler)
         url = f"{base}/v1/models/tiny/predict"
         ok = requests.post(url, data=good, headers={"X-Request-ID": "trace-42"}, timeout=30)
         bad = requests.post(url, data=good[:len(good) // 2], timeout=30)  # pixel data cut off
@@ -456,12 +455,12 @@ class _HeldEngine:
         pass
 
 
-def test_not_ready_deadline_and_engine_failure_answers(tiny):
+def test_not_ready_deadline_and_engine_failure_answers(tiny, caplog):
     held, broken = _HeldEngine(), _HeldEngine(fail=True)
     models = [dataclasses.replace(tiny.models[0], name="held", engine=held),
               dataclasses.replace(tiny.models[0], name="broken", engine=broken),
               dataclasses.replace(tiny.models[0], name="cold", ready=False)]
-    with serving(models, request_timeout_ms=300) as base:
+    with caplog.at_level(logging.INFO, logger="medq"), serving(models, request_timeout_ms=300) as base:
         assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 503  # one model is not ready
         assert requests.get(f"{base}/v2/models/cold/ready", timeout=30).status_code == 503
         assert requests.get(f"{base}/v2/models/held/ready", timeout=30).status_code == 200
@@ -474,6 +473,8 @@ def test_not_ready_deadline_and_engine_failure_answers(tiny):
         failed = answers["broken"]
         assert failed.status_code == 500 and failed.headers["x-request-id"] in failed.json()["error"]
         assert "kernel exploded" not in failed.text  # the details go to the log, not to the client
+    assert f"request {failed.headers['x-request-id']}: broken failed on its batch: RuntimeError: kernel exploded" \
+        in caplog.text
 
 
 def test_serve_settings_are_checked_with_one_line_each(tmp_path):

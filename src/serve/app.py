@@ -138,14 +138,16 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
         state.in_flight += 1
         metrics.in_flight.inc()
         try:
-            if token is not None and not request.url.path.startswith("/v2/health/"):
-                if not _authorized(request.headers.get("authorization", ""), token):
-                    response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
-                                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                else:
-                    response = await call_next(request)
+            if token is not None and not request.url.path.startswith("/v2/health/") and \
+                    not _authorized(request.headers.get("authorization", ""), token):
+                response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
             else:
                 response = await call_next(request)
+        except Exception:  # a bug: the traceback to the log under the request id, one line to the client
+            log.exception("serve: request %s failed", request_id)
+            response = JSONResponse({"error": f"internal error; the server log has the details (request "
+                                              f"{request_id})"}, status_code=500)
         finally:
             state.in_flight -= 1
             metrics.in_flight.dec()
@@ -184,7 +186,9 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
                              f"({settings.request_timeout_ms:g} ms)") from None
         except Stopped as exc:
             raise ServeError(503, str(exc), {"Retry-After": RETRY_AFTER_S}) from None
-        except Exception as exc:  # noqa: BLE001 - the engine failed (logged by the batcher): the server's fault
+        except Exception as exc:  # noqa: BLE001 - the engine failed: the server's fault, not the request's
+            log.error("serve: request %s: %s failed on its batch: %s: %s", request.state.request_id, model.name,
+                      type(exc).__name__, exc)
             raise ServeError(500, f"{model.name}: the model failed on this batch ({type(exc).__name__}); the "
                              f"server log has the details (request {request.state.request_id})") from None
 
