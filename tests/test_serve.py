@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gzip
 import hashlib
 import json
 import logging
@@ -121,6 +122,9 @@ def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
             assert result.get_response()["model_version"] == sha[:12]
         result = client.infer("tiny", [tensor])  # no outputs named: tritonclient asks for binary outputs
         np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-6)
+        for algorithm in ("gzip", "deflate"):
+            result = client.infer("tiny", [tensor], request_compression_algorithm=algorithm)
+            np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-6)
         with pytest.raises(tritonclient_http.InferenceServerException, match="version"):
             client.infer("tiny", [tensor], model_version="0000")
         with pytest.raises(tritonclient_http.InferenceServerException, match="not served"):
@@ -410,6 +414,11 @@ def test_bad_input_is_a_400_with_one_message_and_the_server_carries_on(tiny, tmp
             assert expected in message and "\n" not in message, (expected, message)
         big = requests.post(predict, data=b"\0" * (2 * 2 ** 20), timeout=30)
         assert big.status_code == 413 and "max_body_mb" in big.json()["error"]
+        bomb = requests.post(infer, data=gzip.compress(b" " * (2 * 2 ** 20)), headers={"Content-Encoding": "gzip"},
+                             timeout=30)  # 2 KiB that inflate to 2 MiB
+        assert bomb.status_code == 413 and "inflates" in bomb.json()["error"]
+        garbled = requests.post(infer, data=b"not gzip", headers={"Content-Encoding": "gzip"}, timeout=30)
+        assert garbled.status_code == 400 and "not valid gzip" in garbled.json()["error"]
         assert requests.post(f"{base}/v1/models/nope/predict", data=png, timeout=30).status_code == 404
         assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200
         assert _infer_json(base, x).status_code == 200

@@ -34,7 +34,7 @@ from medq.data.decode import UnreadableImage
 from medq.serve.batching import Batcher, DeadlineExceeded, QueueFull, Stopped
 from medq.serve.metrics import CONTENT_TYPE, Metrics
 from medq.serve.models import ServedModel
-from medq.serve.protocol import HEADER_LENGTH, BadRequest, encode_infer, parse_infer
+from medq.serve.protocol import HEADER_LENGTH, BadRequest, decompress, encode_infer, parse_infer
 
 log = logging.getLogger("medq")
 SERVER_NAME = "medq"
@@ -237,11 +237,11 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_tensor(name: str, request: Request, version: str | None = None) -> Response:
         model = served(name, version)
-        body = await request.body()
-        if request.headers.get("content-encoding", "identity") != "identity":
-            raise ServeError(400, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send "
-                             "the body uncompressed")
         try:
+            body = decompress(await request.body(), request.headers.get("content-encoding", ""), body_limit)
+            if len(body) > body_limit:
+                raise ServeError(413, f"the request body inflates to more than serve.max_body_mb "
+                                 f"({settings.max_body_mb:g} MiB)")
             parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), model.input, model.output,
                                  settings.max_batch_size)
         except BadRequest as exc:
