@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from medq import runrecord
-from medq.data.decode import UnreadableImage, load_pixels
+from medq.data.decode import UnreadableImage, check_header
 from medq.errors import MedqError
 from medq.inference import MODELS, RunInfo, read_run, record
-from medq.preprocess import preprocess
+from medq.preprocess import load_and_preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
 
@@ -60,15 +60,20 @@ class ServedModel:
                                "data_source": self.info.data_source, **self.facts}}
 
     def image_input(self, data: bytes) -> np.ndarray:
-        """[S, S, C] for one PNG / JPEG / DICOM file's bytes, exactly as `medq predict` computes it.
+        """[S, S, C] for one PNG / JPEG / DICOM file's bytes, exactly as `medq predict` and the evaluation compute it
+        (medq.preprocess.load_and_preprocess: the run's decoding options, DICOM display pipeline, preprocessing).
 
         The bytes go to a private temporary file (no client-supplied name or path is used) so that the very decoder
-        `medq predict` uses reads them: content sniffing, pixel limit, libjpeg's corruption check, DICOM windowing."""
+        reads them: content sniffing, libjpeg's corruption check. ``data.max_megapixels`` is checked from a PNG or
+        JPEG header before any pixel is decoded (decompression bombs); DICOM is held to the decoder's own ceiling."""
         fd, name = tempfile.mkstemp(prefix="medq-serve-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            return preprocess(load_pixels(name, self.max_megapixels), self.info.spec)
+            problem = check_header(name, self.max_megapixels)
+            if problem:
+                raise UnreadableImage(problem)
+            return load_and_preprocess(name, self.info.spec)
         except UnreadableImage as exc:
             text = str(exc)
             raise UnreadableImage(text[len(name) + 2:] if text.startswith(f"{name}: ") else text) from None
