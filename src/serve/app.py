@@ -2,7 +2,9 @@
 request passes (bearer token, body limit, request id, in-flight count, draining).
 
 ``create_app(models, settings)`` is the interface the server (and Ray Serve, Docker) build on: ``models`` are loaded
-and warmed-up :class:`~medq.serve.models.ServedModel` s, ``settings`` the config's ``serve:`` section.
+and warmed-up :class:`~medq.serve.models.ServedModel` s, ``settings`` the config's ``serve:`` section. The app gives
+each model its own batcher (queue + worker thread) and stops them at its lifespan's shutdown, after the last request;
+the engines stay open (their owner closes them).
 
 Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image, a wrong tensor
 name, shape or datatype; 401 without the token; 404 for an unknown model or version; 413 for a body above
@@ -12,25 +14,27 @@ waited past its deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
+import os
 import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, AsyncIterator, Sequence
 
+import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medq.data.decode import UnreadableImage
 from medq.serve.batching import Batcher, DeadlineExceeded, QueueFull, Stopped
 from medq.serve.metrics import CONTENT_TYPE, Metrics
 from medq.serve.models import ServedModel
-from medq.serve.protocol import HEADER_LENGTH, BadRequest, encode_infer, parse_infer
+from medq.serve.protocol import HEADER_LENGTH, BadRequest, decompress, encode_infer, parse_infer
 
 log = logging.getLogger("medq")
 SERVER_NAME = "medq"
@@ -91,20 +95,28 @@ class BodyLimit:
 
 def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | None = None,
                state: ServerState | None = None, metrics: Metrics | None = None) -> FastAPI:
-    """The application serving ``models`` (each gets its batcher here) under the ``serve:`` settings."""
+    """The application serving ``models`` under the ``serve:`` settings."""
     by_name = {m.name: m for m in models}
     if len(by_name) != len(models):
         raise ValueError("two served models share a name")
     state = state or ServerState()
     metrics = metrics or Metrics()
-    for m in models:
-        m.batcher = Batcher(m.engine, max_batch_size=settings.max_batch_size,
-                            max_queue_delay_s=settings.max_queue_delay_ms / 1000, max_queue_size=settings.max_queue_size,
-                            name=m.name, on_batch=metrics.on_batch(m.name))
-        metrics.queued.labels(m.name).set_function(lambda b=m.batcher: b.queued_images)
+    batchers = {m.name: Batcher(m.engine, max_batch_size=settings.max_batch_size,
+                                max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+                                max_queue_size=settings.max_queue_size, name=m.name, on_batch=metrics.on_batch(m.name))
+                for m in models}
+    for name, batcher in batchers.items():
+        metrics.queued.labels(name).set_function(lambda b=batcher: b.queued_images)
     timeout_s = settings.request_timeout_ms / 1000
+    decoders = anyio.CapacityLimiter(os.cpu_count() or 1)  # images decoded at once: memory stays bounded
 
-    app = FastAPI(title="medq serve", docs_url=None, redoc_url=None, openapi_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for batcher in batchers.values():  # what is queued still runs
+            await anyio.to_thread.run_sync(batcher.close, settings.drain_timeout_s)
+
+    app = FastAPI(title="medq serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.models, app.state.server, app.state.metrics = by_name, state, metrics
     body_limit = int(settings.max_body_mb * 2 ** 20)
     app.add_middleware(BodyLimit, limit=body_limit)  # inside the middleware below: a 413 is counted and logged
@@ -126,14 +138,16 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
         state.in_flight += 1
         metrics.in_flight.inc()
         try:
-            if token is not None and not request.url.path.startswith("/v2/health/"):
-                if not _authorized(request.headers.get("authorization", ""), token):
-                    response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
-                                            status_code=401, headers={"WWW-Authenticate": "Bearer"})
-                else:
-                    response = await call_next(request)
+            if token is not None and not request.url.path.startswith("/v2/health/") and \
+                    not _authorized(request.headers.get("authorization", ""), token):
+                response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
             else:
                 response = await call_next(request)
+        except Exception:  # a bug: the traceback to the log under the request id, one line to the client
+            log.exception("serve: request %s failed", request_id)
+            response = JSONResponse({"error": f"internal error; the server log has the details (request "
+                                              f"{request_id})"}, status_code=500)
         finally:
             state.in_flight -= 1
             metrics.in_flight.dec()
@@ -162,7 +176,7 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
             raise ServeError(503, "the server is shutting down" if state.draining else f"{model.name} is not ready",
                              {"Retry-After": RETRY_AFTER_S})
         try:
-            future = model.batcher.submit(x, timeout_s)
+            future = batchers[model.name].submit(x, timeout_s)
         except (QueueFull, Stopped) as exc:
             raise ServeError(503, str(exc), {"Retry-After": RETRY_AFTER_S}) from None
         try:
@@ -172,7 +186,9 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
                              f"({settings.request_timeout_ms:g} ms)") from None
         except Stopped as exc:
             raise ServeError(503, str(exc), {"Retry-After": RETRY_AFTER_S}) from None
-        except Exception as exc:  # noqa: BLE001 - the engine failed (logged by the batcher): the server's fault
+        except Exception as exc:  # noqa: BLE001 - the engine failed: the server's fault, not the request's
+            log.error("serve: request %s: %s failed on its batch: %s: %s", request.state.request_id, model.name,
+                      type(exc).__name__, exc)
             raise ServeError(500, f"{model.name}: the model failed on this batch ({type(exc).__name__}); the "
                              f"server log has the details (request {request.state.request_id})") from None
 
@@ -221,11 +237,11 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_tensor(name: str, request: Request, version: str | None = None) -> Response:
         model = served(name, version)
-        body = await request.body()
-        if request.headers.get("content-encoding", "identity") != "identity":
-            raise ServeError(400, f"Content-Encoding {request.headers['content-encoding']!r} is not accepted; send "
-                             "the body uncompressed")
         try:
+            body = decompress(await request.body(), request.headers.get("content-encoding", ""), body_limit)
+            if len(body) > body_limit:
+                raise ServeError(413, f"the request body inflates to more than serve.max_body_mb "
+                                 f"({settings.max_body_mb:g} MiB)")
             parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), model.input, model.output,
                                  settings.max_batch_size)
         except BadRequest as exc:
@@ -239,7 +255,8 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
         model = served(name)
         files, multipart = await _images(request, settings.max_batch_size, body_limit)
         try:
-            x = np.stack([await run_in_threadpool(model.image_input, data) for _, data in files])
+            x = np.stack([await anyio.to_thread.run_sync(model.image_input, data, limiter=decoders)
+                          for _, data in files])
         except UnreadableImage as exc:
             raise ServeError(400, f"{name}: {'the image' if len(files) == 1 else 'an image'} cannot be read: {exc}") \
                 from None

@@ -8,7 +8,6 @@ request whose deadline passed before its batch ran is dropped unrun (:class:`Dea
 from __future__ import annotations
 
 import collections
-import logging
 import threading
 import time
 from concurrent.futures import Future
@@ -16,8 +15,6 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-
-log = logging.getLogger("medq")
 
 
 class QueueFull(Exception):
@@ -136,8 +133,7 @@ class Batcher:
         x = np.concatenate([r.x for r in batch]) if len(batch) > 1 else batch[0].x
         try:
             y = self._run(x)
-        except BaseException as exc:  # noqa: BLE001 - the requests get the error; the worker lives on
-            log.error("%s: the engine failed on a batch of %d: %s: %s", self.name, len(x), type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - the requests get the error (and log it); the worker lives on
             for r in batch:
                 r.future.set_exception(exc)
             return

@@ -1,4 +1,4 @@
-"""A run served as one model: its manifest facts, its verified engine, its batcher, and the images-in path.
+"""A run served as one model: its manifest facts, its verified engine, and the images-in path.
 
 Loading (:func:`load_model`) refuses a model file whose sha256 differs from the manifest's or that is stale (the rule
 every stage applies, through runrecord.verified_path), then runs a warm-up batch; only then is the model ready.
@@ -17,11 +17,10 @@ from typing import Any
 import numpy as np
 
 from medq import runrecord
-from medq.data.decode import UnreadableImage, load_pixels
+from medq.data.decode import UnreadableImage, check_header
 from medq.errors import MedqError
 from medq.inference import MODELS, RunInfo, read_run, record
-from medq.preprocess import preprocess
-from medq.serve.batching import Batcher
+from medq.preprocess import load_and_preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
 
@@ -36,7 +35,6 @@ class ServedModel:
     version: str  # the model file's sha256, first 12 hex digits
     threshold: float
     max_megapixels: float
-    batcher: Batcher | None = None  # set by the app, which owns the queue settings and the metrics
     ready: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
 
@@ -62,15 +60,20 @@ class ServedModel:
                                "data_source": self.info.data_source, **self.facts}}
 
     def image_input(self, data: bytes) -> np.ndarray:
-        """[S, S, C] for one PNG / JPEG / DICOM file's bytes, exactly as `medq predict` computes it.
+        """[S, S, C] for one PNG / JPEG / DICOM file's bytes, exactly as `medq predict` and the evaluation compute it
+        (medq.preprocess.load_and_preprocess: the run's decoding options, DICOM display pipeline, preprocessing).
 
         The bytes go to a private temporary file (no client-supplied name or path is used) so that the very decoder
-        `medq predict` uses reads them: content sniffing, pixel limit, libjpeg's corruption check, DICOM windowing."""
+        reads them: content sniffing, libjpeg's corruption check. ``data.max_megapixels`` is checked from a PNG or
+        JPEG header before any pixel is decoded (decompression bombs); DICOM is held to the decoder's own ceiling."""
         fd, name = tempfile.mkstemp(prefix="medq-serve-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-            return preprocess(load_pixels(name, self.max_megapixels), self.info.spec)
+            problem = check_header(name, self.max_megapixels)
+            if problem:
+                raise UnreadableImage(problem)
+            return load_and_preprocess(name, self.info.spec)
         except UnreadableImage as exc:
             text = str(exc)
             raise UnreadableImage(text[len(name) + 2:] if text.startswith(f"{name}: ") else text) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,21 @@ class InferRequest:
     x: np.ndarray  # float32 [N, *input shape]
     binary_outputs: bool  # answer with the binary-data extension
     outputs: list[str]
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body a ``Content-Encoding`` of gzip or deflate (tritonclient's request compression) stands for; at most
+    ``limit + 1`` bytes are inflated, so a compressed bomb is caught by the caller's size check, not by memory."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"Content-Encoding {encoding!r} is not accepted; send gzip, deflate or no encoding")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        return inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the body is not valid {encoding} data ({exc})") from None
 
 
 def _json(data: bytes, what: str) -> dict[str, Any]:

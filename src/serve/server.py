@@ -78,16 +78,13 @@ def load_models(config: Any, run_dirs: Sequence[str | Path]) -> list[ServedModel
                                      intra_op_threads=config.runtime.intra_op_threads,
                                      inter_op_threads=config.runtime.inter_op_threads))
     except BaseException:
-        for m in models:
-            m.engine.close()
+        close_models(models)
         raise
     return models
 
 
-def close_models(models: Sequence[ServedModel], timeout_s: float) -> None:
+def close_models(models: Sequence[ServedModel]) -> None:
     for m in models:
-        if m.batcher is not None:
-            m.batcher.close(timeout_s)
         m.engine.close()
 
 
@@ -104,7 +101,9 @@ def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
         app = create_app(models, settings, token=token, state=state)
         uv = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key, server_header=False,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)), lifespan="off")
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+                            # connections at once (each may hold a body up to max_body_mb): beyond, uvicorn answers 503
+                            limit_concurrency=len(models) * settings.max_queue_size + 32)
         server = DrainingServer(uv, state, settings.drain_timeout_s)
         scheme = "https" if settings.tls_cert else "http"
         log.info("serve: %s on %s://%s:%d (batches ≤ %d images, ≤ %g ms wait, queue ≤ %d images%s)",
@@ -118,7 +117,7 @@ def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
             raise MedqError(f"{settings.host}:{settings.port}: the server could not listen there (in use, or not "
                             "this machine's address); choose another --port/--host")
     finally:
-        close_models(models, settings.drain_timeout_s)
+        close_models(models)
     log.info("serve: stopped")
     return 0
 
