@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the image here, air-gapped from the wheelhouse, and run both compose services on the phantoms as users run
-# them: the pipeline service's `medq run` to the end, then `medq data` and `medq train` one by one in the interactive
-# service. Checks that the container's user is not root, that the run's files land in the host folders owned by the
+# Build the image here, air-gapped from the wheelhouse, and run the compose services on the phantoms as users run
+# them: the pipeline service's `medq run` to the end, the serve service on that run (ready, one image predicted over
+# the port published on 127.0.0.1, a clean drain on SIGTERM), then `medq data` and `medq train` one by one in the
+# interactive service. Checks that the container's user is not root, that the run's files land in the host folders owned by the
 # calling user, and that a missing or unwritable host folder stops with one line naming it. Prints each step's time;
 # exits non-zero on the first failure. Needs root (it installs packages and starts its own Docker daemon).
 #   sudo docker/test.sh
@@ -168,6 +169,44 @@ for file in manifest.json model.keras model_fp32.pb model_int8.pb benchmark.json
   [ -s "$work/output/smoke/$file" ] || fail "medq run left no output/smoke/$file on the host"
 done
 owned_by_caller "$work/output" "$work/data"
+
+begin "serve: docker-compose up -d serve (medq serve on the smoke run), ready and one predict over the published port"
+serve_port=${MEDQ_SERVE_PORT:-18080}
+export MEDQ_SERVE_PORT=$serve_port
+MEDQ_SERVE_RUN=smoke MEDQ_CONFIG=configs/smoke.yaml compose up -d serve
+image=$(find "$work/data" -type f \( -name '*.jpeg' -o -name '*.jpg' -o -name '*.png' \) | sort | sed -n 1p)  # sed reads to the end: no SIGPIPE under pipefail
+[ -n "$image" ] || fail "no phantom image under $work/data to send to the serve service"
+# GET /v2/health/ready until 200 (bounded), then POST one image to /v1/models/smoke/predict: 200 with a probability
+# for each of the model's classes, summing to 1 (softmax).
+if ! python3 - "$serve_port" "$image" <<'PY'; then
+import json, sys, time, urllib.error, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+deadline = time.monotonic() + 300
+while True:
+    try:
+        if urllib.request.urlopen(f"{base}/v2/health/ready", timeout=5).status == 200:
+            break
+    except (OSError, urllib.error.HTTPError):
+        pass
+    if time.monotonic() > deadline:
+        sys.exit("the serve service did not become ready on 127.0.0.1:" + sys.argv[1])
+    time.sleep(2)
+classes = json.load(urllib.request.urlopen(f"{base}/v2/models/smoke", timeout=30))["parameters"]["classes"]
+request = urllib.request.Request(f"{base}/v1/models/smoke/predict", data=open(sys.argv[2], "rb").read(),
+                                 headers={"Content-Type": "application/octet-stream"}, method="POST")
+answer = json.load(urllib.request.urlopen(request, timeout=60))
+probabilities = answer["probabilities"]
+assert sorted(probabilities) == sorted(classes), (probabilities, classes)
+assert abs(sum(probabilities.values()) - 1) < 1e-3, probabilities
+print(f"serve: ready; predict {sys.argv[2].rsplit('/', 1)[-1]} -> {answer['prediction']} {probabilities}")
+PY
+  compose logs --tail 30 serve >&2 || true
+  fail "the serve service did not answer (its log is above)"
+fi
+compose stop serve  # SIGTERM: medq serve drains and exits 0
+serve_exit=$(docker inspect --format '{{.State.ExitCode}}' "$(compose ps -q serve)")
+[ "$serve_exit" = 0 ] || fail "the serve service exited $serve_exit after SIGTERM, not 0"
+compose rm -f serve > /dev/null
 
 begin "interactive: medq data"
 compose run -T --rm interactive medq data

@@ -2,7 +2,8 @@
 # Create .venv/ in the repo root and install the pinned stack (env/requirements*.txt) plus medq itself.
 # Idempotent: reinstalls only when a requirements file, setup.cfg or pyproject.toml changed.
 # Extras by name: `env/setup.sh convert` adds PyTorch (env/requirements-convert.txt), `reference` adds
-# OpenVINO/NNCF (env/requirements-reference.txt).
+# OpenVINO/NNCF (env/requirements-reference.txt), `serve-ray` Ray Serve for `medq serve --ray`
+# (env/requirements-serve-ray.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

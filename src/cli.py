@@ -261,6 +261,42 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from medq.hwinfo import thread_environment
+    from medq.runs import resolve_run
+
+    config = _read_config(args)  # no log file: the run folders may be read-only mounts
+    settings = config.serve
+    for key in ("runs", "model", "host", "port", "token_file", "tls_cert", "tls_key"):
+        if getattr(args, key) is not None:
+            setattr(settings, key, getattr(args, key))
+    for key, value in thread_environment(config.runtime).items():
+        os.environ.setdefault(key, value)  # before TensorFlow starts; the user's own settings win
+    if args.ray:  # the same app as a Ray Serve deployment (medq.serve.ray_serve)
+        from medq.serve.ray_serve import run_ray_serve
+
+        return run_ray_serve(config, [resolve_run(run, config) for run in settings.runs], address=args.ray,
+                             replicas=args.replicas)
+    from medq.serve import run_serve
+
+    return run_serve(config, [resolve_run(run, config) for run in settings.runs])
+
+
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from medq.artifacts import write_json
+    from medq.loadtest import format_report, run_loadtest
+
+    report = run_loadtest(args.url, args.model, input_kind=args.input, images=[Path(p) for p in args.images],
+                          image_size=args.image_size, concurrency=args.concurrency, requests=args.requests,
+                          seconds=args.seconds, bad_fraction=args.bad_fraction, overload=args.overload,
+                          tolerance=args.tolerance, timeout=args.timeout, server_pid=args.server_pid,
+                          token_file=args.token_file)
+    print(format_report(report))
+    if args.output:
+        write_json(args.output, report.as_json())
+    return 1 if report.problems else 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from medq.runs import format_run, format_runs, list_runs, resolve_run, run_summary
 
@@ -344,6 +380,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                     "parity-checked in onnxruntime"),
     "predict": (cmd_predict, "class probabilities (JSON lines) for image files or folders from a run's model, "
                              "optional ten-crop averaging and Grad-CAM heatmaps"),
+    "serve": (cmd_serve, "serve runs' models over HTTP: Open Inference Protocol v2 (KServe/Triton clients) and "
+                         "PNG/JPEG/DICOM in, dynamic batching, Prometheus /metrics"),
+    "loadtest": (cmd_loadtest, "closed-loop load on a medq server on this machine: a concurrency sweep's throughput, "
+                 "latency percentiles, answers by status and wrong answers, perf_analyzer style"),
     "runs": (cmd_runs, "list the runs under run.output_dir (`medq runs list`) or show one (`medq runs show NAME`)"),
 }
 
@@ -399,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
             _convert_arguments(p, name)
         if name == "predict":
             _predict_arguments(p)
+        if name == "serve":
+            _serve_arguments(p)
+        if name == "loadtest":
+            _loadtest_arguments(p)
         if name == "runs":
             p.add_argument("action", nargs="?", choices=["list", "show"], default="list",
                            help="list (default): every run under run.output_dir; show NAME: one run in detail")
@@ -471,6 +515,55 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--threshold", type=_probability, default=0.5,
                    help="multi-label: a finding is reported when its probability reaches this (default 0.5)")
+
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", dest="runs", action="append", metavar="DIR_OR_NAME",
+                   help="a run to serve (repeatable; a run name under run.output_dir or a run folder); the model is "
+                        "named by the run (default: serve.runs)")
+    p.add_argument("--model", choices=["int8", "fp32", "bf16", "keras"],
+                   help="which of each run's models: model_int8.pb (default), model_fp32.pb, model_fp32.pb under the "
+                        "BF16 rewrite, or model.keras")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="port (default 8080)")
+    p.add_argument("--token-file", help="require `Authorization: Bearer <token>` with the token in this file on "
+                   "every request but /v2/health/*")
+    p.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--ray", metavar="ADDRESS", help="run as a Ray Serve deployment on the Ray cluster at ADDRESS "
+                   "(host:6379 of `ray start --head`; the serve-ray extra)")
+    p.add_argument("--replicas", type=int, default=1, help="with --ray: replicas of the server (default 1)")
+
+
+def _loadtest_arguments(p: argparse.ArgumentParser) -> None:
+    def concurrencies(text: str) -> list[int]:
+        try:
+            return [int(c) for c in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: give concurrencies as 1,2,4") from None
+
+    p.add_argument("url", help="the server, on a loopback address only: http://127.0.0.1:PORT")
+    p.add_argument("--model", required=True, help="the model's name on the server (GET /v2/models/NAME)")
+    p.add_argument("--input", choices=["tensor", "image"], default="tensor",
+                   help="tensor: v2 /infer with the model's input tensor (default); image: /v1/.../predict with "
+                        "JPEG files (--images, or synthetic radiographs of --image-size²)")
+    p.add_argument("--images", nargs="*", default=[], metavar="FILE", help="image files to send with --input image")
+    p.add_argument("--image-size", type=int, default=1024, help="side of the synthetic JPEGs (default 1024)")
+    p.add_argument("--concurrency", type=concurrencies, default=[1, 2, 4, 8, 16, 32, 64],
+                   help="requests in flight at each level (default 1,2,4,8,16,32,64)")
+    p.add_argument("--requests", type=int, default=200, help="requests per level at most (default 200)")
+    p.add_argument("--seconds", type=float, default=30.0, help="seconds per level at most (default 30)")
+    p.add_argument("--bad-fraction", type=float, default=0.0,
+                   help="share of bad requests mixed in (garbage bytes, truncated JPEG, wrong tensor shape, DICOM "
+                        "without pixels), each of which must be answered 400 (e.g. 0.1)")
+    p.add_argument("--overload", action="store_true",
+                   help="after the sweep, one level at 4x the saturating concurrency: only 200 and 503 may come back")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest difference from the probabilities given alone that counts as the same (default 1e-4)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as unanswered")
+    p.add_argument("--server-pid", type=int, help="read the server's RSS from /proc/PID (default: its /metrics)")
+    p.add_argument("--token-file", help="the server's bearer token file (serve.token_file), sent with every request")
+    p.add_argument("--output", "-o", metavar="FILE.json", help="also write the table and the failures as JSON")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,6 +240,28 @@ class RuntimeConfig:
 
 
 @dataclass
+class ServeConfig:
+    """`medq serve`: the HTTP inference server (medq.serve); every key has a command-line flag of the same name."""
+
+    runs: list[str] = field(default_factory=list)  # run names or folders; each is one model, named by its run
+    model: Literal["int8", "fp32", "bf16", "keras"] = "int8"
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
+    port: int = 8080
+    # Dynamic batching: a batch runs when it holds max_batch_size images or its first request has waited
+    # max_queue_delay_ms; a longer delay makes fuller batches (throughput) at the cost of latency when traffic is thin.
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 5.0
+    max_queue_size: int = 64  # images waiting per model; beyond it a request is answered 503 + Retry-After at once
+    request_timeout_ms: float = 30000.0  # a request's deadline: queued longer than this it is answered 504
+    max_body_mb: float = 32.0  # request bodies above this are refused (413) before they are read
+    threshold: float = 0.5  # multi-label findings: a label is reported when its probability reaches this
+    token_file: Optional[str] = None  # a file holding the bearer token every request but /v2/health/* must carry
+    tls_cert: Optional[str] = None  # PEM certificate and key: HTTPS instead of HTTP
+    tls_key: Optional[str] = None
+    drain_timeout_s: float = 30.0  # SIGTERM: in-flight requests get this long to finish before the server exits
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -251,6 +273,7 @@ class Config:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     source: Optional[str] = None  # the file this was loaded from (set by load_config, not by the user)
     # The preprocess settings the config left out, which took model.name's registry defaults (set by load_config;
     # recorded with the config in the run's manifest).
@@ -373,7 +396,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 _POSITIVE = {
     "max_megapixels", "n_train", "size", "image_size", "epochs", "batch_size", "max_trials", "latency_iterations",
-    "throughput_iterations", "early_stopping_patience",
+    "throughput_iterations", "early_stopping_patience", "max_batch_size", "max_queue_size", "request_timeout_ms",
+    "max_body_mb", "drain_timeout_s",
 }
 _FRACTIONS = {"val_fraction", "test_fraction", "dropout", "zoom", "shift", "brightness", "contrast"}
 

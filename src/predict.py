@@ -29,105 +29,10 @@ from medq import artifacts, runrecord
 from medq.data.common import UNREAD_IMAGE_SUFFIXES, is_junk, walk
 from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom, low_range_advice
 from medq.errors import MedqError
+from medq.inference import DEFAULT_THRESHOLD, Predictor, RunInfo, model_location, read_run, record
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
 from medq.tta import ten_crops
-
-# --model choice → (manifest artifact key, the file's usual name, the stage that writes it)
-MODELS = {
-    "fp32": ("fp32_pb", "model_fp32.pb", "medq freeze"),
-    "int8": ("int8_pb", "model_int8.pb", "medq quantize"),
-    "keras": ("keras_model", "model.keras", "medq train"),
-}
-KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
-DEFAULT_THRESHOLD = 0.5
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What prediction needs from a run's manifest."""
-
-    run_dir: Path
-    classes: list[str]
-    task: str
-    spec: PreprocessSpec
-    input_name: str = "input"
-    output_name: str = "output"
-    data_source: str | None = None  # 'synthetic phantoms (...)' or the real layout (manifest fact)
-
-
-def read_run(run_dir: str | Path) -> RunInfo:
-    """The run's classes, task, preprocessing and tensor names; one-line errors for anything missing."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MedqError(f"{run_dir}: no such run folder; pass --run output/<name> of a trained run "
-                        "(`medq runs list` shows them)")
-    manifest_path = run_dir / runrecord.MANIFEST
-    if not manifest_path.is_file():
-        raise MedqError(f"{run_dir}: not a medq run (no {runrecord.MANIFEST}); pass --run output/<name> of a "
-                        "trained run (`medq runs list` shows them)")
-    facts = runrecord.read_manifest(run_dir).facts
-    missing = facts.missing("classes", "task", "preprocess")
-    if missing:
-        raise MedqError(f"{manifest_path}: no {', '.join(missing)} recorded; run `medq train` for this run first")
-    try:
-        spec = PreprocessSpec.from_dict(facts.preprocess)
-    except (KeyError, TypeError, ValueError):
-        raise MedqError(f"{manifest_path}: 'preprocess' must hold image_size, channels and normalization; "
-                        "re-run `medq train` for this run") from None
-    input_name, output_name = facts.tensor_names()
-    return RunInfo(run_dir, [str(c) for c in facts.classes], str(facts.task), spec, str(input_name),
-                   str(output_name), facts.data_source)
-
-
-def model_location(info: RunInfo, model: str = "fp32", model_file: str | Path | None = None) -> tuple[str, Path]:
-    """('graph' | 'keras', path) for ``--model`` or ``--model-file``."""
-    if model_file is not None:
-        path = Path(model_file)
-        if not path.exists():
-            raise MedqError(f"{path}: model file not found; pass a .pb frozen graph or a .keras model")
-        return ("keras" if path.suffix.lower() in KERAS_SUFFIXES or path.is_dir() else "graph"), path
-    if model not in MODELS:
-        raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
-    key, usual, stage = MODELS[model]
-    if runrecord.recorded_path(info.run_dir, key) is None:
-        raise MedqError(f"{info.run_dir}: this run has no {model.upper() if model != 'keras' else 'Keras'} model "
-                        f"({usual}); run `{stage}` for it first, or choose another --model")
-    return ("keras" if model == "keras" else "graph"), runrecord.verified_path(info.run_dir, key, hint=stage)
-
-
-class Predictor:
-    """Probabilities [N, K] for preprocessed images [N, S, S, C] from a frozen graph or a Keras model."""
-
-    def __init__(self, info: RunInfo, kind: str, path: Path, *, intra_op_threads: int = 0,
-                 inter_op_threads: int = 1, trust_model_file: bool = False):
-        self.kind, self.path, self.info = kind, Path(path), info
-        self.keras_model = None
-        self.graph = None
-        if kind == "keras":
-            from medq.models import load_keras_model
-
-            self.keras_model = load_keras_model(path, trust_legacy=trust_model_file)
-        else:
-            from medq.graph import FrozenGraph
-
-            self.graph = FrozenGraph(path, info.input_name, info.output_name, intra_op_threads=intra_op_threads,
-                                     inter_op_threads=inter_op_threads)
-
-    def __call__(self, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        if self.graph is not None:
-            probs = self.graph.predict(x, batch_size=batch_size)
-        else:
-            probs = np.concatenate([np.asarray(self.keras_model.predict_on_batch(x[i:i + batch_size]))
-                                    for i in range(0, len(x), batch_size)])
-        if probs.ndim != 2 or probs.shape[1] != len(self.info.classes):
-            raise MedqError(f"{self.path}: the model gives {probs.shape[1:]} outputs per image but the run lists "
-                            f"{len(self.info.classes)} classes; the model file does not belong to {self.info.run_dir}")
-        return probs
-
-    def close(self) -> None:
-        if self.graph is not None:
-            self.graph.close()
 
 
 # --- inputs -----------------------------------------------------------------------------------------------------
@@ -162,19 +67,6 @@ def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], i
                 else:
                     ignored += 1
     return found, ignored
-
-
-def record(path: Path, probs: np.ndarray, info: RunInfo, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """The JSON object for one image."""
-    out: dict[str, Any] = {"file": str(path),
-                           "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
-    if info.task == "multilabel":  # the findings at the threshold, as both keys: one schema for every task
-        out["findings"] = [c for c, p in zip(info.classes, probs) if p >= threshold]
-        out["prediction"] = out["findings"]
-        out["threshold"] = threshold
-    else:
-        out["prediction"] = info.classes[int(np.argmax(probs))]
-    return out
 
 
 def _error_text(path: Path, exc: Exception) -> str:

@@ -187,7 +187,7 @@ def _interpolate(value: str, where: str) -> str:
 
 def test_compose_services_mount_the_host_folders_and_run_as_the_callers_ids(compose):
     services = compose["services"]
-    assert set(services) == {"interactive", "pipeline"}
+    assert set(services) == {"interactive", "pipeline", "serve"}
     for name, service in services.items():
         build = service["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKER / "Dockerfile"
@@ -216,6 +216,24 @@ def test_compose_pipeline_runs_medq_run_on_the_config_MEDQ_CONFIG_names(compose)
     assert command[0] == "medq" and args.command == "run" and args.phantoms
     for config in (args.config, "configs/smoke.yaml"):  # docker/test.sh runs the smoke config
         assert load_config(REPO / config).data.root.endswith("/chest_xray")
+
+
+def test_compose_serve_publishes_medq_serve_on_the_hosts_loopback_only(compose):
+    from medq.config import ServeConfig
+
+    service = compose["services"]["serve"]
+    command = [_interpolate(part, "serve.command") for part in service["command"]]
+    args = build_parser().parse_args(command[1:])
+    assert command[0] == "medq" and args.command == "serve" and args.runs == ["default"] and args.model == "int8"
+    assert args.host == "0.0.0.0"  # the container's own interfaces: what a published port reaches
+    (published,) = [_interpolate(p, "serve.ports") for p in service["ports"]]
+    host_ip, host_port, container_port = published.split(":")
+    assert host_ip == "127.0.0.1" and int(container_port) == args.port and host_port.isdigit()
+    assert "${MEDQ_SERVE_PORT:-" in service["ports"][0]
+    assert f"127.0.0.1:{args.port}/v2/health/ready" in " ".join(service["healthcheck"]["test"])
+    grace = service["stop_grace_period"]
+    assert service["stop_signal"] == "SIGTERM" and grace.endswith("s")
+    assert float(grace[:-1]) > ServeConfig().drain_timeout_s, "docker must not SIGKILL a server still draining"
 
 
 def test_smoke_config_is_the_default_job_at_toy_size_on_the_default_phantoms():
@@ -368,6 +386,9 @@ def test_docker_test_script_runs_both_services_as_the_issue_asks():
     for command in interactive:
         parser.parse_args(shlex.split(command))
     assert "apt-get install" in script and all(p in script for p in ("docker.io", "docker-compose", "mmdebstrap"))
+    for needed in ("MEDQ_SERVE_RUN=smoke MEDQ_CONFIG=configs/smoke.yaml compose up -d serve", "/v2/health/ready",
+                   "/v1/models/smoke/predict", "compose stop serve", "{{.State.ExitCode}}"):
+        assert needed in script, f"docker/test.sh lost the serve service's check: {needed}"
 
 
 def test_ci_runs_docker_test_after_the_suite_unless_switched_off_or_out_of_time(tmp_path):

@@ -95,7 +95,8 @@ def test_thread_settings_come_from_the_runtime_config():
 
 # The lock file of each group of setup.cfg ranges (the base stack's file pins the test runner too).
 LOCKS = {"install_requires": "requirements.txt", "test": "requirements.txt",
-         "convert": "requirements-convert.txt", "reference": "requirements-reference.txt"}
+         "convert": "requirements-convert.txt", "reference": "requirements-reference.txt",
+         "serve_ray": "requirements-serve-ray.txt"}  # setuptools reads the extra serve-ray as serve_ray
 
 
 def setup_cfg_ranges() -> dict[str, dict[str, Requirement]]:

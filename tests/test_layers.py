@@ -10,7 +10,7 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # A stage is a module or package that `medq <command>` runs; the orchestrators (cli, pipeline) may import them all.
-STAGES = ("train", "tune", "freeze", "quantize", "benchmark", "convert", "predict")
+STAGES = ("train", "tune", "freeze", "quantize", "benchmark", "convert", "predict", "serve")
 
 
 # The one import allowed to break the run record's layering, until the branches that still call

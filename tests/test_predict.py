@@ -19,7 +19,6 @@ from medq import runrecord
 from medq.cli import main
 from medq.data.dicom import dicom_bytes, load_dicom
 from medq.graph import FrozenGraph
-from medq.hwinfo import thread_environment
 from medq.predict import (ImageInput, Predictor, RunInfo, collect_inputs, iter_predictions, model_location,
                           read_run, record, run_predict)
 from medq.preprocess import PreprocessSpec, load_batch
@@ -29,28 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, make_tiny_run):
     """A 32-px refkit-cnn trained 2 epochs on 60 phantom radiographs, frozen and (if INC can) quantized."""
-    from medq.config import load_config
-    from medq.data.phantoms import generate_chest_pneumonia
-    from medq.freeze import run_freeze
-    from medq.quantize import run_quantize
-    from medq.train import run_train
-
-    root = tmp_path_factory.mktemp("predict")
-    data = root / "data"
-    generate_chest_pneumonia(data, n_train=40, n_val=4, n_test=16, size=48, seed=1)
-    config = load_config(None, [f"run.output_dir={root / 'output'}", f"data.root={data}", "run.name=tiny",
-                                "data.generate=false", "preprocess.image_size=32", "train.epochs=2",
-                                "model.params={blocks: 2, filters: 4, dense_units: 8}",
-                                # a 2-epoch model: the criterion is wide, what is tested is the INT8 file's use
-                                f"quantize.deploy={REPO / 'tests' / 'fixtures' / 'wide_criterion_deploy.yaml'}"])
-    run_train(config)
-    run_freeze(config)
-    run_quantize(config)
-    test_files = sorted(str(p) for p in (data / "test").rglob("*.jpeg"))
-    return SimpleNamespace(config=config, run_dir=config.run_dir, root=root, data=data, test_files=test_files,
-                           spec=PreprocessSpec(32, 1, "unit"))
+    run = make_tiny_run(tmp_path_factory.mktemp("predict"))
+    return SimpleNamespace(**vars(run), spec=PreprocessSpec(32, 1, "unit"))
 
 
 def _frozen_probs(pb: Path, files: list[str], spec: PreprocessSpec) -> np.ndarray:
@@ -68,15 +49,6 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 def _probs(rec: dict) -> np.ndarray:
     return np.array(list(rec["probabilities"].values()))
-
-
-@pytest.fixture
-def clean_thread_env(monkeypatch):
-    """`medq predict` sets the thread variables (setdefault): undo that after the test."""
-    for key in list(thread_environment(SimpleNamespace(intra_op_threads=1, inter_op_threads=1, kmp_blocktime=1,
-                                                       kmp_affinity=""))):
-        monkeypatch.setenv(key, "placeholder")
-        monkeypatch.delenv(key)
 
 
 def _formats(folder: Path, source: str) -> dict[str, Path]:

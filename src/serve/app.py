@@ -1,0 +1,308 @@
+"""The HTTP application: Open Inference Protocol v2 endpoints, the images-in endpoint, /metrics, and the rules every
+request passes (bearer token, body limit, request id, in-flight count, draining).
+
+``create_app(models, settings)`` is the interface the server (and Ray Serve, Docker) build on: ``models`` are loaded
+and warmed-up :class:`~medq.serve.models.ServedModel` s, ``settings`` the config's ``serve:`` section. The app gives
+each model its own batcher (queue + worker thread) and stops them at its lifespan's shutdown, after the last request;
+the engines stay open (their owner closes them).
+
+Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image, a wrong tensor
+name, shape or datatype; 401 without the token; 404 for an unknown model or version; 413 for a body above
+``serve.max_body_mb``; 503 + Retry-After when the model's queue is full or the server is draining; 504 when a request
+waited past its deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Sequence
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medq.data.decode import UnreadableImage
+from medq.serve.batching import Batcher, DeadlineExceeded, QueueFull, Stopped
+from medq.serve.metrics import CONTENT_TYPE, Metrics
+from medq.serve.models import ServedModel
+from medq.serve.protocol import HEADER_LENGTH, BadRequest, decompress, encode_infer, parse_infer
+
+log = logging.getLogger("medq")
+SERVER_NAME = "medq"
+EXTENSIONS = ["binary_tensor_data"]
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+RETRY_AFTER_S = "1"
+
+
+class ServeError(Exception):
+    """An answer other than 200: ``status`` and one line."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+
+
+@dataclass
+class ServerState:
+    """What the signal handler and the endpoints share: draining, and how many requests are being handled."""
+
+    draining: bool = False
+    in_flight: int = 0
+
+    def idle(self) -> bool:
+        return self.in_flight == 0
+
+
+class BodyLimit:
+    """Refuse bodies above ``limit`` bytes: from Content-Length before reading, else while the body streams in."""
+
+    def __init__(self, app: Any, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            response = JSONResponse({"error": self._message(int(length))}, status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise ServeError(413, self._message(seen))
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _message(self, size: int) -> str:
+        return (f"request body of {size} bytes is above serve.max_body_mb ({self.limit / 2 ** 20:g} MiB); send "
+                "smaller images or raise the limit")
+
+
+def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | None = None,
+               state: ServerState | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """The application serving ``models`` under the ``serve:`` settings."""
+    by_name = {m.name: m for m in models}
+    if len(by_name) != len(models):
+        raise ValueError("two served models share a name")
+    state = state or ServerState()
+    metrics = metrics or Metrics()
+    batchers = {m.name: Batcher(m.engine, max_batch_size=settings.max_batch_size,
+                                max_queue_delay_s=settings.max_queue_delay_ms / 1000,
+                                max_queue_size=settings.max_queue_size, name=m.name, on_batch=metrics.on_batch(m.name))
+                for m in models}
+    for name, batcher in batchers.items():
+        metrics.queued.labels(name).set_function(lambda b=batcher: b.queued_images)
+    timeout_s = settings.request_timeout_ms / 1000
+    decoders = anyio.CapacityLimiter(os.cpu_count() or 1)  # images decoded at once: memory stays bounded
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for batcher in batchers.values():  # what is queued still runs
+            await anyio.to_thread.run_sync(batcher.close, settings.drain_timeout_s)
+
+    app = FastAPI(title="medq serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.models, app.state.server, app.state.metrics = by_name, state, metrics
+    body_limit = int(settings.max_body_mb * 2 ** 20)
+    app.add_middleware(BodyLimit, limit=body_limit)  # inside the middleware below: a 413 is counted and logged
+
+    @app.exception_handler(ServeError)
+    async def _serve_error(request: Request, exc: ServeError) -> Response:
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def _every_request(request: Request, call_next: Any) -> Response:
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        request.state.request_id = request_id
+        started = time.perf_counter()
+        state.in_flight += 1
+        metrics.in_flight.inc()
+        try:
+            if token is not None and not request.url.path.startswith("/v2/health/") and \
+                    not _authorized(request.headers.get("authorization", ""), token):
+                response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
+                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
+            else:
+                response = await call_next(request)
+        except Exception:  # a bug: the traceback to the log under the request id, one line to the client
+            log.exception("serve: request %s failed", request_id)
+            response = JSONResponse({"error": f"internal error; the server log has the details (request "
+                                              f"{request_id})"}, status_code=500)
+        finally:
+            state.in_flight -= 1
+            metrics.in_flight.dec()
+        seconds = time.perf_counter() - started
+        name = request.scope.get("path_params", {}).get("name")
+        model = name if name in by_name else "-"
+        endpoint = _endpoint(request)
+        metrics.requests.labels(model, endpoint, str(response.status_code)).inc()
+        if endpoint in ("infer", "predict"):
+            metrics.latency.labels(model, endpoint).observe(seconds)
+        response.headers["x-request-id"] = request_id
+        log.info("serve: request %s %s %s → %d in %.1f ms", request_id, request.method, request.url.path,
+                 response.status_code, seconds * 1000)
+        return response
+
+    def served(name: str, version: str | None = None) -> ServedModel:
+        model = by_name.get(name)
+        if model is None:
+            raise ServeError(404, f"model {name!r} is not served here; served: {', '.join(sorted(by_name))}")
+        if version is not None and version != model.version:
+            raise ServeError(404, f"model {name!r} has version {model.version}, not {version!r}")
+        return model
+
+    async def infer(model: ServedModel, x: np.ndarray, request: Request) -> np.ndarray:
+        if state.draining or not model.ready:
+            raise ServeError(503, "the server is shutting down" if state.draining else f"{model.name} is not ready",
+                             {"Retry-After": RETRY_AFTER_S})
+        try:
+            future = batchers[model.name].submit(x, timeout_s)
+        except (QueueFull, Stopped) as exc:
+            raise ServeError(503, str(exc), {"Retry-After": RETRY_AFTER_S}) from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout_s)
+        except (asyncio.TimeoutError, DeadlineExceeded):
+            raise ServeError(504, f"{model.name}: no answer within serve.request_timeout_ms "
+                             f"({settings.request_timeout_ms:g} ms)") from None
+        except Stopped as exc:
+            raise ServeError(503, str(exc), {"Retry-After": RETRY_AFTER_S}) from None
+        except Exception as exc:  # noqa: BLE001 - the engine failed: the server's fault, not the request's
+            log.error("serve: request %s: %s failed on its batch: %s: %s", request.state.request_id, model.name,
+                      type(exc).__name__, exc)
+            raise ServeError(500, f"{model.name}: the model failed on this batch ({type(exc).__name__}); the "
+                             f"server log has the details (request {request.state.request_id})") from None
+
+    # --- health and metadata ----------------------------------------------------------------------------------
+
+    @app.get("/v2")
+    async def server_metadata() -> dict[str, Any]:
+        from medq import __version__
+
+        return {"name": SERVER_NAME, "version": __version__, "extensions": EXTENSIONS}
+
+    @app.get("/v2/health/live")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        ok = not state.draining and all(m.ready for m in by_name.values())
+        return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        return served(name, version).metadata()
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        ok = served(name, version).ready and not state.draining
+        return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(name: str, version: str | None = None) -> dict[str, Any]:
+        """Triton's model-configuration extension, for clients that ask (tritonclient's get_model_config)."""
+        model = served(name, version)
+        return {"name": model.name, "platform": model.metadata()["platform"],
+                "max_batch_size": settings.max_batch_size,
+                "input": [{"name": model.input.name, "data_type": "TYPE_FP32", "dims": list(model.input.shape)}],
+                "output": [{"name": model.output.name, "data_type": "TYPE_FP32", "dims": list(model.output.shape)}],
+                "dynamic_batching": {"max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000)}}
+
+    # --- inference --------------------------------------------------------------------------------------------
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer_tensor(name: str, request: Request, version: str | None = None) -> Response:
+        model = served(name, version)
+        try:
+            body = decompress(await request.body(), request.headers.get("content-encoding", ""), body_limit)
+            if len(body) > body_limit:
+                raise ServeError(413, f"the request body inflates to more than serve.max_body_mb "
+                                 f"({settings.max_body_mb:g} MiB)")
+            parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), model.input, model.output,
+                                 settings.max_batch_size)
+        except BadRequest as exc:
+            raise ServeError(400, f"{name}: {exc}") from None
+        y = await infer(model, parsed.x, request)
+        content, headers = encode_infer(model.name, model.version, parsed, y)
+        return Response(content, headers=headers)
+
+    @app.post("/v1/models/{name}/predict")
+    async def predict_images(name: str, request: Request) -> Response:
+        model = served(name)
+        files, multipart = await _images(request, settings.max_batch_size, body_limit)
+        try:
+            x = np.stack([await anyio.to_thread.run_sync(model.image_input, data, limiter=decoders)
+                          for _, data in files])
+        except UnreadableImage as exc:
+            raise ServeError(400, f"{name}: {'the image' if len(files) == 1 else 'an image'} cannot be read: {exc}") \
+                from None
+        y = await infer(model, x, request)
+        answers = [model.answer(p, file) for (file, _), p in zip(files, y)]
+        return JSONResponse({"predictions": answers} if multipart else answers[0])
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+async def _images(request: Request, max_images: int, max_bytes: int) -> tuple[list[tuple[str | None, bytes]], bool]:
+    """([(the client's file name or None, bytes)] per image, multipart?): a multipart form's file parts, or the
+    whole body as one image."""
+    multipart = request.headers.get("content-type", "").startswith("multipart/")
+    if multipart:
+        form = await request.form(max_files=max_images, max_fields=max_images, max_part_size=max_bytes)
+        files = [(part.filename, await part.read()) for _, part in form.multi_items() if hasattr(part, "read")]
+        if not files:
+            raise ServeError(400, "the multipart body holds no file parts; send each image as a file part")
+    else:
+        files = [(None, await request.body())]
+    if len(files) > max_images:
+        raise ServeError(400, f"{len(files)} images in one request, above serve.max_batch_size {max_images}")
+    empty = [i for i, (_, data) in enumerate(files) if not data]
+    if empty:
+        raise ServeError(400, "the request body is empty; send a PNG, JPEG or DICOM file as the body"
+                         if not multipart else f"file part {empty[0] + 1} is empty")
+    return files, multipart
+
+
+def _authorized(header: str, token: str) -> bool:
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def _endpoint(request: Request) -> str:
+    """A fixed label per route (never the raw path: clients must not grow the metric's label set)."""
+    path = request.url.path
+    for suffix in ("infer", "predict", "ready", "config"):
+        if path.endswith("/" + suffix):
+            return suffix
+    if path.startswith("/v2/models/"):
+        return "metadata"
+    return {"/metrics": "metrics", "/v2": "server", "/v2/health/live": "live", "/v2/health/ready": "ready"}.get(
+        path, "other")

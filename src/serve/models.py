@@ -1,0 +1,113 @@
+"""A run served as one model: its manifest facts, its verified engine, and the images-in path.
+
+Loading (:func:`load_model`) refuses a model file whose sha256 differs from the manifest's or that is stale (the rule
+every stage applies, through runrecord.verified_path), then runs a warm-up batch; only then is the model ready.
+Images sent to ``/v1/models/{name}/predict`` are decoded and preprocessed by the same functions as `medq predict`
+(medq.data.decode.load_pixels, DICOM display pipeline included, and medq.preprocess.preprocess).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medq import runrecord
+from medq.data.decode import UnreadableImage, check_header
+from medq.errors import MedqError
+from medq.inference import MODELS, RunInfo, read_run, record
+from medq.preprocess import load_and_preprocess
+from medq.serve.engines import Engine, open_engine
+from medq.serve.protocol import TensorSpec
+
+log = logging.getLogger("medq")
+
+
+@dataclass
+class ServedModel:
+    name: str  # the run's name
+    info: RunInfo
+    engine: Engine
+    version: str  # the model file's sha256, first 12 hex digits
+    threshold: float
+    max_megapixels: float
+    ready: bool = False
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def input(self) -> TensorSpec:
+        return TensorSpec(self.info.input_name, self.info.spec.input_shape)
+
+    @property
+    def output(self) -> TensorSpec:
+        return TensorSpec(self.info.output_name, (len(self.info.classes),))
+
+    def metadata(self) -> dict[str, Any]:
+        """The v2 model metadata, with medq's facts under ``parameters``."""
+        return {"name": self.name, "versions": [self.version], "platform": "tensorflow_graphdef"
+                if self.engine.precision != "keras" else "keras",
+                "inputs": [self.input.describe()], "outputs": [self.output.describe()],
+                "parameters": {"classes": self.info.classes, "task": self.info.task,
+                               "preprocessing": self.info.spec.to_dict(),
+                               # binary/multiclass: the prediction is the arg-max class; multilabel: every label
+                               # whose probability reaches the threshold is a finding
+                               "decision": "threshold" if self.info.task == "multilabel" else "argmax",
+                               "threshold": self.threshold, "precision": self.engine.precision,
+                               "data_source": self.info.data_source, **self.facts}}
+
+    def image_input(self, data: bytes) -> np.ndarray:
+        """[S, S, C] for one PNG / JPEG / DICOM file's bytes, exactly as `medq predict` and the evaluation compute it
+        (medq.preprocess.load_and_preprocess: the run's decoding options, DICOM display pipeline, preprocessing).
+
+        The bytes go to a private temporary file (no client-supplied name or path is used) so that the very decoder
+        reads them: content sniffing, libjpeg's corruption check. ``data.max_megapixels`` is checked from a PNG or
+        JPEG header before any pixel is decoded (decompression bombs); DICOM is held to the decoder's own ceiling."""
+        fd, name = tempfile.mkstemp(prefix="medq-serve-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            problem = check_header(name, self.max_megapixels)
+            if problem:
+                raise UnreadableImage(problem)
+            return load_and_preprocess(name, self.info.spec)
+        except UnreadableImage as exc:
+            text = str(exc)
+            raise UnreadableImage(text[len(name) + 2:] if text.startswith(f"{name}: ") else text) from None
+        finally:
+            os.unlink(name)
+
+    def answer(self, probabilities: np.ndarray, file: str | None) -> dict[str, Any]:
+        """The `medq predict` line for one image."""
+        return record(file, probabilities, self.info, self.threshold)
+
+
+def load_model(run_dir: str | Path, model: str, *, threshold: float, max_megapixels: float, warmup_batch: int = 1,
+               intra_op_threads: int = 0, inter_op_threads: int = 1) -> ServedModel:
+    """The run's model, verified, loaded and warmed up (ready)."""
+    info = read_run(run_dir)
+    if model not in MODELS:
+        raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
+    engine = open_engine(info, model, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
+    key = MODELS[model][0]
+    sha = runrecord.load(info.run_dir).artifacts[key].sha256
+    served = ServedModel(Path(run_dir).name, info, engine, sha[:12], threshold, max_megapixels,
+                         facts={"artifact": engine.path.name, "sha256": sha})
+    warm = np.zeros((warmup_batch, *served.input.shape), np.float32)
+    try:
+        out = engine(warm)
+    except Exception:
+        engine.close()
+        raise
+    if out.shape != (warmup_batch, len(info.classes)) or not np.isfinite(out).all():
+        engine.close()
+        raise MedqError(f"{engine.path}: the warm-up batch gave {out.shape} outputs (finite: "
+                        f"{bool(np.isfinite(out).all())}) for {len(info.classes)} classes; the model file does not "
+                        f"belong to {info.run_dir}")
+    served.ready = True
+    log.info("serve: %s ready: %s model %s (sha256 %s), input %s, classes %s", served.name, model, engine.path,
+             served.version, list(served.input.shape), info.classes)
+    return served

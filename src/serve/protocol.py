@@ -1,0 +1,166 @@
+"""The Open Inference Protocol v2 (KServe / Triton / OpenVINO Model Server REST) bodies: parse an infer request into
+the model's input tensor, encode the answer. JSON tensors and the binary-data extension (``Inference-Header-Content-
+Length``: the JSON header, then each binary tensor's raw little-endian bytes in input order), which tritonclient uses by
+default. Every malformed request is a :class:`BadRequest` with one message saying what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+HEADER_LENGTH = "inference-header-content-length"
+DATATYPE = "FP32"  # every medq graph takes and returns float32
+
+
+class BadRequest(ValueError):
+    """The client's request is malformed; the message is the 400's."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]  # without the batch dimension
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": DATATYPE, "shape": [-1, *self.shape]}
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    x: np.ndarray  # float32 [N, *input shape]
+    binary_outputs: bool  # answer with the binary-data extension
+    outputs: list[str]
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body a ``Content-Encoding`` of gzip or deflate (tritonclient's request compression) stands for; at most
+    ``limit + 1`` bytes are inflated, so a compressed bomb is caught by the caller's size check, not by memory."""
+    encoding = encoding.strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise BadRequest(f"Content-Encoding {encoding!r} is not accepted; send gzip, deflate or no encoding")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        return inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"the body is not valid {encoding} data ({exc})") from None
+
+
+def _json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what} must be a JSON object")
+    return value
+
+
+def parse_infer(body: bytes, header_length: str | None, tensor: TensorSpec, output: TensorSpec,
+                max_batch_size: int) -> InferRequest:
+    """The request's one input tensor, checked against the model's name, datatype and shape."""
+    if header_length is None:
+        head, binary = _json(body, "the request body"), b""
+    else:
+        try:
+            size = int(header_length)
+        except ValueError:
+            raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
+        if not 0 < size <= len(body):
+            raise BadRequest(f"Inference-Header-Content-Length {size} is outside the body's {len(body)} bytes")
+        head, binary = _json(body[:size], "the request's JSON header"), body[size:]
+    inputs = head.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise BadRequest(f"'inputs' must be a list holding one tensor, {tensor.name!r}")
+    item = inputs[0]
+    if item.get("name") != tensor.name:
+        raise BadRequest(f"input {item.get('name')!r}: this model's input is {tensor.name!r}")
+    if item.get("datatype") != DATATYPE:
+        raise BadRequest(f"input {tensor.name!r}: datatype {item.get('datatype')!r}, expected {DATATYPE} "
+                         "(float32 images preprocessed as GET /v2/models/{name} describes)")
+    shape = item.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise BadRequest(f"input {tensor.name!r}: 'shape' must be a list of integers")
+    if len(shape) != 1 + len(tensor.shape) or tuple(shape[1:]) != tensor.shape or shape[0] < 1:
+        raise BadRequest(f"input {tensor.name!r}: shape {shape}, expected [N, {', '.join(map(str, tensor.shape))}] "
+                         f"with N ≥ 1")
+    if shape[0] > max_batch_size:
+        raise BadRequest(f"input {tensor.name!r}: {shape[0]} images in one request, above serve.max_batch_size "
+                         f"{max_batch_size}; split the request")
+    count = math.prod(shape)
+    parameters = item.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest(f"input {tensor.name!r}: 'parameters' must be an object")
+    if "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if size != count * 4 or size != len(binary):
+            raise BadRequest(f"input {tensor.name!r}: binary_data_size {size} with {len(binary)} binary bytes "
+                             f"in the body; shape {shape} of FP32 needs {count * 4}")
+        x = np.frombuffer(binary, dtype="<f4").reshape(shape)
+    else:
+        if binary:
+            raise BadRequest(f"input {tensor.name!r}: the body carries binary data but the input has no "
+                             "binary_data_size parameter")
+        data = item.get("data")
+        if data is None:
+            raise BadRequest(f"input {tensor.name!r}: no 'data' and no binary_data_size")
+        try:
+            x = np.asarray(data, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise BadRequest(f"input {tensor.name!r}: 'data' must hold numbers only") from None
+        if x.size != count:
+            raise BadRequest(f"input {tensor.name!r}: 'data' holds {x.size} values, shape {shape} needs {count}")
+        x = x.reshape(shape)
+    if not np.isfinite(x).all():
+        raise BadRequest(f"input {tensor.name!r}: holds NaN or infinite values")
+    return InferRequest(_request_id(head), np.ascontiguousarray(x, dtype=np.float32),
+                        *_requested_outputs(head, output))
+
+
+def _request_id(head: dict[str, Any]) -> str | None:
+    value = head.get("id")
+    if value is not None and not isinstance(value, str):
+        raise BadRequest("'id' must be a string")
+    return value
+
+
+def _requested_outputs(head: dict[str, Any], output: TensorSpec) -> tuple[bool, list[str]]:
+    parameters = head.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise BadRequest("'parameters' must be an object")
+    binary = parameters.get("binary_data_output") is True
+    outputs = head.get("outputs")
+    if outputs is None:
+        return binary, [output.name]
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise BadRequest("'outputs' must be a list of objects")
+    names = []
+    for o in outputs:
+        if o.get("name") != output.name:
+            raise BadRequest(f"output {o.get('name')!r}: this model's output is {output.name!r}")
+        names.append(output.name)
+        binary = binary or (o.get("parameters") or {}).get("binary_data") is True
+    return binary, names
+
+
+def encode_infer(model: str, version: str, request: InferRequest, y: np.ndarray) -> tuple[bytes, dict[str, str]]:
+    """(body, extra headers) of the answer; binary outputs go after the JSON header as raw float32."""
+    y = np.ascontiguousarray(y, dtype="<f4")
+    out: dict[str, Any] = {"name": request.outputs[0], "datatype": DATATYPE, "shape": list(y.shape)}
+    head: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": [out]}
+    if request.id is not None:
+        head["id"] = request.id
+    if not request.binary_outputs:
+        out["data"] = y.ravel().tolist()
+        return json.dumps(head).encode(), {"content-type": "application/json"}
+    raw = y.tobytes()
+    out["parameters"] = {"binary_data_size": len(raw)}
+    header = json.dumps(head).encode()
+    return header + raw, {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(header))}

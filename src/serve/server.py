@@ -1,0 +1,159 @@
+"""`medq serve`: check the settings, load and warm up every run's model, then serve until SIGTERM or Ctrl-C.
+
+The first SIGTERM/SIGINT drains: readiness and new inference requests answer 503, requests already in flight finish
+(up to serve.drain_timeout_s), then the server exits 0. A second signal stops at once.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import stat
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import uvicorn
+
+from medq.errors import ConfigError, MedqError
+from medq.hwinfo import thread_settings_in_force
+from medq.serve.app import ServerState, create_app
+from medq.serve.models import ServedModel, load_model
+
+log = logging.getLogger("medq")
+
+
+def check_settings(settings: Any) -> None:
+    """One-line errors for serve settings the config's own checks cannot see."""
+    if not settings.runs:
+        raise ConfigError("serve.runs: no run to serve; pass --run NAME (repeatable) or list them in serve.runs")
+    if not 0.0 < settings.threshold < 1.0:
+        raise ConfigError(f"serve.threshold {settings.threshold}: must be between 0 and 1")
+    if settings.max_queue_delay_ms < 0:
+        raise ConfigError(f"serve.max_queue_delay_ms {settings.max_queue_delay_ms}: must be 0 or more")
+    if settings.max_queue_size < settings.max_batch_size:
+        raise ConfigError(f"serve.max_queue_size {settings.max_queue_size} is below serve.max_batch_size "
+                          f"{settings.max_batch_size}: a full batch could never queue; raise max_queue_size")
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError(f"serve.port {settings.port}: must be 0-65535")
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ConfigError("serve.tls_cert and serve.tls_key go together: pass both --tls-cert and --tls-key")
+    for key in ("tls_cert", "tls_key", "token_file"):
+        value = getattr(settings, key)
+        if value is not None and not Path(value).is_file():
+            raise ConfigError(f"{value}: serve.{key} file not found")
+
+
+def read_token(path: str | None) -> str | None:
+    """The bearer token in ``path`` (one line); refused when empty, warned about when others may read it."""
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: the token file cannot be read ({type(exc).__name__}); pass a readable UTF-8 "
+                          "file holding the token") from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"{path}: the token file must hold one token (no spaces); e.g. "
+                          "`python -c 'import secrets; print(secrets.token_urlsafe(32))' > token`")
+    if os.stat(path).st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("serve: %s is readable by other users; `chmod 600 %s`", path, path)
+    return token
+
+
+def load_models(config: Any, run_dirs: Sequence[str | Path]) -> list[ServedModel]:
+    """Every run's model, verified and warmed up; on any failure the ones loaded are closed again."""
+    names = [Path(r).name for r in run_dirs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"serve.runs: two runs named {sorted(n for n in names if names.count(n) > 1)[0]!r}; a "
+                          "model is named by its run folder, so serve runs with different names")
+    models: list[ServedModel] = []
+    try:
+        for run_dir in run_dirs:
+            models.append(load_model(run_dir, config.serve.model, threshold=config.serve.threshold,
+                                     max_megapixels=config.data.max_megapixels,
+                                     warmup_batch=config.serve.max_batch_size,
+                                     intra_op_threads=config.runtime.intra_op_threads,
+                                     inter_op_threads=config.runtime.inter_op_threads))
+    except BaseException:
+        close_models(models)
+        raise
+    return models
+
+
+def close_models(models: Sequence[ServedModel]) -> None:
+    for m in models:
+        m.engine.close()
+
+
+def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
+    settings = config.serve
+    check_settings(settings)
+    token = read_token(settings.token_file)
+    log.info("serve: thread settings in force %s (runtime: intra_op_threads=%s, inter_op_threads=%s)",
+             {k: v for k, v in thread_settings_in_force().items() if v is not None},
+             config.runtime.intra_op_threads, config.runtime.inter_op_threads)
+    models = load_models(config, run_dirs)
+    state = ServerState()
+    try:
+        app = create_app(models, settings, token=token, state=state)
+        uv = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                            ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key, server_header=False,
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
+                            # connections at once (each may hold a body up to max_body_mb): beyond, uvicorn answers 503
+                            limit_concurrency=len(models) * settings.max_queue_size + 32)
+        server = DrainingServer(uv, state, settings.drain_timeout_s)
+        scheme = "https" if settings.tls_cert else "http"
+        log.info("serve: %s on %s://%s:%d (batches ≤ %d images, ≤ %g ms wait, queue ≤ %d images%s)",
+                 ", ".join(m.name for m in models), scheme, settings.host, settings.port, settings.max_batch_size,
+                 settings.max_queue_delay_ms, settings.max_queue_size, ", bearer token required" if token else "")
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits when it cannot bind
+            server.started = False
+        if not server.started:
+            raise MedqError(f"{settings.host}:{settings.port}: the server could not listen there (in use, or not "
+                            "this machine's address); choose another --port/--host")
+    finally:
+        close_models(models)
+    log.info("serve: stopped")
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a drain on the first signal instead of an immediate close."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
+        super().__init__(config)
+        self.state, self.drain_timeout_s = state, drain_timeout_s
+        self._drain_deadline: float | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # uvicorn's own handler closes the listener at once and re-raises the signal after shutdown (the process
+        # would die by SIGTERM instead of exiting 0); this one drains first.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: Any) -> None:
+        if self.state.draining:  # a second signal: stop now
+            self.should_exit = self.force_exit = True
+            return
+        log.info("serve: %s: draining (new requests get 503; %d in flight)", signal.Signals(sig).name,
+                 self.state.in_flight)
+        self.state.draining = True
+        self._drain_deadline = time.monotonic() + self.drain_timeout_s
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._drain_deadline is not None and (self.state.idle() or time.monotonic() > self._drain_deadline):
+            self.should_exit = True
+        return await super().on_tick(counter)

@@ -1,0 +1,507 @@
+"""`medq serve` against a tiny trained, frozen and quantized run: the v2 protocol through tritonclient, the same
+probabilities as `medq predict` for PNG/JPEG/DICOM, batching, the bounded queue, SIGTERM drain, refusal of a tampered or
+stale model, the bearer token, and bad input answered 400 with one message."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+import requests
+
+pytest.importorskip("fastapi")
+tritonclient_http = pytest.importorskip("tritonclient.http")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from medq import runrecord  # noqa: E402
+from medq.config import ServeConfig  # noqa: E402
+from medq.data.dicom import dicom_bytes  # noqa: E402
+from medq.graph import FrozenGraph  # noqa: E402
+
+PATIENT = "Doe^Jane-4711"  # PatientID and PatientName of the test DICOM files: must never reach a log
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, make_tiny_run):
+    """The tiny quantized run (conftest), its models loaded once as the server loads them."""
+    from medq.serve import load_models
+
+    run = make_tiny_run(tmp_path_factory.mktemp("serve"))
+    models = load_models(run.config, [run.run_dir])
+    yield SimpleNamespace(**vars(run), models=models, int8=runrecord.recorded_path(run.run_dir, "int8_pb"))
+    for m in models:
+        m.engine.close()
+
+
+@contextlib.contextmanager
+def serving(models, *, token=None, **settings):
+    """The app on an ephemeral port in a thread of this process; yields its base URL (http://127.0.0.1:PORT)."""
+    import uvicorn
+
+    from medq.serve import create_app
+
+    app = create_app(models, ServeConfig(**settings), token=token)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the test server did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+def _metric(base: str, name: str, **labels) -> float:
+    """A sample's value from /metrics, read with prometheus_client's own parser (0 when absent)."""
+    text = requests.get(f"{base}/metrics", timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+
+
+def _wait_for(condition, what: str, limit_s: float = 120) -> None:
+    """Poll until ``condition()``; the limit only stops a hung test, it asserts nothing about speed."""
+    end = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < end, f"gave up waiting for {what}"
+        time.sleep(0.05)
+
+
+def _graph_probs(pb: Path, x: np.ndarray) -> np.ndarray:
+    with FrozenGraph(pb) as graph:
+        return graph.predict(x)
+
+
+def _batch(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 32, 32, 1), dtype=np.float32)
+
+
+# --- the protocol -------------------------------------------------------------------------------------------------
+
+def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
+    sha = hashlib.sha256(tiny.int8.read_bytes()).hexdigest()
+    with serving(tiny.models) as base:
+        client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
+        assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny")
+        assert client.get_server_metadata()["name"] == "medq"
+        meta = client.get_model_metadata("tiny")
+        assert meta["versions"] == [sha[:12]]
+        assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 32, 32, 1]}]
+        assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 2]}]
+        facts = meta["parameters"]
+        assert (facts["classes"], facts["task"], facts["precision"], facts["sha256"]) == \
+            (["NORMAL", "PNEUMONIA"], "binary", "int8", sha)
+        assert facts["preprocessing"].items() >= {"image_size": 32, "channels": 1, "normalization": "unit"}.items()
+        assert client.get_model_config("tiny")["max_batch_size"] == 8
+        x = _batch(3)
+        want = _graph_probs(tiny.int8, x)
+        for binary in (False, True):
+            tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            out = tritonclient_http.InferRequestedOutput("output", binary_data=binary)
+            result = client.infer("tiny", [tensor], outputs=[out], request_id="r-1")
+            np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-6)
+            assert result.get_response()["id"] == "r-1"
+            assert result.get_response()["model_version"] == sha[:12]
+        result = client.infer("tiny", [tensor])  # no outputs named: tritonclient asks for binary outputs
+        np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-6)
+        for algorithm in ("gzip", "deflate"):
+            result = client.infer("tiny", [tensor], request_compression_algorithm=algorithm)
+            np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-6)
+        with pytest.raises(tritonclient_http.InferenceServerException, match="version"):
+            client.infer("tiny", [tensor], model_version="0000")
+        with pytest.raises(tritonclient_http.InferenceServerException, match="not served"):
+            client.get_model_metadata("other")
+
+
+def test_two_runs_served_side_by_side_with_the_fp32_graph_and_the_keras_model(tiny, tmp_path):
+    import copy
+
+    from medq.errors import ConfigError
+    from medq.serve import load_models
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny.run_dir, second, ignore=shutil.ignore_patterns("nc_workspace", "checkpoints", "logs"))
+    x = _batch(4, seed=7)
+    want = _graph_probs(runrecord.recorded_path(tiny.run_dir, "fp32_pb"), x)
+    for model, tolerance in (("fp32", 1e-6), ("keras", 1e-5)):  # Keras and its frozen graph: float rounding only
+        config = copy.deepcopy(tiny.config)
+        config.serve.model = model
+        models = load_models(config, [tiny.run_dir, second])
+        try:
+            with serving(models) as base:
+                client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
+                for name in ("tiny", "second"):
+                    assert client.get_model_metadata(name)["parameters"]["precision"] == model
+                    tensor = tritonclient_http.InferInput("input", list(x.shape), "FP32")
+                    tensor.set_data_from_numpy(x)
+                    np.testing.assert_allclose(client.infer(name, [tensor]).as_numpy("output"), want, atol=tolerance)
+        finally:
+            for m in models:
+                m.engine.close()
+    with pytest.raises(ConfigError, match="two runs named 'tiny'"):
+        load_models(tiny.config, [tiny.run_dir, tmp_path / "elsewhere" / "tiny"])
+
+
+# --- images in: the same answer as `medq predict` -------------------------------------------------------------------
+
+def _films(folder: Path, source: str) -> list[Path]:
+    """One radiograph as PNG, JPEG, DICOM MONOCHROME2, and 12-bit DICOM MONOCHROME1 with a VOI window."""
+    gray = cv2.imread(source, cv2.IMREAD_GRAYSCALE)
+    twelve = (4095 - gray.astype(np.uint16) * 16).astype(np.uint16)  # inverted, 12 bits: the display pipeline's work
+    contents = {"film.png": cv2.imencode(".png", gray)[1].tobytes(),
+                "film.jpeg": cv2.imencode(".jpeg", gray, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(),
+                "film_m2.dcm": dicom_bytes(gray, patient_id=PATIENT),
+                "film_m1.dcm": dicom_bytes(twelve, photometric="MONOCHROME1", bits_stored=12, window=(2000, 3000),
+                                           patient_id=PATIENT)}
+    folder.mkdir(parents=True)
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    return [folder / name for name in contents]
+
+
+def test_images_in_give_exactly_the_predict_cli_probabilities(tiny, tmp_path, clean_thread_env):
+    from medq.cli import main
+
+    files = _films(tmp_path / "a", tiny.test_files[0]) + _films(tmp_path / "b", tiny.test_files[5])
+    out = tmp_path / "predict.jsonl"
+    assert main(["predict", "--run", str(tiny.run_dir), "--model", "int8", "-q", "-o", str(out),
+                 *map(str, files)]) == 0
+    expected = {Path(r["file"]): r for r in map(json.loads, out.read_text().splitlines())}
+    assert len(expected) == len(files)
+    with serving(tiny.models) as base:
+        for path in files:  # one image per request, the file as the body
+            got = requests.post(f"{base}/v1/models/tiny/predict", data=path.read_bytes(), timeout=60)
+            assert got.status_code == 200, got.text
+            answer = got.json()
+            assert answer["probabilities"] == expected[path]["probabilities"], path.name
+            assert answer["prediction"] == expected[path]["prediction"]
+        paths = files[:4]  # several images in one multipart request, answered in part order
+        parts = [("image", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
+        got = requests.post(f"{base}/v1/models/tiny/predict", files=parts, timeout=60)
+        assert got.status_code == 200, got.text
+        answers = got.json()["predictions"]
+        assert [a["file"] for a in answers] == [p.name for p in paths]
+        assert [a["probabilities"] for a in answers] == [expected[p]["probabilities"] for p in paths]
+
+
+# --- batching, the bounded queue ------------------------------------------------------------------------------------
+
+def _infer_json(base: str, x: np.ndarray, headers: dict | None = None) -> requests.Response:
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}]}
+    return requests.post(f"{base}/v2/models/tiny/infer", json=body, headers=headers or {}, timeout=120)
+
+
+def test_concurrent_requests_run_in_fewer_engine_calls(tiny):
+    x = _batch(8, seed=3)
+    want = _graph_probs(tiny.int8, x)
+    with serving(tiny.models, max_batch_size=8, max_queue_delay_ms=2000, max_queue_size=64) as base:
+        results: dict[int, requests.Response] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _infer_json(base, x[i:i + 1])))
+                   for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(8):  # each request gets its own row back, whatever batch it ran in
+            assert results[i].status_code == 200, results[i].text
+            np.testing.assert_allclose(results[i].json()["outputs"][0]["data"], want[i], atol=1e-6)
+        calls = _metric(base, "medq_batch_size_count", model="tiny")
+        assert _metric(base, "medq_batch_size_sum", model="tiny") == 8
+        assert calls < 8, f"8 concurrent requests took {calls} engine calls: nothing was batched"
+        assert _metric(base, "medq_requests_total", model="tiny", endpoint="infer", status="200") == 8
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(tiny):
+    with serving(tiny.models, max_batch_size=4, max_queue_delay_ms=3000, max_queue_size=4) as base:
+        first: dict[str, requests.Response] = {}
+        waiting = threading.Thread(target=lambda: first.setdefault("r", _infer_json(base, _batch(3))))
+        waiting.start()  # 3 images wait for a fourth (or the 3 s delay)
+        _wait_for(lambda: _metric(base, "medq_queued_images", model="tiny") == 3, "the first request to queue")
+        refused = _infer_json(base, _batch(2))  # 3 + 2 > max_queue_size 4
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert "max_queue_size" in refused.json()["error"]
+        waiting.join()
+        assert first["r"].status_code == 200  # the queued request still ran
+
+
+# --- start and stop ---------------------------------------------------------------------------------------------
+
+def _serve_process(tiny, tmp_path, *extra: str, tls: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`medq serve --run tiny` in a child process on a free port, once it answers ready; (process, base URL)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "medq", "serve", "--set", f"run.output_dir={tiny.root / 'output'}",
+                             "--run", "tiny", "--port", str(port), *extra],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    base = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        with contextlib.suppress(requests.ConnectionError):
+            return requests.get(f"{base}/v2/health/ready", timeout=5, verify=str(tls or True)).status_code == 200
+        return False
+
+    _wait_for(ready, "the server to be ready", 300)
+    return proc, base
+
+
+@contextlib.contextmanager
+def _stopped(proc: subprocess.Popen):
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_and_exits_0(tiny, tmp_path):
+    proc, base = _serve_process(tiny, tmp_path, "--set", "serve.max_queue_delay_ms=4000")
+    with _stopped(proc):
+        x = _batch(2, seed=5)
+        want = _graph_probs(tiny.int8, x)
+        results: dict[int, requests.Response] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, _infer_json(base, x[i:i + 1])))
+                   for i in range(2)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: _metric(base, "medq_queued_images", model="tiny") == 2, "two requests in the queue")
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: requests.get(f"{base}/v2/health/ready", timeout=5).status_code == 503, "draining")
+        late = _infer_json(base, x[:1])
+        assert late.status_code == 503 and "shutting down" in late.json()["error"]
+        for t in threads:
+            t.join()
+        for i in range(2):
+            assert results[i].status_code == 200, results[i].text
+            np.testing.assert_allclose(results[i].json()["outputs"][0]["data"], want[i], atol=1e-6)
+        assert proc.wait(120) == 0, (tmp_path / "serve.log").read_text()
+
+
+def _copy_run(tiny, tmp_path: Path) -> Path:
+    run = tmp_path / "output" / "tiny"
+    shutil.copytree(tiny.run_dir, run, ignore=shutil.ignore_patterns("nc_workspace", "checkpoints", "logs"))
+    return run
+
+
+def _refused(run: Path, tmp_path: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "medq", "serve", "--run", str(run), "--port", "0"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("medq serve: error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr and "ready" not in done.stderr, done.stderr
+    return errors[0]
+
+
+def test_a_tampered_or_stale_model_is_refused_at_start(tiny, tmp_path):
+    run = _copy_run(tiny, tmp_path / "tampered")
+    with open(run / "model_int8.pb", "ab") as fh:
+        fh.write(b"\0")
+    assert "sha256 differs" in _refused(run, tmp_path)
+
+    run = _copy_run(tiny, tmp_path / "stale")
+    manifest = json.loads((run / runrecord.MANIFEST).read_text())
+    manifest["artifacts"]["fp32_pb"]["sha256"] = "0" * 64  # as if `medq freeze` had written a new FP32 graph
+    (run / runrecord.MANIFEST).write_text(json.dumps(manifest))
+    assert "stale" in _refused(run, tmp_path)
+
+
+# --- security and bad input -----------------------------------------------------------------------------------------
+
+def test_the_bearer_token_is_required_when_configured(tiny):
+    with serving(tiny.models, token="s3cret-token") as base:
+        url = f"{base}/v2/models/tiny"
+        assert requests.get(url, timeout=30).status_code == 401
+        assert requests.get(url, headers={"Authorization": "Bearer wrong"}, timeout=30).status_code == 401
+        assert requests.get(f"{base}/metrics", timeout=30).status_code == 401
+        assert requests.get(url, headers={"Authorization": "Bearer s3cret-token"}, timeout=30).status_code == 200
+        assert _infer_json(base, _batch(1)).status_code == 401
+        assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200  # probes need no token
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, made with the cryptography library."""
+    import datetime
+
+    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_and_the_token_file_from_the_command_line(tiny, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    token = tmp_path / "token"
+    token.write_text("k9-Xq2-token\n")
+    token.chmod(0o600)
+    proc, base = _serve_process(tiny, tmp_path, "--token-file", str(token), "--tls-cert", str(cert), "--tls-key",
+                                str(key), tls=cert)
+    with _stopped(proc):
+        url = f"{base}/v2/models/tiny"
+        assert requests.get(url, verify=str(cert), timeout=30).status_code == 401
+        good = requests.get(url, verify=str(cert), headers={"Authorization": "Bearer k9-Xq2-token"}, timeout=30)
+        assert good.status_code == 200 and good.json()["name"] == "tiny"
+        with pytest.raises(requests.ConnectionError):  # no plain HTTP beside HTTPS
+            requests.get(url.replace("https://", "http://"), timeout=30)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+
+
+def test_bad_input_is_a_400_with_one_message_and_the_server_carries_on(tiny, tmp_path):
+    x = _batch(1)
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": x.ravel().tolist()}
+    png = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))[1].tobytes()
+    binary = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "parameters": {"binary_data_size": 4096}}
+    head = json.dumps({"inputs": [binary]}).encode()  # announces 4096 bytes, carries 8
+    with serving(tiny.models, max_body_mb=1) as base:
+        infer = f"{base}/v2/models/tiny/infer"
+        predict = f"{base}/v1/models/tiny/predict"
+        cases = {
+            "not valid JSON": requests.post(infer, data=b"{nope", timeout=30),
+            "shape": requests.post(infer, json={"inputs": [{**tensor, "shape": [1, 28, 28, 1]}]}, timeout=30),
+            "datatype": requests.post(infer, json={"inputs": [{**tensor, "datatype": "INT8"}]}, timeout=30),
+            "input": requests.post(infer, json={"inputs": [{**tensor, "name": "pixels"}]}, timeout=30),
+            "holds": requests.post(infer, json={"inputs": [{**tensor, "data": tensor["data"][:-1]}]}, timeout=30),
+            "NaN": requests.post(infer, data=json.dumps({"inputs": [{**tensor, "data": [float("nan")] * 1024}]}),
+                                 timeout=30),
+            "binary_data_size": requests.post(infer, data=head + b"\0" * 8, timeout=30,
+                                              headers={"Inference-Header-Content-Length": str(len(head))}),
+            "not a PNG, JPEG or DICOM": requests.post(predict, data=b"<html>hello</html>", timeout=30),
+            "truncated": requests.post(predict, data=png[:-20], timeout=30),
+            "empty": requests.post(predict, data=b"", timeout=30),
+        }
+        for expected, answer in cases.items():
+            assert answer.status_code == 400, (expected, answer.status_code, answer.text)
+            message = answer.json()["error"]
+            assert expected in message and "\n" not in message, (expected, message)
+        big = requests.post(predict, data=b"\0" * (2 * 2 ** 20), timeout=30)
+        assert big.status_code == 413 and "max_body_mb" in big.json()["error"]
+        bomb = requests.post(infer, data=gzip.compress(b" " * (2 * 2 ** 20)), headers={"Content-Encoding": "gzip"},
+                             timeout=30)  # 2 KiB that inflate to 2 MiB
+        assert bomb.status_code == 413 and "inflates" in bomb.json()["error"]
+        garbled = requests.post(infer, data=b"not gzip", headers={"Content-Encoding": "gzip"}, timeout=30)
+        assert garbled.status_code == 400 and "not valid gzip" in garbled.json()["error"]
+        assert requests.post(f"{base}/v1/models/nope/predict", data=png, timeout=30).status_code == 404
+        assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200
+        assert _infer_json(base, x).status_code == 200
+
+
+def test_the_pixel_limit_refuses_a_large_image(tiny):
+    models = [dataclasses.replace(m, max_megapixels=0.001) for m in tiny.models]  # 1000 pixels at most
+    png = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))[1].tobytes()
+    with serving(models) as base:
+        answer = requests.post(f"{base}/v1/models/tiny/predict", data=png, timeout=30)
+        assert answer.status_code == 400 and "max_megapixels" in answer.json()["error"]
+
+
+def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
+    gray = cv2.imread(tiny.test_files[2], cv2.IMREAD_GRAYSCALE)
+    good = dicom_bytes(gray, patient_id=PATIENT)
+    with caplog.at_level(logging.INFO, logger="medq"), serving(tiny.models) as base:
+        url = f"{base}/v1/models/tiny/predict"
+        ok = requests.post(url, data=good, headers={"X-Request-ID": "trace-42"}, timeout=30)
+        bad = requests.post(url, data=good[:len(good) // 2], timeout=30)  # pixel data cut off
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "trace-42"
+    assert bad.status_code == 400 and PATIENT not in bad.text
+    text = caplog.text
+    assert "trace-42" in text and bad.headers["x-request-id"] in text
+    assert PATIENT not in text and "Doe" not in text
+
+
+class _HeldEngine:
+    """Stands in for a model: holds every call until released, or fails."""
+
+    precision, path = "int8", Path("stand-in.pb")
+
+    def __init__(self, fail: bool = False):
+        self.release, self.fail = threading.Event(), fail
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.fail:
+            raise RuntimeError("kernel exploded")
+        self.release.wait(60)
+        return np.full((len(x), 2), 0.5, np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def test_not_ready_deadline_and_engine_failure_answers(tiny, caplog):
+    held, broken = _HeldEngine(), _HeldEngine(fail=True)
+    models = [dataclasses.replace(tiny.models[0], name="held", engine=held),
+              dataclasses.replace(tiny.models[0], name="broken", engine=broken),
+              dataclasses.replace(tiny.models[0], name="cold", ready=False)]
+    with caplog.at_level(logging.INFO, logger="medq"), serving(models, request_timeout_ms=300) as base:
+        assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 503  # one model is not ready
+        assert requests.get(f"{base}/v2/models/cold/ready", timeout=30).status_code == 503
+        assert requests.get(f"{base}/v2/models/held/ready", timeout=30).status_code == 200
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [0.0] * 1024}]}
+        answers = {name: requests.post(f"{base}/v2/models/{name}/infer", json=body, timeout=60)
+                   for name in ("cold", "held", "broken")}
+        held.release.set()
+        assert answers["cold"].status_code == 503 and "not ready" in answers["cold"].json()["error"]
+        assert answers["held"].status_code == 504 and "request_timeout_ms" in answers["held"].json()["error"]
+        failed = answers["broken"]
+        assert failed.status_code == 500 and failed.headers["x-request-id"] in failed.json()["error"]
+        assert "kernel exploded" not in failed.text  # the details go to the log, not to the client
+    assert f"request {failed.headers['x-request-id']}: broken failed on its batch: RuntimeError: kernel exploded" \
+        in caplog.text
+
+
+def test_serve_settings_are_checked_with_one_line_each(tmp_path):
+    from medq.config import load_config
+    from medq.errors import ConfigError
+    from medq.serve.server import check_settings, read_token
+
+    for override, message in [("serve.max_batch_size=0", "greater than 0"), ("serve.model=fp16", "not allowed"),
+                              ("serve.port=http", "integer")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [override])
+    cases = [({"runs": []}, "no run to serve"), ({"threshold": 1.0}, "between 0 and 1"),
+             ({"max_queue_size": 4, "max_batch_size": 8}, "could never queue"),
+             ({"tls_cert": "cert.pem"}, "go together"), ({"token_file": str(tmp_path / "none")}, "not found")]
+    for changes, message in cases:
+        settings = dataclasses.replace(ServeConfig(runs=["tiny"]), **changes)
+        with pytest.raises(ConfigError, match=message):
+            check_settings(settings)
+    (tmp_path / "blank").write_text("\n")
+    with pytest.raises(ConfigError, match="one token"):
+        read_token(str(tmp_path / "blank"))
