@@ -214,7 +214,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
                           quiet=args.quiet, overwrite=args.overwrite,
                           intra_op_threads=config.runtime.intra_op_threads,
-                          inter_op_threads=config.runtime.inter_op_threads, trust_model_file=args.trust_model_file)
+                          inter_op_threads=config.runtime.inter_op_threads, trust_model_file=args.trust_model_file,
+                          dicom_sr_dir=args.dicom_sr)
     print(f"medq predict: {summary.line()}", file=sys.stderr)
     return summary.exit_code
 
@@ -409,12 +410,15 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heatmap", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per image and class here (uses the run's Keras model)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --heatmap replace PNG files already in DIR (without it an existing file is an error "
-                        "before any work starts)")
+                   help="let --heatmap / --dicom-sr replace files already in their folder (without it an existing "
+                        "file is an error before any work starts)")
     p.add_argument("--heatmap-classes", choices=["all", "predicted"], default="all",
                    help="heatmaps for every class (default) or only the predicted class / findings")
     p.add_argument("--heatmap-layer", metavar="NAME",
                    help="the Keras layer Grad-CAM reads (default: the last convolutional feature map)")
+    p.add_argument("--dicom-sr", metavar="DIR",
+                   help="write a DICOM Comprehensive SR per DICOM input here (findings, probabilities, threshold, "
+                        "model; references the source image, patient and study copied from it)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--threshold", type=float, default=0.5,
                    help="multi-label: a finding is reported when its probability reaches this (default 0.5)")
