@@ -220,6 +220,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return summary.exit_code
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from medq.modelcard import write_card
+    from medq.runs import resolve_run
+
+    written = write_card(resolve_run(args.name, _read_config(args)))
+    print(f"medq card: {written['md']} and {written['json']}", file=sys.stderr)
+    return 0
+
+
 def cmd_runs(args: argparse.Namespace) -> int:
     from medq.runs import format_run, format_runs, list_runs, resolve_run, run_summary
 
@@ -303,6 +312,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                     "parity-checked in onnxruntime"),
     "predict": (cmd_predict, "class probabilities (JSON lines) for image files or folders from a run's model, "
                              "optional ten-crop averaging and Grad-CAM heatmaps"),
+    "card": (cmd_card, "write the run's model card (model_card.md + .json) from its manifest and benchmark"),
     "runs": (cmd_runs, "list the runs under run.output_dir (`medq runs list`) or show one (`medq runs show NAME`)"),
 }
 
@@ -358,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
             _convert_arguments(p, name)
         if name == "predict":
             _predict_arguments(p)
+        if name == "card":
+            p.add_argument("name", nargs="?", help="the run name (or its folder); default: the config's run")
         if name == "runs":
             p.add_argument("action", nargs="?", choices=["list", "show"], default="list",
                            help="list (default): every run under run.output_dir; show NAME: one run in detail")

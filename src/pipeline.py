@@ -200,6 +200,9 @@ def _run_stages(config: Any, verbose: bool, phantoms: bool) -> dict[str, Any]:
     timed("quantize", run_quantize, config, verbose=verbose)
     report = timed("benchmark", run_benchmark, config, verbose=verbose)
     runrecord.commit(config.run_dir, "run", stage_seconds=timings, total_seconds=round(sum(timings.values()), 1))
+    from medq.modelcard import write_card
+
+    log.info("model card: %s", write_card(config.run_dir)["md"])
     return report
 
 
