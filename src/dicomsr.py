@@ -2,8 +2,8 @@
 
 The report is a TID 1500 Measurement Report, which viewers and PACS (OHIF, dcmqrscp, ...) already parse: per class
 one measurement group (TID 1501) whose finding type is the class, with its Probability (DCM 122157), the decision
-threshold (DCM 122411 Threshold Value) where one applies, and the decision as Finding (DCM 121071) = Present or
-Absent; every group names the source image (its SOP Class/Instance UID) and the algorithm (run name, model kind and
+threshold (DCM 122411 Threshold Value) where one applies, and the decision as a qualitative evaluation named by
+the class, valued Present or Absent (SNOMED CT); every group names the source image (its SOP Class/Instance UID) and the algorithm (run name, model kind and
 the first 12 hex digits of the model file's sha256). Study, series and patient attributes are copied from the source
 by highdicom, so the SR files into the source's study; the SR is a new series, preliminary and unverified.
 
@@ -125,8 +125,8 @@ def build_sr(source: Any, probabilities: dict[str, float], task: str, threshold:
         groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"medq {name}"),
             finding_type=class_code(name), algorithm_id=algorithm, measurements=measurements,
-            qualitative_evaluations=[hd.sr.QualitativeEvaluation(
-                codes.DCM.Finding, codes.SCT.Present if present else codes.SCT.Absent)],
+            qualitative_evaluations=[hd.sr.QualitativeEvaluation(  # the class itself: Present / Absent
+                class_code(name), codes.SCT.Present if present else codes.SCT.Absent)],
             source_images=[image]))
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
