@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +228,17 @@ def _png() -> bytes:
 
     ok, data = cv2.imencode(".png", np.full((40, 40), 128, np.uint8))
     return data.tobytes()
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (Debian package dicom3tools) not installed")
+def test_dciodvfy_finds_no_error_in_the_sr(tmp_path):
+    """David Clunie's IOD verifier (dicom3tools): the SR conforms to the Comprehensive SR IOD."""
+    from medq.dicomsr import ModelIdentity, write_sr
+
+    _source(tmp_path / "chest.dcm", seed=8)
+    target = write_sr(tmp_path / "chest.dcm", tmp_path / "chest.sr.dcm", {"NORMAL": 0.6, "PNEUMONIA": 0.4}, "binary",
+                      0.5, ModelIdentity("tiny", "fp32", "c" * 64))
+    result = subprocess.run(["dciodvfy", str(target)], capture_output=True, text=True, timeout=60)
+    report = result.stdout + result.stderr
+    assert "ComprehensiveSR" in report, report
+    assert not [line for line in report.splitlines() if line.startswith("Error")], report
