@@ -160,6 +160,13 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
         ci = ((row.get("metrics") or {}).get("ci") or {}).get("auc")
         if isinstance(ci, list) and len(ci) == 2 and ci[0] is not None and ci[0] <= 0.5:
             out.append(f"{row.get('id')}: the AUC's 95% interval [{ci[0]:.3f}, {ci[1]:.3f}] includes chance (0.5)")
+        metrics = row.get("metrics") or {}
+        classes = m.get("classes") or []
+        if m.get("task") == "binary" and len(classes) == 2:  # sensitivity is for the second class, at the threshold
+            for key, called in (("specificity", classes[1]), ("sensitivity", classes[0])):
+                if metrics.get(key) == 0.0:
+                    out.append(f"{row.get('id')}: {key} 0 at threshold {metrics.get('threshold')}: the model calls "
+                               f"every test image {called}")
         verdict = (row.get("fidelity") or {}).get("equivalent")
         if verdict is False:
             out.append(f"{row.get('id')}: not shown equivalent to FP32 ({row['fidelity'].get('verdict')})")
@@ -214,7 +221,11 @@ def render_markdown(card: dict[str, Any]) -> str:
                      f"{_num(row['calibration']['ece'])} | {fid_text} |")
     if not q["precision_paths"]:
         lines.append(f"| {NOT_DETERMINED} (no benchmark) | | | | | | | |")
-    lines += ["", f"- Thresholds and operating points: {_text(q['thresholds'])}",
+    for row in q["precision_paths"]:
+        for key, points in row["operating_points"].items():
+            lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
+                f"{target} → {_num(value)}" for target, value in (points or {}).items()))
+    lines += ["", f"- Thresholds: {_text(q['thresholds'])}",
               f"- Subgroups: {_text(q['subgroups'])}", f"- External evaluations: {_text(q['external_evaluations'])}",
               "", "## Caveats and recommendations (detected by medq)"]
     lines += [f"- {c}" for c in card["caveats_and_recommendations"]] or ["- none detected"]

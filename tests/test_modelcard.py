@@ -87,6 +87,7 @@ def test_card_values_are_the_records_values(tmp_path):
     assert paths["tensorflow-int8"]["fidelity_to_fp32"]["flipped_fraction"] == 0.02
     assert paths["tensorflow-fp32"]["fidelity_to_fp32"] == "reference"
     assert "| tensorflow-int8 | 0.810 [0.760, 0.850] | 0.876 [0.835, 0.917] |" in md
+    assert "- tensorflow-int8 sensitivity at specificity: 0.90 → 0.600" in md
     lineage = {row["path"]: row["sha256"] for row in card["lineage"]}
     for name in ("split.json", "model.keras", "model_fp32.pb", "benchmark.json"):
         assert lineage[name] == hashlib.sha256((run / name).read_bytes()).hexdigest()
@@ -103,6 +104,18 @@ def test_synthetic_data_is_said_first_and_the_card_says_what_it_is_for(tmp_path)
     caveats = " ".join(card["caveats_and_recommendations"])
     assert "SYNTHETIC DATA" in caveats and "paediatric" in caveats
     assert "tensorflow-int8: not shown equivalent to FP32" in caveats
+    assert "calls every test image" not in caveats  # sensitivity 0.9, specificity 0.7
+
+
+def test_a_model_that_calls_every_image_one_class_is_flagged(tmp_path):
+    run = _run(tmp_path)
+    bench = json.loads((run / "benchmark.json").read_text())
+    bench["results"][1]["metrics"].update(sensitivity=1.0, specificity=0.0)
+    runrecord.commit(run, "benchmark", artifacts={"benchmark_json": artifacts.write_json(
+        runrecord.staging_path(run, "benchmark.json"), bench)}, inputs=["fp32_pb", "split"])
+    card, _ = _card(run)
+    assert ("tensorflow-int8: specificity 0 at threshold 0.5: the model calls every test image PNEUMONIA"
+            in card["caveats_and_recommendations"])
 
 
 def test_real_data_has_no_synthetic_banner_and_other_layouts_no_paediatric_warning(tmp_path):
