@@ -221,11 +221,12 @@ def render_markdown(card: dict[str, Any]) -> str:
                      f"{_num(row['calibration']['ece'])} | {fid_text} |")
     if not q["precision_paths"]:
         lines.append(f"| {NOT_DETERMINED} (no benchmark) | | | | | | | |")
+    lines.append("")
     for row in q["precision_paths"]:
         for key, points in row["operating_points"].items():
             lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
                 f"{target} → {_num(value)}" for target, value in (points or {}).items()))
-    lines += ["", f"- Thresholds: {_text(q['thresholds'])}",
+    lines += [f"- Thresholds: {_text(q['thresholds'])}",
               f"- Subgroups: {_text(q['subgroups'])}", f"- External evaluations: {_text(q['external_evaluations'])}",
               "", "## Caveats and recommendations (detected by medq)"]
     lines += [f"- {c}" for c in card["caveats_and_recommendations"]] or ["- none detected"]
