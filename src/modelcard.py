@@ -26,9 +26,11 @@ KAGGLE_PAEDIATRIC = ("the Kaggle chest_xray (pneumonia) layout: its images come 
 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
-    """Everything the card reads: the manifest, the pinned split's patients per split, the benchmark report."""
+    """Everything the card reads: the manifest, its lineage, the pinned split's patients per split, the benchmark."""
     manifest = runrecord.read_manifest(run_dir)
-    record: dict[str, Any] = {"manifest": manifest, "benchmark": None, "patients": None}
+    lineage = [{**row, "sha256": manifest["artifacts"][row["key"]]["sha256"]}
+               for row in runrecord.load(run_dir).lineage() if not row["key"].startswith("model_card")]
+    record: dict[str, Any] = {"manifest": manifest, "lineage": lineage, "benchmark": None, "patients": None}
     split = runrecord.recorded_path(run_dir, "split")
     if split is not None and split.is_file():
         samples = json.loads(split.read_text(encoding="utf-8")).get("samples") or []
@@ -102,9 +104,7 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
         "factors": {"subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED},
         "ethical_considerations": NOT_A_DEVICE,
         "caveats_and_recommendations": limitations(m, bench, record["patients"]),
-        "lineage": [{"key": row["key"], "path": row["path"], "stage": row["stage"],
-                     "sha256": (m["artifacts"][row["key"]] or {}).get("sha256"), "stale": row["stale"]}
-                    for row in runrecord.load(run_dir).lineage() if not row["key"].startswith("model_card")],
+        "lineage": [{k: row[k] for k in ("key", "path", "stage", "sha256", "stale")} for row in record["lineage"]],
         "environment": {"versions": m.get("versions"), "cpu": ((bench or {}).get("environment") or {}).get("cpu")},
     }
     return card

@@ -336,6 +336,8 @@ class PredictSummary:
     heatmap_dir: Path | None = None
     dicom_sr_dir: Path | None = None
     dicom_sr: int = 0  # SR files written
+    dicom_sr_errors: int = 0
+    first_dicom_sr_error: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -359,6 +361,8 @@ class PredictSummary:
             text += f"; heatmaps in {self.heatmap_dir}"
         if self.dicom_sr_dir is not None:
             text += f"; {self.dicom_sr} DICOM SR file{'s' if self.dicom_sr != 1 else ''} in {self.dicom_sr_dir}"
+            if self.dicom_sr_errors:
+                text += f" ({self.dicom_sr_errors} could not be built; first: {self.first_dicom_sr_error})"
         return text
 
 
@@ -467,6 +471,8 @@ def _with_dicom_sr(stream: Iterator[dict[str, Any]], targets: dict[Path, Path], 
                 summary.dicom_sr += 1
             except MedqError as exc:
                 rec["dicom_sr_error"] = _error_text(Path(rec["file"]), exc)
+                summary.dicom_sr_errors += 1
+                summary.first_dicom_sr_error = summary.first_dicom_sr_error or str(exc)
         yield rec
 
 

@@ -209,6 +209,23 @@ def test_predict_writes_an_sr_per_dicom_input_and_prints_no_patient_data(run, tm
     assert "Doe" not in seen and "Roe" not in seen
 
 
+def test_a_dicom_image_without_its_uids_is_predicted_and_its_sr_failure_reported(run, tmp_path, capsys):
+    images = tmp_path / "in"
+    images.mkdir()
+    ds = _source(images / "a.dcm", 9)
+    del ds.StudyInstanceUID
+    ds.save_as(images / "a.dcm", enforce_file_format=True)
+    _source(images / "b.dcm", 10)
+    out = tmp_path / "p.jsonl"
+    assert main(["predict", "--run", str(run), str(images), "--dicom-sr", str(tmp_path / "sr"), "-o", str(out)]) == 0
+    records = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert "probabilities" in records["a.dcm"] and "StudyInstanceUID" in records["a.dcm"]["dicom_sr_error"]
+    assert "dicom_sr" not in records["a.dcm"] and Path(records["b.dcm"]["dicom_sr"]).is_file()
+    err = capsys.readouterr().err
+    assert "1 DICOM SR file in" in err and "1 could not be built" in err and "a.dcm" in err
+    assert PATIENT["PatientName"] not in err and PATIENT["PatientID"] not in err
+
+
 def test_existing_sr_files_are_refused_before_any_work(run, tmp_path, capsys):
     images = tmp_path / "in"
     images.mkdir()
