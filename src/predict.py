@@ -410,7 +410,9 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
     if dicom_sr_dir is not None:
         summary.dicom_sr_dir = Path(dicom_sr_dir)
         identity = model_identity(info, model if model_file is None else kind, path)
-        stream = _with_dicom_sr(stream, sr_targets, info, threshold, identity, summary)
+        # the SR states the JSON line's decision: --threshold applies to multi-label only, binary is the arg-max
+        sr_threshold = threshold if info.task == "multilabel" else DEFAULT_THRESHOLD
+        stream = _with_dicom_sr(stream, sr_targets, info, sr_threshold, identity, summary)
     try:
         if output is None:
             _write_lines(stream, stdout or sys.stdout, summary)

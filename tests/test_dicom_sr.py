@@ -186,7 +186,8 @@ def test_predict_writes_an_sr_per_dicom_input_and_prints_no_patient_data(run, tm
     (images / "photo.png").write_bytes(_png())
     out = tmp_path / "sr"
     caplog.set_level(logging.DEBUG, logger="medq")
-    code = main(["predict", "--run", str(run), str(images), "--dicom-sr", str(out), "-o", str(tmp_path / "p.jsonl")])
+    code = main(["predict", "--run", str(run), str(images), "--dicom-sr", str(out), "-o", str(tmp_path / "p.jsonl"),
+                 "--threshold", "0.3"])  # multi-label only: a binary run decides by the arg-max
     printed = capsys.readouterr()
     assert code == 0, printed.err
     records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -201,6 +202,8 @@ def test_predict_writes_an_sr_per_dicom_input_and_prints_no_patient_data(run, tm
         probs = {g.finding_type.meaning.upper(): [m.value for m in g.get_measurements()
                                                   if m.name.value == "122157"][0] for g in groups}
         assert probs == pytest.approx(by_name[name]["probabilities"], abs=1e-6)
+        assert [c.upper() for c, call in _calls(groups).items() if call == "Present"] == [by_name[name]["prediction"]]
+        assert {m.value for g in groups for m in g.get_measurements() if m.name.value == "122411"} == {0.5}
     assert "2 DICOM SR files" in printed.err
     seen = printed.out + printed.err + caplog.text + (tmp_path / "p.jsonl").read_text()
     for source in sources:
