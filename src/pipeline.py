@@ -212,7 +212,11 @@ def run_preset(name: str, config: Any, overrides: list[str] | tuple[str, ...] = 
     the benchmark report, which also records the stage times and the command that reproduces it."""
     with runrecord.writer_lock(config.run_dir, "benchmark --preset"):
         report = run_all(config, verbose=verbose, phantoms=True)  # a preset is defined on its phantoms
-        return _record_preset(name, config, overrides, report)
+        report = _record_preset(name, config, overrides, report)
+        from medq.modelcard import write_card
+
+        write_card(config.run_dir)  # again: the preset rewrote benchmark.json, which made run_all's card stale
+        return report
 
 
 def _record_preset(name: str, config: Any, overrides: list[str] | tuple[str, ...],

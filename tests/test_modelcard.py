@@ -154,6 +154,19 @@ def test_card_is_recorded_made_from_the_models_and_goes_stale_with_a_retrain(tmp
     assert runrecord.stale(run).get("model_card_md"), "a retrain must make the card stale"
 
 
+def test_a_converted_model_without_data_or_benchmark_gets_a_card_that_says_so(tmp_path):
+    run = tmp_path / "converted"
+    pb = artifacts.write_bytes(runrecord.staging_path(run, "model_fp32.pb"), b"graph")
+    runrecord.commit(run, "convert", artifacts={"fp32_pb": pb}, facts={"classes": ["a", "b"], "task": "multilabel",
+                     "preprocess": {"image_size": 224, "channels": 3, "normalization": "imagenet"}})
+    card, md = _card(run)
+    assert card["evaluation_data"].startswith("not determined")
+    assert card["quantitative_analyses"]["precision_paths"] == []
+    assert "no benchmark in this run" in " ".join(card["caveats_and_recommendations"])
+    assert card["network_data_format"]["outputs"]["pred"]["activation"] == "sigmoid"
+    assert "patients: not determined" in md and "SYNTHETIC" not in md
+
+
 def test_card_of_a_missing_run_is_one_line(tmp_path, capsys):
     assert main(["card", str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
