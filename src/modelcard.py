@@ -150,7 +150,8 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
         out.append(f"SYNTHETIC DATA: trained and tested on {source}, not on patients' images; the numbers say nothing "
                    "about performance on real radiographs")
     if m.get("dataset_format") == "kaggle-pneumonia":
-        out.append(f"training data in {KAGGLE_PAEDIATRIC}")
+        lead = "the phantoms stand in for" if source.startswith("synthetic") else "training data in"
+        out.append(f"{lead} {KAGGLE_PAEDIATRIC}")
     n_test = ((bench or {}).get("inputs") or {}).get("n_images")
     if n_test is not None and n_test < SMALL_TEST_SET:
         out.append(f"small test set ({n_test} images{_patients(patients, 'test')}): the 95% intervals are wide")
@@ -203,7 +204,8 @@ def render_markdown(card: dict[str, Any]) -> str:
               f"- Output: {_io(card['network_data_format']['outputs']['pred'])}",
               f"- medq {d['medq_version']}; card built from the run record of {d['date'] or 'an unbenchmarked run'}",
               "", "## Training data",
-              f"- Source: {t['data_source']} (layout {t['layout']})",
+              f"- Source: {t['data_source']}" + (f" (layout {t['layout']})" if t["layout"] and
+                                                  t["layout"] not in t["data_source"] else ""),
               f"- Split sizes (images): {t['split_sizes']}; patients: {t['patients'] or NOT_DETERMINED}",
               f"- Classes per split: {t['class_counts']}",
               f"- Patients shared between splits: {t['patient_overlap']}; skipped files: {t['skipped_files']}",

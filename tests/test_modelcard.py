@@ -118,6 +118,13 @@ def test_a_model_that_calls_every_image_one_class_is_flagged(tmp_path):
             in card["caveats_and_recommendations"])
 
 
+def test_real_kaggle_data_is_warned_about_as_paediatric_without_the_synthetic_banner(tmp_path):
+    card, md = _card(_run(tmp_path, source="kaggle-pneumonia"))
+    assert "SYNTHETIC" not in md
+    assert any(c.startswith("training data in the Kaggle chest_xray") and "paediatric" in c and "age" in c
+               for c in card["caveats_and_recommendations"])
+
+
 def test_real_data_has_no_synthetic_banner_and_other_layouts_no_paediatric_warning(tmp_path):
     card, md = _card(_run(tmp_path, source="busi", layout="busi"))
     assert "SYNTHETIC" not in md and card["training_data"]["synthetic"] is False
