@@ -256,7 +256,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                           heatmap_layer=args.heatmap_layer, batch_size=args.batch_size, threshold=args.threshold,
                           quiet=args.quiet, overwrite=args.overwrite,
                           intra_op_threads=config.runtime.intra_op_threads,
-                          inter_op_threads=config.runtime.inter_op_threads, trust_model_file=args.trust_model_file)
+                          inter_op_threads=config.runtime.inter_op_threads, trust_model_file=args.trust_model_file,
+                          dicom_sr_dir=args.dicom_sr)
     print(f"medq predict: {summary.line()}", file=sys.stderr)
     return summary.exit_code
 
@@ -295,6 +296,15 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if args.output:
         write_json(args.output, report.as_json())
     return 1 if report.problems else 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from medq.modelcard import write_card
+    from medq.runs import resolve_run
+
+    written = write_card(resolve_run(args.name, _read_config(args)))
+    print(f"medq card: {written['md']} and {written['json']}", file=sys.stderr)
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -384,6 +394,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                          "PNG/JPEG/DICOM in, dynamic batching, Prometheus /metrics"),
     "loadtest": (cmd_loadtest, "closed-loop load on a medq server on this machine: a concurrency sweep's throughput, "
                  "latency percentiles, answers by status and wrong answers, perf_analyzer style"),
+    "card": (cmd_card, "write the run's model card (model_card.md + .json) from its manifest and benchmark"),
     "runs": (cmd_runs, "list the runs under run.output_dir (`medq runs list`) or show one (`medq runs show NAME`)"),
 }
 
@@ -443,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
             _serve_arguments(p)
         if name == "loadtest":
             _loadtest_arguments(p)
+        if name == "card":
+            p.add_argument("name", nargs="?", help="the run name (or its folder); default: the config's run")
         if name == "runs":
             p.add_argument("action", nargs="?", choices=["list", "show"], default="list",
                            help="list (default): every run under run.output_dir; show NAME: one run in detail")
@@ -506,12 +519,15 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heatmap", metavar="DIR",
                    help="write a Grad-CAM overlay PNG per image and class here (uses the run's Keras model)")
     p.add_argument("--overwrite", action="store_true",
-                   help="let --heatmap replace PNG files already in DIR (without it an existing file is an error "
-                        "before any work starts)")
+                   help="let --heatmap / --dicom-sr replace files already in their folder (without it an existing "
+                        "file is an error before any work starts)")
     p.add_argument("--heatmap-classes", choices=["all", "predicted"],
                    help="heatmaps for every class (default) or only the predicted class / findings")
     p.add_argument("--heatmap-layer", metavar="NAME",
                    help="the Keras layer Grad-CAM reads (default: the last convolutional feature map)")
+    p.add_argument("--dicom-sr", metavar="DIR",
+                   help="write a DICOM Comprehensive SR per DICOM input here (findings, probabilities, threshold, "
+                        "model; references the source image, patient and study copied from it)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
     p.add_argument("--threshold", type=_probability, default=0.5,
                    help="multi-label: a finding is reported when its probability reaches this (default 0.5)")

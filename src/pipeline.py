@@ -201,6 +201,9 @@ def _run_stages(config: Any, verbose: bool, phantoms: bool) -> dict[str, Any]:
     timed("quantize", run_quantize, config, verbose=verbose)
     report = timed("benchmark", run_benchmark, config, verbose=verbose)
     runrecord.commit(config.run_dir, "run", stage_seconds=timings, total_seconds=round(sum(timings.values()), 1))
+    from medq.modelcard import write_card
+
+    log.info("model card: %s", write_card(config.run_dir)["md"])
     return report
 
 
@@ -210,7 +213,11 @@ def run_preset(name: str, config: Any, overrides: list[str] | tuple[str, ...] = 
     the benchmark report, which also records the stage times and the command that reproduces it."""
     with runrecord.writer_lock(config.run_dir, "benchmark --preset"):
         report = run_all(config, verbose=verbose, phantoms=True)  # a preset is defined on its phantoms
-        return _record_preset(name, config, overrides, report)
+        report = _record_preset(name, config, overrides, report)
+        from medq.modelcard import write_card
+
+        write_card(config.run_dir)  # again: the preset rewrote benchmark.json, which made run_all's card stale
+        return report
 
 
 def _record_preset(name: str, config: Any, overrides: list[str] | tuple[str, ...],

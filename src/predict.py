@@ -226,6 +226,10 @@ class PredictSummary:
     data_source: str | None = None  # what the run's model was trained on
     output: Path | None = None
     heatmap_dir: Path | None = None
+    dicom_sr_dir: Path | None = None
+    dicom_sr: int = 0  # SR files written
+    dicom_sr_errors: int = 0
+    first_dicom_sr_error: str | None = None
 
     @property
     def exit_code(self) -> int:
@@ -247,6 +251,10 @@ class PredictSummary:
             text += f" → {self.output}"
         if self.heatmap_dir is not None:
             text += f"; heatmaps in {self.heatmap_dir}"
+        if self.dicom_sr_dir is not None:
+            text += f"; {self.dicom_sr} DICOM SR file{'s' if self.dicom_sr != 1 else ''} in {self.dicom_sr_dir}"
+            if self.dicom_sr_errors:
+                text += f" ({self.dicom_sr_errors} could not be built; first: {self.first_dicom_sr_error})"
         return text
 
 
@@ -255,8 +263,10 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
                 heatmap_dir: str | Path | None = None, heatmap_classes: str = "all", heatmap_layer: str | None = None,
                 batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, quiet: bool = False,
                 intra_op_threads: int = 0, inter_op_threads: int = 1, stdout: TextIO | None = None,
-                trust_model_file: bool = False, overwrite: bool = False) -> PredictSummary:
-    """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``."""
+                trust_model_file: bool = False, overwrite: bool = False,
+                dicom_sr_dir: str | Path | None = None) -> PredictSummary:
+    """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``; with ``dicom_sr_dir`` a
+    DICOM Comprehensive SR per DICOM input there (medq.dicomsr)."""
     if batch_size <= 0:
         raise MedqError(f"--batch-size {batch_size}: must be greater than 0")
     if not 0.0 < threshold < 1.0:
@@ -267,6 +277,7 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
         raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
                         "folders holding them")
     check_outputs(items, info.classes, output, heatmap_dir, overwrite)
+    sr_targets = plan_dicom_sr(items, dicom_sr_dir, overwrite)
     kind, path = model_location(info, model, model_file)
     keras_path = path if kind == "keras" else None
     if heatmap_dir is not None and keras_path is None:  # Grad-CAM needs gradients: the run's Keras model
@@ -288,6 +299,12 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
                              heatmap_dir=Path(heatmap_dir) if heatmap_dir is not None else None)
     stream = iter_predictions(predictor, items, batch_size=batch_size, ten_crop=ten_crop, threshold=threshold,
                               heatmaps=heatmaps, quiet=quiet)
+    if dicom_sr_dir is not None:
+        summary.dicom_sr_dir = Path(dicom_sr_dir)
+        identity = model_identity(info, model if model_file is None else kind, path)
+        # the SR states the JSON line's decision: --threshold applies to multi-label only, binary is the arg-max
+        sr_threshold = threshold if info.task == "multilabel" else DEFAULT_THRESHOLD
+        stream = _with_dicom_sr(stream, sr_targets, info, sr_threshold, identity, summary)
     try:
         if output is None:
             _write_lines(stream, stdout or sys.stdout, summary)
@@ -297,6 +314,60 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
     finally:
         predictor.close()
     return summary
+
+
+def plan_dicom_sr(items: list[ImageInput], directory: str | Path | None, overwrite: bool) -> dict[Path, Path]:
+    """input → SR file for the DICOM inputs; refused before any work: a file as folder, or SR files already there
+    (without ``overwrite``)."""
+    if directory is None:
+        return {}
+    from medq.dicomsr import plan_targets
+
+    folder = Path(directory)
+    if folder.exists() and not folder.is_dir():
+        raise MedqError(f"{folder}: is a file; --dicom-sr takes a folder (created if missing)")
+    targets = plan_targets(folder, [(item.path, item.root) for item in items])
+    existing = [t for t in targets.values() if t.exists()]
+    if existing and not overwrite:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise MedqError(f"{existing[0]}: already exists{more}; medq does not replace files it did not write in this "
+                        "run — pass --overwrite, or choose an empty --dicom-sr folder")
+    return targets
+
+
+def model_identity(info: RunInfo, model: str, path: Path):
+    """The run name, model kind and sha256 of the model file used (what the SR names as the algorithm)."""
+    from medq.dicomsr import ModelIdentity
+
+    digest = artifacts.sha256(path) if Path(path).is_file() else "(a folder)"  # a SavedModel --model-file
+    return ModelIdentity(run_name=info.run_dir.resolve().name, model=model, sha256=digest,
+                         medq_version=_medq_version())
+
+
+def _medq_version() -> str:
+    from medq import __version__
+
+    return __version__
+
+
+def _with_dicom_sr(stream: Iterator[dict[str, Any]], targets: dict[Path, Path], info: RunInfo, threshold: float,
+                   identity: Any, summary: PredictSummary) -> Iterator[dict[str, Any]]:
+    """Each record, after writing the SR of a predicted DICOM input (its path goes into the record as
+    ``dicom_sr``); an SR that cannot be built is the record's ``dicom_sr_error`` (the prediction stands)."""
+    from medq.dicomsr import write_sr
+
+    for rec in stream:
+        target = targets.get(Path(rec["file"]))
+        if target is not None and "probabilities" in rec:
+            try:
+                rec["dicom_sr"] = str(write_sr(Path(rec["file"]), target, rec["probabilities"], info.task,
+                                               threshold, identity))
+                summary.dicom_sr += 1
+            except MedqError as exc:
+                rec["dicom_sr_error"] = _error_text(Path(rec["file"]), exc)
+                summary.dicom_sr_errors += 1
+                summary.first_dicom_sr_error = summary.first_dicom_sr_error or str(exc)
+        yield rec
 
 
 def _write_lines(stream: Iterator[dict[str, Any]], fh: TextIO, summary: PredictSummary) -> None:

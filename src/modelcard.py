@@ -1,0 +1,287 @@
+"""`medq card`: the run's model card, ``model_card.md`` + ``model_card.json``, built only from the run record.
+
+Sections and their JSON names follow Mitchell et al., "Model Cards for Model Reporting" (2019): model_details,
+intended_use, factors, metrics, evaluation_data, training_data, quantitative_analyses, ethical_considerations,
+caveats_and_recommendations; the model's inputs and outputs follow MONAI bundle ``metadata.json``
+(``task``, ``network_data_format.inputs.image`` / ``outputs.pred``). Nothing in a card is typed by hand: every value
+comes from ``manifest.json``, ``split.json`` and ``benchmark.json`` (read in :func:`read_record` only), and what the
+record does not hold (operating thresholds, subgroups, external evaluations) is said to be "not determined".
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from medq import artifacts, runrecord
+
+NOT_A_DEVICE = ("Not a medical device. This model was trained and measured by medq for research and engineering "
+                "(CPU inference, quantization); it has not been cleared or approved by any regulator and must not be "
+                "used to diagnose, treat or triage patients.")
+NOT_DETERMINED = "not determined"
+SMALL_TEST_SET = 200  # fewer test images than this: the intervals are wide
+KAGGLE_PAEDIATRIC = ("the Kaggle chest_xray (pneumonia) layout: its images come from paediatric patients aged 1-5 "
+                     "(Guangzhou Women and Children's Medical Center); a model trained on it may not transfer to "
+                     "adults, and may learn age or site cues rather than pneumonia")
+
+
+def read_record(run_dir: Path) -> dict[str, Any]:
+    """Everything the card reads: the manifest, its lineage, the pinned split's patients per split, the benchmark."""
+    manifest = runrecord.read_manifest(run_dir)
+    lineage = [{**row, "sha256": manifest["artifacts"][row["key"]]["sha256"]}
+               for row in runrecord.load(run_dir).lineage() if not row["key"].startswith("model_card")]
+    record: dict[str, Any] = {"manifest": manifest, "lineage": lineage, "benchmark": None, "patients": None}
+    split = runrecord.recorded_path(run_dir, "split")
+    if split is not None and split.is_file():
+        samples = json.loads(split.read_text(encoding="utf-8")).get("samples") or []
+        patients: dict[str, set[str]] = {}
+        for sample in samples:  # [path, split, patient, label, size, mtime]
+            patients.setdefault(str(sample[1]), set()).add(str(sample[2]))
+        record["patients"] = {k: len(v) for k, v in patients.items()}
+    report = runrecord.recorded_path(run_dir, "benchmark_json")
+    if report is not None and report.is_file():
+        record["benchmark"] = json.loads(report.read_text(encoding="utf-8"))
+    return record
+
+
+def build_card(run_dir: str | Path) -> dict[str, Any]:
+    """The model card as a JSON-ready dict."""
+    run_dir = Path(run_dir)
+    record = read_record(run_dir)
+    m, bench = record["manifest"], record["benchmark"]
+    config = m.get("config") or {}
+    stages = m.get("stages") or {}
+    data_stage = stages.get("data") or stages.get("train") or {}
+    source = m.get("data_source") or "unknown"
+    synthetic = source.startswith("synthetic")
+    classes = list(m.get("classes") or [])
+    pre = m.get("preprocess") or {}
+    card: dict[str, Any] = {
+        "schema": "medq model card 1 (sections of Mitchell et al. 2019; inputs/outputs as MONAI bundle metadata.json)",
+        "model_details": {
+            "name": run_dir.name, "medq_version": m.get("medq_version"),
+            "architecture": (config.get("model") or {}).get("name") or (stages.get("train") or {}).get("model"),
+            "model_source": m.get("model_source"), "parameters": (stages.get("train") or {}).get("parameters"),
+            "hyperparameters": m.get("selected_hyperparameters"),
+            "selection_objective": m.get("objective"), "date": (bench or {}).get("created_at"),
+        },
+        "intended_use": {
+            "primary_use": f"{m.get('task', 'unknown')} classification of {', '.join(classes) or 'unknown classes'} "
+                           "for research on CPU inference and quantization",
+            "statement": NOT_A_DEVICE,
+            "out_of_scope": "clinical decisions of any kind; images unlike the training data (other sites, "
+                            "devices, ages, views)",
+        },
+        "task": f"{m.get('task', 'unknown')} image classification",
+        "network_data_format": {
+            "inputs": {"image": {
+                "type": "image", "format": "magnitude", "dtype": "float32",
+                "num_channels": pre.get("channels"), "spatial_shape": [pre.get("image_size"), pre.get("image_size")],
+                "normalization": pre.get("normalization"), "bit_depth": pre.get("bit_depth"),
+                "tensor": f"{m.get('input_name', 'input')}:0 [N, S, S, C]"}},
+            "outputs": {"pred": {
+                "type": "probabilities", "dtype": "float32", "num_channels": len(classes),
+                "channel_def": {str(i): c for i, c in enumerate(classes)},
+                "activation": "sigmoid" if m.get("task") == "multilabel" else "softmax",
+                "tensor": f"{m.get('output_name', 'output')}:0 [N, K]"}},
+        },
+        "training_data": {
+            "data_source": source, "synthetic": synthetic, "layout": m.get("dataset_format"),
+            "split_sizes": data_stage.get("split_sizes"), "patients": record["patients"],
+            "class_counts": data_stage.get("class_counts"), "patient_overlap": data_stage.get("patient_overlap"),
+            "skipped_files": len(data_stage.get("skipped") or []),
+        },
+        "evaluation_data": _evaluation_data(bench),
+        "metrics": {"validation": m.get("selected_val_metrics"),
+                    "reported": "accuracy, ROC-AUC (DeLong 95% interval), sensitivity/specificity (Wilson 95%), "
+                                "Brier score, expected calibration error, fidelity of each precision path to FP32"},
+        "quantitative_analyses": {
+            "precision_paths": _paths(bench),
+            "thresholds": m.get("thresholds") or f"{NOT_DETERMINED}: decisions at 0.5, not chosen on validation",
+            "subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED,
+            "external_evaluations": m.get("external_evaluations") or NOT_DETERMINED,
+        },
+        "factors": {"subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED},
+        "ethical_considerations": NOT_A_DEVICE,
+        "caveats_and_recommendations": limitations(m, bench, record["patients"]),
+        "lineage": [{k: row[k] for k in ("key", "path", "stage", "sha256", "stale")} for row in record["lineage"]],
+        "environment": {"versions": m.get("versions"), "cpu": ((bench or {}).get("environment") or {}).get("cpu")},
+    }
+    return card
+
+
+def _evaluation_data(bench: dict[str, Any] | None) -> Any:
+    if not bench:
+        return f"{NOT_DETERMINED}: no benchmark in this run (run `medq benchmark`)"
+    inputs = bench.get("inputs") or {}
+    return {"split": inputs.get("split"), "n_images": inputs.get("n_images"), "dropped": inputs.get("dropped"),
+            "data_source": bench.get("data_source"), "inputs_sha256": inputs.get("sha256")}
+
+
+def _paths(bench: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per benchmark row: its metrics with intervals, calibration and fidelity to FP32."""
+    rows = []
+    for row in (bench or {}).get("results") or []:
+        metrics = row.get("metrics") or {}
+        clinical = row.get("clinical") or {}
+        fidelity = row.get("fidelity") or {}
+        rows.append({
+            "id": row.get("id"), "engine": row.get("engine"), "precision": row.get("precision"),
+            "model": row.get("model"),
+            "metrics": {k: metrics.get(k) for k in ("accuracy", "auc", "sensitivity", "specificity", "per_class_auc")
+                        if k in metrics},
+            "intervals_95": metrics.get("ci"), "threshold": metrics.get("threshold"),
+            "calibration": {"brier": clinical.get("brier"), "ece": clinical.get("ece")},
+            "operating_points": {k: clinical.get(k) for k in ("sensitivity_at_specificity",
+                                                             "specificity_at_sensitivity") if k in clinical},
+            "fidelity_to_fp32": "reference" if row.get("id") == (bench or {}).get("baseline") else
+            {k: fidelity.get(k) for k in ("flipped_fraction", "max_abs_diff", "auc_difference", "auc_difference_ci",
+                                          "verdict") if k in fidelity} or NOT_DETERMINED,
+            "latency_p50_ms": (row.get("latency_ms") or {}).get("p50"), "throughput_ips": row.get("throughput_ips"),
+        })
+    return rows
+
+
+def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[str, int] | None) -> list[str]:
+    """What medq can detect from the record that limits the model's use."""
+    out = []
+    source = m.get("data_source") or ""
+    if source.startswith("synthetic"):
+        out.append(f"SYNTHETIC DATA: trained and tested on {source}, not on patients' images; the numbers say nothing "
+                   "about performance on real radiographs")
+    if m.get("dataset_format") == "kaggle-pneumonia":
+        lead = "the phantoms stand in for" if source.startswith("synthetic") else "training data in"
+        out.append(f"{lead} {KAGGLE_PAEDIATRIC}")
+    n_test = ((bench or {}).get("inputs") or {}).get("n_images")
+    if n_test is not None and n_test < SMALL_TEST_SET:
+        out.append(f"small test set ({n_test} images{_patients(patients, 'test')}): the 95% intervals are wide")
+    if not bench:
+        out.append("no benchmark in this run: test-split metrics not measured (run `medq benchmark`)")
+    for row in (bench or {}).get("results") or []:
+        ci = ((row.get("metrics") or {}).get("ci") or {}).get("auc")
+        if isinstance(ci, list) and len(ci) == 2 and ci[0] is not None and ci[0] <= 0.5:
+            out.append(f"{row.get('id')}: the AUC's 95% interval [{ci[0]:.3f}, {ci[1]:.3f}] includes chance (0.5)")
+        metrics = row.get("metrics") or {}
+        classes = m.get("classes") or []
+        if m.get("task") == "binary" and len(classes) == 2:  # sensitivity is for the second class, at the threshold
+            for key, called in (("specificity", classes[1]), ("sensitivity", classes[0])):
+                if metrics.get(key) == 0.0:
+                    out.append(f"{row.get('id')}: {key} 0 at threshold {metrics.get('threshold')}: the model calls "
+                               f"every test image {called}")
+        verdict = (row.get("fidelity") or {}).get("equivalent")
+        if verdict is False:
+            out.append(f"{row.get('id')}: not shown equivalent to FP32 ({row['fidelity'].get('verdict')})")
+    overlap = ((m.get("stages") or {}).get("data") or {}).get("patient_overlap") or {}
+    if any(overlap.values()):
+        out.append(f"patients shared between splits: {overlap}")
+    stale = [k for k, a in (m.get("artifacts") or {}).items() if a.get("invalidated")]
+    if stale:
+        out.append(f"invalidated artifacts in the run: {', '.join(stale)}")
+    if "thresholds" not in m:
+        out.append("decision thresholds not chosen: every decision is at probability 0.5")
+    return out
+
+
+def _patients(patients: dict[str, int] | None, split: str) -> str:
+    return f", {patients[split]} patients" if patients and split in patients else ""
+
+
+# --- Markdown ---------------------------------------------------------------------------------------------------
+
+def render_markdown(card: dict[str, Any]) -> str:
+    d, t = card["model_details"], card["training_data"]
+    q = card["quantitative_analyses"]
+    lines = [f"# Model card: {d['name']}", ""]
+    if t["synthetic"]:
+        lines += [f"> **SYNTHETIC DATA — {t['data_source']}.** These numbers describe phantoms, not patients.", ""]
+    lines += [f"> **{card['intended_use']['statement']}**", "",
+              "## Intended use", f"- Primary use: {card['intended_use']['primary_use']}",
+              f"- Out of scope: {card['intended_use']['out_of_scope']}", "",
+              "## Model details",
+              f"- Architecture: {d['architecture']} ({d['parameters']} parameters; from `medq {d['model_source']}`)",
+              f"- Selected on validation {d['selection_objective']}; hyperparameters {json.dumps(d['hyperparameters'])}",
+              f"- Input: {_io(card['network_data_format']['inputs']['image'])}",
+              f"- Output: {_io(card['network_data_format']['outputs']['pred'])}",
+              f"- medq {d['medq_version']}; card built from the run record of {d['date'] or 'an unbenchmarked run'}",
+              "", "## Training data",
+              f"- Source: {t['data_source']}" + (f" (layout {t['layout']})" if t["layout"] and
+                                                  t["layout"] not in t["data_source"] else ""),
+              f"- Split sizes (images): {t['split_sizes']}; patients: {t['patients'] or NOT_DETERMINED}",
+              f"- Classes per split: {t['class_counts']}",
+              f"- Patients shared between splits: {t['patient_overlap']}; skipped files: {t['skipped_files']}",
+              "", "## Evaluation data", f"- {_evaluation(card['evaluation_data'])}",
+              "", "## Quantitative analyses (test split, 95% intervals)", "",
+              "| path | accuracy | AUC | sensitivity | specificity | Brier | ECE | fidelity to FP32 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in q["precision_paths"]:
+        ci = row["intervals_95"] or {}
+        cells = [_ci(row["metrics"].get(k), ci.get(k)) for k in ("accuracy", "auc", "sensitivity", "specificity")]
+        fid = row["fidelity_to_fp32"]
+        fid_text = fid if isinstance(fid, str) else (f"{fid.get('flipped_fraction', 0):.1%} flipped, max Δp "
+                                                     f"{fid.get('max_abs_diff', 0):.2g}; {fid.get('verdict', '')}")
+        lines.append(f"| {row['id']} | " + " | ".join(cells) + f" | {_num(row['calibration']['brier'])} | "
+                     f"{_num(row['calibration']['ece'])} | {fid_text} |")
+    if not q["precision_paths"]:
+        lines.append(f"| {NOT_DETERMINED} (no benchmark) | | | | | | | |")
+    lines.append("")
+    for row in q["precision_paths"]:
+        for key, points in row["operating_points"].items():
+            lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
+                f"{target} → {_num(value)}" for target, value in (points or {}).items()))
+    lines += [f"- Thresholds: {_text(q['thresholds'])}",
+              f"- Subgroups: {_text(q['subgroups'])}", f"- External evaluations: {_text(q['external_evaluations'])}",
+              "", "## Caveats and recommendations (detected by medq)"]
+    lines += [f"- {c}" for c in card["caveats_and_recommendations"]] or ["- none detected"]
+    lines += ["", "## Lineage", "", "| artifact | file | stage | sha256 | stale |", "|---|---|---|---|---|"]
+    lines += [f"| {r['key']} | {r['path']} | {r['stage']} | `{r['sha256']}` | {r['stale'] or 'no'} |"
+              for r in card["lineage"]]
+    env = card["environment"]
+    cpu = env.get("cpu") or {}
+    lines += ["", "## Environment", f"- CPU: {cpu.get('model', NOT_DETERMINED)} ({cpu.get('physical_cores')} cores)",
+              "- Packages: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()), ""]
+    return "\n".join(lines)
+
+
+def _io(spec: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in spec.items() if v is not None)
+
+
+def _evaluation(data: Any) -> str:
+    if isinstance(data, str):
+        return data
+    return f"{data['n_images']} {data['split']} images of {data['data_source']} (inputs sha256 {str(data['inputs_sha256'])[:12]})"
+
+
+def _ci(value: Any, interval: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "n/a"
+    if isinstance(interval, list) and len(interval) == 2 and None not in interval:
+        return f"{value:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return f"{value:.3f}"
+
+
+def _num(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def write_card(run_dir: str | Path) -> dict[str, Path]:
+    """Write model_card.json and model_card.md into the run, recorded as artifacts made from the run's models and
+    benchmark (a retrain makes the card stale)."""
+    run_dir = Path(run_dir)
+    if not runrecord.is_run(run_dir):
+        raise runrecord.RunError(f"{run_dir}: not a medq run (no {runrecord.MANIFEST}); give a run name or folder "
+                                 "(`medq runs list` shows them)")
+    card = build_card(run_dir)
+    json_path = runrecord.staging_path(run_dir, "model_card.json")
+    md_path = runrecord.staging_path(run_dir, "model_card.md")
+    artifacts.write_json(json_path, card)
+    artifacts.write_text(md_path, render_markdown(card))
+    made_from = [k for k in ("split", "keras_model", "fp32_pb", "int8_pb", "benchmark_json")
+                 if runrecord.usable(run_dir, k)]
+    runrecord.commit(run_dir, "card", artifacts={"model_card_json": json_path, "model_card_md": md_path},
+                     inputs=made_from)
+    return {"json": run_dir / "model_card.json", "md": run_dir / "model_card.md"}

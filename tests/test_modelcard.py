@@ -1,0 +1,205 @@
+"""`medq card`: the model card is built only from the run record. Every value is checked against the manifest and
+benchmark JSON read directly (json.load, hashlib), never against the card code; synthetic data is stated loudly;
+what the record does not hold (thresholds, subgroups, external evaluations) is "not determined"."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from medq import artifacts, runrecord
+from medq.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _row(rid: str, precision: str, auc: float, ci: list[float], fidelity: dict | None) -> dict:
+    return {"id": rid, "engine": "tensorflow", "precision": precision, "model": f"model_{precision}.pb",
+            "latency_ms": {"p50": 3.5}, "throughput_ips": 900.0,
+            "metrics": {"n_images": 300, "accuracy": 0.81, "auc": auc, "sensitivity": 0.9, "specificity": 0.7,
+                        "threshold": 0.5, "ci": {"accuracy": [0.76, 0.85], "auc": ci, "sensitivity": [0.85, 0.94],
+                                                 "specificity": [0.62, 0.77]}},
+            "clinical": {"brier": 0.13, "ece": 0.041, "sensitivity_at_specificity": {"0.90": 0.6}},
+            **({"fidelity": fidelity} if fidelity else {})}
+
+
+def _benchmark(source: str) -> dict:
+    fidelity = {"flipped_fraction": 0.02, "max_abs_diff": 0.031, "auc_difference": -0.004,
+                "auc_difference_ci": [-0.011, 0.003], "equivalent": False, "verdict": "not shown equivalent (test)"}
+    return {"schema": 1, "created_at": "2026-12-06T21:00:00+0000", "baseline": "tensorflow-fp32", "data_source": source,
+            "inputs": {"split": "test", "n_images": 300, "dropped": 0, "sha256": "ab" * 32},
+            "environment": {"cpu": {"model": "Test CPU", "physical_cores": 2}},
+            "results": [_row("tensorflow-fp32", "fp32", 0.88, [0.84, 0.92], None),
+                        _row("tensorflow-int8", "int8", 0.876, [0.835, 0.917], fidelity)]}
+
+
+def _run(tmp_path: Path, source: str = "synthetic phantoms (kaggle-pneumonia layout)", layout="kaggle-pneumonia",
+         **facts) -> Path:
+    """A run recorded as the stages record it: data, train, freeze, benchmark (files are stand-ins)."""
+    run = tmp_path / "runs" / "tiny"
+    split = {"schema": 1, "samples": [[f"/d/{s}/{i}.png", s, f"p{i // 2}-{s}", [1.0, 0.0], 1, 1]
+                                      for s, n in (("train", 8), ("val", 4), ("test", 6)) for i in range(n)]}
+    runrecord.commit(run, "split", artifacts={"split": artifacts.write_json(runrecord.staging_path(run, "split.json"),
+                                                                             split)})
+    runrecord.commit(run, "data", facts={"data_source": source, "dataset_format": layout, "classes": ["NORMAL",
+                     "PNEUMONIA"], "task": "binary", "preprocess": {"image_size": 32, "channels": 1,
+                     "normalization": "unit", "bit_depth": "auto"}, "objective": "auc", "model_source": "train",
+                     "input_name": "input", "output_name": "output", **facts},
+                     split_sizes={"train": 8, "val": 4, "test": 6}, class_counts={"test": {"NORMAL": 3}},
+                     patient_overlap={"test/train": 0})
+    for key, name, stage, inputs in (("keras_model", "model.keras", "train", ["split"]),
+                                     ("fp32_pb", "model_fp32.pb", "freeze", ["keras_model"])):
+        runrecord.commit(run, stage, artifacts={key: artifacts.write_bytes(runrecord.staging_path(run, name),
+                                                                           name.encode())}, inputs=inputs,
+                         **({"model": "refkit-cnn", "parameters": 4602} if stage == "train" else {}))
+    report = artifacts.write_json(runrecord.staging_path(run, "benchmark.json"), _benchmark(source))
+    runrecord.commit(run, "benchmark", artifacts={"benchmark_json": report}, inputs=["fp32_pb", "split"])
+    return run
+
+
+def _card(run: Path) -> tuple[dict, str]:
+    from medq.modelcard import write_card
+
+    written = write_card(run)
+    return json.loads(written["json"].read_text()), written["md"].read_text()
+
+
+def test_card_values_are_the_records_values(tmp_path):
+    run = _run(tmp_path)
+    card, md = _card(run)
+    manifest = json.loads((run / "manifest.json").read_text())  # the oracle: the record read directly
+    bench = json.loads((run / "benchmark.json").read_text())
+    assert card["training_data"]["data_source"] == manifest["data_source"]
+    assert card["training_data"]["split_sizes"] == manifest["stages"]["data"]["split_sizes"]
+    assert card["training_data"]["patients"] == {"train": 4, "val": 2, "test": 3}  # p0..p3, p0..p1, p0..p2
+    assert card["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "NORMAL", "1": "PNEUMONIA"}
+    assert card["network_data_format"]["inputs"]["image"]["spatial_shape"] == [32, 32]
+    assert card["model_details"]["selection_objective"] == manifest["objective"]
+    paths = {row["id"]: row for row in card["quantitative_analyses"]["precision_paths"]}
+    for row in bench["results"]:
+        assert paths[row["id"]]["metrics"]["auc"] == row["metrics"]["auc"]
+        assert paths[row["id"]]["intervals_95"]["auc"] == row["metrics"]["ci"]["auc"]
+        assert paths[row["id"]]["calibration"] == {"brier": row["clinical"]["brier"], "ece": row["clinical"]["ece"]}
+    assert paths["tensorflow-int8"]["fidelity_to_fp32"]["flipped_fraction"] == 0.02
+    assert paths["tensorflow-fp32"]["fidelity_to_fp32"] == "reference"
+    assert "| tensorflow-int8 | 0.810 [0.760, 0.850] | 0.876 [0.835, 0.917] |" in md
+    assert "- tensorflow-int8 sensitivity at specificity: 0.90 → 0.600" in md
+    lineage = {row["path"]: row["sha256"] for row in card["lineage"]}
+    for name in ("split.json", "model.keras", "model_fp32.pb", "benchmark.json"):
+        assert lineage[name] == hashlib.sha256((run / name).read_bytes()).hexdigest()
+    assert card["environment"]["cpu"]["model"] == "Test CPU"
+    assert card["environment"]["versions"] == manifest["versions"]
+
+
+def test_synthetic_data_is_said_first_and_the_card_says_what_it_is_for(tmp_path):
+    card, md = _card(_run(tmp_path))
+    head = md.splitlines()[:4]
+    assert any("SYNTHETIC DATA" in line and "phantoms" in line for line in head), head
+    assert "Not a medical device" in md and "## Intended use" in md
+    assert card["training_data"]["synthetic"] is True
+    caveats = " ".join(card["caveats_and_recommendations"])
+    assert "SYNTHETIC DATA" in caveats and "paediatric" in caveats
+    assert "tensorflow-int8: not shown equivalent to FP32" in caveats
+    assert "calls every test image" not in caveats  # sensitivity 0.9, specificity 0.7
+
+
+def test_a_model_that_calls_every_image_one_class_is_flagged(tmp_path):
+    run = _run(tmp_path)
+    bench = json.loads((run / "benchmark.json").read_text())
+    bench["results"][1]["metrics"].update(sensitivity=1.0, specificity=0.0)
+    runrecord.commit(run, "benchmark", artifacts={"benchmark_json": artifacts.write_json(
+        runrecord.staging_path(run, "benchmark.json"), bench)}, inputs=["fp32_pb", "split"])
+    card, _ = _card(run)
+    assert ("tensorflow-int8: specificity 0 at threshold 0.5: the model calls every test image PNEUMONIA"
+            in card["caveats_and_recommendations"])
+
+
+def test_real_kaggle_data_is_warned_about_as_paediatric_without_the_synthetic_banner(tmp_path):
+    card, md = _card(_run(tmp_path, source="kaggle-pneumonia"))
+    assert "SYNTHETIC" not in md
+    assert any(c.startswith("training data in the Kaggle chest_xray") and "paediatric" in c and "age" in c
+               for c in card["caveats_and_recommendations"])
+
+
+def test_real_data_has_no_synthetic_banner_and_other_layouts_no_paediatric_warning(tmp_path):
+    card, md = _card(_run(tmp_path, source="busi", layout="busi"))
+    assert "SYNTHETIC" not in md and card["training_data"]["synthetic"] is False
+    assert "paediatric" not in md
+
+
+def test_thresholds_subgroups_external_are_not_determined_until_recorded(tmp_path):
+    card, md = _card(_run(tmp_path))
+    q = card["quantitative_analyses"]
+    assert q["thresholds"].startswith("not determined") and "0.5" in q["thresholds"]
+    assert q["subgroups"] == "not determined" and q["external_evaluations"] == "not determined"
+    assert "- Subgroups: not determined" in md and "- External evaluations: not determined" in md
+
+    recorded = {"PNEUMONIA": {"threshold": 0.31, "chosen_on": "val", "sensitivity": 0.95}}
+    external = [{"dataset": "site-B", "auc": 0.8}]
+    run = _run(tmp_path / "again", thresholds=recorded, external_evaluations=external)
+    runrecord.commit(run, "evaluate", subgroups={"sex": {"F": {"auc": 0.8}, "M": {"auc": 0.79}}})
+    card, md = _card(run)
+    q = card["quantitative_analyses"]
+    assert q["thresholds"] == recorded and q["external_evaluations"] == external
+    assert q["subgroups"]["sex"]["F"]["auc"] == 0.8
+    assert "decisions at 0.5" not in md
+
+
+def test_card_is_recorded_made_from_the_models_and_goes_stale_with_a_retrain(tmp_path, capsys):
+    run = _run(tmp_path)
+    assert main(["card", str(run)]) == 0
+    manifest = json.loads((run / "manifest.json").read_text())
+    entry = manifest["artifacts"]["model_card_md"]
+    assert entry["sha256"] == hashlib.sha256((run / "model_card.md").read_bytes()).hexdigest()
+    assert set(entry["inputs"]) >= {"keras_model", "fp32_pb", "benchmark_json"}
+    runrecord.commit(run, "train", artifacts={"keras_model": artifacts.write_bytes(
+        runrecord.staging_path(run, "model.keras"), b"retrained")}, inputs=["split"])
+    assert runrecord.stale(run).get("model_card_md"), "a retrain must make the card stale"
+
+
+def test_a_converted_model_without_data_or_benchmark_gets_a_card_that_says_so(tmp_path):
+    run = tmp_path / "converted"
+    pb = artifacts.write_bytes(runrecord.staging_path(run, "model_fp32.pb"), b"graph")
+    runrecord.commit(run, "convert", artifacts={"fp32_pb": pb}, facts={"classes": ["a", "b"], "task": "multilabel",
+                     "preprocess": {"image_size": 224, "channels": 3, "normalization": "imagenet"}})
+    card, md = _card(run)
+    assert card["evaluation_data"].startswith("not determined")
+    assert card["quantitative_analyses"]["precision_paths"] == []
+    assert "no benchmark in this run" in " ".join(card["caveats_and_recommendations"])
+    assert card["network_data_format"]["outputs"]["pred"]["activation"] == "sigmoid"
+    assert "patients: not determined" in md and "SYNTHETIC" not in md
+
+
+def test_card_of_a_missing_run_is_one_line(tmp_path, capsys):
+    assert main(["card", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a medq run" in err[0]
+
+
+@pytest.mark.slow
+def test_medq_run_writes_a_card_that_matches_its_manifest_and_benchmark(tmp_path):
+    """A tiny `medq run` (smoke config, phantoms): the card it writes, read as a clinician would."""
+    args = [sys.executable, "-m", "medq", "run", "--config", str(REPO / "configs" / "smoke.yaml"),
+            "--set", f"data.root={tmp_path / 'data' / 'chest_xray'}", "--set", f"run.output_dir={tmp_path / 'out'}",
+            "--set", f"quantize.deploy={REPO / 'configs' / 'smoke-deploy.yaml'}", "--set", "tune.enabled=false",
+            "--set", "data.phantom.n_train=60", "--set", "data.phantom.n_test=24", "--phantoms"]
+    result = subprocess.run(args, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "out" / "smoke"
+    manifest = json.loads((run / "manifest.json").read_text())
+    bench = json.loads((run / "benchmark.json").read_text())
+    card = json.loads((run / "model_card.json").read_text())
+    md = (run / "model_card.md").read_text()
+    assert "model_card_md" in manifest["artifacts"]
+    assert md.splitlines()[2].startswith("> **SYNTHETIC DATA")
+    assert card["training_data"]["split_sizes"] == manifest["stages"]["data"]["split_sizes"]
+    assert card["evaluation_data"]["n_images"] == bench["inputs"]["n_images"]
+    rows = {r["id"]: r for r in bench["results"]}
+    for path in card["quantitative_analyses"]["precision_paths"]:
+        assert path["metrics"]["auc"] == rows[path["id"]]["metrics"]["auc"]
+    assert {"tensorflow-fp32", "tensorflow-int8"} <= set(rows)
+    assert card["lineage"] and all(len(r["sha256"]) == 64 for r in card["lineage"])
