@@ -9,6 +9,8 @@ record does not hold (operating thresholds, subgroups, external evaluations) is 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,15 @@ KAGGLE_PAEDIATRIC = ("the Kaggle chest_xray (pneumonia) layout: its images come 
 
 def read_record(run_dir: Path) -> dict[str, Any]:
     """Everything the card reads: the manifest, its lineage, the pinned split's patients per split, the benchmark."""
-    manifest = runrecord.read_manifest(run_dir)
-    lineage = [{**row, "sha256": manifest["artifacts"][row["key"]]["sha256"]}
-               for row in runrecord.load(run_dir).lineage() if not row["key"].startswith("model_card")]
-    record: dict[str, Any] = {"manifest": manifest, "lineage": lineage, "benchmark": None, "patients": None}
+    manifest = runrecord.load(run_dir)
+    lineage = [{**row, "sha256": manifest.artifacts[row["key"]].sha256}
+               for row in manifest.lineage() if not row["key"].startswith("model_card")]
+    # what the card shows, taken from the typed record: the facts (with fields later stages add, e.g. thresholds),
+    # each stage's entry and each artifact as their JSON forms
+    shown = {**manifest.facts.to_dict(), "config": manifest.config or {}, "medq_version": manifest.medq_version,
+             "versions": manifest.versions, "stages": {n: e.to_dict() for n, e in manifest.stages.items()},
+             "artifacts": {k: dataclasses.asdict(a) for k, a in manifest.artifacts.items()}}
+    record: dict[str, Any] = {"manifest": shown, "lineage": lineage, "benchmark": None, "patients": None}
     split = runrecord.recorded_path(run_dir, "split")
     if split is not None and split.is_file():
         samples = json.loads(split.read_text(encoding="utf-8")).get("samples") or []
@@ -50,7 +57,7 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
     record = read_record(run_dir)
     m, bench = record["manifest"], record["benchmark"]
     config = m.get("config") or {}
-    stages = m.get("stages") or {}
+    stages = m["stages"]
     data_stage = stages.get("data") or stages.get("train") or {}
     source = m.get("data_source") or "unknown"
     synthetic = source.startswith("synthetic")
@@ -171,7 +178,7 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
         verdict = (row.get("fidelity") or {}).get("equivalent")
         if verdict is False:
             out.append(f"{row.get('id')}: not shown equivalent to FP32 ({row['fidelity'].get('verdict')})")
-    overlap = ((m.get("stages") or {}).get("data") or {}).get("patient_overlap") or {}
+    overlap = (m["stages"].get("data") or {}).get("patient_overlap") or {}
     if any(overlap.values()):
         out.append(f"patients shared between splits: {overlap}")
     stale = [k for k, a in (m.get("artifacts") or {}).items() if a.get("invalidated")]
