@@ -106,8 +106,8 @@ def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 32, 32, 1]}]
         assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 2]}]
         facts = meta["parameters"]
-        assert (facts["classes"], facts["task"], facts["precision"], facts["sha256"]) == \
-            (["NORMAL", "PNEUMONIA"], "binary", "int8", sha)
+        assert (facts["classes"], facts["task"], facts["precision"], facts["sha256"], facts["threshold"]) == \
+            (["NORMAL", "PNEUMONIA"], "binary", "int8", sha, None)
         assert facts["preprocessing"].items() >= {"image_size": 32, "channels": 1, "normalization": "unit"}.items()
         assert client.get_model_config("tiny")["max_batch_size"] == 8
         x = _batch(3)
