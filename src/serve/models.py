@@ -90,11 +90,9 @@ def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_
         raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
     engine = open_engine(info, model, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
     key = MODELS[model][0]
-    manifest = runrecord.read_manifest(info.run_dir)
-    sha = manifest["artifacts"][key]["sha256"]
+    sha = runrecord.load(info.run_dir).artifacts[key].sha256
     served = ServedModel(Path(run_dir).name, info, engine, sha[:12], threshold, max_megapixels,
-                         facts={"artifact": engine.path.name, "sha256": sha,
-                                "thresholds": manifest.get("thresholds")})  # the run's own, when it records them
+                         facts={"artifact": engine.path.name, "sha256": sha})
     warm = np.zeros((warmup_batch, *served.input.shape), np.float32)
     try:
         out = engine(warm)
