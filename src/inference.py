@@ -115,8 +115,10 @@ class Predictor:
 
 
 def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
-           threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """The JSON object for one image (``file``: its path, or an upload's name, or None)."""
+           threshold: float | None = None) -> dict[str, Any]:
+    """The JSON object for one image (``file``: its path, or an upload's name, or None); ``threshold`` None: the
+    run's default."""
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
     out: dict[str, Any] = {"file": None if file is None else str(file),
                            "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
     if info.task == "multilabel":  # the findings at the threshold, as both keys: one schema for every task

@@ -33,7 +33,7 @@ class ServedModel:
     info: RunInfo
     engine: Engine
     version: str  # the model file's sha256, first 12 hex digits
-    threshold: float
+    threshold: float | None  # None: the run's own, as `medq predict` without --threshold
     max_megapixels: float
     ready: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
@@ -53,9 +53,6 @@ class ServedModel:
                 "inputs": [self.input.describe()], "outputs": [self.output.describe()],
                 "parameters": {"classes": self.info.classes, "task": self.info.task,
                                "preprocessing": self.info.spec.to_dict(),
-                               # binary/multiclass: the prediction is the arg-max class; multilabel: every label
-                               # whose probability reaches the threshold is a finding
-                               "decision": "threshold" if self.info.task == "multilabel" else "argmax",
                                "threshold": self.threshold, "precision": self.engine.precision,
                                "data_source": self.info.data_source, **self.facts}}
 
@@ -85,7 +82,7 @@ class ServedModel:
         return record(file, probabilities, self.info, self.threshold)
 
 
-def load_model(run_dir: str | Path, model: str, *, threshold: float, max_megapixels: float, warmup_batch: int = 1,
+def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_megapixels: float, warmup_batch: int = 1,
                intra_op_threads: int = 0, inter_op_threads: int = 1) -> ServedModel:
     """The run's model, verified, loaded and warmed up (ready)."""
     info = read_run(run_dir)
