@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, get_args
 
 from medq.config import DatasetFormat
-from medq.errors import MedqError
+from medq.errors import MedqError, first_line
 
 DEFAULT_CONFIG = "configs/default.yaml"
 DATA_VARIANTS = ("binary", "3-class", "14-label")  # every reader's documented variants (medq.data.*)
@@ -445,8 +445,7 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        print(f"medq {args.command}: unexpected error: {type(exc).__name__}: {first}; the traceback is in "
+        print(f"medq {args.command}: unexpected error: {type(exc).__name__}: {first_line(exc)}; the traceback is in "
               f"{log_file} (rerun with --verbose to see it here)", file=sys.stderr)
         return 1
 

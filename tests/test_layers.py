@@ -1,5 +1,6 @@
 """The package's layering, read from the source: stages never import each other, only medq.inc imports INC."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,63 @@ def test_the_layering_check_sees_a_crossing_import(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("def f():\n    from medq.train import fit_model\n")
     assert "medq.train" in imports(probe)
+
+
+def test_only_medq_tune_kt_private_imports_keras_tuners_internals():
+    inside = sorted(str(p.relative_to(SRC)) for p in sources()
+                    if any(n == "keras_tuner.src" or n.startswith("keras_tuner.src.") for n in imports(p)))
+    assert inside == ["tune/kt_private.py"]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(("medq", *(parts[:-1] if parts[-1] == "__init__" else parts)))
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = set()
+            while not component or member != node:
+                member = stack.pop()
+                component.add(member)
+            if len(component) > 1:
+                cycles.append(component)
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def test_the_tune_package_has_no_import_cycle():
+    """Imports inside functions count too: they are cycles that merely have not bitten yet."""
+    modules = {module_name(p): p for p in sources()}
+    graph = {name: {n for n in imports(path) if n in modules} - {name} for name, path in modules.items()}
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]  # the check works
+    tune = [c for c in import_cycles(graph) if any(m == "medq.tune" or m.startswith("medq.tune.") for m in c)]
+    assert tune == []
+
+
+def test_exceptions_become_one_line_through_errors_first_line_only():
+    """`str(exc).splitlines()[0]` breaks on an empty message and each copy shortens differently."""
+    pattern = re.compile(r"str\(\w+\)[\w.()]*\.splitlines\(\)(\s*or\s*\[[^\]]*\]\))?\[0\]")
+    copies = [f"{p.relative_to(SRC)}:{n}" for p in sources() for n, line in
+              enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert copies == []
+    assert pattern.search('first = (str(exc).strip().splitlines() or [""])[0][:200]')  # the copies it replaced
+    assert pattern.search("({str(exc).splitlines()[0][:120]})")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from medq import artifacts
+from medq.errors import first_line
 
 FILES = {"onnx-fp32": "model_fp32.onnx", "onnx-int8": "model_int8.onnx", "openvino-fp32": "openvino_fp32.xml",
          "openvino-int8": "openvino_int8.xml"}
@@ -147,6 +148,5 @@ def prepare(job: dict[str, Any]) -> dict[str, Any]:
             BUILDERS[name](job, Path(job["models"][name]))
             out[name] = {"ok": True, "seconds": round(time.perf_counter() - start, 2)}
         except Exception as exc:  # noqa: BLE001 - recorded as the reason the row is skipped
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            out[name] = {"ok": False, "error": f"{type(exc).__name__}: {first}"}
+            out[name] = {"ok": False, "error": f"{type(exc).__name__}: {first_line(exc)}"}
     return out
