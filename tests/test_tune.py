@@ -83,6 +83,7 @@ def test_every_tuner_kind_is_a_medq_tuner(tmp_path):
         assert tuner.project_dir == str(config.run_dir / "tuner")
 
 
+@pytest.mark.slow
 def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_path, data_root, count_trainings):
     from medq.freeze import run_freeze
     from medq.tune import run_tune
@@ -171,6 +172,7 @@ def test_only_the_chief_writes_the_search_signature(tmp_path, data_root):
     _check_signature(project, config, worker=True)  # a worker checks against it
 
 
+@pytest.mark.slow
 def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, data_root, count_trainings):
     from medq.freeze import run_freeze
     from medq.tune import run_tune
@@ -211,6 +213,7 @@ def test_a_search_whose_trials_all_fail_says_why_in_one_line(tmp_path, data_root
         run_tune(config)
 
 
+@pytest.mark.slow
 def test_multilabel_search_is_scored_by_mean_auc(tmp_path):
     from medq.data.phantoms import generate_phantoms
     from medq.tune import run_tune
