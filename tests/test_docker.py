@@ -370,6 +370,7 @@ DOCKER_STUBS = {
     "dockerd": 'echo dockerd >> "$CALLS"; echo $$ > "$CALLS.dockerd"; exec sleep 300',
     "docker": """echo "docker $*" >> "$CALLS"
 case "$*" in
+  *"{{.State.ExitCode}}"*) echo 0 ;;
   *"--format"*) echo 1500000000 ;;
   run*) echo "Python 3.11.2" ;;
 esac""",
@@ -385,7 +386,8 @@ case "${*:3}" in
       [ "$(stat -c %u "${!v}")" = "$MEDQ_UID" ] || { echo "host folder ${!v} ($v) is not writable"; exit 2; }
     done ;;
   "run -T --rm pipeline")
-    mkdir -p "$OUTPUT_DIR/smoke" "$DATA_DIR/chest_xray"
+    mkdir -p "$OUTPUT_DIR/smoke" "$DATA_DIR/chest_xray/test/NORMAL"
+    echo x > "$DATA_DIR/chest_xray/test/NORMAL/a.jpeg"
     for f in manifest.json model.keras model_fp32.pb model_int8.pb benchmark.json benchmark.md; do
       [ "$f" = "${STUB_RUN_LEAVES_NO:-}" ] || echo x > "$OUTPUT_DIR/smoke/$f"
     done
@@ -395,7 +397,9 @@ case "${*:3}" in
   "run -T --rm interactive medq train --set train.epochs=1")
     mkdir -p "$OUTPUT_DIR/default" && echo x > "$OUTPUT_DIR/default/model.keras"
     [ -n "${STUB_ROOT_OWNED:-}" ] || owned "$OUTPUT_DIR" ;;
+  "ps -q serve") echo serve-container ;;
 esac""",
+    "python3": 'cat > /dev/null; echo "serve: ready (stub)"; exit "${STUB_SERVE_STATUS:-0}"',  # a serve check's client
     "mmdebstrap": 'echo mmdebstrap >> "$CALLS"',
     "id": 'case "$1" in -u|-g) echo 0 ;; *) /usr/bin/id "$@" ;; esac',  # the script wants root; it gets a stub
 }
@@ -434,13 +438,15 @@ def test_docker_test_script_runs_both_services_in_order_and_stops_its_daemon(tmp
     code, calls, out = _docker_test_with_stubs(tmp_path)()
     assert code == 0, out
     compose = [c.removeprefix("compose ") for c in calls if c.startswith("compose")]
-    assert compose == ["MEDQ_CONFIG= build pipeline",
-                       "MEDQ_CONFIG= run -T --rm interactive id -u",
-                       *["MEDQ_CONFIG= run -T --rm interactive true"] * 3,  # missing DATA_DIR, unwritable OUTPUT/DATA
-                       "MEDQ_CONFIG=configs/smoke.yaml run -T --rm pipeline",
-                       "MEDQ_CONFIG= run -T --rm interactive medq data",
-                       "MEDQ_CONFIG= run -T --rm interactive medq train --set train.epochs=1",
-                       "MEDQ_CONFIG= down --remove-orphans"]
+    services = ["MEDQ_CONFIG= build pipeline",
+                "MEDQ_CONFIG= run -T --rm interactive id -u",
+                *["MEDQ_CONFIG= run -T --rm interactive true"] * 3,  # missing DATA_DIR, unwritable OUTPUT/DATA
+                "MEDQ_CONFIG=configs/smoke.yaml run -T --rm pipeline",
+                "MEDQ_CONFIG= run -T --rm interactive medq data",
+                "MEDQ_CONFIG= run -T --rm interactive medq train --set train.epochs=1",
+                "MEDQ_CONFIG= down --remove-orphans"]
+    assert [c for c in compose if c in services] == services  # in this order (other services' checks may sit between)
+    assert compose[-1] == "MEDQ_CONFIG= down --remove-orphans"
     assert calls.index("wheelhouse") < calls.index("compose MEDQ_CONFIG= build pipeline")
     assert "docker/test.sh: passed" in out and not list(tmp_path.glob("medq-docker-test.*"))  # its folder removed
     dockerd = int((tmp_path / "calls.dockerd").read_text())
