@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from medq.errors import MedqError
+from medq.tune import kt_private
 
-kt_private = pytest.importorskip("medq.tune.kt_private")
 protos, trial_module = kt_private.protos, kt_private.trial_module
 
 
