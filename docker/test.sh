@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 
 cache=${MEDQ_DOCKER_CACHE:-/var/cache/medq-docker}
-exec_root=/run/medq-docker
+exec_root=${MEDQ_DOCKER_EXEC_ROOT:-/run/medq-docker}  # tests/test_docker.py runs this script against stubs
 socket=$exec_root/docker.sock
 local_base=local/bookworm-python:3.11
 project=medq-test

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, get_args
 
 from medq.config import DatasetFormat
-from medq.errors import MedqError
+from medq.errors import MedqError, first_line
 
 DEFAULT_CONFIG = "configs/default.yaml"
 DATA_VARIANTS = ("binary", "3-class", "14-label")  # every reader's documented variants (medq.data.*)
@@ -626,8 +626,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"medq {args.command}: error: {explain(*failure)} (the traceback is in {log_file})",
                   file=sys.stderr)
             return 1
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        print(f"medq {args.command}: unexpected error: {type(exc).__name__}: {first}; the traceback is in "
+        print(f"medq {args.command}: unexpected error: {type(exc).__name__}: {first_line(exc)}; the traceback is in "
               f"{log_file} (rerun with --verbose to see it here)", file=sys.stderr)
         return 1
 

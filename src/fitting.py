@@ -21,7 +21,7 @@ import numpy as np
 from medq import artifacts
 from medq.data.cache import image_cache
 from medq.data.index import DatasetIndex
-from medq.errors import ConfigError, DataError, MedqError
+from medq.errors import ConfigError, DataError, MedqError, first_line
 from medq.losses import make_loss
 from medq.metrics import task_metrics
 from medq.models import build_model
@@ -399,7 +399,7 @@ def _copy_weights(source: str | Path, model) -> None:
         model.set_weights(load_keras_model(source).get_weights())
     except ValueError as exc:
         raise ConfigError(f"{source}: its weights do not fit {model.name} at input {model.input_shape[1:]} "
-                          f"({str(exc).splitlines()[0][:120]}); a model whose weights depend on the input size "
+                          f"({first_line(exc)}); a model whose weights depend on the input size "
                           "(a dense layer after a flatten) cannot start from another resolution (train.low_res, "
                           "tune.warm_start)") from None
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from medq import artifacts, runrecord
 from medq.calibration import CALIBRATION_SPLIT, calibration_batch_size, load_calibration
-from medq.errors import DataError, MedqError
+from medq.errors import DataError, MedqError, first_line
 from medq.graph import graph_metrics
 from medq.inc import adapters
 from medq.metrics import CHANCE_MARGIN, chance_level
@@ -259,7 +259,7 @@ class _QuantizeRun:
             rewritten, report = rewrite_int8_concat(graph)
         except Exception as exc:  # a graph the rewrite did not foresee: INC's graph is still good
             traceback.print_exc()  # into the stage's log
-            return keep_inc(f"the rewrite failed ({type(exc).__name__}: {_first_line(exc)}); a medq bug, please "
+            return keep_inc(f"the rewrite failed ({type(exc).__name__}: {first_line(exc)}); a medq bug, please "
                             "report it", {})
         facts = report.to_dict()
         if not (report.groups or report.int8_pads):
@@ -271,8 +271,8 @@ class _QuantizeRun:
         except Exception as exc:
             traceback.print_exc()
             if "No OpKernel" in str(exc):  # a TensorFlow build without oneDNN's fused INT8 depthwise kernel
-                return keep_inc(f"the rewritten graph does not run here ({_first_line(exc)})", facts)
-            return keep_inc(f"the rewritten graph failed ({type(exc).__name__}: {_first_line(exc)}); a medq bug, "
+                return keep_inc(f"the rewritten graph does not run here ({first_line(exc)})", facts)
+            return keep_inc(f"the rewritten graph failed ({type(exc).__name__}: {first_line(exc)}); a medq bug, "
                             "please report it", facts)
         facts |= {"val": new_val[metric], "inc_val": val[metric]}
         if not self.deploy.criterion.met(baseline, new_val[metric]):
@@ -297,10 +297,6 @@ class _QuantizeRun:
                 values = self.metrics(fp32_graph if path == "bf16" else int8_graph, bf16_rewrite=True)
             out[path] = {"accuracy": values["accuracy"], "auc": values["auc"], self.metric: values[self.metric]}
         return out
-
-
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
 
 
 def _announce(say: Callable[..., None], deploy: Any, inputs: list[str], outputs: list[str], run_dir: Path) -> None:

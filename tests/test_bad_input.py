@@ -2,9 +2,11 @@
 medq must do with it — a listed skip with the reason, or one line saying what is wrong and how to fix it."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -14,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from medq.config import DataConfig, load_config
+from medq.config import DataConfig, check_run_name, load_config
 from medq.data.decode import UnreadableImage, check_header, decode_image
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError, DataError, MedqError
@@ -525,24 +527,80 @@ def test_inc_trials_advance_the_bar_once_per_evaluation_even_when_one_fails():
     assert bar.n == 3
 
 
-def test_benchmark_rows_show_progress(tmp_path, monkeypatch, capsys):
+def test_benchmark_rounds_run_every_row_once_per_round_drop_a_failed_row_and_show_progress(tmp_path, monkeypatch,
+                                                                                            capsys):
     from types import SimpleNamespace
 
     import medq.benchmark.runner as runner
 
     monkeypatch.setenv("MEDQ_PROGRESS", "1")
+    ran = []
+
+    def worker(job, *args):
+        ran.append(job["id"])
+        if job["id"] == "row1":
+            raise runner.WorkerError("row1's worker crashed")
+        return {"pid": len(ran), "command": [], "log": "", **job}
+
+    bars = []
+    shown = runner.progress
+
+    @contextlib.contextmanager
+    def counted(**kwargs):
+        with shown(**kwargs) as bar:
+            steps = []
+            original = bar.update
+            bar.update = lambda k=1: (steps.append(k), original(k))
+            yield bar
+        bars.append((kwargs["desc"], kwargs["total"], sum(steps)))
+
     monkeypatch.setattr(runner, "_job", lambda *a: {"id": a[0].id})
-    monkeypatch.setattr(runner, "run_worker", lambda job, *a: {"pid": 1, "command": [], "log": "", **job})
+    monkeypatch.setattr(runner, "run_worker", worker)
+    monkeypatch.setattr(runner, "progress", counted)
     rows = [SimpleNamespace(id=f"row{i}", model=Path(f"m{i}.pb")) for i in range(3)]
-    settings = SimpleNamespace(repeats=1, worker_timeout=1)
-    measured = runner._measure_rounds(rows, {}, {}, settings, [1], 1, 1, tmp_path, {}, {}, False)
-    assert sorted(measured) == ["row0", "row1", "row2"] and "benchmark rows" in capsys.readouterr().err
+    settings = SimpleNamespace(repeats=2, worker_timeout=1)
+    skipped = {}
+    measured = runner._measure_rounds(rows, {}, {}, settings, [1], 1, 1, tmp_path, {}, skipped, False)
+    assert ran == ["row0", "row1", "row2", "row0~2", "row2~2"]  # the failed row is not run again in round 2
+    assert {k: [r["id"] for r in v] for k, v in measured.items()} == {"row0": ["row0", "row0~2"],
+                                                                      "row2": ["row2", "row2~2"]}
+    assert skipped == {"row1": "failed: row1's worker crashed"}
+    assert "benchmark rows" in capsys.readouterr().err
+    assert bars == [("benchmark rows", 6, 6)]  # every row of every round advances the bar, a failed one too
 
 
-def test_the_readme_documents_progress_and_troubleshooting():
+def _raised(action) -> str:
+    with pytest.raises(MedqError) as err:
+        action()
+    return str(err.value)
+
+
+def test_the_readme_troubleshooting_quotes_the_messages_medq_prints(tmp_path):
+    """Each excerpt below is quoted in the README's table, and each of its parts (between '...') is in the message
+    the code really prints for that mistake: a reworded message or a stale README fails here."""
+    from medq.data.common import read_text
+    from medq.pipeline import ensure_phantoms
+
     readme = (REPO / "README.md").read_text()
     assert "MEDQ_PROGRESS" in readme and "## Troubleshooting" in readme
-    section = readme.split("## Troubleshooting", 1)[1]
-    for message in ("corrupt JPEG data", "dataset folder not found", "data.max_megapixels", "not UTF-8 text",
-                    "separated by semicolons", "skipped_files.csv", "--overwrite", "--resume"):
-        assert message in section, message
+    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    utf16, latin1 = tmp_path / "utf16.csv", tmp_path / "latin1.csv"
+    utf16.write_bytes("path,label\n".encode("utf-16"))
+    latin1.write_bytes("path,label\nR\xf6ntgen.png,a\n".encode("latin-1"))
+    names = _csv_images(tmp_path / "semicolons")
+    (tmp_path / "semicolons" / "labels.csv").write_text("path;label\n" + "".join(f"{n};a\n" for n in names))
+    typo = tmp_path / "chest_xary"
+    messages = {
+        "dataset folder not found; expected the Kaggle chest_xray folder ...": _raised(lambda: ensure_phantoms(
+            load_config(REPO / "configs" / "default.yaml", [f"data.root={typo}", *PHANTOM]))),
+        "not UTF-8 text but UTF-16": _raised(lambda: read_text(utf16)),
+        "not UTF-8 text (byte N ...)": re.sub(r"byte \d+", "byte N", _raised(lambda: read_text(latin1))),
+        "the columns are separated by semicolons, not commas": _raised(lambda: read(tmp_path / "semicolons")),
+        "--set 'run..name=x': ... has an empty part": _raised(lambda: load_config(None, ["run..name=x"])),
+        "--run-name: the run name is empty": _raised(lambda: check_run_name("", "--run-name")),
+    }
+    for excerpt, message in messages.items():
+        assert f"`{excerpt}`" in section or f"`{excerpt} " in section, f"the README does not quote {excerpt!r}"
+        parts = [part.strip() for part in excerpt.split("...") if part.strip()]
+        assert all(part in message for part in parts), f"README: {excerpt!r}; medq prints: {message!r}"
+        assert "\n" not in message

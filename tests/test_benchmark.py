@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medq import runrecord
-from medq import artifacts, hwinfo
+from medq import artifacts, hwinfo, runrecord
+from medq.data import pinned
 from medq.benchmark import plan, report, run_benchmark, summary_text, worker
 from medq.config import load_config
 from medq.errors import ConfigError, MedqError
@@ -296,6 +296,7 @@ def tiny_run(tmp_path_factory):
     return overrides
 
 
+@pytest.mark.slow  # a trained, frozen and quantized run benchmarked in worker processes
 def test_every_tensorflow_path_each_in_its_own_process(tiny_run):
     config = load_config(None, tiny_run + ["benchmark.precisions=[fp32, bf16, int8, int8-bf16]",
                                            "benchmark.reference=[]", "benchmark.instances=[2x1]",
@@ -332,13 +333,34 @@ def test_every_tensorflow_path_each_in_its_own_process(tiny_run):
     assert {"benchmark_json", "benchmark_md", "benchmark_png"} <= set(manifest["artifacts"])
     assert "INT8 vs FP32" in summary_text(rep)
     # every row paired with FP32 on the same images, a verdict in words, operating points and calibration
-    assert all(r["fidelity"]["verdict"] and 0 <= r["fidelity"]["flipped_fraction"] <= 1 for r in rep["results"])
+    # the oracle: each worker's saved probabilities, scored here by sklearn and numpy
+    from sklearn.metrics import accuracy_score, roc_auc_score
+
+    truth = pinned.run_index(config, write=False).labels("test").argmax(axis=1)
+    probs = {r["id"]: np.load(config.run_dir / "benchmark" / "probs" / f"{r['id']}.npy") for r in rep["results"]}
+    base = probs["tensorflow-fp32"]
+    for row in rep["results"]:
+        p, fidelity = probs[row["id"]], row["fidelity"]
+        assert row["metrics"]["accuracy"] == pytest.approx(accuracy_score(truth, p.argmax(axis=1)), abs=1e-9)
+        assert row["metrics"]["auc"] == pytest.approx(roc_auc_score(truth, p[:, 1]), abs=1e-9)
+        flipped = (p[:, 1] >= 0.5) != (base[:, 1] >= 0.5)
+        assert fidelity["flipped_images"] == flipped.sum()
+        assert fidelity["flipped_fraction"] == pytest.approx(flipped.mean())
+        # the paired DeLong difference's point estimate is the difference of the two empirical AUCs
+        assert fidelity["auc_difference"] == pytest.approx(roc_auc_score(truth, p[:, 1]) -
+                                                           roc_auc_score(truth, base[:, 1]), abs=1e-9)
+        low, high = fidelity["auc_difference_ci"]
+        margin = fidelity["margin"]
+        inside = -margin <= low and high <= margin
+        assert fidelity["equivalent"] is inside and fidelity["verdict"].startswith(
+            "equivalent" if inside else ("different", "not shown equivalent"))
     assert rows["tensorflow-fp32"]["fidelity"]["flipped_fraction"] == 0
     assert all({"brier", "ece", "sensitivity_at_specificity"} <= set(r["clinical"]) for r in rep["results"])
     md = (config.run_dir / "benchmark.md").read_text()
     assert "## Fidelity against tensorflow-fp32" in md and "| tensorflow-int8 |" in md.split("## Fidelity")[1]
 
 
+@pytest.mark.slow  # a trained, frozen and quantized run benchmarked in worker processes
 def test_simulated_cpu_without_bf16_and_absent_reference_engines(tiny_run, monkeypatch):
     monkeypatch.setattr(hwinfo, "cpu_features", lambda *a, **k: dict(NO_BF16_CPU))
     monkeypatch.setattr(plan, "installed", lambda module: module not in {"onnxruntime", "openvino", "nncf"})
@@ -358,6 +380,7 @@ def test_simulated_cpu_without_bf16_and_absent_reference_engines(tiny_run, monke
     assert "## Skipped" in md and "tensorflow-bf16" in md
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not all(plan.installed(m) for m in ("tf2onnx", "onnxruntime", "openvino", "nncf")),
                     reason="the reference extra (env/requirements-reference.txt) is not installed")
 def test_reference_rows_run_in_their_own_processes_on_the_same_inputs(tiny_run, repo_root):

@@ -36,6 +36,7 @@ def test_bad_input_is_one_clear_line(argv, fragment, repo_root):
     assert len(error_lines) == 1 and fragment in error_lines[0], result.stderr
 
 
+@pytest.mark.slow  # the preset runs every stage
 def test_benchmark_preset_runs_the_pipeline_and_logs_to_the_run(tmp_path, capsys):
     """`medq benchmark --preset chexnet-cpu`, shrunk by --set: data → low-res + full training → freeze → INC →
     benchmark, with the reproducing command in the report and the log under the run."""

@@ -188,6 +188,7 @@ def test_pickled_modules_and_missing_arch_are_refused(tmp_path):
 
 # ---------------------------------------------------------------- full conversions
 
+@pytest.mark.slow  # converted through onnx2tf in a child process
 def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
     model = randomize(ArnowengDenseNet121(), seed=3)
     path = tmp_path / "model.pth.tar"
@@ -250,6 +251,7 @@ def test_one_channel_resnet18_study_checkpoint_gets_a_softmax(tmp_path):
     assert runrecord.read_manifest(result.run_dir)["source_model"]["appended_head"] == ["softmax"]
 
 
+@pytest.mark.slow  # converted through onnx2tf in a child process
 def test_googlenet_dataparallel_model_state_dict_converts(tmp_path):
     model = torchvision.models.googlenet(weights=None, num_classes=3, aux_logits=True, init_weights=False)
     model = randomize(one_channel(model, "conv1.conv"), seed=5)

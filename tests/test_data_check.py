@@ -113,8 +113,9 @@ def test_cli_check_splits_as_the_config_does(tmp_path, capsys):
     default = json.loads(capsys.readouterr().out)
     assert main(["data", "check", str(root), "--config", str(config), "--json"]) == 0
     configured = json.loads(capsys.readouterr().out)
-    data = DataConfig(format="folder", root=str(root), val_fraction=0.5, test_fraction=0.25)
-    expected = {k: len(v) for k, v in read_dataset(data, seed=9).splits.items()}
+    # by hand: test takes 0.25 of the 40 patients (one image each), validation 0.5 of the 30 left
+    expected = {"train": 15, "val": 15, "test": 10}
     assert {k: s["images"] for k, s in configured["splits"].items()} == expected
+    assert configured["splits"]["test"]["per_class"] == {"effusion": 5, "normal": 5}  # stratified by class
     assert expected != {k: s["images"] for k, s in default["splits"].items()}
     assert configured["format"] == "folder" and default["format"] == "folder"

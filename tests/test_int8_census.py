@@ -200,6 +200,7 @@ def test_every_fold_equals_its_batchnorm_relu_quantize_op_by_op(densenet_graphs,
     assert worst <= 1.0
 
 
+@pytest.mark.slow  # runs every concatenation of the rewritten DenseNet op by op
 def test_every_int8_concatenation_is_an_exact_copy_of_its_inputs(rewritten):
     graph, report = rewritten
     x = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)

@@ -13,11 +13,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 STAGES = ("train", "tune", "freeze", "quantize", "benchmark", "convert", "predict", "serve")
 
 
-# The one import allowed to break the run record's layering, until the branches that still call
-# `runrecord.run_index` (benchmark/runner.py, tune) import medq.data.pinned: a lazy forward, run only when asked for.
-TRANSITIONAL = {("runrecord/__init__.py", "__getattr__")}
-
-
 def imports(path: Path, skip: str | None = None) -> set[str]:
     """Every module ``path`` imports, at the top or inside functions (but not inside function ``skip``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -63,20 +58,27 @@ def test_the_layering_check_sees_a_crossing_import(tmp_path):
     assert "medq.train" in imports(probe)
 
 
-def _skip(path: Path) -> str | None:
-    return next((f for p, f in TRANSITIONAL if path.relative_to(SRC).as_posix() == p), None)
-
-
 def package_graph() -> dict[str, set[str]]:
     """medq's top-level modules and packages (``data``, ``runrecord``, ``train`` ...) → those they import."""
     graph: dict[str, set[str]] = {p.relative_to(SRC).parts[0].removesuffix(".py"): set() for p in sources()}
     for path in sources():
         unit = path.relative_to(SRC).parts[0].removesuffix(".py")
-        for name in imports(path, _skip(path)):
+        for name in imports(path):
             parts = name.split(".")
             if parts[0] == "medq" and len(parts) > 1 and parts[1] != unit and parts[1] in graph:
                 graph[unit].add(parts[1])
     return graph
+
+
+def test_only_medq_tune_kt_private_imports_keras_tuners_internals():
+    inside = sorted(str(p.relative_to(SRC)) for p in sources()
+                    if any(n == "keras_tuner.src" or n.startswith("keras_tuner.src.") for n in imports(p)))
+    assert inside == ["tune/kt_private.py"]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(("medq", *(parts[:-1] if parts[-1] == "__init__" else parts)))
 
 
 def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
@@ -111,7 +113,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_run_record_imports_nothing_from_the_data_layer():
     """medq.data.check stages files through medq.runrecord, so runrecord importing medq.data would be a loop."""
-    crossing = {str(p.relative_to(SRC)): sorted(n for n in imports(p, _skip(p)) if n.startswith("medq.data"))
+    crossing = {str(p.relative_to(SRC)): sorted(n for n in imports(p) if n.startswith("medq.data"))
                 for p in sources() if p.relative_to(SRC).parts[0].removesuffix(".py") == "runrecord"}
     assert {k: v for k, v in crossing.items() if v} == {}
 
@@ -153,3 +155,22 @@ def test_stages_read_the_run_record_through_its_types_not_its_keys():
     for old in ('manifest.get("stages", {}).get("train", {})', 'manifest["preprocess"]',
                 'runrecord.read_manifest(run_dir).get("preprocess")', 'x = read_manifest(d)["stages"]["run"]'):
         assert KEY_READ.search(old), old
+
+
+def test_the_tune_package_has_no_import_cycle():
+    """Imports inside functions count too: they are cycles that merely have not bitten yet."""
+    modules = {module_name(p): p for p in sources()}
+    graph = {name: {n for n in imports(path) if n in modules} - {name} for name, path in modules.items()}
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]  # the check works
+    tune = [c for c in import_cycles(graph) if any(m == "medq.tune" or m.startswith("medq.tune.") for m in c)]
+    assert tune == []
+
+
+def test_exceptions_become_one_line_through_errors_first_line_only():
+    """`str(exc).splitlines()[0]` breaks on an empty message and each copy shortens differently."""
+    pattern = re.compile(r"str\(\w+\)[\w.()]*\.splitlines\(\)(\s*or\s*\[[^\]]*\]\))?\[0\]")
+    copies = [f"{p.relative_to(SRC)}:{n}" for p in sources() for n, line in
+              enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert copies == []
+    assert pattern.search('first = (str(exc).strip().splitlines() or [""])[0][:200]')  # the copies it replaced
+    assert pattern.search("({str(exc).splitlines()[0][:120]})")

@@ -43,6 +43,25 @@ def _frozen_probs(pb: Path, files: list[str], spec: PreprocessSpec) -> np.ndarra
         graph.close()
 
 
+def _reference_probs(pb: Path, images: list, size: int) -> np.ndarray:
+    """The oracle, sharing no code with medq: each image (a file OpenCV decodes, or gray uint8 pixels) resized to
+    ``size`` as the preprocessing is specified (OpenCV, area when shrinking, bilinear when enlarging), scaled by
+    1/255, and the frozen graph run by plain TensorFlow."""
+    import tensorflow as tf
+
+    batch = []
+    for image in images:
+        gray = cv2.imread(str(image), cv2.IMREAD_GRAYSCALE) if isinstance(image, (str, Path)) else image
+        shrinking = max(gray.shape) > size
+        small = cv2.resize(gray, (size, size), interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+        batch.append(small.astype(np.float32)[:, :, None] / 255.0)
+    graph_def = tf.compat.v1.GraphDef.FromString(Path(pb).read_bytes())
+    with tf.Graph().as_default() as graph:
+        tf.compat.v1.import_graph_def(graph_def, name="")
+        with tf.compat.v1.Session(graph=graph) as session:
+            return session.run("output:0", {"input:0": np.stack(batch)})
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -74,7 +93,8 @@ def test_png_jpeg_dicom_match_the_evaluation_path(tiny, tmp_path):
     assert (summary.predicted, summary.errors) == (4, 0)
     recs = _read_jsonl(out)
     assert [r["file"] for r in recs] == paths
-    expected = _frozen_probs(fp32, paths, tiny.spec)
+    gray = cv2.imread(str(files["png"]), cv2.IMREAD_GRAYSCALE)  # the DICOM files hold these pixels too
+    expected = _reference_probs(fp32, [gray, files["jpeg"], gray, gray], tiny.spec.image_size)
     for rec, want in zip(recs, expected):
         np.testing.assert_allclose(_probs(rec), want, atol=2e-6)
         assert list(rec["probabilities"]) == ["NORMAL", "PNEUMONIA"]
@@ -98,7 +118,7 @@ def test_keras_and_frozen_fp32_agree_and_int8_matches_its_graph(tiny):
     predictor = Predictor(info, kind, int8)
     got = np.stack([_probs(r) for r in iter_predictions(predictor, items, batch_size=8, quiet=True)])
     predictor.close()
-    np.testing.assert_allclose(got, _frozen_probs(int8, tiny.test_files, tiny.spec), atol=2e-6)
+    np.testing.assert_allclose(got, _reference_probs(int8, tiny.test_files, tiny.spec.image_size), atol=2e-6)
     np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-4)
 
 

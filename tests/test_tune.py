@@ -36,7 +36,7 @@ def count_trainings(monkeypatch):
 
 
 def test_search_space_is_checked_before_any_trial(tmp_path):
-    from medq.tune import declare_space
+    from medq.tune.space import declare_space
 
     def space(text, *more):
         return declare_space(load_config(None, [f"tune.search_space={text}", *more]), "binary")
@@ -62,7 +62,7 @@ def test_search_space_is_checked_before_any_trial(tmp_path):
 
 
 def test_trial_settings_scale_the_resolution_of_scaled_densenet():
-    from medq.tune import trial_settings
+    from medq.tune.space import trial_settings
 
     config = load_config(None, ["model.name=scaled-densenet", "preprocess.image_size=96"])
     fit, params, size = trial_settings(config, {"learning_rate": 0.01, "phi": 2, "beta": 1.1, "tuner/epochs": 3})
@@ -72,7 +72,8 @@ def test_trial_settings_scale_the_resolution_of_scaled_densenet():
 
 
 def test_every_tuner_kind_is_a_medq_tuner(tmp_path):
-    from medq.tune import declare_space, make_tuner
+    from medq.tune.space import declare_space
+    from medq.tune.stage import make_tuner
 
     for kind in ("random", "hyperband", "bayesian"):
         config = load_config(None, [f"run.output_dir={tmp_path}", f"run.name={kind}", f"tune.tuner={kind}"])
@@ -82,9 +83,11 @@ def test_every_tuner_kind_is_a_medq_tuner(tmp_path):
         assert tuner.project_dir == str(config.run_dir / "tuner")
 
 
+@pytest.mark.slow
 def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_path, data_root, count_trainings):
     from medq.freeze import run_freeze
-    from medq.tune import REPORT_CSV, REPORT_MD, REPORT_PNG, run_tune
+    from medq.tune import run_tune
+    from medq.tune.report import REPORT_CSV, REPORT_MD, REPORT_PNG
 
     config = _config(tmp_path, data_root, "tune.max_trials=2")
     index = read_dataset(config.data, seed=config.run.seed)
@@ -144,7 +147,8 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
 
 
 def test_a_changed_search_is_not_silently_resumed(tmp_path, data_root):
-    from medq.tune import SEARCH_FILE, run_tune
+    from medq.tune import run_tune
+    from medq.tune.stage import SEARCH_FILE
 
     config = _config(tmp_path, data_root)
     (config.run_dir / "tuner").mkdir(parents=True)
@@ -156,7 +160,7 @@ def test_a_changed_search_is_not_silently_resumed(tmp_path, data_root):
 def test_only_the_chief_writes_the_search_signature(tmp_path, data_root):
     """A worker that starts before the chief must not write the signature: it has not seen the split the chief pins,
     so the chief would then refuse its own search as 'started with a different split'."""
-    from medq.tune import SEARCH_FILE, _check_signature
+    from medq.tune.stage import SEARCH_FILE, _check_signature
 
     config = _config(tmp_path, data_root)
     project = config.run_dir / "tuner"
@@ -168,6 +172,7 @@ def test_only_the_chief_writes_the_search_signature(tmp_path, data_root):
     _check_signature(project, config, worker=True)  # a worker checks against it
 
 
+@pytest.mark.slow
 def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, data_root, count_trainings):
     from medq.freeze import run_freeze
     from medq.tune import run_tune
@@ -191,7 +196,7 @@ def test_scaled_densenet_search_scales_resolution_and_the_run_follows(tmp_path, 
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("search-*.yaml")),
                          ids=lambda p: p.name)
 def test_search_configs_load_and_declare_their_space(path):
-    from medq.tune import declare_space
+    from medq.tune.space import declare_space
 
     config = load_config(path)
     task = "multilabel" if config.data.format == "nih-chestxray14" else "binary"
@@ -208,6 +213,7 @@ def test_a_search_whose_trials_all_fail_says_why_in_one_line(tmp_path, data_root
         run_tune(config)
 
 
+@pytest.mark.slow
 def test_multilabel_search_is_scored_by_mean_auc(tmp_path):
     from medq.data.phantoms import generate_phantoms
     from medq.tune import run_tune
@@ -275,7 +281,8 @@ def _stub_trials(project: Path, results: dict[str, dict]) -> None:
 def test_the_tuner_never_selects_a_chance_level_trial_over_a_better_auc_model(tmp_path, objective):
     from types import SimpleNamespace
 
-    from medq.tune import TUNER_PROJECT, _select, collect_trials, pick, trial_table_markdown
+    from medq.tune.report import collect_trials, pick, trial_table_markdown
+    from medq.tune.stage import TUNER_PROJECT, _select
 
     config = load_config(None, [f"run.output_dir={tmp_path}", f"run.objective={objective}"])
     run_dir = config.run_dir

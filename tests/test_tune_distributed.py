@@ -1,11 +1,18 @@
-"""keras-tuner's distributed mode on loopback: a chief oracle and two workers as separate `medq tune` processes."""
+"""keras-tuner's distributed mode on loopback: a chief oracle and two workers as separate `medq tune` processes.
+
+Slow (minutes of three TensorFlow processes); the chief's rules themselves are tested in-process in
+test_tune_chief.py."""
 import os
 import socket
 import subprocess
 import sys
 import time
 
+import pytest
+
 from medq import runrecord
+
+pytestmark = pytest.mark.slow
 
 
 def _free_port():
@@ -38,7 +45,7 @@ tune:
     # starts seconds late on a busy machine would otherwise find every trial taken.
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    start = ("import os, sys, time, pathlib, tensorflow, keras_tuner, medq.tune; from medq.cli import main; "
+    start = ("import os, sys, time, pathlib, tensorflow, keras_tuner, medq.tune.stage; from medq.cli import main; "
              "b = pathlib.Path(sys.argv[1]); tid = os.environ['KERASTUNER_TUNER_ID']; (b / tid).touch(); "
              "t = time.time()\n"
              "while tid != 'chief' and len(list(b.iterdir())) < 3 and time.time() - t < 300: time.sleep(0.1)\n"
@@ -91,15 +98,16 @@ tune:
     # tuner1 SIGKILLs itself once its first trial has started (after the chief handed it the trial); tuner0 starts
     # its first trial only after that, so that tuner1 always holds a trial when it dies (on a loaded machine tuner0
     # could otherwise finish every trial before tuner1 asks for one)
-    start = ("import os, signal, sys, time, pathlib, tensorflow, keras_tuner, medq.tune; from medq.cli import main; "
+    start = ("import os, signal, sys, time, pathlib, tensorflow, keras_tuner, medq.tune.stage\n"
+             "from medq.cli import main\n"
              "b = pathlib.Path(sys.argv[1]); tid = os.environ['KERASTUNER_TUNER_ID']; (b / tid).touch(); "
-             "t = time.time(); sized = medq.tune.with_image_size\n"
+             "t = time.time(); sized = medq.tune.stage.with_image_size\n"
              "def dying(*a): (b.parent / 'tuner1-has-a-trial').touch(); os.kill(os.getpid(), signal.SIGKILL)\n"
              "def waiting(*a):\n"
              "    while not (b.parent / 'tuner1-has-a-trial').exists() and time.time() - t < 300: time.sleep(0.1)\n"
              "    return sized(*a)\n"
-             "if tid == 'tuner1': medq.tune.with_image_size = dying\n"
-             "if tid == 'tuner0': medq.tune.with_image_size = waiting\n"
+             "if tid == 'tuner1': medq.tune.stage.with_image_size = dying\n"
+             "if tid == 'tuner0': medq.tune.stage.with_image_size = waiting\n"
              "while tid != 'chief' and len(list(b.iterdir())) < 3 and time.time() - t < 300: time.sleep(0.1)\n"
              "sys.exit(main(sys.argv[2:]))")
     args = [sys.executable, "-c", start, str(barrier), "tune", "--config", str(config)]
@@ -124,44 +132,3 @@ tune:
     assert {t["tuner_id"] for t in trials} == {"tuner0"}  # tuner0 ran tuner1's trial too
     assert dropped["trial_id"] in {t["trial_id"] for t in trials}
 
-
-def test_a_worker_that_finishes_first_waits_for_a_dead_workers_trial_instead_of_leaving(tmp_path):
-    """The live worker asks for more work before the dead one is noticed: it must be told to wait (IDLE), not stop,
-    or the dead worker's trial is dropped into the retry queue with no one left to run it."""
-    from keras_tuner import HyperParameters, Objective
-    from keras_tuner.src import protos
-    from keras_tuner.src.distribute import oracle_chief
-    from keras_tuner.src.engine import trial as trial_module
-    from keras_tuner.src.tuners.randomsearch import RandomSearchOracle
-
-    from medq.tune import _heartbeat_servicer
-
-    hp = HyperParameters()
-    hp.Choice("lr", [0.1, 0.2, 0.3])
-    oracle = RandomSearchOracle(objective=Objective("val_auc", "max"), max_trials=2, hyperparameters=hp, seed=1)
-    oracle._set_project_dir(str(tmp_path), "search")
-    servicer = _heartbeat_servicer(oracle_chief.OracleServicer, protos)(oracle)
-    servicer.idle_seconds = 0
-
-    def ask(tuner_id):
-        request = protos.get_service().CreateTrialRequest(tuner_id=tuner_id)
-        return trial_module.Trial.from_proto(servicer.CreateTrial(request, None).trial)
-
-    def finish(trial):
-        trial.status = "COMPLETED"
-        servicer.UpdateTrial(protos.get_service().UpdateTrialRequest(trial_id=trial.trial_id, metrics={}), None)
-        oracle.update_trial(trial.trial_id, {"val_auc": 0.7})
-        servicer.EndTrial(protos.get_service().EndTrialRequest(trial=trial.to_proto()), None)
-
-    dead_trial, live_trial = ask("dead"), ask("live")
-    finish(live_trial)
-    assert ask("live").status == "IDLE"  # keras-tuner alone answers STOPPED here and forgets the live worker
-    assert not servicer.stop_triggered
-
-    servicer.last_seen["dead"] -= 60
-    servicer.drop_silent_workers(timeout=30)
-    retried = ask("live")
-    assert retried.trial_id == dead_trial.trial_id and retried.status == "RUNNING"
-    finish(retried)
-    assert ask("live").status == "STOPPED" and oracle_chief.exit_chief(oracle)
-    assert {t.status for t in oracle.trials.values()} == {"COMPLETED"} and len(oracle.trials) == 2

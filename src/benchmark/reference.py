@@ -12,6 +12,8 @@ from typing import Any
 
 from medq import engines
 
+from medq.errors import first_line
+
 CACHE = "cache.json"
 
 
@@ -47,6 +49,5 @@ def prepare(job: dict[str, Any]) -> dict[str, Any]:
             recipe.build(request, Path(job["models"][name]))
             out[name] = {"ok": True, "seconds": round(time.perf_counter() - start, 2)}
         except Exception as exc:  # noqa: BLE001 - recorded as the reason the row is skipped
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            out[name] = {"ok": False, "error": f"{type(exc).__name__}: {first}"}
+            out[name] = {"ok": False, "error": f"{type(exc).__name__}: {first_line(exc)}"}
     return out

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from medq.errors import ConfigError, MedqError
+from medq.errors import ConfigError, MedqError, first_line
 
 MODELS: dict[str, Callable[..., Any]] = {}
 ENTRIES: dict[str, "ModelEntry"] = {}
@@ -139,5 +139,5 @@ def load_keras_model(path: str | Path, *, trust_legacy: bool = False):
     try:
         return tf.keras.models.load_model(path, compile=False, **({} if legacy else {"safe_mode": True}))
     except (OSError, ValueError) as exc:
-        raise MedqError(f"{path}: not a loadable Keras model ({str(exc).splitlines()[0][:120]}); "
+        raise MedqError(f"{path}: not a loadable Keras model ({first_line(exc)}); "
                         "re-run `medq train`") from None

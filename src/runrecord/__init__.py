@@ -29,7 +29,6 @@ dataset and lives in :mod:`medq.data.pinned` (this package imports nothing from 
 """
 from __future__ import annotations
 
-from typing import Any
 
 from medq.runrecord.entries import (BenchmarkEntry, ConvertEntry, DataEntry, Entry, EvaluateEntry, ExportOnnxEntry,
                                     Facts, FreezeEntry, PresetEntry, QuantizeEntry, RunEntry, SplitEntry, StageEntry,
@@ -50,16 +49,3 @@ __all__ = [
     "split_sha", "stage_entry", "stale", "staging_dir", "staging_path", "update_stage", "usable", "verified_path",
     "writer_lock",
 ]
-
-MOVED_TO_DATA = ("run_index", "split_settings", "SPLIT", "SPLIT_SETTINGS")  # now in medq.data.pinned
-
-
-def __getattr__(name: str) -> Any:
-    """``runrecord.run_index`` and the other names of the pinned split, for callers not converted yet (on branches
-    that predate :mod:`medq.data.pinned`): resolved when asked for, so importing this package never imports
-    :mod:`medq.data`. New code imports them from :mod:`medq.data.pinned`."""
-    if name in MOVED_TO_DATA:
-        from medq.data import pinned
-
-        return getattr(pinned, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
