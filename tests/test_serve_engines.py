@@ -127,6 +127,8 @@ def test_openvino_serves_the_ir_the_benchmark_built(benchmarked):
     np.testing.assert_allclose(served.engine(x), want, atol=1e-5)
     assert served.metadata()["parameters"]["engine"] == "openvino"
     assert served.version == hashlib.sha256(benchmarked.ov_fp32.read_bytes()).hexdigest()[:12]
+    weights = benchmarked.ov_fp32.with_suffix(".bin")
+    assert served.facts["engine_facts"]["companions"] == {weights.name: hashlib.sha256(weights.read_bytes()).hexdigest()}
     served.engine.close()
 
 

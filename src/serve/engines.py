@@ -73,6 +73,9 @@ class SpecEngine:
         self.sha256 = artifacts.sha256(self.path)
         self._predict, self.facts = engines.open_engine(engine, engines.LoadRequest(
             self.path, info.input_name, info.output_name, intra_op_threads, inter_op_threads, offer.options))
+        if engines.is_recipe(offer.model):  # the files read beside it (an IR's weights .bin) and their sha256
+            self.facts["companions"] = {p.name: artifacts.sha256(p) for s in engines.recipe(offer.model).companions
+                                        if (p := self.path.with_suffix(s)).is_file()}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self._predict(np.ascontiguousarray(x, dtype=np.float32))
