@@ -268,7 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _read_config(args)  # no log file: the run folders may be read-only mounts
     settings = config.serve
-    for key in ("runs", "model", "host", "port", "token_file", "tls_cert", "tls_key"):
+    for key in ("runs", "model", "engine", "host", "port", "token_file", "tls_cert", "tls_key"):
         if getattr(args, key) is not None:
             setattr(settings, key, getattr(args, key))
     for key, value in thread_environment(config.runtime).items():
@@ -537,9 +537,12 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", dest="runs", action="append", metavar="DIR_OR_NAME",
                    help="a run to serve (repeatable; a run name under run.output_dir or a run folder); the model is "
                         "named by the run (default: serve.runs)")
-    p.add_argument("--model", choices=["int8", "fp32", "bf16", "keras"],
+    p.add_argument("--model", choices=["int8", "fp32", "bf16", "keras", "int8-bf16"],
                    help="which of each run's models: model_int8.pb (default), model_fp32.pb, model_fp32.pb under the "
-                        "BF16 rewrite, or model.keras")
+                        "BF16 rewrite, or model.keras; with another --engine, that engine's model of this precision")
+    p.add_argument("--engine", choices=["tensorflow", "onnxruntime", "openvino"],
+                   help="tensorflow (default: the run's graphs), or onnxruntime / openvino: the model `medq benchmark` "
+                        "built for the run's reference row of that engine and precision (the reference extra)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, help="port (default 8080)")
     p.add_argument("--token-file", help="require `Authorization: Bearer <token>` with the token in this file on "

@@ -244,7 +244,10 @@ class ServeConfig:
     """`medq serve`: the HTTP inference server (medq.serve); every key has a command-line flag of the same name."""
 
     runs: list[str] = field(default_factory=list)  # run names or folders; each is one model, named by its run
-    model: Literal["int8", "fp32", "bf16", "keras"] = "int8"
+    # The engine's model of this precision: tensorflow serves the run's graphs (keras: its Keras model); onnxruntime
+    # and openvino (the reference extra) serve the models `medq benchmark` built for the run (benchmark.reference).
+    model: Literal["int8", "fp32", "bf16", "keras", "int8-bf16"] = "int8"
+    engine: Literal["tensorflow", "onnxruntime", "openvino"] = "tensorflow"
     host: str = "127.0.0.1"  # loopback only unless told otherwise
     port: int = 8080
     # Dynamic batching: a batch runs when it holds max_batch_size images or its first request has waited

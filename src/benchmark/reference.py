@@ -11,10 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medq import engines
-
 from medq.errors import first_line
-
-CACHE = "cache.json"
 
 
 def model_bytes(path: Path, recipe: str | None = None) -> int:
@@ -23,12 +20,6 @@ def model_bytes(path: Path, recipe: str | None = None) -> int:
     companions = engines.recipe(recipe).companions if recipe else ()
     return path.stat().st_size + sum(path.with_suffix(s).stat().st_size for s in companions
                                      if path.with_suffix(s).is_file())
-
-
-def cache_key(name: str, source_sha: str, calibration_sha: str | None, opset: int) -> str:
-    """What a built model depends on: the sha256 of its run artifact, the opset, the calibration set if it uses it."""
-    key = f"{source_sha}|opset{opset}"
-    return key + (f"|calib:{calibration_sha}" if engines.recipe(name).calibrated else "")
 
 
 def prepare(job: dict[str, Any]) -> dict[str, Any]:

@@ -351,19 +351,19 @@ def _build_models(rows: list[plan.Row], config: Config, index: DatasetIndex, run
     if not wanted:
         return {}
     chain = engines.recipe_chain(wanted)
-    ref_dir = measuring.bench / "reference"
+    ref_dir = measuring.bench.parent / engines.REFERENCE_DIR  # where `medq serve --engine` finds them
     ref_dir.mkdir(parents=True, exist_ok=True)
     models = {name: ref_dir / engines.recipe(name).file for name in chain}
     calibration = None
     if any(engines.recipe(name).calibrated for name in chain):
         calibration = calibration_inputs(config, measuring.manifest, index, measuring.bench)
         notes.append(f"reference INT8 calibration: {calibration['source']} (sha256 {calibration['sha256'][:12]})")
-    cache_file = ref_dir / reference.CACHE
+    cache_file = ref_dir / engines.CACHE
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     roots = {engines.root_artifact(name) for name in chain}
     shas = {key: artifacts.sha256(run_models[key]) for key in sorted(roots)}
-    keys = {name: reference.cache_key(name, shas[engines.root_artifact(name)],
-                                      calibration and calibration["sha256"], config.benchmark.onnx_opset)
+    keys = {name: engines.cache_key(name, shas[engines.root_artifact(name)],
+                                    calibration and calibration["sha256"], config.benchmark.onnx_opset)
             for name in chain}
     build = [name for name, key in keys.items() if not (models[name].is_file() and cache.get(name) == key)]
     failures: dict[str, str] = {}

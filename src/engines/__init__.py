@@ -18,6 +18,7 @@ it runs.
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,8 @@ import numpy as np
 
 Predict = Callable[[np.ndarray], np.ndarray]
 REFERENCE_EXTRA = "install the reference extra: .venv/bin/pip install -r env/requirements-reference.txt"
+REFERENCE_DIR = Path("benchmark") / "reference"  # under the run: the models recipes build, and their cache keys
+CACHE = "cache.json"  # in REFERENCE_DIR: {recipe name: cache_key it was built with}
 
 
 @dataclass(frozen=True)
@@ -196,6 +199,30 @@ def root_artifact(name: str) -> str:
     while is_recipe(name):
         name = recipe(name).source
     return name
+
+
+def cache_key(name: str, source_sha: str, calibration_sha: str | None, opset: int) -> str:
+    """What a built model depends on: the sha256 of its run artifact, the opset, the calibration set if it uses it."""
+    key = f"{source_sha}|opset{opset}"
+    return key + (f"|calib:{calibration_sha}" if recipe(name).calibrated else "")
+
+
+def built_model(run_dir: Path, name: str, source_sha: str) -> tuple[Path | None, str]:
+    """The model recipe ``name`` built for the run in ``run_dir`` if it is current (built from the run artifact whose
+    sha256 is ``source_sha``): (path, ""), else (None, why not)."""
+    folder = Path(run_dir) / REFERENCE_DIR
+    path = folder / recipe(name).file
+    cache_file = folder / CACHE
+    try:
+        key = json.loads(cache_file.read_text()).get(name) if cache_file.is_file() else None
+    except (OSError, ValueError, AttributeError):
+        return None, f"{cache_file} is unreadable"
+    if not path.is_file() or not isinstance(key, str):
+        return None, f"no {name} model has been built for this run ({path})"
+    if key.split("|", 1)[0] != source_sha:
+        return None, (f"{path} is stale: it was built from a {root_artifact(name)} with sha256 "
+                      f"{key.split('|', 1)[0][:12]}, the run's is now {source_sha[:12]}")
+    return path, ""
 
 
 def version_keys() -> tuple[str, ...]:

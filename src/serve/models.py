@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from medq import runrecord
 from medq.data.decode import UnreadableImage, check_header
 from medq.errors import MedqError
 from medq.inference import MODELS, RunInfo, read_run, record
@@ -32,7 +31,7 @@ class ServedModel:
     name: str  # the run's name
     info: RunInfo
     engine: Engine
-    version: str  # the model file's sha256, first 12 hex digits
+    version: str  # the served model file's sha256, first 12 hex digits
     threshold: float | None  # None: the run's own, as `medq predict` without --threshold
     max_megapixels: float
     ready: bool = False
@@ -48,13 +47,20 @@ class ServedModel:
 
     def metadata(self) -> dict[str, Any]:
         """The v2 model metadata, with medq's facts under ``parameters``."""
-        return {"name": self.name, "versions": [self.version], "platform": "tensorflow_graphdef"
-                if self.engine.precision != "keras" else "keras",
+        return {"name": self.name, "versions": [self.version], "platform": self.platform,
                 "inputs": [self.input.describe()], "outputs": [self.output.describe()],
                 "parameters": {"classes": self.info.classes, "task": self.info.task,
                                "preprocessing": self.info.spec.to_dict(),
-                               "threshold": self.threshold, "precision": self.engine.precision,
+                               "threshold": self.threshold, "engine": self.engine.name,
+                               "precision": self.engine.precision,
                                "data_source": self.info.data_source, **self.facts}}
+
+    @property
+    def platform(self) -> str:
+        """KServe's platform names."""
+        if self.engine.name == "tensorflow":
+            return "keras" if self.engine.precision == "keras" else "tensorflow_graphdef"
+        return {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino_ir"}.get(self.engine.name, self.engine.name)
 
     def image_input(self, data: bytes) -> np.ndarray:
         """[S, S, C] for one PNG / JPEG / DICOM file's bytes, exactly as `medq predict` and the evaluation compute it
@@ -83,16 +89,16 @@ class ServedModel:
 
 
 def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_megapixels: float, warmup_batch: int = 1,
-               intra_op_threads: int = 0, inter_op_threads: int = 1) -> ServedModel:
-    """The run's model, verified, loaded and warmed up (ready)."""
+               intra_op_threads: int = 0, inter_op_threads: int = 1, engine_name: str = "tensorflow") -> ServedModel:
+    """The run's model in ``engine_name``, verified, loaded and warmed up (ready)."""
     info = read_run(run_dir)
-    if model not in MODELS:
+    if engine_name == "tensorflow" and model not in MODELS:
         raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
-    engine = open_engine(info, model, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)
-    key = MODELS[model][0]
-    sha = runrecord.load(info.run_dir).artifacts[key].sha256
-    served = ServedModel(Path(run_dir).name, info, engine, sha[:12], threshold, max_megapixels,
-                         facts={"artifact": engine.path.name, "sha256": sha})
+    engine = open_engine(info, model, engine=engine_name, intra_op_threads=intra_op_threads,
+                         inter_op_threads=inter_op_threads)
+    served = ServedModel(Path(run_dir).name, info, engine, engine.sha256[:12], threshold, max_megapixels,
+                         facts={"artifact": engine.path.name, "sha256": engine.sha256,
+                                **({"engine_facts": engine.facts} if engine.facts else {})})
     warm = np.zeros((warmup_batch, *served.input.shape), np.float32)
     try:
         out = engine(warm)
@@ -105,6 +111,6 @@ def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_
                         f"{bool(np.isfinite(out).all())}) for {len(info.classes)} classes; the model file does not "
                         f"belong to {info.run_dir}")
     served.ready = True
-    log.info("serve: %s ready: %s model %s (sha256 %s), input %s, classes %s", served.name, model, engine.path,
-             served.version, list(served.input.shape), info.classes)
+    log.info("serve: %s ready: %s %s model %s (sha256 %s), input %s, classes %s", served.name, engine.name, model,
+             engine.path, served.version, list(served.input.shape), info.classes)
     return served

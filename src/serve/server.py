@@ -72,7 +72,8 @@ def load_models(config: Any, run_dirs: Sequence[str | Path]) -> list[ServedModel
     models: list[ServedModel] = []
     try:
         for run_dir in run_dirs:
-            models.append(load_model(run_dir, config.serve.model, threshold=config.serve.threshold,
+            models.append(load_model(run_dir, config.serve.model, engine_name=config.serve.engine,
+                                     threshold=config.serve.threshold,
                                      max_megapixels=config.data.max_megapixels,
                                      warmup_batch=config.serve.max_batch_size,
                                      intra_op_threads=config.runtime.intra_op_threads,
