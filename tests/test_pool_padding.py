@@ -1,0 +1,87 @@
+"""medq.convert.pool_padding: onnx2tf's PadV2(-FLT_MAX) → MaxPool(VALID) becomes a padding INT8 can calibrate, with
+the pooling's results unchanged (oracle: max pooling written in numpy, padding as minus infinity like PyTorch)."""
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from medq.convert.pool_padding import rewrite_pool_padding  # noqa: E402
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def numpy_max_pool(x, kernel, stride, pad):
+    """PyTorch's max_pool2d on NHWC: symmetric padding that never wins the maximum."""
+    n, h, w, c = x.shape
+    padded = np.full((n, h + 2 * pad, w + 2 * pad, c), -np.inf, np.float32)
+    padded[:, pad:pad + h, pad:pad + w] = x
+    out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+    out = np.empty((n, out_h, out_w, c), np.float32)
+    for i in range(out_h):
+        for j in range(out_w):
+            out[:, i, j] = padded[:, i * stride:i * stride + kernel, j * stride:j * stride + kernel].max(axis=(1, 2))
+    return out
+
+
+def onnx2tf_pool(size, kernel=3, stride=2, pad=1, value=-FLT_MAX, relu=True, channels=4):
+    """The graph onnx2tf writes for PyTorch's MaxPool2d(kernel, stride, padding=pad), behind a ReLU or not."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, size, size, channels], name="input")
+        h = tf.nn.relu(x) if relu else tf.identity(x)
+        padded = tf.raw_ops.PadV2(input=h, paddings=tf.constant([[0, 0], [pad, pad], [pad, pad], [0, 0]]),
+                                  constant_values=tf.constant(value, tf.float32))
+        tf.identity(tf.nn.max_pool2d(padded, kernel, stride, "VALID"), name="output")
+    return graph.as_graph_def()
+
+
+def run(graph_def, x):
+    graph = tf.Graph()
+    with graph.as_default():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+    with tf.compat.v1.Session(graph=graph) as session:
+        return session.run("output:0", {"input:0": x})
+
+
+def op_types(graph_def):
+    return sorted(node.op for node in graph_def.node if "Pad" in node.op)
+
+
+@pytest.mark.parametrize("size", [16, 17])  # even and odd: TensorFlow's SAME padding matches PyTorch only on one
+def test_padding_after_a_relu_becomes_zeros_and_pools_the_same(size):
+    x = np.random.default_rng(size).normal(0, 2, (3, size, size, 4)).astype(np.float32)
+    graph, report = rewrite_pool_padding(onnx2tf_pool(size))
+    assert op_types(graph) == ["Pad"] and len(report.zero) == 1 and not report.mirror
+    np.testing.assert_array_equal(run(graph, x), numpy_max_pool(np.maximum(x, 0), 3, 2, 1))
+
+
+def test_padding_of_a_signed_input_is_mirrored_and_pools_the_same():
+    x = np.random.default_rng(1).normal(-5, 2, (2, 15, 15, 4)).astype(np.float32)  # mostly negative: zeros would win
+    graph, report = rewrite_pool_padding(onnx2tf_pool(15, relu=False))
+    assert op_types(graph) == ["MirrorPad"] and len(report.mirror) == 1 and not report.zero
+    np.testing.assert_array_equal(run(graph, x), numpy_max_pool(x, 3, 2, 1))
+
+
+def test_rewritten_padding_stays_in_the_data_range():
+    """What INT8 calibration sees at the pool's input: the data's range, not -3.4e38."""
+    x = np.random.default_rng(2).normal(0, 1, (2, 16, 16, 4)).astype(np.float32)
+    graph, _ = rewrite_pool_padding(onnx2tf_pool(16))
+    pad = next(node.name for node in graph.node if node.op == "Pad")
+    imported = tf.Graph()
+    with imported.as_default():
+        tf.compat.v1.import_graph_def(graph, name="")
+    with tf.compat.v1.Session(graph=imported) as session:
+        padded = session.run(f"{pad}:0", {"input:0": x})
+    assert padded.min() == 0.0 and padded.max() == np.maximum(x, 0).max()
+
+
+def test_paddings_without_an_exact_equivalent_are_left_and_reported():
+    # 2 x padding > kernel on a signed input: a mirrored element could come from outside the window
+    graph, report = rewrite_pool_padding(onnx2tf_pool(12, kernel=3, stride=1, pad=2, relu=False))
+    assert op_types(graph) == ["PadV2"] and "half the kernel" in next(iter(report.left.values()))
+    # a finite negative padding value on a signed input is the model's choice: it can win the maximum
+    graph, report = rewrite_pool_padding(onnx2tf_pool(12, value=-1.0, relu=False))
+    assert op_types(graph) == ["PadV2"] and "may be negative" in next(iter(report.left.values()))
+    # a positive padding value wins over data: not a pooling padding at all, untouched and not reported
+    graph, report = rewrite_pool_padding(onnx2tf_pool(12, value=1.0))
+    assert op_types(graph) == ["PadV2"] and report.to_dict() == {"zero_padding": 0, "mirror_padding": 0, "left": {}}
