@@ -44,7 +44,8 @@ def tiny(tmp_path_factory):
                                 "data.generate=false", "preprocess.image_size=32", "train.epochs=2",
                                 "model.params={blocks: 2, filters: 4, dense_units: 8}",
                                 # a 2-epoch model: the criterion is wide, what is tested is the INT8 file's use
-                                f"quantize.deploy={REPO / 'tests' / 'fixtures' / 'wide_criterion_deploy.yaml'}"])
+                                f"quantize.deploy={REPO / 'tests' / 'fixtures' / 'wide_criterion_deploy.yaml'}",
+                                "quantize.allow_chance=true"])
     run_train(config)
     run_freeze(config)
     run_quantize(config)
