@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medq.convert.graphdef import constant, node_name, readers, source, static_shapes
+
 # A constant at least this negative is onnx2tf's "minus infinity" (it writes -FLT_MAX).
 NEGATIVE_INFINITY = -1e30
 # Ops whose output is >= 0 whatever their input, and ops that keep a non-negative input non-negative.
@@ -47,18 +49,15 @@ def rewrite_pool_padding(graph_def) -> tuple[object, PoolPaddingReport]:
     graph = graph_pb2.GraphDef()
     graph.CopyFrom(graph_def)
     nodes = {node.name: node for node in graph.node}
-    consumers: dict[str, list] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(_node_name(name), []).append(node)
+    consumers = readers(graph)
     shapes: dict[str, list] = {}  # filled on first need (importing the graph takes a second on DenseNet)
     report = PoolPaddingReport()
     for pad in [node for node in graph.node if node.op == "PadV2"]:
         pools = consumers.get(pad.name, [])
         if not pools or any(p.op != "MaxPool" for p in pools):
             continue  # not a pooling padding
-        value = _constant(nodes, pad.input[2])
-        paddings = _constant(nodes, pad.input[1])
+        value = constant(nodes, pad.input[2])
+        paddings = constant(nodes, pad.input[1])
         if value is None or paddings is None or value.size != 1 or float(value) > 0:
             continue  # a padding value that can win the maximum is the model's own choice
         why = _unsupported(pools, paddings)
@@ -90,35 +89,21 @@ def _unsupported(pools: list, paddings: np.ndarray) -> str | None:
     return None
 
 
-def _node_name(tensor: str) -> str:
-    return tensor.lstrip("^").split(":")[0]
 
 
-def _source(nodes: dict, tensor: str):
-    node = nodes.get(_node_name(tensor))
-    while node is not None and node.op == "Identity":
-        node = nodes.get(_node_name(node.input[0]))
-    return node
 
 
-def _constant(nodes: dict, tensor: str) -> np.ndarray | None:
-    from tensorflow.python.framework import tensor_util
-
-    node = _source(nodes, tensor)
-    if node is None or node.op != "Const":
-        return None
-    return tensor_util.MakeNdarray(node.attr["value"].tensor)
 
 
 def _non_negative(nodes: dict, tensor: str, depth: int = 0) -> bool:
     """Whether ``tensor`` is >= 0 for every input, by the ops that make it (a short, conservative look back)."""
-    node = _source(nodes, tensor)
+    node = source(nodes, tensor)
     if node is None or depth > 8:
         return False
     if node.op in _NON_NEGATIVE:
         return True
     if node.op == "Const":
-        value = _constant(nodes, node.name)
+        value = constant(nodes, node.name)
         return value is not None and value.dtype.kind == "f" and bool((value >= 0).all())
     data = [i for i in node.input if not i.startswith("^")]
     if node.op == "Maximum":
@@ -141,22 +126,10 @@ def _fits(shape: list | None, paddings: np.ndarray) -> bool:
 
 def _shape(shapes: dict[str, list], graph_def, tensor: str) -> list | None:
     if not shapes:
-        shapes.update(_static_shapes(graph_def))
-    return shapes.get(_node_name(tensor))
+        shapes.update(static_shapes(graph_def))
+    return shapes.get(node_name(tensor))
 
 
-def _static_shapes(graph_def) -> dict[str, list]:
-    """Every node's first output shape as TensorFlow infers it (None for unknown dimensions)."""
-    import tensorflow as tf
-
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.import_graph_def(graph_def, name="")
-    shapes = {}
-    for op in graph.get_operations():
-        if op.outputs and op.outputs[0].shape.rank is not None:
-            shapes[op.name] = op.outputs[0].shape.as_list()
-    return shapes
 
 
 def _make_pad(pad) -> None:

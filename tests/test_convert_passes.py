@@ -1,5 +1,6 @@
-"""medq.convert.pool_padding: onnx2tf's PadV2(-FLT_MAX) → MaxPool(VALID) becomes a padding INT8 can calibrate, with
-the pooling's results unchanged (oracle: max pooling written in numpy, padding as minus infinity like PyTorch)."""
+"""The converter's graph passes on onnx2tf's output. medq.convert.pool_padding: PadV2(-FLT_MAX) → MaxPool(VALID)
+becomes a padding INT8 can calibrate, the pooling's results unchanged (oracle: max pooling in numpy, padding as minus
+infinity like PyTorch); medq.convert.batchnorm: Mul+AddV2 BatchNorms become FusedBatchNormV3 (oracle: numpy)."""
 import numpy as np
 import pytest
 
@@ -85,3 +86,37 @@ def test_paddings_without_an_exact_equivalent_are_left_and_reported():
     # a positive padding value wins over data: not a pooling padding at all, untouched and not reported
     graph, report = rewrite_pool_padding(onnx2tf_pool(12, value=1.0))
     assert op_types(graph) == ["PadV2"] and report.to_dict() == {"zero_padding": 0, "mirror_padding": 0, "left": {}}
+
+
+# --- BatchNorm written back (medq.convert.batchnorm) -----------------------------------------------------------------
+
+def onnx2tf_batchnorms():
+    """onnx2tf's inference BatchNormalization: per-channel Mul then AddV2 of constants, after a concatenation (NHWC),
+    and the same pair on a [N, C] tensor (not a BatchNorm TensorFlow can fuse) and a Mul read twice (left alone)."""
+    rng = np.random.default_rng(5)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 6, 6, 3], name="input")
+        grown = tf.concat([x, tf.nn.relu(x)], axis=3)
+        scale, offset = rng.normal(1, 0.3, 6).astype(np.float32), rng.normal(0, 0.3, 6).astype(np.float32)
+        normed = tf.nn.relu(tf.math.add(tf.math.multiply(grown, tf.constant(scale)), tf.constant(offset)))
+        pooled = tf.reduce_mean(normed, axis=[1, 2])
+        flat = tf.math.add(tf.math.multiply(pooled, tf.constant(scale)), tf.constant(offset))
+        twice = tf.math.multiply(flat, tf.constant(scale))
+        tf.identity(tf.math.add(twice, tf.constant(offset)) + twice, name="output")
+    return graph.as_graph_def(), scale, offset
+
+
+def test_onnx2tf_batchnorm_becomes_fused_batchnorm_with_the_same_numbers():
+    from medq.convert.batchnorm import restore_batchnorms
+
+    graph_def, scale, offset = onnx2tf_batchnorms()
+    graph, count = restore_batchnorms(graph_def)
+    ops = [node.op for node in graph.node]
+    assert count == 1 and ops.count("FusedBatchNormV3") == 1 and ops.count("Mul") == 2
+    x = np.random.default_rng(6).normal(0, 2, (3, 6, 6, 3)).astype(np.float32)
+    normed = np.maximum(np.concatenate([x, np.maximum(x, 0)], axis=3) * scale + offset, 0)
+    flat = normed.mean(axis=(1, 2)) * scale + offset
+    expected = (flat * scale + offset) + flat * scale
+    np.testing.assert_allclose(run(graph, x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run(graph, x), run(graph_def, x), rtol=0, atol=1e-6)
