@@ -120,3 +120,31 @@ def test_onnx2tf_batchnorm_becomes_fused_batchnorm_with_the_same_numbers():
     expected = (flat * scale + offset) + flat * scale
     np.testing.assert_allclose(run(graph, x), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(run(graph, x), run(graph_def, x), rtol=0, atol=1e-6)
+
+
+# --- DenseNet's concatenations as a chain (medq.convert.dense_concat) ----------------------------------------------
+
+def test_flat_dense_block_concatenations_become_a_chain_with_the_same_tensor():
+    """torchvision's dense block: layer k concatenates all k earlier tensors; after the pass each concatenation reads
+    the previous one and the new tensor, so every layer's output has one reader (what INC fuses)."""
+    from medq.convert.dense_concat import chain_concatenations
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4, 4, 2], name="input")
+        features = [x]
+        for k in range(4):
+            grown = tf.concat(features, axis=3, name=f"cat{k}") if len(features) > 1 else features[0]
+            features.append(tf.nn.relu(grown * float(k + 1), name=f"layer{k}"))
+        other_axis = tf.concat([x, x], axis=1, name="rows")  # another axis: never a prefix of the channel concats
+        tf.identity(tf.concat(features, axis=3, name="last") + 0 * tf.reduce_sum(other_axis), name="output")
+    graph_def = graph.as_graph_def()
+    chained, count = chain_concatenations(graph_def)
+    concats = {n.name: [i.split(":")[0] for i in n.input[:n.attr["N"].i]] for n in chained.node if n.op == "ConcatV2"}
+    assert count == 3
+    assert concats["cat2"] == ["cat1", "layer1"] and concats["cat3"] == ["cat2", "layer2"]
+    assert concats["last"] == ["cat3", "layer3"] and concats["rows"] == ["input", "input"]
+    readers = [i.split(":")[0] for n in chained.node for i in n.input]
+    assert all(readers.count(f"layer{k}") == 1 for k in range(4))  # read once: by the next concatenation
+    x = np.random.default_rng(7).normal(0, 1, (2, 4, 4, 2)).astype(np.float32)
+    np.testing.assert_array_equal(run(chained, x), run(graph_def, x))

@@ -14,6 +14,7 @@ import numpy as np
 from medq import artifacts, runrecord
 from medq.convert import head, onnx_graph, parity, torch_models
 from medq.convert.batchnorm import restore_batchnorms
+from medq.convert.dense_concat import chain_concatenations
 from medq.convert.pool_padding import rewrite_pool_padding
 from medq.onnxio import graph_def_to_onnx
 from medq.data.nih import CHEXNET_CLASSES
@@ -205,10 +206,12 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
         # The SavedModel is the network as onnx2tf converts it; the head is added in TF when freezing.
         saved_model = onnx_graph.onnx_to_saved_model(network_path, work / SAVED_MODEL_DIR, source)
         graph_def = onnx_graph.freeze_saved_model(saved_model, spec.input_shape, head.tf_head(plan))
-        # The graph in the form INC quantizes well (onnx2tf's -FLT_MAX pooling padding makes INT8 calibration
-        # collapse; its Mul+Add BatchNorms hide DenseNet's from the INT8 concatenation); parity checks the result.
+        # The graph in the form INC quantizes well, like medq's own models (onnx2tf's -FLT_MAX pooling padding makes
+        # INT8 calibration collapse; its Mul+Add BatchNorms and DenseNet's flat concatenations keep the INT8
+        # concatenation rewrite from applying); the parity check below runs the result.
         graph_def, pool_padding = rewrite_pool_padding(graph_def)
         graph_def, batchnorms = restore_batchnorms(graph_def)
+        graph_def, chained = chain_concatenations(graph_def)
 
         x = parity.phantom_batch(spec, parity_images)
         raw = _raw_outputs(src, network, saved_model, x)
@@ -234,7 +237,7 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
              "source_model": source_info},
         saved_model=SAVED_MODEL_DIR, saved_model_outputs="the network's own outputs, before the appended head",
         onnx_input_layout="NCHW", parity=parity.summary(report), pool_padding=pool_padding.to_dict(),
-        batchnorms_restored=batchnorms)
+        batchnorms_restored=batchnorms, concatenations_chained=chained)
     return ConvertResult(run_dir=run_dir, onnx=run_dir / ONNX_FILE, parity=report, manifest=manifest,
                          fp32_pb=run_dir / FROZEN_FP32,
                          saved_model=run_dir / SAVED_MODEL_DIR, task=plan.task, classes=names, preprocess=spec)
