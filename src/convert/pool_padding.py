@@ -89,12 +89,6 @@ def _unsupported(pools: list, paddings: np.ndarray) -> str | None:
     return None
 
 
-
-
-
-
-
-
 def _non_negative(nodes: dict, tensor: str, depth: int = 0) -> bool:
     """Whether ``tensor`` is >= 0 for every input, by the ops that make it (a short, conservative look back)."""
     node = source(nodes, tensor)
@@ -128,8 +122,6 @@ def _shape(shapes: dict[str, list], graph_def, tensor: str) -> list | None:
     if not shapes:
         shapes.update(static_shapes(graph_def))
     return shapes.get(node_name(tensor))
-
-
 
 
 def _make_pad(pad) -> None:
