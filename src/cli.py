@@ -181,6 +181,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     if args.deploy:
         args.set = [*(args.set or []), f"quantize.deploy={args.deploy}"]
+    if args.allow_chance:
+        args.set = [*(args.set or []), "quantize.allow_chance=true"]
     log.info("INT8 graph: %s", run_quantize(_load(args), verbose=args.verbose))
     return 0
 
@@ -446,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "chexnet-cpu: DenseNet121 at 224x224, 14 labels")
         if name == "quantize":
             p.add_argument("--deploy", metavar="YAML", help="INC deploy.yaml (default: quantize.deploy in the config)")
+            p.add_argument("--allow-chance", action="store_true",
+                           help="quantize even when the FP32 model is not above chance on validation (it stops "
+                           "otherwise: INT8 would have nothing to preserve)")
         if name in ("convert", "export-onnx"):
             _convert_arguments(p, name)
         if name == "predict":

@@ -201,6 +201,9 @@ class QuantizeConfig:
     # Keep DenseNet-style concatenations (and the BatchNorm+ReLU reading them) in INT8 after INC
     # (medq.inc.rewrite); the rewritten graph is kept only when it still meets deploy.yaml's accuracy criterion.
     int8_concat: bool = True
+    # Quantize a model whose FP32 validation score is not above chance (the stage stops otherwise: INT8 matching a
+    # model that learned nothing "meets" any accuracy criterion).
+    allow_chance: bool = False
 
 
 @dataclass

@@ -178,11 +178,7 @@ class _QuantizeRun:
             raise DataError(f"{self.config.data.root}: the FP32 {metric} on the validation split is undefined (a "
                             "class is missing there); set run.objective: accuracy or raise data.val_fraction")
         chance = chance_level(metric, self.y_val, self.task)
-        near_chance = bool(baseline <= chance + CHANCE_MARGIN)
-        if near_chance:
-            say(f"  warning: the FP32 model scores {metric} {baseline:.4f} on validation, about chance "
-                f"({chance:.4f}): INT8 matching an untrained model proves nothing; train it longer first",
-                warning=True)
+        near_chance = self.check_above_chance(fp32_val, baseline, chance)
         workspace = _workspace(deploy, self.run_dir)
         with progress(total=deploy.max_trials + 1, desc="INC tuning: baseline + trials (at most)", unit="eval") as bar:
             result = run_ptq(fp32_graph, deploy, inputs=inputs, outputs=outputs, sampling_sizes=self.sizes,
@@ -238,8 +234,26 @@ class _QuantizeRun:
             seconds=round(time.perf_counter() - start, 1), **facts)
         target = self.run_dir / INT8_PB
         _summary(say, result, metric, baseline, int8_val[metric], threshold, deploy, fallbacks, paths_val,
-                 int8_concat, log_path, target)
+                 int8_concat, log_path, target, near_chance)
         return target
+
+    def check_above_chance(self, fp32_val: dict[str, Any], baseline: float, chance: float) -> bool:
+        """Stop when the FP32 model is at chance on validation (its objective within ``CHANCE_MARGIN`` of chance):
+        any INT8 graph would then "meet" the accuracy criterion, and the run would report a success that means
+        nothing. ``quantize.allow_chance`` quantizes anyway, with a warning. Returns whether the model is at chance."""
+        if baseline > chance + CHANCE_MARGIN:
+            return False
+        auc_ci = (fp32_val.get("ci") or {}).get("auc")
+        interval = f", AUC 95% CI [{auc_ci[0]:.3f}, {auc_ci[1]:.3f}]" if auc_ci else ""
+        facts = (f"the FP32 model scores {self.metric} {baseline:.4f} on {len(self.val_paths)} validation images"
+                 f"{interval}: not above chance ({chance:.4f})")
+        if not self.config.quantize.allow_chance:
+            raise MedqError(f"{self.run_dir}: {facts}, so INT8 has nothing to preserve and INC's accuracy criterion "
+                            "would be met by any graph; train the model (or check its labels and preprocessing), or "
+                            "set quantize.allow_chance=true (`medq quantize --allow-chance`) to quantize anyway")
+        self.say(f"  warning: {facts}; quantizing anyway (quantize.allow_chance): INT8 matching it proves nothing",
+                 warning=True)
+        return True
 
     def int8_concat(self, graph, val: dict[str, Any], baseline: float,
                     threshold: float) -> tuple[Any, dict[str, Any], dict[str, Any]]:
@@ -400,9 +414,10 @@ def _sayer(stream) -> Callable[..., None]:
 
 def _summary(say: Callable[..., None], result: Any, metric: str, fp32: float, int8: float, threshold: float,
              deploy: Any, fallbacks: list[dict[str, str]], paths_val: dict[str, dict[str, float]],
-             int8_concat: dict[str, Any], log_path: Path, target: Path) -> None:
+             int8_concat: dict[str, Any], log_path: Path, target: Path, fp32_at_chance: bool = False) -> None:
+    met = "met, which proves nothing (FP32 is at chance)" if fp32_at_chance else "met"
     say(f"  validation {metric}: FP32 {fp32:.4f}, INT8 {int8:.4f}; criterion {deploy.criterion.describe()}: "
-        f"INT8 ≥ {threshold:.4f} → met ({len(result.trials)} trial(s), {result.seconds:.0f} s in INC)")
+        f"INT8 ≥ {threshold:.4f} → {met} ({len(result.trials)} trial(s), {result.seconds:.0f} s in INC)")
     table = ", ".join(f"{op} {c['int8']}/{c['total']} INT8" + (f" {c['bf16']} BF16" if c["bf16"] else "")
                       for op, c in result.op_table.items())
     say(f"  INC op table: {table or 'empty'}" + (" (INC's graph, before medq's INT8 concatenation)"

@@ -55,7 +55,8 @@ def make_tiny_run():
         deploy = Path(REPO) / "tests" / "fixtures" / "wide_criterion_deploy.yaml"
         config = load_config(None, [f"run.output_dir={root / 'output'}", f"data.root={data}", "run.name=tiny",
                                     "data.generate=false", "preprocess.image_size=32", "train.epochs=2",
-                                    "model.params={blocks: 2, filters: 4, dense_units: 8}", f"quantize.deploy={deploy}"])
+                                    "model.params={blocks: 2, filters: 4, dense_units: 8}", f"quantize.deploy={deploy}",
+                                    "quantize.allow_chance=true"])
         run_train(config)
         run_freeze(config)
         run_quantize(config)

@@ -51,7 +51,8 @@ def test_benchmark_preset_runs_the_pipeline_and_logs_to_the_run(tmp_path, capsys
               "benchmark.reference=[]", "benchmark.instances=[]", "benchmark.batch_sizes=[4]",
               "benchmark.batch_size=4", "benchmark.warmup=1", "benchmark.latency_iterations=3",
               "benchmark.throughput_iterations=2",
-              f"quantize.deploy={Path(__file__).parent / 'fixtures' / 'wide_criterion_deploy.yaml'}"]
+              f"quantize.deploy={Path(__file__).parent / 'fixtures' / 'wide_criterion_deploy.yaml'}",
+              "quantize.allow_chance=true"]
     argv = ["benchmark", "--preset", "chexnet-cpu", "--quiet"] + [a for o in shrink for a in ("--set", o)]
     assert main(argv) == 0
     run = tmp_path / "chexnet-cpu"

@@ -226,6 +226,7 @@ def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
     deploy = Path(__file__).parent / "fixtures" / "wide_criterion_deploy.yaml"
     config = load_config(None, [f"run.output_dir={tmp_path}", "run.name=chexnet", f"data.root={data}",
                                 "data.format=nih-chestxray14", f"quantize.deploy={deploy}",
+                                "quantize.allow_chance=true",
                                 "benchmark.precisions=[fp32, int8]", "benchmark.reference=[]",
                                 "benchmark.instances=[]", "benchmark.batch_sizes=[8]", "benchmark.batch_size=8",
                                 "benchmark.warmup=1", "benchmark.latency_iterations=3",

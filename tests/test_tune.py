@@ -119,7 +119,8 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
                        "benchmark.reference=[]", "benchmark.instances=[]", "benchmark.batch_sizes=[8]",
                        "benchmark.batch_size=8", "benchmark.warmup=1", "benchmark.latency_iterations=3",
                        "benchmark.throughput_iterations=2",
-                       f"quantize.deploy={Path(__file__).parent / 'fixtures' / 'wide_criterion_deploy.yaml'}")
+                       f"quantize.deploy={Path(__file__).parent / 'fixtures' / 'wide_criterion_deploy.yaml'}",
+                       "quantize.allow_chance=true")
     run_quantize(measured)
     report = run_benchmark(measured)
     manifest = runrecord.read_manifest(config.run_dir)

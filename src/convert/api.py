@@ -13,6 +13,9 @@ import numpy as np
 
 from medq import artifacts, runrecord
 from medq.convert import head, onnx_graph, parity, torch_models
+from medq.convert.batchnorm import restore_batchnorms
+from medq.convert.dense_concat import chain_concatenations
+from medq.convert.pool_padding import rewrite_pool_padding
 from medq.onnxio import graph_def_to_onnx
 from medq.data.nih import CHEXNET_CLASSES
 from medq.errors import MedqError
@@ -223,6 +226,12 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
                  else "try another --opset")
         saved_model = onnx_graph.onnx_to_saved_model(network_path, work / SAVED_MODEL_DIR, source, retry)
         graph_def = onnx_graph.freeze_saved_model(saved_model, spec.input_shape, head.tf_head(plan))
+        # The graph in the form INC quantizes well, like medq's own models (onnx2tf's -FLT_MAX pooling padding makes
+        # INT8 calibration collapse; its Mul+Add BatchNorms and DenseNet's flat concatenations keep the INT8
+        # concatenation rewrite from applying); the parity check below runs the result.
+        graph_def, pool_padding = rewrite_pool_padding(graph_def)
+        graph_def, batchnorms = restore_batchnorms(graph_def)
+        graph_def, chained = chain_concatenations(graph_def)
 
         x = parity.phantom_batch(spec, parity_images)
         batch = _parity_batch(network, sig, x)
@@ -253,7 +262,8 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
              "classes": names, "task": plan.task, "preprocess": spec.to_dict(), "model_source": "convert",
              "source_model": source_info},
         saved_model=SAVED_MODEL_DIR, saved_model_outputs="the network's own outputs, before the appended head",
-        onnx_input_layout="NCHW", parity=parity.summary(report))
+        onnx_input_layout="NCHW", parity=parity.summary(report), pool_padding=pool_padding.to_dict(),
+        batchnorms_restored=batchnorms, concatenations_chained=chained)
     return ConvertResult(run_dir=run_dir, onnx=run_dir / ONNX_FILE, parity=report, manifest=manifest,
                          fp32_pb=run_dir / FROZEN_FP32,
                          saved_model=run_dir / SAVED_MODEL_DIR, task=plan.task, classes=names, preprocess=spec)
