@@ -6,8 +6,11 @@ decode → preprocess functions as training, calibration and the benchmark (medq
 run's bit depth, medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
 
 Output: one JSON object per input file, in input order —
-``{"file", "probabilities": {class: p}, "prediction": class}`` (binary/multiclass: the arg-max class),
-``{"file", "probabilities": {label: p}, "findings": [labels with p >= threshold], "threshold"}`` (multilabel),
+``{"file", "probabilities": {class: p}, "prediction": class, "thresholds": {class: t}}`` (binary/multiclass),
+``{"file", "probabilities": {label: p}, "findings": [labels with p >= t], "prediction": findings, "thresholds"}``
+(multilabel). Decisions are taken at the run's operating thresholds (medq.thresholds: chosen on validation by
+train; the same for every model of the run, so INT8 keeps FP32's operating point), or at ``--threshold``:
+binary, the positive class iff p >= t; multiclass, arg-max(p − t); multi-label, each label iff p >= t.
 ``{"file", "error"}`` for a file that cannot be decoded (it is skipped, counted, and the rest are predicted).
 A prediction may carry ``"warning"``: a 16-bit image that uses only the low bits of its range (12-bit values in a
 16-bit PNG without sBIT), read with the run's ``data.bit_depth`` as training read its images.
@@ -15,6 +18,7 @@ A prediction may carry ``"warning"``: a 16-bit image that uses only the low bits
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -29,8 +33,10 @@ from medq import artifacts, runrecord
 from medq.data.common import UNREAD_IMAGE_SUFFIXES, is_junk, walk
 from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom, low_range_advice
 from medq.errors import MedqError
+from medq.metrics import decisions
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
+from medq.thresholds import Thresholds
 from medq.tta import ten_crops
 
 # --model choice → (manifest artifact key, the file's usual name, the stage that writes it)
@@ -40,6 +46,7 @@ MODELS = {
     "keras": ("keras_model", "model.keras", "medq train"),
 }
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
+log = logging.getLogger("medq")
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -54,6 +61,17 @@ class RunInfo:
     input_name: str = "input"
     output_name: str = "output"
     data_source: str | None = None  # 'synthetic phantoms (...)' or the real layout (manifest fact)
+    thresholds: Thresholds | None = None  # the run's operating thresholds (None: FALLBACK for every class)
+
+    def operating(self, threshold: "float | Thresholds | None" = None) -> Thresholds:
+        """The thresholds predictions decide with: ``threshold`` (--threshold: every class) when given, else the
+        run's."""
+        if isinstance(threshold, Thresholds):
+            return threshold
+        if threshold is not None:
+            return Thresholds.uniform(self.task, self.classes, threshold, "override",
+                                      f"--threshold {threshold:g} overrides the run's thresholds")
+        return self.thresholds or Thresholds.uniform(self.task, self.classes, DEFAULT_THRESHOLD, "fallback")
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -75,9 +93,10 @@ def read_run(run_dir: str | Path) -> RunInfo:
     except (KeyError, TypeError, ValueError):
         raise MedqError(f"{manifest_path}: 'preprocess' must hold image_size, channels and normalization; "
                         "re-run `medq train` for this run") from None
-    return RunInfo(run_dir, [str(c) for c in manifest["classes"]], str(manifest["task"]), spec,
-                   str(manifest.get("input_name", "input")), str(manifest.get("output_name", "output")),
-                   manifest.get("data_source"))
+    classes, task = [str(c) for c in manifest["classes"]], str(manifest["task"])
+    return RunInfo(run_dir, classes, task, spec, str(manifest.get("input_name", "input")),
+                   str(manifest.get("output_name", "output")), manifest.get("data_source"),
+                   Thresholds.from_manifest(manifest, task, classes))
 
 
 def model_location(info: RunInfo, model: str = "fp32", model_file: str | Path | None = None) -> tuple[str, Path]:
@@ -164,16 +183,20 @@ def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], i
     return found, ignored
 
 
-def record(path: Path, probs: np.ndarray, info: RunInfo, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
-    """The JSON object for one image."""
+def record(path: Path, probs: np.ndarray, info: RunInfo,
+           threshold: "float | Thresholds | None" = None) -> dict[str, Any]:
+    """The JSON object for one image: its probabilities, the prediction at the operating thresholds
+    (:func:`medq.metrics.decisions`) and the thresholds it was made at."""
+    operating = info.operating(threshold)
     out: dict[str, Any] = {"file": str(path),
                            "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
-    if info.task == "multilabel":  # the findings at the threshold, as both keys: one schema for every task
-        out["findings"] = [c for c, p in zip(info.classes, probs) if p >= threshold]
+    called = decisions(info.task, np.asarray(probs)[None], operating.per_column())[0]
+    if info.task == "multilabel":  # the findings at the thresholds, as both keys: one schema for every task
+        out["findings"] = [c for c, yes in zip(info.classes, called) if yes]
         out["prediction"] = out["findings"]
-        out["threshold"] = threshold
     else:
-        out["prediction"] = info.classes[int(np.argmax(probs))]
+        out["prediction"] = info.classes[int(called)]
+    out["thresholds"] = dict(operating.values)
     return out
 
 
@@ -231,7 +254,7 @@ class HeatmapWriter:
     info: RunInfo
     classes: str = "all"  # 'all' | 'predicted'
     layer: str | None = None
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: "float | Thresholds | None" = None  # None: the run's
     _used: set[Path] = field(default_factory=set)
 
     def __post_init__(self):
@@ -242,9 +265,10 @@ class HeatmapWriter:
     def chosen(self, probs: np.ndarray) -> list[int]:
         if self.classes == "all":
             return list(range(len(self.info.classes)))
+        called = decisions(self.info.task, np.asarray(probs)[None], self.info.operating(self.threshold).per_column())[0]
         if self.info.task == "multilabel":
-            return [k for k, p in enumerate(probs) if p >= self.threshold]
-        return [int(np.argmax(probs))]
+            return [k for k, yes in enumerate(called) if yes]
+        return [int(called)]
 
     def target(self, item: ImageInput, class_name: str) -> Path:
         return heatmap_target(self.directory, item, class_name, self._used)
@@ -289,11 +313,12 @@ def _pixel_warning(facts: dict[str, Any], spec: PreprocessSpec) -> str | None:
 
 
 def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_size: int = 32,
-                     ten_crop: bool = False, threshold: float = DEFAULT_THRESHOLD,
+                     ten_crop: bool = False, threshold: "float | Thresholds | None" = None,
                      heatmaps: HeatmapWriter | None = None, quiet: bool = False,
                      workers: int | None = None) -> Iterator[dict[str, Any]]:
     """One JSON-ready dict per input, in input order; files are decoded in a thread pool, batch by batch."""
     info = predictor.info
+    operating = info.operating(threshold)
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress(total=len(inputs), desc="predict", unit="img", quiet=quiet) as bar:
@@ -309,7 +334,7 @@ def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_si
                 else:
                     probs = predictor(x, batch_size)
                 for j, i in enumerate(good):
-                    results[i] = record(chunk[i].path, probs[j], info, threshold)
+                    results[i] = record(chunk[i].path, probs[j], info, operating)
                     if loaded[i][3]:
                         results[i]["warning"] = loaded[i][3]
                 if heatmaps is not None:
@@ -361,15 +386,20 @@ class PredictSummary:
 def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str = "fp32",
                 model_file: str | Path | None = None, output: str | Path | None = None, ten_crop: bool = False,
                 heatmap_dir: str | Path | None = None, heatmap_classes: str = "all", heatmap_layer: str | None = None,
-                batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, quiet: bool = False,
+                batch_size: int = 32, threshold: float | None = None, quiet: bool = False,
                 intra_op_threads: int = 0, inter_op_threads: int = 1, stdout: TextIO | None = None,
                 trust_model_file: bool = False, overwrite: bool = False) -> PredictSummary:
-    """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``."""
+    """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``. Decisions are taken at the
+    run's operating thresholds (the same for every ``model``: a quantized model keeps FP32's operating point), or
+    at ``threshold`` for every class when given."""
     if batch_size <= 0:
         raise MedqError(f"--batch-size {batch_size}: must be greater than 0")
-    if not 0.0 < threshold < 1.0:
+    if threshold is not None and not 0.0 < threshold < 1.0:
         raise MedqError(f"--threshold {threshold}: must be between 0 and 1")
     info = read_run(run_dir)
+    operating = info.operating(threshold)
+    for note in operating.notes:
+        log.warning("thresholds: %s", note)
     items, ignored = collect_inputs(inputs)
     if not items:
         raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
@@ -389,12 +419,12 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
         from medq.models import load_keras_model
 
         cam_model = predictor.keras_model if kind == "keras" else load_keras_model(keras_path)
-        heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, threshold)
+        heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, operating)
     summary = PredictSummary(ignored=ignored, model=f"{model if model_file is None else kind} model {path}",
                              data_source=info.data_source,
                              output=Path(output) if output is not None else None,
                              heatmap_dir=Path(heatmap_dir) if heatmap_dir is not None else None)
-    stream = iter_predictions(predictor, items, batch_size=batch_size, ten_crop=ten_crop, threshold=threshold,
+    stream = iter_predictions(predictor, items, batch_size=batch_size, ten_crop=ten_crop, threshold=operating,
                               heatmaps=heatmaps, quiet=quiet)
     try:
         if output is None:
