@@ -188,3 +188,19 @@ def test_train_records_thresholds_that_evaluate_and_predict_use(trained, caplog)
     assert old["threshold"] == 0.5 and old["operating_points"]["source"] == "fallback"
     assert "no operating thresholds" in caplog.text
     assert run_evaluate(trained, split="val", threshold=0.3)["single_crop"]["threshold"] == 0.3
+
+
+def test_benchmark_rows_decide_and_count_flips_at_the_run_thresholds():
+    from medq.benchmark import runner
+
+    classes = ["NORMAL", "PNEUMONIA"]
+    operating = Thresholds("binary", classes, {"PNEUMONIA": 0.3}, "validation")
+    y = np.eye(2)[[1, 1, 0, 0]]
+    fp32 = np.array([[.6, .4], [.8, .2], [.9, .1], [.75, .25]])
+    int8 = np.array([[.62, .38], [.72, .28], [.9, .1], [.69, .31]])
+    # at 0.3 by hand: FP32 calls image 0 only; INT8 calls images 0 and 3 → one flip (image 3); at 0.5 there is none
+    fidelity = runner._fidelity("binary", y, fp32, int8, 0.05, operating)
+    assert (fidelity["flipped_images"], fidelity["threshold"]) == (1, 0.3)
+    metrics = runner._metrics("binary", classes, y, int8, operating)
+    assert (metrics["sensitivity"], metrics["specificity"]) == (0.5, 0.5)
+    assert metrics["operating_points"]["classes"]["PNEUMONIA"]["threshold"] == 0.3

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,6 +22,9 @@ from medq.benchmark import plan, reference, report
 from medq.errors import ConfigError, MedqError
 from medq.data.cache import image_cache
 from medq.progress import progress
+
+if TYPE_CHECKING:
+    from medq.thresholds import Thresholds
 
 log = logging.getLogger("medq")
 
@@ -280,10 +283,13 @@ def _row_entry(row: plan.Row, result: dict[str, Any], run_dir: Path, main_bs: in
     }
 
 
-def _metrics(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+def _metrics(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray,
+             operating: Thresholds) -> dict[str, Any]:
     from medq.metrics import task_metrics
+    from medq.thresholds import held
 
-    return _clean(task_metrics(task, labels, probs, classes))
+    return _clean(task_metrics(task, labels, probs, classes, operating.per_column())
+                  | {"operating_points": held(operating, labels, probs)})
 
 
 def _clinical(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
@@ -292,11 +298,13 @@ def _clinical(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarr
     return _clean(clinical_metrics(task, labels, probs, classes))
 
 
-def _fidelity(task: str, labels: np.ndarray, base: np.ndarray, probs: np.ndarray, margin: float) -> dict[str, Any]:
-    """The row against TF FP32 on the same images (:func:`medq.metrics.paired_comparison`)."""
+def _fidelity(task: str, labels: np.ndarray, base: np.ndarray, probs: np.ndarray, margin: float,
+              operating: Thresholds) -> dict[str, Any]:
+    """The row against TF FP32 on the same images (:func:`medq.metrics.paired_comparison`), decisions at the run's
+    thresholds."""
     from medq.metrics import paired_comparison
 
-    return _clean(paired_comparison(task, labels, base, probs, margin))
+    return _clean(paired_comparison(task, labels, base, probs, margin, operating.per_column()))
 
 
 def _job(row: plan.Row, manifest: dict[str, Any], inputs: dict[str, Any], bc: Any, sizes: list[int],
@@ -445,6 +453,10 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
     sizes = _check_settings(bc)
     task, classes = manifest["task"], list(manifest["classes"])
     primary = objective(config, manifest)
+    # every row decides at the run's thresholds (FP32's, chosen on validation): INT8 must not move the operating point
+    from medq.thresholds import Thresholds
+
+    operating = Thresholds.from_manifest(manifest, task, classes)
     features = hwinfo.cpu_features()
     load_before = os.getloadavg()
     int8_pb, int8_unusable = _int8_graph(run_dir, config)
@@ -456,7 +468,7 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
     layouts, layout_skips = plan.plan_layouts(bc.instances, cores, performance)
     for row_id, reason in {**skipped, **{f"multi-instance {k}": v for k, v in layout_skips.items()}}.items():
         log.warning("benchmark: skipping %s: %s", row_id, reason)
-    notes: list[str] = []
+    notes: list[str] = [f"thresholds: {n}" for n in operating.notes]
     if not features.get("vnni") and any(r.precision.startswith("int8") for r in rows):
         notes.append("the CPU has no VNNI: INT8 runs without its dot-product instructions, expect little speed-up")
 
@@ -492,12 +504,13 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
             continue
         entry = _row_entry(row, combine_rounds(measured[row.id]), run_dir, bc.batch_size)
         probs = np.load(bench / "probs" / f"{row.id}.npy")
-        entry["metrics"] = _metrics(task, classes, inputs["labels"], probs)
+        entry["metrics"] = _metrics(task, classes, inputs["labels"], probs, operating)
         entry["clinical"] = _clinical(task, classes, inputs["labels"], probs)
         if row.id == plan.BASELINE:
             base_probs = probs
         if base_probs is not None:  # the baseline is measured first: every other row is paired with it
-            entry["fidelity"] = _fidelity(task, inputs["labels"], base_probs, probs, bc.equivalence_margin)
+            entry["fidelity"] = _fidelity(task, inputs["labels"], base_probs, probs, bc.equivalence_margin,
+                                          operating)
         if not row.reference and row.precision in bc.instance_precisions:
             job = _job(row, manifest, inputs, bc, sizes, threads, config.runtime.inter_op_threads, bench)
             for layout in layouts:
@@ -520,6 +533,7 @@ def _run_benchmark(config: Any, run_dir: Path, started: float, verbose: bool) ->
     out = {
         "schema": 1, "run": config.run.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task": task, "classes": classes, "objective": primary, "baseline": plan.BASELINE,
+        "thresholds": {"values": operating.values, "source": operating.source, "notes": operating.notes},
         "data_source": manifest.get("data_source"),
         "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
