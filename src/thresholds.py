@@ -22,6 +22,7 @@ the class whose probability exceeds its threshold by the most, arg-max(p − t) 
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +31,7 @@ from sklearn.metrics import roc_curve
 
 from medq.metrics import decisions, wilson_ci  # noqa: F401  (decisions: THE decision rule)
 
+log = logging.getLogger("medq")
 FALLBACK = 0.5
 POLICIES = ("youden", "sensitivity", "specificity", "fixed")
 MANIFEST_KEY = "thresholds"  # the manifest's top-level fact
@@ -136,6 +138,27 @@ def choose(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str]
                  for c in thresholded_classes(task, classes)}
     return {"policy": policy.name, "target": policy.target, "split": "val", "task": task,
             "decision_rule": DECISION_RULES[task], "chosen_for": dict(chosen_for or {}), "classes": per_class}
+
+
+def for_run(config: Any, task: str, classes: list[str], y_true: np.ndarray, y_prob: np.ndarray,
+            model_sha: str) -> dict[str, Any]:
+    """The ``thresholds`` record for a run's new Keras model (sha256 ``model_sha``) by the config's policy, from its
+    validation labels and probabilities; logged per class with the figures reached and every note as a warning.
+    Every stage that makes or replaces the run's model commits this as the manifest fact ``MANIFEST_KEY``."""
+    policy = Policy.from_config(config.thresholds)
+    record = choose(task, y_true, y_prob, classes, policy, chosen_for={"keras_model": model_sha})
+    for name, entry in record["classes"].items():
+        val = entry["validation"]
+        log.info("threshold %s: %.4g (%s on validation: sensitivity %s, specificity %s; %d+/%d-)", name,
+                 entry["value"], policy.describe(), _figure(val["sensitivity"]), _figure(val["specificity"]),
+                 val["n_positive"], val["n_negative"])
+        for note in entry["notes"]:
+            log.warning("threshold %s: %s", name, note)
+    return record
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 @dataclass

@@ -75,7 +75,9 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
         history = runrecord.staging_path(run_dir, "train_history.csv")
         artifacts.write_text(history, _history_csv(result.history))
         skipped_list = stage_skipped_files(run_dir, index.skipped, result.dropped)
-        chosen = choose_thresholds(config, index, result, artifacts.sha256(staged_model))
+        # on the selected epoch's validation outputs, the ones it was selected on: no second pass over the split
+        chosen = thresholds.for_run(config, index.task, index.classes, result.val_labels, result.val_probabilities,
+                                    artifacts.sha256(staged_model))
         log.info("%s: %s parameters, %s FLOPs at %s", config.model.name, f"{result.facts['parameters']:,}",
                  f"{result.facts['flops']:,}", "x".join(map(str, result.facts["input_shape"])))
         runrecord.commit(
@@ -93,26 +95,6 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
                                                   thresholds.MANIFEST_KEY: chosen},
         )
     return result
-
-
-def choose_thresholds(config: Any, index: DatasetIndex, result: FitResult, model_sha: str) -> dict[str, Any]:
-    """The operating thresholds (``thresholds:``) chosen on the selected epoch's validation probabilities, the
-    ones the epoch was selected on (no second pass over the split); logged with the figures they reach there."""
-    policy = thresholds.Policy.from_config(config.thresholds)
-    chosen = thresholds.choose(index.task, result.val_labels, result.val_probabilities, index.classes, policy,
-                               chosen_for={"keras_model": model_sha})
-    for name, entry in chosen["classes"].items():
-        val = entry["validation"]
-        log.info("threshold %s: %.4g (%s on validation: sensitivity %s, specificity %s; %d+/%d-)", name,
-                 entry["value"], policy.describe(), _figure(val["sensitivity"]), _figure(val["specificity"]),
-                 val["n_positive"], val["n_negative"])
-        for note in entry["notes"]:
-            log.warning("threshold %s: %s", name, note)
-    return chosen
-
-
-def _figure(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def training_hyperparameters(config: Any) -> dict[str, Any]:

@@ -154,6 +154,7 @@ def trained(tmp_path_factory):
 
 def test_train_records_thresholds_that_evaluate_and_predict_use(trained, caplog):
     from medq import runrecord
+    from medq.cli import _evaluation_lines
     from medq.data.readers import read_dataset
     from medq.predict import ImageInput, Predictor, iter_predictions, read_run
     from medq.train import run_evaluate
@@ -164,23 +165,40 @@ def test_train_records_thresholds_that_evaluate_and_predict_use(trained, caplog)
     assert record["policy"] == "sensitivity" and entry["validation"]["sensitivity"] >= 0.9
     assert record["chosen_for"]["keras_model"] == manifest["artifacts"]["keras_model"]["sha256"]
     # evaluate on the validation split: the chosen point reproduces the recorded validation figures
-    val = run_evaluate(trained, split="val")["single_crop"]
+    report = run_evaluate(trained, split="val")
+    val = report["single_crop"]
     point = val["operating_points"]["classes"]["PNEUMONIA"]
+    shown = "\n".join(_evaluation_lines(report))
+    assert f"PNEUMONIA ≥ {entry['value']:.4g}: val sensitivity" in shown and "chosen on validation" in shown
     assert point["threshold"] == entry["value"] == val["threshold"]
     assert (point["sensitivity"], point["specificity"]) == (entry["validation"]["sensitivity"],
                                                             entry["validation"]["specificity"])
-    # predict decides at the run's threshold: the prediction follows p ≥ t, not the arg-max
-    info = read_run(trained.run_dir)
+    # predict decides at the run's threshold, not the arg-max: record one that splits these images differently
+    # from 0.5 (the manifest's value is what predict must read), then check every line against p ≥ t
     paths = read_dataset(trained.data, trained.run.seed).paths("test")[:12]
-    predictor = Predictor(info, "keras", trained.run_dir / "model.keras")
-    records = list(iter_predictions(predictor, [ImageInput(Path(p)) for p in paths], batch_size=6, quiet=True))
-    predictor.close()
-    for r in records:
-        expected = "PNEUMONIA" if r["probabilities"]["PNEUMONIA"] >= entry["value"] else "NORMAL"
-        assert r["prediction"] == expected and r["thresholds"] == {"PNEUMONIA": entry["value"]}
-    # a run recorded before thresholds existed: 0.5, with a warning saying so
+    items = [ImageInput(Path(p)) for p in paths]
+
+    def predictions():
+        predictor = Predictor(read_run(trained.run_dir), "keras", trained.run_dir / "model.keras")
+        try:
+            return list(iter_predictions(predictor, items, batch_size=6, quiet=True))
+        finally:
+            predictor.close()
+
+    probs = np.array([r["probabilities"]["PNEUMONIA"] for r in predictions()])
+    ranked = np.unique(probs)
+    middles = (ranked[1:] + ranked[:-1]) / 2
+    value = float(next(t for t in middles if (probs >= t).sum() != (probs >= 0.5).sum()))
     path = trained.run_dir / runrecord.MANIFEST
     data = json.loads(path.read_text())
+    data["thresholds"]["classes"]["PNEUMONIA"]["value"] = value
+    path.write_text(json.dumps(data))
+    records = predictions()
+    assert sum(r["prediction"] == "PNEUMONIA" for r in records) == (probs >= value).sum() != (probs >= 0.5).sum()
+    for r in records:
+        expected = "PNEUMONIA" if r["probabilities"]["PNEUMONIA"] >= value else "NORMAL"
+        assert r["prediction"] == expected and r["thresholds"] == {"PNEUMONIA": value}
+    # a run recorded before thresholds existed: 0.5, with a warning saying so
     data.pop("thresholds")
     path.write_text(json.dumps(data))
     with caplog.at_level(logging.WARNING, logger="medq"):
