@@ -23,6 +23,7 @@ from medq.inference import MODELS, RunInfo, read_run, record
 from medq.preprocess import load_and_preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
+from medq.thresholds import DECISION_RULES
 
 log = logging.getLogger("medq")
 
@@ -33,7 +34,7 @@ class ServedModel:
     info: RunInfo
     engine: Engine
     version: str  # the model file's sha256, first 12 hex digits
-    threshold: float
+    threshold: float | None  # None: the run's operating thresholds
     max_megapixels: float
     ready: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
@@ -53,10 +54,11 @@ class ServedModel:
                 "inputs": [self.input.describe()], "outputs": [self.output.describe()],
                 "parameters": {"classes": self.info.classes, "task": self.info.task,
                                "preprocessing": self.info.spec.to_dict(),
-                               # binary/multiclass: the prediction is the arg-max class; multilabel: every label
-                               # whose probability reaches the threshold is a finding
-                               "decision": "threshold" if self.info.task == "multilabel" else "argmax",
-                               "threshold": self.threshold, "precision": self.engine.precision,
+                               # the decision rule and the thresholds every answer is decided at (medq.thresholds)
+                               "decision": DECISION_RULES[self.info.task],
+                               "thresholds": dict(self.info.operating(self.threshold).values),
+                               "thresholds_source": self.info.operating(self.threshold).source,
+                               "precision": self.engine.precision,
                                "data_source": self.info.data_source, **self.facts}}
 
     def image_input(self, data: bytes) -> np.ndarray:
@@ -85,8 +87,8 @@ class ServedModel:
         return record(file, probabilities, self.info, self.threshold)
 
 
-def load_model(run_dir: str | Path, model: str, *, threshold: float, max_megapixels: float, warmup_batch: int = 1,
-               intra_op_threads: int = 0, inter_op_threads: int = 1) -> ServedModel:
+def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_megapixels: float,
+               warmup_batch: int = 1, intra_op_threads: int = 0, inter_op_threads: int = 1) -> ServedModel:
     """The run's model, verified, loaded and warmed up (ready)."""
     info = read_run(run_dir)
     if model not in MODELS:
