@@ -91,6 +91,8 @@ def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_
                warmup_batch: int = 1, intra_op_threads: int = 0, inter_op_threads: int = 1) -> ServedModel:
     """The run's model, verified, loaded and warmed up (ready)."""
     info = read_run(run_dir)
+    for note in info.operating(threshold).notes:  # a run without thresholds is served at 0.5: said, never silent
+        log.warning("serve %s: thresholds: %s", Path(run_dir).name, note)
     if model not in MODELS:
         raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
     engine = open_engine(info, model, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads)

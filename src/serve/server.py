@@ -29,7 +29,7 @@ def check_settings(settings: Any) -> None:
     """One-line errors for serve settings the config's own checks cannot see."""
     if not settings.runs:
         raise ConfigError("serve.runs: no run to serve; pass --run NAME (repeatable) or list them in serve.runs")
-    if not 0.0 < settings.threshold < 1.0:
+    if settings.threshold is not None and not 0.0 < settings.threshold < 1.0:
         raise ConfigError(f"serve.threshold {settings.threshold}: must be between 0 and 1")
     if settings.max_queue_delay_ms < 0:
         raise ConfigError(f"serve.max_queue_delay_ms {settings.max_queue_delay_ms}: must be 0 or more")
