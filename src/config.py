@@ -265,7 +265,7 @@ class ServeConfig:
     max_queue_size: int = 64  # images waiting per model; beyond it a request is answered 503 + Retry-After at once
     request_timeout_ms: float = 30000.0  # a request's deadline: queued longer than this it is answered 504
     max_body_mb: float = 32.0  # request bodies above this are refused (413) before they are read
-    threshold: Optional[float] = None  # None: the run's operating thresholds (medq.thresholds); a number: every class
+    threshold: Optional[float] = None  # decisions at this probability instead of the run's own (as predict --threshold)
     token_file: Optional[str] = None  # a file holding the bearer token every request but /v2/health/* must carry
     tls_cert: Optional[str] = None  # PEM certificate and key: HTTPS instead of HTTP
     tls_key: Optional[str] = None

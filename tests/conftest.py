@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from types import SimpleNamespace
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -33,6 +31,9 @@ def make_tiny_run():
     """``make_tiny_run(root)``: a 32-px refkit-cnn trained 2 epochs on 60 phantom radiographs under ``root``, frozen
     and quantized (a 2-epoch model: the criterion is wide, what is tested is the INT8 file's use). Returns
     (config, run_dir, root, data, test_files)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
     def build(root: Path) -> SimpleNamespace:
         from medq.config import load_config
         from medq.data.phantoms import generate_chest_pneumonia
@@ -57,6 +58,8 @@ def make_tiny_run():
 @pytest.fixture
 def clean_thread_env(monkeypatch):
     """`medq predict` and `medq serve` set the thread variables (setdefault): undo that after the test."""
+    from types import SimpleNamespace
+
     from medq.hwinfo import thread_environment
 
     for key in list(thread_environment(SimpleNamespace(intra_op_threads=1, inter_op_threads=1, kmp_blocktime=1,

@@ -106,8 +106,8 @@ def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
         assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 32, 32, 1]}]
         assert meta["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 2]}]
         facts = meta["parameters"]
-        assert (facts["classes"], facts["task"], facts["precision"], facts["sha256"]) == \
-            (["NORMAL", "PNEUMONIA"], "binary", "int8", sha)
+        assert (facts["classes"], facts["task"], facts["precision"], facts["sha256"], facts["threshold"]) == \
+            (["NORMAL", "PNEUMONIA"], "binary", "int8", sha, None)
         assert facts["preprocessing"].items() >= {"image_size": 32, "channels": 1, "normalization": "unit"}.items()
         assert client.get_model_config("tiny")["max_batch_size"] == 8
         x = _batch(3)
@@ -163,10 +163,11 @@ def test_two_runs_served_side_by_side_with_the_fp32_graph_and_the_keras_model(ti
 # --- images in: the same answer as `medq predict` -------------------------------------------------------------------
 
 def _films(folder: Path, source: str) -> list[Path]:
-    """One radiograph as PNG, JPEG, DICOM MONOCHROME2, and 12-bit DICOM MONOCHROME1 with a VOI window."""
+    """One radiograph as PNG, 16-bit PNG, JPEG, DICOM MONOCHROME2, and 12-bit DICOM MONOCHROME1 with a VOI window."""
     gray = cv2.imread(source, cv2.IMREAD_GRAYSCALE)
     twelve = (4095 - gray.astype(np.uint16) * 16).astype(np.uint16)  # inverted, 12 bits: the display pipeline's work
     contents = {"film.png": cv2.imencode(".png", gray)[1].tobytes(),
+                "film16.png": cv2.imencode(".png", gray.astype(np.uint16) * 257)[1].tobytes(),
                 "film.jpeg": cv2.imencode(".jpeg", gray, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes(),
                 "film_m2.dcm": dicom_bytes(gray, patient_id=PATIENT),
                 "film_m1.dcm": dicom_bytes(twelve, photometric="MONOCHROME1", bits_stored=12, window=(2000, 3000),
@@ -193,7 +194,7 @@ def test_images_in_give_exactly_the_predict_cli_probabilities(tiny, tmp_path, cl
             answer = got.json()
             assert answer["probabilities"] == expected[path]["probabilities"], path.name
             assert answer["prediction"] == expected[path]["prediction"]
-        paths = files[:4]  # several images in one multipart request, answered in part order
+        paths = files[:5]  # several images in one multipart request, answered in part order
         parts = [("image", (p.name, p.read_bytes(), "application/octet-stream")) for p in paths]
         got = requests.post(f"{base}/v1/models/tiny/predict", files=parts, timeout=60)
         assert got.status_code == 200, got.text

@@ -34,7 +34,7 @@ class ServedModel:
     info: RunInfo
     engine: Engine
     version: str  # the model file's sha256, first 12 hex digits
-    threshold: float | None  # None: the run's operating thresholds
+    threshold: float | None  # None: the run's own, as `medq predict` without --threshold
     max_megapixels: float
     ready: bool = False
     facts: dict[str, Any] = field(default_factory=dict)
@@ -58,6 +58,7 @@ class ServedModel:
                                "decision": DECISION_RULES[self.info.task],
                                "thresholds": dict(self.info.operating(self.threshold).values),
                                "thresholds_source": self.info.operating(self.threshold).source,
+                               "threshold": self.threshold,  # serve.threshold: None answers at the run's own
                                "precision": self.engine.precision,
                                "data_source": self.info.data_source, **self.facts}}
 
