@@ -135,9 +135,10 @@ def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
     prediction at the operating thresholds (:func:`medq.metrics.decisions`; ``threshold`` None: the run's own) and
     the thresholds it was made at."""
     operating = info.operating(threshold)
-    out: dict[str, Any] = {"file": None if file is None else str(file),
-                           "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
-    called = decisions(info.task, np.asarray(probs)[None], operating.per_column())[0]
+    shown = [round(float(p), 6) for p in probs]
+    out: dict[str, Any] = {"file": None if file is None else str(file), "probabilities": dict(zip(info.classes, shown))}
+    # decided on the probabilities the line shows: a reader (or the DICOM SR) applying the rule to them agrees
+    called = decisions(info.task, np.array([shown]), operating.per_column())[0]
     if info.task == "multilabel":  # the findings at the thresholds, as both keys: one schema for every task
         out["findings"] = [c for c, yes in zip(info.classes, called) if yes]
         out["prediction"] = out["findings"]

@@ -348,3 +348,14 @@ def test_a_record_decides_at_the_runs_own_thresholds_unless_one_is_given(tmp_pat
     # a run without recorded thresholds decides at 0.5 (RunInfo's default: no thresholds)
     bare = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", spec)
     assert record(None, np.array([0.6, 0.4]), bare)["thresholds"] == {"PNEUMONIA": 0.5}
+
+
+def test_a_records_prediction_agrees_with_the_probabilities_it_shows(tmp_path):
+    from medq.thresholds import Thresholds
+
+    classes = ["NORMAL", "PNEUMONIA"]
+    info = RunInfo(tmp_path, classes, "binary", PreprocessSpec(8, 1, "unit"),
+                   thresholds=Thresholds("binary", classes, {"PNEUMONIA": 0.2999998}, "validation"))
+    # 0.2999996 < 0.2999998, but the line shows it as 0.3 ≥ 0.2999998: the line (and an SR built from it) must agree
+    rec = record(None, np.array([0.7000004, 0.2999996]), info)
+    assert rec["probabilities"]["PNEUMONIA"] == 0.3 and rec["prediction"] == "PNEUMONIA"
