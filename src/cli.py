@@ -357,6 +357,27 @@ def _evaluation_lines(report: dict[str, Any]) -> list[str]:
             parts.append("sensitivity at specificity " + ", ".join(f"{k} {_f4(v)}" for k, v in points.items()))
         parts.append(f"Brier {_f4(clinical.get('brier'))}, ECE {_f4(clinical.get('ece'))}")
         lines.append(f"{name.replace('_', '-'):12s} " + "; ".join(parts))
+        lines += _operating_lines(m.get("operating_points"), report["split"])
+    return lines
+
+
+def _operating_lines(points: dict[str, Any] | None, split: str) -> list[str]:
+    """Per thresholded class: the threshold, sensitivity/specificity at it on the split with 95% intervals, and the
+    validation figures it was chosen at."""
+    from medq.metrics import with_ci
+
+    if not points:
+        return []
+    lines = [f"  operating thresholds ({points['source']}; {points['decision_rule']}):"]
+    for c, p in points["classes"].items():
+        val = p.get("validation") or {}
+        chosen = (f"; chosen on validation at sensitivity {_f4(val.get('sensitivity'))}, specificity "
+                  f"{_f4(val.get('specificity'))}") if val else ""
+        lines.append(f"    {c} ≥ {p['threshold']:.4g}: {split} sensitivity "
+                     f"{with_ci(p['sensitivity'], p['sensitivity_ci'], 3) or 'n/a'} ({p['n_positive']}+), "
+                     f"specificity {with_ci(p['specificity'], p['specificity_ci'], 3) or 'n/a'} "
+                     f"({p['n_negative']}-){chosen}")
+    lines += [f"  note: {n}" for n in points["notes"]]
     return lines
 
 
@@ -439,9 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default: test")
             p.add_argument("--ten-crop", action="store_true", help="also report 10-crop averaging (CheXNet's TTA)")
-            p.add_argument("--threshold", type=_probability, default=0.5,
-                           help="probability that counts as a positive call (binary: the second class; multi-label: "
-                           "each label) for sensitivity and specificity (default 0.5)")
+            p.add_argument("--threshold", type=_probability, default=None,
+                           help="decide every class at this probability instead of the run's operating thresholds "
+                           "(chosen on validation by train, see `thresholds:`)")
         if name == "benchmark":
             p.add_argument("--preset", metavar="NAME", choices=["chexnet-cpu"],
                            help="run a preset end to end (data → train → freeze → quantize → benchmark); "
@@ -534,8 +555,9 @@ def _predict_arguments(p: argparse.ArgumentParser) -> None:
                    help="write a DICOM Comprehensive SR per DICOM input here (findings, probabilities, threshold, "
                         "model; references the source image, patient and study copied from it)")
     p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
-    p.add_argument("--threshold", type=_probability, default=0.5,
-                   help="multi-label: a finding is reported when its probability reaches this (default 0.5)")
+    p.add_argument("--threshold", type=_probability, default=None,
+                   help="decide every class at this probability instead of the run's operating thresholds (chosen "
+                        "on validation by train, see `thresholds:`)")
 
 
 def _serve_arguments(p: argparse.ArgumentParser) -> None:

@@ -233,6 +233,17 @@ class BenchmarkConfig:
 
 
 @dataclass
+class ThresholdsConfig:
+    """The operating thresholds (medq.thresholds): chosen per class on the validation split after training (and when
+    tuning replaces the model), recorded in the manifest, used by evaluate, predict and the benchmark's decisions.
+    ``policy``: 'youden' (no target), 'sensitivity' or 'specificity' (``target``: the validation figure to reach),
+    or 'fixed' (``target``: the threshold itself)."""
+
+    policy: Literal["youden", "sensitivity", "specificity", "fixed"] = "youden"
+    target: Optional[float] = None
+
+
+@dataclass
 class RuntimeConfig:
     """Thread settings applied (as environment variables, before TensorFlow starts) in every measuring process."""
 
@@ -278,6 +289,7 @@ class Config:
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     source: Optional[str] = None  # the file this was loaded from (set by load_config, not by the user)
@@ -425,6 +437,9 @@ def check_run_name(name: str, where: str = "run.name") -> str:
 def _check_ranges(obj: Any, where: str) -> None:
     if isinstance(obj, RunConfig):
         check_run_name(obj.name, f"{where}.name" if where else "name")
+    if isinstance(obj, ThresholdsConfig):
+        _check_thresholds(obj, where)
+        return
     if isinstance(obj, LowResConfig):  # 0/0 is "off"; otherwise both are set
         negative = min(obj.image_size, obj.epochs, obj.learning_rate) < 0
         if negative or (obj.image_size == 0) != (obj.epochs == 0):
@@ -440,6 +455,19 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
         if f.name == "learning_rate" and isinstance(value, float) and not 0.0 < value < 10.0:
             raise ConfigError(f"{key}: must be a positive learning rate, got {value}")
+
+
+def _check_thresholds(obj: ThresholdsConfig, where: str) -> None:
+    if obj.policy == "youden":
+        if obj.target is not None:
+            raise ConfigError(f"{where}.target: the youden policy takes no target (it maximises sensitivity + "
+                              f"specificity); remove target, or choose policy sensitivity, specificity or fixed")
+        return
+    meaning = "the threshold" if obj.policy == "fixed" else f"the validation {obj.policy} to reach"
+    if obj.target is None:
+        raise ConfigError(f"{where}.target: policy {obj.policy} needs a target ({meaning}), e.g. target: 0.9")
+    if not 0.0 < obj.target < 1.0:
+        raise ConfigError(f"{where}.target: {meaning} must lie strictly between 0 and 1, got {obj.target}")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,11 +1,13 @@
 """DICOM out: one Comprehensive SR per DICOM input (`medq predict --dicom-sr DIR`), built with highdicom.
 
 The report is a TID 1500 Measurement Report, which viewers and PACS (OHIF, dcmqrscp, ...) already parse: per class
-one measurement group (TID 1501) whose finding type is the class, with its Probability (DCM 122157), the decision
-threshold (DCM 122411 Threshold Value) where one applies, and the decision as a qualitative evaluation named by
-the class, valued Present or Absent (SNOMED CT); every group names the source image (its SOP Class/Instance UID) and the algorithm (run name, model kind and
-the first 12 hex digits of the model file's sha256). Study, series and patient attributes are copied from the source
-by highdicom, so the SR files into the source's study; the SR is a new series, preliminary and unverified.
+one measurement group (TID 1501) whose finding type is the class, with its Probability (DCM 122157), the run's
+operating threshold (DCM 122411 Threshold Value) where the class's call is p ≥ threshold, and the decision (the JSON
+line's: medq.metrics.decisions at the same thresholds) as a qualitative evaluation named by the class, valued Present
+or Absent (SNOMED CT); every group names the source image (its SOP Class/Instance UID) and the algorithm (run name,
+model kind and the first 12 hex digits of the model file's sha256). Study, series and patient attributes are copied
+from the source by highdicom, so the SR files into the source's study; the SR is a new series, preliminary and
+unverified.
 
 Class codes: SNOMED CT from pydicom's dictionary when a concept's meaning is the class name (NORMAL → 17621005
 "Normal"), otherwise the private coding scheme ``99MEDQ`` (value = the class name), declared in the file's Coding
@@ -19,7 +21,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+import numpy as np
 
 from medq import artifacts
 from medq.errors import MedqError
@@ -71,13 +75,24 @@ def _plain(text: str) -> str:
     return re.sub(r"[^a-z0-9]", "", text.lower())
 
 
-def decisions(probabilities: dict[str, float], task: str, threshold: float) -> dict[str, tuple[bool, float | None]]:
-    """class → (present, threshold or None): multi-label and binary at ``threshold`` per class (binary: the softmax
-    pair, so p ≥ threshold is the arg-max at 0.5); multiclass: the arg-max class, no threshold."""
-    if task == "multiclass":
-        top = max(probabilities, key=probabilities.get)
-        return {c: (c == top, None) for c in probabilities}
-    return {c: (p >= threshold, threshold) for c, p in probabilities.items()}
+def decisions(probabilities: dict[str, float], task: str,
+              thresholds: float | Mapping[str, float]) -> dict[str, tuple[bool, float | None]]:
+    """class → (present, threshold or None), by the run's decision rule (:func:`medq.metrics.decisions`) at
+    ``thresholds`` (per thresholded class, as a prediction record's ``thresholds``; a number: every class). The
+    threshold is stated where the class's call is ``p ≥ threshold``: each label (multi-label), the positive class
+    (binary; the other class is present iff it is not); multiclass calls the class whose probability exceeds its
+    threshold by the most, so no class's call is a threshold of its own."""
+    from medq.metrics import decisions as rule
+
+    names = list(probabilities)
+    thresholded = names[1:] if task == "binary" else names
+    cut = {c: float(thresholds if isinstance(thresholds, (int, float)) else thresholds[c]) for c in thresholded}
+    per_column = np.array([cut.get(c, 0.0) for c in names])
+    called = rule(task, np.array([[probabilities[c] for c in names]], dtype=np.float64), per_column)[0]
+    if task == "multilabel":
+        return {c: (bool(called[k]), cut[c]) for k, c in enumerate(names)}
+    index = int(called)  # binary: True → the positive class (the second)
+    return {c: (k == index, cut[c] if task == "binary" and c in cut else None) for k, c in enumerate(names)}
 
 
 def redact(text: str, source: Any) -> str:
@@ -106,7 +121,8 @@ def read_source(path: Path):
     return ds
 
 
-def build_sr(source: Any, probabilities: dict[str, float], task: str, threshold: float, model: ModelIdentity):
+def build_sr(source: Any, probabilities: dict[str, float], task: str, thresholds: float | Mapping[str, float],
+             model: ModelIdentity):
     """The Comprehensive SR (a pydicom Dataset) for one source image header and its class probabilities."""
     import highdicom as hd
     from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -116,7 +132,7 @@ def build_sr(source: Any, probabilities: dict[str, float], task: str, threshold:
     algorithm = hd.sr.AlgorithmIdentification(name=model.algorithm_name, version=model.algorithm_version)
     image = hd.sr.SourceImageForMeasurementGroup.from_source_image(source)
     groups = []
-    for name, (present, cut) in decisions(probabilities, task, threshold).items():
+    for name, (present, cut) in decisions(probabilities, task, thresholds).items():
         measurements = [hd.sr.Measurement(name=codes.DCM.Probability, value=float(probabilities[name]),
                                           unit=codes.UCUM.NoUnits, algorithm_id=algorithm)]
         if cut is not None:
@@ -156,12 +172,12 @@ def sr_target(directory: Path, path: Path, root: Path | None, used: set[Path]) -
     return target
 
 
-def write_sr(path: Path, target: Path, probabilities: dict[str, float], task: str, threshold: float,
-             model: ModelIdentity) -> Path:
+def write_sr(path: Path, target: Path, probabilities: dict[str, float], task: str,
+             thresholds: float | Mapping[str, float], model: ModelIdentity) -> Path:
     """Build the SR for DICOM file ``path`` and write it atomically to ``target``."""
     source = read_source(path)
     try:
-        sr = build_sr(source, probabilities, task, threshold, model)
+        sr = build_sr(source, probabilities, task, thresholds, model)
     except Exception as exc:  # noqa: BLE001 - highdicom validates the source's attributes; never echo patient data
         text = redact(" ".join(str(exc).split())[:200], source)
         raise MedqError(f"{path}: no DICOM SR could be built ({type(exc).__name__}: {text})") from None

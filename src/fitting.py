@@ -49,6 +49,9 @@ class FitResult:
     facts: dict[str, Any] = field(default_factory=dict)  # parameters, FLOPs, input shape (medq.flops.model_facts)
     epochs_run: int = 0  # epochs trained by this call (less than the history after a resume)
     dropped: dict[str, str] = field(default_factory=dict)  # files that failed to decode while loading: reason
+    # the best epoch's validation labels and probabilities (medq.thresholds chooses the operating thresholds on them)
+    val_labels: np.ndarray | None = None
+    val_probabilities: np.ndarray | None = None
 
 
 def class_weights(labels: np.ndarray, task: str, mode: str) -> dict[int, float] | None:
@@ -111,6 +114,7 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
             self.best_epoch = -1
             self.best_metrics: dict[str, Any] = {}
             self.best_weights = None
+            self.best_outputs: tuple[np.ndarray, np.ndarray] | None = None  # (labels, probabilities)
             # the last epoch scored higher, but its AUC interval reaches 0.5: the chance guard kept the earlier one
             self.guarded = False
 
@@ -132,6 +136,7 @@ def _validation_callback(val_ds, task: str, classes: list[str], save_path: Path 
                 self.best = metrics[key] if np.isfinite(metrics[key]) else -np.inf
                 self.best_epoch, self.best_metrics = epoch, metrics
                 self.best_weights = self.model.get_weights()
+                self.best_outputs = (y, p)
                 if save_path is not None:
                     with artifacts.atomic_path(save_path) as tmp:
                         self.model.save(tmp)
@@ -384,12 +389,14 @@ def fit_model(config: Any, index: DatasetIndex, *, learning_rate: float | None =
         artifacts.write_json(state_path, state | {"finished": True, "stopped_early": stopped})
     if validation.best_weights is not None:
         model.set_weights(validation.best_weights)
+    if validation.best_outputs is None:  # the best epoch came from a checkpoint (--resume): score it once
+        validation.best_outputs = predict_dataset(model, val_ds)
     if dropped:
         first = next(iter(dropped.values()))
         log.warning("%d file(s) failed to decode while training and were left out (first: %s); "
                     "`medq data check` lists them all", len(dropped), first)
     return FitResult(model, validation.best_epoch + 1, validation.best_metrics, rows, seconds, facts,
-                     len(rows) - epochs_before, dropped)
+                     len(rows) - epochs_before, dropped, *validation.best_outputs)
 
 
 def _copy_weights(source: str | Path, model) -> None:

@@ -2,7 +2,8 @@
 
 The run's manifest supplies the class names, the task, the preprocessing and the tensor names (:func:`read_run`);
 :func:`model_location` finds and verifies (sha256, not stale) the model file a ``--model`` choice names;
-:class:`Predictor` runs it (frozen graph or Keras model); :func:`record` is the JSON answer for one image.
+:class:`Predictor` runs it (frozen graph or Keras model); :func:`record` is the JSON answer for one image, decided at
+the run's operating thresholds (medq.thresholds) unless a threshold overrides them.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import numpy as np
 
 from medq import runrecord
 from medq.errors import MedqError
+from medq.metrics import decisions
 from medq.preprocess import PreprocessSpec
+from medq.thresholds import FALLBACK, Thresholds
 
 # --model choice → (manifest artifact key, the file's usual name, the stage that writes it)
 MODELS = {
@@ -24,7 +27,6 @@ MODELS = {
     "keras": ("keras_model", "model.keras", "medq train"),
 }
 KERAS_SUFFIXES = {".keras", ".h5", ".hdf5"}
-DEFAULT_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,17 @@ class RunInfo:
     input_name: str = "input"
     output_name: str = "output"
     data_source: str | None = None  # 'synthetic phantoms (...)' or the real layout (manifest fact)
+    thresholds: Thresholds | None = None  # the run's operating thresholds (None: FALLBACK for every class)
+
+    def operating(self, threshold: float | Thresholds | None = None) -> Thresholds:
+        """The thresholds predictions decide with: ``threshold`` (--threshold, serve.threshold: every class) when
+        given, else the run's."""
+        if isinstance(threshold, Thresholds):
+            return threshold
+        if threshold is not None:
+            return Thresholds.uniform(self.task, self.classes, threshold, "override",
+                                      f"a threshold of {threshold:g} overrides the run's thresholds")
+        return self.thresholds or Thresholds.uniform(self.task, self.classes, FALLBACK, "fallback")
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
@@ -50,7 +63,8 @@ def read_run(run_dir: str | Path) -> RunInfo:
     if not manifest_path.is_file():
         raise MedqError(f"{run_dir}: not a medq run (no {runrecord.MANIFEST}); pass --run output/<name> of a "
                         "trained run (`medq runs list` shows them)")
-    facts = runrecord.read_manifest(run_dir).facts
+    manifest = runrecord.read_manifest(run_dir)
+    facts = manifest.facts
     missing = facts.missing("classes", "task", "preprocess")
     if missing:
         raise MedqError(f"{manifest_path}: no {', '.join(missing)} recorded; run `medq train` for this run first")
@@ -60,8 +74,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
         raise MedqError(f"{manifest_path}: 'preprocess' must hold image_size, channels and normalization; "
                         "re-run `medq train` for this run") from None
     input_name, output_name = facts.tensor_names()
-    return RunInfo(run_dir, [str(c) for c in facts.classes], str(facts.task), spec, str(input_name),
-                   str(output_name), facts.data_source)
+    classes, task = [str(c) for c in facts.classes], str(facts.task)
+    return RunInfo(run_dir, classes, task, spec, str(input_name), str(output_name), facts.data_source,
+                   Thresholds.from_manifest(manifest, task, classes))
 
 
 def model_location(info: RunInfo, model: str = "fp32", model_file: str | Path | None = None) -> tuple[str, Path]:
@@ -115,16 +130,19 @@ class Predictor:
 
 
 def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
-           threshold: float | None = None) -> dict[str, Any]:
-    """The JSON object for one image (``file``: its path, or an upload's name, or None); ``threshold`` None: the
-    run's default."""
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    out: dict[str, Any] = {"file": None if file is None else str(file),
-                           "probabilities": {c: round(float(p), 6) for c, p in zip(info.classes, probs)}}
-    if info.task == "multilabel":  # the findings at the threshold, as both keys: one schema for every task
-        out["findings"] = [c for c, p in zip(info.classes, probs) if p >= threshold]
+           threshold: float | Thresholds | None = None) -> dict[str, Any]:
+    """The JSON object for one image (``file``: its path, or an upload's name, or None): its probabilities, the
+    prediction at the operating thresholds (:func:`medq.metrics.decisions`; ``threshold`` None: the run's own) and
+    the thresholds it was made at."""
+    operating = info.operating(threshold)
+    shown = [round(float(p), 6) for p in probs]
+    out: dict[str, Any] = {"file": None if file is None else str(file), "probabilities": dict(zip(info.classes, shown))}
+    # decided on the probabilities the line shows: a reader (or the DICOM SR) applying the rule to them agrees
+    called = decisions(info.task, np.array([shown]), operating.per_column())[0]
+    if info.task == "multilabel":  # the findings at the thresholds, as both keys: one schema for every task
+        out["findings"] = [c for c, yes in zip(info.classes, called) if yes]
         out["prediction"] = out["findings"]
-        out["threshold"] = threshold
     else:
-        out["prediction"] = info.classes[int(np.argmax(probs))]
+        out["prediction"] = info.classes[int(called)]
+    out["thresholds"] = dict(operating.values)
     return out

@@ -124,9 +124,10 @@ def per_class_auc(y_true: np.ndarray, y_prob: np.ndarray, classes: list[str]) ->
 
 
 def task_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str],
-                 threshold: float = 0.5) -> dict[str, Any]:
+                 threshold: float | np.ndarray = 0.5) -> dict[str, Any]:
     """accuracy, auc (the mean AUC for multi-label and multiclass), per-class AUC, sensitivity/specificity,
-    confusion matrix, and ``ci``: the 95% interval of each (same keys, [low, high] or None)."""
+    confusion matrix, and ``ci``: the 95% interval of each (same keys, [low, high] or None). The decisions are
+    :func:`decisions` at ``threshold`` (one for all, or one per class column: the run's operating thresholds)."""
     y_true = np.asarray(y_true, dtype=np.float32)
     y_prob = np.asarray(y_prob, dtype=np.float64)
     if y_true.shape != y_prob.shape:
@@ -138,7 +139,7 @@ def task_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: lis
     ci: dict[str, Any] = {"per_class_auc": {c: auc_ci(y_true[:, k], y_prob[:, k]) for k, c in enumerate(classes)}}
     result["ci"] = ci
     if task == "multilabel":
-        predicted = y_prob >= threshold
+        predicted = decisions(task, y_prob, threshold)
         truth = y_true >= 0.5
         result["accuracy"] = float((predicted == truth).mean()) if n else float("nan")  # per label, per image
         # the per-label decisions of one image are correlated: the interval counts images, not decisions
@@ -157,10 +158,10 @@ def task_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: lis
         # one 2x2 per label, rows truth (negative, positive), columns prediction
         result["confusion_matrix"] = {c: [[int(tn[k]), int(fp[k])], [int(fn[k]), int(tp[k])]]
                                       for k, c in enumerate(classes)}
-        result["threshold"] = threshold
+        result["threshold"] = _plain_threshold(threshold)
         return result
     true_class = y_true.argmax(axis=1)
-    pred_class = y_prob.argmax(axis=1)
+    pred_class = decisions(task, y_prob, threshold).astype(int)
     result["accuracy"] = float((true_class == pred_class).mean()) if n else float("nan")
     ci["accuracy"] = wilson_ci(int((true_class == pred_class).sum()), n)
     k = len(classes)
@@ -172,12 +173,12 @@ def task_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: lis
         result["auc"] = aucs[classes[1]] if aucs[classes[1]] is not None else float("nan")
         ci["auc"] = ci["per_class_auc"][classes[1]]
         positive = true_class == 1
-        predicted_positive = y_prob[:, 1] >= threshold
+        predicted_positive = pred_class == 1
         tp, tn = (positive & predicted_positive).sum(), (~positive & ~predicted_positive).sum()
         result["sensitivity"] = _ratio(tp, positive.sum())
         result["specificity"] = _ratio(tn, (~positive).sum())
         ci["sensitivity"], ci["specificity"] = wilson_ci(tp, positive.sum()), wilson_ci(tn, (~positive).sum())
-        result["threshold"] = threshold
+        result["threshold"] = _plain_threshold(threshold)
     else:
         result["auc"] = float(np.mean(valid)) if valid else float("nan")
         ci["auc"] = _mean_auc_ci(task, y_true, y_prob)
@@ -272,19 +273,28 @@ def clinical_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes:
 
 # --- paired comparison of two models on the same images -------------------------------------------------------------
 
-def decisions(task: str, y_prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Each image's call at the operating threshold: the class (binary: positive iff p ≥ threshold; multiclass: the
-    arg-max) or the set of findings (multi-label: [N, K] booleans)."""
+def decisions(task: str, y_prob: np.ndarray, threshold: float | np.ndarray = 0.5) -> np.ndarray:
+    """Each image's call at the operating thresholds (``threshold``: one for all, or one per class column, as
+    ``medq.thresholds.Thresholds.per_column`` gives): binary, the positive class iff p ≥ its threshold ([N] bool);
+    multi-label, each label iff p ≥ its threshold ([N, K] bool); multiclass, the class whose probability exceeds its
+    threshold by the most, arg-max(p − threshold) ([N] index; one threshold for all: the arg-max)."""
     y_prob = np.asarray(y_prob)
+    t = np.broadcast_to(np.asarray(threshold, dtype=np.float64), y_prob.shape[1:])
     if task == "multilabel":
-        return y_prob >= threshold
+        return y_prob >= t
     if task == "binary":
-        return y_prob[:, 1] >= threshold
-    return y_prob.argmax(axis=1)
+        return y_prob[:, 1] >= t[1]
+    return np.argmax(y_prob - t, axis=1)
+
+
+def _plain_threshold(threshold: float | np.ndarray) -> float | list[float]:
+    """The threshold(s) as JSON: a number, or one per class column."""
+    t = np.asarray(threshold, dtype=np.float64)
+    return float(t) if t.ndim == 0 else [float(v) for v in t]
 
 
 def paired_comparison(task: str, y_true: np.ndarray, p_reference: np.ndarray, p_other: np.ndarray,
-                      margin: float, threshold: float = 0.5) -> dict[str, Any]:
+                      margin: float, threshold: float | np.ndarray = 0.5) -> dict[str, Any]:
     """``p_other`` against ``p_reference`` on the same images: the paired DeLong AUC difference (other − reference;
     the mean AUC for multiclass and multi-label) with its 95% interval, the share of images whose decision at
     ``threshold`` flips, max/mean |Δp|, and the verdict: equivalent iff the interval lies within ±``margin``."""
@@ -295,7 +305,7 @@ def paired_comparison(task: str, y_true: np.ndarray, p_reference: np.ndarray, p_
     if changed.ndim == 2:
         changed = changed.any(axis=1)
     gap = np.abs(p_other - p_reference)
-    out: dict[str, Any] = {"n_images": len(y_true), "threshold": threshold, "margin": margin,
+    out: dict[str, Any] = {"n_images": len(y_true), "threshold": _plain_threshold(threshold), "margin": margin,
                            "flipped_fraction": float(changed.mean()), "flipped_images": int(changed.sum()),
                            "max_abs_diff": float(gap.max()), "mean_abs_diff": float(gap.mean())}
     columns = judged_columns(task, y_true)

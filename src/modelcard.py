@@ -5,7 +5,8 @@ intended_use, factors, metrics, evaluation_data, training_data, quantitative_ana
 caveats_and_recommendations; the model's inputs and outputs follow MONAI bundle ``metadata.json``
 (``task``, ``network_data_format.inputs.image`` / ``outputs.pred``). Nothing in a card is typed by hand: every value
 comes from ``manifest.json``, ``split.json`` and ``benchmark.json`` (read in :func:`read_record` only), and what the
-record does not hold (operating thresholds, subgroups, external evaluations) is said to be "not determined".
+record does not hold (subgroups, external evaluations; operating thresholds of a run made before medq chose them, or
+chosen for an earlier model) is said to be "not determined".
 """
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
                                 "Brier score, expected calibration error, fidelity of each precision path to FP32"},
         "quantitative_analyses": {
             "precision_paths": _paths(bench),
-            "thresholds": m.get("thresholds") or f"{NOT_DETERMINED}: decisions at 0.5, not chosen on validation",
+            "thresholds": operating_thresholds(m),
             "subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED,
             "external_evaluations": m.get("external_evaluations") or NOT_DETERMINED,
         },
@@ -184,9 +185,51 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
     stale = [k for k, a in (m.get("artifacts") or {}).items() if a.get("invalidated")]
     if stale:
         out.append(f"invalidated artifacts in the run: {', '.join(stale)}")
-    if "thresholds" not in m:
-        out.append("decision thresholds not chosen: every decision is at probability 0.5")
+    thresholds = operating_thresholds(m)
+    if isinstance(thresholds, str):
+        out.append(f"decision thresholds {thresholds}")
+    else:
+        out += [f"threshold {n}" for n in thresholds["notes"]]
     return out
+
+
+def operating_thresholds(m: dict[str, Any]) -> dict[str, Any] | str:
+    """The thresholds the run decides at (medq.thresholds, as predict and the benchmark read them): per class the
+    threshold and the validation operating point it was chosen at, with the policy; or, when the run decides at the
+    fallback, "not determined" and why."""
+    from medq.thresholds import DECISION_RULES, FALLBACK, Thresholds
+
+    task, classes = m.get("task"), list(m.get("classes") or [])
+    if task not in DECISION_RULES or len(classes) < 2:
+        return f"{NOT_DETERMINED}: the run records no task and classes"
+    model_sha = ((m.get("artifacts") or {}).get("keras_model") or {}).get("sha256")
+    operating = Thresholds.from_record(m.get("thresholds"), model_sha, task, classes)
+    if operating.source != "validation" or operating.record is None:
+        return f"{NOT_DETERMINED}: decisions at {FALLBACK:g}, not chosen on validation ({'; '.join(operating.notes)})"
+    record = operating.record
+    return {"policy": record.get("policy"), "target": record.get("target"), "chosen_on": record.get("split"),
+            "decision_rule": record.get("decision_rule") or DECISION_RULES[task],
+            "classes": {c: {"threshold": v, "validation": (record["classes"][c] or {}).get("validation")}
+                        for c, v in operating.values.items()},
+            "notes": operating.notes}
+
+
+def _threshold_lines(thresholds: dict[str, Any] | str) -> list[str]:
+    from medq.metrics import with_ci
+
+    if isinstance(thresholds, str):
+        return [f"- Thresholds: {thresholds}"]
+    target = thresholds["target"]
+    how = f"{thresholds['policy']}" + ("" if target is None else f" {target:g}")
+    lines = [f"- Thresholds ({how}, chosen on {thresholds['chosen_on']}; decision: {thresholds['decision_rule']}):"]
+    for c, entry in thresholds["classes"].items():
+        val = entry["validation"] or {}
+        lines.append(f"  - {c} ≥ {entry['threshold']:.4g}: validation sensitivity "
+                     f"{with_ci(val.get('sensitivity'), val.get('sensitivity_ci')) or 'n/a'} "
+                     f"({val.get('n_positive')} positive), specificity "
+                     f"{with_ci(val.get('specificity'), val.get('specificity_ci')) or 'n/a'} "
+                     f"({val.get('n_negative')} negative)")
+    return lines
 
 
 def _patients(patients: dict[str, int] | None, split: str) -> str:
@@ -235,8 +278,8 @@ def render_markdown(card: dict[str, Any]) -> str:
         for key, points in row["operating_points"].items():
             lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
                 f"{target} → {_num(value)}" for target, value in (points or {}).items()))
-    lines += [f"- Thresholds: {_text(q['thresholds'])}",
-              f"- Subgroups: {_text(q['subgroups'])}", f"- External evaluations: {_text(q['external_evaluations'])}",
+    lines += _threshold_lines(q["thresholds"])
+    lines += [f"- Subgroups: {_text(q['subgroups'])}", f"- External evaluations: {_text(q['external_evaluations'])}",
               "", "## Caveats and recommendations (detected by medq)"]
     lines += [f"- {c}" for c in card["caveats_and_recommendations"]] or ["- none detected"]
     lines += ["", "## Lineage", "", "| artifact | file | stage | sha256 | stale |", "|---|---|---|---|---|"]

@@ -6,8 +6,11 @@ decode → preprocess functions as training, calibration and the benchmark (medq
 run's bit depth, medq.preprocess.preprocess), so a file gets the probabilities the evaluation computed for it.
 
 Output: one JSON object per input file, in input order —
-``{"file", "probabilities": {class: p}, "prediction": class}`` (binary/multiclass: the arg-max class),
-``{"file", "probabilities": {label: p}, "findings": [labels with p >= threshold], "threshold"}`` (multilabel),
+``{"file", "probabilities": {class: p}, "prediction": class, "thresholds": {class: t}}`` (binary/multiclass),
+``{"file", "probabilities": {label: p}, "findings": [labels with p >= t], "prediction": findings, "thresholds"}``
+(multilabel). Decisions are taken at the run's operating thresholds (medq.thresholds: chosen on validation by
+train; the same for every model of the run, so INT8 keeps FP32's operating point), or at ``--threshold``:
+binary, the positive class iff p >= t; multiclass, arg-max(p − t); multi-label, each label iff p >= t.
 ``{"file", "error"}`` for a file that cannot be decoded (it is skipped, counted, and the rest are predicted).
 A prediction may carry ``"warning"``: a 16-bit image that uses only the low bits of its range (12-bit values in a
 16-bit PNG without sBIT), read with the run's ``data.bit_depth`` as training read its images.
@@ -15,6 +18,7 @@ A prediction may carry ``"warning"``: a 16-bit image that uses only the low bits
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -29,11 +33,14 @@ from medq import artifacts, runrecord
 from medq.data.common import UNREAD_IMAGE_SUFFIXES, is_junk, walk
 from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom, low_range_advice
 from medq.errors import MedqError
-from medq.inference import DEFAULT_THRESHOLD, Predictor, RunInfo, model_location, read_run, record
+from medq.inference import Predictor, RunInfo, model_location, read_run, record
+from medq.metrics import decisions
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
+from medq.thresholds import Thresholds
 from medq.tta import ten_crops
 
+log = logging.getLogger("medq")
 
 # --- inputs -----------------------------------------------------------------------------------------------------
 
@@ -123,7 +130,7 @@ class HeatmapWriter:
     info: RunInfo
     classes: str = "all"  # 'all' | 'predicted'
     layer: str | None = None
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: "float | Thresholds | None" = None  # None: the run's
     _used: set[Path] = field(default_factory=set)
 
     def __post_init__(self):
@@ -134,9 +141,10 @@ class HeatmapWriter:
     def chosen(self, probs: np.ndarray) -> list[int]:
         if self.classes == "all":
             return list(range(len(self.info.classes)))
+        called = decisions(self.info.task, np.asarray(probs)[None], self.info.operating(self.threshold).per_column())[0]
         if self.info.task == "multilabel":
-            return [k for k, p in enumerate(probs) if p >= self.threshold]
-        return [int(np.argmax(probs))]
+            return [k for k, yes in enumerate(called) if yes]
+        return [int(called)]
 
     def target(self, item: ImageInput, class_name: str) -> Path:
         return heatmap_target(self.directory, item, class_name, self._used)
@@ -181,11 +189,12 @@ def _pixel_warning(facts: dict[str, Any], spec: PreprocessSpec) -> str | None:
 
 
 def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_size: int = 32,
-                     ten_crop: bool = False, threshold: float = DEFAULT_THRESHOLD,
+                     ten_crop: bool = False, threshold: "float | Thresholds | None" = None,
                      heatmaps: HeatmapWriter | None = None, quiet: bool = False,
                      workers: int | None = None) -> Iterator[dict[str, Any]]:
     """One JSON-ready dict per input, in input order; files are decoded in a thread pool, batch by batch."""
     info = predictor.info
+    operating = info.operating(threshold)
     workers = workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool, \
             progress(total=len(inputs), desc="predict", unit="img", quiet=quiet) as bar:
@@ -201,7 +210,7 @@ def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_si
                 else:
                     probs = predictor(x, batch_size)
                 for j, i in enumerate(good):
-                    results[i] = record(chunk[i].path, probs[j], info, threshold)
+                    results[i] = record(chunk[i].path, probs[j], info, operating)
                     if loaded[i][3]:
                         results[i]["warning"] = loaded[i][3]
                 if heatmaps is not None:
@@ -261,17 +270,20 @@ class PredictSummary:
 def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str = "fp32",
                 model_file: str | Path | None = None, output: str | Path | None = None, ten_crop: bool = False,
                 heatmap_dir: str | Path | None = None, heatmap_classes: str = "all", heatmap_layer: str | None = None,
-                batch_size: int = 32, threshold: float = DEFAULT_THRESHOLD, quiet: bool = False,
+                batch_size: int = 32, threshold: float | None = None, quiet: bool = False,
                 intra_op_threads: int = 0, inter_op_threads: int = 1, stdout: TextIO | None = None,
                 trust_model_file: bool = False, overwrite: bool = False,
                 dicom_sr_dir: str | Path | None = None) -> PredictSummary:
     """Predict every input; JSON lines to ``output`` (written atomically) or ``stdout``; with ``dicom_sr_dir`` a
-    DICOM Comprehensive SR per DICOM input there (medq.dicomsr)."""
+    DICOM Comprehensive SR per DICOM input there (medq.dicomsr). Decisions are taken at the run's operating
+    thresholds (the same for every ``model``: a quantized model keeps FP32's operating point), or at ``threshold``
+    for every class when given."""
     if batch_size <= 0:
         raise MedqError(f"--batch-size {batch_size}: must be greater than 0")
-    if not 0.0 < threshold < 1.0:
+    if threshold is not None and not 0.0 < threshold < 1.0:
         raise MedqError(f"--threshold {threshold}: must be between 0 and 1")
     info = read_run(run_dir)
+    operating = info.operating(threshold)
     items, ignored = collect_inputs(inputs)
     if not items:
         raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
@@ -285,6 +297,8 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
             raise MedqError(f"{info.run_dir}: --heatmap needs the run's Keras model (Grad-CAM takes gradients, a "
                             "frozen graph has none) and this run has no model.keras; run `medq train` for it")
         _, keras_path = model_location(info, "keras")
+    for note in operating.notes:  # once the command is known to run: a refusal stays its one line
+        log.warning("thresholds: %s", note)
     predictor = Predictor(info, kind, path, intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
                           trust_model_file=trust_model_file)
     heatmaps = None
@@ -292,19 +306,17 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
         from medq.models import load_keras_model
 
         cam_model = predictor.keras_model if kind == "keras" else load_keras_model(keras_path)
-        heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, threshold)
+        heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, operating)
     summary = PredictSummary(ignored=ignored, model=f"{model if model_file is None else kind} model {path}",
                              data_source=info.data_source,
                              output=Path(output) if output is not None else None,
                              heatmap_dir=Path(heatmap_dir) if heatmap_dir is not None else None)
-    stream = iter_predictions(predictor, items, batch_size=batch_size, ten_crop=ten_crop, threshold=threshold,
+    stream = iter_predictions(predictor, items, batch_size=batch_size, ten_crop=ten_crop, threshold=operating,
                               heatmaps=heatmaps, quiet=quiet)
     if dicom_sr_dir is not None:
         summary.dicom_sr_dir = Path(dicom_sr_dir)
         identity = model_identity(info, model if model_file is None else kind, path)
-        # the SR states the JSON line's decision: --threshold applies to multi-label only, binary is the arg-max
-        sr_threshold = threshold if info.task == "multilabel" else DEFAULT_THRESHOLD
-        stream = _with_dicom_sr(stream, sr_targets, info, sr_threshold, identity, summary)
+        stream = _with_dicom_sr(stream, sr_targets, info, identity, summary)
     try:
         if output is None:
             _write_lines(stream, stdout or sys.stdout, summary)
@@ -350,10 +362,11 @@ def _medq_version() -> str:
     return __version__
 
 
-def _with_dicom_sr(stream: Iterator[dict[str, Any]], targets: dict[Path, Path], info: RunInfo, threshold: float,
-                   identity: Any, summary: PredictSummary) -> Iterator[dict[str, Any]]:
+def _with_dicom_sr(stream: Iterator[dict[str, Any]], targets: dict[Path, Path], info: RunInfo, identity: Any,
+                   summary: PredictSummary) -> Iterator[dict[str, Any]]:
     """Each record, after writing the SR of a predicted DICOM input (its path goes into the record as
-    ``dicom_sr``); an SR that cannot be built is the record's ``dicom_sr_error`` (the prediction stands)."""
+    ``dicom_sr``); an SR that cannot be built is the record's ``dicom_sr_error`` (the prediction stands). The SR
+    decides at the thresholds the record was decided at (its ``thresholds``)."""
     from medq.dicomsr import write_sr
 
     for rec in stream:
@@ -361,7 +374,7 @@ def _with_dicom_sr(stream: Iterator[dict[str, Any]], targets: dict[Path, Path], 
         if target is not None and "probabilities" in rec:
             try:
                 rec["dicom_sr"] = str(write_sr(Path(rec["file"]), target, rec["probabilities"], info.task,
-                                               threshold, identity))
+                                               rec["thresholds"], identity))
                 summary.dicom_sr += 1
             except MedqError as exc:
                 rec["dicom_sr_error"] = _error_text(Path(rec["file"]), exc)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from medq import artifacts, runrecord
+from medq import artifacts, runrecord, thresholds
 from medq.data import pinned
 from medq.data.check import note_pixel_range, stage_skipped_files
 from medq.data.index import DatasetIndex
@@ -76,6 +76,9 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
         history = runrecord.staging_path(run_dir, "train_history.csv")
         artifacts.write_text(history, _history_csv(result.history))
         skipped_list = stage_skipped_files(run_dir, index.skipped, result.dropped)
+        # on the selected epoch's validation outputs, the ones it was selected on: no second pass over the split
+        chosen = thresholds.for_run(config, index.task, index.classes, result.val_labels, result.val_probabilities,
+                                    artifacts.sha256(staged_model))
         log.info("%s: %s parameters, %s FLOPs at %s", config.model.name, f"{result.facts['parameters']:,}",
                  f"{result.facts['flops']:,}", "x".join(map(str, result.facts["input_shape"])))
         runrecord.commit(
@@ -89,7 +92,8 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
             dropped_while_loading=[{"path": p, "reason": r} for p, r in sorted(result.dropped.items())],
             facts=dataset_facts(config, index) | {"model_source": "train", "selected_val_metrics": result.val_metrics,
                                                   "selected_hyperparameters": training_hyperparameters(config),
-                                                  "objective": config.run.objective},
+                                                  "objective": config.run.objective,
+                                                  thresholds.MANIFEST_KEY: chosen},
         )
     return result
 
@@ -136,12 +140,15 @@ def _history_csv(rows: list[dict[str, float]]) -> str:
 
 def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: PreprocessSpec, ten_crop: bool = False, *,
                    task: str | None = None, classes: list[str] | None = None, batch_size: int = 32,
-                   threshold: float = 0.5, cache: Any = None, chunk: int = 256) -> dict[str, Any]:
+                   threshold: "float | thresholds.Thresholds" = 0.5, cache: Any = None,
+                   chunk: int = 256) -> dict[str, Any]:
     """Task metrics of ``model`` on images, single-crop and (``ten_crop``) 10-crop averaged, side by side.
 
     Both views come from the same decode → :func:`medq.preprocess.preprocess` path: single crop at
     ``spec.image_size`` S, ten crops of S from the image preprocessed at round(S · 256/224). Images stream through
     in chunks of ``chunk`` (only the probabilities are kept); unreadable files are dropped from both and counted.
+    ``threshold``: one for every class, or the run's :class:`medq.thresholds.Thresholds` (then each view also
+    carries ``operating_points``: how they held on these images).
     Returns ``{'single_crop': metrics, 'ten_crop': metrics | None, 'n_skipped': k}``.
     """
     from medq.data.decode import UnreadableImage
@@ -177,21 +184,29 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
         raise DataError("evaluate: none of the images could be decoded")
     y = labels[kept]
     out: dict[str, Any] = {"n_skipped": len(paths) - len(kept), "ten_crop": None}
-    p_single = np.concatenate(p_single)
-    out["single_crop"] = task_metrics(task, y, p_single, classes, threshold) | {
-        "clinical": clinical_metrics(task, y, p_single, classes)}
+    out["single_crop"] = _view_metrics(task, y, np.concatenate(p_single), classes, threshold)
     if ten_crop:
-        p_ten = np.concatenate(p_ten)
-        out["ten_crop"] = task_metrics(task, y, p_ten, classes, threshold) | {
-            "clinical": clinical_metrics(task, y, p_ten, classes)}
+        out["ten_crop"] = _view_metrics(task, y, np.concatenate(p_ten), classes, threshold)
+    return out
+
+
+def _view_metrics(task: str, y: np.ndarray, p: np.ndarray, classes: list[str],
+                  threshold: "float | thresholds.Thresholds") -> dict[str, Any]:
+    operating = threshold if isinstance(threshold, thresholds.Thresholds) else None
+    out = task_metrics(task, y, p, classes, operating.per_column() if operating else threshold) | {
+        "clinical": clinical_metrics(task, y, p, classes)}
+    if operating:
+        out["operating_points"] = thresholds.held(operating, y, p)
     return out
 
 
 def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
-                 index: DatasetIndex | None = None, threshold: float = 0.5) -> dict[str, Any]:
+                 index: DatasetIndex | None = None, threshold: float | None = None) -> dict[str, Any]:
     """Evaluate the run's Keras model on ``split``; writes ``evaluation.json`` and the manifest's 'evaluate' entry.
-    ``threshold``: the probability of the positive class (binary) or of each label (multi-label) that counts as a
-    positive call, for sensitivity and specificity (and the multi-label confusion matrices)."""
+    Decisions (sensitivity, specificity, confusion matrices) are taken at the run's operating thresholds (chosen on
+    validation by train; 0.5 with a note for a run without them), or at ``threshold`` for every class when given.
+    ``operating_points`` shows, per thresholded class, sensitivity/specificity at its threshold on ``split`` with
+    Wilson intervals beside the validation figures it was chosen at."""
     from medq.models import load_keras_model
 
     run_dir = config.run_dir
@@ -204,15 +219,30 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
             raise DataError(f"{config.data.root}: the {split} split is empty")
         recorded = manifest.facts.preprocess
         spec = PreprocessSpec.from_dict(recorded) if recorded is not None else PreprocessSpec.from_config(config)
+        operating = run_thresholds(manifest, index.task, index.classes, threshold)
         result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec,
-                                ten_crop, task=index.task, classes=index.classes, threshold=threshold,
+                                ten_crop, task=index.task, classes=index.classes, threshold=operating,
                                 cache=image_cache(config, spec))
         result |= {"split": split, "n_images": len(index.paths(split)), "objective": objective(config, manifest)}
         path = artifacts.write_json(runrecord.staging_path(run_dir, EVALUATION), result)
         runrecord.commit(run_dir, "evaluate", artifacts={"evaluation": path}, inputs=("keras_model", "split"),
-                         split=split, ten_crop=ten_crop, threshold=threshold, objective=result["objective"],
-                         single_crop=_summary(result["single_crop"]), ten_crop_metrics=_summary(result["ten_crop"]))
+                         split=split, ten_crop=ten_crop, threshold=operating.values, threshold_source=operating.source,
+                         objective=result["objective"], single_crop=_summary(result["single_crop"]),
+                         ten_crop_metrics=_summary(result["ten_crop"]))
     return result
+
+
+def run_thresholds(manifest: runrecord.Manifest, task: str, classes: list[str],
+                   override: float | None = None) -> thresholds.Thresholds:
+    """The thresholds a stage decides with: ``override`` for every class when given, else the run's (with their
+    notes logged: a run without them decides at 0.5 and says so)."""
+    if override is not None:
+        return thresholds.Thresholds.uniform(task, classes, override, "override",
+                                             f"--threshold {override:g} overrides the run's thresholds")
+    chosen = thresholds.Thresholds.from_manifest(manifest, task, classes)
+    for note in chosen.notes:
+        log.warning("thresholds: %s", note)
+    return chosen
 
 
 def _summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -97,7 +97,8 @@ def test_sr_reads_back_with_findings_probabilities_reference_and_the_sources_pat
     for group, name in ((normal, "NORMAL"), (pneumonia, "PNEUMONIA")):
         values = {m.name.value: m.value for m in group.get_measurements()}
         assert values["122157"] == pytest.approx(probabilities[name])  # DCM Probability
-        assert values["122411"] == pytest.approx(0.5)  # DCM Threshold Value
+        # DCM Threshold Value: the positive class's call is p >= 0.5; NORMAL is present iff PNEUMONIA is not
+        assert values.get("122411") == (pytest.approx(0.5) if name == "PNEUMONIA" else None)
         (image,) = group.source_images
         assert image.referenced_sop_instance_uid == source.SOPInstanceUID
         assert image.referenced_sop_class_uid == source.SOPClassUID
@@ -121,6 +122,38 @@ def test_multiclass_marks_the_argmax_and_multilabel_each_label_at_the_threshold(
                       "multilabel", 0.3, model)
     _, groups = _groups(target)
     assert _calls(groups) == {"Effusion": "Present", "Mass": "Absent", "Hernia": "Absent"}
+
+
+def test_the_sr_decides_at_the_runs_per_class_thresholds_and_states_them(tmp_path):
+    from medq.dicomsr import ModelIdentity, write_sr
+
+    _source(tmp_path / "x.dcm", seed=3)
+    model = ModelIdentity("r", "int8", "e" * 64)
+    # binary at the run's 0.3: 0.4 is PNEUMONIA although NORMAL's 0.6 is the arg-max
+    target = write_sr(tmp_path / "x.dcm", tmp_path / "a.sr.dcm", {"NORMAL": 0.6, "PNEUMONIA": 0.4}, "binary",
+                      {"PNEUMONIA": 0.3}, model)
+    _, groups = _groups(target)
+    assert _calls(groups) == {"Normal": "Absent", "PNEUMONIA": "Present"}
+    assert _thresholds(groups) == {"PNEUMONIA": 0.3}
+    # multi-label, each label at its own threshold: 0.35 ≥ 0.3 (Effusion) but 0.2 < 0.25 (Mass), 0.05 ≥ 0.04
+    probabilities = {"Effusion": 0.35, "Mass": 0.2, "Hernia": 0.05}
+    cuts = {"Effusion": 0.3, "Mass": 0.25, "Hernia": 0.04}
+    target = write_sr(tmp_path / "x.dcm", tmp_path / "b.sr.dcm", probabilities, "multilabel", cuts, model)
+    _, groups = _groups(target)
+    assert _calls(groups) == {"Effusion": "Present", "Mass": "Absent", "Hernia": "Present"}
+    assert _thresholds(groups) == cuts
+    # multiclass: the class whose probability exceeds its threshold by the most, arg-max(p − t) = malignant
+    # (0.35 − 0.2 = 0.15 against benign 0.4 − 0.4 = 0), no per-class threshold stated
+    target = write_sr(tmp_path / "x.dcm", tmp_path / "c.sr.dcm", {"benign": 0.4, "malignant": 0.35, "normal": 0.25},
+                      "multiclass", {"benign": 0.4, "malignant": 0.2, "normal": 0.4}, model)
+    _, groups = _groups(target)
+    assert _calls(groups) == {"Benign": "Absent", "Malignant": "Present", "Normal": "Absent"}
+    assert _thresholds(groups) == {}
+
+
+def _thresholds(groups) -> dict[str, float]:
+    return {g.finding_type.meaning: pytest.approx(m.value) for g in groups for m in g.get_measurements()
+            if m.name.value == "122411"}
 
 
 def test_a_source_without_type_2_study_attributes_still_gets_an_sr_with_them_empty(tmp_path):
@@ -187,7 +220,7 @@ def test_predict_writes_an_sr_per_dicom_input_and_prints_no_patient_data(run, tm
     out = tmp_path / "sr"
     caplog.set_level(logging.DEBUG, logger="medq")
     code = main(["predict", "--run", str(run), str(images), "--dicom-sr", str(out), "-o", str(tmp_path / "p.jsonl"),
-                 "--threshold", "0.3"])  # multi-label only: a binary run decides by the arg-max
+                 "--threshold", "0.3"])  # every class at 0.3 instead of the run's thresholds
     printed = capsys.readouterr()
     assert code == 0, printed.err
     records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
@@ -203,7 +236,7 @@ def test_predict_writes_an_sr_per_dicom_input_and_prints_no_patient_data(run, tm
                                                   if m.name.value == "122157"][0] for g in groups}
         assert probs == pytest.approx(by_name[name]["probabilities"], abs=1e-6)
         assert [c.upper() for c, call in _calls(groups).items() if call == "Present"] == [by_name[name]["prediction"]]
-        assert {m.value for g in groups for m in g.get_measurements() if m.name.value == "122411"} == {0.5}
+        assert _thresholds(groups) == {"PNEUMONIA": 0.3} == by_name[name]["thresholds"]
     assert "2 DICOM SR files" in printed.err
     seen = printed.out + printed.err + caplog.text + (tmp_path / "p.jsonl").read_text()
     for source in sources:

@@ -1,6 +1,7 @@
 """`medq card`: the model card is built only from the run record. Every value is checked against the manifest and
 benchmark JSON read directly (json.load, hashlib), never against the card code; synthetic data is stated loudly;
-what the record does not hold (thresholds, subgroups, external evaluations) is "not determined"."""
+what the record does not hold (thresholds not chosen for the run's model, subgroups, external evaluations) is "not
+determined"."""
 from __future__ import annotations
 
 import hashlib
@@ -138,15 +139,33 @@ def test_thresholds_subgroups_external_are_not_determined_until_recorded(tmp_pat
     assert q["subgroups"] == "not determined" and q["external_evaluations"] == "not determined"
     assert "- Subgroups: not determined" in md and "- External evaluations: not determined" in md
 
-    recorded = {"PNEUMONIA": {"threshold": 0.31, "chosen_on": "val", "sensitivity": 0.95}}
+    # train's record (medq.thresholds.choose) for the run's model: 0.31, chosen at validation sensitivity 19/20
+    keras_sha = hashlib.sha256(b"model.keras").hexdigest()  # the stand-in model file's bytes
+    point = {"sensitivity": 0.95, "specificity": 0.7, "sensitivity_ci": [0.7639, 0.9911],
+             "specificity_ci": [0.4810, 0.8545], "n_positive": 20, "n_negative": 20}
+    recorded = {"policy": "sensitivity", "target": 0.9, "split": "val", "task": "binary",
+                "decision_rule": "the positive class iff its probability >= its threshold",
+                "chosen_for": {"keras_model": keras_sha},
+                "classes": {"PNEUMONIA": {"value": 0.31, "policy": "sensitivity", "target": 0.9,
+                                          "validation": point, "notes": []}}}
     external = [{"dataset": "site-B", "auc": 0.8}]
     run = _run(tmp_path / "again", thresholds=recorded, external_evaluations=external)
     runrecord.commit(run, "evaluate", subgroups={"sex": {"F": {"auc": 0.8}, "M": {"auc": 0.79}}})
     card, md = _card(run)
     q = card["quantitative_analyses"]
-    assert q["thresholds"] == recorded and q["external_evaluations"] == external
-    assert q["subgroups"]["sex"]["F"]["auc"] == 0.8
-    assert "decisions at 0.5" not in md
+    assert q["thresholds"]["classes"] == {"PNEUMONIA": {"threshold": 0.31, "validation": point}}
+    assert (q["thresholds"]["policy"], q["thresholds"]["target"], q["thresholds"]["chosen_on"]) == \
+        ("sensitivity", 0.9, "val")
+    assert "  - PNEUMONIA ≥ 0.31: validation sensitivity 0.950 [0.764, 0.991] (20 positive), specificity 0.700 " \
+        "[0.481, 0.855] (20 negative)" in md
+    assert q["external_evaluations"] == external and q["subgroups"]["sex"]["F"]["auc"] == 0.8
+    assert "decisions at 0.5" not in md and "thresholds not chosen" not in md
+    # thresholds chosen for an earlier model (retrained without choosing again) are not the run's: said so
+    stale = dict(recorded, chosen_for={"keras_model": "0" * 64})
+    card, md = _card(_run(tmp_path / "stale", thresholds=stale))
+    assert card["quantitative_analyses"]["thresholds"].startswith("not determined: decisions at 0.5")
+    assert "earlier model" in card["quantitative_analyses"]["thresholds"]
+    assert any(c.startswith("decision thresholds not determined") for c in card["caveats_and_recommendations"])
 
 
 def test_card_is_recorded_made_from_the_models_and_goes_stale_with_a_retrain(tmp_path, capsys):

@@ -346,3 +346,36 @@ def test_predict_gives_the_benchmark_stage_probabilities_for_the_same_images(tin
         got = np.stack([_probs(r) for r in _read_jsonl(out)])
         stored = np.load(tiny.run_dir / "benchmark" / "probs" / f"tensorflow-{model}.npy")
         np.testing.assert_allclose(got, stored, atol=2e-6)
+
+
+def test_a_record_decides_at_the_runs_own_thresholds_unless_one_is_given(tmp_path):
+    from medq.thresholds import Thresholds
+
+    spec = PreprocessSpec(8, 1, "unit")
+    binary = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", spec,
+                     thresholds=Thresholds("binary", ["NORMAL", "PNEUMONIA"], {"PNEUMONIA": 0.3}, "validation"))
+    # 0.4 ≥ the run's 0.3: PNEUMONIA, although NORMAL's 0.6 is the arg-max (what 0.5 decides)
+    rec = record(Path("f.png"), np.array([0.6, 0.4]), binary)
+    assert rec["prediction"] == "PNEUMONIA" and rec["thresholds"] == {"PNEUMONIA": 0.3}
+    assert record(None, np.array([0.6, 0.4]), binary, threshold=None)["prediction"] == "PNEUMONIA"
+    overridden = record(None, np.array([0.6, 0.4]), binary, threshold=0.5)
+    assert overridden["prediction"] == "NORMAL" and overridden["thresholds"] == {"PNEUMONIA": 0.5}
+    classes = ["benign", "malignant", "normal"]
+    multiclass = RunInfo(tmp_path, classes, "multiclass", spec, thresholds=Thresholds(
+        "multiclass", classes, {"benign": 0.4, "malignant": 0.2, "normal": 0.4}, "validation"))
+    # by hand: p − t = (0.0, 0.15, −0.15) → malignant, where the arg-max of p is benign
+    assert record(None, np.array([0.4, 0.35, 0.25]), multiclass)["prediction"] == "malignant"
+    # a run without recorded thresholds decides at 0.5 (RunInfo's default: no thresholds)
+    bare = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", spec)
+    assert record(None, np.array([0.6, 0.4]), bare)["thresholds"] == {"PNEUMONIA": 0.5}
+
+
+def test_a_records_prediction_agrees_with_the_probabilities_it_shows(tmp_path):
+    from medq.thresholds import Thresholds
+
+    classes = ["NORMAL", "PNEUMONIA"]
+    info = RunInfo(tmp_path, classes, "binary", PreprocessSpec(8, 1, "unit"),
+                   thresholds=Thresholds("binary", classes, {"PNEUMONIA": 0.2999998}, "validation"))
+    # 0.2999996 < 0.2999998, but the line shows it as 0.3 ≥ 0.2999998: the line (and an SR built from it) must agree
+    rec = record(None, np.array([0.7000004, 0.2999996]), info)
+    assert rec["probabilities"]["PNEUMONIA"] == 0.3 and rec["prediction"] == "PNEUMONIA"

@@ -8,15 +8,23 @@ from pathlib import Path
 import pytest
 
 from medq import runrecord
-from medq.runrecord import (BenchmarkEntry, DataEntry, Facts, QuantizeEntry, RunEntry, SplitEntry, StageEntry,
-                            TrainEntry, TuneEntry)
+from medq.runrecord import (BenchmarkEntry, DataEntry, EvaluateEntry, Facts, QuantizeEntry, RunEntry, SplitEntry,
+                            StageEntry, TrainEntry, TuneEntry)
 
 SHA = "ab" * 32
 METRICS = {"accuracy": 0.9, "auc": 0.95, "ci": {"auc": [0.9, 0.99], "accuracy": [0.85, 0.94]}, "n_images": 40}
 
+# train's operating thresholds (medq.thresholds.choose's record), chosen for the run's Keras model
+THRESHOLDS = {"policy": "sensitivity", "target": 0.9, "split": "val", "task": "binary",
+              "decision_rule": "the positive class iff its probability >= its threshold",
+              "chosen_for": {"keras_model": SHA},
+              "classes": {"PNEUMONIA": {"value": 0.42, "policy": "sensitivity", "target": 0.9,
+                                        "validation": {"sensitivity": 0.95, "specificity": 0.8,
+                                                       "sensitivity_ci": [0.76, 0.99], "specificity_ci": [0.58, 0.92],
+                                                       "n_positive": 20, "n_negative": 20}, "notes": []}}}
 # Every field today's stages record, in the order their commits write them (medq.runrecord.commit: the facts after
 # config, then artifacts and stages; each stage entry = its keyword arguments, then finished_at), plus keys a newer
-# medq adds: a fact (serve's thresholds), a quantize field and a whole stage.
+# medq adds: a fact (external evaluations), a quantize field and a whole stage.
 MAIN_MANIFEST = {
     "schema_version": 2, "medq_version": "0.9.0", "versions": {"tensorflow": "2.14.1", "neural-compressor": "2.6"},
     "config": {"run": {"name": "default", "seed": 42, "objective": "auc"}, "preprocess": {"image_size": 64}},
@@ -27,7 +35,8 @@ MAIN_MANIFEST = {
     "selected_hyperparameters": {"learning_rate": 0.001, "dropout": 0.2},
     "objective": "auc", "tuned_hyperparameters": {"learning_rate": 0.001, "dropout": 0.2},
     "input_name": "input", "output_name": "output", "input_shape": [64, 64, 1],
-    "thresholds": {"PNEUMONIA": 0.42},
+    "thresholds": THRESHOLDS,
+    "external_evaluations": [{"dataset": "site-B", "auc": 0.8}],
     "artifacts": {
         "split": {"path": "split.json", "sha256": SHA, "bytes": 1200, "stage": "split",
                   "created_at": "2026-12-06T10:00:00+0000", "inputs": {}, "sources": {}, "invalidated": None},
@@ -56,7 +65,8 @@ MAIN_MANIFEST = {
                  "best_values": {"learning_rate": 0.001}, "seconds": 30.1, "dropped_workers": [],
                  "finished_at": "2026-12-06T10:05:00+0000"},
         "freeze": {"parity_max_abs_diff": 1e-06, "parity_images": 16, "finished_at": "2026-12-06T10:06:00+0000"},
-        "evaluate": {"split": "test", "ten_crop": True, "threshold": None, "objective": "auc",
+        "evaluate": {"split": "test", "ten_crop": True, "threshold": {"PNEUMONIA": 0.42},
+                     "threshold_source": "validation", "objective": "auc",
                      "single_crop": None, "ten_crop_metrics": METRICS, "finished_at": "2026-12-06T10:07:00+0000"},
         "quantize": {"status": "failed", "error": "INC found no INT8 model", "deploy": {"path": "deploy.yaml"},
                      "cpu_features": ["avx512_vnni"], "calibration": {"n": 32, "source_split": "train"},
@@ -98,7 +108,9 @@ def test_a_manifest_written_by_main_loads_typed_and_round_trips_byte_for_byte(tm
     assert record.facts.tensor_names() == ("input", "output")
     assert record.artifacts["int8_pb"].invalidated == "the last quantize failed"
     # what this medq does not know is kept, not dropped
-    assert record.facts.extra == {"thresholds": {"PNEUMONIA": 0.42}}
+    assert record.facts.thresholds == THRESHOLDS and record.stage(EvaluateEntry).threshold == {"PNEUMONIA": 0.42}
+    assert record.stage(EvaluateEntry).threshold_source == "validation"
+    assert record.facts.extra == {"external_evaluations": [{"dataset": "site-B", "auc": 0.8}]}
     assert record.stage(QuantizeEntry).extra["int8_conv_collapse"] == {"checked": True}
     assert type(record.stages["serve"]) is StageEntry and record.stages["serve"].extra == {"port": 8080}
     # and the record writes the same bytes back
@@ -148,7 +160,7 @@ def test_the_mapping_view_is_the_json_form_and_read_only(tmp_path):
     _written_by_main(tmp_path / "run", MAIN_MANIFEST)
     record = runrecord.read_manifest(tmp_path / "run")
     assert record["stages"]["train"]["split_sizes"] == {"train": 160, "val": 40, "test": 40}
-    assert record.get("thresholds") == {"PNEUMONIA": 0.42} and "preprocess" in record and "nothing" not in record
+    assert record.get("thresholds") == THRESHOLDS and "preprocess" in record and "nothing" not in record
     assert dict(record) == json.loads(json.dumps(MAIN_MANIFEST))
     with pytest.raises(TypeError):
         record["classes"] = ["a"]  # type: ignore[index]

@@ -108,6 +108,14 @@ def main_table(report: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _thresholds_text(report: dict[str, Any], threshold: Any) -> str:
+    """'0.42' (one for all) or 'A 0.3, B 0.5' (per class): the run's operating thresholds every row decides at."""
+    values = (report.get("thresholds") or {}).get("values")
+    if values:
+        return ", ".join(f"{c} {v:.3g}" for c, v in values.items())
+    return f"{threshold:g}" if isinstance(threshold, (int, float)) else "the run's thresholds"
+
+
 def fidelity_section(report: dict[str, Any]) -> list[str]:
     """Every row paired with TF FP32 on the same images: AUC difference (paired DeLong) with its interval, the
     verdict against the margin in words, decisions flipped at the threshold, |Δ probability|."""
@@ -125,7 +133,7 @@ def fidelity_section(report: dict[str, Any]) -> list[str]:
                       _f(f["max_abs_diff"], 5), _f(f["mean_abs_diff"], 5)])
     return [f"## Fidelity against {report['baseline']} (paired, the same {n} test images)", "",
             _table(["row", "Δ AUC [95% CI]", f"verdict (margin ±{margin:g} AUC)",
-                    f"decisions flipped at {first['threshold']:g}", r"max \|Δ probability\|",
+                    f"decisions flipped at {_thresholds_text(report, first['threshold'])}", r"max \|Δ probability\|",
                     r"mean \|Δ probability\|"],
                    table), "",
             f"Δ AUC: row − FP32, {'mean AUC over the classes, ' if report['task'] != 'binary' else ''}"

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, MedqError
 from medq.progress import progress
 from medq.selection import objective
+
+if TYPE_CHECKING:
+    from medq.thresholds import Thresholds
 
 log = logging.getLogger("medq")
 
@@ -286,10 +289,13 @@ def _row_entry(row: plan.Row, result: dict[str, Any], run_dir: Path, main_bs: in
     }
 
 
-def _metrics(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+def _metrics(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray,
+             operating: Thresholds) -> dict[str, Any]:
     from medq.metrics import task_metrics
+    from medq.thresholds import held
 
-    return _clean(task_metrics(task, labels, probs, classes))
+    return _clean(task_metrics(task, labels, probs, classes, operating.per_column())
+                  | {"operating_points": held(operating, labels, probs)})
 
 
 def _clinical(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
@@ -298,11 +304,13 @@ def _clinical(task: str, classes: list[str], labels: np.ndarray, probs: np.ndarr
     return _clean(clinical_metrics(task, labels, probs, classes))
 
 
-def _fidelity(task: str, labels: np.ndarray, base: np.ndarray, probs: np.ndarray, margin: float) -> dict[str, Any]:
-    """The row against TF FP32 on the same images (:func:`medq.metrics.paired_comparison`)."""
+def _fidelity(task: str, labels: np.ndarray, base: np.ndarray, probs: np.ndarray, margin: float,
+              operating: Thresholds) -> dict[str, Any]:
+    """The row against TF FP32 on the same images (:func:`medq.metrics.paired_comparison`), decisions at the run's
+    thresholds."""
     from medq.metrics import paired_comparison
 
-    return _clean(paired_comparison(task, labels, base, probs, margin))
+    return _clean(paired_comparison(task, labels, base, probs, margin, operating.per_column()))
 
 
 @dataclass
@@ -497,8 +505,13 @@ def _run_benchmark(config: Config, run_dir: Path, started: float, verbose: bool)
         raise MedqError(f"{run_dir / runrecord.MANIFEST}: no {', '.join(missing)} recorded; run "
                         f"`{runrecord.command(config, 'train')}` first")
     sizes = _check_settings(config.benchmark)
+    # every row decides at the run's thresholds (FP32's, chosen on validation): INT8 must not move the operating point
+    from medq.thresholds import Thresholds
+
+    operating = Thresholds.from_manifest(manifest, manifest.facts.task, list(manifest.facts.classes))
     load_before = os.getloadavg()
     stage = _plan(config, run_dir, manifest, fp32_pb)
+    stage.notes[:0] = [f"thresholds: {n}" for n in operating.notes]
 
     bench = run_dir / BENCH_DIR
     bench.mkdir(parents=True, exist_ok=True)
@@ -523,14 +536,14 @@ def _run_benchmark(config: Config, run_dir: Path, started: float, verbose: bool)
         ref_rows = [r for r in ref_rows if r.id not in stage.skipped]
     todo = own_rows + ref_rows
     measured = _measure_rounds(todo, measuring, stage.skipped)
-    results = _results(todo, measured, measuring, stage.layouts, objective(config, manifest), run_dir)
+    results = _results(todo, measured, measuring, stage.layouts, objective(config, manifest), run_dir, operating)
 
     load_after = os.getloadavg()
     busy = max(load_before[0], load_after[0])
     if busy > stage.cores + 0.5:  # the workers themselves account for about `cores`
         stage.notes.append(f"the machine was busy (1-minute load average up to {busy:.1f} on {stage.cores} cores): "
                            "absolute times are inflated and noisy; compare the ratios")
-    out = _report(config, manifest, stage, measuring, results, (load_before, load_after), started)
+    out = _report(config, manifest, stage, measuring, results, (load_before, load_after), started, operating)
     written = report.write_reports(runrecord.staging_dir(run_dir), out)
     runrecord.commit(run_dir, "benchmark", artifacts=written,
                      inputs=("fp32_pb", "split") + (("int8_pb",) if stage.run_models["int8_pb"] is not None else ()),
@@ -560,9 +573,9 @@ def _plan(config: Config, run_dir: Path, manifest: runrecord.Manifest, fp32_pb: 
 
 
 def _results(todo: list[plan.Row], measured: dict[str, list[dict[str, Any]]], measuring: Measuring,
-             layouts: list[plan.Layout], primary: str, run_dir: Path) -> list[dict[str, Any]]:
+             layouts: list[plan.Layout], primary: str, run_dir: Path, operating: Thresholds) -> list[dict[str, Any]]:
     """benchmark.json's rows: each measured row's combined rounds, metrics, clinical numbers, fidelity against the
-    baseline (measured first) and its multi-instance layouts."""
+    baseline (measured first) and its multi-instance layouts; every row decides at ``operating``."""
     task, classes, labels = measuring.manifest.facts.task, list(measuring.manifest.facts.classes), measuring.inputs["labels"]
     bc = measuring.settings
     results: list[dict[str, Any]] = []
@@ -572,12 +585,12 @@ def _results(todo: list[plan.Row], measured: dict[str, list[dict[str, Any]]], me
             continue
         entry = _row_entry(row, combine_rounds(measured[row.id]), run_dir, bc.batch_size)
         probs = np.load(measuring.probs(row))
-        entry["metrics"] = _metrics(task, classes, labels, probs)
+        entry["metrics"] = _metrics(task, classes, labels, probs, operating)
         entry["clinical"] = _clinical(task, classes, labels, probs)
         if row.id == plan.BASELINE:
             base_probs = probs
         if base_probs is not None:  # the baseline is measured first: every other row is paired with it
-            entry["fidelity"] = _fidelity(task, labels, base_probs, probs, bc.equivalence_margin)
+            entry["fidelity"] = _fidelity(task, labels, base_probs, probs, bc.equivalence_margin, operating)
         if not row.reference and row.precision in bc.instance_precisions:
             entry["multi_instance"] = [_multi_instance(row, layout, measuring, f"[{i}/{len(todo)}]")
                                        for layout in layouts]
@@ -599,13 +612,15 @@ def _multi_instance(row: plan.Row, layout: plan.Layout, measuring: Measuring, wh
 
 def _report(config: Config, manifest: runrecord.Manifest, stage: StagePlan, measuring: Measuring,
             results: list[dict[str, Any]], load: tuple[tuple[float, ...], tuple[float, ...]],
-            started: float) -> dict[str, Any]:
+            started: float, operating: Thresholds) -> dict[str, Any]:
     """benchmark.json's content, with the comparisons against the baseline, JSON-safe."""
     bc, inputs, run_dir = config.benchmark, measuring.inputs, config.run_dir
     out = {
         "schema": 1, "run": config.run.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task": manifest.facts.task, "classes": list(manifest.facts.classes), "objective": objective(config, manifest),
-        "baseline": plan.BASELINE, "data_source": manifest.facts.data_source,
+        "baseline": plan.BASELINE,
+        "thresholds": {"values": operating.values, "source": operating.source, "notes": operating.notes},
+        "data_source": manifest.facts.data_source,
         "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                      "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,

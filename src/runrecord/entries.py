@@ -73,6 +73,8 @@ class Facts(Entry):
     selected_hyperparameters: dict[str, Any] | None = None
     tuned_hyperparameters: dict[str, Any] | None = None
     source_model: dict[str, Any] | None = None  # convert: the file converted and what loading it found
+    # the operating thresholds chosen on validation for the run's Keras model (medq.thresholds.choose's record)
+    thresholds: dict[str, Any] | None = None
 
     def missing(self, *names: str) -> list[str]:
         """Which of ``names`` the run has not recorded (absent, null or empty)."""
@@ -146,7 +148,8 @@ class EvaluateEntry(StageEntry):
     STAGE: ClassVar[str] = "evaluate"
     split: str | None = None
     ten_crop: bool | None = None
-    threshold: float | None = None
+    threshold: float | dict[str, float] | None = None  # per thresholded class (a number: one for all, older runs)
+    threshold_source: str | None = None  # validation | fallback | override (medq.thresholds.Thresholds.source)
     objective: str | None = None
     single_crop: dict[str, Any] | None = None
     ten_crop_metrics: dict[str, Any] | None = None

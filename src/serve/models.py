@@ -22,6 +22,7 @@ from medq.inference import MODELS, RunInfo, read_run, record
 from medq.preprocess import load_and_preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
+from medq.thresholds import DECISION_RULES
 
 log = logging.getLogger("medq")
 
@@ -51,7 +52,12 @@ class ServedModel:
                 "inputs": [self.input.describe()], "outputs": [self.output.describe()],
                 "parameters": {"classes": self.info.classes, "task": self.info.task,
                                "preprocessing": self.info.spec.to_dict(),
-                               "threshold": self.threshold, "engine": self.engine.name,
+                               # the decision rule and the thresholds every answer is decided at (medq.thresholds)
+                               "decision": DECISION_RULES[self.info.task],
+                               "thresholds": dict(self.info.operating(self.threshold).values),
+                               "thresholds_source": self.info.operating(self.threshold).source,
+                               "threshold": self.threshold,  # serve.threshold: None answers at the run's own
+                               "engine": self.engine.name,
                                "precision": self.engine.precision,
                                "data_source": self.info.data_source, **self.facts}}
 
@@ -92,6 +98,8 @@ def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_
                intra_op_threads: int = 0, inter_op_threads: int = 1, engine_name: str = "tensorflow") -> ServedModel:
     """The run's model in ``engine_name``, verified, loaded and warmed up (ready)."""
     info = read_run(run_dir)
+    for note in info.operating(threshold).notes:  # a run without thresholds is served at 0.5: said, never silent
+        log.warning("serve %s: thresholds: %s", Path(run_dir).name, note)
     if engine_name == "tensorflow" and model not in MODELS:
         raise MedqError(f"--model {model}: choose one of {', '.join(MODELS)}")
     engine = open_engine(info, model, engine=engine_name, intra_op_threads=intra_op_threads,

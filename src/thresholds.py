@@ -1,0 +1,242 @@
+"""Operating thresholds: the probability at which each class counts as a positive call, chosen on the validation
+split by a policy (``thresholds:`` in the config), recorded in the run's manifest with the validation figures it
+was chosen at, and used by every stage that makes a decision (evaluate, predict, the benchmark's flips).
+
+Per class, one-vs-rest, from the class's probability column: binary → the positive class (the second) only;
+multi-label and multiclass → every class. A class is called positive when ``p >= threshold``.
+
+Policies (``Policy``), each over the validation ROC's points (every distinct score, ``sklearn.metrics.roc_curve``
+with ``drop_intermediate=False``), so the figures recorded are exactly the validation split's; the threshold
+recorded lies midway between the chosen point's score and the next lower one (same calls, robust to rounding):
+- ``youden``: the largest sensitivity + specificity − 1; ties → the highest threshold (fewer positive calls).
+- ``sensitivity`` t: the highest threshold whose sensitivity is ≥ t (the best specificity that meets it).
+- ``specificity`` t: the lowest threshold whose specificity is ≥ t (the best sensitivity that meets it).
+- ``fixed`` v: v for every class; the validation figures at v are still recorded.
+A sensitivity/specificity target can always be met on the validation split (call every image positive, or none),
+but not always meaningfully: when one image moves the figure by more than the target's slack (e.g. 0.90 with fewer
+than 10 positives) the chosen point is kept and a note says the split cannot resolve the target. A class without
+positives or without negatives on validation gets ``FALLBACK`` (0.5) and a note; it is never chosen silently.
+
+Decision rule (``medq.metrics.decisions``, re-exported here): binary, the positive class iff p ≥ t; multi-label,
+each label iff p ≥ t; multiclass, the class whose probability exceeds its threshold by the most, arg-max(p − t) (with equal thresholds: arg-max p).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from medq.metrics import decisions, wilson_ci  # noqa: F401  (decisions: THE decision rule)
+
+log = logging.getLogger("medq")
+FALLBACK = 0.5
+POLICIES = ("youden", "sensitivity", "specificity", "fixed")
+MANIFEST_KEY = "thresholds"  # the manifest's top-level fact
+DECISION_RULES = {
+    "binary": "the positive class iff its probability >= its threshold",
+    "multilabel": "each label iff its probability >= its threshold",
+    "multiclass": "the class whose probability exceeds its threshold by the most: argmax(p - threshold)",
+}
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a threshold is chosen: ``name`` in POLICIES; ``target`` the sensitivity or specificity to reach, or the
+    fixed threshold (None for youden)."""
+
+    name: str = "youden"
+    target: float | None = None
+
+    def __post_init__(self):
+        if self.name not in POLICIES:
+            raise ValueError(f"unknown threshold policy {self.name!r}; one of {', '.join(POLICIES)}")
+        if (self.name == "youden") != (self.target is None):
+            raise ValueError(f"threshold policy {self.name!r}: " +
+                             ("takes no target" if self.name == "youden" else "needs a target in (0, 1)"))
+        if self.target is not None and not 0.0 < self.target < 1.0:
+            raise ValueError(f"threshold policy {self.name!r}: target {self.target} must lie in (0, 1)")
+
+    @classmethod
+    def from_config(cls, section: Any) -> "Policy":
+        return cls(section.policy, section.target)
+
+    def describe(self) -> str:
+        return self.name if self.target is None else f"{self.name} {self.target:g}"
+
+
+def rates(truth: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float | None, float | None]:
+    """(sensitivity, specificity) of calling ``score >= threshold`` positive; None without positives/negatives."""
+    truth = np.asarray(truth) >= 0.5
+    called = np.asarray(score, dtype=np.float64) >= threshold
+    sens = float(called[truth].mean()) if truth.any() else None
+    spec = float((~called[~truth]).mean()) if (~truth).any() else None
+    return sens, spec
+
+
+def choose_one(truth: np.ndarray, score: np.ndarray, policy: Policy) -> dict[str, Any]:
+    """The threshold ``policy`` picks for one class (see the module), with the validation figures at it."""
+    truth = np.asarray(truth) >= 0.5
+    score = np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    notes: list[str] = []
+    if policy.name == "fixed":
+        value = float(policy.target)
+    elif not n_pos or not n_neg:
+        value = FALLBACK
+        notes.append(f"not chosen: the validation split has {n_pos} positive(s) and {n_neg} negative(s) of this "
+                     f"class; {FALLBACK:g} used")
+    else:
+        fpr, tpr, candidates = roc_curve(truth, score, drop_intermediate=False)  # thresholds descending
+        if policy.name == "youden":
+            j = tpr - fpr
+            idx = int(np.flatnonzero(j >= j.max() - 1e-12)[0])
+        elif policy.name == "sensitivity":
+            idx = int(np.flatnonzero(tpr >= policy.target - 1e-12)[0])
+        else:
+            idx = int(np.flatnonzero(1.0 - fpr >= policy.target - 1e-12)[-1])
+        value = _between(candidates, idx, score)
+        if policy.name in ("sensitivity", "specificity"):
+            n = n_pos if policy.name == "sensitivity" else n_neg
+            if 1.0 / n > 1.0 - policy.target:
+                notes.append(f"{n} validation {'positives' if policy.name == 'sensitivity' else 'negatives'}: one "
+                             f"image moves the {policy.name} by {1.0 / n:.3f}, more than the target {policy.target:g} "
+                             f"leaves, so the split cannot resolve it; the chosen point is kept")
+    sens, spec = rates(truth, score, value)
+    return {"value": value, "policy": policy.name, "target": policy.target,
+            "validation": {"sensitivity": sens, "specificity": spec,
+                           "sensitivity_ci": wilson_ci(round((sens or 0) * n_pos), n_pos),
+                           "specificity_ci": wilson_ci(round((spec or 0) * n_neg), n_neg),
+                           "n_positive": n_pos, "n_negative": n_neg},
+            "notes": notes}
+
+
+def _between(candidates: np.ndarray, idx: int, score: np.ndarray) -> float:
+    """The chosen ROC point as a threshold: midway between its score and the next lower one, so the same images are
+    called as at the point itself and a probability recomputed with rounding noise does not change sides; the
+    lowest score itself for "call every image", just above the highest for "call none" (it stays a number)."""
+    if not np.isfinite(candidates[idx]):
+        return float(np.nextafter(score.max(), np.inf))
+    if idx + 1 >= len(candidates):
+        return float(candidates[idx])
+    return float((candidates[idx] + candidates[idx + 1]) / 2)
+
+
+def thresholded_classes(task: str, classes: list[str]) -> list[str]:
+    """The classes a run holds a threshold for: binary, the positive class (the second); otherwise all."""
+    return [classes[1]] if task == "binary" else list(classes)
+
+
+def choose(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], policy: Policy,
+           chosen_for: dict[str, str] | None = None) -> dict[str, Any]:
+    """The manifest's ``thresholds`` record: per class ``choose_one`` on the validation labels and probabilities;
+    ``chosen_for``: the artifacts (key → sha256) whose outputs they were chosen on."""
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    per_class = {c: choose_one(y_true[:, classes.index(c)], y_prob[:, classes.index(c)], policy)
+                 for c in thresholded_classes(task, classes)}
+    return {"policy": policy.name, "target": policy.target, "split": "val", "task": task,
+            "decision_rule": DECISION_RULES[task], "chosen_for": dict(chosen_for or {}), "classes": per_class}
+
+
+def for_run(config: Any, task: str, classes: list[str], y_true: np.ndarray, y_prob: np.ndarray,
+            model_sha: str) -> dict[str, Any]:
+    """The ``thresholds`` record for a run's new Keras model (sha256 ``model_sha``) by the config's policy, from its
+    validation labels and probabilities; logged per class with the figures reached and every note as a warning.
+    Every stage that makes or replaces the run's model commits this as the manifest fact ``MANIFEST_KEY``."""
+    policy = Policy.from_config(config.thresholds)
+    record = choose(task, y_true, y_prob, classes, policy, chosen_for={"keras_model": model_sha})
+    for name, entry in record["classes"].items():
+        val = entry["validation"]
+        log.info("threshold %s: %.4g (%s on validation: sensitivity %s, specificity %s; %d+/%d-)", name,
+                 entry["value"], policy.describe(), _figure(val["sensitivity"]), _figure(val["specificity"]),
+                 val["n_positive"], val["n_negative"])
+        for note in entry["notes"]:
+            log.warning("threshold %s: %s", name, note)
+    return record
+
+
+def _figure(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+@dataclass
+class Thresholds:
+    """The thresholds a stage decides with: ``values`` per thresholded class, where they came from and why."""
+
+    task: str
+    classes: list[str]
+    values: dict[str, float]
+    source: str  # 'validation' | 'fallback' | 'override'
+    notes: list[str] = field(default_factory=list)
+    record: dict[str, Any] | None = None  # the manifest record they were read from
+
+    @classmethod
+    def uniform(cls, task: str, classes: list[str], value: float, source: str, note: str | None = None):
+        return cls(task, list(classes), {c: float(value) for c in thresholded_classes(task, classes)}, source,
+                   [note] if note else [])
+
+    @classmethod
+    def from_manifest(cls, manifest: Any, task: str, classes: list[str]) -> "Thresholds":
+        """The thresholds of a run's record (a ``medq.runrecord.Manifest``): its ``facts.thresholds``, checked
+        against its current Keras model (:meth:`from_record`)."""
+        model = manifest.artifacts.get("keras_model")
+        return cls.from_record(manifest.facts.thresholds, model.sha256 if model is not None else None, task, classes)
+
+    @classmethod
+    def from_record(cls, record: Any, model_sha: str | None, task: str, classes: list[str]) -> "Thresholds":
+        """The recorded thresholds (:func:`choose`'s record); a run without them (made before medq chose them), or
+        whose record does not fit its classes or its current Keras model (sha256 ``model_sha``: replaced without
+        choosing again), decides at ``FALLBACK`` with a note saying so."""
+        wanted = thresholded_classes(task, classes)
+        if not isinstance(record, dict) or not isinstance(record.get("classes"), dict):
+            return cls.uniform(task, classes, FALLBACK, "fallback",
+                               f"the run records no operating thresholds (made before medq chose them on "
+                               f"validation); deciding at {FALLBACK:g} — rerun `medq train` to choose them")
+        values = {c: (record["classes"].get(c) or {}).get("value") for c in wanted}
+        if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values.values()):
+            return cls.uniform(task, classes, FALLBACK, "fallback",
+                               f"the run's thresholds do not name every class of {wanted}; deciding at "
+                               f"{FALLBACK:g} — rerun `medq train`")
+        chosen_for = (record.get("chosen_for") or {}).get("keras_model")
+        if model_sha and chosen_for and chosen_for != model_sha:
+            return cls.uniform(task, classes, FALLBACK, "fallback",
+                               f"the run's thresholds were chosen for an earlier model; deciding at {FALLBACK:g} — "
+                               "rerun `medq train` (or `medq tune`) to choose them for this one")
+        notes = [f"{c}: {n}" for c in wanted for n in (record["classes"][c].get("notes") or [])]
+        return cls(task, list(classes), {c: float(v) for c, v in values.items()}, "validation", notes, record)
+
+    def per_column(self) -> float | np.ndarray:
+        """What ``medq.metrics`` decides with: binary, the positive class's threshold; else one per class column."""
+        if self.task == "binary":
+            return self.values[self.classes[1]]
+        return np.array([self.values[c] for c in self.classes])
+
+    def describe(self) -> str:
+        """'PNEUMONIA 0.3712 (validation: youden)' for logs and reports."""
+        shown = ", ".join(f"{c} {v:.4g}" for c, v in self.values.items())
+        how = self.source
+        if self.record:
+            target = self.record.get("target")
+            how += f": {self.record.get('policy')}" + ("" if target is None else f" {target:g}")
+        return f"{shown} ({how})"
+
+
+def held(thresholds: Thresholds, y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:
+    """How the chosen points held on another split: per thresholded class, one-vs-rest sensitivity/specificity at
+    its threshold with Wilson 95% intervals, beside the validation figures it was chosen at."""
+    y_true, y_prob = np.asarray(y_true) >= 0.5, np.asarray(y_prob, dtype=np.float64)
+    out: dict[str, Any] = {}
+    for c, value in thresholds.values.items():
+        k = thresholds.classes.index(c)
+        truth, called = y_true[:, k], y_prob[:, k] >= value
+        tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
+        n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+        chosen = ((thresholds.record or {}).get("classes") or {}).get(c, {}).get("validation")
+        out[c] = {"threshold": value, "sensitivity": tp / n_pos if n_pos else None,
+                  "sensitivity_ci": wilson_ci(tp, n_pos), "specificity": tn / n_neg if n_neg else None,
+                  "specificity_ci": wilson_ci(tn, n_neg), "n_positive": n_pos, "n_negative": n_neg,
+                  "validation": chosen}
+    return {"source": thresholds.source, "notes": thresholds.notes,
+            "decision_rule": DECISION_RULES[thresholds.task], "classes": out}
