@@ -554,13 +554,13 @@ def test_benchmark_rounds_run_every_row_once_per_round_drop_a_failed_row_and_sho
             yield bar
         bars.append((kwargs["desc"], kwargs["total"], sum(steps)))
 
-    monkeypatch.setattr(runner, "_job", lambda *a: {"id": a[0].id})
     monkeypatch.setattr(runner, "run_worker", worker)
     monkeypatch.setattr(runner, "progress", counted)
     rows = [SimpleNamespace(id=f"row{i}", model=Path(f"m{i}.pb")) for i in range(3)]
-    settings = SimpleNamespace(repeats=2, worker_timeout=1)
+    measuring = SimpleNamespace(job=lambda row: {"id": row.id}, settings=SimpleNamespace(repeats=2, worker_timeout=1),
+                                bench=tmp_path, env={}, verbose=False)
     skipped = {}
-    measured = runner._measure_rounds(rows, {}, {}, settings, [1], 1, 1, tmp_path, {}, skipped, False)
+    measured = runner._measure_rounds(rows, measuring, skipped)
     assert ran == ["row0", "row1", "row2", "row0~2", "row2~2"]  # the failed row is not run again in round 2
     assert {k: [r["id"] for r in v] for k, v in measured.items()} == {"row0": ["row0", "row0~2"],
                                                                       "row2": ["row2", "row2~2"]}

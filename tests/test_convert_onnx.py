@@ -82,7 +82,8 @@ def test_onnx_file_converts_without_torch(tmp_path, monkeypatch):
     manifest = runrecord.read_manifest(run)
     assert {k: manifest[k] for k in QUANTIZE_NEEDS} == {
         "input_name": "input", "output_name": "output", "input_shape": [32, 32, 3], "classes": ["a", "b", "c"],
-        "task": "multiclass", "preprocess": {"image_size": 32, "channels": 3, "normalization": "unit"}}
+        "task": "multiclass",
+            "preprocess": {"image_size": 32, "channels": 3, "normalization": "unit", "bit_depth": "auto"}}
     assert manifest["source_model"]["kind"] == "onnx" and manifest["source_model"]["appended_head"] == ["softmax"]
     assert runrecord.recorded_path(run, "fp32_pb") == result.fp32_pb
 

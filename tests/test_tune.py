@@ -1,4 +1,5 @@
 """The keras-tuner search: space checking, resuming without repeating trials, model selection, tune → freeze."""
+import hashlib
 import json
 from pathlib import Path
 
@@ -99,6 +100,10 @@ def test_search_resumes_without_repeating_trials_and_its_best_model_freezes(tmp_
     assert manifest["model_source"] == "tune" and manifest["classes"] == index.classes
     assert manifest["artifacts"]["keras_model"]["sha256"] == artifacts.sha256(best_model)
     assert manifest["selected_val_metrics"] == first.best.val_metrics
+    # the tuned model gets its own operating thresholds, chosen on validation for exactly that file
+    chosen = runrecord.read_manifest(config.run_dir).facts.thresholds
+    assert chosen["chosen_for"] == {"keras_model": hashlib.sha256(best_model.read_bytes()).hexdigest()}
+    assert chosen["split"] == "val" and set(chosen["classes"]) == {index.classes[1]}
     entry = manifest["stages"]["tune"]
     assert entry["best_trial"] == first.best.trial_id and len(entry["trials"]) == 2
     for row in entry["trials"]:

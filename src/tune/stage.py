@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medq import artifacts, runrecord
+from medq import artifacts, runrecord, thresholds
 from medq.data import pinned
 from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, MedqError
@@ -298,7 +298,8 @@ def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bo
     if best.at_chance:
         log.warning("tune: the run had no model, so the best trial became it, but its validation AUC is not above "
                     "chance: train longer or check the data")
-    shutil.copyfile(source, runrecord.staging_path(run_dir, runrecord.KERAS_MODEL))  # committed with the manifest entry
+    staged = runrecord.staging_path(run_dir, runrecord.KERAS_MODEL)
+    shutil.copyfile(source, staged)  # committed with the manifest entry
     top: dict[str, Any] = {"model_source": "tune", "selected_val_metrics": best.val_metrics,
                            "tuned_hyperparameters": best.values, "selected_hyperparameters": best.values}
     if best.image_size and best.image_size != config.preprocess.image_size:
@@ -306,6 +307,22 @@ def _select(config: Any, index: DatasetIndex, best: TrialRow | None) -> tuple[bo
                     best.image_size, best.image_size)
         config.preprocess.image_size = best.image_size
     top |= dataset_facts(config, index)
+    top[thresholds.MANIFEST_KEY] = _thresholds_of(config, index, staged)
     was = "no trained model" if current is None else f"the trained model's {fmt(number(current.get(metric)))}"
     return True, (f"trial {best.trial_id} became the run's model: validation {metric} {best.val_objective:.4f} "
                   f"(AUC {with_ci(best.val_auc, best.val_auc_ci, 4) or 'n/a'}) over {was}"), top
+
+
+def _thresholds_of(config: Any, index: DatasetIndex, model_path: Path) -> dict[str, Any]:
+    """The operating thresholds of the tuned model that replaces the run's: chosen on the validation split by the
+    config's policy, as train chooses them for its model (the trained model's no longer apply)."""
+    from medq.data.cache import image_cache
+    from medq.fitting import predict_dataset
+    from medq.models import load_keras_model
+    from medq.preprocess import PreprocessSpec
+    from medq.tfdata import image_dataset
+
+    spec = PreprocessSpec.from_config(config)
+    val = image_dataset(index.paths("val"), index.labels("val"), spec, batch_size=64, cache=image_cache(config, spec))
+    y_true, y_prob = predict_dataset(load_keras_model(model_path), val)
+    return thresholds.for_run(config, index.task, index.classes, y_true, y_prob, artifacts.sha256(model_path))
