@@ -517,11 +517,11 @@ def test_an_unset_threshold_serves_the_runs_own_thresholds_and_the_metadata_stat
     classes = ["NORMAL", "PNEUMONIA"]
     info = RunInfo(tmp_path, classes, "binary", PreprocessSpec(8, 1, "unit"),
                    thresholds=Thresholds("binary", classes, {"PNEUMONIA": 0.3}, "validation"))
-    served = ServedModel("r", info, SimpleNamespace(precision="int8"), "abc", None, 10.0)
+    served = ServedModel("r", info, SimpleNamespace(name="tensorflow", precision="int8"), "abc", None, 10.0)
     answer = served.answer(np.array([0.6, 0.4]), None)  # 0.4 ≥ 0.3: PNEUMONIA, not the arg-max NORMAL
     assert answer["prediction"] == "PNEUMONIA" and answer["thresholds"] == {"PNEUMONIA": 0.3}
     parameters = served.metadata()["parameters"]
     assert parameters["thresholds"] == {"PNEUMONIA": 0.3} and parameters["thresholds_source"] == "validation"
     assert "probability >= its threshold" in parameters["decision"]
-    fixed = ServedModel("r", info, SimpleNamespace(precision="int8"), "abc", 0.5, 10.0)
+    fixed = ServedModel("r", info, SimpleNamespace(name="tensorflow", precision="int8"), "abc", 0.5, 10.0)
     assert fixed.answer(np.array([0.6, 0.4]), None)["prediction"] == "NORMAL"
