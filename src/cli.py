@@ -10,9 +10,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, get_args
+from typing import Any, Callable, Iterator
 
-from medq.config import DatasetFormat
+from medq.config import dataset_formats
 from medq.errors import MedqError, first_line
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     from medq import __version__
 
     parser.add_argument("--version", action="version", version=f"medq {__version__}")
-    formats = get_args(DatasetFormat)
+    formats = dataset_formats()
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

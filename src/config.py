@@ -24,7 +24,6 @@ from medq import yamlio
 from medq.errors import ConfigError
 
 log = logging.getLogger("medq")
-DatasetFormat = Literal["auto", "kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi", "folder", "csv"]
 PhantomKind = Literal["chest-pneumonia", "chest-multilabel", "rsna-dicom", "busi"]
 Task = Literal["binary", "multiclass", "multilabel"]
 Normalization = Literal["unit", "imagenet", "symmetric", "raw"]  # raw: 0-255 pixels, for models that normalise inside
@@ -50,6 +49,15 @@ def _reference_rows() -> tuple[str, ...]:
 
 
 ReferenceRow = Annotated[str, Choices(_reference_rows)]  # <engine>-<precision> of a medq.engines spec
+
+
+def dataset_formats() -> tuple[str, ...]:
+    from medq.data.readers import format_names
+
+    return format_names()
+
+
+DatasetFormat = Annotated[str, Choices(dataset_formats)]  # "auto" or a reader registered in medq.data.readers
 
 
 @dataclass

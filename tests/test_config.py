@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,28 @@ def test_null_reads_as_none_even_after_inc_rewired_the_global_safeloader(tmp_pat
     # importing neural_compressor.conf.config makes every yaml.safe_load read null as {}
     monkeypatch.setitem(yaml.SafeLoader.yaml_constructors, "tag:yaml.org,2002:null", lambda loader, node: {})
     assert load_config(write(tmp_path, "data:\n  variant: null\n")).data.variant is None
+
+
+def test_a_reader_registered_anywhere_is_an_allowed_data_format_and_cli_choice(tmp_path, monkeypatch):
+    """The readers' registry is the one list of formats: registering a reader is all a new layout needs."""
+    from medq.cli import build_parser
+    from medq.data.readers import READERS
+
+    path = write(tmp_path, "data:\n  format: probe-layout\n")
+    with pytest.raises(ConfigError, match="probe-layout"):
+        load_config(path)
+    monkeypatch.setitem(READERS, "probe-layout", lambda root, **_: None)
+    assert load_config(path).data.format == "probe-layout"
+    assert build_parser().parse_args(["data", "check", "x", "--format", "probe-layout"]).format == "probe-layout"
+
+
+def test_an_unknown_data_format_is_refused_with_the_registrys_names(tmp_path):
+    from medq.data.readers import READERS
+
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, "data:\n  format: nih\n"))
+    message = str(err.value)
+    assert "data.format: 'nih' is not allowed" in message
+    listed = set(re.findall(r"'([\w-]+)'", message.split("; use ", 1)[1]))
+    assert listed == {"auto", *READERS}
+    assert {"kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi", "folder", "csv"} <= listed  # the six layouts

@@ -19,7 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medq import artifacts, engines, hwinfo, runrecord
-from medq.benchmark import plan, reference, report
+# Each sibling by its own name, not through the package (whose __init__ re-exports this module).
+import medq.benchmark.plan as plan
+import medq.benchmark.reference as reference
+import medq.benchmark.report as report
 from medq.config import BenchmarkConfig, Config
 from medq.data import pinned
 from medq.data.cache import image_cache

@@ -12,7 +12,11 @@ from typing import Any, Callable
 import numpy as np
 
 from medq import artifacts, runrecord
-from medq.convert import head, onnx_graph, parity, torch_models
+# Each sibling by its own name, not through the package (whose __init__ re-exports this module).
+import medq.convert.head as head
+import medq.convert.onnx_graph as onnx_graph
+import medq.convert.parity as parity
+import medq.convert.torch_models as torch_models
 from medq.convert.batchnorm import restore_batchnorms
 from medq.convert.dense_concat import chain_concatenations
 from medq.convert.pool_padding import rewrite_pool_padding

@@ -33,7 +33,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from medq.errors import DataError
+from medq.data.unreadable import UnreadableImage, pixel_problem  # re-exported: the decoders' shared refusals
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".dcm", ".dicom"}
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
@@ -54,10 +54,6 @@ _IMREAD = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 LOW_RANGE_MAX = 2 ** 14 - 1  # a 16-bit image whose maximum is at most this uses at most 14 of its 16 bits
 # PNG colour type → (sBIT bytes, how many of them are colour channels, has alpha)
 _PNG_COLOUR = {0: (1, 1, False), 2: (3, 3, False), 3: (3, 3, False), 4: (2, 1, True), 6: (4, 3, True)}
-
-
-class UnreadableImage(DataError):
-    """A file that cannot be decoded as an image; readers list it as a skip, or raise it under strict mode."""
 
 
 def sniff(head: bytes, suffix: str = "") -> str | None:
@@ -130,19 +126,6 @@ def _jpeg_size(read) -> tuple[int, int] | None:
 def image_size(kind: str, read) -> tuple[int, int] | None:
     """(width, height) a PNG or JPEG header claims, or None when it cannot be read; ``read(offset, n)`` → bytes."""
     return _png_size(read) if kind == "png" else _jpeg_size(read) if kind == "jpeg" else None
-
-
-def pixel_problem(size: tuple[int, int] | None, max_megapixels: float) -> str | None:
-    """medq's own refusal of an image whose header claims more pixels than ``data.max_megapixels``."""
-    if size is None:
-        return None
-    width, height = size
-    megapixels = width * height / 1e6
-    if megapixels <= max_megapixels:
-        return None
-    return (f"{width}×{height} pixels ({megapixels:,.0f} megapixels) is above data.max_megapixels "
-            f"({max_megapixels:g}); refused unread (a decompression bomb would exhaust memory) — raise "
-            "data.max_megapixels if the image is real")
 
 
 def check_header(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> str | None:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medq.data.decode import UnreadableImage, pixel_problem
+from medq.data.unreadable import UnreadableImage, pixel_problem
 
 GRAY = ("MONOCHROME1", "MONOCHROME2")
 COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")

@@ -139,6 +139,11 @@ def _detection_rank(entry: tuple[str, object]) -> tuple[int, int]:
     return (0, DETECTION_ORDER.index(name)) if name in DETECTION_ORDER else (1, 0)
 
 
+def format_names() -> tuple[str, ...]:
+    """The values ``data.format`` (and ``medq data check --format``) accepts: ``auto`` and every registered reader."""
+    return ("auto", *READERS)
+
+
 def detect_format(root: Path) -> str:
     """The first layout whose detector recognises ``root`` (specific layouts first, generic ones last)."""
     DETECTORS.sort(key=_detection_rank)  # stable: layouts registered later keep their order among themselves

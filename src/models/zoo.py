@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from medq.errors import ConfigError
-from medq.models import head_activation, register
+from medq.models.registry import head_activation, register
 
 def _classifier_head(features, n_classes: int, task: str, dropout: float):
     import tensorflow as tf
