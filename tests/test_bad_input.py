@@ -468,7 +468,9 @@ def test_data_check_lists_its_format_and_variant_choices(capsys):
     from medq.cli import build_parser
 
     help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["data"].format_help().split())
-    assert "kaggle-pneumonia, nih-chestxray14, rsna-pneumonia, busi, folder, csv" in help_text
+    listed = help_text.split("the layout, one of ", 1)[1].split(" (default", 1)[0]
+    assert sorted(listed.split(", ")) == sorted(["auto", "kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi",
+                                                 "folder", "csv"])
     assert "one of binary, 3-class, 14-label" in help_text
     with pytest.raises(SystemExit):
         build_parser().parse_args(["data", "check", "x", "--variant", "3class"])
