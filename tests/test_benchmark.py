@@ -339,11 +339,13 @@ def test_every_tensorflow_path_each_in_its_own_process(tiny_run):
     truth = pinned.run_index(config, write=False).labels("test").argmax(axis=1)
     probs = {r["id"]: np.load(config.run_dir / "benchmark" / "probs" / f"{r['id']}.npy") for r in rep["results"]}
     base = probs["tensorflow-fp32"]
+    # decisions at the run's operating threshold, chosen by train on validation (the positive class's)
+    t = runrecord.read_manifest(config.run_dir).facts.thresholds["classes"][rep["classes"][1]]["value"]
     for row in rep["results"]:
         p, fidelity = probs[row["id"]], row["fidelity"]
-        assert row["metrics"]["accuracy"] == pytest.approx(accuracy_score(truth, p.argmax(axis=1)), abs=1e-9)
+        assert row["metrics"]["accuracy"] == pytest.approx(accuracy_score(truth, p[:, 1] >= t), abs=1e-9)
         assert row["metrics"]["auc"] == pytest.approx(roc_auc_score(truth, p[:, 1]), abs=1e-9)
-        flipped = (p[:, 1] >= 0.5) != (base[:, 1] >= 0.5)
+        flipped = (p[:, 1] >= t) != (base[:, 1] >= t)
         assert fidelity["flipped_images"] == flipped.sum()
         assert fidelity["flipped_fraction"] == pytest.approx(flipped.mean())
         # the paired DeLong difference's point estimate is the difference of the two empirical AUCs
