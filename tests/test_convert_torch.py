@@ -207,7 +207,8 @@ def test_chexnet_checkpoint_converts_with_what_quantize_needs(tmp_path):
     assert manifest["input_name"] == "input" and manifest["output_name"] == "output"
     assert manifest["input_shape"] == [SIZE, SIZE, 3]
     assert manifest["classes"] == list(CHEXNET_CLASSES) and manifest["task"] == "multilabel"
-    assert manifest["preprocess"] == {"image_size": SIZE, "channels": 3, "normalization": "imagenet"}
+    assert manifest["preprocess"] == {"image_size": SIZE, "channels": 3, "normalization": "imagenet",
+                                      "bit_depth": "auto"}
     assert manifest["source_model"]["arch"] == "chexnet" and manifest["source_model"]["appended_head"] == []
     assert (run / "model.onnx").is_file() and (run / "saved_model" / "saved_model.pb").is_file()
     graph = FrozenGraph(run / "model_fp32.pb")  # what quantize/benchmark load: names from the manifest
