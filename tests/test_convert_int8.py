@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 torchvision = pytest.importorskip("torchvision")
 
 from medq import runrecord  # noqa: E402
+from medq.data import pinned  # noqa: E402
 from medq.config import load_config  # noqa: E402
 from medq.graph import FrozenGraph, op_type_counts, read_graph_def  # noqa: E402
 from medq.metrics import paired_comparison  # noqa: E402
@@ -58,7 +59,7 @@ def test_converted_resnet18_quantizes_at_inc_first_trial_and_agrees_with_pytorch
                                 f"preprocess.image_size={SIZE}", "preprocess.channels=3",
                                 "preprocess.normalization=imagenet",
                                 f"quantize.deploy={deploy_within(tmp_path, 0.03)}"])
-    index = runrecord.run_index(config)  # the split quantize will use: train in PyTorch on its training images
+    index = pinned.run_index(config)  # the split quantize will use: train in PyTorch on its training images
     spec = PreprocessSpec(SIZE, 3, "imagenet")
     model = train_resnet18(load_batch(index.paths("train"), spec), index.labels("train").argmax(axis=1))
     checkpoint = tmp_path / "resnet18.pt"
