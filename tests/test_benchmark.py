@@ -213,6 +213,28 @@ def test_fidelity_and_clinical_sections_state_the_verdict_for_every_row(tmp_path
     assert "not shown equivalent within ±1e-06 AUC" in report.markdown(strict)
 
 
+def test_every_row_is_reported_at_the_run_thresholds_with_hand_counted_sensitivity_and_specificity():
+    from medq.metrics import task_metrics
+    from medq.thresholds import Thresholds, held
+
+    rep = _synthetic()
+    # class a at 0.4: positives 0.9, 0.5, 0.3 (2 of 3 called), negatives 0.45, 0.2, 0.1, 0.05 (3 of 4 not called)
+    y = np.array([[1, 0], [1, 0], [1, 1], [0, 1], [0, 0], [0, 0], [0, 1]], dtype=float)
+    fp32 = np.array([[0.9, .1], [0.5, .1], [0.3, .8], [0.45, .7], [0.2, .1], [0.1, .2], [0.05, .9]])
+    int8 = fp32.copy()
+    int8[1, 0] = 0.35  # INT8 misses one more positive of class a at the same threshold
+    chosen = Thresholds("multilabel", ["a", "b"], {"a": 0.4, "b": 0.5}, "validation")
+    for row, probs in zip(rep["results"], (fp32, int8)):
+        row["metrics"] = task_metrics("multilabel", y, probs, rep["classes"]) | {
+            "operating_points": held(chosen, y, probs)}
+    report.add_comparisons(rep)
+    md = report.markdown(rep)
+    assert "## Operating thresholds on the test split" in md
+    assert "| a | 0.4 | tensorflow-fp32 | 0.667 [" in md and "| a | 0.4 | tensorflow-int8 | 0.333 [" in md
+    assert "| 0.750 [" in md and "| 3+ / 4− |" in md
+    assert "| b | 0.5 | tensorflow-int8 | 1.000 [" in md  # b: all 3 positives ≥ 0.5, no negative above it
+
+
 def test_comparisons_markdown_chart_and_summary(tmp_path):
     rep = _synthetic()
     report.add_comparisons(rep)

@@ -143,6 +143,32 @@ def fidelity_section(report: dict[str, Any]) -> list[str]:
             "at the threshold differs from FP32's.", ""]
 
 
+def thresholds_section(report: dict[str, Any]) -> list[str]:
+    """Sensitivity and specificity at the run's operating thresholds on the test split, every row at FP32's
+    thresholds: a quantized path that keeps its AUC can still move a clinical operating point."""
+    rows = [r for r in report["results"] if ((r.get("metrics") or {}).get("operating_points") or {}).get("classes")]
+    if not rows:
+        return []
+    points = rows[0]["metrics"]["operating_points"]
+    table = []
+    for c in points["classes"]:
+        for r in rows:
+            p = r["metrics"]["operating_points"]["classes"].get(c)
+            if p is None:
+                continue
+            val = p.get("validation") or {}
+            table.append([c, f"{p['threshold']:.4g}", r["id"],
+                          with_ci(p["sensitivity"], p["sensitivity_ci"], 3) or "n/a",
+                          with_ci(p["specificity"], p["specificity_ci"], 3) or "n/a",
+                          f"{p['n_positive']}+ / {p['n_negative']}−",
+                          f"{_f(val.get('sensitivity'), 3)} / {_f(val.get('specificity'), 3)}" if val else "—"])
+    return (["## Operating thresholds on the test split (every row at the run's thresholds)", "",
+             _table(["class", "threshold", "row", "sensitivity [95% CI]", "specificity [95% CI]", "test images",
+                     "validation sens. / spec. (chosen at)"], table), "",
+             f"Thresholds: {points['source']}; {points['decision_rule']}. Intervals: Wilson 95%."]
+            + [f"Note: {n}" for n in points.get("notes") or []] + [""])
+
+
 def clinical_section(report: dict[str, Any]) -> list[str]:
     """Operating points and calibration per row: a quantized model can keep its AUC and move its operating point."""
     rows = [r for r in report["results"] if r.get("clinical")]
@@ -191,7 +217,7 @@ def markdown(report: dict[str, Any]) -> str:
                  f"[wall {_f(by[name].get('wall_throughput_ips'), 1)}]"
                  if "throughput_ips" in by.get(name, {}) else "failed" if name in by else "—") for name in layouts])
         out += [_table(["engine", "precision"] + [name.replace("x", " × ") for name in layouts], cells), ""]
-    out += fidelity_section(report) + clinical_section(report)
+    out += fidelity_section(report) + thresholds_section(report) + clinical_section(report)
     if report["task"] in ("multilabel", "multiclass") and report["results"]:
         out += ["## Per-class AUC [95% DeLong CI]", "",
                 _table(["class"] + [r["id"] for r in report["results"]],
