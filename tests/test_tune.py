@@ -163,6 +163,22 @@ def test_a_changed_search_is_not_silently_resumed(tmp_path, data_root):
         run_tune(config)
 
 
+def test_a_search_is_not_resumed_with_pixels_decoded_at_another_bit_depth(tmp_path, data_root):
+    """Trials of one search must see the same pixels: a 16-bit PNG read at 12 bits is 16× brighter than at 16."""
+    from medq.tune.stage import SEARCH_FILE, _check_signature
+
+    project = tmp_path / "tuner"
+    project.mkdir()
+    _check_signature(project, _config(tmp_path, data_root))
+    _check_signature(project, _config(tmp_path, data_root))  # the same settings resume
+    with pytest.raises(ConfigError, match="started with a different decode"):
+        _check_signature(project, _config(tmp_path, data_root, "data.bit_depth=12"))
+    older = json.loads((project / SEARCH_FILE).read_text())
+    del older["decode"]  # a search folder written before the decode settings were recorded: auto
+    (project / SEARCH_FILE).write_text(json.dumps(older))
+    _check_signature(project, _config(tmp_path, data_root))
+
+
 def test_only_the_chief_writes_the_search_signature(tmp_path, data_root):
     """A worker that starts before the chief must not write the signature: it has not seen the split the chief pins,
     so the chief would then refuse its own search as 'started with a different split'."""

@@ -67,7 +67,8 @@ def _search_signature(config: Any) -> dict[str, Any]:
             "hyperband_factor": config.tune.hyperband_factor, "model": config.model.name,
             "model_params": config.model.params, "preprocess": dataclasses.asdict(config.preprocess),
             "data": pinned.split_settings(config), "split": runrecord.split_sha(config.run_dir),
-            "warm_start": config.tune.warm_start, "objective": config.run.objective}
+            "warm_start": config.tune.warm_start, "objective": config.run.objective,
+            "decode": {"bit_depth": config.data.bit_depth}}  # the pixels every trial trains on
 
 
 def _check_signature(project: Path, config: Any, worker: bool = False) -> None:
@@ -75,6 +76,7 @@ def _check_signature(project: Path, config: Any, worker: bool = False) -> None:
     mine = json.loads(json.dumps(_search_signature(config), default=str))
     if path.is_file():
         theirs = json.loads(path.read_text())
+        theirs.setdefault("decode", {"bit_depth": "auto"})  # written before medq recorded it: the default decoded
         if worker:  # a worker may have read the run before the chief pinned its split
             theirs.pop("split", None)
             mine.pop("split", None)
