@@ -284,6 +284,7 @@ def format_run(s: dict[str, Any]) -> str:
             origin = ", ".join(made_from.get(key) or {})
             lines.append(f"    {key:<14} {a['path']}  {state}" + (f"  ← {origin}" if origin else "")
                          + (f"  STALE: {a['stale']}" if a.get("stale") else ""))
+    lines += _external_lines(s)
     if s["benchmark"]:
         stale = (s["artifacts"].get("benchmark_json") or {}).get("stale")
         lines.append("  benchmark" + (f"   STALE: {stale}; rerun `medq benchmark`" if stale else ""))
@@ -294,7 +295,6 @@ def format_run(s: dict[str, Any]) -> str:
                                                      "AUC [95% CI]", "VS FP32"], table)]
     else:
         lines.append("  benchmark   - (not run)")
-    lines += _external_lines(s)
     return "\n".join(lines)
 
 
