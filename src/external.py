@@ -58,6 +58,7 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
     classes, task = [str(c) for c in facts.classes], str(facts.task)
     index = read_dataset(other.data, other.run.seed)
     paths, y_ext = _split_images(index, split, other.data.root)
+    _refuse_own_images(run_dir, paths, other.data.root)
     where = f"external.label_map in {other.source}" if other.source else "external.label_map"
     given = mapping if mapping else labelmap.from_config(other.external.label_map, where)
     lmap = labelmap.resolve(classes, index.classes, given, "--map" if mapping else where)
@@ -111,6 +112,24 @@ def _split_images(index: Any, split: str, root: Any) -> tuple[list[str], np.ndar
                         "(all: every image)")
     labels = np.asarray([s.label for s in samples], dtype=np.float32).reshape(-1, len(index.classes))
     return [s.path for s in samples], labels
+
+
+def _refuse_own_images(run_dir: Path, paths: list[str], root: Any) -> None:
+    """An "external" image the run was trained or selected on (its pinned train/val split) would inflate every
+    figure: refused. Its own test images are not external either: said, so the reader knows."""
+    split_file = runrecord.recorded_path(run_dir, "split")
+    if split_file is None or not split_file.is_file():
+        return
+    own = {str(Path(s[0]).resolve()): s[1] for s in json.loads(split_file.read_text(encoding="utf-8"))["samples"]}
+    found = [own.get(str(Path(p).resolve())) for p in paths]
+    seen = [s for s in found if s in ("train", "val")]
+    if seen:
+        raise DataError(f"{root}: {len(seen)} of these {len(paths)} images are in the run's own "
+                        f"{'/'.join(sorted(set(seen)))} split (its training or selection data), so they are not "
+                        "external; evaluate on another dataset, or use `medq evaluate` for the run's own test split")
+    if any(found):
+        log.warning("external data: %d of the %d images are the run's own test images, not external ones",
+                    sum(1 for s in found if s), len(paths))
 
 
 def _operating(manifest: Any, task: str, classes: list[str], override: float | None) -> thresholds.Thresholds:

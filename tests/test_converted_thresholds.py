@@ -1,6 +1,7 @@
 """A converted run (`medq convert`: model_fp32.pb, no Keras model) evaluates on its frozen graph and gets operating
 thresholds chosen on its validation split by the config's policy — checked against sklearn's ROC on probabilities
 computed by onnxruntime from the source ONNX file — while a trained run's thresholds are never replaced."""
+import csv
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -75,6 +76,25 @@ def test_evaluate_runs_the_graph_and_chooses_thresholds_that_meet_the_policy(con
 
     run_evaluate(config)  # thresholds the run has are kept, not chosen again
     assert json.loads((config.run_dir / "manifest.json").read_text())["thresholds"] == record
+
+
+def test_external_evaluation_of_a_converted_run_runs_its_graph(converted, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from medq.external import run_external
+
+    rsna = tmp_path / "rsna"
+    generate_phantoms("rsna-dicom", rsna, n_train=30, n_val=0, n_test=0, size=48, seed=9)
+    other = load_config(None, [f"data.root={rsna}", "data.format=rsna-pneumonia", "data.generate=false",
+                               f"run.output_dir={tmp_path / 'output'}"])
+    result = run_external(converted.config.run_dir, other, split="all")
+    assert result["model"] == "fp32_pb"
+    with open(rsna / "stage_2_detailed_class_info.csv", newline="") as fh:
+        classes = {row["patientId"]: row["class"] for row in csv.DictReader(fh)}
+    paths = [image["path"] for image in result["images"]]
+    truth = np.array([classes[Path(p).stem] == "Lung Opacity" for p in paths])
+    p = onnx_probabilities(converted.source, paths)[:, 1]
+    assert result["metrics"]["PNEUMONIA"]["auc"] == pytest.approx(roc_auc_score(truth, p), abs=1e-5)
 
 
 def _manifest(artifacts: dict[str, str], record=None, task="binary", classes=("NORMAL", "PNEUMONIA")):

@@ -18,8 +18,8 @@ from medq import labelmap, runrecord
 from medq.cli import main
 from medq.config import load_config
 from medq.data.phantoms import generate_phantoms
-from medq.errors import ConfigError
-from medq.external import run_external
+from medq.errors import ConfigError, DataError
+from medq.external import run_external, table_rows
 from medq.preprocess import PreprocessSpec, load_batch
 from medq.train import run_evaluate, run_train
 
@@ -196,6 +196,27 @@ def test_a_mapping_naming_an_unknown_class_is_one_line(world, capsys):
     assert "'Opacity'" in err and "Lung Opacity" in err and "PNEUMONIA" in err
     assert main(["evaluate", "--map", "PNEUMONIA=Lung Opacity", "-q"]) == 2  # a mapping without --run does nothing
     assert "without --run" in capsys.readouterr().err
+
+
+def test_the_runs_own_training_images_are_refused_as_external(world):
+    root, kaggle, _ = world
+    same = load_config(None, BASE + [f"data.root={root / 'kaggle'}", "data.format=kaggle-pneumonia",
+                                     f"run.output_dir={root / 'output'}"])
+    before = (kaggle.run_dir / "manifest.json").read_bytes()
+    with pytest.raises(DataError, match=r"in the run's own train(/val)? split"):
+        run_external(kaggle.run_dir, same, split="all")
+    assert (kaggle.run_dir / "manifest.json").read_bytes() == before  # nothing recorded
+
+
+def test_table_rows_mark_an_evaluation_of_a_replaced_model_stale():
+    entry = runrecord.ExternalEvaluation(
+        data_source="rsna-pneumonia", split="test", counts={"evaluated": 10}, model="keras_model",
+        model_sha256="aaaaaaaaaaaa", metrics={"PNEUMONIA": {
+            "evaluated": True, "external": ["Lung Opacity"], "n_positive": 4, "n_negative": 6, "auc": 0.75,
+            "auc_ci": [0.5, 1.0], "operating_point": None}, "NORMAL": {"evaluated": False, "reason": "x"}})
+    current, replaced = table_rows([entry], {"keras_model": "a" * 64}), table_rows([entry], {"keras_model": "b" * 64})
+    assert "STALE" not in current[0][0] and "STALE" in replaced[0][0]
+    assert current[0][6] == "0.750 [0.500, 1.000]" and current[1][4] == "no counterpart: not evaluated"
 
 
 # --- the mapping alone (no model) -----------------------------------------------------------------------------
