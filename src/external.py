@@ -67,6 +67,7 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
 
     spec = PreprocessSpec.from_dict(facts.preprocess)
     with runrecord.writer_lock(run_dir, STAGE):
+        manifest = runrecord.read_manifest(run_dir)  # as it is now, under the lock: its entries are kept
         model = open_run_model(run_dir)
         operating = _operating(manifest, task, classes, threshold)
         probs, kept = probabilities(model, paths, spec, image_cache(other, spec))
@@ -97,7 +98,7 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
                        for i, row in zip(kept, probs)]}
         staged = artifacts.write_json(runrecord.staging_path(run_dir, name), full)
         runrecord.commit(run_dir, STAGE, artifacts={f"external_evaluation_{slug}": staged}, inputs=(model.key,),
-                         facts={"external_evaluations": facts.with_external(entry)},
+                         facts={"external_evaluations": manifest.facts.with_external(entry)},
                          dataset=index.format, root=str(root), split=split, artifact=name)
     return full
 
