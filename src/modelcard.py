@@ -185,11 +185,30 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
     stale = [k for k, a in (m.get("artifacts") or {}).items() if a.get("invalidated")]
     if stale:
         out.append(f"invalidated artifacts in the run: {', '.join(stale)}")
+    out += _external_caveats(m.get("external_evaluations") or [])
     thresholds = operating_thresholds(m)
     if isinstance(thresholds, str):
         out.append(f"decision thresholds {thresholds}")
     else:
         out += [f"threshold {n}" for n in thresholds["notes"]]
+    return out
+
+
+def _external_caveats(evaluations: list[dict[str, Any]]) -> list[str]:
+    """Per class of each external evaluation: an AUC interval that includes chance, or that lies wholly below the
+    run's own test AUC (the model does not transfer to that data)."""
+    out = []
+    for e in map(runrecord.ExternalEvaluation.from_dict, evaluations):
+        for c, m in (e.metrics or {}).items():
+            ci, own = m.get("auc_ci"), (m.get("own_test") or {}).get("auc")
+            if not m.get("evaluated") or not isinstance(ci, list) or None in ci:
+                continue
+            where = f"external {e.data_source} ({e.split}), {c}"
+            if ci[0] <= 0.5:
+                out.append(f"{where}: the AUC's 95% interval [{ci[0]:.3f}, {ci[1]:.3f}] includes chance (0.5)")
+            elif isinstance(own, (int, float)) and ci[1] < own:
+                out.append(f"{where}: AUC {m['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] lies below the run's own test "
+                           f"AUC {own:.3f}: the model does not transfer to that data as it is")
     return out
 
 

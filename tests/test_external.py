@@ -183,7 +183,17 @@ def test_the_record_runs_show_and_the_card(world, capsys):
     card = (run_dir / "model_card.md").read_text()
     assert "## External evaluations" in card
     assert any(f"{auc:.3f}" in line and "| PNEUMONIA | Lung Opacity |" in line for line in card.splitlines())
-    assert json.loads((run_dir / "model_card.json").read_text())["quantitative_analyses"]["external_evaluations"]
+    card_json = json.loads((run_dir / "model_card.json").read_text())
+    assert card_json["quantitative_analyses"]["external_evaluations"]
+    low, high = entry["metrics"]["PNEUMONIA"]["auc_ci"]
+    own = entry["metrics"]["PNEUMONIA"]["own_test"]["auc"]
+    caveat = [c for c in card_json["caveats_and_recommendations"] if "rsna-pneumonia (test), PNEUMONIA" in c]
+    if low <= 0.5:
+        assert caveat and "includes chance" in caveat[0]
+    elif high < own:
+        assert caveat and "does not transfer" in caveat[0]
+    else:
+        assert not caveat
 
 
 def test_a_mapping_naming_an_unknown_class_is_one_line(world, capsys):
