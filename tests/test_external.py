@@ -149,6 +149,32 @@ def test_binary_kaggle_model_on_multilabel_nih_through_an_explicit_mapping(world
     assert "Pneumothorax" in result["mapping"]["external_classes_without_counterpart"]
 
 
+def test_multilabel_nih_model_on_binary_kaggle_data(world, tmp_path):
+    root, _, _ = world
+    nih = tmp_path / "nih"
+    generate_phantoms("chest-multilabel", nih, n_train=40, n_val=0, n_test=10, size=48, seed=4)
+    config = load_config(None, BASE + [f"data.root={nih}", "data.format=nih-chestxray14",
+                                       f"run.output_dir={tmp_path / 'output'}", "run.name=nih"])
+    run_train(config)
+    other = load_config(None, BASE + [f"data.root={root / 'kaggle'}", "data.format=kaggle-pneumonia",
+                                      f"run.output_dir={tmp_path / 'output'}"])
+    result = run_external(config.run_dir, other)  # the built-in nih:kaggle mapping
+    assert result["mapping"]["pairs"] == {"Pneumonia": ["PNEUMONIA"]}
+    paths = [image["path"] for image in result["images"]]
+    truth = np.array([Path(p).parent.name == "PNEUMONIA" for p in paths])
+    probs = direct_probabilities(config.run_dir, paths)
+    column = labelmap.NIH.index("Pneumonia")
+    entry = result["metrics"]["Pneumonia"]
+    assert entry["auc"] == pytest.approx(roc_auc_score(truth, probs[:, column]), abs=1e-6)
+    t = json.loads((config.run_dir / "manifest.json").read_text())["thresholds"]["classes"]["Pneumonia"]["value"]
+    sens, spec, _ = by_hand(truth, probs[:, column], t)
+    assert entry["operating_point"]["sensitivity"] == pytest.approx(sens)
+    assert entry["operating_point"]["specificity"] == pytest.approx(spec)
+    assert sorted(result["mapping"]["model_classes_without_counterpart"]) == sorted(set(labelmap.NIH) - {"Pneumonia"})
+    assert result["metrics"]["Hernia"]["evaluated"] is False
+    assert result["mapping"]["external_classes_without_counterpart"] == ["NORMAL"]
+
+
 def test_the_record_runs_show_and_the_card(world, capsys):
     root, kaggle, _ = world
     run_dir = kaggle.run_dir
