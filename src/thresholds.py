@@ -116,9 +116,12 @@ def choose_one(truth: np.ndarray, score: np.ndarray, policy: Policy) -> dict[str
 def _between(candidates: np.ndarray, idx: int, score: np.ndarray) -> float:
     """The chosen ROC point as a threshold: midway between its score and the next lower one, so the same images are
     called as at the point itself and a probability recomputed with rounding noise does not change sides; the
-    lowest score itself for "call every image", just above the highest for "call none" (it stays a number)."""
+    lowest score itself for "call every image"; for "call none", midway between the highest score and 1 (just above
+    1 when the highest is 1): a number, and one that the top score recomputed in float32 (INT8, another engine)
+    does not reach."""
     if not np.isfinite(candidates[idx]):
-        return float(np.nextafter(score.max(), np.inf))
+        top = float(score.max())
+        return (top + 1.0) / 2 if top < 1.0 else float(np.nextafter(1.0, np.inf))
     if idx + 1 >= len(candidates):
         return float(candidates[idx])
     return float((candidates[idx] + candidates[idx + 1]) / 2)

@@ -139,7 +139,6 @@ def test_quantize_chooses_a_converted_runs_thresholds_on_validation(converted, t
     best = candidates[np.flatnonzero(1 - fpr >= TARGET - 1e-12)[-1]]  # the lowest threshold meeting the target
     t = record["classes"]["PNEUMONIA"]["value"]
     # onnxruntime's float32 probabilities differ from the graph's by rounding: compare the calls away from t
-    # (a "call none" point lies just above the highest validation score)
     far = np.abs(p - t) > 1e-5
     assert ((p >= t) == (p >= best))[far].all()
     assert record["classes"]["PNEUMONIA"]["validation"]["specificity"] >= TARGET
