@@ -28,7 +28,7 @@ from medq import artifacts, labelmap, runrecord, thresholds
 from medq.data.common import data_source
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError, DataError
-from medq.metrics import task_metrics, with_ci
+from medq.metrics import task_metrics, wilson_ci, with_ci
 from medq.preprocess import PreprocessSpec
 
 log = logging.getLogger("medq")
@@ -175,9 +175,16 @@ def class_metrics(lmap: labelmap.LabelMap, classes: list[str], y_model: np.ndarr
             point = points[c]
             entry["operating_point"] = {k: point[k] for k in ("threshold", "sensitivity", "sensitivity_ci",
                                                               "specificity", "specificity_ci")}
-        else:
-            entry["operating_note"] = (f"no threshold of its own: a binary model decides on "
-                                       f"{thresholds.thresholded_classes(operating.task, classes)[0]}")
+        else:  # a binary model's negative class: called wherever its positive class is not
+            positive = thresholds.thresholded_classes(operating.task, classes)[0]
+            t = operating.values[positive]
+            called = probs[:, classes.index(positive)] < t
+            tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
+            entry["operating_point"] = {"threshold": t, "rule": f"{positive} < {t:.4g}",
+                                        "sensitivity": tp / n_pos if n_pos else None,
+                                        "sensitivity_ci": wilson_ci(tp, n_pos),
+                                        "specificity": tn / n_neg if n_neg else None,
+                                        "specificity_ci": wilson_ci(tn, n_neg)}
         if entry["auc"] is None:
             entry["note"] = f"AUC undefined: {n_pos} positive(s) and {n_neg} negative(s) among the external images"
         out[c] = entry
@@ -234,7 +241,8 @@ TABLE_HEADER = ["dataset", "split", "images", "model class", "external class(es)
 def _point(point: dict[str, Any], key: str) -> str:
     if not point:
         return "-"
-    return f"{with_ci(point.get(key), point.get(f'{key}_ci')) or 'n/a'} @ {point['threshold']:.3g}"
+    at = point.get("rule") or f"{point['threshold']:.3g}"
+    return f"{with_ci(point.get(key), point.get(f'{key}_ci')) or 'n/a'} @ {at}"
 
 
 def report_lines(result: dict[str, Any]) -> list[str]:

@@ -96,6 +96,12 @@ def test_kaggle_run_on_rsna_phantoms_matches_sklearn_and_lists_the_class_without
     assert point["threshold"] == t
     assert point["sensitivity"] == pytest.approx(sens) and point["specificity"] == pytest.approx(spec)
     assert point["sensitivity_ci"] == pytest.approx(sens_ci, abs=1e-9)
+    # NORMAL has no threshold of its own: a binary model calls it wherever it does not call PNEUMONIA
+    called_normal = probs[:, 1] < t
+    sens, spec = called_normal[normal].mean(), (~called_normal[~normal]).mean()
+    normal_point = metrics["NORMAL"]["operating_point"]
+    assert normal_point["rule"].startswith("PNEUMONIA < ")
+    assert normal_point["sensitivity"] == pytest.approx(sens) and normal_point["specificity"] == pytest.approx(spec)
     # the run's own test figure beside it: evaluation.json's, the AUC sklearn gives on its own test probabilities
     own = json.loads((kaggle.run_dir / "evaluation.json").read_text())["single_crop"]["per_class_auc"]["PNEUMONIA"]
     assert metrics["PNEUMONIA"]["own_test"]["auc"] == own
