@@ -7,7 +7,7 @@ negative otherwise, whatever else it carries. Model classes without a counterpar
 classes without one contribute only negatives; both are listed in every result, never dropped silently.
 
 Where a mapping comes from, first found: ``--map MODEL=EXT[|EXT...]`` (repeatable) or ``--map NAME`` (a built-in by
-name), else ``external.label_map`` in the other config (a mapping, or a built-in's name), else the built-in for the
+name, ``<model list>:<external list>`` such as ``kaggle:rsna``, or the external list's name alone), else ``external.label_map`` in the other config (a mapping, or a built-in's name), else the built-in for the
 two datasets' class lists (:data:`BUILTIN`), else the classes both lists name identically. Every mapping is checked
 against both class lists (an unknown class is a one-line ConfigError naming it and the two lists), and the known
 semantic gaps between the datasets (:data:`LOSSY`) are stated with it.

@@ -238,6 +238,10 @@ def test_a_mapping_naming_an_unknown_class_is_one_line(world, capsys):
     assert "'Opacity'" in err and "Lung Opacity" in err and "PNEUMONIA" in err
     assert main(["evaluate", "--map", "PNEUMONIA=Lung Opacity", "-q"]) == 2  # a mapping without --run does nothing
     assert "without --run" in capsys.readouterr().err
+    missing = root / "no-such-dataset"
+    assert main(["evaluate", "--run", str(kaggle.run_dir), "--data", str(missing), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(missing) in err and not missing.exists()
 
 
 def test_the_runs_own_training_images_are_refused_as_external(world):
