@@ -155,10 +155,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if args.run or args.data:
+        return _evaluate_external(args)
     from medq.train import run_evaluate
 
     report = run_evaluate(_load(args), split=args.split, ten_crop=args.ten_crop, threshold=args.threshold)
     print("\n".join(_evaluation_lines(report)))
+    return 0
+
+
+def _evaluate_external(args: argparse.Namespace) -> int:
+    """`medq evaluate --run NAME --config OTHER.yaml | --data ROOT`: the run's model on another dataset."""
+    from medq.external import report_lines, run_external
+    from medq.labelmap import parse_map
+    from medq.runs import resolve_run
+
+    if not args.run:
+        raise MedqError("--data names the external dataset; add --run NAME for the run whose model to evaluate on it")
+    if args.run_name is not None:
+        raise MedqError(f"--run {args.run} and --run-name {args.run_name} both name the run; give one of them")
+    if args.ten_crop:
+        raise MedqError("--ten-crop is not offered for an external evaluation; drop it")
+    overrides = [f"data.root={args.data}"] if args.data else []
+    overrides += [f"data.format={args.format}"] if args.format else []
+    overrides += [f"data.variant={args.variant}"] if args.variant else []
+    args.set = [*(args.set or []), *overrides]
+    other = _read_config(args)  # only its data: and external: sections are used; the run keeps its own settings
+    if not Path(other.data.root).exists():
+        from medq.pipeline import ensure_phantoms
+
+        ensure_phantoms(other)  # the config's built-in phantoms; anywhere else a missing folder is an error
+    run_dir = resolve_run(args.run, other)
+    _SESSION["run_dir"], _SESSION["existed"] = run_dir, run_dir.exists()
+    _SESSION["log"] = _setup_logging(args.verbose, args.quiet, run_dir / "logs" / "evaluate-external.log")
+    result = run_external(run_dir, other, split=args.split, threshold=args.threshold,
+                          mapping=parse_map(args.map) if args.map else None)
+    print("\n".join(report_lines(result)))
     return 0
 
 
@@ -401,7 +433,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "data": (cmd_data, "generate the phantom dataset or read and report a dataset (`medq data check PATH`)"),
     "train": (cmd_train, "train the configured model; the best validation epoch is kept"),
-    "evaluate": (cmd_evaluate, "the run's Keras model on a split (default test), optionally with 10-crop averaging"),
+    "evaluate": (cmd_evaluate, "the run's model on a split (default test), optionally with 10-crop averaging; with "
+                 "--run NAME --config OTHER.yaml (or --data ROOT): on another dataset (external validation)"),
     "tune": (cmd_tune, "keras-tuner search; the best trial becomes the run's model if it beats it"),
     "freeze": (cmd_freeze, "Keras model → frozen GraphDef model_fp32.pb (input:0 → output:0), parity-checked"),
     "quantize": (cmd_quantize, "INC post-training static quantization driven by deploy.yaml → model_int8.pb"),
@@ -458,11 +491,24 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue an interrupted training from its last "
                            "checkpoint in <run>/checkpoints/")
         if name == "evaluate":
-            p.add_argument("--split", choices=["train", "val", "test"], default="test", help="default: test")
+            p.add_argument("--split", choices=["train", "val", "test", "all"], default="test",
+                           help="default: test; with --run, the external dataset's split (all: every image of it)")
             p.add_argument("--ten-crop", action="store_true", help="also report 10-crop averaging (CheXNet's TTA)")
             p.add_argument("--threshold", type=_probability, default=None,
                            help="decide every class at this probability instead of the run's operating thresholds "
                            "(chosen on validation by train, see `thresholds:`)")
+            p.add_argument("--run", metavar="DIR_OR_NAME",
+                           help="external validation: this run's model (with its own preprocessing and thresholds) "
+                           "on the dataset of --config (its data: section) or --data")
+            p.add_argument("--data", metavar="ROOT", help="with --run: the external dataset's folder")
+            p.add_argument("--format", choices=formats, metavar="FORMAT",
+                           help=f"with --run: the external dataset's layout, one of {', '.join(formats)}")
+            p.add_argument("--variant", choices=DATA_VARIANTS, metavar="VARIANT",
+                           help="with --run: the external dataset's variant (e.g. rsna-pneumonia binary)")
+            p.add_argument("--map", action="append", metavar="MODEL=EXTERNAL",
+                           help="with --run: model class → external class(es) joined by '|' (repeatable), or one "
+                           "built-in mapping's name (e.g. kaggle:rsna); default: external.label_map, else the "
+                           "built-in for the two class lists")
         if name == "benchmark":
             p.add_argument("--preset", metavar="NAME", choices=["chexnet-cpu"],
                            help="run a preset end to end (data → train → freeze → quantize → benchmark); "
@@ -681,6 +727,12 @@ def _refuse_unused_options(args: argparse.Namespace) -> None:
         if given:
             raise MedqError(f"{_flags(given)} without --heatmap DIR (heatmap options); "
                             f"add --heatmap DIR or drop {_them(given)}")
+    if command == "evaluate" and not (args.run or args.data):
+        given = [flag for flag, on in (("--format", args.format), ("--variant", args.variant), ("--map", args.map),
+                                       ("--split all", args.split == "all")) if on]
+        if given:
+            raise MedqError(f"{_flags(given)} without --run (external validation options); add --run NAME, or "
+                            f"drop {_them(given)}")
     if command == "runs" and args.action == "list" and args.run_name is not None:
         raise MedqError("--run-name does nothing with `runs list`, which lists every run under "
                         "run.output_dir; drop it, or use `medq runs show NAME`")

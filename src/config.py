@@ -252,6 +252,15 @@ class ThresholdsConfig:
 
 
 @dataclass
+class ExternalConfig:
+    """External validation (`medq evaluate --run NAME --config THIS.yaml`, medq.external): how the run's classes map
+    to this config's dataset. ``label_map``: {model class: external class, or a list of them} or a built-in
+    mapping's name (medq.labelmap); unset: the built-in for the two class lists, else identical class names."""
+
+    label_map: Any = None
+
+
+@dataclass
 class RuntimeConfig:
     """Thread settings applied (as environment variables, before TensorFlow starts) in every measuring process."""
 
@@ -298,6 +307,7 @@ class Config:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
+    external: ExternalConfig = field(default_factory=ExternalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     source: Optional[str] = None  # the file this was loaded from (set by load_config, not by the user)

@@ -130,6 +130,14 @@ def graph_metrics(graph_def, batches: Callable[[], Iterable[tuple[np.ndarray, np
     indices into ``y``); files that became unreadable since are simply absent from the metrics."""
     from medq.metrics import task_metrics
 
+    probabilities, kept = graph_probabilities(graph_def, batches, input_name, output_name, bf16_rewrite)
+    return task_metrics(task, np.asarray(y)[kept], probabilities, classes)
+
+
+def graph_probabilities(graph_def, batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+                        input_name: str, output_name: str,
+                        bf16_rewrite: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities, the indices ``batches()`` gave them): a frozen graph's outputs on streamed images."""
     probabilities, kept = [], []
     with FrozenGraph(graph_def, input_name, output_name, bf16_rewrite=bf16_rewrite) as runner:
         for images, indices in batches():
@@ -138,4 +146,4 @@ def graph_metrics(graph_def, batches: Callable[[], Iterable[tuple[np.ndarray, np
                 kept.append(indices)
     if not kept:
         raise MedqError("none of the evaluation images could be read")
-    return task_metrics(task, np.asarray(y)[np.concatenate(kept)], np.concatenate(probabilities), classes)
+    return np.concatenate(probabilities), np.concatenate(kept)

@@ -185,11 +185,30 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
     stale = [k for k, a in (m.get("artifacts") or {}).items() if a.get("invalidated")]
     if stale:
         out.append(f"invalidated artifacts in the run: {', '.join(stale)}")
+    out += _external_caveats(m.get("external_evaluations") or [])
     thresholds = operating_thresholds(m)
     if isinstance(thresholds, str):
         out.append(f"decision thresholds {thresholds}")
     else:
         out += [f"threshold {n}" for n in thresholds["notes"]]
+    return out
+
+
+def _external_caveats(evaluations: list[dict[str, Any]]) -> list[str]:
+    """Per class of each external evaluation: an AUC interval that includes chance, or that lies wholly below the
+    run's own test AUC (the model does not transfer to that data)."""
+    out = []
+    for e in map(runrecord.ExternalEvaluation.from_dict, evaluations):
+        for c, m in (e.metrics or {}).items():
+            ci, own = m.get("auc_ci"), (m.get("own_test") or {}).get("auc")
+            if not m.get("evaluated") or not isinstance(ci, list) or None in ci:
+                continue
+            where = f"external {e.data_source} ({e.split}), {c}"
+            if ci[0] <= 0.5:
+                out.append(f"{where}: the AUC's 95% interval [{ci[0]:.3f}, {ci[1]:.3f}] includes chance (0.5)")
+            elif isinstance(own, (int, float)) and ci[1] < own:
+                out.append(f"{where}: AUC {m['auc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] lies below the run's own test "
+                           f"AUC {own:.3f}: the model does not transfer to that data as it is")
     return out
 
 
@@ -202,8 +221,9 @@ def operating_thresholds(m: dict[str, Any]) -> dict[str, Any] | str:
     task, classes = m.get("task"), list(m.get("classes") or [])
     if task not in DECISION_RULES or len(classes) < 2:
         return f"{NOT_DETERMINED}: the run records no task and classes"
-    model_sha = ((m.get("artifacts") or {}).get("keras_model") or {}).get("sha256")
-    operating = Thresholds.from_record(m.get("thresholds"), model_sha, task, classes)
+    models = m.get("artifacts") or {}
+    key = "keras_model" if "keras_model" in models or "fp32_pb" not in models else "fp32_pb"  # converted: the graph
+    operating = Thresholds.from_record(m.get("thresholds"), (models.get(key) or {}).get("sha256"), task, classes, key)
     if operating.source != "validation" or operating.record is None:
         return f"{NOT_DETERMINED}: decisions at {FALLBACK:g}, not chosen on validation ({'; '.join(operating.notes)})"
     record = operating.record
@@ -279,8 +299,9 @@ def render_markdown(card: dict[str, Any]) -> str:
             lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
                 f"{target} → {_num(value)}" for target, value in (points or {}).items()))
     lines += _threshold_lines(q["thresholds"])
-    lines += [f"- Subgroups: {_text(q['subgroups'])}", f"- External evaluations: {_text(q['external_evaluations'])}",
-              "", "## Caveats and recommendations (detected by medq)"]
+    lines += [f"- Subgroups: {_text(q['subgroups'])}"]
+    lines += _external_lines(q["external_evaluations"], card["lineage"])
+    lines += ["", "## Caveats and recommendations (detected by medq)"]
     lines += [f"- {c}" for c in card["caveats_and_recommendations"]] or ["- none detected"]
     lines += ["", "## Lineage", "", "| artifact | file | stage | sha256 | stale |", "|---|---|---|---|---|"]
     lines += [f"| {r['key']} | {r['path']} | {r['stage']} | `{r['sha256']}` | {r['stale'] or 'no'} |"
@@ -290,6 +311,27 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines += ["", "## Environment", f"- CPU: {cpu.get('model', NOT_DETERMINED)} ({cpu.get('physical_cores')} cores)",
               "- Packages: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()), ""]
     return "\n".join(lines)
+
+
+def _external_lines(evaluations: Any, lineage: list[dict[str, Any]]) -> list[str]:
+    """External evaluations as a table (medq.external): the dataset, the mapping, AUC and the operating point per
+    model class, at the run's thresholds; "not determined" when the run has none."""
+    from medq.external import TABLE_HEADER, table_rows
+
+    if isinstance(evaluations, str):
+        return [f"- External evaluations: {evaluations}"]
+    entries = [runrecord.ExternalEvaluation.from_dict(e) for e in evaluations]
+    current = {row["key"]: row["sha256"] for row in lineage if row["key"] in ("keras_model", "fp32_pb")}
+    lines = ["", "## External evaluations (other datasets through a label mapping, 95% intervals)", "",
+             "| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries, current)]
+    for e in entries:
+        unmapped = (e.mapping or {}).get("external_classes_without_counterpart") or []
+        lines.append(f"- {e.data_source} ({e.split}): mapping {(e.mapping or {}).get('source')}"
+                     + (f"; external classes without a counterpart (negatives only): {', '.join(unmapped)}"
+                        if unmapped else "")
+                     + "".join(f"; {n}" for n in (e.mapping or {}).get("notes") or []))
+    return lines
 
 
 def _io(spec: dict[str, Any]) -> str:

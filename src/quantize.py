@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from medq import artifacts, runrecord
+from medq import artifacts, runrecord, thresholds
 from medq.calibration import CALIBRATION_SPLIT, calibration_batch_size, load_calibration
 from medq.errors import DataError, MedqError, first_line
 from medq.graph import graph_metrics
@@ -109,6 +109,7 @@ class _QuantizeRun:
         self.input_name, self.output_name = facts.input_name, facts.output_name
         self.preprocess = facts.preprocess
         self.metric = objective(config, manifest)  # the run's one objective (run.objective), as its model was chosen
+        self.manifest = manifest
 
     def metrics(self, graph_def, bf16_rewrite: bool = False) -> dict[str, Any]:
         return graph_metrics(graph_def, self.val_batches, self.y_val, self.task, self.classes, self.input_name,
@@ -172,7 +173,7 @@ class _QuantizeRun:
             + "".join(f"; skipped {p}: {why}" for p, why in skipped.items()))
         check_with_inc(deploy)
         loader = self.load_data()
-        fp32_val = self.metrics(fp32_graph)
+        fp32_val, chosen = self.fp32_validation(fp32_graph)
         baseline = fp32_val[metric]
         if not np.isfinite(baseline):
             raise DataError(f"{self.config.data.root}: the FP32 {metric} on the validation split is undefined (a "
@@ -227,7 +228,7 @@ class _QuantizeRun:
             self.run_dir, "quantize", artifacts={"int8_pb": staged, "quantized_ops": ops_path},
             inputs=("fp32_pb", "split"), sources={"deploy_yaml": artifacts.sha256(deploy.path),
                                                   "calibration_list": hashlib.sha256(calibration_list).hexdigest()},
-            status="ok",
+            facts={thresholds.MANIFEST_KEY: chosen} if chosen is not None else None, status="ok",
             metric=metric, fp32_val=fp32_val, int8_val=int8_val, criterion=criterion | {"met": True},
             op_table=result.op_table, int8_concat=int8_concat, fallback_ops=fallbacks, precision_val=paths_val,
             quantized_kernels=sum(n for op, n in int8_counts.items() if "Quantized" in op),
@@ -236,6 +237,23 @@ class _QuantizeRun:
         _summary(say, result, metric, baseline, int8_val[metric], threshold, deploy, fallbacks, paths_val,
                  int8_concat, log_path, target, near_chance)
         return target
+
+    def fp32_validation(self, fp32_graph) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The FP32 graph's validation metrics, and — for a converted run without current operating thresholds
+        (:func:`medq.thresholds.to_choose`; train and tune choose a trained model's) — the thresholds chosen on the
+        same validation outputs by the config's policy, recorded as train records them."""
+        from medq.graph import graph_probabilities
+        from medq.metrics import task_metrics
+
+        if thresholds.to_choose(self.manifest) is None:
+            return self.metrics(fp32_graph), None
+        probabilities, kept = graph_probabilities(fp32_graph, self.val_batches, self.input_name, self.output_name)
+        y = self.y_val[kept]
+        self.say(f"  thresholds: a converted model without them: chosen on {len(kept)} validation images "
+                 f"({thresholds.Policy.from_config(self.config.thresholds).describe()})")
+        chosen = thresholds.for_run(self.config, self.task, self.classes, y, probabilities,
+                                    thresholds.deciding_model(self.manifest)[1], "fp32_pb")
+        return task_metrics(self.task, y, probabilities, self.classes), chosen
 
     def check_above_chance(self, fp32_val: dict[str, Any], baseline: float, chance: float) -> bool:
         """Stop when the FP32 model is at chance on validation (its objective within ``CHANCE_MARGIN`` of chance):

@@ -134,6 +134,8 @@ def summarize(run_dir: Path, manifest: runrecord.Manifest) -> dict[str, Any]:
         "quantize_status": quantize.status,
         "benchmark": bench,
         "artifacts": present,
+        "external": [e.to_dict() for e in facts.externals()],
+        "model_sha256": {k: a.sha256 for k, a in manifest.artifacts.items() if k in ("keras_model", "fp32_pb")},
     }
 
 
@@ -282,6 +284,7 @@ def format_run(s: dict[str, Any]) -> str:
             origin = ", ".join(made_from.get(key) or {})
             lines.append(f"    {key:<14} {a['path']}  {state}" + (f"  ← {origin}" if origin else "")
                          + (f"  STALE: {a['stale']}" if a.get("stale") else ""))
+    lines += _external_lines(s)
     if s["benchmark"]:
         stale = (s["artifacts"].get("benchmark_json") or {}).get("stale")
         lines.append("  benchmark" + (f"   STALE: {stale}; rerun `medq benchmark`" if stale else ""))
@@ -293,3 +296,14 @@ def format_run(s: dict[str, Any]) -> str:
     else:
         lines.append("  benchmark   - (not run)")
     return "\n".join(lines)
+
+
+def _external_lines(s: dict[str, Any]) -> list[str]:
+    """The run's external evaluations (medq.external): one row per model class of each."""
+    from medq.external import TABLE_HEADER, table_rows
+
+    entries = [runrecord.ExternalEvaluation.from_dict(e) for e in s.get("external") or []]
+    if not entries:
+        return ["  external    - (none: `medq evaluate --run NAME --config OTHER.yaml`)"]
+    lines = ["  external evaluations (the run's thresholds; own = its own test AUC)"]
+    return lines + ["    " + line for line in _table(TABLE_HEADER, table_rows(entries, s.get("model_sha256")))]

@@ -116,9 +116,12 @@ def choose_one(truth: np.ndarray, score: np.ndarray, policy: Policy) -> dict[str
 def _between(candidates: np.ndarray, idx: int, score: np.ndarray) -> float:
     """The chosen ROC point as a threshold: midway between its score and the next lower one, so the same images are
     called as at the point itself and a probability recomputed with rounding noise does not change sides; the
-    lowest score itself for "call every image", just above the highest for "call none" (it stays a number)."""
+    lowest score itself for "call every image"; for "call none", midway between the highest score and 1 (just above
+    1 when the highest is 1): a number, and one that the top score recomputed in float32 (INT8, another engine)
+    does not reach."""
     if not np.isfinite(candidates[idx]):
-        return float(np.nextafter(score.max(), np.inf))
+        top = float(score.max())
+        return (top + 1.0) / 2 if top < 1.0 else float(np.nextafter(1.0, np.inf))
     if idx + 1 >= len(candidates):
         return float(candidates[idx])
     return float((candidates[idx] + candidates[idx + 1]) / 2)
@@ -141,12 +144,13 @@ def choose(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str]
 
 
 def for_run(config: Any, task: str, classes: list[str], y_true: np.ndarray, y_prob: np.ndarray,
-            model_sha: str) -> dict[str, Any]:
-    """The ``thresholds`` record for a run's new Keras model (sha256 ``model_sha``) by the config's policy, from its
-    validation labels and probabilities; logged per class with the figures reached and every note as a warning.
-    Every stage that makes or replaces the run's model commits this as the manifest fact ``MANIFEST_KEY``."""
+            model_sha: str, model_key: str = "keras_model") -> dict[str, Any]:
+    """The ``thresholds`` record for a run's new model (artifact ``model_key``, sha256 ``model_sha``: the Keras
+    model, or a converted run's ``fp32_pb``) by the config's policy, from its validation labels and probabilities;
+    logged per class with the figures reached and every note as a warning. Every stage that makes or replaces the
+    run's model (and, for a converted run, the first evaluate or quantize) commits this as the fact ``MANIFEST_KEY``."""
     policy = Policy.from_config(config.thresholds)
-    record = choose(task, y_true, y_prob, classes, policy, chosen_for={"keras_model": model_sha})
+    record = choose(task, y_true, y_prob, classes, policy, chosen_for={model_key: model_sha})
     for name, entry in record["classes"].items():
         val = entry["validation"]
         log.info("threshold %s: %.4g (%s on validation: sensitivity %s, specificity %s; %d+/%d-)", name,
@@ -180,30 +184,34 @@ class Thresholds:
     @classmethod
     def from_manifest(cls, manifest: Any, task: str, classes: list[str]) -> "Thresholds":
         """The thresholds of a run's record (a ``medq.runrecord.Manifest``): its ``facts.thresholds``, checked
-        against its current Keras model (:meth:`from_record`)."""
-        model = manifest.artifacts.get("keras_model")
-        return cls.from_record(manifest.facts.thresholds, model.sha256 if model is not None else None, task, classes)
+        against the model they belong to (:func:`deciding_model`; :meth:`from_record`)."""
+        key, sha = deciding_model(manifest)
+        return cls.from_record(manifest.facts.thresholds, sha, task, classes, key)
 
     @classmethod
-    def from_record(cls, record: Any, model_sha: str | None, task: str, classes: list[str]) -> "Thresholds":
+    def from_record(cls, record: Any, model_sha: str | None, task: str, classes: list[str],
+                    model_key: str = "keras_model") -> "Thresholds":
         """The recorded thresholds (:func:`choose`'s record); a run without them (made before medq chose them), or
-        whose record does not fit its classes or its current Keras model (sha256 ``model_sha``: replaced without
-        choosing again), decides at ``FALLBACK`` with a note saying so."""
+        whose record does not fit its classes or its current model (artifact ``model_key``, sha256 ``model_sha``:
+        replaced without choosing again), decides at ``FALLBACK`` with a note saying so."""
         wanted = thresholded_classes(task, classes)
+        rerun = "rerun `medq train`" if model_key == "keras_model" else \
+            "run `medq evaluate` (or `medq quantize`), which chooses them on validation for a converted model,"
         if not isinstance(record, dict) or not isinstance(record.get("classes"), dict):
             return cls.uniform(task, classes, FALLBACK, "fallback",
-                               f"the run records no operating thresholds (made before medq chose them on "
-                               f"validation); deciding at {FALLBACK:g} — rerun `medq train` to choose them")
+                               f"the run records no operating thresholds (not yet chosen on validation); deciding "
+                               f"at {FALLBACK:g} — {rerun} to choose them")
         values = {c: (record["classes"].get(c) or {}).get("value") for c in wanted}
         if any(not isinstance(v, (int, float)) or isinstance(v, bool) for v in values.values()):
             return cls.uniform(task, classes, FALLBACK, "fallback",
                                f"the run's thresholds do not name every class of {wanted}; deciding at "
-                               f"{FALLBACK:g} — rerun `medq train`")
-        chosen_for = (record.get("chosen_for") or {}).get("keras_model")
-        if model_sha and chosen_for and chosen_for != model_sha:
+                               f"{FALLBACK:g} — {rerun}")
+        chosen_for = record.get("chosen_for") or {}
+        if model_sha and chosen_for and chosen_for.get(model_key) != model_sha:
             return cls.uniform(task, classes, FALLBACK, "fallback",
                                f"the run's thresholds were chosen for an earlier model; deciding at {FALLBACK:g} — "
-                               "rerun `medq train` (or `medq tune`) to choose them for this one")
+                               f"{rerun if model_key != 'keras_model' else 'rerun `medq train` (or `medq tune`)'} "
+                               "to choose them for this one")
         notes = [f"{c}: {n}" for c in wanted for n in (record["classes"][c].get("notes") or [])]
         return cls(task, list(classes), {c: float(v) for c, v in values.items()}, "validation", notes, record)
 
@@ -221,6 +229,28 @@ class Thresholds:
             target = self.record.get("target")
             how += f": {self.record.get('policy')}" + ("" if target is None else f" {target:g}")
         return f"{shown} ({how})"
+
+
+def deciding_model(manifest: Any) -> tuple[str, str | None]:
+    """(artifact key, sha256) of the model a run's thresholds belong to: its Keras model, or, for a converted run
+    (``medq convert``: no Keras model), its frozen FP32 graph."""
+    key = "keras_model" if "keras_model" in manifest.artifacts or "fp32_pb" not in manifest.artifacts else "fp32_pb"
+    model = manifest.artifacts.get(key)
+    return key, model.sha256 if model is not None else None
+
+
+def to_choose(manifest: Any) -> str | None:
+    """Why a converted run (no Keras model: train and tune never choose its thresholds) needs its thresholds chosen
+    on validation now, or None: it has current ones, or it has a Keras model (thresholds are train's and tune's,
+    never overwritten elsewhere)."""
+    key, sha = deciding_model(manifest)
+    if key != "fp32_pb" or sha is None:
+        return None
+    task, classes = manifest.facts.task, manifest.facts.classes
+    if task not in DECISION_RULES or not classes:
+        return None
+    current = Thresholds.from_record(manifest.facts.thresholds, sha, task, list(classes), key)
+    return current.notes[0] if current.source == "fallback" else None
 
 
 def held(thresholds: Thresholds, y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:

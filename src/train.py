@@ -202,16 +202,18 @@ def _view_metrics(task: str, y: np.ndarray, p: np.ndarray, classes: list[str],
 
 def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
                  index: DatasetIndex | None = None, threshold: float | None = None) -> dict[str, Any]:
-    """Evaluate the run's Keras model on ``split``; writes ``evaluation.json`` and the manifest's 'evaluate' entry.
+    """Evaluate the run's model on ``split``; writes ``evaluation.json`` and the manifest's 'evaluate' entry.
+    The model is the Keras model, or a converted run's frozen FP32 graph (:mod:`medq.runmodel`); a converted run
+    without thresholds gets them chosen on its validation split first, recorded as train records them.
     Decisions (sensitivity, specificity, confusion matrices) are taken at the run's operating thresholds (chosen on
     validation by train; 0.5 with a note for a run without them), or at ``threshold`` for every class when given.
     ``operating_points`` shows, per thresholded class, sensitivity/specificity at its threshold on ``split`` with
     Wilson intervals beside the validation figures it was chosen at."""
-    from medq.models import load_keras_model
+    from medq.runmodel import converted_thresholds, open_run_model
 
     run_dir = config.run_dir
     with runrecord.writer_lock(run_dir, "evaluate"):
-        keras_path = runrecord.verified_path(run_dir, "keras_model", config)
+        model = open_run_model(run_dir, config)
         manifest = runrecord.read_manifest(run_dir)
         index = pinned.run_index(config, index, stage="evaluate")
         runrecord.check_classes(run_dir, manifest, index)
@@ -219,13 +221,18 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
             raise DataError(f"{config.data.root}: the {split} split is empty")
         recorded = manifest.facts.preprocess
         spec = PreprocessSpec.from_dict(recorded) if recorded is not None else PreprocessSpec.from_config(config)
+        cache = image_cache(config, spec)
+        chosen = converted_thresholds(config, manifest, model, index, spec, cache)
+        if chosen is not None:
+            manifest.facts.thresholds = chosen  # decided with now, committed with the evaluation
         operating = run_thresholds(manifest, index.task, index.classes, threshold)
-        result = evaluate_keras(load_keras_model(keras_path), index.paths(split), index.labels(split), spec,
-                                ten_crop, task=index.task, classes=index.classes, threshold=operating,
-                                cache=image_cache(config, spec))
-        result |= {"split": split, "n_images": len(index.paths(split)), "objective": objective(config, manifest)}
+        result = evaluate_keras(model, index.paths(split), index.labels(split), spec,
+                                ten_crop, task=index.task, classes=index.classes, threshold=operating, cache=cache)
+        result |= {"split": split, "n_images": len(index.paths(split)), "objective": objective(config, manifest),
+                   "model": model.key}
         path = artifacts.write_json(runrecord.staging_path(run_dir, EVALUATION), result)
-        runrecord.commit(run_dir, "evaluate", artifacts={"evaluation": path}, inputs=("keras_model", "split"),
+        runrecord.commit(run_dir, "evaluate", artifacts={"evaluation": path}, inputs=(model.key, "split"),
+                         facts={thresholds.MANIFEST_KEY: chosen} if chosen is not None else None,
                          split=split, ten_crop=ten_crop, threshold=operating.values, threshold_source=operating.source,
                          objective=result["objective"], single_crop=_summary(result["single_crop"]),
                          ten_crop_metrics=_summary(result["ten_crop"]))

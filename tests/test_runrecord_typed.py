@@ -37,6 +37,7 @@ MAIN_MANIFEST = {
     "input_name": "input", "output_name": "output", "input_shape": [64, 64, 1],
     "thresholds": THRESHOLDS,
     "external_evaluations": [{"dataset": "site-B", "auc": 0.8}],
+    "future_fact": {"from": "a newer medq"},
     "artifacts": {
         "split": {"path": "split.json", "sha256": SHA, "bytes": 1200, "stage": "split",
                   "created_at": "2026-12-06T10:00:00+0000", "inputs": {}, "sources": {}, "invalidated": None},
@@ -110,7 +111,8 @@ def test_a_manifest_written_by_main_loads_typed_and_round_trips_byte_for_byte(tm
     # what this medq does not know is kept, not dropped
     assert record.facts.thresholds == THRESHOLDS and record.stage(EvaluateEntry).threshold == {"PNEUMONIA": 0.42}
     assert record.stage(EvaluateEntry).threshold_source == "validation"
-    assert record.facts.extra == {"external_evaluations": [{"dataset": "site-B", "auc": 0.8}]}
+    assert record.facts.extra == {"future_fact": {"from": "a newer medq"}}
+    assert record.facts.external_evaluations == [{"dataset": "site-B", "auc": 0.8}]
     assert record.stage(QuantizeEntry).extra["int8_conv_collapse"] == {"checked": True}
     assert type(record.stages["serve"]) is StageEntry and record.stages["serve"].extra == {"port": 8080}
     # and the record writes the same bytes back

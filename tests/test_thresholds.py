@@ -53,6 +53,9 @@ def test_a_class_without_positives_falls_back_with_a_note_and_call_nothing_stays
     assert np.isfinite(top["value"]) and top["value"] > 0.5
     assert (top["validation"]["sensitivity"], top["validation"]["specificity"]) == (0.0, 1.0)
     json.dumps(top, allow_nan=False)  # the manifest is strict JSON
+    # "call nothing" must survive the top score recomputed in float32 (0.3 rounds up to 0.30000001192...)
+    rounded = choose_one(np.array([1, 0]), np.array([0.2, 0.3]), Policy("specificity", 0.99))
+    assert float(np.float32(0.3)) < rounded["value"] and rounded["validation"]["specificity"] == 1.0
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 
 from medq.runrecord.entries import (BenchmarkEntry, ConvertEntry, DataEntry, Entry, EvaluateEntry, ExportOnnxEntry,
-                                    Facts, FreezeEntry, PresetEntry, QuantizeEntry, RunEntry, SplitEntry, StageEntry,
-                                    TrainEntry, TuneEntry, stage_entry)
+                                    ExternalEvaluation, Facts, FreezeEntry, PresetEntry, QuantizeEntry, RunEntry,
+                                    SplitEntry, StageEntry, TrainEntry, TuneEntry, stage_entry)
 from medq.runrecord.folder import (check_classes, command, commit, is_run, load, missing_hint, read_manifest,
                                    recorded_path, run_flags, split_sha, stale, update_stage, usable, verified_path)
 from medq.runrecord.journal import JOURNAL, STAGING, staging_dir, staging_path
@@ -42,7 +42,8 @@ from medq.runrecord.record import (DESCRIPTION, KERAS_MODEL, MANIFEST, NEEDS, PR
 
 __all__ = [
     "Artifact", "BenchmarkEntry", "ConvertEntry", "DESCRIPTION", "DataEntry", "Entry", "EvaluateEntry",
-    "ExportOnnxEntry", "Facts", "FreezeEntry", "JOURNAL", "KERAS_MODEL", "LOCK", "MANIFEST", "Manifest", "NEEDS",
+    "ExportOnnxEntry", "ExternalEvaluation", "Facts", "FreezeEntry", "JOURNAL", "KERAS_MODEL", "LOCK", "MANIFEST",
+    "Manifest", "NEEDS",
     "PRODUCER", "PresetEntry", "QuantizeEntry", "RunEntry", "RunError", "RunLocked", "SCHEMA_VERSION", "STAGING",
     "SplitEntry", "StageEntry", "TrainEntry", "TuneEntry", "check_classes", "command", "commit", "confine",
     "folder_lock", "holds_lock", "is_run", "load", "missing_hint", "read_manifest", "recorded_path", "run_flags",

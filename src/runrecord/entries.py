@@ -75,6 +75,17 @@ class Facts(Entry):
     source_model: dict[str, Any] | None = None  # convert: the file converted and what loading it found
     # the operating thresholds chosen on validation for the run's Keras model (medq.thresholds.choose's record)
     thresholds: dict[str, Any] | None = None
+    # `medq evaluate --run NAME --config OTHER.yaml`: one ExternalEvaluation's JSON per dataset and split
+    external_evaluations: list[dict[str, Any]] | None = None
+
+    def externals(self) -> list["ExternalEvaluation"]:
+        """The run's external evaluations, typed, in the order they were first made."""
+        return [ExternalEvaluation.from_dict(e) for e in self.external_evaluations or [] if isinstance(e, dict)]
+
+    def with_external(self, entry: "ExternalEvaluation") -> list[dict[str, Any]]:
+        """The ``external_evaluations`` list with ``entry`` added, replacing the one of the same dataset and split."""
+        kept = [e.to_dict() for e in self.externals() if e.key != entry.key]
+        return kept + [entry.to_dict()]
 
     def missing(self, *names: str) -> list[str]:
         """Which of ``names`` the run has not recorded (absent, null or empty)."""
@@ -83,6 +94,26 @@ class Facts(Entry):
     def tensor_names(self) -> tuple[str, str]:
         """The frozen graph's input and output tensor names; medq's own names when none were recorded."""
         return self.input_name or "input", self.output_name or "output"
+
+
+@dataclass
+class ExternalEvaluation(Entry):
+    """One external evaluation of the run's model (medq.external): another dataset's split through a label mapping."""
+
+    key: str | None = None  # format, root, variant and split: re-evaluating the same one replaces this entry
+    dataset_format: str | None = None
+    root: str | None = None
+    variant: str | None = None
+    data_source: str | None = None  # 'synthetic phantoms (... layout)' or the real layout
+    split: str | None = None  # test | val | train | all
+    counts: dict[str, Any] | None = None  # images, skipped, per external class
+    mapping: dict[str, Any] | None = None  # medq.labelmap.LabelMap.to_dict()
+    metrics: dict[str, Any] | None = None  # per mapped model class: AUC [CI], prevalence, operating point
+    thresholds: dict[str, Any] | None = None  # the run's thresholds used, and where they came from
+    model: str | None = None  # the artifact evaluated: keras_model | fp32_pb
+    model_sha256: str | None = None  # its sha256 prefix
+    artifact: str | None = None  # external_evaluation_<slug>.json, the full result
+    evaluated_at: str | None = None
 
 
 @dataclass

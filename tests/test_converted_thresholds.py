@@ -1,0 +1,144 @@
+"""A converted run (`medq convert`: model_fp32.pb, no Keras model) evaluates on its frozen graph and gets operating
+thresholds chosen on its validation split by the config's policy — checked against sklearn's ROC on probabilities
+computed by onnxruntime from the source ONNX file — while a trained run's thresholds are never replaced."""
+import csv
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from sklearn.metrics import roc_curve
+
+from medq import thresholds
+from medq.config import load_config
+from medq.convert import convert
+from medq.data import pinned
+from medq.data.phantoms import generate_phantoms
+from medq.preprocess import PreprocessSpec, load_batch
+from medq.train import run_evaluate
+from test_convert_onnx import tiny_onnx
+
+SIZE = 32
+TARGET = 0.8
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("converted")
+    data = root / "chest_xray"
+    generate_phantoms("chest-pneumonia", data, n_train=40, n_val=0, n_test=16, size=48, seed=5)
+    source = tiny_onnx(root / "study.onnx", classes=2, channels=1, size=SIZE, batch=1, seed=3)
+    config = load_config(None, [f"data.root={data}", "data.generate=false", f"run.output_dir={root / 'output'}",
+                                "run.name=converted", f"preprocess.image_size={SIZE}",
+                                "thresholds.policy=sensitivity", f"thresholds.target={TARGET}"])
+    convert(source, run_dir=config.run_dir, task="binary", classes=["NORMAL", "PNEUMONIA"], normalization="unit",
+            verbose=False)
+    return SimpleNamespace(config=config, source=source, data=data)
+
+
+def onnx_probabilities(source: Path, paths: list[str]) -> np.ndarray:
+    """The source file in onnxruntime (NCHW), softmax over its logits: no TensorFlow involved."""
+    x = load_batch(paths, PreprocessSpec(SIZE, 1, "unit")).transpose(0, 3, 1, 2)
+    session = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    logits = np.concatenate([session.run(None, {name: x[i:i + 1]})[0] for i in range(len(x))])
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_evaluate_runs_the_graph_and_chooses_thresholds_that_meet_the_policy(converted):
+    config = converted.config
+    assert not (config.run_dir / "model.keras").exists()
+    report = run_evaluate(config)
+    manifest = json.loads((config.run_dir / "manifest.json").read_text())
+    record = manifest["thresholds"]
+    assert record["split"] == "val" and record["policy"] == "sensitivity" and record["target"] == TARGET
+    assert record["chosen_for"] == {"fp32_pb": manifest["artifacts"]["fp32_pb"]["sha256"]}
+    t = record["classes"]["PNEUMONIA"]["value"]
+
+    index = pinned.run_index(config)
+    truth = index.labels("val")[:, 1] >= 0.5
+    p = onnx_probabilities(converted.source, index.paths("val"))[:, 1]
+    fpr, tpr, candidates = roc_curve(truth, p, drop_intermediate=False)
+    best = candidates[np.flatnonzero(tpr >= TARGET - 1e-12)[0]]  # the highest threshold meeting the target
+    assert ((p >= t) == (p >= best)).all()  # t calls exactly the images sklearn's optimal point calls
+    assert (p >= t)[truth].mean() >= TARGET
+    assert record["classes"]["PNEUMONIA"]["validation"]["sensitivity"] == pytest.approx((p >= t)[truth].mean())
+
+    points = report["single_crop"]["operating_points"]
+    assert points["source"] == "validation" and points["classes"]["PNEUMONIA"]["threshold"] == t
+    test_truth = index.labels("test")[:, 1] >= 0.5
+    p_test = onnx_probabilities(converted.source, index.paths("test"))[:, 1]
+    assert points["classes"]["PNEUMONIA"]["sensitivity"] == pytest.approx((p_test >= t)[test_truth].mean())
+    assert report["model"] == "fp32_pb"
+
+    run_evaluate(config)  # thresholds the run has are kept, not chosen again
+    assert json.loads((config.run_dir / "manifest.json").read_text())["thresholds"] == record
+
+
+def test_external_evaluation_of_a_converted_run_runs_its_graph(converted, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from medq.external import run_external
+
+    rsna = tmp_path / "rsna"
+    generate_phantoms("rsna-dicom", rsna, n_train=30, n_val=0, n_test=0, size=48, seed=9)
+    other = load_config(None, [f"data.root={rsna}", "data.format=rsna-pneumonia", "data.generate=false",
+                               f"run.output_dir={tmp_path / 'output'}"])
+    result = run_external(converted.config.run_dir, other, split="all")
+    assert result["model"] == "fp32_pb"
+    with open(rsna / "stage_2_detailed_class_info.csv", newline="") as fh:
+        classes = {row["patientId"]: row["class"] for row in csv.DictReader(fh)}
+    paths = [image["path"] for image in result["images"]]
+    truth = np.array([classes[Path(p).stem] == "Lung Opacity" for p in paths])
+    p = onnx_probabilities(converted.source, paths)[:, 1]
+    assert result["metrics"]["PNEUMONIA"]["auc"] == pytest.approx(roc_auc_score(truth, p), abs=1e-5)
+
+
+def _manifest(artifacts: dict[str, str], record=None, task="binary", classes=("NORMAL", "PNEUMONIA")):
+    return SimpleNamespace(artifacts={k: SimpleNamespace(sha256=v) for k, v in artifacts.items()},
+                           facts=SimpleNamespace(thresholds=record, task=task, classes=list(classes)))
+
+
+def test_only_a_converted_run_without_current_thresholds_gets_them_chosen():
+    record = thresholds.choose("binary", np.eye(2)[[0, 1, 1, 0]], np.array([[.9, .1], [.2, .8], [.6, .4], [.7, .3]]),
+                               ["NORMAL", "PNEUMONIA"], thresholds.Policy("youden"), chosen_for={"fp32_pb": "ccc"})
+    # a trained run: train and tune own its thresholds, even when it has none or they are stale
+    assert thresholds.to_choose(_manifest({"keras_model": "aaa", "fp32_pb": "ccc"})) is None
+    assert thresholds.to_choose(_manifest({"keras_model": "aaa", "fp32_pb": "ccc"}, record)) is None
+    # a converted run: none yet, or chosen for the graph it had before a reconversion → choose; current → keep
+    assert "no operating thresholds" in thresholds.to_choose(_manifest({"fp32_pb": "ccc"}))
+    assert "earlier model" in thresholds.to_choose(_manifest({"fp32_pb": "ddd"}, record))
+    assert thresholds.to_choose(_manifest({"fp32_pb": "ccc"}, record)) is None
+    current = thresholds.Thresholds.from_manifest(_manifest({"fp32_pb": "ccc"}, record), "binary",
+                                                  ["NORMAL", "PNEUMONIA"])
+    assert current.source == "validation" and current.values == {"PNEUMONIA": record["classes"]["PNEUMONIA"]["value"]}
+
+
+@pytest.mark.slow
+def test_quantize_chooses_a_converted_runs_thresholds_on_validation(converted, tmp_path, repo_root):
+    from medq.quantize import run_quantize
+
+    config = load_config(None, [f"data.root={converted.data}", "data.generate=false",
+                                f"run.output_dir={tmp_path}", "run.name=q", f"preprocess.image_size={SIZE}",
+                                "thresholds.policy=specificity", f"thresholds.target={TARGET}",
+                                f"quantize.deploy={Path(repo_root) / 'tests' / 'fixtures' / 'wide_criterion_deploy.yaml'}",
+                                "quantize.allow_chance=true"])
+    convert(converted.source, run_dir=config.run_dir, task="binary", classes=["NORMAL", "PNEUMONIA"],
+            normalization="unit", verbose=False)
+    run_quantize(config)
+    manifest = json.loads((config.run_dir / "manifest.json").read_text())
+    record = manifest["thresholds"]
+    assert record["policy"] == "specificity" and "fp32_pb" in record["chosen_for"]
+    index = pinned.run_index(config)
+    truth = index.labels("val")[:, 1] >= 0.5
+    p = onnx_probabilities(converted.source, index.paths("val"))[:, 1]
+    fpr, _, candidates = roc_curve(truth, p, drop_intermediate=False)
+    best = candidates[np.flatnonzero(1 - fpr >= TARGET - 1e-12)[-1]]  # the lowest threshold meeting the target
+    t = record["classes"]["PNEUMONIA"]["value"]
+    # onnxruntime's float32 probabilities differ from the graph's by rounding: compare the calls away from t
+    far = np.abs(p - t) > 1e-5
+    assert ((p >= t) == (p >= best))[far].all()
+    assert record["classes"]["PNEUMONIA"]["validation"]["specificity"] >= TARGET
