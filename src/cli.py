@@ -358,6 +358,11 @@ def _evaluation_lines(report: dict[str, Any]) -> list[str]:
         parts.append(f"Brier {_f4(clinical.get('brier'))}, ECE {_f4(clinical.get('ece'))}")
         lines.append(f"{name.replace('_', '-'):12s} " + "; ".join(parts))
         lines += _operating_lines(m.get("operating_points"), report["split"])
+    table = (report.get("single_crop") or {}).get("subgroups")
+    if table:
+        from medq.subgroups import markdown
+
+        lines += ["subgroups (single-crop):", *markdown(table)]
     return lines
 
 

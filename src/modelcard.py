@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from medq import artifacts, runrecord
+from medq.subgroups import markdown as subgroup_markdown
 
 NOT_A_DEVICE = ("Not a medical device. This model was trained and measured by medq for research and engineering "
                 "(CPU inference, quantization); it has not been cleared or approved by any regulator and must not be "
@@ -59,6 +60,10 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
     m, bench = record["manifest"], record["benchmark"]
     config = m.get("config") or {}
     stages = m["stages"]
+    evaluated = stages.get("evaluate") or {}
+    subgroups = evaluated.get("subgroups") or NOT_DETERMINED
+    if isinstance(subgroups, dict) and "available" in subgroups:  # medq.subgroups' table
+        subgroups = {**subgroups, "split": evaluated.get("split")}
     data_stage = stages.get("data") or stages.get("train") or {}
     source = m.get("data_source") or "unknown"
     synthetic = source.startswith("synthetic")
@@ -106,10 +111,10 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
         "quantitative_analyses": {
             "precision_paths": _paths(bench),
             "thresholds": operating_thresholds(m),
-            "subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED,
+            "subgroups": subgroups,
             "external_evaluations": m.get("external_evaluations") or NOT_DETERMINED,
         },
-        "factors": {"subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED},
+        "factors": {"subgroups": _factors(subgroups)},
         "ethical_considerations": NOT_A_DEVICE,
         "caveats_and_recommendations": limitations(m, bench, record["patients"]),
         "lineage": [{k: row[k] for k in ("key", "path", "stage", "sha256", "stale")} for row in record["lineage"]],
@@ -279,7 +284,8 @@ def render_markdown(card: dict[str, Any]) -> str:
             lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
                 f"{target} → {_num(value)}" for target, value in (points or {}).items()))
     lines += _threshold_lines(q["thresholds"])
-    lines += [f"- Subgroups: {_text(q['subgroups'])}", f"- External evaluations: {_text(q['external_evaluations'])}",
+    lines += _subgroup_lines(q["subgroups"])
+    lines += [f"- External evaluations: {_text(q['external_evaluations'])}",
               "", "## Caveats and recommendations (detected by medq)"]
     lines += [f"- {c}" for c in card["caveats_and_recommendations"]] or ["- none detected"]
     lines += ["", "## Lineage", "", "| artifact | file | stage | sha256 | stale |", "|---|---|---|---|---|"]
@@ -312,6 +318,24 @@ def _ci(value: Any, interval: Any) -> str:
 
 def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _factors(subgroups: Any) -> Any:
+    """Mitchell et al.'s evaluation factors: the patient attributes the subgroup analysis covered."""
+    if not isinstance(subgroups, dict) or "available" not in subgroups:
+        return subgroups
+    if not subgroups["available"]:
+        return subgroups.get("note")
+    return {"attributes": subgroups.get("attributes"), "age_bands": subgroups.get("age_bands"),
+            "source": "the dataset's patient metadata (medq.data.metadata)"}
+
+
+def _subgroup_lines(subgroups: Any) -> list[str]:
+    if not isinstance(subgroups, dict) or "available" not in subgroups:
+        return [f"- Subgroups: {_text(subgroups)}"]
+    split = subgroups.get("split", "test")
+    return ["", f"### Subgroups ({split} split, single crop, at the operating thresholds, 95% intervals)", "",
+            *subgroup_markdown(subgroups), ""]
 
 
 def _text(value: Any) -> str:

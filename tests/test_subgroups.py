@@ -1,0 +1,266 @@
+"""Subgroups (issue 23 item 3): patient metadata read from the datasets as they arrive (NIH CSV columns, RSNA DICOM
+headers), per-subgroup metrics with intervals, the "below overall" flag, and where the table goes (evaluate's record,
+benchmark rows, the model card). Oracles: the CSV read with the csv module, the DICOM headers read with pydicom,
+sklearn's roc_auc_score, hand-counted sensitivity/specificity and scipy's Wilson interval."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import roc_auc_score
+
+from medq.config import SubgroupsConfig, load_config
+from medq.errors import ConfigError
+from medq.subgroups import Subgroups, markdown
+from medq.thresholds import Thresholds
+
+BINARY = ["NORMAL", "PNEUMONIA"]
+
+
+def _wilson(k: int, n: int) -> list[float]:
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    return [ci.low, ci.high]
+
+
+def _nih(root: Path, n_train: int = 30, n_test: int = 12):
+    from medq.data.phantoms_nih import generate_chest_multilabel
+
+    generate_chest_multilabel(root, n_train=n_train, n_val=0, n_test=n_test, size=32, seed=3)
+    return root
+
+
+# --- readers -------------------------------------------------------------------------------------------------------
+
+def test_nih_metadata_is_read_per_image_and_impossible_ages_are_unknown_and_counted(tmp_path):
+    from medq.data.nih import read_nih_chestxray14
+
+    root = _nih(tmp_path / "nih")
+    table = root / "Data_Entry_2017.csv"
+    rows = list(csv.reader(table.open()))
+    header, body = rows[0], rows[1:]
+    age, sex, view = (header.index(c) for c in ("Patient Age", "Patient Gender", "View Position"))
+    # the data-entry errors of the real table (ages 411-414), a missing age and a missing sex
+    body[0][age], body[1][age], body[2][age], body[3][sex] = "411", "412", "", ""
+    body[4][age] = "3"
+    with table.open("w", newline="") as fh:
+        csv.writer(fh).writerows([header] + body)
+    index = read_nih_chestxray14(root)
+    by_name = {Path(s.path).name: s for samples in index.splits.values() for s in samples}
+
+    def expected(row):  # the oracle: the rules written out by hand
+        years = row[age].strip()
+        a = years if years and 0 <= int(years) <= 120 else "unknown"
+        return (row[sex] or "unknown", a, row[view])
+
+    assert by_name and all(by_name[r[0]].metadata == expected(r) for r in body if r[0] in by_name)
+    assert by_name[body[0][0]].metadata[1] == "unknown" and by_name[body[4][0]].metadata[1] == "3"
+    note = next(n for n in index.notes if "outside 0-120" in n)
+    assert note.startswith("2 rows of Data_Entry_2017.csv") and "411" in note and "412" in note
+
+
+def test_nih_table_without_the_metadata_columns_carries_none(tmp_path):
+    from medq.data.nih import read_nih_chestxray14
+
+    root = _nih(tmp_path / "nih")
+    table = root / "Data_Entry_2017.csv"
+    rows = [r[:4] for r in csv.reader(table.open())]  # Image Index, Finding Labels, Follow-up #, Patient ID
+    with table.open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    index = read_nih_chestxray14(root)
+    assert all(s.metadata == () for samples in index.splits.values() for s in samples)
+    assert any("no patient metadata" in n for n in index.notes)
+
+
+def test_rsna_metadata_comes_from_the_dicom_header_in_both_age_spellings(tmp_path):
+    import pydicom
+
+    from medq.artifacts import write_bytes
+    from medq.data.dicom import dicom_bytes
+    from medq.data.phantoms_rsna import generate_rsna_dicom
+    from medq.data.rsna import read_rsna_pneumonia
+
+    root = tmp_path / "rsna"
+    generate_rsna_dicom(root, n_train=10, n_val=2, n_test=4, size=32, seed=5)
+    files = sorted((root / "stage_2_train_images").glob("*.dcm"))
+    # a DICOM Age String, an age in months and a file whose header has none of the three tags
+    replaced = {files[0]: {"PatientSex": "F", "PatientAge": "058Y", "ViewPosition": "AP"},
+                files[1]: {"PatientSex": "M", "PatientAge": "006M", "ViewPosition": "PA"}, files[2]: {}}
+    for path, header in replaced.items():
+        write_bytes(path, dicom_bytes(np.full((32, 32), 100, np.uint8), patient_id=path.stem, header=header))
+    index = read_rsna_pneumonia(root)
+    samples = {Path(s.path).name: s for split in index.splits.values() for s in split}
+    assert len(samples) == 16
+    for path in files[3:]:  # the phantoms' own headers, read back with pydicom (plain-number ages, as in RSNA)
+        ds = pydicom.dcmread(path)
+        age = ds.PatientAge if int(ds.PatientAge) <= 120 else "unknown"
+        assert samples[path.name].metadata == (ds.PatientSex, age, ds.ViewPosition)
+    assert samples[files[0].name].metadata == ("F", "58", "AP")
+    assert samples[files[1].name].metadata == ("M", "0.5", "PA")
+    assert samples[files[2].name].metadata == ("unknown", "unknown", "unknown")
+    assert any("without sex" in n for n in index.notes)
+
+
+def test_metadata_survives_the_pinned_split(tmp_path):
+    from medq.data import pinned
+
+    root = _nih(tmp_path / "nih")
+    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={root}", "data.generate=false"])
+    first = pinned.run_index(config)  # pins
+    again = pinned.run_index(config)  # applies the pin
+    meta = {s.path: s.metadata for samples in first.splits.values() for s in samples}
+    assert all(s.metadata == meta[s.path] and s.metadata for samples in again.splits.values() for s in samples)
+
+
+# --- the table -----------------------------------------------------------------------------------------------------
+
+def _known_binary():
+    """Two sexes; F: 6 positives / 6 negatives, M: 5 / 7 (hand-made scores with ties and errors)."""
+    truth = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    score = np.array([.9, .8, .7, .4, .6, .6, .1, .2, .3, .6, .5, .2, .9, .3, .2, .7, .8, .1, .4, .6, .3, .2, .1, .5])
+    sex = ["F"] * 12 + ["M"] * 12
+    meta = [(s, str(30 + i), "PA") for i, s in enumerate(sex)]
+    return truth, score, meta
+
+
+def test_binary_subgroup_metrics_match_sklearn_and_hand_counts():
+    truth, score, meta = _known_binary()
+    y, p = np.stack([1 - truth, truth], 1), np.stack([1 - score, score], 1)
+    thresholds = Thresholds.uniform("binary", BINARY, 0.5, "override")
+    table = Subgroups(meta, SubgroupsConfig(attributes=["sex"], min_images=5)).table("binary", BINARY, y, p, thresholds)
+    rows = {r["value"]: r for r in table["groups"]}
+    assert list(rows) == ["F", "M"]
+    for value, sl in (("F", slice(0, 12)), ("M", slice(12, 24))):
+        row = rows[value]
+        assert row["n"] == 12 and row["positives"]["PNEUMONIA"] == truth[sl].sum()
+        assert row["auc"] == pytest.approx(roc_auc_score(truth[sl], score[sl]))
+        assert row["auc_ci"][0] < row["auc"] < row["auc_ci"][1]
+    # hand-counted at 0.5 (>= is positive): F has TP 5 of 6 (0.4 missed), TN 4 of 6 (0.6 and 0.5 called)
+    f = rows["F"]["operating_points"]["PNEUMONIA"]
+    assert (f["sensitivity"], f["specificity"]) == (pytest.approx(5 / 6), pytest.approx(4 / 6))
+    assert f["sensitivity_ci"] == pytest.approx(_wilson(5, 6)) and f["specificity_ci"] == pytest.approx(_wilson(4, 6))
+    # M: TP .9 .7 .8 = 3 of 5; TN: .1 .4 .3 .2 .1 = 5 of 7 (.6 and .5 called)
+    m = rows["M"]["operating_points"]["PNEUMONIA"]
+    assert (m["sensitivity"], m["specificity"]) == (pytest.approx(3 / 5), pytest.approx(5 / 7))
+    assert table["overall"]["auc"] == pytest.approx(roc_auc_score(truth, score))
+    assert table["flagged"] == []  # 12 images a group: intervals far too wide to separate
+
+
+def test_multilabel_summary_auc_is_the_mean_over_the_classes_a_subgroup_can_judge():
+    rng = np.random.default_rng(0)
+    n = 80
+    y = (rng.random((n, 3)) < 0.4).astype(float)
+    y[:40, 2] = 0  # no positive of the third label among the first 40 (view AP)
+    p = np.clip(y * 0.3 + rng.random((n, 3)) * 0.7, 0, 1)
+    meta = [("F", "50", "AP" if i < 40 else "PA") for i in range(n)]
+    classes = ["a", "b", "c"]
+    table = Subgroups(meta, SubgroupsConfig(attributes=["view"])).table(
+        "multilabel", classes, y, p, Thresholds.uniform("multilabel", classes, 0.5, "override"))
+    ap, pa = table["groups"]
+    assert ap["value"] == "AP" and ap["per_class_auc"]["c"] == {"value": None, "ci": None, "note": "no positives"}
+    assert ap["auc_classes"] == ["a", "b"]
+    assert ap["auc"] == pytest.approx(np.mean([roc_auc_score(y[:40, k], p[:40, k]) for k in (0, 1)]))
+    assert pa["auc"] == pytest.approx(np.mean([roc_auc_score(y[40:, k], p[40:, k]) for k in range(3)]))
+    assert ap["operating_points"]["c"]["sensitivity"] is None and ap["operating_points"]["c"]["n_positive"] == 0
+
+
+def test_a_subgroup_the_model_fails_is_flagged_and_a_small_one_is_only_shown():
+    rng = np.random.default_rng(1)
+    n_ap, n_pa, n_ll = 150, 150, 12
+    n = n_ap + n_pa + n_ll
+    truth = (np.arange(n) % 2).astype(float)
+    score = truth * 0.6 + rng.random(n) * 0.4  # separable: PA and LL
+    score[:n_ap] = rng.random(n_ap)  # AP: the model guesses
+    score[n - n_ll:] = 1 - score[n - n_ll:]  # LL: inverted, but only 12 images
+    meta = [("M", "40", "AP" if i < n_ap else "PA" if i < n_ap + n_pa else "LL") for i in range(n)]
+    y, p = np.stack([1 - truth, truth], 1), np.stack([1 - score, score], 1)
+    table = Subgroups(meta, SubgroupsConfig(min_images=30)).table(
+        "binary", BINARY, y, p, Thresholds.uniform("binary", BINARY, 0.5, "override"))
+    rows = {r["value"]: r for r in table["groups"] if r["attribute"] == "view"}
+    assert rows["AP"]["status"] == "below overall" and rows["PA"]["status"] == "ok"
+    assert rows["LL"]["status"] == "too few images" and rows["LL"]["flags"] == []
+    assert rows["LL"]["auc"] == pytest.approx(roc_auc_score(truth[-n_ll:], score[-n_ll:]))  # shown all the same
+    assert table["flagged"] == ["view AP"]
+    # the rule by hand: AP's upper bound below the overall lower bound, for AUC
+    auc_flag = next(f for f in rows["AP"]["flags"] if f["metric"] == "AUC")
+    assert auc_flag["ci"][1] < table["overall"]["auc_ci"][0]
+    # the age attribute has one band ([40, 60)): the same images as overall, never below it
+    assert [r["value"] for r in table["groups"] if r["attribute"] == "age"] == ["[40, 60)"]
+    assert "| view position: AP | 150 |" in "\n".join(markdown(table))
+
+
+def test_on_nih_phantoms_the_view_with_noisy_predictions_is_flagged(tmp_path):
+    """A test split whose AP films get noisy predictions and PA films good ones: AP is flagged, PA and the sexes
+    (mixed views) are not."""
+    from medq.data.nih import read_nih_chestxray14
+
+    index = read_nih_chestxray14(_nih(tmp_path / "nih", n_train=20, n_test=160))
+    y = index.labels("test")
+    views = np.array([s.metadata[2] for s in index.splits["test"]])
+    rng = np.random.default_rng(2)
+    p = np.clip(y * 0.7 + rng.random(y.shape) * 0.3, 0, 1)
+    p[views == "AP"] = rng.random(((views == "AP").sum(), y.shape[1]))
+    table = Subgroups.of(index, "test", SubgroupsConfig(min_images=20)).table(
+        "multilabel", index.classes, y, p, Thresholds.uniform("multilabel", index.classes, 0.5, "override"))
+    status = {(r["attribute"], r["value"]): r["status"] for r in table["groups"]}
+    assert status[("view", "AP")] == "below overall" and status[("view", "PA")] == "ok"
+    assert "below overall" not in {status[k] for k in status if k[0] == "sex"}
+    assert table["overall"]["n"] == len(index.splits["test"]) == sum(
+        r["n"] for r in table["groups"] if r["attribute"] == "view")
+
+
+def test_kaggle_layout_says_it_has_no_patient_metadata(tmp_path):
+    from medq.data.phantoms import generate_chest_pneumonia
+    from medq.data.readers import read_dataset
+
+    generate_chest_pneumonia(tmp_path / "chest_xray", 48, 4, 12, 40, 7)
+    config = load_config(None, [f"data.root={tmp_path / 'chest_xray'}", "data.generate=false"])
+    index = read_dataset(config.data, seed=1)
+    y = index.labels("test")
+    table = Subgroups.of(index, "test", config.subgroups).table(
+        "binary", index.classes, y, y, Thresholds.uniform("binary", index.classes, 0.5, "override"))
+    assert table["available"] is False
+    assert "no patient metadata" in table["note"] and "child" in table["note"]
+    assert markdown(table) == [f"- Subgroups: {table['note']}"]
+
+
+def test_subgroups_config_is_strict():
+    with pytest.raises(ConfigError, match="age_bands"):
+        load_config(None, ["subgroups.age_bands=[0, 40, 20]"])
+    with pytest.raises(ConfigError, match="attributes"):
+        load_config(None, ["subgroups.attributes=[race]"])
+    assert load_config(None, ["subgroups.age_bands=[0, 65, 120]"]).subgroups.age_bands == [0.0, 65.0, 120.0]
+
+
+# --- where the table goes --------------------------------------------------------------------------------------------
+
+def test_evaluate_records_the_subgroup_table_and_the_card_renders_it(tmp_path):
+    """A tiny model trained on NIH-layout phantoms: evaluate writes the table into evaluation.json and the record's
+    evaluate entry; the group sizes are the CSV's (read with the csv module); the card shows the table."""
+    from medq import runrecord
+    from medq.modelcard import write_card
+    from medq.train import run_evaluate, run_train
+
+    root = _nih(tmp_path / "nih", n_train=40, n_test=40)
+    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={root}", "data.format=nih-chestxray14",
+                                "data.generate=false", "preprocess.image_size=32", "train.epochs=1",
+                                "model.params={blocks: 2, filters: 4, dense_units: 8}", "subgroups.min_images=5"])
+    run_train(config)
+    result = run_evaluate(config)
+    table = result["single_crop"]["subgroups"]
+    entry = runrecord.read_manifest(config.run_dir).stage(runrecord.EvaluateEntry)
+    assert entry.subgroups == json.loads((config.run_dir / "evaluation.json").read_text())["single_crop"]["subgroups"]
+    test_names = set((root / "test_list.txt").read_text().split())
+    rows = [r for r in csv.DictReader((root / "Data_Entry_2017.csv").open()) if r["Image Index"] in test_names]
+    by_sex = {g["value"]: g["n"] for g in table["groups"] if g["attribute"] == "sex"}
+    assert by_sex == {s: sum(r["Patient Gender"] == s for r in rows) for s in {r["Patient Gender"] for r in rows}}
+    assert table["overall"]["n"] == len(rows)
+    md = write_card(config.run_dir)["md"].read_text()
+    assert "### Subgroups (test split" in md
+    female = next(g for g in table["groups"] if g["attribute"] == "sex" and g["value"] == "F")
+    assert f"| sex: F | {by_sex['F']} | " in md and f"{female['auc']:.3f}" in md
+    card = json.loads((config.run_dir / "model_card.json").read_text())
+    assert card["factors"]["subgroups"]["attributes"] == table["attributes"]
