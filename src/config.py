@@ -115,6 +115,9 @@ class DataConfig:
     # and stage with that size. "" = <run.output_dir>/cache.
     cache: bool = True
     cache_dir: str = ""
+    # csv tables: the columns holding patient metadata for the subgroup analysis (medq.subgroups), e.g.
+    # {sex: PatientSex, age: Age, view: View}; they are then not label columns. NIH and RSNA read theirs on their own.
+    metadata_columns: dict[str, str] = field(default_factory=dict)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
 
@@ -465,6 +468,8 @@ def _check_ranges(obj: Any, where: str) -> None:
     if isinstance(obj, SubgroupsConfig):
         _check_subgroups(obj, where)
         return
+    if isinstance(obj, DataConfig):
+        _check_metadata_columns(obj, where)
     if isinstance(obj, LowResConfig):  # 0/0 is "off"; otherwise both are set
         negative = min(obj.image_size, obj.epochs, obj.learning_rate) < 0
         if negative or (obj.image_size == 0) != (obj.epochs == 0):
@@ -480,6 +485,13 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
         if f.name == "learning_rate" and isinstance(value, float) and not 0.0 < value < 10.0:
             raise ConfigError(f"{key}: must be a positive learning rate, got {value}")
+
+
+def _check_metadata_columns(obj: DataConfig, where: str) -> None:
+    unknown = sorted(set(obj.metadata_columns) - {"sex", "age", "view"})
+    if unknown:
+        raise ConfigError(f"{where}.metadata_columns: {unknown[0]!r} is not a patient attribute medq reads; use sex, "
+                          "age and view, e.g. {sex: PatientSex, age: Age, view: View}")
 
 
 def _check_subgroups(obj: SubgroupsConfig, where: str) -> None:

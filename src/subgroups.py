@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from medq.data.index import METADATA, DatasetIndex
-from medq.data.metadata import KAGGLE_NOTE, NO_METADATA, UNKNOWN, age_years
+from medq.data.metadata import KAGGLE_NOTE, MAX_AGE, NO_METADATA, UNKNOWN, age_years
 from medq.metrics import auc_ci, mean_auc_influence, normal_ci, with_ci
 from medq.thresholds import Thresholds, held
 
@@ -81,21 +81,25 @@ class Subgroups:
                 "flagged": [f"{g['attribute']} {g['value']}" for g in groups if g["status"] == BELOW]}
 
 
+def band_labels(edges: list[float]) -> list[str]:
+    """'[18, 40)' per band, the lower edge included; a top band open beyond any real age is '≥ 80'."""
+    return [f"≥ {lo:g}" if hi > MAX_AGE else f"[{lo:g}, {hi:g})" for lo, hi in zip(edges, edges[1:])]
+
+
 def age_band(age: str, edges: list[float]) -> str:
-    """'58' → '[40, 60)'; 'unknown' stays; an age outside the edges → 'outside [0, 200)'."""
+    """'58' → '[40, 60)'; 'unknown' stays; an age outside the edges → 'outside [0, 90)'."""
     years = age_years(age) if age != UNKNOWN else None
     if years is None:
         return UNKNOWN
-    for lo, hi in zip(edges, edges[1:]):
+    for (lo, hi), label in zip(zip(edges, edges[1:]), band_labels(edges)):
         if lo <= years < hi:
-            return f"[{lo:g}, {hi:g})"
+            return label
     return f"outside [{edges[0]:g}, {edges[-1]:g})"
 
 
 def _ordered(values: set[str], attribute: str, edges: list[float]) -> list[str]:
     if attribute == "age":
-        bands = [f"[{lo:g}, {hi:g})" for lo, hi in zip(edges, edges[1:])]
-        order = bands + [f"outside [{edges[0]:g}, {edges[-1]:g})", UNKNOWN]
+        order = band_labels(edges) + [f"outside [{edges[0]:g}, {edges[-1]:g})", UNKNOWN]
         return [v for v in order if v in values]
     return sorted(values - {UNKNOWN}) + ([UNKNOWN] if UNKNOWN in values else [])
 

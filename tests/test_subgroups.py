@@ -104,6 +104,36 @@ def test_rsna_metadata_comes_from_the_dicom_header_in_both_age_spellings(tmp_pat
     assert any("without sex" in n for n in index.notes)
 
 
+def test_csv_table_metadata_columns_are_read_and_are_not_labels(tmp_path):
+    import cv2
+
+    from medq.data.readers import read_dataset
+
+    root = tmp_path / "table"
+    (root / "img").mkdir(parents=True)
+    rows = ["image,finding,Sex,Age,View"]
+    table = [("effusion", "F", "34", "PA"), ("normal", "M", "071Y", "AP"), ("effusion", "", "999", "ap"),
+             ("normal", "female", "12", "")] * 3
+    for i, (finding, sex, age, view) in enumerate(table):
+        cv2.imwrite(str(root / "img" / f"{i}.png"), np.full((32, 32), 10 * i, np.uint8))
+        rows.append(f"img/{i}.png,{finding},{sex},{age},{view}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    config = load_config(None, [f"data.root={root}", "data.generate=false", "data.format=csv",
+                                "data.metadata_columns={sex: Sex, age: Age, view: View}"])
+    index = read_dataset(config.data, seed=1)
+    assert index.classes == ["effusion", "normal"]  # Sex, Age and View are not label columns
+    expected = {"F": "F", "M": "M", "": "unknown", "female": "F"}
+    for s in (s for split in index.splits.values() for s in split):
+        finding, sex, age, view = table[int(Path(s.path).stem)]
+        years = {"34": "34", "071Y": "71", "999": "unknown", "12": "12"}[age]
+        assert s.metadata == (expected[sex], years, view.upper() or "unknown")
+    with pytest.raises(Exception, match="no column 'Gender'"):
+        read_dataset(load_config(None, [f"data.root={root}", "data.generate=false",
+                                        "data.metadata_columns={sex: Gender}"]).data, seed=1)
+    with pytest.raises(ConfigError, match="metadata_columns"):
+        load_config(None, ["data.metadata_columns={race: R}"])
+
+
 def test_metadata_survives_the_pinned_split(tmp_path):
     from medq.data import pinned
 
@@ -264,3 +294,54 @@ def test_evaluate_records_the_subgroup_table_and_the_card_renders_it(tmp_path):
     assert f"| sex: F | {by_sex['F']} | " in md and f"{female['auc']:.3f}" in md
     card = json.loads((config.run_dir / "model_card.json").read_text())
     assert card["factors"]["subgroups"]["attributes"] == table["attributes"]
+
+
+def test_benchmark_inputs_keep_each_images_metadata_beside_its_label_when_one_is_unreadable(tmp_path):
+    """The benchmark's test inputs drop unreadable images: the metadata must drop the same ones, or every subgroup
+    row would mix other patients' predictions."""
+    from medq import artifacts, runrecord
+    from medq.benchmark.runner import test_inputs
+    from medq.data.nih import read_nih_chestxray14
+
+    root = _nih(tmp_path / "nih", n_train=10, n_test=12)
+    index = read_nih_chestxray14(root)
+    broken = index.splits["test"][3]
+    Path(broken.path).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG signature, then nothing usable
+    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={root}", "data.generate=false",
+                                "preprocess.image_size=32", "data.cache=false"])
+    run = config.run_dir
+    runrecord.commit(run, "data", facts={"preprocess": {"image_size": 32, "channels": 1, "normalization": "unit",
+                                                        "bit_depth": "auto"}})
+    bench = run / "benchmark"
+    bench.mkdir(parents=True)
+    inputs = test_inputs(config, runrecord.read_manifest(run), index, bench)
+    kept = [s for s in index.splits["test"] if s.path != broken.path]
+    assert inputs["n_images"] == len(kept) == 11
+    assert inputs["subgroups"].metadata == [s.metadata for s in kept]
+    np.testing.assert_array_equal(inputs["labels"], np.asarray([s.label for s in kept], dtype=np.float32))
+    assert artifacts.sha256(inputs["path"]) == inputs["sha256"]
+
+
+def test_benchmark_report_shows_each_paths_subgroup_table():
+    from medq.benchmark.report import subgroup_section
+
+    truth, score, meta = _known_binary()
+    y = np.stack([1 - truth, truth], 1)
+    groups = Subgroups(meta, SubgroupsConfig(attributes=["sex"], min_images=5))
+    thresholds = Thresholds.uniform("binary", BINARY, 0.5, "override")
+    rows = [{"id": rid, "subgroups": groups.table("binary", BINARY, y, np.stack([1 - s, s], 1), thresholds)}
+            for rid, s in (("tensorflow-fp32", score), ("tensorflow-int8", np.clip(score + 0.05, 0, 1)))]
+    md = "\n".join(subgroup_section({"results": rows}))
+    assert "### tensorflow-fp32" in md and "### tensorflow-int8" in md
+    f_int8 = roc_auc_score(truth[:12], np.clip(score[:12] + 0.05, 0, 1))
+    assert f"| sex: F | 12 | {f_int8:.3f} [" in md.split("### tensorflow-int8")[1]
+
+
+def test_age_bands_follow_the_config_and_unknown_or_outside_ages_are_rows_of_their_own():
+    from medq.subgroups import age_band
+
+    default = SubgroupsConfig().age_bands
+    assert [age_band(a, default) for a in ("0.5", "17", "18", "79.9", "80", "119", "unknown")] == \
+        ["[0, 18)", "[0, 18)", "[18, 40)", "[60, 80)", "≥ 80", "≥ 80", "unknown"]
+    assert [age_band(a, [20.0, 65.0, 90.0]) for a in ("19", "20", "64", "65", "95")] == \
+        ["outside [20, 90)", "[20, 65)", "[20, 65)", "[65, 90)", "outside [20, 90)"]

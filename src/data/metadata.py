@@ -40,6 +40,10 @@ class Demographics:
     def __call__(self, sex: str, age: str, view: str) -> tuple[str, str, str]:
         return self._sex(sex), self._age(age), self._view(view)
 
+    def of_row(self, row: list[str], columns: list[int | None]) -> tuple[str, str, str]:
+        """From a table row: ``columns`` are the indices of sex, age and view (None: the table has no such column)."""
+        return self(*(row[i] if i is not None and i < len(row) else "" for i in columns))
+
     def _sex(self, text: str) -> str:
         value = SEXES.get(str(text or "").strip().upper())
         if value is None:
@@ -68,7 +72,7 @@ class Demographics:
         return value
 
     def notes(self, source: str) -> list[str]:
-        out = []
+        out = [f"patient metadata (sex, age, view) from {source}: subgroups can be reported (medq.subgroups)"]
         if self.out_of_range:
             shown = ", ".join(sorted(self.out_of_range, key=lambda a: -self.out_of_range[a])[:5])
             out.append(f"{sum(self.out_of_range.values())} rows of {source} have an age outside 0-{MAX_AGE:g} years "

@@ -141,8 +141,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
             intake.skip(name, "listed in the table but no such file in images_*/images/")
             continue
         patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
-        metadata = demographics(*(row[i] if i is not None and i < len(row) else "" for i in i_meta)) \
-            if demographics else ()
+        metadata = demographics.of_row(row, i_meta) if demographics else ()
         samples[name] = intake.sample(path, label, patient, f"{table.name} line {line} ({name})", metadata)
     checked = {name: s for name, s in samples.items() if intake.admit(s.path)}  # header check: ~20 µs a file
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
