@@ -182,38 +182,58 @@ def test_binary_subgroup_metrics_match_sklearn_and_hand_counts():
 def test_multilabel_summary_auc_is_the_mean_over_the_classes_a_subgroup_can_judge():
     rng = np.random.default_rng(0)
     n = 80
-    y = (rng.random((n, 3)) < 0.4).astype(float)
+    y = (rng.random((n, 4)) < 0.4).astype(float)
     y[:40, 2] = 0  # no positive of the third label among the first 40 (view AP)
-    p = np.clip(y * 0.3 + rng.random((n, 3)) * 0.7, 0, 1)
+    y[:40, 3] = 0
+    y[0, 3] = 1  # one positive of the fourth: an AUC, but no DeLong interval and not in the summary
+    p = np.clip(y * 0.3 + rng.random((n, 4)) * 0.7, 0, 1)
     meta = [("F", "50", "AP" if i < 40 else "PA") for i in range(n)]
-    classes = ["a", "b", "c"]
+    classes = ["a", "b", "c", "d"]
     table = Subgroups(meta, SubgroupsConfig(attributes=["view"])).table(
         "multilabel", classes, y, p, Thresholds.uniform("multilabel", classes, 0.5, "override"))
     ap, pa = table["groups"]
     assert ap["value"] == "AP" and ap["per_class_auc"]["c"] == {"value": None, "ci": None, "note": "no positives"}
     assert ap["auc_classes"] == ["a", "b"]
     assert ap["auc"] == pytest.approx(np.mean([roc_auc_score(y[:40, k], p[:40, k]) for k in (0, 1)]))
-    assert pa["auc"] == pytest.approx(np.mean([roc_auc_score(y[40:, k], p[40:, k]) for k in range(3)]))
+    assert ap["per_class_auc"]["d"]["value"] == pytest.approx(roc_auc_score(y[:40, 3], p[:40, 3]))
+    assert ap["per_class_auc"]["d"]["ci"] is None
+    assert pa["auc"] == pytest.approx(np.mean([roc_auc_score(y[40:, k], p[40:, k]) for k in range(4)]))
     assert ap["operating_points"]["c"]["sensitivity"] is None and ap["operating_points"]["c"]["n_positive"] == 0
 
 
 def test_a_subgroup_the_model_fails_is_flagged_and_a_small_one_is_only_shown():
     rng = np.random.default_rng(1)
-    n_ap, n_pa, n_ll = 150, 150, 12
-    n = n_ap + n_pa + n_ll
+    n_ap, n_pa, n_ll, n_lat = 150, 150, 12, 40
+    n = n_ap + n_pa + n_ll + n_lat
     truth = (np.arange(n) % 2).astype(float)
     score = truth * 0.6 + rng.random(n) * 0.4  # separable: PA and LL
     score[:n_ap] = rng.random(n_ap)  # AP: the model guesses
-    score[n - n_ll:] = 1 - score[n - n_ll:]  # LL: inverted, but only 12 images
-    meta = [("M", "40", "AP" if i < n_ap else "PA" if i < n_ap + n_pa else "LL") for i in range(n)]
+    ll = slice(n_ap + n_pa, n_ap + n_pa + n_ll)
+    score[ll] = 1 - score[ll]  # LL: inverted, but only 12 images
+    score[n - n_lat:] = 0.1 * score[n - n_lat:] + 0.9 * rng.random(n_lat)  # LATERAL: worse, on 40 images
+    view = ["AP"] * n_ap + ["PA"] * n_pa + ["LL"] * n_ll + ["LATERAL"] * n_lat
+    meta = [("M", "40", v) for v in view]
     y, p = np.stack([1 - truth, truth], 1), np.stack([1 - score, score], 1)
     table = Subgroups(meta, SubgroupsConfig(min_images=30)).table(
         "binary", BINARY, y, p, Thresholds.uniform("binary", BINARY, 0.5, "override"))
     rows = {r["value"]: r for r in table["groups"] if r["attribute"] == "view"}
     assert rows["AP"]["status"] == "below overall" and rows["PA"]["status"] == "ok"
     assert rows["LL"]["status"] == "too few images" and rows["LL"]["flags"] == []
-    assert rows["LL"]["auc"] == pytest.approx(roc_auc_score(truth[-n_ll:], score[-n_ll:]))  # shown all the same
+    assert rows["LL"]["auc"] == pytest.approx(roc_auc_score(truth[ll], score[ll]))  # shown all the same
+    # LATERAL's AUC lies below the overall interval, but its own interval reaches into it: not flagged
+    overall = table["overall"]
+    assert rows["LATERAL"]["auc"] == pytest.approx(roc_auc_score(truth[-n_lat:], score[-n_lat:]))
+    assert rows["LATERAL"]["auc"] < overall["auc_ci"][0] <= rows["LATERAL"]["auc_ci"][1]
+    assert rows["LATERAL"]["status"] == "ok"
     assert table["flagged"] == ["view AP"]
+    # the rule, checked by hand on every judged row: flagged iff an upper bound lies below the overall lower bound
+    for row in table["groups"]:
+        if row["n"] < 30:
+            continue
+        point, whole = row["operating_points"]["PNEUMONIA"], overall["operating_points"]["PNEUMONIA"]
+        below = row["auc_ci"][1] < overall["auc_ci"][0] or any(
+            point[f"{m}_ci"][1] < whole[f"{m}_ci"][0] for m in ("sensitivity", "specificity"))
+        assert (row["status"] == "below overall") == below, row["value"]
     # the rule by hand: AP's upper bound below the overall lower bound, for AUC
     auc_flag = next(f for f in rows["AP"]["flags"] if f["metric"] == "AUC")
     assert auc_flag["ci"][1] < table["overall"]["auc_ci"][0]
