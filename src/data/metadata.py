@@ -3,7 +3,7 @@
 ``Sample.metadata`` is ``(sex, age, view)`` (medq.data.index.METADATA): sex 'M' / 'F', age in years as a number
 string ('58', '0.5'), view 'PA' / 'AP' / 'LL' … (upper case) — or 'unknown' where the row has nothing usable. An age
 outside 0–120 years (NIH has data-entry errors such as 411) is never banded: it becomes 'unknown' and is counted in
-the reader's notes. Values are interned, so 112k NIH rows hold three shared strings each.
+the reader's notes. Equal tuples are one object, so 112k NIH rows share a few hundred tuples.
 """
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ class Demographics:
         self.out_of_range: dict[str, int] = {}  # the age as written → how many rows
         self.missing = {"sex": 0, "age": 0, "view": 0}
         self._ages: dict[str, str] = {}
+        self._seen: dict[tuple[str, str, str], tuple[str, str, str]] = {}
 
     def __call__(self, sex: str, age: str, view: str) -> tuple[str, str, str]:
-        return self._sex(sex), self._age(age), self._view(view)
+        found = self._sex(sex), self._age(age), self._view(view)
+        return self._seen.setdefault(found, found)  # a few hundred distinct tuples, shared by every image
 
     def of_row(self, row: list[str], columns: list[int | None]) -> tuple[str, str, str]:
         """From a table row: ``columns`` are the indices of sex, age and view (None: the table has no such column)."""
