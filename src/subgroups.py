@@ -23,7 +23,7 @@ import numpy as np
 
 from medq.data.index import METADATA, DatasetIndex
 from medq.data.metadata import KAGGLE_NOTE, MAX_AGE, NO_METADATA, UNKNOWN, age_years
-from medq.metrics import auc_ci, mean_auc_influence, normal_ci, with_ci
+from medq.metrics import auc_ci, delong_difference, mean_auc_influence, normal_ci, with_ci
 from medq.thresholds import Thresholds, held
 
 TITLES = {"sex": "sex", "age": "age band (years)", "view": "view position"}
@@ -48,8 +48,11 @@ class Subgroups:
         return replace(self, metadata=[self.metadata[int(i)] for i in indices])
 
     def table(self, task: str, classes: list[str], y_true: np.ndarray, y_prob: np.ndarray,
-              thresholds: Thresholds) -> dict[str, Any]:
-        """The subgroup table (JSON-ready): ``overall``, ``groups`` (one row per attribute value), ``flagged``."""
+              thresholds: Thresholds, reference: np.ndarray | None = None) -> dict[str, Any]:
+        """The subgroup table (JSON-ready): ``overall``, ``groups`` (one row per attribute value), ``flagged``.
+        ``reference``: another model's probabilities on the same images (the benchmark's FP32 row); each row then
+        has ``vs_reference``, the paired DeLong difference of its summary AUC (this − reference) with its 95%
+        interval: a precision path that loses one group shows it there."""
         if not any(self.metadata):
             note = NO_METADATA + ("; " + KAGGLE_NOTE if self.dataset_format == "kaggle-pneumonia" else "")
             return {"available": False, "note": note}
@@ -59,7 +62,8 @@ class Subgroups:
             raise ValueError(f"{len(self.metadata)} metadata rows for {len(y_true)} images")
         s = self.settings
         every = np.ones(len(y_true), dtype=bool)
-        overall = _row("all images", "", every, task, classes, y_true, y_prob, thresholds)
+        reference = None if reference is None else np.asarray(reference, dtype=np.float64)
+        overall = _row("all images", "", every, task, classes, y_true, y_prob, thresholds, reference)
         attributes = list(s.attributes) or [a for i, a in enumerate(METADATA)
                                             if any(m and m[i] != UNKNOWN for m in self.metadata)]
         groups = []
@@ -69,7 +73,7 @@ class Subgroups:
                 values = [age_band(v, s.age_bands) for v in values]
             values = np.asarray(values, dtype=object)
             for value in _ordered(set(values), attribute, s.age_bands):
-                row = _row(attribute, value, values == value, task, classes, y_true, y_prob, thresholds)
+                row = _row(attribute, value, values == value, task, classes, y_true, y_prob, thresholds, reference)
                 row["flags"] = _below(task, row, overall, y_true, y_prob) if row["n"] >= s.min_images else []
                 row["status"] = TOO_FEW if row["n"] < s.min_images else BELOW if row["flags"] else OK
                 groups.append(row)
@@ -119,7 +123,7 @@ def _summary_auc(truth: np.ndarray, prob: np.ndarray, columns: list[int]) -> tup
 
 
 def _row(attribute: str, value: str, mask: np.ndarray, task: str, classes: list[str], y_true: np.ndarray,
-         y_prob: np.ndarray, thresholds: Thresholds) -> dict[str, Any]:
+         y_prob: np.ndarray, thresholds: Thresholds, reference: np.ndarray | None) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     truth, prob = y_true[mask], y_prob[mask]
@@ -134,6 +138,9 @@ def _row(attribute: str, value: str, mask: np.ndarray, task: str, classes: list[
         row["auc"], row["auc_ci"] = None, None
         row["auc_note"] = "undefined: no class has 2 images with and 2 without its label here"
     row["auc_classes"] = [classes[k] for k in columns]
+    if reference is not None and columns:
+        paired = delong_difference(truth.astype(np.float64), reference[mask], prob, columns)
+        row["vs_reference"] = {"auc_difference": paired["difference"], "ci": paired["ci"]}
     per_class = {}
     for k, c in enumerate(classes):
         if positives[k] == 0 or positives[k] == n:
@@ -172,15 +179,16 @@ def _below(task: str, row: dict[str, Any], overall: dict[str, Any], y_true: np.n
             if ci is not None and whole_ci is not None and ci[1] < whole_ci[0]]
 
 
-def markdown(table: dict[str, Any]) -> list[str]:
-    """The table as Markdown lines (the CLI report, benchmark.md, the model card)."""
+def markdown(table: dict[str, Any], reference: str | None = None) -> list[str]:
+    """The table as Markdown lines (the CLI report, benchmark.md, the model card); ``reference`` names the model of
+    the rows' ``vs_reference`` (a column of its own)."""
     if not table.get("available"):
         return [f"- Subgroups: {table.get('note', NO_METADATA)}"]
     overall = table["overall"]
     single = list(overall["operating_points"])
     point = single[0] if len(single) == 1 else None
     head = "| subgroup | n | AUC (95% CI) |" + (f" {point} sensitivity | {point} specificity |" if point else "") \
-        + " status |"
+        + (f" Δ AUC vs {reference} |" if reference else "") + " status |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in [overall] + table["groups"]:
         name = "all images" if row is overall else f"{TITLES.get(row['attribute'], row['attribute'])}: {row['value']}"
@@ -190,6 +198,10 @@ def markdown(table: dict[str, Any]) -> list[str]:
             op = row["operating_points"][point]
             cells += [with_ci(op["sensitivity"], op["sensitivity_ci"]) if op["sensitivity"] is not None else "n/a",
                       with_ci(op["specificity"], op["specificity_ci"]) if op["specificity"] is not None else "n/a"]
+        if reference:
+            paired = row.get("vs_reference")
+            cells.append("n/a" if paired is None else f"{paired['auc_difference']:+.3f} "
+                                                      f"[{paired['ci'][0]:+.3f}, {paired['ci'][1]:+.3f}]")
         status = "" if row is overall else row["status"]
         if row is not overall and row["flags"]:
             status += ": " + ", ".join(flag["metric"] for flag in row["flags"])

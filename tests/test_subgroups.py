@@ -342,19 +342,31 @@ def test_benchmark_inputs_keep_each_images_metadata_beside_its_label_when_one_is
     assert artifacts.sha256(inputs["path"]) == inputs["sha256"]
 
 
-def test_benchmark_report_shows_each_paths_subgroup_table():
+def test_benchmark_report_shows_each_paths_subgroup_table_paired_with_the_baseline():
     from medq.benchmark.report import subgroup_section
 
     truth, score, meta = _known_binary()
+    int8 = np.clip(score + np.where(np.arange(24) % 3 == 0, 0.25, 0.0), 0, 1)  # moves some images, not all
     y = np.stack([1 - truth, truth], 1)
     groups = Subgroups(meta, SubgroupsConfig(attributes=["sex"], min_images=5))
     thresholds = Thresholds.uniform("binary", BINARY, 0.5, "override")
-    rows = [{"id": rid, "subgroups": groups.table("binary", BINARY, y, np.stack([1 - s, s], 1), thresholds)}
-            for rid, s in (("tensorflow-fp32", score), ("tensorflow-int8", np.clip(score + 0.05, 0, 1)))]
-    md = "\n".join(subgroup_section({"results": rows}))
-    assert "### tensorflow-fp32" in md and "### tensorflow-int8" in md
-    f_int8 = roc_auc_score(truth[:12], np.clip(score[:12] + 0.05, 0, 1))
-    assert f"| sex: F | 12 | {f_int8:.3f} [" in md.split("### tensorflow-int8")[1]
+    base = np.stack([1 - score, score], 1)
+    rows = [{"id": "tensorflow-fp32", "subgroups": groups.table("binary", BINARY, y, base, thresholds)},
+            {"id": "tensorflow-int8",
+             "subgroups": groups.table("binary", BINARY, y, np.stack([1 - int8, int8], 1), thresholds, base)}]
+    for row in rows[1]["subgroups"]["groups"]:
+        sl = slice(0, 12) if row["value"] == "F" else slice(12, 24)
+        expected = roc_auc_score(truth[sl], int8[sl]) - roc_auc_score(truth[sl], score[sl])
+        assert row["vs_reference"]["auc_difference"] == pytest.approx(expected)
+        assert row["vs_reference"]["ci"][0] <= expected <= row["vs_reference"]["ci"][1]
+    assert "vs_reference" not in rows[0]["subgroups"]["overall"]
+    md = "\n".join(subgroup_section({"results": rows, "baseline": "tensorflow-fp32"}))
+    fp32_part, int8_part = md.split("### tensorflow-int8")
+    assert "### tensorflow-fp32" in fp32_part and "Δ AUC" not in fp32_part
+    assert "| Δ AUC vs tensorflow-fp32 |" in int8_part
+    f_int8 = roc_auc_score(truth[:12], int8[:12])
+    f_diff = f_int8 - roc_auc_score(truth[:12], score[:12])
+    assert f"| sex: F | 12 | {f_int8:.3f} [" in int8_part and f"{f_diff:+.3f} [" in int8_part
 
 
 def test_age_bands_follow_the_config_and_unknown_or_outside_ages_are_rows_of_their_own():

@@ -162,7 +162,8 @@ def clinical_section(report: dict[str, Any]) -> list[str]:
 
 
 def subgroup_section(report: dict[str, Any]) -> list[str]:
-    """Each precision path's subgroup table (medq.subgroups): a quantized model must not fail one group only."""
+    """Each precision path's subgroup table (medq.subgroups), with each subgroup's paired AUC difference to the
+    baseline: a quantized model must not fail one group only."""
     from medq.subgroups import markdown as subgroup_lines
 
     rows = [r for r in report["results"] if r.get("subgroups")]
@@ -172,7 +173,8 @@ def subgroup_section(report: dict[str, Any]) -> list[str]:
         return ["## Subgroups", "", *subgroup_lines(rows[0]["subgroups"]), ""]
     out = ["## Subgroups (test split, at the run's thresholds, 95% intervals)", ""]
     for r in rows:
-        out += [f"### {r['id']}", "", *subgroup_lines(r["subgroups"]), ""]
+        paired = r["id"] != report.get("baseline") and "vs_reference" in r["subgroups"]["overall"]
+        out += [f"### {r['id']}", "", *subgroup_lines(r["subgroups"], report.get("baseline") if paired else None), ""]
     return out
 
 

@@ -592,10 +592,11 @@ def _results(todo: list[plan.Row], measured: dict[str, list[dict[str, Any]]], me
         probs = np.load(measuring.probs(row))
         entry["metrics"] = _metrics(task, classes, labels, probs, operating)
         entry["clinical"] = _clinical(task, classes, labels, probs)
-        if measuring.inputs.get("subgroups") is not None:
-            entry["subgroups"] = _clean(measuring.inputs["subgroups"].table(task, classes, labels, probs, operating))
         if row.id == plan.BASELINE:
             base_probs = probs
+        if measuring.inputs.get("subgroups") is not None:  # each subgroup paired with the baseline's predictions
+            entry["subgroups"] = _clean(measuring.inputs["subgroups"].table(
+                task, classes, labels, probs, operating, None if row.id == plan.BASELINE else base_probs))
         if base_probs is not None:  # the baseline is measured first: every other row is paired with it
             entry["fidelity"] = _fidelity(task, labels, base_probs, probs, bc.equivalence_margin, operating)
         if not row.reference and row.precision in bc.instance_precisions:
