@@ -190,6 +190,7 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
     stale = [k for k, a in (m.get("artifacts") or {}).items() if a.get("invalidated")]
     if stale:
         out.append(f"invalidated artifacts in the run: {', '.join(stale)}")
+    out += _subgroup_caveats((m["stages"].get("evaluate") or {}).get("subgroups"))
     thresholds = operating_thresholds(m)
     if isinstance(thresholds, str):
         out.append(f"decision thresholds {thresholds}")
@@ -318,6 +319,18 @@ def _ci(value: Any, interval: Any) -> str:
 
 def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _subgroup_caveats(subgroups: Any) -> list[str]:
+    """A subgroup evaluate flagged "below overall" (medq.subgroups), with the metrics that are."""
+    from medq.metrics import with_ci
+
+    if not isinstance(subgroups, dict):
+        return []
+    return [f"subgroup {row['attribute']} {row['value']} ({row['n']} images) is below the overall performance: "
+            + "; ".join(f"{f['metric']} {with_ci(f['value'], f['ci'])} < overall {with_ci(f['overall'], f['overall_ci'])}"
+                        for f in row["flags"])
+            for row in subgroups.get("groups") or [] if row.get("status") == "below overall"]
 
 
 def _factors(subgroups: Any) -> Any:

@@ -222,3 +222,31 @@ def test_medq_run_writes_a_card_that_matches_its_manifest_and_benchmark(tmp_path
         assert path["metrics"]["auc"] == rows[path["id"]]["metrics"]["auc"]
     assert {"tensorflow-fp32", "tensorflow-int8"} <= set(rows)
     assert card["lineage"] and all(len(r["sha256"]) == 64 for r in card["lineage"])
+
+
+def test_a_recorded_subgroup_table_is_rendered_and_a_flagged_subgroup_is_a_caveat(tmp_path):
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from medq.config import SubgroupsConfig
+    from medq.subgroups import Subgroups
+    from medq.thresholds import Thresholds
+
+    rng = np.random.default_rng(4)
+    truth = (np.arange(200) % 2).astype(float)
+    score = np.where(np.arange(200) < 100, rng.random(200), 0.2 + 0.6 * truth)  # AP: guesses; PA: perfect
+    meta = [("F", "50", "AP" if i < 100 else "PA") for i in range(200)]
+    classes = ["NORMAL", "PNEUMONIA"]
+    table = Subgroups(meta, SubgroupsConfig(attributes=["view"])).table(
+        "binary", classes, np.stack([1 - truth, truth], 1), np.stack([1 - score, score], 1),
+        Thresholds.uniform("binary", classes, 0.5, "override"))
+    run = _run(tmp_path)
+    runrecord.commit(run, "evaluate", split="test", subgroups=json.loads(json.dumps(table)))
+    card, md = _card(run)
+    ap_auc = roc_auc_score(truth[:100], score[:100])
+    assert "### Subgroups (test split" in md and f"| view position: AP | 100 | {ap_auc:.3f} [" in md
+    assert "| view position: PA | 100 | 1.000 [" in md and "- Subgroups: not determined" not in md
+    caveat = next(c for c in card["caveats_and_recommendations"] if c.startswith("subgroup view AP"))
+    assert f"AUC {ap_auc:.3f} [" in caveat and "below the overall performance" in caveat
+    assert not any(c.startswith("subgroup view PA") for c in card["caveats_and_recommendations"])
+    assert card["factors"]["subgroups"]["attributes"] == ["view"]
