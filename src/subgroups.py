@@ -146,7 +146,8 @@ def _row(attribute: str, value: str, mask: np.ndarray, task: str, classes: list[
         if positives[k] == 0 or positives[k] == n:
             per_class[c] = {"value": None, "ci": None, "note": "no positives" if positives[k] == 0 else "no negatives"}
         else:
-            per_class[c] = {"value": float(roc_auc_score(truth[:, k], prob[:, k])), "ci": auc_ci(truth[:, k], prob[:, k])}
+            per_class[c] = {"value": float(roc_auc_score(truth[:, k], prob[:, k])),
+                            "ci": auc_ci(truth[:, k], prob[:, k])}
     row["per_class_auc"] = per_class
     row["operating_points"] = {c: {k: point[k] for k in ("threshold", "sensitivity", "sensitivity_ci", "specificity",
                                                           "specificity_ci", "n_positive", "n_negative")}

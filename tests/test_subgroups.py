@@ -295,7 +295,8 @@ def test_evaluate_records_the_subgroup_table_and_the_card_renders_it(tmp_path):
     from medq.train import run_evaluate, run_train
 
     root = _nih(tmp_path / "nih", n_train=40, n_test=40)
-    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={root}", "data.format=nih-chestxray14",
+    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={root}",
+                                "data.format=nih-chestxray14",
                                 "data.generate=false", "preprocess.image_size=32", "train.epochs=1",
                                 "model.params={blocks: 2, filters: 4, dense_units: 8}", "subgroups.min_images=5"])
     run_train(config)

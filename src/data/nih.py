@@ -148,8 +148,8 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if missing:
         notes.append(f"missing image files: {missing} of the table's rows have no file (unpack every images_*.tar.gz "
                      "to use them); listed in skipped")
-    notes += demographics.notes(table.name) if demographics else [f"{table.name} has none of the columns "
-                                                                   f"{', '.join(METADATA_COLUMNS)}: no patient metadata"]
+    notes += demographics.notes(table.name) if demographics else [
+        f"{table.name} has none of the columns {', '.join(METADATA_COLUMNS)}: no patient metadata"]
     if duplicate_files:
         notes.append(f"{duplicate_files} image names occur in two images_* folders; the first copy is used")
     unlisted = len(set(files) - listed)
