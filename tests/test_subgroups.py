@@ -59,7 +59,7 @@ def test_nih_metadata_is_read_per_image_and_impossible_ages_are_unknown_and_coun
     assert by_name and all(by_name[r[0]].metadata == expected(r) for r in body if r[0] in by_name)
     assert by_name[body[0][0]].metadata[1] == "unknown" and by_name[body[4][0]].metadata[1] == "3"
     note = next(n for n in index.notes if "outside 0-120" in n)
-    assert note.startswith("2 rows of Data_Entry_2017.csv") and "411" in note and "412" in note
+    assert note.startswith("2 images have an age outside") and "411" in note and "412" in note
 
 
 def test_nih_table_without_the_metadata_columns_carries_none(tmp_path):
@@ -127,11 +127,31 @@ def test_csv_table_metadata_columns_are_read_and_are_not_labels(tmp_path):
         finding, sex, age, view = table[int(Path(s.path).stem)]
         years = {"34": "34", "071Y": "71", "999": "unknown", "12": "12"}[age]
         assert s.metadata == (expected[sex], years, view.upper() or "unknown")
+    from medq.data.check import check_dataset
+
+    checked = check_dataset(root, format="csv", metadata_columns={"sex": "Sex", "age": "Age", "view": "View"})
+    assert checked["classes"] == ["effusion", "normal"] and not checked["errors"]
+    assert sum(checked["splits"][s].get("metadata", {}).get("sex", {}).get("F", 0) for s in checked["splits"]) == 6
     with pytest.raises(Exception, match="no column 'Gender'"):
         read_dataset(load_config(None, [f"data.root={root}", "data.generate=false",
                                         "data.metadata_columns={sex: Gender}"]).data, seed=1)
     with pytest.raises(ConfigError, match="metadata_columns"):
         load_config(None, ["data.metadata_columns={race: R}"])
+
+
+def test_data_check_counts_the_metadata_per_split(tmp_path):
+    from medq.data.check import check_dataset, format_check_report
+
+    root = _nih(tmp_path / "nih")
+    report = check_dataset(root)
+    test_names = set((root / "test_list.txt").read_text().split())
+    rows = [r for r in csv.DictReader((root / "Data_Entry_2017.csv").open()) if r["Image Index"] in test_names]
+    counts = report["splits"]["test"]["metadata"]
+    assert counts["sex"] == {s: sum(r["Patient Gender"] == s for r in rows) for s in {r["Patient Gender"] for r in rows}}
+    assert counts["view"] == {v: sum(r["View Position"] == v for r in rows) for v in {r["View Position"] for r in rows}}
+    ages = [int(r["Patient Age"]) for r in rows]
+    assert counts["age"] == {"known": len(rows), "unknown": 0, "min": min(ages), "max": max(ages)}
+    assert f"patient metadata, test: sex F {counts['sex']['F']}" in format_check_report(report)
 
 
 def test_metadata_survives_the_pinned_split(tmp_path):

@@ -77,7 +77,7 @@ class Demographics:
         out = [f"patient metadata (sex, age, view) from {source}: subgroups can be reported (medq.subgroups)"]
         if self.out_of_range:
             shown = ", ".join(sorted(self.out_of_range, key=lambda a: -self.out_of_range[a])[:5])
-            out.append(f"{sum(self.out_of_range.values())} rows of {source} have an age outside 0-{MAX_AGE:g} years "
+            out.append(f"{sum(self.out_of_range.values())} images have an age outside 0-{MAX_AGE:g} years in {source} "
                        f"(data-entry errors: {shown}); their age is 'unknown', never banded")
         missing = [f"{n} without {what}" for what, n in self.missing.items() if n]
         if missing:
