@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from medq import artifacts, runrecord
-from medq.subgroups import markdown as subgroup_markdown
 
 NOT_A_DEVICE = ("Not a medical device. This model was trained and measured by medq for research and engineering "
                 "(CPU inference, quantization); it has not been cleared or approved by any regulator and must not be "
@@ -328,8 +327,8 @@ def _subgroup_caveats(subgroups: Any) -> list[str]:
     if not isinstance(subgroups, dict):
         return []
     return [f"subgroup {row['attribute']} {row['value']} ({row['n']} images) is below the overall performance: "
-            + "; ".join(f"{f['metric']} {with_ci(f['value'], f['ci'])} < overall {with_ci(f['overall'], f['overall_ci'])}"
-                        for f in row["flags"])
+            + "; ".join(f"{f['metric']} {with_ci(f['value'], f['ci'])} < overall "
+                        f"{with_ci(f['overall'], f['overall_ci'])}" for f in row["flags"])
             for row in subgroups.get("groups") or [] if row.get("status") == "below overall"]
 
 
@@ -344,6 +343,8 @@ def _factors(subgroups: Any) -> Any:
 
 
 def _subgroup_lines(subgroups: Any) -> list[str]:
+    from medq.subgroups import markdown as subgroup_markdown
+
     if not isinstance(subgroups, dict) or "available" not in subgroups:
         return [f"- Subgroups: {_text(subgroups)}"]
     split = subgroups.get("split", "test")
