@@ -113,7 +113,7 @@ def test_csv_table_metadata_columns_are_read_and_are_not_labels(tmp_path):
     (root / "img").mkdir(parents=True)
     rows = ["image,finding,Sex,Age,View"]
     table = [("effusion", "F", "34", "PA"), ("normal", "M", "071Y", "AP"), ("effusion", "", "999", "ap"),
-             ("normal", "female", "12", "")] * 3
+             ("normal", "female", "12", ""), ("effusion", "O", "40", "PA")] * 3
     for i, (finding, sex, age, view) in enumerate(table):
         cv2.imwrite(str(root / "img" / f"{i}.png"), np.full((32, 32), 10 * i, np.uint8))
         rows.append(f"img/{i}.png,{finding},{sex},{age},{view}")
@@ -122,10 +122,10 @@ def test_csv_table_metadata_columns_are_read_and_are_not_labels(tmp_path):
                                 "data.metadata_columns={sex: Sex, age: Age, view: View}"])
     index = read_dataset(config.data, seed=1)
     assert index.classes == ["effusion", "normal"]  # Sex, Age and View are not label columns
-    expected = {"F": "F", "M": "M", "": "unknown", "female": "F"}
+    expected = {"F": "F", "M": "M", "": "unknown", "female": "F", "O": "O"}  # DICOM's O (other) kept
     for s in (s for split in index.splits.values() for s in split):
         finding, sex, age, view = table[int(Path(s.path).stem)]
-        years = {"34": "34", "071Y": "71", "999": "unknown", "12": "12"}[age]
+        years = {"34": "34", "071Y": "71", "999": "unknown", "12": "12", "40": "40"}[age]
         assert s.metadata == (expected[sex], years, view.upper() or "unknown")
     from medq.data.check import check_dataset
 

@@ -1,6 +1,6 @@
 """Patient metadata as the readers find it (NIH's CSV columns, RSNA's DICOM header) → one normalised tuple per image.
 
-``Sample.metadata`` is ``(sex, age, view)`` (medq.data.index.METADATA): sex 'M' / 'F', age in years as a number
+``Sample.metadata`` is ``(sex, age, view)`` (medq.data.index.METADATA): sex 'M' / 'F' / 'O', age in years as a number
 string ('58', '0.5'), view 'PA' / 'AP' / 'LL' … (upper case) — or 'unknown' where the row has nothing usable. An age
 outside 0–120 years (NIH has data-entry errors such as 411) is never banded: it becomes 'unknown' and is counted in
 the reader's notes. Equal tuples are one object, so 112k NIH rows share a few hundred tuples.
@@ -12,7 +12,7 @@ import sys
 
 UNKNOWN = "unknown"
 MAX_AGE = 120.0  # years; above it an age is a data-entry error
-SEXES = {"M": "M", "F": "F", "MALE": "M", "FEMALE": "F"}
+SEXES = {"M": "M", "F": "F", "O": "O", "MALE": "M", "FEMALE": "F", "OTHER": "O"}  # DICOM PatientSex: M, F, O
 # DICOM Age String (PS3.5 6.2): nnnD, nnnW, nnnM or nnnY; the RSNA challenge files hold plain numbers instead
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([DWMY]?)\s*$", re.IGNORECASE)
 _YEARS_PER = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
