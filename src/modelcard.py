@@ -349,7 +349,7 @@ def _subgroup_lines(subgroups: Any) -> list[str]:
         return [f"- Subgroups: {_text(subgroups)}"]
     split = subgroups.get("split", "test")
     return ["", f"### Subgroups ({split} split, single crop, at the operating thresholds, 95% intervals)", "",
-            *subgroup_markdown(subgroups), ""]
+            *subgroup_markdown(subgroups, per_class=True), ""]
 
 
 def _text(value: Any) -> str:

@@ -180,9 +180,10 @@ def _below(task: str, row: dict[str, Any], overall: dict[str, Any], y_true: np.n
             if ci is not None and whole_ci is not None and ci[1] < whole_ci[0]]
 
 
-def markdown(table: dict[str, Any], reference: str | None = None) -> list[str]:
+def markdown(table: dict[str, Any], reference: str | None = None, per_class: bool = False) -> list[str]:
     """The table as Markdown lines (the CLI report, benchmark.md, the model card); ``reference`` names the model of
-    the rows' ``vs_reference`` (a column of its own)."""
+    the rows' ``vs_reference`` (a column of its own); ``per_class``: with several thresholded classes, also a table
+    of each class's sensitivity and specificity per subgroup (the model card)."""
     if not table.get("available"):
         return [f"- Subgroups: {table.get('note', NO_METADATA)}"]
     overall = table["overall"]
@@ -207,7 +208,27 @@ def markdown(table: dict[str, Any], reference: str | None = None) -> list[str]:
         if row is not overall and row["flags"]:
             status += ": " + ", ".join(flag["metric"] for flag in row["flags"])
         lines.append("| " + " | ".join(cells + [status]) + " |")
+    if per_class and not point:
+        lines += ["", *_per_class_lines(table)]
     lines.append(f"- {table['rule']}; subgroups under {table['min_images']} images are shown, not judged; "
                  f"intervals {table['interval']}")
     lines.append("- flagged: " + (", ".join(table["flagged"]) or "none"))
+    return lines
+
+
+def _per_class_lines(table: dict[str, Any]) -> list[str]:
+    """Sensitivity / specificity at each class's threshold per subgroup (95% Wilson), for the classes the test
+    split has positives of."""
+    overall = table["overall"]
+    shown = [c for c, point in overall["operating_points"].items() if point["n_positive"]]
+    lines = ["| subgroup | " + " | ".join(f"{c} sensitivity / specificity" for c in shown) + " |",
+             "|" + "---|" * (len(shown) + 1)]
+    for row in [overall] + table["groups"]:
+        name = "all images" if row is overall else f"{TITLES.get(row['attribute'], row['attribute'])}: {row['value']}"
+        cells = []
+        for c in shown:
+            point = row["operating_points"][c]
+            cells.append(" / ".join(with_ci(point[m], point[f"{m}_ci"]) if point[m] is not None else "n/a"
+                                    for m in ("sensitivity", "specificity")))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines

@@ -250,3 +250,35 @@ def test_a_recorded_subgroup_table_is_rendered_and_a_flagged_subgroup_is_a_cavea
     assert f"AUC {ap_auc:.3f} [" in caveat and "below the overall performance" in caveat
     assert not any(c.startswith("subgroup view PA") for c in card["caveats_and_recommendations"])
     assert card["factors"]["subgroups"]["attributes"] == ["view"]
+
+
+def test_a_multilabel_subgroup_table_shows_each_findings_sensitivity_and_specificity(tmp_path):
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from medq.config import SubgroupsConfig
+    from medq.subgroups import Subgroups
+    from medq.thresholds import Thresholds
+
+    rng = np.random.default_rng(5)
+    classes = ["Effusion", "Mass", "Hernia"]
+    y = (rng.random((120, 3)) < 0.35).astype(float)
+    y[:, 2] = 0  # no Hernia in the test split: not a column of the per-class table
+    p = np.clip(0.45 * y + 0.6 * rng.random((120, 3)), 0, 1)
+    meta = [("M", "30", "AP" if i % 3 == 0 else "PA") for i in range(120)]
+    table = Subgroups(meta, SubgroupsConfig(attributes=["view"])).table(
+        "multilabel", classes, y, p, Thresholds.uniform("multilabel", classes, 0.5, "override"))
+    run = _run(tmp_path)
+    runrecord.commit(run, "evaluate", split="test", subgroups=json.loads(json.dumps(table)))
+    _, md = _card(run)
+    assert "| subgroup | Effusion sensitivity / specificity | Mass sensitivity / specificity |" in md
+    ap = np.arange(120) % 3 == 0
+    truth, called = y[ap, 1] >= 0.5, p[ap, 1] >= 0.5  # Mass on AP films, counted by hand
+    tp, tn = int((truth & called).sum()), int((~truth & ~called).sum())
+
+    def shown(k, n):
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        return f"{k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+
+    row = next(line for line in md.splitlines() if line.startswith("| view position: AP |") and " / " in line)
+    assert row.split(" | ")[2].rstrip(" |") == f"{shown(tp, int(truth.sum()))} / {shown(tn, int((~truth).sum()))}"
