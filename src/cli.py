@@ -124,7 +124,8 @@ def cmd_data(args: argparse.Namespace) -> int:
                                    val_split=data.val_split, max_megapixels=data.max_megapixels,
                                    bit_depth=data.bit_depth,
                                    cross_split_copies=data.cross_split_copies,
-                                   label_conflicts=data.label_conflicts)
+                                   label_conflicts=data.label_conflicts,
+                                   metadata_columns=data.metadata_columns)
         else:
             report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
         print(json.dumps(report, indent=2, default=str) if args.json else format_check_report(report))
@@ -390,6 +391,11 @@ def _evaluation_lines(report: dict[str, Any]) -> list[str]:
         parts.append(f"Brier {_f4(clinical.get('brier'))}, ECE {_f4(clinical.get('ece'))}")
         lines.append(f"{name.replace('_', '-'):12s} " + "; ".join(parts))
         lines += _operating_lines(m.get("operating_points"), report["split"])
+    table = (report.get("single_crop") or {}).get("subgroups")
+    if table:
+        from medq.subgroups import markdown
+
+        lines += ["subgroups (single-crop):", *markdown(table)]
     return lines
 
 

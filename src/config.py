@@ -115,6 +115,9 @@ class DataConfig:
     # and stage with that size. "" = <run.output_dir>/cache.
     cache: bool = True
     cache_dir: str = ""
+    # csv tables: the columns holding patient metadata for the subgroup analysis (medq.subgroups), e.g.
+    # {sex: PatientSex, age: Age, view: View}; they are then not label columns. NIH and RSNA read theirs on their own.
+    metadata_columns: dict[str, str] = field(default_factory=dict)
     phantom: PhantomConfig = field(default_factory=PhantomConfig)
 
 
@@ -261,6 +264,19 @@ class ExternalConfig:
 
 
 @dataclass
+class SubgroupsConfig:
+    """Per-subgroup metrics (medq.subgroups) in evaluate and the benchmark, from the patient metadata the dataset's
+    reader carries (NIH CSV columns, RSNA DICOM headers; none for Kaggle pneumonia and folder layouts)."""
+
+    # which of sex, age, view to report; [] = every one the dataset has
+    attributes: list[Literal["sex", "age", "view"]] = field(default_factory=list)
+    # age band edges in years, increasing: [0, 18) [18, 40) … [80, 200); an age outside them is its own row
+    age_bands: list[float] = field(default_factory=lambda: [0.0, 18.0, 40.0, 60.0, 80.0, 200.0])
+    # a subgroup with fewer images is shown but never flagged ("too few images")
+    min_images: int = 30
+
+
+@dataclass
 class RuntimeConfig:
     """Thread settings applied (as environment variables, before TensorFlow starts) in every measuring process."""
 
@@ -308,6 +324,7 @@ class Config:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     thresholds: ThresholdsConfig = field(default_factory=ThresholdsConfig)
     external: ExternalConfig = field(default_factory=ExternalConfig)
+    subgroups: SubgroupsConfig = field(default_factory=SubgroupsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     source: Optional[str] = None  # the file this was loaded from (set by load_config, not by the user)
@@ -458,6 +475,11 @@ def _check_ranges(obj: Any, where: str) -> None:
     if isinstance(obj, ThresholdsConfig):
         _check_thresholds(obj, where)
         return
+    if isinstance(obj, SubgroupsConfig):
+        _check_subgroups(obj, where)
+        return
+    if isinstance(obj, DataConfig):
+        _check_metadata_columns(obj, where)
     if isinstance(obj, LowResConfig):  # 0/0 is "off"; otherwise both are set
         negative = min(obj.image_size, obj.epochs, obj.learning_rate) < 0
         if negative or (obj.image_size == 0) != (obj.epochs == 0):
@@ -473,6 +495,24 @@ def _check_ranges(obj: Any, where: str) -> None:
             raise ConfigError(f"{key}: must be in [0, 1), got {value}")
         if f.name == "learning_rate" and isinstance(value, float) and not 0.0 < value < 10.0:
             raise ConfigError(f"{key}: must be a positive learning rate, got {value}")
+
+
+def _check_metadata_columns(obj: DataConfig, where: str) -> None:
+    unknown = sorted(set(obj.metadata_columns) - {"sex", "age", "view"})
+    if unknown:
+        raise ConfigError(f"{where}.metadata_columns: {unknown[0]!r} is not a patient attribute medq reads; use sex, "
+                          "age and view, e.g. {sex: PatientSex, age: Age, view: View}")
+
+
+def _check_subgroups(obj: SubgroupsConfig, where: str) -> None:
+    edges = obj.age_bands
+    if len(edges) < 2 or edges[0] < 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ConfigError(f"{where}.age_bands: give at least two increasing ages in years from 0 up, e.g. "
+                          f"[0, 18, 40, 60, 80, 200]; got {edges}")
+    if obj.min_images < 1:
+        raise ConfigError(f"{where}.min_images: must be at least 1, got {obj.min_images}")
+    if len(set(obj.attributes)) != len(obj.attributes):
+        raise ConfigError(f"{where}.attributes: {obj.attributes} names one twice; list each of sex, age, view once")
 
 
 def _check_thresholds(obj: ThresholdsConfig, where: str) -> None:

@@ -59,6 +59,10 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
     m, bench = record["manifest"], record["benchmark"]
     config = m.get("config") or {}
     stages = m["stages"]
+    evaluated = stages.get("evaluate") or {}
+    subgroups = evaluated.get("subgroups") or NOT_DETERMINED
+    if isinstance(subgroups, dict) and "available" in subgroups:  # medq.subgroups' table
+        subgroups = {**subgroups, "split": evaluated.get("split")}
     data_stage = stages.get("data") or stages.get("train") or {}
     source = m.get("data_source") or "unknown"
     synthetic = source.startswith("synthetic")
@@ -106,10 +110,10 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
         "quantitative_analyses": {
             "precision_paths": _paths(bench),
             "thresholds": operating_thresholds(m),
-            "subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED,
+            "subgroups": subgroups,
             "external_evaluations": m.get("external_evaluations") or NOT_DETERMINED,
         },
-        "factors": {"subgroups": (stages.get("evaluate") or {}).get("subgroups") or NOT_DETERMINED},
+        "factors": {"subgroups": _factors(subgroups)},
         "ethical_considerations": NOT_A_DEVICE,
         "caveats_and_recommendations": limitations(m, bench, record["patients"]),
         "lineage": [{k: row[k] for k in ("key", "path", "stage", "sha256", "stale")} for row in record["lineage"]],
@@ -186,6 +190,7 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
     if stale:
         out.append(f"invalidated artifacts in the run: {', '.join(stale)}")
     out += _external_caveats(m.get("external_evaluations") or [])
+    out += _subgroup_caveats((m["stages"].get("evaluate") or {}).get("subgroups"))
     thresholds = operating_thresholds(m)
     if isinstance(thresholds, str):
         out.append(f"decision thresholds {thresholds}")
@@ -299,7 +304,7 @@ def render_markdown(card: dict[str, Any]) -> str:
             lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
                 f"{target} → {_num(value)}" for target, value in (points or {}).items()))
     lines += _threshold_lines(q["thresholds"])
-    lines += [f"- Subgroups: {_text(q['subgroups'])}"]
+    lines += _subgroup_lines(q["subgroups"])
     lines += _external_lines(q["external_evaluations"], card["lineage"])
     lines += ["", "## Caveats and recommendations (detected by medq)"]
     lines += [f"- {c}" for c in card["caveats_and_recommendations"]] or ["- none detected"]
@@ -354,6 +359,38 @@ def _ci(value: Any, interval: Any) -> str:
 
 def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
+
+
+def _subgroup_caveats(subgroups: Any) -> list[str]:
+    """A subgroup evaluate flagged "below overall" (medq.subgroups), with the metrics that are."""
+    from medq.metrics import with_ci
+
+    if not isinstance(subgroups, dict):
+        return []
+    return [f"subgroup {row['attribute']} {row['value']} ({row['n']} images) is below the overall performance: "
+            + "; ".join(f"{f['metric']} {with_ci(f['value'], f['ci'])} < overall "
+                        f"{with_ci(f['overall'], f['overall_ci'])}" for f in row["flags"])
+            for row in subgroups.get("groups") or [] if row.get("status") == "below overall"]
+
+
+def _factors(subgroups: Any) -> Any:
+    """Mitchell et al.'s evaluation factors: the patient attributes the subgroup analysis covered."""
+    if not isinstance(subgroups, dict) or "available" not in subgroups:
+        return subgroups
+    if not subgroups["available"]:
+        return subgroups.get("note")
+    return {"attributes": subgroups.get("attributes"), "age_bands": subgroups.get("age_bands"),
+            "source": "the dataset's patient metadata (medq.data.metadata)"}
+
+
+def _subgroup_lines(subgroups: Any) -> list[str]:
+    from medq.subgroups import markdown as subgroup_markdown
+
+    if not isinstance(subgroups, dict) or "available" not in subgroups:
+        return [f"- Subgroups: {_text(subgroups)}"]
+    split = subgroups.get("split", "test")
+    return ["", f"### Subgroups ({split} split, single crop, at the operating thresholds, 95% intervals)", "",
+            *subgroup_markdown(subgroups, per_class=True), ""]
 
 
 def _text(value: Any) -> str:

@@ -29,6 +29,7 @@ from medq.fitting import FitResult, dataset_facts, fit_model, is_chief, make_str
 from medq.metrics import clinical_metrics, task_metrics
 from medq.preprocess import PreprocessSpec, preprocess, read_source
 from medq.selection import objective
+from medq.subgroups import Subgroups
 from medq.tta import ten_crops
 
 log = logging.getLogger("medq")
@@ -141,14 +142,15 @@ def _history_csv(rows: list[dict[str, float]]) -> str:
 def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: PreprocessSpec, ten_crop: bool = False, *,
                    task: str | None = None, classes: list[str] | None = None, batch_size: int = 32,
                    threshold: "float | thresholds.Thresholds" = 0.5, cache: Any = None,
-                   chunk: int = 256) -> dict[str, Any]:
+                   chunk: int = 256, subgroups: Subgroups | None = None) -> dict[str, Any]:
     """Task metrics of ``model`` on images, single-crop and (``ten_crop``) 10-crop averaged, side by side.
 
     Both views come from the same decode → :func:`medq.preprocess.preprocess` path: single crop at
     ``spec.image_size`` S, ten crops of S from the image preprocessed at round(S · 256/224). Images stream through
     in chunks of ``chunk`` (only the probabilities are kept); unreadable files are dropped from both and counted.
     ``threshold``: one for every class, or the run's :class:`medq.thresholds.Thresholds` (then each view also
-    carries ``operating_points``: how they held on these images).
+    carries ``operating_points``: how they held on these images, and with ``subgroups`` (the images' patient
+    metadata) its subgroup table, :mod:`medq.subgroups`).
     Returns ``{'single_crop': metrics, 'ten_crop': metrics | None, 'n_skipped': k}``.
     """
     from medq.data.decode import UnreadableImage
@@ -183,20 +185,23 @@ def evaluate_keras(model, paths: list[str], labels: np.ndarray, spec: Preprocess
     if not kept:
         raise DataError("evaluate: none of the images could be decoded")
     y = labels[kept]
+    groups = subgroups.kept(kept) if subgroups is not None else None
     out: dict[str, Any] = {"n_skipped": len(paths) - len(kept), "ten_crop": None}
-    out["single_crop"] = _view_metrics(task, y, np.concatenate(p_single), classes, threshold)
+    out["single_crop"] = _view_metrics(task, y, np.concatenate(p_single), classes, threshold, groups)
     if ten_crop:
-        out["ten_crop"] = _view_metrics(task, y, np.concatenate(p_ten), classes, threshold)
+        out["ten_crop"] = _view_metrics(task, y, np.concatenate(p_ten), classes, threshold, groups)
     return out
 
 
 def _view_metrics(task: str, y: np.ndarray, p: np.ndarray, classes: list[str],
-                  threshold: "float | thresholds.Thresholds") -> dict[str, Any]:
+                  threshold: "float | thresholds.Thresholds", groups: Subgroups | None = None) -> dict[str, Any]:
     operating = threshold if isinstance(threshold, thresholds.Thresholds) else None
     out = task_metrics(task, y, p, classes, operating.per_column() if operating else threshold) | {
         "clinical": clinical_metrics(task, y, p, classes)}
     if operating:
         out["operating_points"] = thresholds.held(operating, y, p)
+        if groups is not None:
+            out["subgroups"] = groups.table(task, classes, y, p, operating)
     return out
 
 
@@ -227,7 +232,8 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
             manifest.facts.thresholds = chosen  # decided with now, committed with the evaluation
         operating = run_thresholds(manifest, index.task, index.classes, threshold)
         result = evaluate_keras(model, index.paths(split), index.labels(split), spec,
-                                ten_crop, task=index.task, classes=index.classes, threshold=operating, cache=cache)
+                                ten_crop, task=index.task, classes=index.classes, threshold=operating, cache=cache,
+                                subgroups=Subgroups.of(index, split, config.subgroups))
         result |= {"split": split, "n_images": len(index.paths(split)), "objective": objective(config, manifest),
                    "model": model.key}
         path = artifacts.write_json(runrecord.staging_path(run_dir, EVALUATION), result)
@@ -235,7 +241,8 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
                          facts={thresholds.MANIFEST_KEY: chosen} if chosen is not None else None,
                          split=split, ten_crop=ten_crop, threshold=operating.values, threshold_source=operating.source,
                          objective=result["objective"], single_crop=_summary(result["single_crop"]),
-                         ten_crop_metrics=_summary(result["ten_crop"]))
+                         ten_crop_metrics=_summary(result["ten_crop"]),
+                         subgroups=result["single_crop"].get("subgroups"))
     return result
 
 

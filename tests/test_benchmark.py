@@ -530,3 +530,7 @@ def test_a_registered_engine_runs_in_its_own_worker_and_reaches_the_report(tiny_
     # its version key is recorded and shown
     assert rep["environment"]["versions"]["PyYAML"] == metadata.version("PyYAML")
     assert f"PyYAML {metadata.version('PyYAML')}" in (config.run_dir / "benchmark.md").read_text()
+    # every row carries its subgroup table: the Kaggle layout has no patient metadata, and the report says so
+    assert all(not r["subgroups"]["available"] and "no patient metadata" in r["subgroups"]["note"]
+               for r in rep["results"])
+    assert "## Subgroups" in (config.run_dir / "benchmark.md").read_text()

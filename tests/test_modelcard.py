@@ -222,3 +222,63 @@ def test_medq_run_writes_a_card_that_matches_its_manifest_and_benchmark(tmp_path
         assert path["metrics"]["auc"] == rows[path["id"]]["metrics"]["auc"]
     assert {"tensorflow-fp32", "tensorflow-int8"} <= set(rows)
     assert card["lineage"] and all(len(r["sha256"]) == 64 for r in card["lineage"])
+
+
+def test_a_recorded_subgroup_table_is_rendered_and_a_flagged_subgroup_is_a_caveat(tmp_path):
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    from medq.config import SubgroupsConfig
+    from medq.subgroups import Subgroups
+    from medq.thresholds import Thresholds
+
+    rng = np.random.default_rng(4)
+    truth = (np.arange(200) % 2).astype(float)
+    score = np.where(np.arange(200) < 100, rng.random(200), 0.2 + 0.6 * truth)  # AP: guesses; PA: perfect
+    meta = [("F", "50", "AP" if i < 100 else "PA") for i in range(200)]
+    classes = ["NORMAL", "PNEUMONIA"]
+    table = Subgroups(meta, SubgroupsConfig(attributes=["view"])).table(
+        "binary", classes, np.stack([1 - truth, truth], 1), np.stack([1 - score, score], 1),
+        Thresholds.uniform("binary", classes, 0.5, "override"))
+    run = _run(tmp_path)
+    runrecord.commit(run, "evaluate", split="test", subgroups=json.loads(json.dumps(table)))
+    card, md = _card(run)
+    ap_auc = roc_auc_score(truth[:100], score[:100])
+    assert "### Subgroups (test split" in md and f"| view position: AP | 100 | {ap_auc:.3f} [" in md
+    assert "| view position: PA | 100 | 1.000 [" in md and "- Subgroups: not determined" not in md
+    caveat = next(c for c in card["caveats_and_recommendations"] if c.startswith("subgroup view AP"))
+    assert f"AUC {ap_auc:.3f} [" in caveat and "below the overall performance" in caveat
+    assert not any(c.startswith("subgroup view PA") for c in card["caveats_and_recommendations"])
+    assert card["factors"]["subgroups"]["attributes"] == ["view"]
+
+
+def test_a_multilabel_subgroup_table_shows_each_findings_sensitivity_and_specificity(tmp_path):
+    import numpy as np
+    from scipy.stats import binomtest
+
+    from medq.config import SubgroupsConfig
+    from medq.subgroups import Subgroups
+    from medq.thresholds import Thresholds
+
+    rng = np.random.default_rng(5)
+    classes = ["Effusion", "Mass", "Hernia"]
+    y = (rng.random((120, 3)) < 0.35).astype(float)
+    y[:, 2] = 0  # no Hernia in the test split: not a column of the per-class table
+    p = np.clip(0.45 * y + 0.6 * rng.random((120, 3)), 0, 1)
+    meta = [("M", "30", "AP" if i % 3 == 0 else "PA") for i in range(120)]
+    table = Subgroups(meta, SubgroupsConfig(attributes=["view"])).table(
+        "multilabel", classes, y, p, Thresholds.uniform("multilabel", classes, 0.5, "override"))
+    run = _run(tmp_path)
+    runrecord.commit(run, "evaluate", split="test", subgroups=json.loads(json.dumps(table)))
+    _, md = _card(run)
+    assert "| subgroup | Effusion sensitivity / specificity | Mass sensitivity / specificity |" in md
+    ap = np.arange(120) % 3 == 0
+    truth, called = y[ap, 1] >= 0.5, p[ap, 1] >= 0.5  # Mass on AP films, counted by hand
+    tp, tn = int((truth & called).sum()), int((~truth & ~called).sum())
+
+    def shown(k, n):
+        ci = binomtest(k, n).proportion_ci(method="wilson")
+        return f"{k / n:.3f} [{ci.low:.3f}, {ci.high:.3f}]"
+
+    row = next(line for line in md.splitlines() if line.startswith("| view position: AP |") and " / " in line)
+    assert row.split(" | ")[2].rstrip(" |") == f"{shown(tp, int(truth.sum()))} / {shown(tn, int((~truth).sum()))}"

@@ -187,6 +187,23 @@ def clinical_section(report: dict[str, Any]) -> list[str]:
             "specificity at least as stated, and the other way round. ECE: 10 equal-width probability bins.", ""]
 
 
+def subgroup_section(report: dict[str, Any]) -> list[str]:
+    """Each precision path's subgroup table (medq.subgroups), with each subgroup's paired AUC difference to the
+    baseline: a quantized model must not fail one group only."""
+    from medq.subgroups import markdown as subgroup_lines
+
+    rows = [r for r in report["results"] if r.get("subgroups")]
+    if not rows:
+        return []
+    if not rows[0]["subgroups"].get("available"):
+        return ["## Subgroups", "", *subgroup_lines(rows[0]["subgroups"]), ""]
+    out = ["## Subgroups (test split, at the run's thresholds, 95% intervals)", ""]
+    for r in rows:
+        paired = r["id"] != report.get("baseline") and "vs_reference" in r["subgroups"]["overall"]
+        out += [f"### {r['id']}", "", *subgroup_lines(r["subgroups"], report.get("baseline") if paired else None), ""]
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     s, inputs = report["settings"], report["inputs"]
     out = [f"# Benchmark: {report['run']}", "",
@@ -217,7 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
                  f"[wall {_f(by[name].get('wall_throughput_ips'), 1)}]"
                  if "throughput_ips" in by.get(name, {}) else "failed" if name in by else "—") for name in layouts])
         out += [_table(["engine", "precision"] + [name.replace("x", " × ") for name in layouts], cells), ""]
-    out += fidelity_section(report) + thresholds_section(report) + clinical_section(report)
+    out += fidelity_section(report) + thresholds_section(report) + clinical_section(report) + subgroup_section(report)
     if report["task"] in ("multilabel", "multiclass") and report["results"]:
         out += ["## Per-class AUC [95% DeLong CI]", "",
                 _table(["class"] + [r["id"] for r in report["results"]],

@@ -30,6 +30,7 @@ from medq.data.index import DatasetIndex
 from medq.errors import ConfigError, MedqError
 from medq.progress import progress
 from medq.selection import objective
+from medq.subgroups import Subgroups
 
 if TYPE_CHECKING:
     from medq.thresholds import Thresholds
@@ -88,7 +89,8 @@ def test_inputs(config: Config, manifest: runrecord.Manifest, index: DatasetInde
     recorded = manifest.stage(runrecord.TrainEntry).split_size("test")
     return {"path": target, "sha256": artifacts.sha256(target), "n_images": int(len(kept)),
             "dropped": len(paths) - len(kept), "shape": [int(len(kept)), *spec.input_shape], "split": "test",
-            "recorded_test_size": recorded, "labels": labels}
+            "recorded_test_size": recorded, "labels": labels,
+            "subgroups": Subgroups.of(index, "test", config.subgroups).kept(kept)}
 
 
 def recorded_deploy(manifest: runrecord.Manifest) -> dict[str, Any]:
@@ -592,6 +594,9 @@ def _results(todo: list[plan.Row], measured: dict[str, list[dict[str, Any]]], me
         entry["clinical"] = _clinical(task, classes, labels, probs)
         if row.id == plan.BASELINE:
             base_probs = probs
+        if measuring.inputs.get("subgroups") is not None:  # each subgroup paired with the baseline's predictions
+            entry["subgroups"] = _clean(measuring.inputs["subgroups"].table(
+                task, classes, labels, probs, operating, None if row.id == plan.BASELINE else base_probs))
         if base_probs is not None:  # the baseline is measured first: every other row is paired with it
             entry["fidelity"] = _fidelity(task, labels, base_probs, probs, bc.equivalence_margin, operating)
         if not row.reference and row.precision in bc.instance_precisions:
@@ -624,7 +629,8 @@ def _report(config: Config, manifest: runrecord.Manifest, stage: StagePlan, meas
         "baseline": plan.BASELINE,
         "thresholds": {"values": operating.values, "source": operating.source, "notes": operating.notes},
         "data_source": manifest.facts.data_source,
-        "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items() if k != "labels"},
+        "inputs": {k: (os.path.relpath(v, run_dir) if k == "path" else v) for k, v in inputs.items()
+                   if k not in ("labels", "subgroups")},
         "settings": {"warmup": bc.warmup, "latency_iterations": bc.latency_iterations,
                      "throughput_iterations": bc.throughput_iterations, "batch_size": bc.batch_size,
                      "batch_sizes": measuring.sizes, "repeats": bc.repeats, "equivalence_margin": bc.equivalence_margin,

@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, decode_image, low_range_advice
-from medq.data.index import DatasetIndex
+from medq.data.index import METADATA, DatasetIndex
+from medq.data.metadata import UNKNOWN
 from medq.errors import DataError
 from medq.progress import progress
 
@@ -118,16 +119,18 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
                   val_fraction: float = 0.2, test_fraction: float = 0.2, val_split: str = "from-train", *,
                   verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT,
                   max_megapixels: float = MAX_MEGAPIXELS, bit_depth: int | str = "auto",
-                  cross_split_copies: str = "error", label_conflicts: str = "error") -> dict:
+                  cross_split_copies: str = "error", label_conflicts: str = "error",
+                  metadata_columns: dict[str, str] | None = None) -> dict:
     """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds;
-    ``bit_depth``: ``data.bit_depth``, how 16-bit images without sBIT are read."""
+    ``bit_depth``: ``data.bit_depth``, how 16-bit images without sBIT are read; ``metadata_columns``: a csv
+    table's patient metadata columns (``data.metadata_columns``)."""
     from medq.config import DataConfig
     from medq.data.readers import class_warnings, read_dataset
 
     config = DataConfig(format=format, root=str(root), variant=variant, val_split=val_split,
                         val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False,
                         max_megapixels=max_megapixels, cross_split_copies=cross_split_copies,
-                        label_conflicts=label_conflicts)
+                        label_conflicts=label_conflicts, metadata_columns=dict(metadata_columns or {}))
     index = read_dataset(config, seed=seed, report=True)
     total = sum(len(s) for s in index.splits.values())
     decode_everything = total <= verify_all_up_to
@@ -139,6 +142,8 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
     for name, samples in index.splits.items():
         splits[name] = {"images": len(samples), "patients": len({s.patient for s in samples}),
                         "per_class": index.counts(name) if samples else {c: 0 for c in index.classes}}
+        if any(s.metadata for s in samples):
+            splits[name]["metadata"] = _metadata_counts(samples)
         if index.task == "multilabel":
             splits[name]["no_label"] = int((index.labels(name).sum(axis=1) == 0).sum()) if samples else 0
         chosen = list(range(len(samples)))
@@ -167,6 +172,16 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
         "ok": not unreadable and not index.errors and not any(overlap.values())
         and all(splits[s]["images"] for s in ("train", "val")) and not pixel_range["images"],
     }
+
+
+def _metadata_counts(samples: list[Any]) -> dict[str, Any]:
+    """Per split: images per sex and per view, and how many have a usable age (with the youngest and oldest)."""
+    sex, age, view = (METADATA.index(a) for a in ("sex", "age", "view"))
+    ages = [float(s.metadata[age]) for s in samples if s.metadata and s.metadata[age] != UNKNOWN]
+    return {"sex": _tally([s.metadata[sex] if s.metadata else UNKNOWN for s in samples]),
+            "view": _tally([s.metadata[view] if s.metadata else UNKNOWN for s in samples]),
+            "age": {"known": len(ages), "unknown": len(samples) - len(ages),
+                    "min": min(ages) if ages else None, "max": max(ages) if ages else None}}
 
 
 def _low_range(decoded: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -244,6 +259,12 @@ def format_check_report(report: dict) -> str:
         lines.append(f"  {entry['path']}: {entry['reason']}")
     if len(bad) > 20:
         lines.append(f"  ... and {len(bad) - 20} more (--json lists all)")
+    for split, counts in ((s, v["metadata"]) for s, v in report["splits"].items() if "metadata" in v):
+        age = counts["age"]
+        lines.append(f"patient metadata, {split}: sex " + ", ".join(f"{k} {v}" for k, v in counts["sex"].items())
+                     + "; view " + ", ".join(f"{k} {v}" for k, v in counts["view"].items())
+                     + (f"; age known {age['known']} ({age['min']:g}-{age['max']:g} years), unknown "
+                        f"{age['unknown']}" if age["known"] else f"; age unknown {age['unknown']}"))
     overlap = report["patient_overlap"]
     lines.append("patients in two splits: " + ", ".join(f"{pair} {n}" for pair, n in overlap.items())
                  + ("  (none)" if not any(overlap.values()) else "  ← leaks between splits"))

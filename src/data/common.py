@@ -159,10 +159,11 @@ class Intake:
         self.seen: list[Path] = []  # symbolic links to a folder already read (loops), not followed again
         self._real_dirs: dict[str, str] = {}  # folder as found → its real path, for this read only
 
-    def sample(self, path: str | Path, label: tuple[float, ...], patient: str, source: str = "") -> Sample:
+    def sample(self, path: str | Path, label: tuple[float, ...], patient: str, source: str = "",
+               metadata: tuple[str, ...] = ()) -> Sample:
         """A sample at the file's real path (aliases such as ``a/../a/x.png`` and symlinked folders are one file),
-        remembering where the reader found it (``source``, default the path as found)."""
-        return Sample(self.real_path(path), label, patient, source or str(path))
+        remembering where the reader found it (``source``, default the path as found) and its patient metadata."""
+        return Sample(self.real_path(path), label, patient, source or str(path), metadata)
 
     def real_path(self, path: str | Path) -> str:
         """``os.path.realpath``, with each folder resolved once per read (~40 µs a file otherwise: 5 s for NIH)."""

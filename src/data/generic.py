@@ -16,7 +16,8 @@ from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register, subdirs
 from medq.data.decode import MAX_MEGAPIXELS
-from medq.data.index import DatasetIndex, Sample
+from medq.data.index import METADATA, DatasetIndex, Sample
+from medq.data.metadata import Demographics
 from medq.errors import DataError
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -102,7 +103,8 @@ def _detect_csv(root: Path) -> bool:
 def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                    val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False, seed: int = 42,
                    max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error", conflicts: str = "error",
-                   report: bool = False, **_: object) -> DatasetIndex:
+                   report: bool = False, metadata_columns: dict[str, str] | None = None,
+                   **_: object) -> DatasetIndex:
     root = Path(root)
     table = csv_table(root)
     if table is None:
@@ -123,7 +125,13 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
     if i_path is None:
         raise DataError(f"{table}: no path column in the header; name it one of {', '.join(PATH_COLUMNS)}")
     i_patient, i_split = _pick(header, PATIENT_COLUMNS), _pick(header, ("split",))
-    label_cols = [i for i, h in enumerate(header) if h and i not in (i_path, i_patient, i_split)]
+    absent = [c for c in (metadata_columns or {}).values() if c not in header]
+    if absent:
+        raise DataError(f"{table}: no column {absent[0]!r} (data.metadata_columns); the header has "
+                        f"{', '.join(h for h in header if h)} — fix the column name in the config")
+    i_meta = [header.index(metadata_columns[a]) if a in (metadata_columns or {}) else None for a in METADATA]
+    demographics = Demographics() if metadata_columns else None
+    label_cols = [i for i, h in enumerate(header) if h and i not in (i_path, i_patient, i_split, *i_meta)]
     if not label_cols:
         raise DataError(f"{table}: no label column; add one (class names) or several 0/1 columns (multi-label)")
     if variant is not None:
@@ -177,12 +185,16 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         if not intake.admit(path):
             continue
         patient = row[i_patient].strip() if i_patient is not None else ""
-        splits[split].append(intake.sample(path, label, patient or f"file:{cell}", f"{where} ({cell})"))
+        metadata = demographics.of_row(row, i_meta) if demographics else ()
+        splits[split].append(intake.sample(path, label, patient or f"file:{cell}", f"{where} ({cell})", metadata))
     notes = [f"table: {table.name}, " + (f"multi-label over columns {', '.join(classes)}" if multilabel
                                          else f"classes from column {header[label_cols[0]]!r}: {', '.join(classes)}"),
              "patients: " + (f"column {header[i_patient]!r}" if i_patient is not None
                              else "no patient column, so each image is its own patient"),
              "split: " + (f"column {header[i_split]!r}" if i_split is not None else "none in the table")]
+    if demographics:
+        notes.append("patient metadata: " + ", ".join(f"{a} from column {c!r}" for a, c in metadata_columns.items()))
+        notes += demographics.notes(table.name)
     if not multilabel and merged:
         notes.append(f"labels differing only in case, read as one class: {'; '.join(merged)}")
     if blank_cells:

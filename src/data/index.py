@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# The patient metadata a sample may carry, in the order of ``Sample.metadata``'s values (medq.data.metadata).
+METADATA = ("sex", "age", "view")
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -14,6 +17,9 @@ class Sample:
     # where the reader found it, for messages: 'labels.csv line 3 (./imgs/../x.jpeg)' or the path as listed
     # (``path`` is the real path: aliases and symlinked folders are one file)
     source: str = field(default="", compare=False)
+    # (sex, age, view) as in METADATA, normalised by medq.data.metadata ('unknown' where the row had none usable);
+    # () when the layout has no patient metadata. Not compared: splits and duplicates are about files and labels.
+    metadata: tuple[str, ...] = field(default=(), compare=False)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from pathlib import Path
 from medq.data.common import Intake, finish, make_splits, read_table, read_text, register, subdirs
 from medq.data.decode import MAX_MEGAPIXELS
 from medq.data.index import DatasetIndex, Sample
+from medq.data.metadata import Demographics
 from medq.errors import DataError
 
 CHEXNET_CLASSES = [
@@ -25,6 +26,7 @@ CHEXNET_CLASSES = [
 ]
 NO_FINDING = "No Finding"
 ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID")
+METADATA_COLUMNS = ("Patient Gender", "Patient Age", "View Position")  # → Sample.metadata (sex, age, view)
 CSV_COLUMNS = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
                "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
 TRAIN_VAL_LIST, TEST_LIST = "train_val_list.txt", "test_list.txt"
@@ -117,6 +119,8 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
                         f"({', '.join(ENTRY_COLUMNS)}, ...)")
     i_name, i_labels, i_patient = (columns[c] for c in ENTRY_COLUMNS)
     width = max(i_name, i_labels, i_patient) + 1
+    i_meta = [columns.get(c) for c in METADATA_COLUMNS]
+    demographics = Demographics() if any(i is not None for i in i_meta) else None
     for line, row in enumerate(rows, start=2):
         if len(row) < width:
             if any(cell.strip() for cell in row):
@@ -137,12 +141,15 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
             intake.skip(name, "listed in the table but no such file in images_*/images/")
             continue
         patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
-        samples[name] = intake.sample(path, label, patient, f"{table.name} line {line} ({name})")
+        metadata = demographics.of_row(row, i_meta) if demographics else ()
+        samples[name] = intake.sample(path, label, patient, f"{table.name} line {line} ({name})", metadata)
     checked = {name: s for name, s in samples.items() if intake.admit(s.path)}  # header check: ~20 µs a file
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
     if missing:
         notes.append(f"missing image files: {missing} of the table's rows have no file (unpack every images_*.tar.gz "
                      "to use them); listed in skipped")
+    notes += demographics.notes(table.name) if demographics else [
+        f"{table.name} has none of the columns {', '.join(METADATA_COLUMNS)}: no patient metadata"]
     if duplicate_files:
         notes.append(f"{duplicate_files} image names occur in two images_* folders; the first copy is used")
     unlisted = len(set(files) - listed)

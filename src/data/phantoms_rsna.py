@@ -42,11 +42,20 @@ def opacity_boxes(opacity: np.ndarray, most: int = 2) -> list[tuple[int, int, in
     return [(int(s[0]), int(s[1]), int(s[2]), int(s[3])) for s in regions]
 
 
-def encode_dicom(image: np.ndarray, storage: str, rng: np.random.Generator, patient: str) -> bytes:
+def demographics(rng: np.random.Generator) -> dict[str, str]:
+    """PatientSex, PatientAge, ViewPosition as the challenge's headers hold them: the age a plain number (not a DICOM
+    '058Y' Age String), a few of them impossible (the real set has ages such as 148), AP films common."""
+    age = int(rng.integers(18, 91)) if rng.random() > 0.01 else int(rng.integers(140, 160))
+    return {"PatientSex": "MF"[int(rng.integers(2))], "PatientAge": str(age),
+            "ViewPosition": "AP" if rng.random() < 0.45 else "PA"}
+
+
+def encode_dicom(image: np.ndarray, storage: str, rng: np.random.Generator, patient: str,
+                 header: dict[str, str] | None = None) -> bytes:
     """The display image (0 = air dark) stored as ``storage`` so that medq's decoding gives it back."""
     if storage == "jpeg-8bit":
         return dicom_bytes(np.round(image * 255).astype(np.uint8), patient_id=patient, jpeg_quality=90,
-                           uid_seed="medq-rsna")
+                           uid_seed="medq-rsna", header=header)
     slope = float(rng.choice([1.0, 0.5, 2.0]))
     intercept = float(rng.choice([0.0, -1024.0, 100.0]))
     lo, hi = rng.uniform(150, 600), rng.uniform(3300, 4000)  # the stored values the window spans
@@ -60,7 +69,7 @@ def encode_dicom(image: np.ndarray, storage: str, rng: np.random.Generator, pati
         stored = np.round(shown * 4095).astype(np.uint16)
     photometric = "MONOCHROME2" if storage == "mono2-12bit" else "MONOCHROME1"
     return dicom_bytes(stored, photometric=photometric, bits_stored=12, rescale=(slope, intercept), window=window,
-                       patient_id=patient, uid_seed="medq-rsna")
+                       patient_id=patient, uid_seed="medq-rsna", header=header)
 
 
 def generate_rsna_dicom(root: str | Path, n_train: int, n_val: int, n_test: int, size: int = 128,
@@ -81,7 +90,9 @@ def generate_rsna_dicom(root: str | Path, n_train: int, n_val: int, n_test: int,
             findings = NOT_NORMAL[int(rng.integers(len(NOT_NORMAL)))]
         image, opacity = draw_chest(rng, size, findings=findings)
         storage = str(rng.choice(list(STORAGE), p=list(STORAGE.values())))
-        write_bytes(root / "stage_2_train_images" / f"{patient}.dcm", encode_dicom(image, storage, rng, patient))
+        header = demographics(np.random.default_rng([seed, 22, i]))  # its own stream: the drawings stay as they were
+        write_bytes(root / "stage_2_train_images" / f"{patient}.dcm",
+                    encode_dicom(image, storage, rng, patient, header))
         boxes = opacity_boxes(opacity) if name == "Lung Opacity" else []
         class_rows += [f"{patient},{name}"] * max(1, len(boxes))  # one row per box, as in the challenge
         if boxes:

@@ -106,7 +106,7 @@ def _apply_pin(config: Any, pinned: dict[str, Any], current: DatasetIndex, path:
             modified += (st.st_size, st.st_mtime_ns) != (size, mtime)
         except OSError:
             pass
-        splits.setdefault(split, []).append(Sample(file, tuple(label), patient))
+        splits.setdefault(split, []).append(Sample(file, tuple(label), patient, metadata=sample.metadata))
     notes = list(current.notes) + [f"split pinned in {path.name} ({sum(map(len, splits.values()))} files)"]
     if present:
         notes.append(f"{len(present)} file(s) added to the dataset since the split was pinned are not used; {fix}")

@@ -156,6 +156,15 @@ def detect_format(root: Path) -> str:
     raise DataError(f"{root}: could not tell the dataset layout; set data.format to one of {', '.join(sorted(READERS))}")
 
 
+def _metadata_columns(data_config, name: str) -> dict[str, dict[str, str]]:
+    """data.metadata_columns for the csv reader; any other layout reads its own metadata, so setting it is an error."""
+    columns = dict(getattr(data_config, "metadata_columns", None) or {})
+    if columns and name != "csv":
+        raise DataError(f"data.metadata_columns: only csv tables take it; the {name} reader reads the patient "
+                        "metadata its layout has on its own — remove the setting")
+    return {"metadata_columns": columns} if columns else {}
+
+
 def read_dataset(data_config, seed: int = 42, *, report: bool = False) -> DatasetIndex:
     """Read ``data.root`` with the configured (or detected) reader; notes say what was detected and decided.
     ``report`` (`medq data check`): problems that would stop a run are listed in ``index.errors`` instead of raised.
@@ -174,7 +183,7 @@ def read_dataset(data_config, seed: int = 42, *, report: bool = False) -> Datase
                               val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction,
                               strict=data_config.strict, seed=seed, max_megapixels=data_config.max_megapixels,
                               copies=data_config.cross_split_copies, conflicts=data_config.label_conflicts,
-                              report=report)
+                              report=report, **_metadata_columns(data_config, name))
     except OSError as exc:  # a folder the readers scan cannot be listed (permissions, a vanished mount)
         raise DataError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc}); check that the dataset "
                         "folder is readable by this user") from None

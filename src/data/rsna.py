@@ -13,12 +13,15 @@ from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register
 from medq.data.decode import MAX_MEGAPIXELS
+from medq.data.dicom import header_values
 from medq.data.index import DatasetIndex, Sample
+from medq.data.metadata import Demographics
 from medq.errors import DataError
 
 RSNA_CLASSES = ["Lung Opacity", "Normal", "No Lung Opacity / Not Normal"]
 BINARY_CLASSES = ["No Lung Opacity", "Lung Opacity"]
 OPACITY = "Lung Opacity"
+HEADER_TAGS = ("PatientSex", "PatientAge", "ViewPosition")  # → Sample.metadata (sex, age, view)
 
 
 def rsna_files(root: Path) -> tuple[Path, Path, Path | None] | None:
@@ -91,6 +94,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         files = {Path(e.name).stem: e.path for e in entries
                  if e.name.lower().endswith(".dcm") and not e.name.startswith("._")}
     samples: list[Sample] = []
+    demographics = Demographics()
     for patient in sorted(by_patient):
         names = set(by_patient[patient])
         unknown = names - set(RSNA_CLASSES)
@@ -114,10 +118,13 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         if not intake.admit(path):
             continue
         index = int(name == OPACITY) if binary else RSNA_CLASSES.index(name)
-        samples.append(intake.sample(path, one_hot(index, len(classes)), patient))
+        header = header_values(path, HEADER_TAGS)
+        samples.append(intake.sample(path, one_hot(index, len(classes)), patient,
+                                     metadata=demographics(*(header[t] for t in HEADER_TAGS))))
     notes = [f"labels: {table.name}: {rows} rows for {len(by_patient)} patients, duplicate rows collapsed"
              + ("; cross-checked with " + labels.name if labels else ""),
              f"classes: {', '.join(classes)}"]
+    notes += demographics.notes(f"the DICOM headers ({', '.join(HEADER_TAGS)})")
     unused = len(set(files) - set(by_patient))
     if unused:
         notes.append(f"{unused} DICOM files have no row in {table.name} and are unused")

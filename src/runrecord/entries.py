@@ -184,6 +184,7 @@ class EvaluateEntry(StageEntry):
     objective: str | None = None
     single_crop: dict[str, Any] | None = None
     ten_crop_metrics: dict[str, Any] | None = None
+    subgroups: dict[str, Any] | None = None  # medq.subgroups' table on the single-crop view
 
 
 @dataclass
