@@ -23,6 +23,7 @@ import io
 import ipaddress
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -306,6 +307,18 @@ def batch_mean(before: dict[str, float], after: dict[str, float]) -> float | Non
     return None
 
 
+def cpu_seconds(metrics: dict[str, float], pid: int | None) -> float | None:
+    """The server's CPU time so far (user + system, every thread): /proc/PID/stat when its pid is given, else its
+    process metrics."""
+    if pid is not None:
+        try:  # the fields after the command's closing parenthesis; utime and stime are the 12th and 13th
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+    return metrics.get("process_cpu_seconds_total")
+
+
 def resident_bytes(metrics: dict[str, float], pid: int | None) -> float | None:
     """The server's resident memory: /proc/PID/status when its pid is given, else its process metrics."""
     if pid is not None:
@@ -338,6 +351,10 @@ class Level:
     batch_mean: float | None = None
     rss_before_mb: float | None = None
     rss_after_mb: float | None = None
+    # CPU time over the level, in cores (CPU seconds / wall seconds): this client's own (every thread of this
+    # process: on a machine it shares with the server this is what the server did not get) and the server's
+    client_cpu: float | None = None
+    server_cpu: float | None = None
     problems: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
@@ -517,7 +534,7 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
                  image_size: int = 1024, concurrency: Sequence[int] = CONCURRENCY, requests: int = 200,
                  seconds: float = 30.0, bad_fraction: float = 0.0, overload: bool = False, tolerance: float = 1e-4,
                  timeout: float = 60.0, server_pid: int | None = None, distinct: int = 8, seed: int = 0,
-                 token_file: str | Path | None = None) -> Report:
+                 token_file: str | Path | None = None, overload_requests: int | None = None) -> Report:
     target = loopback_target(url, model, token_file)
     if input_kind not in ("tensor", "image"):
         raise MedqError(f"--input {input_kind}: choose tensor or image")
@@ -525,8 +542,10 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
         raise MedqError("--images are sent only with --input image; add it, or drop --images to send tensors")
     if not 0.0 <= bad_fraction < 1.0:
         raise MedqError(f"--bad-fraction {bad_fraction}: give a fraction in [0, 1), e.g. 0.1")
-    if requests < 1 or seconds <= 0 or not concurrency or min(concurrency) < 1:
-        raise MedqError("--requests, --seconds and every --concurrency must be positive")
+    if requests < 1 or seconds <= 0 or not concurrency or min(concurrency) < 1 or (overload_requests or 1) < 1:
+        raise MedqError("--requests, --overload-requests, --seconds and every --concurrency must be positive")
+    if overload_requests is not None and not overload:
+        raise MedqError("--overload-requests sizes the overload level; add --overload, or drop it")
     get_json(target, "/v2/health/ready")
     metadata = get_json(target, f"/v2/models/{model}")
     goods = (tensor_payloads(target, metadata, distinct, seed) if input_kind == "tensor"
@@ -536,16 +555,21 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
     report = Report(url, model, input_kind, bad_fraction, [])
     first_rss = None
 
-    def level(c: int, label: str = "") -> Level:
+    def level(c: int, label: str = "", count: int = requests) -> Level:
         nonlocal first_rss
         before = scrape(target)
         lv = Level(c, label, rss_before_mb=_mb(resident_bytes(before, server_pid)))
         first_rss = lv.rss_before_mb if first_rss is None else first_rss
-        outcomes, wall = run_level(target, c, Schedule(goods, bads, bad_fraction, requests, seconds), alone,
+        server_before, client_before = cpu_seconds(before, server_pid), time.process_time()
+        outcomes, wall = run_level(target, c, Schedule(goods, bads, bad_fraction, count, seconds), alone,
                                    tolerance, timeout)
+        lv.client_cpu = (time.process_time() - client_before) / wall
         after = scrape(target)
         lv.batch_mean = batch_mean(before, after)
         lv.rss_after_mb = _mb(resident_bytes(after, server_pid))
+        server_after = cpu_seconds(after, server_pid)
+        if server_before is not None and server_after is not None:
+            lv.server_cpu = (server_after - server_before) / wall
         summarize(lv, outcomes, wall, overload=bool(label))
         log.info("%s", format_row(lv))
         return lv
@@ -554,7 +578,7 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
         report.levels.append(level(c))
     if overload:
         report.saturation = saturating(report.levels)
-        report.levels.append(level(4 * report.saturation, "overload"))
+        report.levels.append(level(4 * report.saturation, "overload", overload_requests or requests))
     last = report.levels[-1].rss_after_mb
     if first_rss is not None and last is not None:
         report.rss_growth_mb = last - first_rss
@@ -568,7 +592,7 @@ def _mb(value: float | None) -> float | None:
 # --- the table -----------------------------------------------------------------------------------------------------
 
 HEADER = ("concurrency", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "200", "400", "503", "other",
-          "no answer", "wrong", "batch mean", "RSS MB")
+          "no answer", "wrong", "batch mean", "RSS MB", "client CPU", "server CPU")
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -581,7 +605,7 @@ def row_cells(lv: Level) -> list[str]:
     return [f"{lv.concurrency}{' (overload)' if lv.label else ''}", str(lv.requests), _fmt(lv.throughput),
             _fmt(lv.p50_ms), _fmt(lv.p95_ms), _fmt(lv.p99_ms), str(lv.count("200")), str(lv.count("400")),
             str(lv.count("503")), str(other), str(lv.count(CONNECTION_ERROR)), str(lv.wrong), _fmt(lv.batch_mean, 2),
-            rss]
+            rss, _fmt(lv.client_cpu, 2), _fmt(lv.server_cpu, 2)]
 
 
 def format_row(lv: Level) -> str:

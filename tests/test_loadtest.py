@@ -170,6 +170,24 @@ def test_counts_add_up_and_match_what_the_server_answered(stub):
     assert report.problems == []
 
 
+def test_the_overload_level_has_its_own_request_count(stub):
+    report = load(stub, concurrency=[2], overload=True, overload_requests=35)
+    assert [(lv.concurrency, lv.label, lv.requests) for lv in report.levels] == [(2, "", 20), (8, "overload", 35)]
+    assert server_answers(stub, skip=4) == Counter({"200": 55})
+
+
+def test_client_and_server_cpu_are_read_per_level(stub):
+    """The stub serves from this very process: its CPU time read from /proc/PID/stat (the server column) is the
+    CPU time Python's process clock gives for the level (the client column), up to the kernel's 10 ms ticks."""
+    import os
+
+    report = load(stub, concurrency=[4], requests=400, input_kind="image", server_pid=os.getpid())
+    (level,) = report.levels
+    client, server = level.client_cpu * level.seconds, level.server_cpu * level.seconds
+    assert client > 0.05  # decoding 400 JPEGs in the stub: enough CPU time for the ticks to resolve
+    assert server == pytest.approx(client, abs=0.04)
+
+
 @pytest.mark.parametrize("stub", [lambda n, body: 503 if n % 5 == 0 and n > 0 else 500 if n == 13 else None], indirect=True)
 def test_statuses_are_counted_apart_and_a_500_is_a_failure(stub):
     report = load(stub, concurrency=[2])
@@ -258,7 +276,8 @@ def test_only_loopback_addresses_are_loaded(url):
 @pytest.mark.parametrize("options, message", [({"images": [Path("x.jpg")]}, "only with --input image"),
                                               ({"bad_fraction": 1.0}, "--bad-fraction 1.0"),
                                               ({"concurrency": [0]}, "must be positive"),
-                                              ({"input_kind": "pixels"}, "choose tensor or image")])
+                                              ({"input_kind": "pixels"}, "choose tensor or image"),
+                                              ({"overload_requests": 50}, "add --overload")])
 def test_options_that_cannot_run_are_refused_before_any_request(stub, options, message):
     with pytest.raises(MedqError, match=message):
         load(stub, **options)

@@ -106,6 +106,7 @@ def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_
                          inter_op_threads=inter_op_threads)
     served = ServedModel(Path(run_dir).name, info, engine, engine.sha256[:12], threshold, max_megapixels,
                          facts={"artifact": engine.path.name, "sha256": engine.sha256,
+                                "threads": {"intra_op": intra_op_threads, "inter_op": inter_op_threads},
                                 **({"engine_facts": engine.facts} if engine.facts else {})})
     warm = np.zeros((warmup_batch, *served.input.shape), np.float32)
     try:
