@@ -26,7 +26,7 @@ class Stub(ThreadingHTTPServer):
     """A v2 server for one model with input [N, 4, 4, 1] and two classes; `misbehave(n, body)` may turn the n-th
     predict or infer into another status (503, 500), a swapped answer or a dropped connection. It records what it
     answered to each request (`ledger`: one entry per request received) and exposes a batch-size histogram whose
-    every observation is 2."""
+    every observation is 2, with 2 ms of engine time each."""
     daemon_threads = True
 
     def __init__(self, misbehave=None):
@@ -78,7 +78,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/metrics":
             n = self.server.served
             body = (f"# TYPE stub_batch_size histogram\nstub_batch_size_bucket{{le=\"+Inf\"}} {n}\n"
-                    f"stub_batch_size_count {n}\nstub_batch_size_sum {2 * n}\n").encode()
+                    f"stub_batch_size_count {n}\nstub_batch_size_sum {2 * n}\n"
+                    f"# TYPE stub_engine_seconds histogram\nstub_engine_seconds_sum {n / 500}\n").encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -161,6 +162,7 @@ def test_counts_add_up_and_match_what_the_server_answered(stub):
         assert level.bad == 5 and level.good == 15  # 25% of 20, on the schedule's arithmetic
         assert level.statuses == {"200": 15, "400": 5} and level.wrong == 0 and level.problems == []
         assert level.batch_mean == pytest.approx(2.0)  # the stub's histogram observes 2 per request
+        assert level.engine_ips == pytest.approx(1000.0)  # ... in 1/500 s of engine time each: 2 images per 2 ms
         assert level.p50_ms <= level.p95_ms <= level.p99_ms
     # what the tool counted is what the server says it answered (4 good inputs were first sent alone)
     tool = Counter()

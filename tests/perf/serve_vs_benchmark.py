@@ -49,16 +49,47 @@ def medq_args(args: argparse.Namespace) -> list[str]:
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
-    sets = ["benchmark.precisions=[" + ", ".join(args.model) + "]", "benchmark.batch_sizes=[1, 32]",
+    precisions = sorted({"fp32", "int8", *args.model})  # INT8 beside its FP32 baseline, and whatever is served
+    sets = ["benchmark.precisions=[" + ", ".join(precisions) + "]", "benchmark.batch_sizes=[1, 32]",
             "benchmark.batch_size=32", "benchmark.reference=[]", "benchmark.instances=[]"]
     command = [*MEDQ, "benchmark", *medq_args(args), *[x for s in sets for x in ("--set", s)], "--quiet"]
     print(f"$ {' '.join(command)}   ({loadavg()})", flush=True)
     subprocess.run(command, check=True, cwd=REPO)
 
 
-def benchmark_rows(run_dir: Path) -> dict[str, dict]:
+def benchmark_report(run_dir: Path) -> tuple[dict, dict[str, dict]]:
     report = json.loads((run_dir / "benchmark.json").read_text())
-    return {r["precision"]: r for r in report["rows"] if r["engine"] == "tensorflow"}
+    return report, {r["precision"]: r for r in report["results"] if r["engine"] == "tensorflow"}
+
+
+# The benchmark's batch-32 call timed for CPU as well as wall time, in a fresh process with the same threads: the CPU
+# milliseconds one image costs the engine, to set beside the server's CPU per request (both unaffected by how much of
+# the machine other jobs took, unlike any img/s measured on a shared machine).
+CPU_PROBE = """
+import json, sys, time
+import numpy as np
+from medq.graph import FrozenGraph
+pb, npy, name_in, name_out, intra, inter = sys.argv[1:]
+x = np.load(npy, mmap_mode="r")
+batch = np.ascontiguousarray(x[np.arange(32) % len(x)])
+with FrozenGraph(pb, name_in, name_out, intra_op_threads=int(intra), inter_op_threads=int(inter)) as graph:
+    for _ in range(3):
+        graph.run(batch)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(10):
+        graph.run(batch)
+    print(json.dumps({"cpu_ms": (time.process_time() - cpu) * 1000 / 320,
+                      "ips": 320 / (time.perf_counter() - wall)}))
+"""
+
+
+def engine_cpu(run_dir: Path, row: dict, report: dict, metadata: dict, runtime) -> dict:
+    env = {**os.environ, **thread_environment(runtime)}
+    command = [sys.executable, "-c", CPU_PROBE, str(run_dir / row["model"]), str(run_dir / report["inputs"]["path"]),
+               metadata["inputs"][0]["name"], metadata["outputs"][0]["name"], str(row["intra_op_threads"]),
+               str(row["inter_op_threads"])]
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=REPO)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def run_dir_of(args: argparse.Namespace) -> Path:
@@ -110,8 +141,9 @@ def level(report, concurrency: int):
     return next((lv for lv in report.levels if lv.concurrency == concurrency and not lv.label), None)
 
 
-def comparison(precision: str, row: dict, tensor) -> list[str]:
-    """The targets' two lines for one precision: the benchmark's figure beside the load test's."""
+def comparison(precision: str, row: dict, tensor, probe: dict) -> list[str]:
+    """The targets' lines for one precision: the benchmark's figure beside the load test's, and the same in CPU
+    time per image (the engine alone vs the server + this client per request at concurrency 32)."""
     p50_bench, ips_bench = row["latency_ms"]["p50"], row["throughput_by_batch"]["32"]
     one, full = level(tensor, 1), level(tensor, 32)
     lines = [f"| {precision} | batch 1 p50 {p50_bench:.1f} ms | concurrency 1 p50 "
@@ -121,8 +153,14 @@ def comparison(precision: str, row: dict, tensor) -> list[str]:
         cpu = (f"client {full.client_cpu:.2f} cores, server {full.server_cpu:.2f} cores"
                if full.server_cpu is not None else "")
         lines.append(f"| {precision} | batch 32 {ips_bench:.1f} img/s | concurrency 32 {full.throughput:.1f} req/s "
-                     f"(batch mean {full.batch_mean or 0:.1f}; {cpu}) | {full.throughput / ips_bench:.0%} "
-                     "(target ≥ 85%) |")
+                     f"(batch mean {full.batch_mean or 0:.1f}, engine {full.engine_ips or 0:.1f} img/s; {cpu}) | "
+                     f"{full.throughput / ips_bench:.0%} (target ≥ 85%) |")
+        if full.server_cpu is not None:
+            per_request = (full.server_cpu + full.client_cpu) * full.seconds / full.requests * 1000
+            lines.append(f"| {precision} | engine alone {probe['cpu_ms']:.2f} CPU ms/img at batch 32 "
+                         f"({probe['ips']:.1f} img/s in this probe) | server + client {per_request:.2f} CPU ms/req "
+                         f"at concurrency 32 | {probe['cpu_ms'] / per_request:.0%} (what the ratio is on cores given "
+                         "to this alone) |")
     return lines
 
 
@@ -145,13 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         args.run_name = load_config(args.config, args.set).run.name
     run_dir = run_dir_of(args)
     features = cpu_features()
-    runtime = load_config(args.config, args.set).runtime
+    config = load_config(args.config, [*args.set, *args.serve_set])
+    runtime, settings = config.runtime, config.serve
     print(f"# serve vs benchmark: {run_dir}\nCPU: {describe_cpu(features)}, {features['physical_cores']} physical "
           f"cores, {features['logical_cpus']} logical\nthreads: {thread_environment(runtime)}\n{loadavg()}",
           flush=True)
     if not args.skip_benchmark:
         run_benchmark(args)
-    bench = benchmark_rows(run_dir)
+    report, bench = benchmark_report(run_dir)
     lines = ["| precision | benchmark | load test | vs target |", "|---|---|---|---|"]
     for model in args.model:
         server = Server(args, model, run_dir / f"serve_vs_benchmark_{model}.log")
@@ -169,13 +208,21 @@ def main(argv: list[str] | None = None) -> int:
             saturation = saturating(tensor.levels)  # the sweep's; the overload level runs at 4x it
             overload = loadtest(server, args.run_name, f"{model}: overload (tensor input, "
                                 f"{args.overload_requests} requests at 4x the sweep's saturating concurrency)",
-                                concurrency=(saturation,), requests=args.requests, seconds=args.seconds,
+                                concurrency=(saturation,), requests=args.requests,
+                                seconds=max(args.seconds, args.overload_requests / 10),  # all of them, not a time cut
                                 overload=True, overload_requests=args.overload_requests)
             last = overload.levels[-1]
+            # an accepted request waits behind at most max_queue_size / max_batch_size batches, then runs in its own;
+            # a full batch takes what the benchmark's batch-32 row took
+            batch_ms = settings.max_batch_size / bench[model]["throughput_by_batch"]["32"] * 1000
+            bound = (settings.max_queue_size / settings.max_batch_size + 1) * batch_ms + settings.max_queue_delay_ms
             print(f"overload: {last.concurrency} clients, {last.requests} requests, statuses {last.statuses}, "
                   f"server RSS {last.rss_before_mb:.0f} → {last.rss_after_mb:.0f} MB "
-                  f"({last.rss_after_mb - last.rss_before_mb:+.1f} MB), p99 of 200s {last.p99_ms:.0f} ms")
-            lines += comparison(model, bench[model], tensor)
+                  f"({last.rss_after_mb - last.rss_before_mb:+.1f} MB), p99 of 200s {last.p99_ms:.0f} ms; the queue's "
+                  f"bound ({settings.max_queue_size}/{settings.max_batch_size} + 1) x {batch_ms:.0f} ms per batch of "
+                  f"{settings.max_batch_size} (the benchmark's) = {bound:.0f} ms")
+            probe = engine_cpu(run_dir, bench[model], report, server.metadata, runtime)
+            lines += comparison(model, bench[model], tensor, probe)
         finally:
             server.stop()
     print(f"\n## benchmark rows beside the load test ({loadavg()})\n" + "\n".join(lines))
