@@ -246,6 +246,29 @@ def test_the_engine_runs_the_benchmarks_threads_and_metrics_show_the_process(tin
         assert _metric(base, "process_cpu_seconds_total") > 0
 
 
+def test_the_warm_up_runs_every_batch_size_the_batcher_may_form(tiny, monkeypatch):
+    """Before the model is ready the engine has run one batch of every size 1..max_batch_size, so no size's kernels
+    are first built under load."""
+    import medq.serve.models as served_models
+
+    sizes: list[int] = []
+
+    class Recording:
+        name, precision, facts = "tensorflow", "int8", {}
+        path, sha256 = tiny.int8, hashlib.sha256(tiny.int8.read_bytes()).hexdigest()
+
+        def __call__(self, x):
+            sizes.append(len(x))
+            return np.full((len(x), 2), 0.5, np.float32)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(served_models, "open_engine", lambda *args, **kwargs: Recording())
+    model = served_models.load_model(tiny.run_dir, "int8", threshold=None, max_megapixels=100, warmup_batch=6)
+    assert model.ready and sorted(sizes) == [1, 2, 3, 4, 5, 6]
+
+
 def test_a_full_queue_answers_503_with_retry_after_at_once(tiny):
     with serving(tiny.models, max_batch_size=4, max_queue_delay_ms=3000, max_queue_size=4) as base:
         first: dict[str, requests.Response] = {}
