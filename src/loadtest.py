@@ -136,8 +136,10 @@ def model_input(metadata: dict) -> tuple[str, list[int]]:
     return name, [1, *shape[1:]]
 
 
-def tensor_payloads(target: Target, metadata: dict, count: int, seed: int) -> list[Payload]:
+def tensor_payloads(target: Target, metadata: dict, count: int, seed: int, images: int = 1) -> list[Payload]:
+    """COUNT distinct requests of IMAGES images each ([IMAGES, H, W, C] tensors)."""
     name, shape = model_input(metadata)
+    shape = [images, *shape[1:]]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
@@ -510,6 +512,7 @@ class Report:
     levels: list[Level]
     saturation: int | None = None
     rss_growth_mb: float | None = None
+    images_per_request: int = 1  # req/s times this is img/s
 
     @property
     def problems(self) -> list[str]:
@@ -552,7 +555,8 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
                  image_size: int = 1024, concurrency: Sequence[int] = CONCURRENCY, requests: int = 200,
                  seconds: float = 30.0, bad_fraction: float = 0.0, overload: bool = False, tolerance: float = 1e-4,
                  timeout: float = 60.0, server_pid: int | None = None, distinct: int = 8, seed: int = 0,
-                 token_file: str | Path | None = None, overload_requests: int | None = None) -> Report:
+                 token_file: str | Path | None = None, overload_requests: int | None = None,
+                 images_per_request: int = 1) -> Report:
     target = loopback_target(url, model, token_file)
     if input_kind not in ("tensor", "image"):
         raise MedqError(f"--input {input_kind}: choose tensor or image")
@@ -562,15 +566,18 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
         raise MedqError(f"--bad-fraction {bad_fraction}: give a fraction in [0, 1), e.g. 0.1")
     if requests < 1 or seconds <= 0 or not concurrency or min(concurrency) < 1 or (overload_requests or 1) < 1:
         raise MedqError("--requests, --overload-requests, --seconds and every --concurrency must be positive")
+    if images_per_request < 1 or (images_per_request > 1 and input_kind != "tensor"):
+        raise MedqError(f"--images-per-request {images_per_request}: a positive count, sent as [N, H, W, C] tensors "
+                        "(--input tensor)")
     if overload_requests is not None and not overload:
         raise MedqError("--overload-requests sizes the overload level; add --overload, or drop it")
     get_json(target, "/v2/health/ready")
     metadata = get_json(target, f"/v2/models/{model}")
-    goods = (tensor_payloads(target, metadata, distinct, seed) if input_kind == "tensor"
+    goods = (tensor_payloads(target, metadata, distinct, seed, images_per_request) if input_kind == "tensor"
              else image_payloads(target, list(images), distinct, image_size, seed))
     bads = bad_payloads(target, metadata, synthetic_jpeg(image_size, seed), seed) if bad_fraction > 0 else []
     alone = answers_alone(target, goods, timeout)
-    report = Report(url, model, input_kind, bad_fraction, [])
+    report = Report(url, model, input_kind, bad_fraction, [], images_per_request=images_per_request)
     first_rss = None
 
     def level(c: int, label: str = "", count: int = requests) -> Level:
@@ -632,6 +639,7 @@ def format_row(lv: Level) -> str:
 
 def format_report(report: Report) -> str:
     lines = [f"medq loadtest {report.url} model {report.model}: {report.input} input"
+             + (f", {report.images_per_request} images per request" if report.images_per_request > 1 else "")
              + (f", {report.bad_fraction:.0%} bad requests" if report.bad_fraction else ""),
              "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row_cells(lv)) + " |" for lv in report.levels]

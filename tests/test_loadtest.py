@@ -33,6 +33,7 @@ class Stub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.misbehave = misbehave or (lambda n, body: None)
         self.ledger: list[str] = []
+        self.images: list[int] = []  # images per infer request it answered 200
         self.lock = threading.Lock()
         self.served = 0
 
@@ -114,10 +115,15 @@ class Handler(BaseHTTPRequestHandler):
             length = self.headers.get("Inference-Header-Content-Length")
             head = json.loads(body[:int(length)] if length else body)
             (tensor,) = head["inputs"]
-            if tensor["shape"] != [1, SIZE, SIZE, 1]:
+            n = tensor["shape"][0]
+            if tensor["shape"][1:] != [SIZE, SIZE, 1]:
                 return 400, {"error": "wrong shape"}
-            data = np.frombuffer(body[int(length):], "<f4") if length else tensor["data"]
-            mean = float(np.mean(data))
+            data = np.frombuffer(body[int(length):], "<f4") if length else np.asarray(tensor["data"], np.float32)
+            means = data.reshape(n, -1).mean(axis=1)  # one answer row per image
+            with self.server.lock:
+                self.server.images.append(n)
+            return 200, {"outputs": [{"name": "output", "shape": [n, 2], "datatype": "FP32",
+                                      "data": np.stack([means, 1 - means], axis=1).ravel().tolist()}]}
         elif self.path == "/v1/models/m/predict":
             if self.headers["Content-Type"] == "application/dicom":
                 ds = pydicom.dcmread(io.BytesIO(body))
@@ -170,6 +176,18 @@ def test_counts_add_up_and_match_what_the_server_answered(stub):
         tool.update(level.statuses)
     assert server_answers(stub, skip=4) == tool
     assert report.problems == []
+
+
+def test_several_images_per_request_are_sent_as_one_tensor_and_checked_row_by_row(stub):
+    report = load(stub, concurrency=[2], images_per_request=3)
+    assert stub.images and set(stub.images) == {3}  # every tensor the stub received held 3 images
+    assert report.levels[0].statuses == {"200": 20} and report.levels[0].wrong == 0
+    assert "3 images per request" in format_report(report)
+
+
+@pytest.mark.parametrize("stub", [lambda n, body: "swap" if n == 7 else None], indirect=True)
+def test_a_swapped_row_of_a_several_image_answer_is_wrong(stub):
+    assert load(stub, concurrency=[1], images_per_request=2).levels[0].wrong == 1
 
 
 def test_the_overload_level_has_its_own_request_count(stub):
@@ -279,7 +297,8 @@ def test_only_loopback_addresses_are_loaded(url):
                                               ({"bad_fraction": 1.0}, "--bad-fraction 1.0"),
                                               ({"concurrency": [0]}, "must be positive"),
                                               ({"input_kind": "pixels"}, "choose tensor or image"),
-                                              ({"overload_requests": 50}, "add --overload")])
+                                              ({"overload_requests": 50}, "add --overload"),
+                                              ({"images_per_request": 2, "input_kind": "image"}, "--input tensor")])
 def test_options_that_cannot_run_are_refused_before_any_request(stub, options, message):
     with pytest.raises(MedqError, match=message):
         load(stub, **options)
