@@ -326,7 +326,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                           image_size=args.image_size, concurrency=args.concurrency, requests=args.requests,
                           seconds=args.seconds, bad_fraction=args.bad_fraction, overload=args.overload,
                           tolerance=args.tolerance, timeout=args.timeout, server_pid=args.server_pid,
-                          token_file=args.token_file)
+                          token_file=args.token_file, overload_requests=args.overload_requests,
+                          images_per_request=args.images_per_request)
     print(format_report(report))
     if args.output:
         write_json(args.output, report.as_json())
@@ -656,10 +657,15 @@ def _loadtest_arguments(p: argparse.ArgumentParser) -> None:
                         "without pixels), each of which must be answered 400 (e.g. 0.1)")
     p.add_argument("--overload", action="store_true",
                    help="after the sweep, one level at 4x the saturating concurrency: only 200 and 503 may come back")
+    p.add_argument("--images-per-request", type=int, default=1,
+                   help="images in each tensor request ([N, H, W, C]; default 1): req/s times N is img/s")
+    p.add_argument("--overload-requests", type=int,
+                   help="requests in the overload level (default: --requests), e.g. 20000 to watch the server's RSS")
     p.add_argument("--tolerance", type=float, default=1e-4,
                    help="largest difference from the probabilities given alone that counts as the same (default 1e-4)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds before a request counts as unanswered")
-    p.add_argument("--server-pid", type=int, help="read the server's RSS from /proc/PID (default: its /metrics)")
+    p.add_argument("--server-pid", type=int,
+                   help="read the server's RSS and CPU time from /proc/PID (default: its /metrics)")
     p.add_argument("--token-file", help="the server's bearer token file (serve.token_file), sent with every request")
     p.add_argument("--output", "-o", metavar="FILE.json", help="also write the table and the failures as JSON")
 

@@ -50,9 +50,15 @@ def physical_cores(cpuinfo: Path = Path("/proc/cpuinfo")) -> int:
     return len(pairs) or (os.cpu_count() or 1)
 
 
+def intra_op_threads(runtime: Any) -> int:
+    """The intra-op thread count every measuring process runs with: the runtime section's, 0 meaning every physical
+    core."""
+    return runtime.intra_op_threads or physical_cores()
+
+
 def thread_environment(runtime: Any) -> dict[str, str]:
     """Environment variables for a measuring process, from the config's runtime section."""
-    threads = runtime.intra_op_threads or physical_cores()
+    threads = intra_op_threads(runtime)
     return {"OMP_NUM_THREADS": str(threads), "KMP_BLOCKTIME": str(runtime.kmp_blocktime),
             "KMP_AFFINITY": runtime.kmp_affinity, "TF_NUM_INTRAOP_THREADS": str(threads),
             "TF_NUM_INTEROP_THREADS": str(runtime.inter_op_threads)}

@@ -23,6 +23,8 @@ import io
 import ipaddress
 import json
 import logging
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -134,8 +136,10 @@ def model_input(metadata: dict) -> tuple[str, list[int]]:
     return name, [1, *shape[1:]]
 
 
-def tensor_payloads(target: Target, metadata: dict, count: int, seed: int) -> list[Payload]:
+def tensor_payloads(target: Target, metadata: dict, count: int, seed: int, images: int = 1) -> list[Payload]:
+    """COUNT distinct requests of IMAGES images each ([IMAGES, H, W, C] tensors)."""
     name, shape = model_input(metadata)
+    shape = [images, *shape[1:]]
     rng = np.random.default_rng(seed)
     out = []
     for i in range(count):
@@ -210,13 +214,18 @@ class Connection:
     def request(self, method: str, path: str, body: bytes | None = None, content_type: str | None = None,
                 extra: tuple[tuple[str, str], ...] = ()) -> tuple[int, bytes]:
         """(status, body); raises OSError/HTTPException when the connection fails."""
-        if self.conn is None:
-            self.conn = http.client.HTTPConnection(self.target.host, self.target.port, timeout=self.timeout)
         headers = {"Content-Type": content_type} if content_type else {}
         if self.target.token:
             headers["Authorization"] = f"Bearer {self.target.token}"
         headers.update(extra)
         try:
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection(self.target.host, self.target.port, timeout=self.timeout)
+                self.conn.connect()
+                # http.client writes the headers and the body apart: without this, Nagle's algorithm may hold the
+                # body until the server acknowledges the headers (a delayed ACK, up to 40 ms); curl and tritonclient
+                # set it too
+                self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.conn.request(method, path, body=body, headers=headers)
             response = self.conn.getresponse()
             data = response.read()
@@ -306,6 +315,29 @@ def batch_mean(before: dict[str, float], after: dict[str, float]) -> float | Non
     return None
 
 
+def cpu_seconds(metrics: dict[str, float], pid: int | None) -> float | None:
+    """The server's CPU time so far (user + system, every thread): /proc/PID/stat when its pid is given, else its
+    process metrics."""
+    if pid is not None:
+        try:  # the fields after the command's closing parenthesis; utime and stime are the 12th and 13th
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return None
+    return metrics.get("process_cpu_seconds_total")
+
+
+def engine_rate(before: dict[str, float], after: dict[str, float]) -> float | None:
+    """Images per second while the server's engine ran over the level (*batch_size_sum over *engine_seconds_sum):
+    the server's own figure to set beside the benchmark's img/s at the same batch size."""
+    images = [n for n in after if "batch_size" in n and n.endswith("_sum")]
+    seconds = [n for n in after if "engine_seconds" in n and n.endswith("_sum")]
+    if not images or not seconds:
+        return None
+    busy = after[seconds[0]] - before.get(seconds[0], 0.0)
+    return (after[images[0]] - before.get(images[0], 0.0)) / busy if busy > 0 else None
+
+
 def resident_bytes(metrics: dict[str, float], pid: int | None) -> float | None:
     """The server's resident memory: /proc/PID/status when its pid is given, else its process metrics."""
     if pid is not None:
@@ -336,8 +368,13 @@ class Level:
     p95_ms: float | None = None
     p99_ms: float | None = None
     batch_mean: float | None = None
+    engine_ips: float | None = None  # images per second of engine time in the server (its /metrics)
     rss_before_mb: float | None = None
     rss_after_mb: float | None = None
+    # CPU time over the level, in cores (CPU seconds / wall seconds): this client's own (every thread of this
+    # process: on a machine it shares with the server this is what the server did not get) and the server's
+    client_cpu: float | None = None
+    server_cpu: float | None = None
     problems: list[str] = field(default_factory=list)
 
     def count(self, status: str) -> int:
@@ -475,6 +512,7 @@ class Report:
     levels: list[Level]
     saturation: int | None = None
     rss_growth_mb: float | None = None
+    images_per_request: int = 1  # req/s times this is img/s
 
     @property
     def problems(self) -> list[str]:
@@ -517,7 +555,8 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
                  image_size: int = 1024, concurrency: Sequence[int] = CONCURRENCY, requests: int = 200,
                  seconds: float = 30.0, bad_fraction: float = 0.0, overload: bool = False, tolerance: float = 1e-4,
                  timeout: float = 60.0, server_pid: int | None = None, distinct: int = 8, seed: int = 0,
-                 token_file: str | Path | None = None) -> Report:
+                 token_file: str | Path | None = None, overload_requests: int | None = None,
+                 images_per_request: int = 1) -> Report:
     target = loopback_target(url, model, token_file)
     if input_kind not in ("tensor", "image"):
         raise MedqError(f"--input {input_kind}: choose tensor or image")
@@ -525,27 +564,37 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
         raise MedqError("--images are sent only with --input image; add it, or drop --images to send tensors")
     if not 0.0 <= bad_fraction < 1.0:
         raise MedqError(f"--bad-fraction {bad_fraction}: give a fraction in [0, 1), e.g. 0.1")
-    if requests < 1 or seconds <= 0 or not concurrency or min(concurrency) < 1:
-        raise MedqError("--requests, --seconds and every --concurrency must be positive")
+    if requests < 1 or seconds <= 0 or not concurrency or min(concurrency) < 1 or (overload_requests or 1) < 1:
+        raise MedqError("--requests, --overload-requests, --seconds and every --concurrency must be positive")
+    if images_per_request < 1 or (images_per_request > 1 and input_kind != "tensor"):
+        raise MedqError(f"--images-per-request {images_per_request}: a positive count, sent as [N, H, W, C] tensors "
+                        "(--input tensor)")
+    if overload_requests is not None and not overload:
+        raise MedqError("--overload-requests sizes the overload level; add --overload, or drop it")
     get_json(target, "/v2/health/ready")
     metadata = get_json(target, f"/v2/models/{model}")
-    goods = (tensor_payloads(target, metadata, distinct, seed) if input_kind == "tensor"
+    goods = (tensor_payloads(target, metadata, distinct, seed, images_per_request) if input_kind == "tensor"
              else image_payloads(target, list(images), distinct, image_size, seed))
     bads = bad_payloads(target, metadata, synthetic_jpeg(image_size, seed), seed) if bad_fraction > 0 else []
     alone = answers_alone(target, goods, timeout)
-    report = Report(url, model, input_kind, bad_fraction, [])
+    report = Report(url, model, input_kind, bad_fraction, [], images_per_request=images_per_request)
     first_rss = None
 
-    def level(c: int, label: str = "") -> Level:
+    def level(c: int, label: str = "", count: int = requests) -> Level:
         nonlocal first_rss
         before = scrape(target)
         lv = Level(c, label, rss_before_mb=_mb(resident_bytes(before, server_pid)))
         first_rss = lv.rss_before_mb if first_rss is None else first_rss
-        outcomes, wall = run_level(target, c, Schedule(goods, bads, bad_fraction, requests, seconds), alone,
+        server_before, client_before = cpu_seconds(before, server_pid), time.process_time()
+        outcomes, wall = run_level(target, c, Schedule(goods, bads, bad_fraction, count, seconds), alone,
                                    tolerance, timeout)
+        lv.client_cpu = (time.process_time() - client_before) / wall
         after = scrape(target)
-        lv.batch_mean = batch_mean(before, after)
+        lv.batch_mean, lv.engine_ips = batch_mean(before, after), engine_rate(before, after)
         lv.rss_after_mb = _mb(resident_bytes(after, server_pid))
+        server_after = cpu_seconds(after, server_pid)
+        if server_before is not None and server_after is not None:
+            lv.server_cpu = (server_after - server_before) / wall
         summarize(lv, outcomes, wall, overload=bool(label))
         log.info("%s", format_row(lv))
         return lv
@@ -554,7 +603,7 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
         report.levels.append(level(c))
     if overload:
         report.saturation = saturating(report.levels)
-        report.levels.append(level(4 * report.saturation, "overload"))
+        report.levels.append(level(4 * report.saturation, "overload", overload_requests or requests))
     last = report.levels[-1].rss_after_mb
     if first_rss is not None and last is not None:
         report.rss_growth_mb = last - first_rss
@@ -568,7 +617,7 @@ def _mb(value: float | None) -> float | None:
 # --- the table -----------------------------------------------------------------------------------------------------
 
 HEADER = ("concurrency", "requests", "req/s", "p50 ms", "p95 ms", "p99 ms", "200", "400", "503", "other",
-          "no answer", "wrong", "batch mean", "RSS MB")
+          "no answer", "wrong", "batch mean", "engine img/s", "RSS MB", "client CPU", "server CPU")
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
@@ -581,7 +630,7 @@ def row_cells(lv: Level) -> list[str]:
     return [f"{lv.concurrency}{' (overload)' if lv.label else ''}", str(lv.requests), _fmt(lv.throughput),
             _fmt(lv.p50_ms), _fmt(lv.p95_ms), _fmt(lv.p99_ms), str(lv.count("200")), str(lv.count("400")),
             str(lv.count("503")), str(other), str(lv.count(CONNECTION_ERROR)), str(lv.wrong), _fmt(lv.batch_mean, 2),
-            rss]
+            _fmt(lv.engine_ips), rss, _fmt(lv.client_cpu, 2), _fmt(lv.server_cpu, 2)]
 
 
 def format_row(lv: Level) -> str:
@@ -590,6 +639,7 @@ def format_row(lv: Level) -> str:
 
 def format_report(report: Report) -> str:
     lines = [f"medq loadtest {report.url} model {report.model}: {report.input} input"
+             + (f", {report.images_per_request} images per request" if report.images_per_request > 1 else "")
              + (f", {report.bad_fraction:.0%} bad requests" if report.bad_fraction else ""),
              "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row_cells(lv)) + " |" for lv in report.levels]

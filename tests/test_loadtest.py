@@ -26,13 +26,14 @@ class Stub(ThreadingHTTPServer):
     """A v2 server for one model with input [N, 4, 4, 1] and two classes; `misbehave(n, body)` may turn the n-th
     predict or infer into another status (503, 500), a swapped answer or a dropped connection. It records what it
     answered to each request (`ledger`: one entry per request received) and exposes a batch-size histogram whose
-    every observation is 2."""
+    every observation is 2, with 2 ms of engine time each."""
     daemon_threads = True
 
     def __init__(self, misbehave=None):
         super().__init__(("127.0.0.1", 0), Handler)
         self.misbehave = misbehave or (lambda n, body: None)
         self.ledger: list[str] = []
+        self.images: list[int] = []  # images per infer request it answered 200
         self.lock = threading.Lock()
         self.served = 0
 
@@ -78,7 +79,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/metrics":
             n = self.server.served
             body = (f"# TYPE stub_batch_size histogram\nstub_batch_size_bucket{{le=\"+Inf\"}} {n}\n"
-                    f"stub_batch_size_count {n}\nstub_batch_size_sum {2 * n}\n").encode()
+                    f"stub_batch_size_count {n}\nstub_batch_size_sum {2 * n}\n"
+                    f"# TYPE stub_engine_seconds histogram\nstub_engine_seconds_sum {n / 500}\n").encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -113,10 +115,15 @@ class Handler(BaseHTTPRequestHandler):
             length = self.headers.get("Inference-Header-Content-Length")
             head = json.loads(body[:int(length)] if length else body)
             (tensor,) = head["inputs"]
-            if tensor["shape"] != [1, SIZE, SIZE, 1]:
+            n = tensor["shape"][0]
+            if tensor["shape"][1:] != [SIZE, SIZE, 1]:
                 return 400, {"error": "wrong shape"}
-            data = np.frombuffer(body[int(length):], "<f4") if length else tensor["data"]
-            mean = float(np.mean(data))
+            data = np.frombuffer(body[int(length):], "<f4") if length else np.asarray(tensor["data"], np.float32)
+            means = data.reshape(n, -1).mean(axis=1)  # one answer row per image
+            with self.server.lock:
+                self.server.images.append(n)
+            return 200, {"outputs": [{"name": "output", "shape": [n, 2], "datatype": "FP32",
+                                      "data": np.stack([means, 1 - means], axis=1).ravel().tolist()}]}
         elif self.path == "/v1/models/m/predict":
             if self.headers["Content-Type"] == "application/dicom":
                 ds = pydicom.dcmread(io.BytesIO(body))
@@ -161,6 +168,7 @@ def test_counts_add_up_and_match_what_the_server_answered(stub):
         assert level.bad == 5 and level.good == 15  # 25% of 20, on the schedule's arithmetic
         assert level.statuses == {"200": 15, "400": 5} and level.wrong == 0 and level.problems == []
         assert level.batch_mean == pytest.approx(2.0)  # the stub's histogram observes 2 per request
+        assert level.engine_ips == pytest.approx(1000.0)  # ... in 1/500 s of engine time each: 2 images per 2 ms
         assert level.p50_ms <= level.p95_ms <= level.p99_ms
     # what the tool counted is what the server says it answered (4 good inputs were first sent alone)
     tool = Counter()
@@ -168,6 +176,36 @@ def test_counts_add_up_and_match_what_the_server_answered(stub):
         tool.update(level.statuses)
     assert server_answers(stub, skip=4) == tool
     assert report.problems == []
+
+
+def test_several_images_per_request_are_sent_as_one_tensor_and_checked_row_by_row(stub):
+    report = load(stub, concurrency=[2], images_per_request=3)
+    assert stub.images and set(stub.images) == {3}  # every tensor the stub received held 3 images
+    assert report.levels[0].statuses == {"200": 20} and report.levels[0].wrong == 0
+    assert "3 images per request" in format_report(report)
+
+
+@pytest.mark.parametrize("stub", [lambda n, body: "swap" if n == 7 else None], indirect=True)
+def test_a_swapped_row_of_a_several_image_answer_is_wrong(stub):
+    assert load(stub, concurrency=[1], images_per_request=2).levels[0].wrong == 1
+
+
+def test_the_overload_level_has_its_own_request_count(stub):
+    report = load(stub, concurrency=[2], overload=True, overload_requests=35)
+    assert [(lv.concurrency, lv.label, lv.requests) for lv in report.levels] == [(2, "", 20), (8, "overload", 35)]
+    assert server_answers(stub, skip=4) == Counter({"200": 55})
+
+
+def test_client_and_server_cpu_are_read_per_level(stub):
+    """The stub serves from this very process: its CPU time read from /proc/PID/stat (the server column) is the
+    CPU time Python's process clock gives for the level (the client column), up to the kernel's 10 ms ticks."""
+    import os
+
+    report = load(stub, concurrency=[4], requests=400, input_kind="image", server_pid=os.getpid())
+    (level,) = report.levels
+    client, server = level.client_cpu * level.seconds, level.server_cpu * level.seconds
+    assert client > 0.05  # decoding 400 JPEGs in the stub: enough CPU time for the ticks to resolve
+    assert server == pytest.approx(client, abs=0.04)
 
 
 @pytest.mark.parametrize("stub", [lambda n, body: 503 if n % 5 == 0 and n > 0 else 500 if n == 13 else None], indirect=True)
@@ -258,7 +296,9 @@ def test_only_loopback_addresses_are_loaded(url):
 @pytest.mark.parametrize("options, message", [({"images": [Path("x.jpg")]}, "only with --input image"),
                                               ({"bad_fraction": 1.0}, "--bad-fraction 1.0"),
                                               ({"concurrency": [0]}, "must be positive"),
-                                              ({"input_kind": "pixels"}, "choose tensor or image")])
+                                              ({"input_kind": "pixels"}, "choose tensor or image"),
+                                              ({"overload_requests": 50}, "add --overload"),
+                                              ({"images_per_request": 2, "input_kind": "image"}, "--input tensor")])
 def test_options_that_cannot_run_are_refused_before_any_request(stub, options, message):
     with pytest.raises(MedqError, match=message):
         load(stub, **options)

@@ -109,7 +109,7 @@ def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
         assert (facts["classes"], facts["task"], facts["precision"], facts["sha256"], facts["threshold"]) == \
             (["NORMAL", "PNEUMONIA"], "binary", "int8", sha, None)
         assert facts["preprocessing"].items() >= {"image_size": 32, "channels": 1, "normalization": "unit"}.items()
-        assert client.get_model_config("tiny")["max_batch_size"] == 8
+        assert client.get_model_config("tiny")["max_batch_size"] == 32  # the default: the benchmark's batch
         x = _batch(3)
         want = _graph_probs(tiny.int8, x)
         for binary in (False, True):
@@ -228,6 +228,45 @@ def test_concurrent_requests_run_in_fewer_engine_calls(tiny):
         assert _metric(base, "medq_batch_size_sum", model="tiny") == 8
         assert calls < 8, f"8 concurrent requests took {calls} engine calls: nothing was batched"
         assert _metric(base, "medq_requests_total", model="tiny", endpoint="infer", status="200") == 8
+
+
+def test_the_engine_runs_the_benchmarks_threads_and_metrics_show_the_process(tiny):
+    """runtime.intra_op_threads 0 is every physical core for the server's engine, as for the benchmark's rows (psutil
+    counts the cores); /metrics carries the process's memory and CPU time (what `medq loadtest` reads), the memory
+    equal to the kernel's VmRSS of this process (the server runs in it)."""
+    psutil = pytest.importorskip("psutil")
+    assert tiny.config.runtime.intra_op_threads == 0
+    threads = tiny.models[0].metadata()["parameters"]["threads"]
+    assert threads == {"intra_op": psutil.cpu_count(logical=False), "inter_op": tiny.config.runtime.inter_op_threads}
+    with serving(tiny.models) as base:
+        rss = _metric(base, "process_resident_memory_bytes")
+        vm_rss = next(int(line.split()[1]) * 1024 for line in Path("/proc/self/status").read_text().splitlines()
+                      if line.startswith("VmRSS:"))
+        assert abs(rss - vm_rss) < 16 * 2**20
+        assert _metric(base, "process_cpu_seconds_total") > 0
+
+
+def test_the_warm_up_runs_every_batch_size_the_batcher_may_form(tiny, monkeypatch):
+    """Before the model is ready the engine has run one batch of every size 1..max_batch_size, so no size's kernels
+    are first built under load."""
+    import medq.serve.models as served_models
+
+    sizes: list[int] = []
+
+    class Recording:
+        name, precision, facts = "tensorflow", "int8", {}
+        path, sha256 = tiny.int8, hashlib.sha256(tiny.int8.read_bytes()).hexdigest()
+
+        def __call__(self, x):
+            sizes.append(len(x))
+            return np.full((len(x), 2), 0.5, np.float32)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(served_models, "open_engine", lambda *args, **kwargs: Recording())
+    model = served_models.load_model(tiny.run_dir, "int8", threshold=None, max_megapixels=100, warmup_batch=6)
+    assert model.ready and sorted(sizes) == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(tiny):
@@ -498,6 +537,7 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path):
             load_config(None, [override])
     cases = [({"runs": []}, "no run to serve"), ({"threshold": 1.0}, "between 0 and 1"),
              ({"max_queue_size": 4, "max_batch_size": 8}, "could never queue"),
+             ({"decode_threads": -1}, "decode_threads -1: must be 0"),
              ({"tls_cert": "cert.pem"}, "go together"), ({"token_file": str(tmp_path / "none")}, "not found")]
     for changes, message in cases:
         settings = dataclasses.replace(ServeConfig(runs=["tiny"]), **changes)

@@ -79,3 +79,28 @@ def test_an_engine_failure_fails_its_batch_only_and_closing_runs_what_is_queued(
         batcher.submit(_x(1, 1), 60)
     with pytest.raises(ValueError, match="between 1 and 4"):
         Batcher(engine, max_batch_size=4, max_queue_delay_s=0, max_queue_size=8).submit(_x(5, 1), 60)
+
+
+def test_default_settings_batch_up_to_the_benchmarks_batch_size_under_load():
+    """Under load the serve defaults run the benchmark's batch (the size its img/s is measured at), counted by the
+    server's own batch-size metric: 32 requests queued while the engine is busy run as one batch of 32."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from medq.config import BenchmarkConfig, ServeConfig
+    from medq.serve.metrics import Metrics
+
+    settings, metrics, engine = ServeConfig(), Metrics(), Engine(hold=True)
+    batcher = Batcher(engine, max_batch_size=settings.max_batch_size,
+                      max_queue_delay_s=settings.max_queue_delay_ms / 1000, max_queue_size=settings.max_queue_size,
+                      on_batch=metrics.on_batch("m"))
+    first = batcher.submit(_x(1, 0), 60)
+    assert engine.entered.wait(60)  # the engine is busy with the first request: the load queues behind it
+    queued = [batcher.submit(_x(1, i), 60) for i in range(BenchmarkConfig().batch_size)]
+    engine.release.set()
+    for i, future in enumerate([first, *queued]):
+        np.testing.assert_array_equal(future.result(60), _x(1, 2 * (i - 1) if i else 0))
+    batcher.close(60)
+    samples = {s.name: s.value for family in text_string_to_metric_families(metrics.exposition().decode())
+               for s in family.samples if s.name.startswith("medq_batch_size")}
+    assert samples["medq_batch_size_count"] == 2  # the lone first request, then all 32 in one engine call
+    assert samples["medq_batch_size_sum"] == 1 + 32

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import os
 import re
 import time
 import uuid
@@ -28,9 +27,11 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from medq.data.decode import UnreadableImage
+from medq.hwinfo import physical_cores
 from medq.serve.batching import Batcher, DeadlineExceeded, QueueFull, Stopped
 from medq.serve.metrics import CONTENT_TYPE, Metrics
 from medq.serve.models import ServedModel
@@ -93,6 +94,61 @@ class BodyLimit:
                 "smaller images or raise the limit")
 
 
+class EveryRequest:
+    """What every request passes: a request id (the client's X-Request-ID if well-formed, echoed back), the bearer
+    token, the in-flight count, the request counter and latency histogram, one log line, and a 500 with one line for a
+    bug. A plain ASGI middleware: Starlette's ``@app.middleware("http")`` runs each request through extra tasks and
+    memory streams, a cost paid per request on the event loop that also feeds the batcher."""
+
+    def __init__(self, app: Any, *, token: str | None, state: ServerState, metrics: Metrics, models: frozenset[str]):
+        self.app, self.token, self.state, self.metrics, self.models = app, token, state, metrics, models
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = request_id  # request.state.request_id in the endpoints
+        status: int | None = None  # set when the answer starts
+
+        async def send_with_id(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        started = time.perf_counter()
+        path = scope["path"]
+        self.state.in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            if self.token is not None and not path.startswith("/v2/health/") and \
+                    not _authorized(headers.get("authorization", ""), self.token):
+                await JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
+                                   status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except Exception:  # a bug: the traceback to the log under the request id, one line to the client
+            log.exception("serve: request %s failed", request_id)
+            if status is not None:  # the answer had started: the client sees the connection end
+                raise
+            await JSONResponse({"error": f"internal error; the server log has the details (request {request_id})"},
+                               status_code=500)(scope, receive, send_with_id)
+        finally:
+            self.state.in_flight -= 1
+            self.metrics.in_flight.dec()
+        seconds = time.perf_counter() - started
+        name = scope.get("path_params", {}).get("name")
+        model = name if name in self.models else "-"
+        endpoint = _endpoint(path)
+        self.metrics.requests.labels(model, endpoint, str(status)).inc()
+        if endpoint in ("infer", "predict"):
+            self.metrics.latency.labels(model, endpoint).observe(seconds)
+        log.info("serve: request %s %s %s → %d in %.1f ms", request_id, scope["method"], path, status, seconds * 1000)
+
+
 def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | None = None,
                state: ServerState | None = None, metrics: Metrics | None = None) -> FastAPI:
     """The application serving ``models`` under the ``serve:`` settings."""
@@ -108,7 +164,8 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     for name, batcher in batchers.items():
         metrics.queued.labels(name).set_function(lambda b=batcher: b.queued_images)
     timeout_s = settings.request_timeout_ms / 1000
-    decoders = anyio.CapacityLimiter(os.cpu_count() or 1)  # images decoded at once: memory stays bounded
+    # images decoded at once, in threads beside the batcher's: decoding overlaps inference, and memory stays bounded
+    decoders = anyio.CapacityLimiter(settings.decode_threads or physical_cores())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -119,7 +176,9 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     app = FastAPI(title="medq serve", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.models, app.state.server, app.state.metrics = by_name, state, metrics
     body_limit = int(settings.max_body_mb * 2 ** 20)
-    app.add_middleware(BodyLimit, limit=body_limit)  # inside the middleware below: a 413 is counted and logged
+    app.add_middleware(BodyLimit, limit=body_limit)
+    # outside BodyLimit (added later = outer): a 413 is counted and logged too
+    app.add_middleware(EveryRequest, token=token, state=state, metrics=metrics, models=frozenset(by_name))
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError) -> Response:
@@ -128,40 +187,6 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
-
-    @app.middleware("http")
-    async def _every_request(request: Request, call_next: Any) -> Response:
-        given = request.headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
-        request.state.request_id = request_id
-        started = time.perf_counter()
-        state.in_flight += 1
-        metrics.in_flight.inc()
-        try:
-            if token is not None and not request.url.path.startswith("/v2/health/") and \
-                    not _authorized(request.headers.get("authorization", ""), token):
-                response = JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
-                                        status_code=401, headers={"WWW-Authenticate": "Bearer"})
-            else:
-                response = await call_next(request)
-        except Exception:  # a bug: the traceback to the log under the request id, one line to the client
-            log.exception("serve: request %s failed", request_id)
-            response = JSONResponse({"error": f"internal error; the server log has the details (request "
-                                              f"{request_id})"}, status_code=500)
-        finally:
-            state.in_flight -= 1
-            metrics.in_flight.dec()
-        seconds = time.perf_counter() - started
-        name = request.scope.get("path_params", {}).get("name")
-        model = name if name in by_name else "-"
-        endpoint = _endpoint(request)
-        metrics.requests.labels(model, endpoint, str(response.status_code)).inc()
-        if endpoint in ("infer", "predict"):
-            metrics.latency.labels(model, endpoint).observe(seconds)
-        response.headers["x-request-id"] = request_id
-        log.info("serve: request %s %s %s → %d in %.1f ms", request_id, request.method, request.url.path,
-                 response.status_code, seconds * 1000)
-        return response
 
     def served(name: str, version: str | None = None) -> ServedModel:
         model = by_name.get(name)
@@ -296,9 +321,8 @@ def _authorized(header: str, token: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
 
 
-def _endpoint(request: Request) -> str:
+def _endpoint(path: str) -> str:
     """A fixed label per route (never the raw path: clients must not grow the metric's label set)."""
-    path = request.url.path
     for suffix in ("infer", "predict", "ready", "config"):
         if path.endswith("/" + suffix):
             return suffix

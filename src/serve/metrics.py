@@ -1,7 +1,7 @@
 """The server's Prometheus metrics, in a registry of its own (two servers in one process do not mix counts)."""
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from medq.serve.batching import BatchStats
@@ -27,6 +27,9 @@ class Metrics:
                                 registry=r)
         self.in_flight = Gauge("medq_in_flight_requests", "Requests being handled now", registry=r)
         self.queued = Gauge("medq_queued_images", "Images waiting in a model's queue", ["model"], registry=r)
+        # process_resident_memory_bytes, process_cpu_seconds_total, ...: what `medq loadtest` reads for its RSS and
+        # server CPU columns when it is not given the server's pid
+        ProcessCollector(registry=r)
 
     def on_batch(self, model: str):
         """The batcher's callback for ``model``."""

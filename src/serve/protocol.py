@@ -75,7 +75,8 @@ def parse_infer(body: bytes, header_length: str | None, tensor: TensorSpec, outp
             raise BadRequest(f"Inference-Header-Content-Length {header_length!r} is not a number") from None
         if not 0 < size <= len(body):
             raise BadRequest(f"Inference-Header-Content-Length {size} is outside the body's {len(body)} bytes")
-        head, binary = _json(body[:size], "the request's JSON header"), body[size:]
+        # a view, not a copy: the tensor is read in place from the request's bytes
+        head, binary = _json(body[:size], "the request's JSON header"), memoryview(body)[size:]
     inputs = head.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest(f"'inputs' must be a list holding one tensor, {tensor.name!r}")

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Sequence
 import uvicorn
 
 from medq.errors import ConfigError, MedqError
-from medq.hwinfo import thread_settings_in_force
+from medq.hwinfo import intra_op_threads, thread_settings_in_force
 from medq.serve.app import ServerState, create_app
 from medq.serve.models import ServedModel, load_model
 
@@ -33,6 +33,8 @@ def check_settings(settings: Any) -> None:
         raise ConfigError(f"serve.threshold {settings.threshold}: must be between 0 and 1")
     if settings.max_queue_delay_ms < 0:
         raise ConfigError(f"serve.max_queue_delay_ms {settings.max_queue_delay_ms}: must be 0 or more")
+    if settings.decode_threads < 0:
+        raise ConfigError(f"serve.decode_threads {settings.decode_threads}: must be 0 (one per physical core) or more")
     if settings.max_queue_size < settings.max_batch_size:
         raise ConfigError(f"serve.max_queue_size {settings.max_queue_size} is below serve.max_batch_size "
                           f"{settings.max_batch_size}: a full batch could never queue; raise max_queue_size")
@@ -76,7 +78,8 @@ def load_models(config: Any, run_dirs: Sequence[str | Path]) -> list[ServedModel
                                      threshold=config.serve.threshold,
                                      max_megapixels=config.data.max_megapixels,
                                      warmup_batch=config.serve.max_batch_size,
-                                     intra_op_threads=config.runtime.intra_op_threads,
+                                     # the benchmark's threads: its rows and the server's are the same runtime
+                                     intra_op_threads=intra_op_threads(config.runtime),
                                      inter_op_threads=config.runtime.inter_op_threads))
     except BaseException:
         close_models(models)
@@ -93,9 +96,9 @@ def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
     settings = config.serve
     check_settings(settings)
     token = read_token(settings.token_file)
-    log.info("serve: thread settings in force %s (runtime: intra_op_threads=%s, inter_op_threads=%s)",
+    log.info("serve: thread settings in force %s (engine: intra_op_threads=%s, inter_op_threads=%s)",
              {k: v for k, v in thread_settings_in_force().items() if v is not None},
-             config.runtime.intra_op_threads, config.runtime.inter_op_threads)
+             intra_op_threads(config.runtime), config.runtime.inter_op_threads)
     models = load_models(config, run_dirs)
     state = ServerState()
     try:
@@ -103,8 +106,9 @@ def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
         uv = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key, server_header=False,
                             timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-                            # connections at once (each may hold a body up to max_body_mb): beyond, uvicorn answers 503
-                            limit_concurrency=len(models) * settings.max_queue_size + 32)
+                            # connections at once (each may hold a body up to max_body_mb): a running batch and a full
+                            # queue per model, and 32 more; beyond, uvicorn answers 503
+                            limit_concurrency=len(models) * (settings.max_queue_size + settings.max_batch_size) + 32)
         server = DrainingServer(uv, state, settings.drain_timeout_s)
         scheme = "https" if settings.tls_cert else "http"
         log.info("serve: %s on %s://%s:%d (batches ≤ %d images, ≤ %g ms wait, queue ≤ %d images%s)",
