@@ -327,7 +327,7 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                           seconds=args.seconds, bad_fraction=args.bad_fraction, overload=args.overload,
                           tolerance=args.tolerance, timeout=args.timeout, server_pid=args.server_pid,
                           token_file=args.token_file, overload_requests=args.overload_requests,
-                          images_per_request=args.images_per_request)
+                          images_per_request=args.images_per_request, cacert=args.cacert)
     print(format_report(report))
     if args.output:
         write_json(args.output, report.as_json())
@@ -667,6 +667,9 @@ def _loadtest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server-pid", type=int,
                    help="read the server's RSS and CPU time from /proc/PID (default: its /metrics)")
     p.add_argument("--token-file", help="the server's bearer token file (serve.token_file), sent with every request")
+    p.add_argument("--cacert", metavar="PEM",
+                   help="with an https:// URL: the certificate to verify the server against (its serve.tls_cert when "
+                        "self-signed; default: the system's CAs)")
     p.add_argument("--output", "-o", metavar="FILE.json", help="also write the table and the failures as JSON")
 
 

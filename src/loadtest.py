@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -53,6 +54,11 @@ class Target:
     port: int
     model: str
     token: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer …` (serve.token_file)
+    tls: ssl.SSLContext | None = field(default=None, repr=False, compare=False)  # https:// (serve.tls_cert)
+
+    @property
+    def base(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     @property
     def infer_path(self) -> str:
@@ -63,24 +69,36 @@ class Target:
         return f"/v1/models/{self.model}/predict"
 
 
-def loopback_target(url: str, model: str, token_file: str | Path | None = None) -> Target:
-    """The server at URL, which must be plain HTTP on a loopback address."""
+def loopback_target(url: str, model: str, token_file: str | Path | None = None,
+                    cacert: str | Path | None = None) -> Target:
+    """The server at URL, which must be on a loopback address: http://, or https:// verified against CACERT (the
+    server's own certificate when it is self-signed; default: the system's CAs)."""
     parts = urlsplit(url if "//" in url else f"http://{url}")
-    if parts.scheme != "http":
-        raise MedqError(f"{url}: only http:// URLs are load-tested (the server on this machine, over loopback)")
+    if parts.scheme not in ("http", "https"):
+        raise MedqError(f"{url}: only http:// and https:// URLs are load-tested (the server on this machine)")
+    if cacert is not None and parts.scheme != "https":
+        raise MedqError(f"--cacert {cacert}: the URL {url} is plain http; give https://… for a server with TLS")
     host = parts.hostname or ""
-    if host == "localhost":
-        host = "127.0.0.1"  # never a name the resolver could send elsewhere
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
+    try:  # never a name the resolver could send elsewhere: localhost is 127.0.0.1
+        loopback = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host).is_loopback
     except ValueError:
         loopback = False
     if not loopback:
         raise MedqError(f"{url}: {parts.hostname or 'no host'} is not a loopback address; medq loadtest only loads a "
                         "server on this machine (http://127.0.0.1:PORT)")
+    if host == "localhost" and parts.scheme == "http":  # https keeps the name its certificate may carry
+        host = "127.0.0.1"
     if not model or "/" in model:
         raise MedqError(f"--model {model!r}: give the model's name as the server lists it (GET /v2/models/NAME)")
-    return Target(host, parts.port or 80, model, _read_token(token_file))
+    tls = None
+    if parts.scheme == "https":
+        try:
+            tls = ssl.create_default_context(cafile=str(cacert) if cacert is not None else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise MedqError(f"--cacert {cacert}: not a readable PEM certificate ({first_line(exc)}); give the "
+                            "server's certificate (serve.tls_cert) or the CA that signed it") from None
+    default_port = 443 if tls else 80
+    return Target(host, parts.port or default_port, model, _read_token(token_file), tls)
 
 
 def _read_token(path: str | Path | None) -> str | None:
@@ -220,7 +238,9 @@ class Connection:
         headers.update(extra)
         try:
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.target.host, self.target.port, timeout=self.timeout)
+                self.conn = (http.client.HTTPSConnection(self.target.host, self.target.port, timeout=self.timeout,
+                                                         context=self.target.tls) if self.target.tls else
+                             http.client.HTTPConnection(self.target.host, self.target.port, timeout=self.timeout))
                 self.conn.connect()
                 # http.client writes the headers and the body apart: without this, Nagle's algorithm may hold the
                 # body until the server acknowledges the headers (a delayed ACK, up to 40 ms); curl and tritonclient
@@ -247,12 +267,12 @@ def get_json(target: Target, path: str, timeout: float = 30.0) -> dict:
     try:
         status, body = conn.request("GET", path)
     except (OSError, http.client.HTTPException) as exc:
-        raise MedqError(f"http://{target.host}:{target.port}{path}: no answer ({first_line(exc)}); is the server "
+        raise MedqError(f"{target.base}{path}: no answer ({first_line(exc)}); is the server "
                         "running (`medq serve`)?") from exc
     finally:
         conn.close()
     if status != 200:
-        raise MedqError(f"http://{target.host}:{target.port}{path}: HTTP {status}: {body[:200]!r}")
+        raise MedqError(f"{target.base}{path}: HTTP {status}: {body[:200]!r}")
     return json.loads(body)
 
 
@@ -556,8 +576,8 @@ def run_loadtest(url: str, model: str, *, input_kind: str = "tensor", images: Se
                  seconds: float = 30.0, bad_fraction: float = 0.0, overload: bool = False, tolerance: float = 1e-4,
                  timeout: float = 60.0, server_pid: int | None = None, distinct: int = 8, seed: int = 0,
                  token_file: str | Path | None = None, overload_requests: int | None = None,
-                 images_per_request: int = 1) -> Report:
-    target = loopback_target(url, model, token_file)
+                 images_per_request: int = 1, cacert: str | Path | None = None) -> Report:
+    target = loopback_target(url, model, token_file, cacert)
     if input_kind not in ("tensor", "image"):
         raise MedqError(f"--input {input_kind}: choose tensor or image")
     if images and input_kind != "image":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import ssl
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -287,7 +288,7 @@ def test_schedule_mixes_exactly_the_fraction_of_bad_requests():
 
 
 @pytest.mark.parametrize("url", ["http://10.1.2.3:8000", "http://example.org:8000", "http://0.0.0.0:8000",
-                                 "https://127.0.0.1:8000", "http://[2001:db8::1]:8000"])
+                                 "ftp://127.0.0.1:8000", "https://10.1.2.3:8443", "http://[2001:db8::1]:8000"])
 def test_only_loopback_addresses_are_loaded(url):
     with pytest.raises(MedqError, match="loopback|http://"):
         loopback_target(url, "m")
@@ -307,6 +308,10 @@ def test_options_that_cannot_run_are_refused_before_any_request(stub, options, m
 
 def test_loopback_forms_are_accepted_and_localhost_is_not_resolved():
     assert loopback_target("http://localhost:8000", "m").host == "127.0.0.1"
+    assert loopback_target("https://localhost:8443", "m").tls.verify_mode == ssl.CERT_REQUIRED
+    assert loopback_target("https://127.0.0.1", "m").port == 443
+    with pytest.raises(MedqError, match="plain http"):
+        loopback_target("http://127.0.0.1:8000", "m", cacert="cert.pem")
     assert loopback_target("127.0.0.2:81", "m").port == 81
     assert loopback_target("http://[::1]:8000", "m").host == "::1"
 

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 import requests
+import served_run
 
 pytest.importorskip("fastapi")
 tritonclient_http = pytest.importorskip("tritonclient.http")
@@ -30,7 +31,9 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from medq import runrecord  # noqa: E402
 from medq.config import ServeConfig  # noqa: E402
 from medq.data.dicom import dicom_bytes  # noqa: E402
+from medq.errors import MedqError  # noqa: E402
 from medq.graph import FrozenGraph  # noqa: E402
+from medq.loadtest import run_loadtest  # noqa: E402
 
 PATIENT = "Doe^Jane-4711"  # PatientID and PatientName of the test DICOM files: must never reach a log
 
@@ -381,34 +384,8 @@ def test_the_bearer_token_is_required_when_configured(tiny):
         assert requests.get(f"{base}/v2/health/ready", timeout=30).status_code == 200  # probes need no token
 
 
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    """A certificate for 127.0.0.1 and its key, made with the cryptography library."""
-    import datetime
-
-    x509 = pytest.importorskip("cryptography.x509")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_and_the_token_file_from_the_command_line(tiny, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = served_run.self_signed(tmp_path)
     token = tmp_path / "token"
     token.write_text("k9-Xq2-token\n")
     token.chmod(0o600)
@@ -421,6 +398,11 @@ def test_tls_and_the_token_file_from_the_command_line(tiny, tmp_path):
         assert good.status_code == 200 and good.json()["name"] == "tiny"
         with pytest.raises(requests.ConnectionError):  # no plain HTTP beside HTTPS
             requests.get(url.replace("https://", "http://"), timeout=30)
+        # medq loadtest over HTTPS with the token: every answer 200 and the same as requests' own
+        report = run_loadtest(base, "tiny", concurrency=[2], requests=12, token_file=token, cacert=cert)
+        assert report.problems == [] and [level.statuses for level in report.levels] == [{"200": 12}]
+        with pytest.raises(MedqError, match="token|401"):
+            run_loadtest(base, "tiny", concurrency=[1], requests=2, cacert=cert)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
 

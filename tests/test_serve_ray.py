@@ -1,8 +1,10 @@
 """`medq serve --ray ADDRESS --replicas 2` on a two-node Ray cluster on loopback (two `ray start` processes, one CPU
 each, dashboard off, small object stores): each node runs one replica; one replica's process is killed while requests
-flow, the other keeps answering, and Ray Serve brings the killed one back. Slow: each replica imports TensorFlow."""
+flow, the other keeps answering, and Ray Serve brings the killed one back. Served over HTTPS with a bearer token, as
+a single `medq serve` is. Slow: each replica imports TensorFlow."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -19,6 +21,7 @@ import served_run
 pytest.importorskip("ray.serve")
 psutil = pytest.importorskip("psutil")
 
+from medq.errors import MedqError  # noqa: E402
 from medq.loadtest import (CONNECTION_ERROR, Schedule, answers_alone, get_json, loopback_target,  # noqa: E402
                            run_level, tensor_payloads)
 
@@ -98,14 +101,19 @@ def cluster(tmp_path_factory):
         nodes.append(worker)
         port = served_run.free_port()
         log = root / "serve.log"
+        cert, key = served_run.self_signed(root)  # the deployment as a hospital runs it: HTTPS and a bearer token
+        token = root / "token"
+        token.write_text("ray-Q7-token\n")
+        token.chmod(0o600)
         server = subprocess.Popen(
             [sys.executable, "-m", "medq", "serve", "--ray", f"127.0.0.1:{gcs}", "--replicas", "2", "--run",
-             str(run_dir), "--model", "fp32", "--port", str(port), "--set", "runtime.intra_op_threads=1"],
+             str(run_dir), "--model", "fp32", "--port", str(port), "--set", "runtime.intra_op_threads=1",
+             "--tls-cert", str(cert), "--tls-key", str(key), "--token-file", str(token)],
             cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
         nodes.append(server)
-        url = f"http://127.0.0.1:{port}"
-        served_run.wait_ready(url, server, log, LIMIT_S)
-        yield url, f"127.0.0.1:{gcs}", head, worker
+        url = f"https://127.0.0.1:{port}"
+        served_run.wait_ready(url, server, log, LIMIT_S, verify=str(cert))
+        yield loopback_target(url, "tiny", token, cert), f"127.0.0.1:{gcs}", head, worker
     finally:
         for process in reversed(nodes):  # the deployment first, then the worker node, then the head
             _stop(process)
@@ -122,11 +130,12 @@ def _running_replicas(gcs: str) -> int:
 
 
 def test_two_replicas_one_killed_requests_keep_being_answered_and_it_comes_back(cluster):
-    url, gcs, head, worker = cluster
+    target, gcs, head, worker = cluster
     (on_head,) = _wait(lambda: _replicas(head), "the head node's replica")
     (doomed,) = _wait(lambda: _replicas(worker), "the worker node's replica")  # replicas spread over both nodes
     _wait(lambda: _running_replicas(gcs) == 2, "both replicas RUNNING")
-    target = loopback_target(url, "tiny")
+    with pytest.raises(MedqError, match="401"):  # the replicas ask for the token like a single server
+        get_json(dataclasses.replace(target, token=None), "/v2/models/tiny")
     goods = tensor_payloads(target, get_json(target, "/v2/models/tiny"), 4, seed=0)
     alone = answers_alone(target, goods, 60)
 
