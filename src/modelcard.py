@@ -143,6 +143,7 @@ def _paths(bench: dict[str, Any] | None) -> list[dict[str, Any]]:
             "metrics": {k: metrics.get(k) for k in ("accuracy", "auc", "sensitivity", "specificity", "per_class_auc")
                         if k in metrics},
             "intervals_95": metrics.get("ci"), "threshold": metrics.get("threshold"),
+            "at_thresholds": _held(metrics.get("operating_points")),
             "calibration": {"brier": clinical.get("brier"), "ece": clinical.get("ece")},
             "operating_points": {k: clinical.get(k) for k in ("sensitivity_at_specificity",
                                                              "specificity_at_sensitivity") if k in clinical},
@@ -152,6 +153,38 @@ def _paths(bench: dict[str, Any] | None) -> list[dict[str, Any]]:
             "latency_p50_ms": (row.get("latency_ms") or {}).get("p50"), "throughput_ips": row.get("throughput_ips"),
         })
     return rows
+
+
+def _held(points: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per thresholded class with test positives: sensitivity and specificity at the run's threshold on the test split
+    (medq.thresholds.held, as the benchmark measured them), with their Wilson intervals."""
+    if not points:
+        return None
+    return {c: {k: p.get(k) for k in ("sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "n_positive",
+                                      "n_negative")}
+            for c, p in (points.get("classes") or {}).items() if p.get("n_positive")}
+
+
+def _did_not_hold(thresholds: dict[str, Any] | str, paths: list[dict[str, Any]]) -> list[str]:
+    """A class whose test interval (the reference path's) lies wholly below the validation interval its threshold was
+    chosen at (the intervals do not overlap, the rule the subgroup flag uses): the operating point a user would deploy
+    did not hold on images the choice never saw."""
+    if isinstance(thresholds, str) or not paths or not paths[0].get("at_thresholds"):
+        return []
+    out = []
+    for c, test in paths[0]["at_thresholds"].items():
+        val = (thresholds["classes"].get(c) or {}).get("validation") or {}
+        misses = []
+        for key in ("sensitivity", "specificity"):
+            ci, chosen_ci = test.get(f"{key}_ci"), val.get(f"{key}_ci")
+            if isinstance(ci, list) and isinstance(chosen_ci, list) and ci[1] < chosen_ci[0]:
+                misses.append(f"{key} {test[key]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] against {val[key]:.3f} "
+                              f"[{chosen_ci[0]:.3f}, {chosen_ci[1]:.3f}] on validation")
+        if misses:
+            out.append(f"{c}: the operating point (threshold {thresholds['classes'][c]['threshold']:.4g}) did not hold "
+                       f"on the test split ({paths[0]['id']}): {'; '.join(misses)}; a point chosen on validation "
+                       "flatters itself there — choose it on a larger validation split or re-check it on new data")
+    return out
 
 
 def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[str, int] | None) -> list[str]:
@@ -196,6 +229,7 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
         out.append(f"decision thresholds {thresholds}")
     else:
         out += [f"threshold {n}" for n in thresholds["notes"]]
+        out += _did_not_hold(thresholds, _paths(bench))
     return out
 
 
@@ -239,7 +273,9 @@ def operating_thresholds(m: dict[str, Any]) -> dict[str, Any] | str:
             "notes": operating.notes}
 
 
-def _threshold_lines(thresholds: dict[str, Any] | str) -> list[str]:
+def _threshold_lines(thresholds: dict[str, Any] | str, paths: list[dict[str, Any]] = ()) -> list[str]:
+    """The thresholds with the validation point each was chosen at, then how they held on the test split per
+    precision path (the reference path with intervals)."""
     from medq.metrics import with_ci
 
     if isinstance(thresholds, str):
@@ -254,7 +290,25 @@ def _threshold_lines(thresholds: dict[str, Any] | str) -> list[str]:
                      f"({val.get('n_positive')} positive), specificity "
                      f"{with_ci(val.get('specificity'), val.get('specificity_ci')) or 'n/a'} "
                      f"({val.get('n_negative')} negative)")
-    return lines
+    measured = [p for p in paths if p.get("at_thresholds")]
+    if not measured:
+        return lines
+    classes = [c for c in thresholds["classes"] if c in measured[0]["at_thresholds"]]
+    header = ["class", "threshold", "validation sens. / spec.", f"test sensitivity ({measured[0]['id']})",
+              f"test specificity ({measured[0]['id']})"] + [f"{p['id']} sens. / spec." for p in measured[1:]]
+    rows = []
+    for c in classes:
+        val, ref = thresholds["classes"][c]["validation"] or {}, measured[0]["at_thresholds"][c]
+        rows.append([c, f"{thresholds['classes'][c]['threshold']:.4g}",
+                     f"{_num(val.get('sensitivity'))} / {_num(val.get('specificity'))}",
+                     with_ci(ref["sensitivity"], ref["sensitivity_ci"]) or "n/a",
+                     with_ci(ref["specificity"], ref["specificity_ci"]) or "n/a"]
+                    + [f"{_num(p['at_thresholds'][c]['sensitivity'])} / {_num(p['at_thresholds'][c]['specificity'])}"
+                       for p in measured[1:]])
+    return lines + ["", "How the thresholds held on the test split (every path at the same thresholds; 95% Wilson "
+                        "intervals; classes without test positives left out):", "",
+                    "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+        ["| " + " | ".join(r) + " |" for r in rows] + [""]
 
 
 def _patients(patients: dict[str, int] | None, split: str) -> str:
@@ -303,7 +357,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         for key, points in row["operating_points"].items():
             lines.append(f"- {row['id']} {key.replace('_', ' ')}: " + ", ".join(
                 f"{target} → {_num(value)}" for target, value in (points or {}).items()))
-    lines += _threshold_lines(q["thresholds"])
+    lines += _threshold_lines(q["thresholds"], q["precision_paths"])
     lines += _subgroup_lines(q["subgroups"])
     lines += _external_lines(q["external_evaluations"], card["lineage"])
     lines += ["", "## Caveats and recommendations (detected by medq)"]

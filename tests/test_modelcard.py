@@ -282,3 +282,49 @@ def test_a_multilabel_subgroup_table_shows_each_findings_sensitivity_and_specifi
 
     row = next(line for line in md.splitlines() if line.startswith("| view position: AP |") and " / " in line)
     assert row.split(" | ")[2].rstrip(" |") == f"{shown(tp, int(truth.sum()))} / {shown(tn, int((~truth).sum()))}"
+
+
+def _held(sens_hits: int, spec_hits: int, n: int = 20) -> dict:
+    """benchmark.json's operating points of PNEUMONIA at 0.31 with SENS_HITS of N positives and SPEC_HITS of N
+    negatives called right (Wilson intervals from scipy's binomtest, an independent implementation)."""
+    from scipy.stats import binomtest
+
+    def ci(k):
+        low, high = binomtest(k, n).proportion_ci(method="wilson")
+        return [low, high]
+    return {"source": "validation", "notes": [], "decision_rule": "the positive class iff its probability >= its "
+            "threshold", "classes": {"PNEUMONIA": {"threshold": 0.31, "sensitivity": sens_hits / n,
+                                                   "sensitivity_ci": ci(sens_hits), "specificity": spec_hits / n,
+                                                   "specificity_ci": ci(spec_hits), "n_positive": n, "n_negative": n}}}
+
+
+def test_the_card_shows_how_the_thresholds_held_on_test_and_says_when_they_did_not(tmp_path):
+    keras_sha = hashlib.sha256(b"model.keras").hexdigest()
+    point = {"sensitivity": 0.95, "specificity": 0.7, "sensitivity_ci": [0.7639, 0.9911],
+             "specificity_ci": [0.4810, 0.8545], "n_positive": 20, "n_negative": 20}
+    recorded = {"policy": "sensitivity", "target": 0.9, "split": "val", "task": "binary",
+                "decision_rule": "the positive class iff its probability >= its threshold",
+                "chosen_for": {"keras_model": keras_sha},
+                "classes": {"PNEUMONIA": {"value": 0.31, "policy": "sensitivity", "target": 0.9,
+                                          "validation": point, "notes": []}}}
+
+    def card_with(fp32_hits: int, int8_hits: int, folder: str):
+        run = _run(tmp_path / folder, thresholds=recorded)
+        bench = _benchmark("synthetic phantoms (kaggle-pneumonia layout)")
+        for row, hits in zip(bench["results"], (fp32_hits, int8_hits)):
+            row["metrics"]["operating_points"] = _held(hits, 14)
+        report = artifacts.write_json(runrecord.staging_path(run, "benchmark.json"), bench)
+        runrecord.commit(run, "benchmark", artifacts={"benchmark_json": report}, inputs=["fp32_pb", "split"])
+        return _card(run)
+
+    # 10/20 on test: Wilson [0.299, 0.701] lies wholly below validation's [0.764, 0.991]
+    card, md = card_with(10, 9, "missed")
+    assert "| PNEUMONIA | 0.31 | 0.950 / 0.700 | 0.500 [0.299, 0.701] | 0.700 [0.481, 0.855] | 0.450 / 0.700 |" in md
+    missed = [c for c in card["caveats_and_recommendations"] if "did not hold" in c]
+    assert len(missed) == 1 and missed[0].startswith("PNEUMONIA: the operating point (threshold 0.31) did not hold")
+    assert "sensitivity 0.500 [0.299, 0.701] against 0.950 [0.764, 0.991]" in missed[0]
+    assert "specificity" not in missed[0]  # 14/20 = validation's 0.700: held
+    # 16/20: [0.584, 0.919] overlaps validation's interval: lower, but not shown to have moved
+    card, md = card_with(16, 16, "held")
+    assert "| PNEUMONIA | 0.31 | 0.950 / 0.700 | 0.800 [0.584, 0.919] |" in md
+    assert not [c for c in card["caveats_and_recommendations"] if "did not hold" in c]

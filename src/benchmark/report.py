@@ -109,8 +109,11 @@ def main_table(report: dict[str, Any]) -> str:
 
 
 def _thresholds_text(report: dict[str, Any], threshold: Any) -> str:
-    """'0.42' (one for all) or 'A 0.3, B 0.5' (per class): the run's operating thresholds every row decides at."""
+    """'0.42' (one for all), 'A 0.3, B 0.5' (a few classes) or where they are listed: the run's operating thresholds
+    every row decides at."""
     values = (report.get("thresholds") or {}).get("values")
+    if values and len(values) > 3:
+        return "the run's thresholds (see the operating-threshold section)"
     if values:
         return ", ".join(f"{c} {v:.3g}" for c, v in values.items())
     return f"{threshold:g}" if isinstance(threshold, (int, float)) else "the run's thresholds"
@@ -150,8 +153,12 @@ def thresholds_section(report: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     points = rows[0]["metrics"]["operating_points"]
-    table = []
+    table, unjudged = [], {}
     for c in points["classes"]:
+        if not points["classes"][c]["n_positive"]:  # no sensitivity to show: one line below instead of a row each
+            unjudged[c] = [r["metrics"]["operating_points"]["classes"][c]["specificity"] for r in rows
+                           if c in r["metrics"]["operating_points"]["classes"]]
+            continue
         for r in rows:
             p = r["metrics"]["operating_points"]["classes"].get(c)
             if p is None:
@@ -166,6 +173,9 @@ def thresholds_section(report: dict[str, Any]) -> list[str]:
              _table(["class", "threshold", "row", "sensitivity [95% CI]", "specificity [95% CI]", "test images",
                      "validation sens. / spec. (chosen at)"], table), "",
              f"Thresholds: {points['source']}; {points['decision_rule']}. Intervals: Wilson 95%."]
+            + ([f"No positives in the test split (no sensitivity; specificity over the rows): " + ", ".join(
+                f"{c} ≥ {points['classes'][c]['threshold']:.4g}: {_f(min(v), 3)}–{_f(max(v), 3)}"
+                if None not in v else c for c, v in unjudged.items())] if unjudged else [])
             + [f"Note: {n}" for n in points.get("notes") or []] + [""])
 
 
