@@ -197,6 +197,12 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
     if m.get("dataset_format") == "kaggle-pneumonia":
         lead = "the phantoms stand in for" if source.startswith("synthetic") else "training data in"
         out.append(f"{lead} {KAGGLE_PAEDIATRIC}")
+    train_counts = (((m["stages"].get("data") or m["stages"].get("train") or {}).get("class_counts") or {})
+                    .get("train") or {})
+    never = [c for c in m.get("classes") or [] if c in train_counts and not train_counts[c]]
+    if never:
+        out.append(f"{len(never)} of the model's {len(m.get('classes') or [])} outputs were never trained (no training "
+                   f"image has the label): {', '.join(never)}; their probabilities mean nothing — do not read them")
     n_test = ((bench or {}).get("inputs") or {}).get("n_images")
     if n_test is not None and n_test < SMALL_TEST_SET:
         out.append(f"small test set ({n_test} images{_patients(patients, 'test')}): the 95% intervals are wide")

@@ -132,6 +132,19 @@ def test_real_data_has_no_synthetic_banner_and_other_layouts_no_paediatric_warni
     assert "paediatric" not in md
 
 
+def _recorded_thresholds() -> tuple[dict, dict]:
+    """train's record (medq.thresholds.choose) for the stand-in run's model: PNEUMONIA at 0.31, chosen at validation
+    sensitivity 19/20 and specificity 14/20 (the validation point, then the whole record)."""
+    keras_sha = hashlib.sha256(b"model.keras").hexdigest()  # the stand-in model file's bytes
+    point = {"sensitivity": 0.95, "specificity": 0.7, "sensitivity_ci": [0.7639, 0.9911],
+             "specificity_ci": [0.4810, 0.8545], "n_positive": 20, "n_negative": 20}
+    return point, {"policy": "sensitivity", "target": 0.9, "split": "val", "task": "binary",
+                   "decision_rule": "the positive class iff its probability >= its threshold",
+                   "chosen_for": {"keras_model": keras_sha},
+                   "classes": {"PNEUMONIA": {"value": 0.31, "policy": "sensitivity", "target": 0.9,
+                                             "validation": point, "notes": []}}}
+
+
 def test_thresholds_subgroups_external_are_not_determined_until_recorded(tmp_path):
     card, md = _card(_run(tmp_path))
     q = card["quantitative_analyses"]
@@ -139,15 +152,7 @@ def test_thresholds_subgroups_external_are_not_determined_until_recorded(tmp_pat
     assert q["subgroups"] == "not determined" and q["external_evaluations"] == "not determined"
     assert "- Subgroups: not determined" in md and "- External evaluations: not determined" in md
 
-    # train's record (medq.thresholds.choose) for the run's model: 0.31, chosen at validation sensitivity 19/20
-    keras_sha = hashlib.sha256(b"model.keras").hexdigest()  # the stand-in model file's bytes
-    point = {"sensitivity": 0.95, "specificity": 0.7, "sensitivity_ci": [0.7639, 0.9911],
-             "specificity_ci": [0.4810, 0.8545], "n_positive": 20, "n_negative": 20}
-    recorded = {"policy": "sensitivity", "target": 0.9, "split": "val", "task": "binary",
-                "decision_rule": "the positive class iff its probability >= its threshold",
-                "chosen_for": {"keras_model": keras_sha},
-                "classes": {"PNEUMONIA": {"value": 0.31, "policy": "sensitivity", "target": 0.9,
-                                          "validation": point, "notes": []}}}
+    point, recorded = _recorded_thresholds()
     external = [{"dataset": "site-B", "auc": 0.8}]
     run = _run(tmp_path / "again", thresholds=recorded, external_evaluations=external)
     runrecord.commit(run, "evaluate", subgroups={"sex": {"F": {"auc": 0.8}, "M": {"auc": 0.79}}})
@@ -299,14 +304,7 @@ def _held(sens_hits: int, spec_hits: int, n: int = 20) -> dict:
 
 
 def test_the_card_shows_how_the_thresholds_held_on_test_and_says_when_they_did_not(tmp_path):
-    keras_sha = hashlib.sha256(b"model.keras").hexdigest()
-    point = {"sensitivity": 0.95, "specificity": 0.7, "sensitivity_ci": [0.7639, 0.9911],
-             "specificity_ci": [0.4810, 0.8545], "n_positive": 20, "n_negative": 20}
-    recorded = {"policy": "sensitivity", "target": 0.9, "split": "val", "task": "binary",
-                "decision_rule": "the positive class iff its probability >= its threshold",
-                "chosen_for": {"keras_model": keras_sha},
-                "classes": {"PNEUMONIA": {"value": 0.31, "policy": "sensitivity", "target": 0.9,
-                                          "validation": point, "notes": []}}}
+    point, recorded = _recorded_thresholds()
 
     def card_with(fp32_hits: int, int8_hits: int, folder: str):
         run = _run(tmp_path / folder, thresholds=recorded)
@@ -328,3 +326,14 @@ def test_the_card_shows_how_the_thresholds_held_on_test_and_says_when_they_did_n
     card, md = card_with(16, 16, "held")
     assert "| PNEUMONIA | 0.31 | 0.950 / 0.700 | 0.800 [0.584, 0.919] |" in md
     assert not [c for c in card["caveats_and_recommendations"] if "did not hold" in c]
+
+
+def test_outputs_no_training_image_taught_are_a_caveat(tmp_path):
+    run = _run(tmp_path)
+    runrecord.commit(run, "data", split_sizes={"train": 8, "val": 4, "test": 6},
+                     class_counts={"train": {"NORMAL": 8, "PNEUMONIA": 0}, "test": {"NORMAL": 3}})
+    caveats = _card(run)[0]["caveats_and_recommendations"]
+    assert [c for c in caveats if "never trained" in c] == [
+        "1 of the model's 2 outputs were never trained (no training image has the label): PNEUMONIA; their "
+        "probabilities mean nothing — do not read them"]
+    assert not [c for c in _card(_run(tmp_path / "both"))[0]["caveats_and_recommendations"] if "never trained" in c]
