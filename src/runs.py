@@ -135,8 +135,36 @@ def summarize(run_dir: Path, manifest: runrecord.Manifest) -> dict[str, Any]:
         "benchmark": bench,
         "artifacts": present,
         "external": [e.to_dict() for e in facts.externals()],
+        "thresholds": _thresholds_text(facts.thresholds),
+        "subgroups": _subgroups_text(manifest.stage(runrecord.EvaluateEntry)),
         "model_sha256": {k: a.sha256 for k, a in manifest.artifacts.items() if k in ("keras_model", "fp32_pb")},
     }
+
+
+def _thresholds_text(record: dict[str, Any] | None) -> str:
+    """'youden on val: 7 of 14 classes chosen (the others at 0.5)' from the run's thresholds fact."""
+    if not record:
+        return "- (decisions at 0.5: none chosen on validation)"
+    classes = record.get("classes") or {}
+    chosen = [c for c, e in classes.items()
+              if not any(n.startswith("not chosen") for n in (e or {}).get("notes") or [])]
+    target = record.get("target")
+    policy = f"{record.get('policy')}" + (f" {target:g}" if isinstance(target, (int, float)) else "")
+    return (f"{policy} on {record.get('split')}: {len(chosen)} of {len(classes)} classes chosen"
+            + (" (the others at 0.5, with a note)" if len(chosen) < len(classes) else "")
+            + "; how they held on test: benchmark.md, model_card.md")
+
+
+def _subgroups_text(evaluated: runrecord.EvaluateEntry) -> str:
+    """'sex, age, view on test: 8 groups, none below overall' from evaluate's subgroup table."""
+    table = evaluated.subgroups
+    if not table:
+        return "- (`medq evaluate` writes them where the data has patient metadata)"
+    if not table.get("available"):
+        return table.get("note") or "this dataset has no patient metadata"
+    flagged = table.get("flagged") or []
+    return (f"{', '.join(table.get('attributes') or [])} on {evaluated.split}: {len(table.get('groups') or [])} "
+            f"groups, {'below overall: ' + ', '.join(flagged) if flagged else 'none below overall'}")
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -275,6 +303,8 @@ def format_run(s: dict[str, Any]) -> str:
         f"  quantize    {_quant_text(s['quantize'])}"
         + (f"  ({s['quantize_status']})" if s.get("quantize_status") else "")
         + ("  STALE (see int8_pb below)" if (s["artifacts"].get("int8_pb") or {}).get("stale") else ""),
+        f"  thresholds  {s['thresholds']}",
+        f"  subgroups   {s['subgroups']}",
     ]
     if s["artifacts"]:
         lines.append("  artifacts (made from → ...; STALE ones are never loaded)")

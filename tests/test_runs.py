@@ -164,3 +164,14 @@ def test_show_marks_the_benchmark_and_quantize_results_stale_after_a_retrain(tmp
     assert re.search(r"^  quantize .*STALE", text, re.M) and re.search(r"^  benchmark +STALE: .*rerun `medq "
                                                                          r"benchmark`", text, re.M)
     assert re.search(r"fp32_pb .*← keras_model  STALE: it was made from an older model.keras", text)
+
+
+def test_runs_show_says_how_many_thresholds_were_chosen_on_validation():
+    from medq.runs import _thresholds_text
+
+    record = {"policy": "sensitivity", "target": 0.9, "split": "val",
+              "classes": {"Mass": {"value": 0.2, "notes": ["the split cannot resolve the target"]},
+                          "Hernia": {"value": 0.5, "notes": ["not chosen: the validation split has 0 positive(s)"]},
+                          "Nodule": {"value": 0.3, "notes": []}}}
+    assert _thresholds_text(record).startswith("sensitivity 0.9 on val: 2 of 3 classes chosen (the others at 0.5")
+    assert _thresholds_text(None).startswith("- (decisions at 0.5")
