@@ -59,10 +59,7 @@ def build_card(run_dir: str | Path) -> dict[str, Any]:
     m, bench = record["manifest"], record["benchmark"]
     config = m.get("config") or {}
     stages = m["stages"]
-    evaluated = stages.get("evaluate") or {}
-    subgroups = evaluated.get("subgroups") or NOT_DETERMINED
-    if isinstance(subgroups, dict) and "available" in subgroups:  # medq.subgroups' table
-        subgroups = {**subgroups, "split": evaluated.get("split")}
+    subgroups = subgroup_table(m, bench)
     data_stage = stages.get("data") or stages.get("train") or {}
     source = m.get("data_source") or "unknown"
     synthetic = source.startswith("synthetic")
@@ -229,7 +226,7 @@ def limitations(m: dict[str, Any], bench: dict[str, Any] | None, patients: dict[
     if stale:
         out.append(f"invalidated artifacts in the run: {', '.join(stale)}")
     out += _external_caveats(m.get("external_evaluations") or [])
-    out += _subgroup_caveats((m["stages"].get("evaluate") or {}).get("subgroups"))
+    out += _subgroup_caveats(subgroup_table(m, bench))
     thresholds = operating_thresholds(m)
     if isinstance(thresholds, str):
         out.append(f"decision thresholds {thresholds}")
@@ -421,6 +418,19 @@ def _num(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
+def subgroup_table(m: dict[str, Any], bench: dict[str, Any] | None) -> Any:
+    """medq.subgroups' table of the run: `medq evaluate`'s (single crop, its split), else the benchmark reference
+    row's on the test split (`medq run` has no evaluate stage); NOT_DETERMINED without either."""
+    evaluated = m["stages"].get("evaluate") or {}
+    table = evaluated.get("subgroups")
+    if isinstance(table, dict) and "available" in table:
+        return {**table, "split": evaluated.get("split"), "source": "medq evaluate, single crop"}
+    reference = [r for r in (bench or {}).get("results") or [] if r.get("id") == (bench or {}).get("baseline")]
+    if reference and isinstance(reference[0].get("subgroups"), dict):
+        return {**reference[0]["subgroups"], "split": "test", "source": f"medq benchmark, {reference[0]['id']}"}
+    return table or NOT_DETERMINED
+
+
 def _subgroup_caveats(subgroups: Any) -> list[str]:
     """A subgroup evaluate flagged "below overall" (medq.subgroups), with the metrics that are."""
     from medq.metrics import with_ci
@@ -448,8 +458,8 @@ def _subgroup_lines(subgroups: Any) -> list[str]:
 
     if not isinstance(subgroups, dict) or "available" not in subgroups:
         return [f"- Subgroups: {_text(subgroups)}"]
-    split = subgroups.get("split", "test")
-    return ["", f"### Subgroups ({split} split, single crop, at the operating thresholds, 95% intervals)", "",
+    split, source = subgroups.get("split", "test"), subgroups.get("source", "medq evaluate, single crop")
+    return ["", f"### Subgroups ({split} split, {source}, at the operating thresholds, 95% intervals)", "",
             *subgroup_markdown(subgroups, per_class=True), ""]
 
 

@@ -337,3 +337,18 @@ def test_outputs_no_training_image_taught_are_a_caveat(tmp_path):
         "1 of the model's 2 outputs were never trained (no training image has the label): PNEUMONIA; their "
         "probabilities mean nothing — do not read them"]
     assert not [c for c in _card(_run(tmp_path / "both"))[0]["caveats_and_recommendations"] if "never trained" in c]
+
+
+def test_without_evaluate_the_card_takes_the_subgroups_the_benchmark_measured(tmp_path):
+    """`medq run` has no evaluate stage: the benchmark's FP32 row carries the subgroup table (here a Kaggle layout's
+    'no patient metadata'); an INT8 row's table is not the card's."""
+    run = _run(tmp_path)
+    bench = _benchmark("synthetic phantoms (kaggle-pneumonia layout)")
+    bench["results"][0]["subgroups"] = {"available": False, "note": "this dataset has no patient metadata (fp32 row)"}
+    bench["results"][1]["subgroups"] = {"available": False, "note": "the int8 row's"}
+    report = artifacts.write_json(runrecord.staging_path(run, "benchmark.json"), bench)
+    runrecord.commit(run, "benchmark", artifacts={"benchmark_json": report}, inputs=["fp32_pb", "split"])
+    card, md = _card(run)
+    table = card["quantitative_analyses"]["subgroups"]
+    assert table["source"] == "medq benchmark, tensorflow-fp32" and table["note"].endswith("(fp32 row)")
+    assert "- Subgroups: this dataset has no patient metadata (fp32 row)" in md and "int8 row" not in md
