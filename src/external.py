@@ -69,7 +69,7 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
     with runrecord.writer_lock(run_dir, STAGE):
         manifest = runrecord.read_manifest(run_dir)  # as it is now, under the lock: its entries are kept
         model = open_run_model(run_dir)
-        operating = _operating(manifest, task, classes, threshold)
+        operating = thresholds.run_thresholds(manifest, task, classes, threshold)
         probs, kept = probabilities(model, paths, spec, image_cache(other, spec))
         if not kept:
             raise DataError(f"{other.data.root}: none of the {len(paths)} {split} images could be decoded")
@@ -131,16 +131,6 @@ def _refuse_own_images(run_dir: Path, paths: list[str], root: Any) -> None:
     if any(found):
         log.warning("external data: %d of the %d images are the run's own test images, not external ones",
                     sum(1 for s in found if s), len(paths))
-
-
-def _operating(manifest: Any, task: str, classes: list[str], override: float | None) -> thresholds.Thresholds:
-    if override is not None:
-        return thresholds.Thresholds.uniform(task, classes, override, "override",
-                                             f"--threshold {override:g} overrides the run's thresholds")
-    chosen = thresholds.Thresholds.from_manifest(manifest, task, classes)
-    for note in chosen.notes:
-        log.warning("thresholds: %s", note)
-    return chosen
 
 
 def mapped_truth(lmap: labelmap.LabelMap, classes: list[str], external_classes: list[str],

@@ -270,3 +270,16 @@ def held(thresholds: Thresholds, y_true: np.ndarray, y_prob: np.ndarray) -> dict
                   "validation": chosen}
     return {"source": thresholds.source, "notes": thresholds.notes,
             "decision_rule": DECISION_RULES[thresholds.task], "classes": out}
+
+
+def run_thresholds(manifest: Any, task: str, classes: list[str],
+                   override: float | None = None) -> Thresholds:
+    """The thresholds a stage decides with: ``override`` for every class when given, else the run's (with their
+    notes logged: a run without them decides at 0.5 and says so)."""
+    if override is not None:
+        return Thresholds.uniform(task, classes, override, "override",
+                                 f"--threshold {override:g} overrides the run's thresholds")
+    chosen = Thresholds.from_manifest(manifest, task, classes)
+    for note in chosen.notes:
+        log.warning("thresholds: %s", note)
+    return chosen

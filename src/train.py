@@ -230,7 +230,7 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
         chosen = converted_thresholds(config, manifest, model, index, spec, cache)
         if chosen is not None:
             manifest.facts.thresholds = chosen  # decided with now, committed with the evaluation
-        operating = run_thresholds(manifest, index.task, index.classes, threshold)
+        operating = thresholds.run_thresholds(manifest, index.task, index.classes, threshold)
         result = evaluate_keras(model, index.paths(split), index.labels(split), spec,
                                 ten_crop, task=index.task, classes=index.classes, threshold=operating, cache=cache,
                                 subgroups=Subgroups.of(index, split, config.subgroups))
@@ -244,19 +244,6 @@ def run_evaluate(config: Any, split: str = "test", ten_crop: bool = False,
                          ten_crop_metrics=_summary(result["ten_crop"]),
                          subgroups=result["single_crop"].get("subgroups"))
     return result
-
-
-def run_thresholds(manifest: runrecord.Manifest, task: str, classes: list[str],
-                   override: float | None = None) -> thresholds.Thresholds:
-    """The thresholds a stage decides with: ``override`` for every class when given, else the run's (with their
-    notes logged: a run without them decides at 0.5 and says so)."""
-    if override is not None:
-        return thresholds.Thresholds.uniform(task, classes, override, "override",
-                                             f"--threshold {override:g} overrides the run's thresholds")
-    chosen = thresholds.Thresholds.from_manifest(manifest, task, classes)
-    for note in chosen.notes:
-        log.warning("thresholds: %s", note)
-    return chosen
 
 
 def _summary(metrics: dict[str, Any] | None) -> dict[str, Any] | None:
