@@ -133,6 +133,9 @@ export DATA_DIR=$work/data OUTPUT_DIR=$work/output MODELS_DIR=$work/models
 
 begin "build (docker-compose build, base $base_image)"
 compose build pipeline  # the services share one image
+# The image replaced by this build is left untagged in the cache; pruned, the cache holds one image's layers (the
+# next build's layer cache) instead of growing by one image per source change until the disk is full.
+docker image prune --force > /dev/null
 echo "image medq:latest: $(docker image inspect --format '{{.Size}}' medq:latest | awk '{printf "%.2f GB", $1 / 1e9}')"
 
 begin "container user and bad input"

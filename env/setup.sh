@@ -33,6 +33,18 @@ done
 stamp=.venv/.medq-installed
 want=$(cat "${files[@]}" setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  # Free space first: pip fails an install that fills the disk half-way with a bare OSError. Measured sizes in
+  # .venv: base 2.1 GB, convert 5.7 GB (PyPI's torch brings its CUDA libraries), reference and serve-ray 0.3 GB each;
+  # pip holds the downloaded wheels in $TMPDIR while it installs them, about as much again.
+  need_gb=5
+  for extra in "$@"; do
+    case $extra in convert) need_gb=$((need_gb + 11)) ;; *) need_gb=$((need_gb + 1)) ;; esac
+  done
+  free_gb=$(df -Pk .venv "${TMPDIR:-/tmp}" 2>/dev/null | awk 'NR > 1 {print int($4 / 1048576)}' | sort -n | head -n 1)
+  if [ -n "$free_gb" ] && [ "$free_gb" -lt "$need_gb" ]; then
+    echo "env/setup.sh: installing ${files[*]} needs about $need_gb GB free in $PWD/.venv and ${TMPDIR:-/tmp}; $free_gb GB is free: free some space (or set TMPDIR to a roomier folder) and rerun" >&2
+    exit 1
+  fi
   for f in "${files[@]}"; do
     echo "installing $f" >&2
     .venv/bin/pip install --quiet --disable-pip-version-check -r "$f"

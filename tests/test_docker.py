@@ -466,6 +466,8 @@ def test_docker_test_script_runs_both_services_in_order_and_stops_its_daemon(tmp
     assert [c for c in compose if c in services] == services  # in this order (other services' checks may sit between)
     assert compose[-1] == "MEDQ_CONFIG= down --remove-orphans"
     assert calls.index("wheelhouse") < calls.index("compose MEDQ_CONFIG= build pipeline")
+    # the image that build replaced is pruned, so the daemon's cache does not grow by an image per change
+    assert calls.index("compose MEDQ_CONFIG= build pipeline") < calls.index("docker image prune --force")
     assert "docker/test.sh: passed" in out and not list(tmp_path.glob("medq-docker-test.*"))  # its folder removed
     dockerd = int((tmp_path / "calls.dockerd").read_text())
     assert not Path(f"/proc/{dockerd}").exists()  # the daemon it started was stopped on exit

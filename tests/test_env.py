@@ -4,6 +4,7 @@ lock inside them, so that `pip install ".[convert]" -c env/requirements.txt` ins
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -177,3 +178,45 @@ def test_every_package_of_the_source_tree_is_installed():
     found = {"medq" + "".join(f".{p}" for p in init.parent.relative_to(REPO / "src").parts)
              for init in (REPO / "src").rglob("__init__.py")}
     assert found - packages == set()
+
+
+def _setup_with_stubs(tmp_path: Path, free_kib: int):
+    """env/setup.sh copied beside the repo's requirement files, with a venv whose pip logs its calls and a `df` on
+    PATH that reports `free_kib` free. Returns setup(*extras) -> (exit code, pip calls, output)."""
+    import os
+    import shutil
+    import subprocess
+    (tmp_path / "env").mkdir()
+    for path in [*ENV.glob("requirements*.txt"), ENV / "setup.sh"]:
+        shutil.copy(path, tmp_path / "env" / path.name)
+    for name in ("setup.cfg", "pyproject.toml"):
+        shutil.copy(REPO / name, tmp_path / name)
+    calls, bin_dir = tmp_path / "pip-calls", tmp_path / "stub-bin"
+    stubs = {tmp_path / ".venv" / "bin" / "python": "exit 0",
+             tmp_path / ".venv" / "bin" / "pip": f'echo "$*" >> {calls}',
+             bin_dir / "df": f'echo "Filesystem 1024-blocks Used Available Capacity Mounted on"\n'
+                             f'echo "/dev/x 1000000000 1 {free_kib} 1% /"'}
+    for path, body in stubs.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        path.chmod(0o755)
+
+    def setup(*extras):
+        calls.write_text("")
+        environment = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=sys.executable)
+        done = subprocess.run(["bash", str(tmp_path / "env" / "setup.sh"), *extras], capture_output=True,
+                              text=True, env=environment, timeout=60)
+        return done.returncode, calls.read_text().splitlines(), done.stdout + done.stderr
+
+    return setup
+
+
+def test_setup_refuses_to_start_an_install_the_disk_cannot_hold(tmp_path):
+    # 5 GB for the base stack, 11 more for PyTorch's CUDA build and its downloads, 1 for reference: 17 GB asked.
+    setup = _setup_with_stubs(tmp_path, free_kib=16 * 1024 * 1024)
+    code, pip_calls, out = setup("convert", "reference")
+    assert code == 1 and pip_calls == []
+    assert "needs about 17 GB free" in out and "16 GB is free" in out and len(out.strip().splitlines()) == 1
+    code, pip_calls, out = setup("reference")  # 6 GB asked, 16 free: installs
+    assert code == 0 and len(pip_calls) == 4, out
+    assert pip_calls[0].endswith("-r env/requirements.txt") and pip_calls[1].endswith("-r env/requirements-reference.txt")
