@@ -134,6 +134,25 @@ def test_without_the_data_cache_every_read_opens_the_headers(rsna, tmp_path, set
     assert len(opened) == N and not (tmp_path / "out" / "cache").exists()
 
 
+def test_data_check_with_a_config_uses_the_runs_data_cache(rsna, tmp_path, settled, opened):
+    from medq.data.check import check_dataset
+
+    config = config_for(rsna, tmp_path)
+    read(config)  # a stage of the run filled the cache
+    opened.clear()
+    report = check_dataset(rsna, format="rsna-pneumonia", cache_root=cache_root(config), verify_all_up_to=0,
+                           sample_per_split=0)
+    assert opened == []
+    by_sex: dict[str, int] = {}
+    for sex, _, _ in truth(rsna).values():
+        by_sex[sex] = by_sex.get(sex, 0) + 1
+    counted: dict[str, int] = {}
+    for split in report["splits"].values():
+        for sex, n in split["metadata"]["sex"].items():
+            counted[sex] = counted.get(sex, 0) + n
+    assert counted == by_sex
+
+
 # --- a changed file is read again -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("keep_times", [False, True], ids=["rewritten", "rewritten-mtime-restored"])

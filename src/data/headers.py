@@ -129,5 +129,5 @@ class HeaderCache:
 
     def summary(self) -> str:
         if self.path is None:
-            return f"DICOM headers: {self.read} read from the files (data.cache: false)"
+            return f"DICOM headers: {self.read} read from the files (no data cache in use)"
         return f"DICOM headers: {self.hits} from the header cache {self.path}, {self.read} read from the files"
