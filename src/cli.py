@@ -111,6 +111,7 @@ def _load(args: argparse.Namespace):
 
 def cmd_data(args: argparse.Namespace) -> int:
     if args.action == "check":
+        from medq.data.cache import cache_root
         from medq.data.check import check_dataset, format_check_report
 
         if not args.path:
@@ -125,7 +126,7 @@ def cmd_data(args: argparse.Namespace) -> int:
                                    bit_depth=data.bit_depth,
                                    cross_split_copies=data.cross_split_copies,
                                    label_conflicts=data.label_conflicts,
-                                   metadata_columns=data.metadata_columns)
+                                   metadata_columns=data.metadata_columns, cache_root=cache_root(config))
         else:
             report = check_dataset(Path(args.path), format=args.format or "auto", variant=args.variant)
         print(json.dumps(report, indent=2, default=str) if args.json else format_check_report(report))

@@ -112,7 +112,7 @@ class DataConfig:
     # on phantoms).
     generate: bool = True
     # The preprocessed-image cache on disk (medq.data.cache): 8-bit images at the input size, shared by every run
-    # and stage with that size. "" = <run.output_dir>/cache.
+    # and stage with that size; beside it the DICOM header values (medq.data.headers). "" = <run.output_dir>/cache.
     cache: bool = True
     cache_dir: str = ""
     # csv tables: the columns holding patient metadata for the subgroup analysis (medq.subgroups), e.g.

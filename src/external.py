@@ -41,7 +41,7 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
     """Evaluate the run in ``run_dir`` on ``other.data``'s ``split`` (see the module); returns the full result.
     ``mapping``: parsed ``--map`` (:func:`medq.labelmap.parse_map`), else ``other.external.label_map``, else the
     built-in or identical names; ``threshold``: decide every class at it instead of the run's thresholds."""
-    from medq.data.cache import image_cache
+    from medq.data.cache import cache_root, image_cache
     from medq.runmodel import open_run_model, probabilities
 
     run_dir = Path(run_dir)
@@ -56,7 +56,7 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
         raise runrecord.RunError(f"{run_dir / runrecord.MANIFEST}: no {', '.join(missing)} recorded; train or "
                                  "convert the run's model first")
     classes, task = [str(c) for c in facts.classes], str(facts.task)
-    index = read_dataset(other.data, other.run.seed)
+    index = read_dataset(other.data, other.run.seed, cache_root=cache_root(other))
     paths, y_ext = _split_images(index, split, other.data.root)
     _refuse_own_images(run_dir, paths, other.data.root)
     where = f"external.label_map in {other.source}" if other.source else "external.label_map"

@@ -39,13 +39,14 @@ def run_freeze(config: Any, parity_inputs: np.ndarray | None = None) -> Path:
 
 def _parity_inputs(config: Any, input_shape: tuple[int, ...]) -> np.ndarray:
     """Real validation images when the dataset is there (what the model will see), else seeded noise."""
+    from medq.data.cache import cache_root
     from medq.data.readers import read_dataset
     from medq.preprocess import PreprocessSpec, load_batch
 
     recorded = runrecord.read_manifest(config.run_dir).facts.preprocess  # tune may have changed the resolution
     spec = PreprocessSpec.from_dict(recorded) if recorded else PreprocessSpec.from_config(config)
     try:
-        index = read_dataset(config.data, seed=config.run.seed)
+        index = read_dataset(config.data, seed=config.run.seed, cache_root=cache_root(config))
         paths = (index.paths("val") or index.paths("train"))[:16]
         return load_batch(paths, spec)
     except MedqError:

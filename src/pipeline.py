@@ -95,11 +95,12 @@ def run_data(config: Any, resplit: bool = False, phantoms: bool = False) -> Data
     again, which makes the run's models stale)."""
     from medq.data import pinned
     from medq.data.check import note_pixel_range, verify_images
+    from medq.data.cache import cache_root
     from medq.data.readers import class_warnings, read_dataset
 
     ensure_phantoms(config, phantoms)
     with runrecord.writer_lock(config.run_dir, "data"):
-        index = read_dataset(config.data, seed=config.run.seed)
+        index = read_dataset(config.data, seed=config.run.seed, cache_root=cache_root(config))
         if sum(len(v) for v in index.splits.values()) <= VERIFY_ALL_UP_TO:
             index = verify_images(index, strict=config.data.strict, max_megapixels=config.data.max_megapixels,
                                   bit_depth=config.data.bit_depth)

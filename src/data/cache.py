@@ -219,9 +219,15 @@ def _size(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def image_cache(config: Any, spec: Any) -> ImageCache | None:
-    """The configured cache for ``spec`` (``data.cache``; ``data.cache_dir``, default ``<run.output_dir>/cache``)."""
+def cache_root(config: Any) -> Path | None:
+    """The data cache's folder (``data.cache_dir``, default ``<run.output_dir>/cache``), None with ``data.cache:
+    false``: the image cache and the DICOM header cache (medq.data.headers) live there."""
     if not config.data.cache:
         return None
-    root = Path(config.data.cache_dir) if config.data.cache_dir else Path(config.run.output_dir) / "cache"
-    return ImageCache(root, spec)
+    return Path(config.data.cache_dir) if config.data.cache_dir else Path(config.run.output_dir) / "cache"
+
+
+def image_cache(config: Any, spec: Any) -> ImageCache | None:
+    """The configured cache for ``spec`` (:func:`cache_root`)."""
+    root = cache_root(config)
+    return None if root is None else ImageCache(root, spec)

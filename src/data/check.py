@@ -120,10 +120,11 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
                   verify_all_up_to: int = VERIFY_ALL_UP_TO, sample_per_split: int = SAMPLE_PER_SPLIT,
                   max_megapixels: float = MAX_MEGAPIXELS, bit_depth: int | str = "auto",
                   cross_split_copies: str = "error", label_conflicts: str = "error",
-                  metadata_columns: dict[str, str] | None = None) -> dict:
+                  metadata_columns: dict[str, str] | None = None, cache_root: Path | None = None) -> dict:
     """Read ``root`` as medq would (never strict: every problem is listed) and describe what it holds;
     ``bit_depth``: ``data.bit_depth``, how 16-bit images without sBIT are read; ``metadata_columns``: a csv
-    table's patient metadata columns (``data.metadata_columns``)."""
+    table's patient metadata columns (``data.metadata_columns``); ``cache_root``: the data cache's folder
+    (:func:`medq.data.cache.cache_root`), None to read every DICOM header from its file."""
     from medq.config import DataConfig
     from medq.data.readers import class_warnings, read_dataset
 
@@ -131,7 +132,7 @@ def check_dataset(root: Path, format: str = "auto", variant: str | None = None, 
                         val_fraction=val_fraction, test_fraction=test_fraction, strict=False, generate=False,
                         max_megapixels=max_megapixels, cross_split_copies=cross_split_copies,
                         label_conflicts=label_conflicts, metadata_columns=dict(metadata_columns or {}))
-    index = read_dataset(config, seed=seed, report=True)
+    index = read_dataset(config, seed=seed, report=True, cache_root=cache_root)
     total = sum(len(s) for s in index.splits.values())
     decode_everything = total <= verify_all_up_to
     rng = np.random.default_rng(seed)

@@ -13,6 +13,7 @@ from typing import Any
 
 from medq import artifacts as files
 from medq import runrecord
+from medq.data.cache import cache_root
 from medq.data.common import class_warnings, data_source
 from medq.data.index import DatasetIndex, Sample
 from medq.data.readers import read_dataset
@@ -37,7 +38,7 @@ def run_index(config: Any, index: DatasetIndex | None = None, *, resplit: bool =
     gone are dropped and counted, and changed split settings or classes are an error that names `--resplit`.
     """
     run_dir = config.run_dir
-    current = index if index is not None else read_dataset(config.data, seed=config.run.seed)
+    current = index if index is not None else read_dataset(config.data, seed=config.run.seed, cache_root=cache_root(config))
     hint = runrecord.command(config, "data --resplit")
     if not write:  # a process that shares the run without writing it (a tuning worker): the pin if there is one
         if "split" not in runrecord.load(run_dir).artifacts:

@@ -165,9 +165,12 @@ def _metadata_columns(data_config, name: str) -> dict[str, dict[str, str]]:
     return {"metadata_columns": columns} if columns else {}
 
 
-def read_dataset(data_config, seed: int = 42, *, report: bool = False) -> DatasetIndex:
+def read_dataset(data_config, seed: int = 42, *, report: bool = False, cache_root: Path | None = None
+                 ) -> DatasetIndex:
     """Read ``data.root`` with the configured (or detected) reader; notes say what was detected and decided.
     ``report`` (`medq data check`): problems that would stop a run are listed in ``index.errors`` instead of raised.
+    ``cache_root`` (:func:`medq.data.cache.cache_root`): where a reader keeps what it reads slowly (RSNA's DICOM
+    header values, medq.data.headers); None: nothing is kept.
     """
     root = Path(data_config.root)
     if not root.exists():
@@ -183,7 +186,7 @@ def read_dataset(data_config, seed: int = 42, *, report: bool = False) -> Datase
                               val_fraction=data_config.val_fraction, test_fraction=data_config.test_fraction,
                               strict=data_config.strict, seed=seed, max_megapixels=data_config.max_megapixels,
                               copies=data_config.cross_split_copies, conflicts=data_config.label_conflicts,
-                              report=report, **_metadata_columns(data_config, name))
+                              report=report, cache_root=cache_root, **_metadata_columns(data_config, name))
     except OSError as exc:  # a folder the readers scan cannot be listed (permissions, a vanished mount)
         raise DataError(f"{exc.filename or root}: cannot be read ({exc.strerror or exc}); check that the dataset "
                         "folder is readable by this user") from None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register
 from medq.data.decode import MAX_MEGAPIXELS
-from medq.data.dicom import header_values
+from medq.data.headers import HeaderCache
 from medq.data.index import DatasetIndex, Sample
 from medq.data.metadata import Demographics
 from medq.errors import DataError
@@ -69,7 +69,10 @@ def _targets(labels: Path | None) -> dict[str, set[str]]:
 def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: str = "from-train",
                         val_fraction: float = 0.2, test_fraction: float = 0.2, strict: bool = False,
                         seed: int = 42, max_megapixels: float = MAX_MEGAPIXELS, copies: str = "error",
-                        conflicts: str = "error", report: bool = False, **_: object) -> DatasetIndex:
+                        conflicts: str = "error", report: bool = False, cache_root: Path | None = None,
+                        **_: object) -> DatasetIndex:
+    """``cache_root``: the data cache's folder, where the DICOM header values are kept (medq.data.headers); None
+    reads every header from its file."""
     root = Path(root)
     found = rsna_files(root)
     if found is None:
@@ -95,6 +98,7 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
                  if e.name.lower().endswith(".dcm") and not e.name.startswith("._")}
     samples: list[Sample] = []
     demographics = Demographics()
+    headers = HeaderCache(cache_root, images, HEADER_TAGS)
     for patient in sorted(by_patient):
         names = set(by_patient[patient])
         unknown = names - set(RSNA_CLASSES)
@@ -118,13 +122,14 @@ def read_rsna_pneumonia(root: Path, *, variant: str | None = None, val_split: st
         if not intake.admit(path):
             continue
         index = int(name == OPACITY) if binary else RSNA_CLASSES.index(name)
-        header = header_values(path, HEADER_TAGS)
+        header = headers.values(intake.real_path(path))
         samples.append(intake.sample(path, one_hot(index, len(classes)), patient,
                                      metadata=demographics(*(header[t] for t in HEADER_TAGS))))
+    headers.save()
     notes = [f"labels: {table.name}: {rows} rows for {len(by_patient)} patients, duplicate rows collapsed"
              + ("; cross-checked with " + labels.name if labels else ""),
              f"classes: {', '.join(classes)}"]
-    notes += demographics.notes(f"the DICOM headers ({', '.join(HEADER_TAGS)})")
+    notes += demographics.notes(f"the DICOM headers ({', '.join(HEADER_TAGS)})") + [headers.summary()]
     unused = len(set(files) - set(by_patient))
     if unused:
         notes.append(f"{unused} DICOM files have no row in {table.name} and are unused")
