@@ -26,6 +26,7 @@ import numpy as np
 
 from medq import artifacts, labelmap, runrecord, thresholds
 from medq.data.common import data_source
+from medq.data.index import DatasetIndex, Sample
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError, DataError
 from medq.metrics import task_metrics, wilson_ci, with_ci
@@ -69,6 +70,9 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
     with runrecord.writer_lock(run_dir, STAGE):
         manifest = runrecord.read_manifest(run_dir)  # as it is now, under the lock: its entries are kept
         model = open_run_model(run_dir)
+        chosen = _own_validation_thresholds(run_dir, manifest, model, spec)
+        if chosen is not None:
+            manifest.facts.thresholds = chosen  # decided with now, committed with the evaluation
         operating = thresholds.run_thresholds(manifest, task, classes, threshold)
         probs, kept = probabilities(model, paths, spec, image_cache(other, spec))
         if not kept:
@@ -98,9 +102,33 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
                        for i, row in zip(kept, probs)]}
         staged = artifacts.write_json(runrecord.staging_path(run_dir, name), full)
         runrecord.commit(run_dir, STAGE, artifacts={f"external_evaluation_{slug}": staged}, inputs=(model.key,),
-                         facts={"external_evaluations": manifest.facts.with_external(entry)},
+                         facts={"external_evaluations": manifest.facts.with_external(entry),
+                                **({thresholds.MANIFEST_KEY: chosen} if chosen is not None else {})},
                          dataset=index.format, root=str(root), split=split, artifact=name)
     return full
+
+
+def _own_validation_thresholds(run_dir: Path, manifest: Any, model: Any, spec: PreprocessSpec) -> dict | None:
+    """A converted run without current thresholds gets them as plain `medq evaluate` chooses them: on the run's OWN
+    validation split (its pinned split.json, never the external images), by the run's recorded policy (its config's
+    ``thresholds:``, else the default); None for every other run. Without a pinned split the run's validation images
+    are unknown: said, and the evaluation decides at 0.5 as its note says."""
+    from medq.config import config_from_dict
+    from medq.runmodel import converted_thresholds
+
+    why = thresholds.to_choose(manifest)
+    if why is None:
+        return None
+    split_file = runrecord.recorded_path(run_dir, "split")
+    if split_file is None:
+        log.warning("thresholds: %s; the run has no pinned split, so its validation images are unknown: run `medq "
+                    "evaluate` with the run's own config first (it pins the split and chooses them there)", why)
+        return None
+    pinned = json.loads(runrecord.verified_path(run_dir, "split").read_text(encoding="utf-8"))
+    val = [Sample(str(row[0]), tuple(row[3]), str(row[2])) for row in pinned["samples"] if row[1] == "val"]
+    own = DatasetIndex(pinned.get("format", ""), pinned["task"], list(pinned["classes"]), {"val": val})
+    runrecord.check_classes(run_dir, manifest, own)
+    return converted_thresholds(config_from_dict(manifest.config or {}), manifest, model, own, spec)
 
 
 def _split_images(index: Any, split: str, root: Any) -> tuple[list[str], np.ndarray]:

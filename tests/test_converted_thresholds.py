@@ -142,3 +142,57 @@ def test_quantize_chooses_a_converted_runs_thresholds_on_validation(converted, t
     far = np.abs(p - t) > 1e-5
     assert ((p >= t) == (p >= best))[far].all()
     assert record["classes"]["PNEUMONIA"]["validation"]["specificity"] >= TARGET
+
+
+def test_external_evaluation_of_a_converted_run_chooses_thresholds_on_its_own_validation_split(converted, tmp_path):
+    """Not at 0.5, and never on the external images: on the run's pinned validation split, by the run's policy,
+    recorded as plain evaluate records them."""
+    from medq.external import run_external
+
+    config = load_config(None, [f"data.root={converted.data}", "data.generate=false",
+                                f"run.output_dir={tmp_path / 'output'}", "run.name=ext",
+                                f"preprocess.image_size={SIZE}"])
+    convert(converted.source, run_dir=config.run_dir, task="binary", classes=["NORMAL", "PNEUMONIA"],
+            normalization="unit", verbose=False)
+    index = pinned.run_index(config)  # `medq data`: the run's split pinned, no thresholds chosen yet
+    rsna = tmp_path / "rsna"
+    generate_phantoms("rsna-dicom", rsna, n_train=30, n_val=0, n_test=0, size=48, seed=9)
+    other = load_config(None, [f"data.root={rsna}", "data.format=rsna-pneumonia", "data.generate=false",
+                               "thresholds.policy=fixed", "thresholds.target=0.01"])  # the other config's: unused
+    result = run_external(config.run_dir, other, split="all")
+
+    manifest = json.loads((config.run_dir / "manifest.json").read_text())
+    record = manifest["thresholds"]
+    assert record["split"] == "val" and record["policy"] == "youden"
+    assert record["chosen_for"] == {"fp32_pb": manifest["artifacts"]["fp32_pb"]["sha256"]}
+    t = record["classes"]["PNEUMONIA"]["value"]
+    truth = index.labels("val")[:, 1] >= 0.5
+    p = onnx_probabilities(converted.source, index.paths("val"))[:, 1]
+    fpr, tpr, candidates = roc_curve(truth, p, drop_intermediate=False)
+    j = tpr - fpr
+    best = candidates[np.flatnonzero(j >= j.max() - 1e-12)[0]]  # Youden's point on the run's own validation split
+    assert ((p >= t) == (p >= best)).all()
+    assert result["thresholds"]["source"] == "validation" and result["thresholds"]["values"] == {"PNEUMONIA": t}
+    point = result["metrics"]["PNEUMONIA"]["operating_point"]
+    paths = [image["path"] for image in result["images"]]
+    with open(rsna / "stage_2_detailed_class_info.csv", newline="") as fh:
+        labels = {row["patientId"]: row["class"] for row in csv.DictReader(fh)}
+    ext_truth = np.array([labels[Path(q).stem] == "Lung Opacity" for q in paths])
+    ext_p = onnx_probabilities(converted.source, paths)[:, 1]
+    far = np.abs(ext_p - t) > 1e-5
+    assert far.all() and point["sensitivity"] == pytest.approx((ext_p >= t)[ext_truth].mean())
+
+
+def test_external_evaluation_of_a_converted_run_without_a_pinned_split_says_it_decides_at_0_5(converted, tmp_path):
+    from medq.external import run_external
+
+    run_dir = tmp_path / "output" / "nosplit"
+    convert(converted.source, run_dir=run_dir, task="binary", classes=["NORMAL", "PNEUMONIA"],
+            normalization="unit", verbose=False)
+    rsna = tmp_path / "rsna"
+    generate_phantoms("rsna-dicom", rsna, n_train=12, n_val=0, n_test=0, size=48, seed=9)
+    other = load_config(None, [f"data.root={rsna}", "data.format=rsna-pneumonia", "data.generate=false"])
+    result = run_external(run_dir, other, split="all")
+    assert result["thresholds"]["source"] == "fallback" and result["thresholds"]["values"] == {"PNEUMONIA": 0.5}
+    assert "not yet chosen" in result["thresholds"]["notes"][0]
+    assert "thresholds" not in json.loads((run_dir / "manifest.json").read_text())
