@@ -419,16 +419,12 @@ def _num(value: Any) -> str:
 
 
 def subgroup_table(m: dict[str, Any], bench: dict[str, Any] | None) -> Any:
-    """medq.subgroups' table of the run: `medq evaluate`'s (single crop, its split), else the benchmark reference
-    row's on the test split (`medq run` has no evaluate stage); NOT_DETERMINED without either."""
+    """medq.subgroups' table of the run (:func:`medq.subgroups.recorded`: evaluate's, else the benchmark reference
+    row's); NOT_DETERMINED without either."""
+    from medq.subgroups import recorded
+
     evaluated = m["stages"].get("evaluate") or {}
-    table = evaluated.get("subgroups")
-    if isinstance(table, dict) and "available" in table:
-        return {**table, "split": evaluated.get("split"), "source": "medq evaluate, single crop"}
-    reference = [r for r in (bench or {}).get("results") or [] if r.get("id") == (bench or {}).get("baseline")]
-    if reference and isinstance(reference[0].get("subgroups"), dict):
-        return {**reference[0]["subgroups"], "split": "test", "source": f"medq benchmark, {reference[0]['id']}"}
-    return table or NOT_DETERMINED
+    return recorded(evaluated, bench) or evaluated.get("subgroups") or NOT_DETERMINED
 
 
 def _subgroup_caveats(subgroups: Any) -> list[str]:

@@ -352,3 +352,26 @@ def test_without_evaluate_the_card_takes_the_subgroups_the_benchmark_measured(tm
     table = card["quantitative_analyses"]["subgroups"]
     assert table["source"] == "medq benchmark, tensorflow-fp32" and table["note"].endswith("(fp32 row)")
     assert "- Subgroups: this dataset has no patient metadata (fp32 row)" in md and "int8 row" not in md
+
+
+def test_without_evaluate_runs_show_takes_the_benchmark_fp32_rows_subgroups_as_the_card_does(tmp_path):
+    """`medq run` has no evaluate stage: `medq runs show` names the benchmark's FP32 row as the source of its
+    subgroup line (the card's table), not "run medq evaluate"; once evaluate ran, evaluate's table wins."""
+    from medq.runs import run_summary
+
+    run = _run(tmp_path)
+    bench = _benchmark("synthetic phantoms (nih-chestxray14 layout)")
+    groups = [{"attribute": "sex", "value": v, "n": 150, "status": "ok", "flags": []} for v in ("F", "M")]
+    bench["results"][0]["subgroups"] = {"available": True, "attributes": ["sex"], "groups": groups,
+                                        "flagged": ["sex M"]}
+    bench["results"][1]["subgroups"] = {"available": True, "attributes": ["view"], "groups": [], "flagged": []}
+    report = artifacts.write_json(runrecord.staging_path(run, "benchmark.json"), bench)
+    runrecord.commit(run, "benchmark", artifacts={"benchmark_json": report}, inputs=["fp32_pb", "split"])
+    line = run_summary(run)["subgroups"]
+    assert line == "sex on test (medq benchmark, tensorflow-fp32): 2 groups, below overall: sex M"
+    from medq.modelcard import build_card
+
+    assert build_card(run)["quantitative_analyses"]["subgroups"]["source"] == "medq benchmark, tensorflow-fp32"
+
+    runrecord.commit(run, "evaluate", split="val", subgroups={"available": False, "note": "no metadata here"})
+    assert run_summary(run)["subgroups"] == "no metadata here (medq evaluate, single crop)"
