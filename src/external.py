@@ -29,7 +29,7 @@ from medq.data.common import data_source
 from medq.data.index import DatasetIndex, Sample
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError, DataError
-from medq.metrics import task_metrics, wilson_ci, with_ci
+from medq.metrics import task_metrics, with_ci
 from medq.preprocess import PreprocessSpec
 
 log = logging.getLogger("medq")
@@ -196,13 +196,10 @@ def class_metrics(lmap: labelmap.LabelMap, classes: list[str], y_model: np.ndarr
         else:  # a binary model's negative class: called wherever its positive class is not
             positive = thresholds.thresholded_classes(operating.task, classes)[0]
             t = operating.values[positive]
-            called = probs[:, classes.index(positive)] < t
-            tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
+            point = thresholds.figures(truth, probs[:, classes.index(positive)] < t)
             entry["operating_point"] = {"threshold": t, "rule": f"{positive} < {t:.4g}",
-                                        "sensitivity": tp / n_pos if n_pos else None,
-                                        "sensitivity_ci": wilson_ci(tp, n_pos),
-                                        "specificity": tn / n_neg if n_neg else None,
-                                        "specificity_ci": wilson_ci(tn, n_neg)}
+                                        **{k: point[k] for k in ("sensitivity", "sensitivity_ci", "specificity",
+                                                                 "specificity_ci")}}
         if entry["auc"] is None:
             entry["note"] = f"AUC undefined: {n_pos} positive(s) and {n_neg} negative(s) among the external images"
         out[c] = entry

@@ -230,3 +230,40 @@ def test_benchmark_rows_decide_and_count_flips_at_the_run_thresholds():
     metrics = runner._metrics("binary", classes, y, int8, operating)
     assert (metrics["sensitivity"], metrics["specificity"]) == (0.5, 0.5)
     assert metrics["operating_points"]["classes"]["PNEUMONIA"]["threshold"] == 0.3
+
+
+# three classes, every threshold 0.3; image 0 (a B) passes A's and B's threshold but predict calls it A
+MC_CLASSES = ["A", "B", "C"]
+MC_TRUTH = np.eye(3)[[1, 1, 0, 2]]
+MC_PROB = np.array([[.40, .35, .25], [.10, .60, .30], [.50, .20, .30], [.20, .20, .60]])
+
+
+def test_multiclass_operating_points_are_the_calls_predict_makes_not_one_vs_rest():
+    """A softmax model's image is called one class (argmax(p − t)); the operating point reported per class must be
+    of those calls, or evaluate, the card and the subgroups promise a sensitivity the deployed tool does not have."""
+    out = held(Thresholds.uniform("multiclass", MC_CLASSES, 0.3, "validation"), MC_TRUTH, MC_PROB)["classes"]
+    # by hand: calls A, B, A, C. B: 1 of its 2 images called B; C: none of images 0-2 called C; A: image 0 wrongly
+    assert (out["B"]["sensitivity"], out["B"]["specificity"]) == (0.5, 1.0)
+    assert (out["C"]["sensitivity"], out["C"]["specificity"]) == (1.0, 1.0)
+    assert (out["A"]["sensitivity"], out["A"]["specificity"]) == (1.0, pytest.approx(2 / 3))
+    # the same figures as the evaluation's own per-class sensitivity/specificity at those thresholds
+    m = task_metrics("multiclass", MC_TRUTH, MC_PROB, MC_CLASSES, threshold=np.full(3, 0.3))
+    assert {c: out[c]["sensitivity"] for c in MC_CLASSES} == m["sensitivity"]
+    assert {c: out[c]["specificity"] for c in MC_CLASSES} == pytest.approx(m["specificity"])
+
+
+def test_multiclass_validation_figures_are_recorded_under_the_decision_rule_with_a_note_when_short():
+    record = choose("multiclass", MC_TRUTH, MC_PROB, MC_CLASSES, Policy("fixed", 0.3))
+    assert record["classes"]["B"]["validation"]["sensitivity"] == 0.5  # by hand, as above (one-vs-rest: 1.0)
+    assert record["classes"]["C"]["validation"]["specificity"] == 1.0  # one-vs-rest: 1/3
+    # A's only positive scores 0.2, so A's threshold is 0.15 (midway to 0.1) and B's 0.275 (midway 0.4 → 0.15): B's
+    # image 0 (0.45, 0.40) exceeds A's threshold by 0.30 and B's by 0.125, so it is called A. By hand.
+    truth = np.eye(3)[[1, 1, 0, 2]]
+    prob = np.array([[.45, .40, .15], [.10, .80, .10], [.20, .10, .70], [.05, .15, .80]])
+    target = choose("multiclass", truth, prob, MC_CLASSES, Policy("sensitivity", 0.9))
+    assert [target["classes"][c]["value"] for c in MC_CLASSES] == pytest.approx([0.15, 0.275, 0.75])
+    b = target["classes"]["B"]
+    assert b["validation"]["sensitivity"] == 0.5
+    assert target["classes"]["A"]["validation"]["sensitivity"] == 1.0
+    assert not any("decision rule" in n for n in target["classes"]["A"]["notes"])
+    assert any("decision rule" in n and "0.500" in n for n in b["notes"])
