@@ -39,24 +39,37 @@ _OPACITY_VS_PNEUMONIA = ("RSNA 'Lung Opacity' is a radiological opacity on adult
 _NIH_REPORT_LABELS = "NIH labels are mined from reports (about 90% accurate by the dataset's own estimate)"
 _PNEUMONIA_CAUSE = "Kaggle's BACTERIA and VIRUS together are its PNEUMONIA"
 
+_NORMAL_VS_NO_OPACITY = ("NORMAL is not mapped: RSNA's 'No Lung Opacity' includes abnormal films ('Not Normal'), so "
+                         "it is not Kaggle's NORMAL")
+_NORMAL_VS_NIH = "NORMAL is not mapped: NIH has no normal class ('No Finding' is the absence of labels)"
+_NIH_VS_KAGGLE = _OPACITY_VS_PNEUMONIA.replace("RSNA 'Lung Opacity' is a radiological opacity on adult films",
+                                               "NIH 'Pneumonia' is a report finding on adult films")
+_CAUSES = ("BACTERIA", "VIRUS")  # Kaggle 3-class: the cause of its PNEUMONIA, from the file names
+
 # (model's class list, external class list) → (model class → external classes, notes)
 BUILTIN: dict[tuple[str, str], tuple[dict[str, tuple[str, ...]], tuple[str, ...]]] = {
+    ("kaggle", "kaggle-3class"): ({"NORMAL": ("NORMAL",), "PNEUMONIA": _CAUSES}, (_PNEUMONIA_CAUSE,)),
     ("kaggle", "rsna"): ({"NORMAL": ("Normal",), "PNEUMONIA": ("Lung Opacity",)}, (_OPACITY_VS_PNEUMONIA,)),
-    ("kaggle", "rsna-binary"): ({"PNEUMONIA": ("Lung Opacity",)}, (
-        _OPACITY_VS_PNEUMONIA, "NORMAL is not mapped: RSNA's 'No Lung Opacity' includes abnormal films "
-        "('Not Normal'), so it is not Kaggle's NORMAL")),
-    ("kaggle", "nih"): ({"PNEUMONIA": ("Pneumonia",)}, (
-        _NIH_REPORT_LABELS, "NORMAL is not mapped: NIH has no normal class ('No Finding' is the absence of labels)")),
+    ("kaggle", "rsna-binary"): ({"PNEUMONIA": ("Lung Opacity",)}, (_OPACITY_VS_PNEUMONIA, _NORMAL_VS_NO_OPACITY)),
+    ("kaggle", "nih"): ({"PNEUMONIA": ("Pneumonia",)}, (_NIH_REPORT_LABELS, _NORMAL_VS_NIH)),
     ("kaggle-3class", "kaggle"): ({"BACTERIA": ("PNEUMONIA",), "VIRUS": ("PNEUMONIA",), "NORMAL": ("NORMAL",)},
                                   (_PNEUMONIA_CAUSE,)),
+    ("kaggle-3class", "rsna"): ({"NORMAL": ("Normal",), "BACTERIA": ("Lung Opacity",), "VIRUS": ("Lung Opacity",)},
+                                (_OPACITY_VS_PNEUMONIA,)),
+    ("kaggle-3class", "rsna-binary"): ({"BACTERIA": ("Lung Opacity",), "VIRUS": ("Lung Opacity",)},
+                                       (_OPACITY_VS_PNEUMONIA, _NORMAL_VS_NO_OPACITY)),
+    ("kaggle-3class", "nih"): ({"BACTERIA": ("Pneumonia",), "VIRUS": ("Pneumonia",)},
+                               (_NIH_REPORT_LABELS, _NORMAL_VS_NIH)),
     ("rsna", "kaggle"): ({"Lung Opacity": ("PNEUMONIA",), "Normal": ("NORMAL",)}, (_OPACITY_VS_PNEUMONIA,)),
+    ("rsna", "kaggle-3class"): ({"Lung Opacity": _CAUSES, "Normal": ("NORMAL",)}, (_OPACITY_VS_PNEUMONIA,)),
     ("rsna", "rsna-binary"): ({"Lung Opacity": ("Lung Opacity",)}, ()),
     ("rsna", "nih"): ({"Lung Opacity": ("Pneumonia", "Consolidation")}, (_NIH_REPORT_LABELS,)),
     ("rsna-binary", "kaggle"): ({"Lung Opacity": ("PNEUMONIA",)}, (_OPACITY_VS_PNEUMONIA,)),
+    ("rsna-binary", "kaggle-3class"): ({"Lung Opacity": _CAUSES}, (_OPACITY_VS_PNEUMONIA,)),
     ("rsna-binary", "rsna"): ({"Lung Opacity": ("Lung Opacity",), "No Lung Opacity": (RSNA[1], RSNA[2])}, ()),
     ("rsna-binary", "nih"): ({"Lung Opacity": ("Pneumonia", "Consolidation")}, (_NIH_REPORT_LABELS,)),
-    ("nih", "kaggle"): ({"Pneumonia": ("PNEUMONIA",)}, (_OPACITY_VS_PNEUMONIA.replace("RSNA 'Lung Opacity' is a "
-                        "radiological opacity on adult films", "NIH 'Pneumonia' is a report finding on adult films"),)),
+    ("nih", "kaggle"): ({"Pneumonia": ("PNEUMONIA",)}, (_NIH_VS_KAGGLE,)),
+    ("nih", "kaggle-3class"): ({"Pneumonia": _CAUSES}, (_NIH_VS_KAGGLE,)),
     ("nih", "rsna"): ({"Pneumonia": ("Lung Opacity",)}, (_NIH_REPORT_LABELS,)),
     ("nih", "rsna-binary"): ({"Pneumonia": ("Lung Opacity",)}, (_NIH_REPORT_LABELS,)),
 }
@@ -70,6 +83,8 @@ LOSSY = {
     ("VIRUS", "PNEUMONIA"): _PNEUMONIA_CAUSE + ": VIRUS's positives there include bacterial pneumonia",
     ("BACTERIA", "Lung Opacity"): "an opacity does not tell bacterial from viral pneumonia",
     ("VIRUS", "Lung Opacity"): "an opacity does not tell bacterial from viral pneumonia",
+    ("BACTERIA", "Pneumonia"): "NIH's Pneumonia does not tell bacterial from viral pneumonia",
+    ("VIRUS", "Pneumonia"): "NIH's Pneumonia does not tell bacterial from viral pneumonia",
 }
 
 

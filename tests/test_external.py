@@ -287,3 +287,28 @@ def test_builtin_mappings_state_their_gaps_and_unknown_classes_are_refused():
         labelmap.resolve(kaggle, rsna_binary, "kaggle:busi")
     with pytest.raises(ConfigError, match="MODEL_CLASS=EXTERNAL_CLASS"):
         labelmap.parse_map(["PNEUMONIA=", "NORMAL=Normal"])
+
+
+def test_every_chest_class_list_pair_has_a_builtin_and_the_3class_kaggle_maps_its_causes():
+    """Each pair of medq's chest X-ray class lists (as the readers name them) has a built-in both ways; the Kaggle
+    3-class variant's BACTERIA and VIRUS are PNEUMONIA, an opacity, NIH's Pneumonia (by hand from DATASETS.md)."""
+    from medq.data.nih import CHEXNET_CLASSES
+    from medq.data.rsna import BINARY_CLASSES, RSNA_CLASSES
+
+    lists = {"kaggle": ["NORMAL", "PNEUMONIA"], "kaggle-3class": ["NORMAL", "BACTERIA", "VIRUS"],
+             "rsna": RSNA_CLASSES, "rsna-binary": BINARY_CLASSES, "nih": CHEXNET_CLASSES}
+    for a, model in lists.items():
+        for b, external in lists.items():
+            if a != b:
+                assert labelmap.resolve(model, external).source == f"built-in {a}:{b}"
+    causes = ["BACTERIA", "VIRUS"]
+    assert labelmap.resolve(lists["kaggle"], lists["kaggle-3class"]).pairs == {"NORMAL": ["NORMAL"],
+                                                                                "PNEUMONIA": causes}
+    to_rsna = labelmap.resolve(lists["kaggle-3class"], RSNA_CLASSES)
+    assert to_rsna.pairs == {"NORMAL": ["Normal"], "BACTERIA": ["Lung Opacity"], "VIRUS": ["Lung Opacity"]}
+    assert any("bacterial from viral" in n for n in to_rsna.notes)
+    assert labelmap.resolve(RSNA_CLASSES, lists["kaggle-3class"]).pairs == {"Lung Opacity": causes,
+                                                                            "Normal": ["NORMAL"]}
+    assert labelmap.resolve(lists["kaggle-3class"], CHEXNET_CLASSES).pairs == {"BACTERIA": ["Pneumonia"],
+                                                                               "VIRUS": ["Pneumonia"]}
+    assert labelmap.resolve(CHEXNET_CLASSES, lists["kaggle-3class"]).pairs == {"Pneumonia": causes}
