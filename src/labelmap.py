@@ -21,9 +21,13 @@ reports, ``No Finding`` being no label at all (not a class).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from medq import yamlio
 from medq.errors import ConfigError
+
+MAP_FILE_SUFFIXES = (".yaml", ".yml", ".json")  # `--map FILE` (one item without '='): a mapping file
 
 KAGGLE = ("NORMAL", "PNEUMONIA")
 KAGGLE_CAUSE = ("NORMAL", "BACTERIA", "VIRUS")
@@ -138,6 +142,8 @@ def parse_map(items: Iterable[str], where: str = "--map") -> dict[str, list[str]
     a single item without '=' is a built-in mapping's name (returned as the string)."""
     items = [str(i) for i in items]
     if len(items) == 1 and "=" not in items[0]:
+        if Path(items[0]).suffix.lower() in MAP_FILE_SUFFIXES or Path(items[0]).is_file():
+            return read_map_file(Path(items[0]))
         return items[0].strip()
     pairs: dict[str, list[str]] = {}
     for item in items:
@@ -153,6 +159,28 @@ def parse_map(items: Iterable[str], where: str = "--map") -> dict[str, list[str]
     return pairs
 
 
+class MapFile(dict):
+    """The pairs of a ``--map FILE``: ``source`` names the file in every message about them."""
+
+    source: str = "--map"
+
+
+def read_map_file(path: Path) -> MapFile:
+    """``--map mapping.yaml``: a YAML (or JSON) mapping {model class: external class, or a list of them}; a missing
+    file, a repeated key, a list or a value that is no class name is a one-line ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"--map {path}: no such label map file; give a YAML file of MODEL_CLASS: EXTERNAL_CLASS "
+                          "lines, MODEL=EXT pairs, or a built-in's name")
+    data, repeated = yamlio.read_yaml(path)
+    yamlio.refuse_repeated(path, repeated)
+    if not isinstance(data, Mapping) or not data:
+        raise ConfigError(f"{path}: expected a mapping of MODEL_CLASS: EXTERNAL_CLASS (or a list of them) lines, "
+                          f"e.g. 'PNEUMONIA: Lung Opacity'; got {type(data).__name__ if data else 'nothing'}")
+    pairs = MapFile(from_config(data, str(path)))
+    pairs.source = str(path)
+    return pairs
+
+
 def from_config(value: Any, where: str) -> dict[str, list[str]] | str | None:
     """``external.label_map`` of a config: {model class: external class or [classes]} or a built-in's name."""
     if value in (None, "", {}):
@@ -162,6 +190,11 @@ def from_config(value: Any, where: str) -> dict[str, list[str]] | str | None:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected a mapping MODEL_CLASS: EXTERNAL_CLASS (or a list of them), or a "
                           f"built-in mapping's name ({', '.join(builtin_names())}); got {value!r}")
+    for model, targets in value.items():
+        names = targets if isinstance(targets, list) else [targets]
+        if not names or not all(isinstance(t, str) and t.strip() for t in names):
+            raise ConfigError(f"{where}: {model!r}: {targets!r} is not an external class name (or a list of them); "
+                              "write MODEL_CLASS: EXTERNAL_CLASS")
     return parse_map([f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in value.items()], where)
 
 
@@ -170,6 +203,7 @@ def resolve(model_classes: list[str], external_classes: list[str], given: dict[s
     """The label mapping from the run's classes to the external dataset's (see the module for the order of
     sources); a ConfigError when none applies or one names a class the lists do not have."""
     model_classes, external_classes = [str(c) for c in model_classes], [str(c) for c in external_classes]
+    given_source = getattr(given, "source", given_source)  # a --map file names itself
     model_list, external_list = list_name(model_classes), list_name(external_classes)
     notes: list[str] = []
     if isinstance(given, str):

@@ -312,3 +312,25 @@ def test_every_chest_class_list_pair_has_a_builtin_and_the_3class_kaggle_maps_it
     assert labelmap.resolve(lists["kaggle-3class"], CHEXNET_CLASSES).pairs == {"BACTERIA": ["Pneumonia"],
                                                                                "VIRUS": ["Pneumonia"]}
     assert labelmap.resolve(CHEXNET_CLASSES, lists["kaggle-3class"]).pairs == {"Pneumonia": causes}
+
+
+def test_a_map_file_is_read_and_each_mistake_in_it_is_one_line_naming_the_file(tmp_path):
+    kaggle, rsna = list(labelmap.KAGGLE), list(labelmap.RSNA)
+    good = tmp_path / "map.yaml"
+    good.write_text("PNEUMONIA: Lung Opacity\nNORMAL: [Normal, No Lung Opacity / Not Normal]\n")
+    lmap = labelmap.resolve(kaggle, rsna, labelmap.parse_map([str(good)]))
+    assert lmap.pairs == {"PNEUMONIA": ["Lung Opacity"], "NORMAL": ["Normal", "No Lung Opacity / Not Normal"]}
+    assert lmap.source == str(good) and any("abnormal" in n for n in lmap.notes)  # many-to-one: said
+    cases = {"unknown_model.yaml": ("COVID: Lung Opacity\n", "'COVID' is not a class of the run's model"),
+             "unknown_external.yaml": ("PNEUMONIA: Pneumonitis\n", "'Pneumonitis' is not a class of the external"),
+             "twice.yaml": ("PNEUMONIA: Lung Opacity\nPNEUMONIA: Normal\n", "PNEUMONIA"),
+             "list.yaml": ("- PNEUMONIA: Lung Opacity\n", "expected a mapping"),
+             "empty_value.yaml": ("PNEUMONIA:\n", "not an external class name"),
+             "nested.yaml": ("PNEUMONIA: {a: b}\n", "not an external class name")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            labelmap.resolve(kaggle, rsna, labelmap.parse_map([str(tmp_path / name)]))
+        assert message in str(caught.value) and name in str(caught.value) and "\n" not in str(caught.value), name
+    with pytest.raises(ConfigError, match="no such label map file"):
+        labelmap.parse_map([str(tmp_path / "absent.yaml")])
