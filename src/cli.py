@@ -514,8 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --run: the external dataset's variant (e.g. rsna-pneumonia binary)")
             p.add_argument("--map", action="append", metavar="MODEL=EXTERNAL",
                            help="with --run: model class → external class(es) joined by '|' (repeatable), or one "
-                           "built-in mapping's name (e.g. kaggle:rsna) or a YAML file of MODEL: EXTERNAL lines; default: external.label_map, else the "
-                           "built-in for the two class lists")
+                           "built-in mapping's name (e.g. kaggle:rsna), or a YAML file of MODEL: EXTERNAL lines; "
+                           "default: external.label_map, else the built-in for the two class lists")
         if name == "benchmark":
             p.add_argument("--preset", metavar="NAME", choices=["chexnet-cpu"],
                            help="run a preset end to end (data → train → freeze → quantize → benchmark); "
