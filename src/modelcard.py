@@ -330,17 +330,20 @@ def render_markdown(card: dict[str, Any]) -> str:
               "## Intended use", f"- Primary use: {card['intended_use']['primary_use']}",
               f"- Out of scope: {card['intended_use']['out_of_scope']}", "",
               "## Model details",
-              f"- Architecture: {d['architecture']} ({d['parameters']} parameters; from `medq {d['model_source']}`)",
-              f"- Selected on validation {d['selection_objective']}; hyperparameters {json.dumps(d['hyperparameters'])}",
+              f"- Architecture: {_plain(d['architecture'])} ("
+              + (f"{d['parameters']} parameters; " if d["parameters"] is not None else "")
+              + (f"from `medq {d['model_source']}`)" if d["model_source"] else "made by: not recorded)"),
+              f"- Selected on validation {_plain(d['selection_objective'])}; hyperparameters "
+              f"{_plain(d['hyperparameters'])}",
               f"- Input: {_io(card['network_data_format']['inputs']['image'])}",
               f"- Output: {_io(card['network_data_format']['outputs']['pred'])}",
               f"- medq {d['medq_version']}; card built from the run record of {d['date'] or 'an unbenchmarked run'}",
               "", "## Training data",
               f"- Source: {t['data_source']}" + (f" (layout {t['layout']})" if t["layout"] and
                                                   t["layout"] not in t["data_source"] else ""),
-              f"- Split sizes (images): {t['split_sizes']}; patients: {t['patients'] or NOT_DETERMINED}",
-              f"- Classes per split: {t['class_counts']}",
-              f"- Patients shared between splits: {t['patient_overlap']}; skipped files: {t['skipped_files']}",
+              f"- Split sizes (images): {_plain(t['split_sizes'])}; patients: {_plain(t['patients'])}",
+              f"- Classes per split: {_plain(t['class_counts'])}",
+              f"- Patients shared between splits: {_plain(t['patient_overlap'])}; skipped files: {t['skipped_files']}",
               "", "## Evaluation data", f"- {_evaluation(card['evaluation_data'])}",
               "", "## Quantitative analyses (test split, 95% intervals)", "",
               "| path | accuracy | AUC | sensitivity | specificity | Brier | ECE | fidelity to FP32 |",
@@ -370,7 +373,8 @@ def render_markdown(card: dict[str, Any]) -> str:
               for r in card["lineage"]]
     env = card["environment"]
     cpu = env.get("cpu") or {}
-    lines += ["", "## Environment", f"- CPU: {cpu.get('model', NOT_DETERMINED)} ({cpu.get('physical_cores')} cores)",
+    cores = f" ({cpu['physical_cores']} cores)" if cpu.get("physical_cores") else ""
+    lines += ["", "## Environment", f"- CPU: {cpu.get('model') or NOT_DETERMINED}{cores}",
               "- Packages: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()), ""]
     return "\n".join(lines)
 
@@ -397,7 +401,23 @@ def _external_lines(evaluations: Any, lineage: list[dict[str, Any]]) -> list[str
 
 
 def _io(spec: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in spec.items() if v is not None)
+    return ", ".join(f"{k} {_plain(v)}" for k, v in spec.items()
+                     if v is not None and not (isinstance(v, list) and None in v))
+
+
+def _plain(value: Any) -> str:
+    """A record value in words for the Markdown (never None or a Python repr): a mapping as 'key: value, …' (a
+    nested one in parentheses), a list as '[a, b]', nothing recorded as NOT_DETERMINED."""
+    if value is None or value in ({}, [], ""):
+        return NOT_DETERMINED
+    if isinstance(value, dict):
+        return ", ".join(f"{k} ({_plain(v)})" if isinstance(v, dict) else f"{k}: {_plain(v)}"
+                         for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}" if value == value else NOT_DETERMINED
+    return str(value)
 
 
 def _evaluation(data: Any) -> str:
@@ -460,7 +480,7 @@ def _subgroup_lines(subgroups: Any) -> list[str]:
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else _plain(value)
 
 
 def write_card(run_dir: str | Path) -> dict[str, Path]:

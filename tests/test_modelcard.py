@@ -375,3 +375,33 @@ def test_without_evaluate_runs_show_takes_the_benchmark_fp32_rows_subgroups_as_t
 
     runrecord.commit(run, "evaluate", split="val", subgroups={"available": False, "note": "no metadata here"})
     assert run_summary(run)["subgroups"] == "no metadata here (medq evaluate, single crop)"
+
+
+def _no_python_in(md: str) -> list[str]:
+    import re
+
+    return [line for line in md.splitlines()
+            if re.search(r"\bNone\b|\bnan\b|\bnull\b|\{'|\['|\{\"|<\w+ object", line)]
+
+
+@pytest.mark.parametrize("kind", ["train only, multiclass", "converted", "tuned"])
+def test_a_card_never_prints_none_nan_or_a_python_repr_and_its_json_is_strict(tmp_path, kind):
+    if kind == "train only, multiclass":
+        run = tmp_path / "runs" / "busi"
+        runrecord.commit(run, "train", artifacts={"keras_model": artifacts.write_bytes(
+            runrecord.staging_path(run, "model.keras"), b"k")}, model="refkit-cnn",
+            facts={"classes": ["benign", "malignant", "normal"], "task": "multiclass",
+                   "preprocess": {"image_size": 32, "channels": 1}})
+    elif kind == "converted":
+        run = tmp_path / "runs" / "conv"
+        runrecord.commit(run, "convert", artifacts={"fp32_pb": artifacts.write_bytes(
+            runrecord.staging_path(run, "model_fp32.pb"), b"g")},
+            facts={"classes": ["NORMAL", "PNEUMONIA"], "task": "binary", "model_source": "convert"})
+    else:
+        run = _run(tmp_path)
+        runrecord.commit(run, "tune", facts={"model_source": "tune", "selected_hyperparameters": {"lr": 0.01}})
+    card, md = _card(run)
+    assert _no_python_in(md) == []
+    json.loads((run / "model_card.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    if kind.startswith("train"):
+        assert "channel_def 0: benign, 1: malignant, 2: normal" in md
