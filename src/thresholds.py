@@ -112,6 +112,10 @@ def choose_one(truth: np.ndarray, score: np.ndarray, policy: Policy) -> dict[str
         else:
             idx = int(np.flatnonzero(1.0 - fpr >= policy.target - 1e-12)[-1])
         value = _between(candidates, idx, score)
+        if (tpr - fpr).max() <= 1e-12:
+            notes.append("at chance on validation: no threshold calls this class better than chance (best "
+                         "sensitivity + specificity - 1 is 0: tied or inverted scores), so this threshold means "
+                         "nothing; check the model and the labels")
         if policy.name in ("sensitivity", "specificity"):
             n = n_pos if policy.name == "sensitivity" else n_neg
             if 1.0 / n > 1.0 - policy.target:

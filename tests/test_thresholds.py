@@ -267,3 +267,15 @@ def test_multiclass_validation_figures_are_recorded_under_the_decision_rule_with
     assert target["classes"]["A"]["validation"]["sensitivity"] == 1.0
     assert not any("decision rule" in n for n in target["classes"]["A"]["notes"])
     assert any("decision rule" in n and "0.500" in n for n in b["notes"])
+
+
+@pytest.mark.parametrize("policy", [Policy("youden"), Policy("sensitivity", 0.9), Policy("specificity", 0.9)])
+def test_scores_that_separate_nothing_on_validation_get_a_note_not_a_silent_threshold(policy):
+    tied = choose_one(np.array([0, 1, 0, 1, 1]), np.full(5, 0.42), policy)
+    # every score tied: calling all images or none are the only points, sensitivity + specificity − 1 = 0 at both
+    assert tied["validation"]["sensitivity"] + tied["validation"]["specificity"] == 1.0
+    assert any("at chance" in n for n in tied["notes"])
+    inverted = choose_one(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.8, 0.9]), policy)  # AUC 0 by hand
+    assert any("at chance" in n for n in inverted["notes"])
+    separated = choose_one(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), policy)
+    assert not any("at chance" in n for n in separated["notes"])
