@@ -196,3 +196,33 @@ def test_external_evaluation_of_a_converted_run_without_a_pinned_split_says_it_d
     assert result["thresholds"]["source"] == "fallback" and result["thresholds"]["values"] == {"PNEUMONIA": 0.5}
     assert "not yet chosen" in result["thresholds"]["notes"][0]
     assert "thresholds" not in json.loads((run_dir / "manifest.json").read_text())
+
+
+def test_busi_3class_with_masks_as_external_data_for_a_binary_busi_model(converted, tmp_path):
+    """BUSI as it unpacks (benign/malignant/normal folders, ``_mask`` PNGs beside the images) at another image size
+    than the run's: only the images are evaluated, 'normal' counts as a negative of both classes, and the AUC is
+    sklearn's on onnxruntime's probabilities at the run's preprocessing (32 px, 1 channel)."""
+    from sklearn.metrics import roc_auc_score
+
+    from medq.external import run_external
+
+    run_dir = tmp_path / "output" / "busi"
+    convert(converted.source, run_dir=run_dir, task="binary", classes=["benign", "malignant"],
+            normalization="unit", verbose=False)
+    busi = tmp_path / "Dataset_BUSI_with_GT"
+    generate_phantoms("busi", busi, n_train=18, n_val=0, n_test=0, size=48, seed=4)
+    images = {c: sorted(p for p in (busi / c).glob("*.png") if "_mask" not in p.name)
+              for c in ("benign", "malignant", "normal")}
+    assert any("_mask" in p.name for p in (busi / "benign").glob("*.png"))  # the layout under test
+    other = load_config(None, [f"data.root={busi}", "data.format=busi", "data.variant=3-class",
+                               "data.generate=false"])
+    result = run_external(run_dir, other, split="all")
+    assert result["counts"]["evaluated"] == sum(map(len, images.values()))
+    assert result["counts"]["per_external_class"] == {c: len(v) for c, v in images.items()}
+    paths = [image["path"] for image in result["images"]]
+    truth = np.array([Path(p).parent.name == "malignant" for p in paths])
+    p = onnx_probabilities(converted.source, paths)[:, 1]
+    malignant = result["metrics"]["malignant"]
+    assert (malignant["n_positive"], malignant["n_negative"]) == (len(images["malignant"]),
+                                                                 len(images["benign"]) + len(images["normal"]))
+    assert malignant["auc"] == pytest.approx(roc_auc_score(truth, p), abs=1e-5)
