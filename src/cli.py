@@ -363,7 +363,7 @@ def _short_metrics(metrics: dict[str, Any]) -> str:
     from medq.metrics import with_ci
 
     ci = metrics.get("ci") or {}
-    return ", ".join(f"{k} {with_ci(metrics[k], ci.get(k), 4)}" for k in ("accuracy", "auc")
+    return ", ".join(f"{k} {with_ci(metrics[k], ci.get(k), 4) or 'undefined'}" for k in ("accuracy", "auc")
                      if isinstance(metrics.get(k), float))
 
 
@@ -421,7 +421,7 @@ def _operating_lines(points: dict[str, Any] | None, split: str) -> list[str]:
 
 
 def _f4(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else "n/a"
+    return f"{value:.4f}" if isinstance(value, float) and value == value else "n/a"
 
 
 # --- parser -----------------------------------------------------------------------------------------------------

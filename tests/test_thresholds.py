@@ -279,3 +279,17 @@ def test_scores_that_separate_nothing_on_validation_get_a_note_not_a_silent_thre
     assert any("at chance" in n for n in inverted["notes"])
     separated = choose_one(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), policy)
     assert not any("at chance" in n for n in separated["notes"])
+
+
+def test_an_undefined_auc_is_said_never_printed_as_nan():
+    """A test split without positives: task_metrics' AUC is NaN; `medq evaluate` must say undefined, not 'nan'."""
+    from medq.cli import _evaluation_lines
+    from medq.metrics import clinical_metrics
+
+    y, p = np.eye(2)[[0, 0, 0]], np.array([[.8, .2], [.6, .4], [.3, .7]])
+    m = task_metrics("binary", y, p, ["NORMAL", "PNEUMONIA"], threshold=0.5)
+    report = {"objective": "auc", "n_images": 3, "split": "test",
+              "single_crop": m | {"clinical": clinical_metrics("binary", y, p, ["NORMAL", "PNEUMONIA"])}}
+    text = "\n".join(_evaluation_lines(report))
+    assert "nan" not in text.lower() and "auc undefined" in text
+    assert "accuracy 0.6667" in text  # 2 of 3 called NORMAL at 0.5, by hand
