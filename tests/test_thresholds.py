@@ -293,3 +293,21 @@ def test_an_undefined_auc_is_said_never_printed_as_nan():
     text = "\n".join(_evaluation_lines(report))
     assert "nan" not in text.lower() and "auc undefined" in text
     assert "accuracy 0.6667" in text  # 2 of 3 called NORMAL at 0.5, by hand
+
+
+def test_predict_calls_a_saturated_models_images_as_the_validation_figures_counted_them(tmp_path):
+    """Scores a few float32 steps below 1 (a saturated sigmoid/softmax): the threshold lies between two of them.
+    The JSON line must call each image as the threshold's validation figures did, which rounding the shown
+    probabilities to 6 decimals (all of them to 1.0) did not."""
+    from medq.inference import RunInfo, record
+    from medq.preprocess import PreprocessSpec
+
+    score = np.array([0.99999976, 0.99999982, 0.99999988, 0.99999994], dtype=np.float32)
+    truth = np.array([0, 0, 1, 1])
+    chosen = choose_one(truth, score, Policy("youden"))
+    assert (chosen["validation"]["sensitivity"], chosen["validation"]["specificity"]) == (1.0, 1.0)
+    info = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", PreprocessSpec(8, 1, "unit"),
+                   thresholds=Thresholds("binary", ["NORMAL", "PNEUMONIA"], {"PNEUMONIA": chosen["value"]},
+                                         "validation"))
+    calls = [record(None, np.array([1 - s, s], dtype=np.float32), info)["prediction"] for s in score]
+    assert calls == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]  # the validation truth, met exactly
