@@ -270,6 +270,7 @@ def operating_thresholds(m: dict[str, Any]) -> dict[str, Any] | str:
         return f"{NOT_DETERMINED}: decisions at {FALLBACK:g}, not chosen on validation ({'; '.join(operating.notes)})"
     record = operating.record
     return {"policy": record.get("policy"), "target": record.get("target"), "chosen_on": record.get("split"),
+            "per_class": record.get("per_class") or {},
             "decision_rule": record.get("decision_rule") or DECISION_RULES[task],
             "classes": {c: {"threshold": v, "validation": (record["classes"][c] or {}).get("validation")}
                         for c, v in operating.values.items()},
@@ -284,7 +285,8 @@ def _threshold_lines(thresholds: dict[str, Any] | str, paths: list[dict[str, Any
     if isinstance(thresholds, str):
         return [f"- Thresholds: {thresholds}"]
     target = thresholds["target"]
-    how = f"{thresholds['policy']}" + ("" if target is None else f" {target:g}")
+    how = f"{thresholds['policy']}" + ("" if target is None else f" {target:g}") + "".join(
+        f", {c}: {policy}" for c, policy in (thresholds.get("per_class") or {}).items())
     lines = [f"- Thresholds ({how}, chosen on {thresholds['chosen_on']}; decision: {thresholds['decision_rule']}):"]
     for c, entry in thresholds["classes"].items():
         val = entry["validation"] or {}

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from medq.errors import ConfigError
 from medq.metrics import decisions, wilson_ci  # noqa: F401  (decisions: THE decision rule)
 
 log = logging.getLogger("medq")
@@ -145,28 +146,45 @@ def thresholded_classes(task: str, classes: list[str]) -> list[str]:
     return [classes[1]] if task == "binary" else list(classes)
 
 
+def check_per_class(section: Any, task: str, classes: list[str]) -> dict[str, Policy]:
+    """``thresholds.per_class`` as policies, each naming a class the run holds a threshold for; any other name is a
+    one-line ConfigError listing the valid ones (checked as soon as a stage knows the classes)."""
+    wanted = thresholded_classes(task, classes)
+    policies = {}
+    for name, entry in (getattr(section, "per_class", None) or {}).items():
+        if name not in wanted:
+            why = " (a binary run holds a threshold for its positive class only)" if task == "binary" else ""
+            raise ConfigError(f"thresholds.per_class: {name!r} is not a class this run holds a threshold for{why}; "
+                              f"use one of {', '.join(wanted)}")
+        policies[name] = Policy.from_config(entry)
+    return policies
+
+
 def choose(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], policy: Policy,
-           chosen_for: dict[str, str] | None = None) -> dict[str, Any]:
-    """The manifest's ``thresholds`` record: per class ``choose_one`` on the validation labels and probabilities;
-    ``chosen_for``: the artifacts (key → sha256) whose outputs they were chosen on."""
+           chosen_for: dict[str, str] | None = None, per_class: dict[str, Policy] | None = None) -> dict[str, Any]:
+    """The manifest's ``thresholds`` record: per class ``choose_one`` on the validation labels and probabilities,
+    by ``per_class``'s policy for the classes it names and ``policy`` for the others; ``chosen_for``: the artifacts
+    (key → sha256) whose outputs they were chosen on."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
-    per_class = {c: choose_one(y_true[:, classes.index(c)], y_prob[:, classes.index(c)], policy)
-                 for c in thresholded_classes(task, classes)}
+    policies = {c: (per_class or {}).get(c, policy) for c in thresholded_classes(task, classes)}
+    chosen = {c: choose_one(y_true[:, classes.index(c)], y_prob[:, classes.index(c)], policies[c])
+              for c in policies}
     if task == "multiclass" and len(y_prob):
-        _under_the_decision_rule(per_class, classes, y_true, y_prob, policy)
+        _under_the_decision_rule(chosen, classes, y_true, y_prob, policies)
     return {"policy": policy.name, "target": policy.target, "split": "val", "task": task,
-            "decision_rule": DECISION_RULES[task], "chosen_for": dict(chosen_for or {}), "classes": per_class}
+            "per_class": {c: p.describe() for c, p in (per_class or {}).items()},
+            "decision_rule": DECISION_RULES[task], "chosen_for": dict(chosen_for or {}), "classes": chosen}
 
 
 def _under_the_decision_rule(per_class: dict[str, Any], classes: list[str], y_true: np.ndarray, y_prob: np.ndarray,
-                             policy: Policy) -> None:
+                             policies: dict[str, Policy]) -> None:
     """A multiclass image is called one class, arg-max(p − t): each class's validation figures are recorded for
     those calls (what predict and serve do), not for its own p ≥ t, which another class's call can overrule; a
     target the calls fall short of is said."""
     called = calls("multiclass", y_prob, np.array([per_class[c]["value"] for c in classes]))
     for k, c in enumerate(classes):
         entry = per_class[c]
-        alone = entry["validation"]
+        alone, policy = entry["validation"], policies[c]
         entry["validation"] = figures(y_true[:, k], called[:, k])
         if policy.name not in ("sensitivity", "specificity") or alone[policy.name] is None:
             continue
@@ -185,11 +203,13 @@ def for_run(config: Any, task: str, classes: list[str], y_true: np.ndarray, y_pr
     logged per class with the figures reached and every note as a warning. Every stage that makes or replaces the
     run's model (and, for a converted run, the first evaluate or quantize) commits this as the fact ``MANIFEST_KEY``."""
     policy = Policy.from_config(config.thresholds)
-    record = choose(task, y_true, y_prob, classes, policy, chosen_for={model_key: model_sha})
+    per_class = check_per_class(config.thresholds, task, classes)
+    record = choose(task, y_true, y_prob, classes, policy, chosen_for={model_key: model_sha}, per_class=per_class)
     for name, entry in record["classes"].items():
         val = entry["validation"]
         log.info("threshold %s: %.4g (%s on validation: sensitivity %s, specificity %s; %d+/%d-)", name,
-                 entry["value"], policy.describe(), _figure(val["sensitivity"]), _figure(val["specificity"]),
+                 entry["value"], per_class.get(name, policy).describe(), _figure(val["sensitivity"]),
+                 _figure(val["specificity"]),
                  val["n_positive"], val["n_negative"])
         for note in entry["notes"]:
             log.warning("threshold %s: %s", name, note)

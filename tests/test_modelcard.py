@@ -405,3 +405,18 @@ def test_a_card_never_prints_none_nan_or_a_python_repr_and_its_json_is_strict(tm
     json.loads((run / "model_card.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
     if kind.startswith("train"):
         assert "channel_def 0: benign, 1: malignant, 2: normal" in md
+
+
+def test_the_card_names_a_classs_own_threshold_policy(tmp_path):
+    import numpy as np
+
+    from medq.thresholds import Policy, choose
+
+    run = _run(tmp_path)
+    sha = runrecord.load(run).artifacts["keras_model"].sha256
+    y, p = np.eye(2)[[0, 1, 1, 0, 1, 0]], np.array([[.9, .1], [.2, .8], [.6, .4], [.7, .3], [.4, .6], [.5, .5]])
+    record = choose("binary", y, p, ["NORMAL", "PNEUMONIA"], Policy("youden"), chosen_for={"keras_model": sha},
+                    per_class={"PNEUMONIA": Policy("sensitivity", 0.9)})
+    runrecord.commit(run, "tune", facts={"thresholds": record})
+    _, md = _card(run)
+    assert "- Thresholds (youden, PNEUMONIA: sensitivity 0.9, chosen on val;" in md

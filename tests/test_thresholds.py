@@ -311,3 +311,35 @@ def test_predict_calls_a_saturated_models_images_as_the_validation_figures_count
                                          "validation"))
     calls = [record(None, np.array([1 - s, s], dtype=np.float32), info)["prediction"] for s in score]
     assert calls == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]  # the validation truth, met exactly
+
+
+def test_a_policy_per_class_overrides_the_default_for_that_class_only():
+    """thresholds.per_class: {Effusion: {policy: sensitivity, target: 0.9}} — that class by its own policy (oracle:
+    sklearn's ROC), every other class by the section's."""
+    config = load_config(None, ["thresholds.per_class={b: {policy: sensitivity, target: 0.9}}"])
+    rng = np.random.default_rng(3)
+    y = (rng.random((60, 2)) < 0.4).astype(float)
+    p = np.clip(y * 0.3 + rng.random((60, 2)) * 0.7, 0, 1)
+    record = __import__("medq.thresholds", fromlist=["for_run"]).for_run(config, "multilabel", ["a", "b"], y, p, "s")
+    assert record["classes"]["b"]["policy"] == "sensitivity" and record["classes"]["a"]["policy"] == "youden"
+    fpr, tpr, cand = roc_curve(y[:, 1], p[:, 1], drop_intermediate=False)
+    best = cand[np.flatnonzero(tpr >= 0.9 - 1e-12)[0]]
+    assert ((p[:, 1] >= record["classes"]["b"]["value"]) == (p[:, 1] >= best)).all()
+    fpr, tpr, cand = roc_curve(y[:, 0], p[:, 0], drop_intermediate=False)
+    youden = cand[np.flatnonzero(tpr - fpr >= (tpr - fpr).max() - 1e-12)[0]]
+    assert ((p[:, 0] >= record["classes"]["a"]["value"]) == (p[:, 0] >= youden)).all()
+
+
+def test_a_per_class_policy_for_a_class_the_run_does_not_threshold_is_one_line_naming_the_valid_ones():
+    from medq.thresholds import check_per_class
+
+    config = load_config(None, ["thresholds.per_class={Pneumonai: {policy: fixed, target: 0.3}}"])
+    with pytest.raises(ConfigError) as caught:
+        check_per_class(config.thresholds, "multilabel", ["Effusion", "Pneumonia"])
+    assert "'Pneumonai'" in str(caught.value) and "Effusion, Pneumonia" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    binary = load_config(None, ["thresholds.per_class={NORMAL: {policy: fixed, target: 0.3}}"])
+    with pytest.raises(ConfigError, match="'NORMAL'.*PNEUMONIA"):  # binary: only the positive class has one
+        check_per_class(binary.thresholds, "binary", ["NORMAL", "PNEUMONIA"])
+    with pytest.raises(ConfigError, match="needs a target"):
+        load_config(None, ["thresholds.per_class={b: {policy: sensitivity}}"])
