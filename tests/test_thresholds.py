@@ -343,3 +343,17 @@ def test_a_per_class_policy_for_a_class_the_run_does_not_threshold_is_one_line_n
         check_per_class(binary.thresholds, "binary", ["NORMAL", "PNEUMONIA"])
     with pytest.raises(ConfigError, match="needs a target"):
         load_config(None, ["thresholds.per_class={b: {policy: sensitivity}}"])
+
+
+def test_train_refuses_a_per_class_policy_for_an_unknown_class_before_training(tmp_path, monkeypatch):
+    import medq.train as train
+    from medq.data.phantoms import generate_chest_pneumonia
+
+    data = tmp_path / "data"
+    generate_chest_pneumonia(data, n_train=12, n_val=8, n_test=8, size=32, seed=2)
+    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={data}", "data.generate=false",
+                                "thresholds.per_class={PNEUMONA: {policy: sensitivity, target: 0.9}}"])
+    monkeypatch.setattr(train, "fit_model", lambda *a, **k: pytest.fail("trained before checking the config"))
+    with pytest.raises(ConfigError, match="'PNEUMONA'.*use one of PNEUMONIA"):
+        train.run_train(config)
+    assert not (config.run_dir / "model.keras").exists()
