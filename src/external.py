@@ -232,8 +232,9 @@ def table_rows(entries: list[Any], current_sha: dict[str, str] | None = None) ->
     for e in entries:
         stale = current_sha is not None and not str(current_sha.get(e.model or "", "")).startswith(
             e.model_sha256 or "-")
-        dataset = f"{e.data_source or e.dataset_format}" + (" (STALE: model replaced since)" if stale else "")
-        images = (e.counts or {}).get("evaluated")
+        dataset = f"{e.data_source or e.dataset_format or 'external dataset'}" + (
+            " (STALE: model replaced since)" if stale else "")
+        images = (e.counts or {}).get("evaluated", "n/a")
         for c, m in (e.metrics or {}).items():
             if not m.get("evaluated"):
                 rows.append([dataset, e.split or "-", str(images), c, "no counterpart: not evaluated", "", "", "", ""])

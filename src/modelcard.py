@@ -395,7 +395,8 @@ def _external_lines(evaluations: Any, lineage: list[dict[str, Any]]) -> list[str
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries, current)]
     for e in entries:
         unmapped = (e.mapping or {}).get("external_classes_without_counterpart") or []
-        lines.append(f"- {e.data_source} ({e.split}): mapping {(e.mapping or {}).get('source')}"
+        lines.append(f"- {_plain(e.data_source or e.dataset_format)} ({_plain(e.split)} split): mapping "
+                     f"{_plain((e.mapping or {}).get('source'))}"
                      + (f"; external classes without a counterpart (negatives only): {', '.join(unmapped)}"
                         if unmapped else "")
                      + "".join(f"; {n}" for n in (e.mapping or {}).get("notes") or []))

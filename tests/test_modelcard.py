@@ -62,11 +62,21 @@ def _run(tmp_path: Path, source: str = "synthetic phantoms (kaggle-pneumonia lay
     return run
 
 
+def _no_python_in(md: str) -> list[str]:
+    import re
+
+    return [line for line in md.splitlines()
+            if re.search(r"\bNone\b|\bnan\b|\bnull\b|\{'|\['|\{\"|<\w+ object", line)]
+
+
 def _card(run: Path) -> tuple[dict, str]:
+    """The card written for ``run``; every card of these tests is checked for None, nan and Python reprs."""
     from medq.modelcard import write_card
 
     written = write_card(run)
-    return json.loads(written["json"].read_text()), written["md"].read_text()
+    md = written["md"].read_text()
+    assert _no_python_in(md) == []
+    return json.loads(written["json"].read_text()), md
 
 
 def test_card_values_are_the_records_values(tmp_path):
@@ -375,13 +385,6 @@ def test_without_evaluate_runs_show_takes_the_benchmark_fp32_rows_subgroups_as_t
 
     runrecord.commit(run, "evaluate", split="val", subgroups={"available": False, "note": "no metadata here"})
     assert run_summary(run)["subgroups"] == "no metadata here (medq evaluate, single crop)"
-
-
-def _no_python_in(md: str) -> list[str]:
-    import re
-
-    return [line for line in md.splitlines()
-            if re.search(r"\bNone\b|\bnan\b|\bnull\b|\{'|\['|\{\"|<\w+ object", line)]
 
 
 @pytest.mark.parametrize("kind", ["train only, multiclass", "converted", "tuned"])
