@@ -405,6 +405,8 @@ def _operating_lines(points: dict[str, Any] | None, split: str) -> list[str]:
     validation figures it was chosen at."""
     from medq.metrics import with_ci
 
+    from medq.thresholds import at
+
     if not points:
         return []
     lines = [f"  operating thresholds ({points['source']}; {points['decision_rule']}):"]
@@ -412,7 +414,7 @@ def _operating_lines(points: dict[str, Any] | None, split: str) -> list[str]:
         val = p.get("validation") or {}
         chosen = (f"; chosen on validation at sensitivity {_f4(val.get('sensitivity'))}, specificity "
                   f"{_f4(val.get('specificity'))}") if val else ""
-        lines.append(f"    {c} ≥ {p['threshold']:.4g}: {split} sensitivity "
+        lines.append(f"    {at(points.get('task'), c, p['threshold'])}: {split} sensitivity "
                      f"{with_ci(p['sensitivity'], p['sensitivity_ci'], 3) or 'n/a'} ({p['n_positive']}+), "
                      f"specificity {with_ci(p['specificity'], p['specificity_ci'], 3) or 'n/a'} "
                      f"({p['n_negative']}-){chosen}")

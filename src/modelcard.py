@@ -270,7 +270,7 @@ def operating_thresholds(m: dict[str, Any]) -> dict[str, Any] | str:
         return f"{NOT_DETERMINED}: decisions at {FALLBACK:g}, not chosen on validation ({'; '.join(operating.notes)})"
     record = operating.record
     return {"policy": record.get("policy"), "target": record.get("target"), "chosen_on": record.get("split"),
-            "per_class": record.get("per_class") or {},
+            "per_class": record.get("per_class") or {}, "task": task,
             "decision_rule": record.get("decision_rule") or DECISION_RULES[task],
             "classes": {c: {"threshold": v, "validation": (record["classes"][c] or {}).get("validation")}
                         for c, v in operating.values.items()},
@@ -281,6 +281,7 @@ def _threshold_lines(thresholds: dict[str, Any] | str, paths: list[dict[str, Any
     """The thresholds with the validation point each was chosen at, then how they held on the test split per
     precision path (the reference path with intervals)."""
     from medq.metrics import with_ci
+    from medq.thresholds import at
 
     if isinstance(thresholds, str):
         return [f"- Thresholds: {thresholds}"]
@@ -290,7 +291,7 @@ def _threshold_lines(thresholds: dict[str, Any] | str, paths: list[dict[str, Any
     lines = [f"- Thresholds ({how}, chosen on {thresholds['chosen_on']}; decision: {thresholds['decision_rule']}):"]
     for c, entry in thresholds["classes"].items():
         val = entry["validation"] or {}
-        lines.append(f"  - {c} ≥ {entry['threshold']:.4g}: validation sensitivity "
+        lines.append(f"  - {at(thresholds.get('task'), c, entry['threshold'])}: validation sensitivity "
                      f"{with_ci(val.get('sensitivity'), val.get('sensitivity_ci')) or 'n/a'} "
                      f"({val.get('n_positive')} positive), specificity "
                      f"{with_ci(val.get('specificity'), val.get('specificity_ci')) or 'n/a'} "

@@ -320,8 +320,14 @@ def held(thresholds: Thresholds, y_true: np.ndarray, y_prob: np.ndarray) -> dict
         k = thresholds.classes.index(c)
         chosen = ((thresholds.record or {}).get("classes") or {}).get(c, {}).get("validation")
         out[c] = {"threshold": value, **figures(y_true[:, k], called[:, k]), "validation": chosen}
-    return {"source": thresholds.source, "notes": thresholds.notes,
+    return {"source": thresholds.source, "notes": thresholds.notes, "task": thresholds.task,
             "decision_rule": DECISION_RULES[thresholds.task], "classes": out}
+
+
+def at(task: str | None, name: str, value: float) -> str:
+    """'PNEUMONIA ≥ 0.3712' where a class is called when p ≥ t; a multiclass class is called by arg-max(p − t), not by
+    its own threshold alone: 'B (threshold 0.275)'."""
+    return f"{name} (threshold {value:.4g})" if task == "multiclass" else f"{name} ≥ {value:.4g}"
 
 
 def run_thresholds(manifest: Any, task: str, classes: list[str],

@@ -357,3 +357,14 @@ def test_train_refuses_a_per_class_policy_for_an_unknown_class_before_training(t
     with pytest.raises(ConfigError, match="'PNEUMONA'.*use one of PNEUMONIA"):
         train.run_train(config)
     assert not (config.run_dir / "model.keras").exists()
+
+
+def test_the_evaluate_report_does_not_print_a_multiclass_call_as_p_above_its_threshold():
+    from medq.cli import _operating_lines
+
+    multiclass = held(Thresholds.uniform("multiclass", MC_CLASSES, 0.3, "validation"), MC_TRUTH, MC_PROB)
+    text = "\n".join(_operating_lines(multiclass, "test"))
+    assert "B (threshold 0.3): test sensitivity 0.500" in text and "≥" not in text  # B: 1 of 2 called B, by hand
+    binary = held(Thresholds("binary", ["NORMAL", "PNEUMONIA"], {"PNEUMONIA": 0.5}, "validation"),
+                  np.eye(2)[[1, 0]], np.array([[.2, .8], [.9, .1]]))
+    assert "PNEUMONIA ≥ 0.5: test sensitivity 1.000" in "\n".join(_operating_lines(binary, "test"))
