@@ -215,7 +215,8 @@ def test_busi_3class_with_masks_as_external_data_for_a_binary_busi_model(convert
               for c in ("benign", "malignant", "normal")}
     assert any("_mask" in p.name for p in (busi / "benign").glob("*.png"))  # the layout under test
     other = load_config(None, [f"data.root={busi}", "data.format=busi", "data.variant=3-class",
-                               "data.generate=false"])
+                               "data.generate=false", "preprocess.image_size=64", "preprocess.channels=3",
+                               "preprocess.normalization=imagenet"])  # the other config's: never used
     result = run_external(run_dir, other, split="all")
     assert result["counts"]["evaluated"] == sum(map(len, images.values()))
     assert result["counts"]["per_external_class"] == {c: len(v) for c, v in images.items()}

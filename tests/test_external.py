@@ -334,3 +334,21 @@ def test_a_map_file_is_read_and_each_mistake_in_it_is_one_line_naming_the_file(t
         assert message in str(caught.value) and name in str(caught.value) and "\n" not in str(caught.value), name
     with pytest.raises(ConfigError, match="no such label map file"):
         labelmap.parse_map([str(tmp_path / "absent.yaml")])
+
+
+def test_a_mapped_class_without_external_positives_is_said_undefined_never_nan():
+    from medq import external, runrecord, thresholds
+
+    classes = ["NORMAL", "PNEUMONIA"]
+    lmap = labelmap.resolve(classes, classes)
+    y = np.eye(2)[[0, 0, 0, 0]]  # no PNEUMONIA among the external images
+    p = np.array([[.8, .2], [.6, .4], [.3, .7], [.9, .1]])
+    metrics = external.class_metrics(lmap, classes, y, p, thresholds.Thresholds.uniform("binary", classes, .5,
+                                                                                         "validation"), {})
+    pneumonia = metrics["PNEUMONIA"]
+    assert pneumonia["auc"] is None and pneumonia["operating_point"]["sensitivity"] is None
+    assert pneumonia["operating_point"]["specificity"] == 0.75  # 3 of 4 below 0.5, by hand
+    assert "0 positive(s) and 4 negative(s)" in pneumonia["note"]
+    entry = runrecord.ExternalEvaluation(metrics=metrics, counts={"evaluated": 4}, split="test", data_source="x")
+    text = "\n".join(" | ".join(r) for r in external.table_rows([entry]))
+    assert "nan" not in text.lower() and "None" not in text and "n/a @ 0.5" in text
