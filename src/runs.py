@@ -148,7 +148,8 @@ def summarize(run_dir: Path, manifest: runrecord.Manifest) -> dict[str, Any]:
         "artifacts": present,
         "external": [e.to_dict() for e in facts.externals()],
         "thresholds": _thresholds_text(facts.thresholds),
-        "subgroups": _subgroups_text(recorded_subgroups(manifest.stage(runrecord.EvaluateEntry).to_dict(), report)),
+        "subgroups": _subgroups_text(recorded_subgroups(manifest.stage(runrecord.EvaluateEntry).to_dict(), report),
+                                     manifest),
         "model_sha256": {k: a.sha256 for k, a in manifest.artifacts.items() if k in ("keras_model", "fp32_pb")},
     }
 
@@ -167,17 +168,21 @@ def _thresholds_text(record: dict[str, Any] | None) -> str:
             + "; how they held on test: benchmark.md, model_card.md")
 
 
-def _subgroups_text(table: dict[str, Any] | None) -> str:
+def _subgroups_text(table: dict[str, Any] | None, manifest: runrecord.Manifest) -> str:
     """'sex, age, view on test (medq evaluate, single crop): 8 groups, none below overall' from the run's subgroup
-    table, evaluate's or else the benchmark FP32 row's (:func:`medq.subgroups.recorded`, as the model card)."""
+    table, evaluate's or else the benchmark FP32 row's (:func:`medq.subgroups.recorded`, as the model card);
+    marked STALE when the report it came from is."""
     if not table:
         return "- (`medq evaluate` or `medq benchmark` writes them where the data has patient metadata)"
+    key = "evaluation" if table["source"].startswith("medq evaluate") else "benchmark_json"
+    stale = manifest.stale_reason(key) if key in manifest.artifacts else None
+    mark = f"  STALE: {stale}" if stale else ""
     if not table.get("available"):
-        return f"{table.get('note') or 'this dataset has no patient metadata'} ({table['source']})"
+        return f"{table.get('note') or 'this dataset has no patient metadata'} ({table['source']}){mark}"
     flagged = table.get("flagged") or []
     return (f"{', '.join(table.get('attributes') or [])} on {table['split']} ({table['source']}): "
             f"{len(table.get('groups') or [])} groups, "
-            f"{'below overall: ' + ', '.join(flagged) if flagged else 'none below overall'}")
+            f"{'below overall: ' + ', '.join(flagged) if flagged else 'none below overall'}{mark}")
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:

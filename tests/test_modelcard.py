@@ -385,6 +385,12 @@ def test_without_evaluate_runs_show_takes_the_benchmark_fp32_rows_subgroups_as_t
 
     runrecord.commit(run, "evaluate", split="val", subgroups={"available": False, "note": "no metadata here"})
     assert run_summary(run)["subgroups"] == "no metadata here (medq evaluate, single crop)"
+    # a retrain replaces the model the benchmark measured: its subgroup line says it is stale
+    runrecord.commit(run, "evaluate", split="test", subgroups=None)
+    runrecord.commit(run, "freeze", artifacts={"fp32_pb": artifacts.write_bytes(runrecord.staging_path(
+        run, "model_fp32.pb"), b"refrozen")}, inputs=["keras_model"])
+    line = run_summary(run)["subgroups"]
+    assert line.startswith("sex on test (medq benchmark, tensorflow-fp32)") and "STALE: " in line
 
 
 @pytest.mark.parametrize("kind", ["train only, multiclass", "converted", "tuned"])
