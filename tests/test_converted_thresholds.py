@@ -227,3 +227,25 @@ def test_busi_3class_with_masks_as_external_data_for_a_binary_busi_model(convert
     assert (malignant["n_positive"], malignant["n_negative"]) == (len(images["malignant"]),
                                                                  len(images["benign"]) + len(images["normal"]))
     assert malignant["auc"] == pytest.approx(roc_auc_score(truth, p), abs=1e-5)
+
+
+def test_a_binary_kaggle_model_on_3class_kaggle_phantoms_through_the_builtin(converted, tmp_path):
+    """kaggle:kaggle-3class: PNEUMONIA's positives are the BACTERIA and VIRUS files (the names say which)."""
+    from sklearn.metrics import roc_auc_score
+
+    from medq.data.phantoms import generate_chest_pneumonia
+    from medq.external import run_external
+
+    run_dir = tmp_path / "output" / "kaggle"
+    convert(converted.source, run_dir=run_dir, task="binary", classes=["NORMAL", "PNEUMONIA"],
+            normalization="unit", verbose=False)
+    data = tmp_path / "chest_xray"
+    generate_chest_pneumonia(data, n_train=16, n_val=0, n_test=10, size=40, seed=8)
+    other = load_config(None, [f"data.root={data}", "data.variant=3-class", "data.generate=false"])
+    result = run_external(run_dir, other, split="all")
+    assert result["mapping"]["source"] == "built-in kaggle:kaggle-3class"
+    paths = [image["path"] for image in result["images"]]
+    truth = np.array([Path(p).parent.name == "PNEUMONIA" for p in paths])  # the binary folders: by construction
+    assert result["metrics"]["PNEUMONIA"]["n_positive"] == truth.sum() > 0
+    p = onnx_probabilities(converted.source, paths)[:, 1]
+    assert result["metrics"]["PNEUMONIA"]["auc"] == pytest.approx(roc_auc_score(truth, p), abs=1e-5)
