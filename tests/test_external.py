@@ -320,7 +320,10 @@ def test_a_map_file_is_read_and_each_mistake_in_it_is_one_line_naming_the_file(t
     good.write_text("PNEUMONIA: Lung Opacity\nNORMAL: [Normal, No Lung Opacity / Not Normal]\n")
     lmap = labelmap.resolve(kaggle, rsna, labelmap.parse_map([str(good)]))
     assert lmap.pairs == {"PNEUMONIA": ["Lung Opacity"], "NORMAL": ["Normal", "No Lung Opacity / Not Normal"]}
-    assert lmap.source == str(good) and any("abnormal" in n for n in lmap.notes)  # many-to-one: said
+    assert lmap.source == str(good) and any("abnormal" in n for n in lmap.notes)  # a lossy pair: said
+    (tmp_path / "many.yaml").write_text("NORMAL: Normal\nPNEUMONIA: [Lung Opacity, Normal]\n")
+    many = labelmap.resolve(kaggle, rsna, labelmap.parse_map([str(tmp_path / "many.yaml")]))
+    assert any(n.startswith("NORMAL and PNEUMONIA map to Normal together") for n in many.notes)  # many-to-one: said
     cases = {"unknown_model.yaml": ("COVID: Lung Opacity\n", "'COVID' is not a class of the run's model"),
              "unknown_external.yaml": ("PNEUMONIA: Pneumonitis\n", "'Pneumonitis' is not a class of the external"),
              "twice.yaml": ("PNEUMONIA: Lung Opacity\nPNEUMONIA: Normal\n", "PNEUMONIA"),
