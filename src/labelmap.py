@@ -241,7 +241,7 @@ def resolve(model_classes: list[str], external_classes: list[str], given: dict[s
     notes += [f"{model} → {target}: {LOSSY[(model, target)]}" for model, targets in pairs.items()
               for target in targets if (model, target) in LOSSY]
     shared = {t: [m for m, targets in pairs.items() if t in targets] for t in external_classes}
-    notes += [f"{' and '.join(models)} map to {target} together: each is evaluated against every {target} image, so a "
-              f"{target} image the model calls {models[1]} is a miss for {models[0]}"
+    notes += [f"{' and '.join(models)} map to {target} together: each is evaluated against every {target} "
+              f"image, so a {target} image the model calls {models[1]} is a miss for {models[0]}"
               for target, models in shared.items() if len(models) > 1]
     return LabelMap(pairs, source, model_classes, external_classes, notes)
