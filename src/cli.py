@@ -364,7 +364,7 @@ def _short_metrics(metrics: dict[str, Any]) -> str:
     from medq.metrics import with_ci
 
     ci = metrics.get("ci") or {}
-    return ", ".join(f"{k} {with_ci(metrics[k], ci.get(k), 4)}" for k in ("accuracy", "auc")
+    return ", ".join(f"{k} {with_ci(metrics[k], ci.get(k), 4) or 'undefined'}" for k in ("accuracy", "auc")
                      if isinstance(metrics.get(k), float))
 
 
@@ -406,6 +406,8 @@ def _operating_lines(points: dict[str, Any] | None, split: str) -> list[str]:
     validation figures it was chosen at."""
     from medq.metrics import with_ci
 
+    from medq.thresholds import at
+
     if not points:
         return []
     lines = [f"  operating thresholds ({points['source']}; {points['decision_rule']}):"]
@@ -413,7 +415,7 @@ def _operating_lines(points: dict[str, Any] | None, split: str) -> list[str]:
         val = p.get("validation") or {}
         chosen = (f"; chosen on validation at sensitivity {_f4(val.get('sensitivity'))}, specificity "
                   f"{_f4(val.get('specificity'))}") if val else ""
-        lines.append(f"    {c} ≥ {p['threshold']:.4g}: {split} sensitivity "
+        lines.append(f"    {at(points.get('task'), c, p['threshold'])}: {split} sensitivity "
                      f"{with_ci(p['sensitivity'], p['sensitivity_ci'], 3) or 'n/a'} ({p['n_positive']}+), "
                      f"specificity {with_ci(p['specificity'], p['specificity_ci'], 3) or 'n/a'} "
                      f"({p['n_negative']}-){chosen}")
@@ -422,7 +424,7 @@ def _operating_lines(points: dict[str, Any] | None, split: str) -> list[str]:
 
 
 def _f4(value: Any) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else "n/a"
+    return f"{value:.4f}" if isinstance(value, float) and value == value else "n/a"
 
 
 # --- parser -----------------------------------------------------------------------------------------------------
@@ -515,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="with --run: the external dataset's variant (e.g. rsna-pneumonia binary)")
             p.add_argument("--map", action="append", metavar="MODEL=EXTERNAL",
                            help="with --run: model class → external class(es) joined by '|' (repeatable), or one "
-                           "built-in mapping's name (e.g. kaggle:rsna); default: external.label_map, else the "
-                           "built-in for the two class lists")
+                           "built-in mapping's name (e.g. kaggle:rsna), or a YAML file of MODEL: EXTERNAL lines; "
+                           "default: external.label_map, else the built-in for the two class lists")
         if name == "benchmark":
             p.add_argument("--preset", metavar="NAME", choices=["chexnet-cpu"],
                            help="run a preset end to end (data → train → freeze → quantize → benchmark); "

@@ -252,6 +252,17 @@ class ThresholdsConfig:
 
     policy: Literal["youden", "sensitivity", "specificity", "fixed"] = "youden"
     target: Optional[float] = None
+    # class name → its own {policy, target} (e.g. Pneumothorax: {policy: sensitivity, target: 0.95}); the classes
+    # are checked against the run's when they are known (medq.thresholds.check_per_class)
+    per_class: dict[str, "ClassThresholdConfig"] = field(default_factory=dict)
+
+
+@dataclass
+class ClassThresholdConfig:
+    """One class's threshold policy (``thresholds.per_class``): as the section's ``policy`` and ``target``."""
+
+    policy: Literal["youden", "sensitivity", "specificity", "fixed"] = "youden"
+    target: Optional[float] = None
 
 
 @dataclass
@@ -478,7 +489,7 @@ def check_run_name(name: str, where: str = "run.name") -> str:
 def _check_ranges(obj: Any, where: str) -> None:
     if isinstance(obj, RunConfig):
         check_run_name(obj.name, f"{where}.name" if where else "name")
-    if isinstance(obj, ThresholdsConfig):
+    if isinstance(obj, (ThresholdsConfig, ClassThresholdConfig)):
         _check_thresholds(obj, where)
         return
     if isinstance(obj, SubgroupsConfig):

@@ -26,9 +26,10 @@ import numpy as np
 
 from medq import artifacts, labelmap, runrecord, thresholds
 from medq.data.common import data_source
+from medq.data.index import DatasetIndex, Sample
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError, DataError
-from medq.metrics import task_metrics, wilson_ci, with_ci
+from medq.metrics import task_metrics, with_ci
 from medq.preprocess import PreprocessSpec
 
 log = logging.getLogger("medq")
@@ -69,6 +70,9 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
     with runrecord.writer_lock(run_dir, STAGE):
         manifest = runrecord.read_manifest(run_dir)  # as it is now, under the lock: its entries are kept
         model = open_run_model(run_dir)
+        chosen = _own_validation_thresholds(run_dir, manifest, model, spec)
+        if chosen is not None:
+            manifest.facts.thresholds = chosen  # decided with now, committed with the evaluation
         operating = thresholds.run_thresholds(manifest, task, classes, threshold)
         probs, kept = probabilities(model, paths, spec, image_cache(other, spec))
         if not kept:
@@ -98,9 +102,33 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
                        for i, row in zip(kept, probs)]}
         staged = artifacts.write_json(runrecord.staging_path(run_dir, name), full)
         runrecord.commit(run_dir, STAGE, artifacts={f"external_evaluation_{slug}": staged}, inputs=(model.key,),
-                         facts={"external_evaluations": manifest.facts.with_external(entry)},
+                         facts={"external_evaluations": manifest.facts.with_external(entry),
+                                **({thresholds.MANIFEST_KEY: chosen} if chosen is not None else {})},
                          dataset=index.format, root=str(root), split=split, artifact=name)
     return full
+
+
+def _own_validation_thresholds(run_dir: Path, manifest: Any, model: Any, spec: PreprocessSpec) -> dict | None:
+    """A converted run without current thresholds gets them as plain `medq evaluate` chooses them: on the run's OWN
+    validation split (its pinned split.json, never the external images), by the run's recorded policy (its config's
+    ``thresholds:``, else the default); None for every other run. Without a pinned split the run's validation images
+    are unknown: said, and the evaluation decides at 0.5 as its note says."""
+    from medq.config import config_from_dict
+    from medq.runmodel import converted_thresholds
+
+    why = thresholds.to_choose(manifest)
+    if why is None:
+        return None
+    split_file = runrecord.recorded_path(run_dir, "split")
+    if split_file is None:
+        log.warning("thresholds: %s; the run has no pinned split, so its validation images are unknown: run `medq "
+                    "evaluate` with the run's own config first (it pins the split and chooses them there)", why)
+        return None
+    pinned = json.loads(runrecord.verified_path(run_dir, "split").read_text(encoding="utf-8"))
+    val = [Sample(str(row[0]), tuple(row[3]), str(row[2])) for row in pinned["samples"] if row[1] == "val"]
+    own = DatasetIndex(pinned.get("format", ""), pinned["task"], list(pinned["classes"]), {"val": val})
+    runrecord.check_classes(run_dir, manifest, own)
+    return converted_thresholds(config_from_dict(manifest.config or {}), manifest, model, own, spec)
 
 
 def _split_images(index: Any, split: str, root: Any) -> tuple[list[str], np.ndarray]:
@@ -168,13 +196,10 @@ def class_metrics(lmap: labelmap.LabelMap, classes: list[str], y_model: np.ndarr
         else:  # a binary model's negative class: called wherever its positive class is not
             positive = thresholds.thresholded_classes(operating.task, classes)[0]
             t = operating.values[positive]
-            called = probs[:, classes.index(positive)] < t
-            tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
+            point = thresholds.figures(truth, probs[:, classes.index(positive)] < t)
             entry["operating_point"] = {"threshold": t, "rule": f"{positive} < {t:.4g}",
-                                        "sensitivity": tp / n_pos if n_pos else None,
-                                        "sensitivity_ci": wilson_ci(tp, n_pos),
-                                        "specificity": tn / n_neg if n_neg else None,
-                                        "specificity_ci": wilson_ci(tn, n_neg)}
+                                        **{k: point[k] for k in ("sensitivity", "sensitivity_ci", "specificity",
+                                                                 "specificity_ci")}}
         if entry["auc"] is None:
             entry["note"] = f"AUC undefined: {n_pos} positive(s) and {n_neg} negative(s) among the external images"
         out[c] = entry
@@ -207,8 +232,9 @@ def table_rows(entries: list[Any], current_sha: dict[str, str] | None = None) ->
     for e in entries:
         stale = current_sha is not None and not str(current_sha.get(e.model or "", "")).startswith(
             e.model_sha256 or "-")
-        dataset = f"{e.data_source or e.dataset_format}" + (" (STALE: model replaced since)" if stale else "")
-        images = (e.counts or {}).get("evaluated")
+        dataset = f"{e.data_source or e.dataset_format or 'external dataset'}" + (
+            " (STALE: model replaced since)" if stale else "")
+        images = (e.counts or {}).get("evaluated", "n/a")
         for c, m in (e.metrics or {}).items():
             if not m.get("evaluated"):
                 rows.append([dataset, e.split or "-", str(images), c, "no counterpart: not evaluated", "", "", "", ""])

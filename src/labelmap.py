@@ -21,9 +21,13 @@ reports, ``No Finding`` being no label at all (not a class).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from medq import yamlio
 from medq.errors import ConfigError
+
+MAP_FILE_SUFFIXES = (".yaml", ".yml", ".json")  # `--map FILE` (one item without '='): a mapping file
 
 KAGGLE = ("NORMAL", "PNEUMONIA")
 KAGGLE_CAUSE = ("NORMAL", "BACTERIA", "VIRUS")
@@ -39,24 +43,37 @@ _OPACITY_VS_PNEUMONIA = ("RSNA 'Lung Opacity' is a radiological opacity on adult
 _NIH_REPORT_LABELS = "NIH labels are mined from reports (about 90% accurate by the dataset's own estimate)"
 _PNEUMONIA_CAUSE = "Kaggle's BACTERIA and VIRUS together are its PNEUMONIA"
 
+_NORMAL_VS_NO_OPACITY = ("NORMAL is not mapped: RSNA's 'No Lung Opacity' includes abnormal films ('Not Normal'), so "
+                         "it is not Kaggle's NORMAL")
+_NORMAL_VS_NIH = "NORMAL is not mapped: NIH has no normal class ('No Finding' is the absence of labels)"
+_NIH_VS_KAGGLE = _OPACITY_VS_PNEUMONIA.replace("RSNA 'Lung Opacity' is a radiological opacity on adult films",
+                                               "NIH 'Pneumonia' is a report finding on adult films")
+_CAUSES = ("BACTERIA", "VIRUS")  # Kaggle 3-class: the cause of its PNEUMONIA, from the file names
+
 # (model's class list, external class list) → (model class → external classes, notes)
 BUILTIN: dict[tuple[str, str], tuple[dict[str, tuple[str, ...]], tuple[str, ...]]] = {
+    ("kaggle", "kaggle-3class"): ({"NORMAL": ("NORMAL",), "PNEUMONIA": _CAUSES}, (_PNEUMONIA_CAUSE,)),
     ("kaggle", "rsna"): ({"NORMAL": ("Normal",), "PNEUMONIA": ("Lung Opacity",)}, (_OPACITY_VS_PNEUMONIA,)),
-    ("kaggle", "rsna-binary"): ({"PNEUMONIA": ("Lung Opacity",)}, (
-        _OPACITY_VS_PNEUMONIA, "NORMAL is not mapped: RSNA's 'No Lung Opacity' includes abnormal films "
-        "('Not Normal'), so it is not Kaggle's NORMAL")),
-    ("kaggle", "nih"): ({"PNEUMONIA": ("Pneumonia",)}, (
-        _NIH_REPORT_LABELS, "NORMAL is not mapped: NIH has no normal class ('No Finding' is the absence of labels)")),
+    ("kaggle", "rsna-binary"): ({"PNEUMONIA": ("Lung Opacity",)}, (_OPACITY_VS_PNEUMONIA, _NORMAL_VS_NO_OPACITY)),
+    ("kaggle", "nih"): ({"PNEUMONIA": ("Pneumonia",)}, (_NIH_REPORT_LABELS, _NORMAL_VS_NIH)),
     ("kaggle-3class", "kaggle"): ({"BACTERIA": ("PNEUMONIA",), "VIRUS": ("PNEUMONIA",), "NORMAL": ("NORMAL",)},
                                   (_PNEUMONIA_CAUSE,)),
+    ("kaggle-3class", "rsna"): ({"NORMAL": ("Normal",), "BACTERIA": ("Lung Opacity",), "VIRUS": ("Lung Opacity",)},
+                                (_OPACITY_VS_PNEUMONIA,)),
+    ("kaggle-3class", "rsna-binary"): ({"BACTERIA": ("Lung Opacity",), "VIRUS": ("Lung Opacity",)},
+                                       (_OPACITY_VS_PNEUMONIA, _NORMAL_VS_NO_OPACITY)),
+    ("kaggle-3class", "nih"): ({"BACTERIA": ("Pneumonia",), "VIRUS": ("Pneumonia",)},
+                               (_NIH_REPORT_LABELS, _NORMAL_VS_NIH)),
     ("rsna", "kaggle"): ({"Lung Opacity": ("PNEUMONIA",), "Normal": ("NORMAL",)}, (_OPACITY_VS_PNEUMONIA,)),
+    ("rsna", "kaggle-3class"): ({"Lung Opacity": _CAUSES, "Normal": ("NORMAL",)}, (_OPACITY_VS_PNEUMONIA,)),
     ("rsna", "rsna-binary"): ({"Lung Opacity": ("Lung Opacity",)}, ()),
     ("rsna", "nih"): ({"Lung Opacity": ("Pneumonia", "Consolidation")}, (_NIH_REPORT_LABELS,)),
     ("rsna-binary", "kaggle"): ({"Lung Opacity": ("PNEUMONIA",)}, (_OPACITY_VS_PNEUMONIA,)),
+    ("rsna-binary", "kaggle-3class"): ({"Lung Opacity": _CAUSES}, (_OPACITY_VS_PNEUMONIA,)),
     ("rsna-binary", "rsna"): ({"Lung Opacity": ("Lung Opacity",), "No Lung Opacity": (RSNA[1], RSNA[2])}, ()),
     ("rsna-binary", "nih"): ({"Lung Opacity": ("Pneumonia", "Consolidation")}, (_NIH_REPORT_LABELS,)),
-    ("nih", "kaggle"): ({"Pneumonia": ("PNEUMONIA",)}, (_OPACITY_VS_PNEUMONIA.replace("RSNA 'Lung Opacity' is a "
-                        "radiological opacity on adult films", "NIH 'Pneumonia' is a report finding on adult films"),)),
+    ("nih", "kaggle"): ({"Pneumonia": ("PNEUMONIA",)}, (_NIH_VS_KAGGLE,)),
+    ("nih", "kaggle-3class"): ({"Pneumonia": _CAUSES}, (_NIH_VS_KAGGLE,)),
     ("nih", "rsna"): ({"Pneumonia": ("Lung Opacity",)}, (_NIH_REPORT_LABELS,)),
     ("nih", "rsna-binary"): ({"Pneumonia": ("Lung Opacity",)}, (_NIH_REPORT_LABELS,)),
 }
@@ -70,6 +87,8 @@ LOSSY = {
     ("VIRUS", "PNEUMONIA"): _PNEUMONIA_CAUSE + ": VIRUS's positives there include bacterial pneumonia",
     ("BACTERIA", "Lung Opacity"): "an opacity does not tell bacterial from viral pneumonia",
     ("VIRUS", "Lung Opacity"): "an opacity does not tell bacterial from viral pneumonia",
+    ("BACTERIA", "Pneumonia"): "NIH's Pneumonia does not tell bacterial from viral pneumonia",
+    ("VIRUS", "Pneumonia"): "NIH's Pneumonia does not tell bacterial from viral pneumonia",
 }
 
 
@@ -123,6 +142,8 @@ def parse_map(items: Iterable[str], where: str = "--map") -> dict[str, list[str]
     a single item without '=' is a built-in mapping's name (returned as the string)."""
     items = [str(i) for i in items]
     if len(items) == 1 and "=" not in items[0]:
+        if Path(items[0]).suffix.lower() in MAP_FILE_SUFFIXES or Path(items[0]).is_file():
+            return read_map_file(Path(items[0]))
         return items[0].strip()
     pairs: dict[str, list[str]] = {}
     for item in items:
@@ -138,6 +159,28 @@ def parse_map(items: Iterable[str], where: str = "--map") -> dict[str, list[str]
     return pairs
 
 
+class MapFile(dict):
+    """The pairs of a ``--map FILE``: ``source`` names the file in every message about them."""
+
+    source: str = "--map"
+
+
+def read_map_file(path: Path) -> MapFile:
+    """``--map mapping.yaml``: a YAML (or JSON) mapping {model class: external class, or a list of them}; a missing
+    file, a repeated key, a list or a value that is no class name is a one-line ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"--map {path}: no such label map file; give a YAML file of MODEL_CLASS: EXTERNAL_CLASS "
+                          "lines, MODEL=EXT pairs, or a built-in's name")
+    data, repeated = yamlio.read_yaml(path)
+    yamlio.refuse_repeated(path, repeated)
+    if not isinstance(data, Mapping) or not data:
+        raise ConfigError(f"{path}: expected a mapping of MODEL_CLASS: EXTERNAL_CLASS (or a list of them) lines, "
+                          f"e.g. 'PNEUMONIA: Lung Opacity'; got {type(data).__name__ if data else 'nothing'}")
+    pairs = MapFile(from_config(data, str(path)))
+    pairs.source = str(path)
+    return pairs
+
+
 def from_config(value: Any, where: str) -> dict[str, list[str]] | str | None:
     """``external.label_map`` of a config: {model class: external class or [classes]} or a built-in's name."""
     if value in (None, "", {}):
@@ -147,6 +190,11 @@ def from_config(value: Any, where: str) -> dict[str, list[str]] | str | None:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected a mapping MODEL_CLASS: EXTERNAL_CLASS (or a list of them), or a "
                           f"built-in mapping's name ({', '.join(builtin_names())}); got {value!r}")
+    for model, targets in value.items():
+        names = targets if isinstance(targets, list) else [targets]
+        if not names or not all(isinstance(t, str) and t.strip() for t in names):
+            raise ConfigError(f"{where}: {model!r}: {targets!r} is not an external class name (or a list of them); "
+                              "write MODEL_CLASS: EXTERNAL_CLASS")
     return parse_map([f"{k}={'|'.join(v) if isinstance(v, list) else v}" for k, v in value.items()], where)
 
 
@@ -155,6 +203,7 @@ def resolve(model_classes: list[str], external_classes: list[str], given: dict[s
     """The label mapping from the run's classes to the external dataset's (see the module for the order of
     sources); a ConfigError when none applies or one names a class the lists do not have."""
     model_classes, external_classes = [str(c) for c in model_classes], [str(c) for c in external_classes]
+    given_source = getattr(given, "source", given_source)  # a --map file names itself
     model_list, external_list = list_name(model_classes), list_name(external_classes)
     notes: list[str] = []
     if isinstance(given, str):
@@ -191,4 +240,8 @@ def resolve(model_classes: list[str], external_classes: list[str], given: dict[s
                                   f"(the run's model: {model_classes}); the right side names the external class")
     notes += [f"{model} → {target}: {LOSSY[(model, target)]}" for model, targets in pairs.items()
               for target in targets if (model, target) in LOSSY]
+    shared = {t: [m for m, targets in pairs.items() if t in targets] for t in external_classes}
+    notes += [f"{' and '.join(models)} map to {target} together: each is evaluated against every {target} "
+              f"image, so a {target} image the model calls {models[1]} is a miss for {models[0]}"
+              for target, models in shared.items() if len(models) > 1]
     return LabelMap(pairs, source, model_classes, external_classes, notes)

@@ -335,8 +335,8 @@ def equivalence_verdict(ci: list[float], margin: float) -> tuple[str, str]:
 
 def with_ci(value: Any, ci: list[float] | None, digits: int = 3) -> str:
     """'0.812 [0.751, 0.873]' for reports; the value alone without an interval, '' without a value."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return ""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
+        return ""  # an undefined metric (NaN) is never printed as 'nan': callers say n/a or undefined
     return f"{value:.{digits}f}" + (f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else "")
 
 

@@ -270,6 +270,7 @@ def operating_thresholds(m: dict[str, Any]) -> dict[str, Any] | str:
         return f"{NOT_DETERMINED}: decisions at {FALLBACK:g}, not chosen on validation ({'; '.join(operating.notes)})"
     record = operating.record
     return {"policy": record.get("policy"), "target": record.get("target"), "chosen_on": record.get("split"),
+            "per_class": record.get("per_class") or {}, "task": task,
             "decision_rule": record.get("decision_rule") or DECISION_RULES[task],
             "classes": {c: {"threshold": v, "validation": (record["classes"][c] or {}).get("validation")}
                         for c, v in operating.values.items()},
@@ -280,15 +281,17 @@ def _threshold_lines(thresholds: dict[str, Any] | str, paths: list[dict[str, Any
     """The thresholds with the validation point each was chosen at, then how they held on the test split per
     precision path (the reference path with intervals)."""
     from medq.metrics import with_ci
+    from medq.thresholds import at
 
     if isinstance(thresholds, str):
         return [f"- Thresholds: {thresholds}"]
     target = thresholds["target"]
-    how = f"{thresholds['policy']}" + ("" if target is None else f" {target:g}")
+    how = f"{thresholds['policy']}" + ("" if target is None else f" {target:g}") + "".join(
+        f", {c}: {policy}" for c, policy in (thresholds.get("per_class") or {}).items())
     lines = [f"- Thresholds ({how}, chosen on {thresholds['chosen_on']}; decision: {thresholds['decision_rule']}):"]
     for c, entry in thresholds["classes"].items():
         val = entry["validation"] or {}
-        lines.append(f"  - {c} ≥ {entry['threshold']:.4g}: validation sensitivity "
+        lines.append(f"  - {at(thresholds.get('task'), c, entry['threshold'])}: validation sensitivity "
                      f"{with_ci(val.get('sensitivity'), val.get('sensitivity_ci')) or 'n/a'} "
                      f"({val.get('n_positive')} positive), specificity "
                      f"{with_ci(val.get('specificity'), val.get('specificity_ci')) or 'n/a'} "
@@ -330,17 +333,20 @@ def render_markdown(card: dict[str, Any]) -> str:
               "## Intended use", f"- Primary use: {card['intended_use']['primary_use']}",
               f"- Out of scope: {card['intended_use']['out_of_scope']}", "",
               "## Model details",
-              f"- Architecture: {d['architecture']} ({d['parameters']} parameters; from `medq {d['model_source']}`)",
-              f"- Selected on validation {d['selection_objective']}; hyperparameters {json.dumps(d['hyperparameters'])}",
+              f"- Architecture: {_plain(d['architecture'])} ("
+              + (f"{d['parameters']} parameters; " if d["parameters"] is not None else "")
+              + (f"from `medq {d['model_source']}`)" if d["model_source"] else "made by: not recorded)"),
+              f"- Selected on validation {_plain(d['selection_objective'])}; hyperparameters "
+              f"{_plain(d['hyperparameters'])}",
               f"- Input: {_io(card['network_data_format']['inputs']['image'])}",
               f"- Output: {_io(card['network_data_format']['outputs']['pred'])}",
               f"- medq {d['medq_version']}; card built from the run record of {d['date'] or 'an unbenchmarked run'}",
               "", "## Training data",
               f"- Source: {t['data_source']}" + (f" (layout {t['layout']})" if t["layout"] and
                                                   t["layout"] not in t["data_source"] else ""),
-              f"- Split sizes (images): {t['split_sizes']}; patients: {t['patients'] or NOT_DETERMINED}",
-              f"- Classes per split: {t['class_counts']}",
-              f"- Patients shared between splits: {t['patient_overlap']}; skipped files: {t['skipped_files']}",
+              f"- Split sizes (images): {_plain(t['split_sizes'])}; patients: {_plain(t['patients'])}",
+              f"- Classes per split: {_plain(t['class_counts'])}",
+              f"- Patients shared between splits: {_plain(t['patient_overlap'])}; skipped files: {t['skipped_files']}",
               "", "## Evaluation data", f"- {_evaluation(card['evaluation_data'])}",
               "", "## Quantitative analyses (test split, 95% intervals)", "",
               "| path | accuracy | AUC | sensitivity | specificity | Brier | ECE | fidelity to FP32 |",
@@ -370,7 +376,8 @@ def render_markdown(card: dict[str, Any]) -> str:
               for r in card["lineage"]]
     env = card["environment"]
     cpu = env.get("cpu") or {}
-    lines += ["", "## Environment", f"- CPU: {cpu.get('model', NOT_DETERMINED)} ({cpu.get('physical_cores')} cores)",
+    cores = f" ({cpu['physical_cores']} cores)" if cpu.get("physical_cores") else ""
+    lines += ["", "## Environment", f"- CPU: {cpu.get('model') or NOT_DETERMINED}{cores}",
               "- Packages: " + ", ".join(f"{k} {v}" for k, v in (env.get("versions") or {}).items()), ""]
     return "\n".join(lines)
 
@@ -389,7 +396,8 @@ def _external_lines(evaluations: Any, lineage: list[dict[str, Any]]) -> list[str
     lines += ["| " + " | ".join(row) + " |" for row in table_rows(entries, current)]
     for e in entries:
         unmapped = (e.mapping or {}).get("external_classes_without_counterpart") or []
-        lines.append(f"- {e.data_source} ({e.split}): mapping {(e.mapping or {}).get('source')}"
+        lines.append(f"- {_plain(e.data_source or e.dataset_format)} ({_plain(e.split)} split): mapping "
+                     f"{_plain((e.mapping or {}).get('source'))}"
                      + (f"; external classes without a counterpart (negatives only): {', '.join(unmapped)}"
                         if unmapped else "")
                      + "".join(f"; {n}" for n in (e.mapping or {}).get("notes") or []))
@@ -397,7 +405,23 @@ def _external_lines(evaluations: Any, lineage: list[dict[str, Any]]) -> list[str
 
 
 def _io(spec: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in spec.items() if v is not None)
+    return ", ".join(f"{k} {_plain(v)}" for k, v in spec.items()
+                     if v is not None and not (isinstance(v, list) and None in v))
+
+
+def _plain(value: Any) -> str:
+    """A record value in words for the Markdown (never None or a Python repr): a mapping as 'key: value, …' (a
+    nested one in parentheses), a list as '[a, b]', nothing recorded as NOT_DETERMINED."""
+    if value is None or value in ({}, [], ""):
+        return NOT_DETERMINED
+    if isinstance(value, dict):
+        return ", ".join(f"{k} ({_plain(v)})" if isinstance(v, dict) else f"{k}: {_plain(v)}"
+                         for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}" if value == value else NOT_DETERMINED
+    return str(value)
 
 
 def _evaluation(data: Any) -> str:
@@ -419,16 +443,12 @@ def _num(value: Any) -> str:
 
 
 def subgroup_table(m: dict[str, Any], bench: dict[str, Any] | None) -> Any:
-    """medq.subgroups' table of the run: `medq evaluate`'s (single crop, its split), else the benchmark reference
-    row's on the test split (`medq run` has no evaluate stage); NOT_DETERMINED without either."""
+    """medq.subgroups' table of the run (:func:`medq.subgroups.recorded`: evaluate's, else the benchmark reference
+    row's); NOT_DETERMINED without either."""
+    from medq.subgroups import recorded
+
     evaluated = m["stages"].get("evaluate") or {}
-    table = evaluated.get("subgroups")
-    if isinstance(table, dict) and "available" in table:
-        return {**table, "split": evaluated.get("split"), "source": "medq evaluate, single crop"}
-    reference = [r for r in (bench or {}).get("results") or [] if r.get("id") == (bench or {}).get("baseline")]
-    if reference and isinstance(reference[0].get("subgroups"), dict):
-        return {**reference[0]["subgroups"], "split": "test", "source": f"medq benchmark, {reference[0]['id']}"}
-    return table or NOT_DETERMINED
+    return recorded(evaluated, bench) or evaluated.get("subgroups") or NOT_DETERMINED
 
 
 def _subgroup_caveats(subgroups: Any) -> list[str]:
@@ -464,7 +484,7 @@ def _subgroup_lines(subgroups: Any) -> list[str]:
 
 
 def _text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else _plain(value)
 
 
 def write_card(run_dir: str | Path) -> dict[str, Path]:

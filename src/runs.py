@@ -15,6 +15,7 @@ from typing import Any
 from medq import runrecord
 from medq.errors import MedqError
 from medq.metrics import with_ci
+from medq.subgroups import recorded as recorded_subgroups
 
 log = logging.getLogger("medq")
 
@@ -66,17 +67,28 @@ def quantize_metrics(entry: runrecord.QuantizeEntry) -> dict[str, dict[str, floa
     return {p: metrics for p, metrics in found.items() if metrics}
 
 
+def read_benchmark(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """(benchmark.json with its ``results`` a list, or None; a warning or None)."""
+    path = run_dir / BENCHMARK_JSON
+    if not path.is_file():
+        return None, None
+    try:
+        report = json.loads(path.read_text())
+        report["results"] = list(report["results"])
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        return None, f"{path}: unreadable ({type(exc).__name__}); re-run `medq benchmark`"
+    return report, None
+
+
 def benchmark_rows(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
     """(rows of engine, precision, latency_p50_ms, throughput_ips, accuracy, auc; a warning or None), from the
     ``results`` of benchmark.json (schema: :func:`medq.benchmark.report.check_schema`)."""
-    path = run_dir / BENCHMARK_JSON
-    if not path.is_file():
-        return [], None
-    try:
-        report = json.loads(path.read_text())
-        results = list(report["results"])
-    except (ValueError, OSError, KeyError, TypeError) as exc:
-        return [], f"{path}: unreadable ({type(exc).__name__}); re-run `medq benchmark`"
+    report, warning = read_benchmark(run_dir)
+    return _rows(report), warning
+
+
+def _rows(report: dict[str, Any] | None) -> list[dict[str, Any]]:
+    results = (report or {}).get("results") or []
     rows = []
     for row in results:
         metrics = _metrics(row.get("metrics"))
@@ -88,7 +100,7 @@ def benchmark_rows(run_dir: Path) -> tuple[list[dict[str, Any]], str | None]:
                      "auc_ci": ((row.get("metrics") or {}).get("ci") or {}).get("auc"),
                      "vs_fp32": (f"{fidelity['conclusion']} (±{fidelity['margin']:g})"
                                  if fidelity.get("conclusion") and row.get("id") != report.get("baseline") else None)})
-    return rows, None
+    return rows
 
 
 def summarize(run_dir: Path, manifest: runrecord.Manifest) -> dict[str, Any]:
@@ -102,7 +114,7 @@ def summarize(run_dir: Path, manifest: runrecord.Manifest) -> dict[str, Any]:
     for key, entry in manifest.artifacts.items():
         present[key] = {"path": entry.path, "bytes": entry.bytes, "present": (run_dir / entry.path).exists(),
                         "stale": manifest.stale_reason(key)}
-    bench, warning = benchmark_rows(run_dir)
+    report, warning = read_benchmark(run_dir)
     if warning:
         log.warning("%s", warning)
     finished = [s.finished_at for s in manifest.stages.values() if s.finished_at]
@@ -132,11 +144,12 @@ def summarize(run_dir: Path, manifest: runrecord.Manifest) -> dict[str, Any]:
         "best_epoch": train.best_epoch,
         "quantize": quantize_metrics(quantize),
         "quantize_status": quantize.status,
-        "benchmark": bench,
+        "benchmark": _rows(report),
         "artifacts": present,
         "external": [e.to_dict() for e in facts.externals()],
         "thresholds": _thresholds_text(facts.thresholds),
-        "subgroups": _subgroups_text(manifest.stage(runrecord.EvaluateEntry)),
+        "subgroups": _subgroups_text(recorded_subgroups(manifest.stage(runrecord.EvaluateEntry).to_dict(), report),
+                                     manifest),
         "model_sha256": {k: a.sha256 for k, a in manifest.artifacts.items() if k in ("keras_model", "fp32_pb")},
     }
 
@@ -155,16 +168,21 @@ def _thresholds_text(record: dict[str, Any] | None) -> str:
             + "; how they held on test: benchmark.md, model_card.md")
 
 
-def _subgroups_text(evaluated: runrecord.EvaluateEntry) -> str:
-    """'sex, age, view on test: 8 groups, none below overall' from evaluate's subgroup table."""
-    table = evaluated.subgroups
+def _subgroups_text(table: dict[str, Any] | None, manifest: runrecord.Manifest) -> str:
+    """'sex, age, view on test (medq evaluate, single crop): 8 groups, none below overall' from the run's subgroup
+    table, evaluate's or else the benchmark FP32 row's (:func:`medq.subgroups.recorded`, as the model card);
+    marked STALE when the report it came from is."""
     if not table:
-        return "- (`medq evaluate` writes them where the data has patient metadata)"
+        return "- (`medq evaluate` or `medq benchmark` writes them where the data has patient metadata)"
+    key = "evaluation" if table["source"].startswith("medq evaluate") else "benchmark_json"
+    stale = manifest.stale_reason(key) if key in manifest.artifacts else None
+    mark = f"  STALE: {stale}" if stale else ""
     if not table.get("available"):
-        return table.get("note") or "this dataset has no patient metadata"
+        return f"{table.get('note') or 'this dataset has no patient metadata'} ({table['source']}){mark}"
     flagged = table.get("flagged") or []
-    return (f"{', '.join(table.get('attributes') or [])} on {evaluated.split}: {len(table.get('groups') or [])} "
-            f"groups, {'below overall: ' + ', '.join(flagged) if flagged else 'none below overall'}")
+    return (f"{', '.join(table.get('attributes') or [])} on {table['split']} ({table['source']}): "
+            f"{len(table.get('groups') or [])} groups, "
+            f"{'below overall: ' + ', '.join(flagged) if flagged else 'none below overall'}{mark}")
 
 
 def run_summary(run_dir: str | Path) -> dict[str, Any]:

@@ -85,6 +85,21 @@ class Subgroups:
                 "flagged": [f"{g['attribute']} {g['value']}" for g in groups if g["status"] == BELOW]}
 
 
+def recorded(evaluated: dict[str, Any] | None, benchmark: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's subgroup table with its ``split`` and ``source`` named: `medq evaluate`'s (``stages.evaluate``,
+    single crop, its split), else the benchmark's reference row's on the test split (`medq run` has no evaluate
+    stage); None without either. The one choice `medq runs show` and the model card both make."""
+    evaluated = evaluated or {}
+    table = evaluated.get("subgroups")
+    if isinstance(table, dict) and "available" in table:
+        return {**table, "split": evaluated.get("split"), "source": "medq evaluate, single crop"}
+    reference = [r for r in (benchmark or {}).get("results") or []
+                 if isinstance(r, dict) and r.get("id") == (benchmark or {}).get("baseline")]
+    if reference and isinstance(reference[0].get("subgroups"), dict):
+        return {**reference[0]["subgroups"], "split": "test", "source": f"medq benchmark, {reference[0]['id']}"}
+    return None
+
+
 def band_labels(edges: list[float]) -> list[str]:
     """'[18, 40)' per band, the lower edge included; a top band open beyond any real age is '≥ 80'."""
     return [f"≥ {lo:g}" if hi > MAX_AGE else f"[{lo:g}, {hi:g})" for lo, hi in zip(edges, edges[1:])]

@@ -19,6 +19,9 @@ positives or without negatives on validation gets ``FALLBACK`` (0.5) and a note;
 
 Decision rule (``medq.metrics.decisions``, re-exported here): binary, the positive class iff p ≥ t; multi-label,
 each label iff p ≥ t; multiclass, the class whose probability exceeds its threshold by the most, arg-max(p − t) (with equal thresholds: arg-max p).
+A multiclass image is called one class, so every figure reported at the thresholds (the validation figures
+recorded, :func:`held` on another split) is of those calls, not of each class's p ≥ t alone; a multiclass target
+the calls fall short of on validation is said in a note.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from medq.errors import ConfigError
 from medq.metrics import decisions, wilson_ci  # noqa: F401  (decisions: THE decision rule)
 
 log = logging.getLogger("medq")
@@ -67,13 +71,24 @@ class Policy:
         return self.name if self.target is None else f"{self.name} {self.target:g}"
 
 
-def rates(truth: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float | None, float | None]:
-    """(sensitivity, specificity) of calling ``score >= threshold`` positive; None without positives/negatives."""
-    truth = np.asarray(truth) >= 0.5
-    called = np.asarray(score, dtype=np.float64) >= threshold
-    sens = float(called[truth].mean()) if truth.any() else None
-    spec = float((~called[~truth]).mean()) if (~truth).any() else None
-    return sens, spec
+def figures(truth: np.ndarray, called: np.ndarray) -> dict[str, Any]:
+    """Sensitivity and specificity of the calls ``called`` against ``truth`` (one class, one-vs-rest), with Wilson
+    95% intervals and the counts; None (and no interval) without positives/negatives."""
+    truth, called = np.asarray(truth) >= 0.5, np.asarray(called, dtype=bool)
+    tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
+    n_pos, n_neg = int(truth.sum()), int((~truth).sum())
+    return {"sensitivity": tp / n_pos if n_pos else None, "specificity": tn / n_neg if n_neg else None,
+            "sensitivity_ci": wilson_ci(tp, n_pos), "specificity_ci": wilson_ci(tn, n_neg),
+            "n_positive": n_pos, "n_negative": n_neg}
+
+
+def calls(task: str, y_prob: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """[N, K] bool: whether each image is called each class under the decision rule at per-class ``values``
+    (binary, multi-label: p ≥ t; multiclass: the one class arg-max(p − t), as predict and serve call it)."""
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    if task != "multiclass":
+        return y_prob >= values
+    return np.eye(y_prob.shape[1], dtype=bool)[decisions(task, y_prob, values)]
 
 
 def choose_one(truth: np.ndarray, score: np.ndarray, policy: Policy) -> dict[str, Any]:
@@ -98,19 +113,18 @@ def choose_one(truth: np.ndarray, score: np.ndarray, policy: Policy) -> dict[str
         else:
             idx = int(np.flatnonzero(1.0 - fpr >= policy.target - 1e-12)[-1])
         value = _between(candidates, idx, score)
+        if (tpr - fpr).max() <= 1e-12:
+            notes.append("at chance on validation: no threshold calls this class better than chance (best "
+                         "sensitivity + specificity - 1 is 0: tied or inverted scores), so this threshold means "
+                         "nothing; check the model and the labels")
         if policy.name in ("sensitivity", "specificity"):
             n = n_pos if policy.name == "sensitivity" else n_neg
             if 1.0 / n > 1.0 - policy.target:
                 notes.append(f"{n} validation {'positives' if policy.name == 'sensitivity' else 'negatives'}: one "
                              f"image moves the {policy.name} by {1.0 / n:.3f}, more than the target {policy.target:g} "
                              f"leaves, so the split cannot resolve it; the chosen point is kept")
-    sens, spec = rates(truth, score, value)
     return {"value": value, "policy": policy.name, "target": policy.target,
-            "validation": {"sensitivity": sens, "specificity": spec,
-                           "sensitivity_ci": wilson_ci(round((sens or 0) * n_pos), n_pos),
-                           "specificity_ci": wilson_ci(round((spec or 0) * n_neg), n_neg),
-                           "n_positive": n_pos, "n_negative": n_neg},
-            "notes": notes}
+            "validation": figures(truth, score >= value), "notes": notes}
 
 
 def _between(candidates: np.ndarray, idx: int, score: np.ndarray) -> float:
@@ -132,15 +146,54 @@ def thresholded_classes(task: str, classes: list[str]) -> list[str]:
     return [classes[1]] if task == "binary" else list(classes)
 
 
+def check_per_class(section: Any, task: str, classes: list[str]) -> dict[str, Policy]:
+    """``thresholds.per_class`` as policies, each naming a class the run holds a threshold for; any other name is a
+    one-line ConfigError listing the valid ones (checked as soon as a stage knows the classes)."""
+    wanted = thresholded_classes(task, classes)
+    policies = {}
+    for name, entry in (getattr(section, "per_class", None) or {}).items():
+        if name not in wanted:
+            why = " (a binary run holds a threshold for its positive class only)" if task == "binary" else ""
+            raise ConfigError(f"thresholds.per_class: {name!r} is not a class this run holds a threshold for{why}; "
+                              f"use one of {', '.join(wanted)}")
+        policies[name] = Policy.from_config(entry)
+    return policies
+
+
 def choose(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes: list[str], policy: Policy,
-           chosen_for: dict[str, str] | None = None) -> dict[str, Any]:
-    """The manifest's ``thresholds`` record: per class ``choose_one`` on the validation labels and probabilities;
-    ``chosen_for``: the artifacts (key → sha256) whose outputs they were chosen on."""
+           chosen_for: dict[str, str] | None = None, per_class: dict[str, Policy] | None = None) -> dict[str, Any]:
+    """The manifest's ``thresholds`` record: per class ``choose_one`` on the validation labels and probabilities,
+    by ``per_class``'s policy for the classes it names and ``policy`` for the others; ``chosen_for``: the artifacts
+    (key → sha256) whose outputs they were chosen on."""
     y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
-    per_class = {c: choose_one(y_true[:, classes.index(c)], y_prob[:, classes.index(c)], policy)
-                 for c in thresholded_classes(task, classes)}
+    policies = {c: (per_class or {}).get(c, policy) for c in thresholded_classes(task, classes)}
+    chosen = {c: choose_one(y_true[:, classes.index(c)], y_prob[:, classes.index(c)], policies[c])
+              for c in policies}
+    if task == "multiclass" and len(y_prob):
+        _under_the_decision_rule(chosen, classes, y_true, y_prob, policies)
     return {"policy": policy.name, "target": policy.target, "split": "val", "task": task,
-            "decision_rule": DECISION_RULES[task], "chosen_for": dict(chosen_for or {}), "classes": per_class}
+            "per_class": {c: p.describe() for c, p in (per_class or {}).items()},
+            "decision_rule": DECISION_RULES[task], "chosen_for": dict(chosen_for or {}), "classes": chosen}
+
+
+def _under_the_decision_rule(per_class: dict[str, Any], classes: list[str], y_true: np.ndarray, y_prob: np.ndarray,
+                             policies: dict[str, Policy]) -> None:
+    """A multiclass image is called one class, arg-max(p − t): each class's validation figures are recorded for
+    those calls (what predict and serve do), not for its own p ≥ t, which another class's call can overrule; a
+    target the calls fall short of is said."""
+    called = calls("multiclass", y_prob, np.array([per_class[c]["value"] for c in classes]))
+    for k, c in enumerate(classes):
+        entry = per_class[c]
+        alone, policy = entry["validation"], policies[c]
+        entry["validation"] = figures(y_true[:, k], called[:, k])
+        if policy.name not in ("sensitivity", "specificity") or alone[policy.name] is None:
+            continue
+        reached = entry["validation"][policy.name]
+        if reached < policy.target <= alone[policy.name]:
+            entry["notes"].append(
+                f"its threshold reaches {policy.name} {alone[policy.name]:.3f} on its own, but under the multiclass "
+                f"decision rule (the class exceeding its threshold by the most) other classes take some of these "
+                f"images: validation {policy.name} {reached:.3f}, below the target {policy.target:g}")
 
 
 def for_run(config: Any, task: str, classes: list[str], y_true: np.ndarray, y_prob: np.ndarray,
@@ -150,11 +203,13 @@ def for_run(config: Any, task: str, classes: list[str], y_true: np.ndarray, y_pr
     logged per class with the figures reached and every note as a warning. Every stage that makes or replaces the
     run's model (and, for a converted run, the first evaluate or quantize) commits this as the fact ``MANIFEST_KEY``."""
     policy = Policy.from_config(config.thresholds)
-    record = choose(task, y_true, y_prob, classes, policy, chosen_for={model_key: model_sha})
+    per_class = check_per_class(config.thresholds, task, classes)
+    record = choose(task, y_true, y_prob, classes, policy, chosen_for={model_key: model_sha}, per_class=per_class)
     for name, entry in record["classes"].items():
         val = entry["validation"]
         log.info("threshold %s: %.4g (%s on validation: sensitivity %s, specificity %s; %d+/%d-)", name,
-                 entry["value"], policy.describe(), _figure(val["sensitivity"]), _figure(val["specificity"]),
+                 entry["value"], per_class.get(name, policy).describe(), _figure(val["sensitivity"]),
+                 _figure(val["specificity"]),
                  val["n_positive"], val["n_negative"])
         for note in entry["notes"]:
             log.warning("threshold %s: %s", name, note)
@@ -254,22 +309,25 @@ def to_choose(manifest: Any) -> str | None:
 
 
 def held(thresholds: Thresholds, y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, Any]:
-    """How the chosen points held on another split: per thresholded class, one-vs-rest sensitivity/specificity at
-    its threshold with Wilson 95% intervals, beside the validation figures it was chosen at."""
+    """How the chosen points held on another split: per thresholded class, sensitivity/specificity of the calls the
+    decision rule makes (one-vs-rest; multiclass: the one class called, :func:`calls`) with Wilson 95% intervals,
+    beside the validation figures it was chosen at."""
     y_true, y_prob = np.asarray(y_true) >= 0.5, np.asarray(y_prob, dtype=np.float64)
+    values = thresholds.per_column()
+    called = calls(thresholds.task, y_prob, values) if len(y_prob) else np.zeros(y_prob.shape, dtype=bool)
     out: dict[str, Any] = {}
     for c, value in thresholds.values.items():
         k = thresholds.classes.index(c)
-        truth, called = y_true[:, k], y_prob[:, k] >= value
-        tp, tn = int((called & truth).sum()), int((~called & ~truth).sum())
-        n_pos, n_neg = int(truth.sum()), int((~truth).sum())
         chosen = ((thresholds.record or {}).get("classes") or {}).get(c, {}).get("validation")
-        out[c] = {"threshold": value, "sensitivity": tp / n_pos if n_pos else None,
-                  "sensitivity_ci": wilson_ci(tp, n_pos), "specificity": tn / n_neg if n_neg else None,
-                  "specificity_ci": wilson_ci(tn, n_neg), "n_positive": n_pos, "n_negative": n_neg,
-                  "validation": chosen}
-    return {"source": thresholds.source, "notes": thresholds.notes,
+        out[c] = {"threshold": value, **figures(y_true[:, k], called[:, k]), "validation": chosen}
+    return {"source": thresholds.source, "notes": thresholds.notes, "task": thresholds.task,
             "decision_rule": DECISION_RULES[thresholds.task], "classes": out}
+
+
+def at(task: str | None, name: str, value: float) -> str:
+    """'PNEUMONIA ≥ 0.3712' where a class is called when p ≥ t; a multiclass class is called by arg-max(p − t), not by
+    its own threshold alone: 'B (threshold 0.275)'."""
+    return f"{name} (threshold {value:.4g})" if task == "multiclass" else f"{name} ≥ {value:.4g}"
 
 
 def run_thresholds(manifest: Any, task: str, classes: list[str],

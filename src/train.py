@@ -66,6 +66,7 @@ def run_train(config: Any, index: DatasetIndex | None = None, verbose: int = 0, 
                           "checkpoints are temporary); rerun without --resume")
     with runrecord.writer_lock(run_dir, "train"):
         index = pinned.run_index(config, index, stage="train")
+        thresholds.check_per_class(config.thresholds, index.task, index.classes)  # before hours of training
         note_pixel_range(index, config.data.bit_depth, config.run.seed)
         split = runrecord.split_sha(run_dir)
         low_res = _train_low_res(config, index, verbose, resume, split, run_dir)

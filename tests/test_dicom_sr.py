@@ -295,3 +295,22 @@ def test_dciodvfy_finds_no_error_in_the_sr(tmp_path):
     report = result.stdout + result.stderr
     assert "ComprehensiveSR" in report, report
     assert not [line for line in report.splitlines() if line.startswith("Error")], report
+
+
+@pytest.mark.parametrize("extra", [
+    {"PhotometricInterpretation": "MONOCHROME1"},
+    {"NumberOfFrames": 3},
+    {"patient": {**PATIENT, "PatientName": "Müller^Jürgen", "PatientSex": "O"}, "SpecificCharacterSet": "ISO_IR 100"},
+    {"patient": {**PATIENT, "PatientName": "山田^太郎"}, "SpecificCharacterSet": "ISO_IR 192"},
+], ids=["monochrome1", "multi-frame", "latin-1 name, sex O", "utf-8 name"])
+def test_sources_of_other_kinds_get_an_sr_with_their_patient_read_back_equal(tmp_path, extra):
+    from medq.dicomsr import ModelIdentity, write_sr
+
+    extra = dict(extra)
+    source = _source(tmp_path / "img.dcm", 3, extra.pop("patient", PATIENT), **extra)
+    out = write_sr(tmp_path / "img.dcm", tmp_path / "img.sr.dcm", {"NORMAL": 0.3, "PNEUMONIA": 0.7}, "binary",
+                   {"PNEUMONIA": 0.5}, ModelIdentity("r", "fp32", "ab" * 32))
+    sr = pydicom.dcmread(out)
+    for key in ("PatientName", "PatientID", "PatientSex", "StudyInstanceUID"):
+        assert str(sr[key].value) == str(source[key].value), key
+    assert _calls(_groups(out)[1]) == {"Normal": "Absent", "PNEUMONIA": "Present"}

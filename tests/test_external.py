@@ -287,3 +287,71 @@ def test_builtin_mappings_state_their_gaps_and_unknown_classes_are_refused():
         labelmap.resolve(kaggle, rsna_binary, "kaggle:busi")
     with pytest.raises(ConfigError, match="MODEL_CLASS=EXTERNAL_CLASS"):
         labelmap.parse_map(["PNEUMONIA=", "NORMAL=Normal"])
+
+
+def test_every_chest_class_list_pair_has_a_builtin_and_the_3class_kaggle_maps_its_causes():
+    """Each pair of medq's chest X-ray class lists (as the readers name them) has a built-in both ways; the Kaggle
+    3-class variant's BACTERIA and VIRUS are PNEUMONIA, an opacity, NIH's Pneumonia (by hand from DATASETS.md)."""
+    from medq.data.nih import CHEXNET_CLASSES
+    from medq.data.rsna import BINARY_CLASSES, RSNA_CLASSES
+
+    lists = {"kaggle": ["NORMAL", "PNEUMONIA"], "kaggle-3class": ["NORMAL", "BACTERIA", "VIRUS"],
+             "rsna": RSNA_CLASSES, "rsna-binary": BINARY_CLASSES, "nih": CHEXNET_CLASSES}
+    for a, model in lists.items():
+        for b, external in lists.items():
+            if a != b:
+                assert labelmap.resolve(model, external).source == f"built-in {a}:{b}"
+    causes = ["BACTERIA", "VIRUS"]
+    assert labelmap.resolve(lists["kaggle"], lists["kaggle-3class"]).pairs == {"NORMAL": ["NORMAL"],
+                                                                                "PNEUMONIA": causes}
+    to_rsna = labelmap.resolve(lists["kaggle-3class"], RSNA_CLASSES)
+    assert to_rsna.pairs == {"NORMAL": ["Normal"], "BACTERIA": ["Lung Opacity"], "VIRUS": ["Lung Opacity"]}
+    assert any("bacterial from viral" in n for n in to_rsna.notes)
+    assert labelmap.resolve(RSNA_CLASSES, lists["kaggle-3class"]).pairs == {"Lung Opacity": causes,
+                                                                            "Normal": ["NORMAL"]}
+    assert labelmap.resolve(lists["kaggle-3class"], CHEXNET_CLASSES).pairs == {"BACTERIA": ["Pneumonia"],
+                                                                               "VIRUS": ["Pneumonia"]}
+    assert labelmap.resolve(CHEXNET_CLASSES, lists["kaggle-3class"]).pairs == {"Pneumonia": causes}
+
+
+def test_a_map_file_is_read_and_each_mistake_in_it_is_one_line_naming_the_file(tmp_path):
+    kaggle, rsna = list(labelmap.KAGGLE), list(labelmap.RSNA)
+    good = tmp_path / "map.yaml"
+    good.write_text("PNEUMONIA: Lung Opacity\nNORMAL: [Normal, No Lung Opacity / Not Normal]\n")
+    lmap = labelmap.resolve(kaggle, rsna, labelmap.parse_map([str(good)]))
+    assert lmap.pairs == {"PNEUMONIA": ["Lung Opacity"], "NORMAL": ["Normal", "No Lung Opacity / Not Normal"]}
+    assert lmap.source == str(good) and any("abnormal" in n for n in lmap.notes)  # a lossy pair: said
+    (tmp_path / "many.yaml").write_text("NORMAL: Normal\nPNEUMONIA: [Lung Opacity, Normal]\n")
+    many = labelmap.resolve(kaggle, rsna, labelmap.parse_map([str(tmp_path / "many.yaml")]))
+    assert any(n.startswith("NORMAL and PNEUMONIA map to Normal together") for n in many.notes)  # many-to-one: said
+    cases = {"unknown_model.yaml": ("COVID: Lung Opacity\n", "'COVID' is not a class of the run's model"),
+             "unknown_external.yaml": ("PNEUMONIA: Pneumonitis\n", "'Pneumonitis' is not a class of the external"),
+             "twice.yaml": ("PNEUMONIA: Lung Opacity\nPNEUMONIA: Normal\n", "PNEUMONIA"),
+             "list.yaml": ("- PNEUMONIA: Lung Opacity\n", "expected a mapping"),
+             "empty_value.yaml": ("PNEUMONIA:\n", "not an external class name"),
+             "nested.yaml": ("PNEUMONIA: {a: b}\n", "not an external class name")}
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ConfigError) as caught:
+            labelmap.resolve(kaggle, rsna, labelmap.parse_map([str(tmp_path / name)]))
+        assert message in str(caught.value) and name in str(caught.value) and "\n" not in str(caught.value), name
+    with pytest.raises(ConfigError, match="no such label map file"):
+        labelmap.parse_map([str(tmp_path / "absent.yaml")])
+
+
+def test_a_mapped_class_without_external_positives_is_said_undefined_never_nan():
+    from medq import external, runrecord, thresholds
+
+    classes = ["NORMAL", "PNEUMONIA"]
+    lmap = labelmap.resolve(classes, classes)
+    y = np.eye(2)[[0, 0, 0, 0]]  # no PNEUMONIA among the external images
+    p = np.array([[.8, .2], [.6, .4], [.3, .7], [.9, .1]])
+    metrics = external.class_metrics(lmap, classes, y, p, thresholds.Thresholds.uniform("binary", classes, .5,
+                                                                                         "validation"), {})
+    pneumonia = metrics["PNEUMONIA"]
+    assert pneumonia["auc"] is None and pneumonia["operating_point"]["sensitivity"] is None
+    assert pneumonia["operating_point"]["specificity"] == 0.75  # 3 of 4 below 0.5, by hand
+    assert "0 positive(s) and 4 negative(s)" in pneumonia["note"]
+    entry = runrecord.ExternalEvaluation(metrics=metrics, counts={"evaluated": 4}, split="test", data_source="x")
+    text = "\n".join(" | ".join(r) for r in external.table_rows([entry]))
+    assert "nan" not in text.lower() and "None" not in text and "n/a @ 0.5" in text

@@ -62,11 +62,21 @@ def _run(tmp_path: Path, source: str = "synthetic phantoms (kaggle-pneumonia lay
     return run
 
 
+def _no_python_in(md: str) -> list[str]:
+    import re
+
+    return [line for line in md.splitlines()
+            if re.search(r"\bNone\b|\bnan\b|\bnull\b|\{'|\['|\{\"|<\w+ object", line)]
+
+
 def _card(run: Path) -> tuple[dict, str]:
+    """The card written for ``run``; every card of these tests is checked for None, nan and Python reprs."""
     from medq.modelcard import write_card
 
     written = write_card(run)
-    return json.loads(written["json"].read_text()), written["md"].read_text()
+    md = written["md"].read_text()
+    assert _no_python_in(md) == []
+    return json.loads(written["json"].read_text()), md
 
 
 def test_card_values_are_the_records_values(tmp_path):
@@ -352,3 +362,70 @@ def test_without_evaluate_the_card_takes_the_subgroups_the_benchmark_measured(tm
     table = card["quantitative_analyses"]["subgroups"]
     assert table["source"] == "medq benchmark, tensorflow-fp32" and table["note"].endswith("(fp32 row)")
     assert "- Subgroups: this dataset has no patient metadata (fp32 row)" in md and "int8 row" not in md
+
+
+def test_without_evaluate_runs_show_takes_the_benchmark_fp32_rows_subgroups_as_the_card_does(tmp_path):
+    """`medq run` has no evaluate stage: `medq runs show` names the benchmark's FP32 row as the source of its
+    subgroup line (the card's table), not "run medq evaluate"; once evaluate ran, evaluate's table wins."""
+    from medq.runs import run_summary
+
+    run = _run(tmp_path)
+    bench = _benchmark("synthetic phantoms (nih-chestxray14 layout)")
+    groups = [{"attribute": "sex", "value": v, "n": 150, "status": "ok", "flags": []} for v in ("F", "M")]
+    bench["results"][0]["subgroups"] = {"available": True, "attributes": ["sex"], "groups": groups,
+                                        "flagged": ["sex M"]}
+    bench["results"][1]["subgroups"] = {"available": True, "attributes": ["view"], "groups": [], "flagged": []}
+    report = artifacts.write_json(runrecord.staging_path(run, "benchmark.json"), bench)
+    runrecord.commit(run, "benchmark", artifacts={"benchmark_json": report}, inputs=["fp32_pb", "split"])
+    line = run_summary(run)["subgroups"]
+    assert line == "sex on test (medq benchmark, tensorflow-fp32): 2 groups, below overall: sex M"
+    from medq.modelcard import build_card
+
+    assert build_card(run)["quantitative_analyses"]["subgroups"]["source"] == "medq benchmark, tensorflow-fp32"
+
+    runrecord.commit(run, "evaluate", split="val", subgroups={"available": False, "note": "no metadata here"})
+    assert run_summary(run)["subgroups"] == "no metadata here (medq evaluate, single crop)"
+    # a retrain replaces the model the benchmark measured: its subgroup line says it is stale
+    runrecord.commit(run, "evaluate", split="test", subgroups=None)
+    runrecord.commit(run, "freeze", artifacts={"fp32_pb": artifacts.write_bytes(runrecord.staging_path(
+        run, "model_fp32.pb"), b"refrozen")}, inputs=["keras_model"])
+    line = run_summary(run)["subgroups"]
+    assert line.startswith("sex on test (medq benchmark, tensorflow-fp32)") and "STALE: " in line
+
+
+@pytest.mark.parametrize("kind", ["train only, multiclass", "converted", "tuned"])
+def test_a_card_never_prints_none_nan_or_a_python_repr_and_its_json_is_strict(tmp_path, kind):
+    if kind == "train only, multiclass":
+        run = tmp_path / "runs" / "busi"
+        runrecord.commit(run, "train", artifacts={"keras_model": artifacts.write_bytes(
+            runrecord.staging_path(run, "model.keras"), b"k")}, model="refkit-cnn",
+            facts={"classes": ["benign", "malignant", "normal"], "task": "multiclass",
+                   "preprocess": {"image_size": 32, "channels": 1}})
+    elif kind == "converted":
+        run = tmp_path / "runs" / "conv"
+        runrecord.commit(run, "convert", artifacts={"fp32_pb": artifacts.write_bytes(
+            runrecord.staging_path(run, "model_fp32.pb"), b"g")},
+            facts={"classes": ["NORMAL", "PNEUMONIA"], "task": "binary", "model_source": "convert"})
+    else:
+        run = _run(tmp_path)
+        runrecord.commit(run, "tune", facts={"model_source": "tune", "selected_hyperparameters": {"lr": 0.01}})
+    card, md = _card(run)
+    assert _no_python_in(md) == []
+    json.loads((run / "model_card.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in the JSON"))
+    if kind.startswith("train"):
+        assert "channel_def 0: benign, 1: malignant, 2: normal" in md
+
+
+def test_the_card_names_a_classs_own_threshold_policy(tmp_path):
+    import numpy as np
+
+    from medq.thresholds import Policy, choose
+
+    run = _run(tmp_path)
+    sha = runrecord.load(run).artifacts["keras_model"].sha256
+    y, p = np.eye(2)[[0, 1, 1, 0, 1, 0]], np.array([[.9, .1], [.2, .8], [.6, .4], [.7, .3], [.4, .6], [.5, .5]])
+    record = choose("binary", y, p, ["NORMAL", "PNEUMONIA"], Policy("youden"), chosen_for={"keras_model": sha},
+                    per_class={"PNEUMONIA": Policy("sensitivity", 0.9)})
+    runrecord.commit(run, "tune", facts={"thresholds": record})
+    _, md = _card(run)
+    assert "- Thresholds (youden, PNEUMONIA: sensitivity 0.9, chosen on val;" in md

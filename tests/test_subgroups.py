@@ -339,7 +339,7 @@ def test_evaluate_records_the_subgroup_table_and_the_card_renders_it(tmp_path):
 
     n_groups = len({(r["Patient Gender"]) for r in rows}) + len({r["View Position"] for r in rows}) + len(
         {g["value"] for g in table["groups"] if g["attribute"] == "age"})
-    assert f"  subgroups   sex, age, view on test: {n_groups} groups, " in format_run(run_summary(config.run_dir))
+    assert f"  subgroups   sex, age, view on test (medq evaluate, single crop): {n_groups} groups, " in format_run(run_summary(config.run_dir))
 
 
 def test_benchmark_inputs_keep_each_images_metadata_beside_its_label_when_one_is_unreadable(tmp_path):

@@ -230,3 +230,141 @@ def test_benchmark_rows_decide_and_count_flips_at_the_run_thresholds():
     metrics = runner._metrics("binary", classes, y, int8, operating)
     assert (metrics["sensitivity"], metrics["specificity"]) == (0.5, 0.5)
     assert metrics["operating_points"]["classes"]["PNEUMONIA"]["threshold"] == 0.3
+
+
+# three classes, every threshold 0.3; image 0 (a B) passes A's and B's threshold but predict calls it A
+MC_CLASSES = ["A", "B", "C"]
+MC_TRUTH = np.eye(3)[[1, 1, 0, 2]]
+MC_PROB = np.array([[.40, .35, .25], [.10, .60, .30], [.50, .20, .30], [.20, .20, .60]])
+
+
+def test_multiclass_operating_points_are_the_calls_predict_makes_not_one_vs_rest():
+    """A softmax model's image is called one class (argmax(p − t)); the operating point reported per class must be
+    of those calls, or evaluate, the card and the subgroups promise a sensitivity the deployed tool does not have."""
+    out = held(Thresholds.uniform("multiclass", MC_CLASSES, 0.3, "validation"), MC_TRUTH, MC_PROB)["classes"]
+    # by hand: calls A, B, A, C. B: 1 of its 2 images called B; C: none of images 0-2 called C; A: image 0 wrongly
+    assert (out["B"]["sensitivity"], out["B"]["specificity"]) == (0.5, 1.0)
+    assert (out["C"]["sensitivity"], out["C"]["specificity"]) == (1.0, 1.0)
+    assert (out["A"]["sensitivity"], out["A"]["specificity"]) == (1.0, pytest.approx(2 / 3))
+    # the same figures as the evaluation's own per-class sensitivity/specificity at those thresholds
+    m = task_metrics("multiclass", MC_TRUTH, MC_PROB, MC_CLASSES, threshold=np.full(3, 0.3))
+    assert {c: out[c]["sensitivity"] for c in MC_CLASSES} == m["sensitivity"]
+    assert {c: out[c]["specificity"] for c in MC_CLASSES} == pytest.approx(m["specificity"])
+
+
+def test_multiclass_validation_figures_are_recorded_under_the_decision_rule_with_a_note_when_short():
+    record = choose("multiclass", MC_TRUTH, MC_PROB, MC_CLASSES, Policy("fixed", 0.3))
+    assert record["classes"]["B"]["validation"]["sensitivity"] == 0.5  # by hand, as above (one-vs-rest: 1.0)
+    assert record["classes"]["C"]["validation"]["specificity"] == 1.0  # one-vs-rest: 1/3
+    # A's only positive scores 0.2, so A's threshold is 0.15 (midway to 0.1) and B's 0.275 (midway 0.4 → 0.15): B's
+    # image 0 (0.45, 0.40) exceeds A's threshold by 0.30 and B's by 0.125, so it is called A. By hand.
+    truth = np.eye(3)[[1, 1, 0, 2]]
+    prob = np.array([[.45, .40, .15], [.10, .80, .10], [.20, .10, .70], [.05, .15, .80]])
+    target = choose("multiclass", truth, prob, MC_CLASSES, Policy("sensitivity", 0.9))
+    assert [target["classes"][c]["value"] for c in MC_CLASSES] == pytest.approx([0.15, 0.275, 0.75])
+    b = target["classes"]["B"]
+    assert b["validation"]["sensitivity"] == 0.5
+    assert target["classes"]["A"]["validation"]["sensitivity"] == 1.0
+    assert not any("decision rule" in n for n in target["classes"]["A"]["notes"])
+    assert any("decision rule" in n and "0.500" in n for n in b["notes"])
+
+
+@pytest.mark.parametrize("policy", [Policy("youden"), Policy("sensitivity", 0.9), Policy("specificity", 0.9)])
+def test_scores_that_separate_nothing_on_validation_get_a_note_not_a_silent_threshold(policy):
+    tied = choose_one(np.array([0, 1, 0, 1, 1]), np.full(5, 0.42), policy)
+    # every score tied: calling all images or none are the only points, sensitivity + specificity − 1 = 0 at both
+    assert tied["validation"]["sensitivity"] + tied["validation"]["specificity"] == 1.0
+    assert any("at chance" in n for n in tied["notes"])
+    inverted = choose_one(np.array([1, 1, 0, 0]), np.array([0.1, 0.2, 0.8, 0.9]), policy)  # AUC 0 by hand
+    assert any("at chance" in n for n in inverted["notes"])
+    separated = choose_one(np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.8, 0.9]), policy)
+    assert not any("at chance" in n for n in separated["notes"])
+
+
+def test_an_undefined_auc_is_said_never_printed_as_nan():
+    """A test split without positives: task_metrics' AUC is NaN; `medq evaluate` must say undefined, not 'nan'."""
+    from medq.cli import _evaluation_lines
+    from medq.metrics import clinical_metrics
+
+    y, p = np.eye(2)[[0, 0, 0]], np.array([[.8, .2], [.6, .4], [.3, .7]])
+    m = task_metrics("binary", y, p, ["NORMAL", "PNEUMONIA"], threshold=0.5)
+    report = {"objective": "auc", "n_images": 3, "split": "test",
+              "single_crop": m | {"clinical": clinical_metrics("binary", y, p, ["NORMAL", "PNEUMONIA"])}}
+    text = "\n".join(_evaluation_lines(report))
+    assert "nan" not in text.lower() and "auc undefined" in text
+    assert "accuracy 0.6667" in text  # 2 of 3 called NORMAL at 0.5, by hand
+
+
+def test_predict_calls_a_saturated_models_images_as_the_validation_figures_counted_them(tmp_path):
+    """Scores a few float32 steps below 1 (a saturated sigmoid/softmax): the threshold lies between two of them.
+    The JSON line must call each image as the threshold's validation figures did, which rounding the shown
+    probabilities to 6 decimals (all of them to 1.0) did not."""
+    from medq.inference import RunInfo, record
+    from medq.preprocess import PreprocessSpec
+
+    score = np.array([0.99999976, 0.99999982, 0.99999988, 0.99999994], dtype=np.float32)
+    truth = np.array([0, 0, 1, 1])
+    chosen = choose_one(truth, score, Policy("youden"))
+    assert (chosen["validation"]["sensitivity"], chosen["validation"]["specificity"]) == (1.0, 1.0)
+    info = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", PreprocessSpec(8, 1, "unit"),
+                   thresholds=Thresholds("binary", ["NORMAL", "PNEUMONIA"], {"PNEUMONIA": chosen["value"]},
+                                         "validation"))
+    calls = [record(None, np.array([1 - s, s], dtype=np.float32), info)["prediction"] for s in score]
+    assert calls == ["NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA"]  # the validation truth, met exactly
+
+
+def test_a_policy_per_class_overrides_the_default_for_that_class_only():
+    """thresholds.per_class: {Effusion: {policy: sensitivity, target: 0.9}} — that class by its own policy (oracle:
+    sklearn's ROC), every other class by the section's."""
+    config = load_config(None, ["thresholds.per_class={b: {policy: sensitivity, target: 0.9}}"])
+    rng = np.random.default_rng(3)
+    y = (rng.random((60, 2)) < 0.4).astype(float)
+    p = np.clip(y * 0.3 + rng.random((60, 2)) * 0.7, 0, 1)
+    record = __import__("medq.thresholds", fromlist=["for_run"]).for_run(config, "multilabel", ["a", "b"], y, p, "s")
+    assert record["classes"]["b"]["policy"] == "sensitivity" and record["classes"]["a"]["policy"] == "youden"
+    fpr, tpr, cand = roc_curve(y[:, 1], p[:, 1], drop_intermediate=False)
+    best = cand[np.flatnonzero(tpr >= 0.9 - 1e-12)[0]]
+    assert ((p[:, 1] >= record["classes"]["b"]["value"]) == (p[:, 1] >= best)).all()
+    fpr, tpr, cand = roc_curve(y[:, 0], p[:, 0], drop_intermediate=False)
+    youden = cand[np.flatnonzero(tpr - fpr >= (tpr - fpr).max() - 1e-12)[0]]
+    assert ((p[:, 0] >= record["classes"]["a"]["value"]) == (p[:, 0] >= youden)).all()
+
+
+def test_a_per_class_policy_for_a_class_the_run_does_not_threshold_is_one_line_naming_the_valid_ones():
+    from medq.thresholds import check_per_class
+
+    config = load_config(None, ["thresholds.per_class={Pneumonai: {policy: fixed, target: 0.3}}"])
+    with pytest.raises(ConfigError) as caught:
+        check_per_class(config.thresholds, "multilabel", ["Effusion", "Pneumonia"])
+    assert "'Pneumonai'" in str(caught.value) and "Effusion, Pneumonia" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    binary = load_config(None, ["thresholds.per_class={NORMAL: {policy: fixed, target: 0.3}}"])
+    with pytest.raises(ConfigError, match="'NORMAL'.*PNEUMONIA"):  # binary: only the positive class has one
+        check_per_class(binary.thresholds, "binary", ["NORMAL", "PNEUMONIA"])
+    with pytest.raises(ConfigError, match="needs a target"):
+        load_config(None, ["thresholds.per_class={b: {policy: sensitivity}}"])
+
+
+def test_train_refuses_a_per_class_policy_for_an_unknown_class_before_training(tmp_path, monkeypatch):
+    import medq.train as train
+    from medq.data.phantoms import generate_chest_pneumonia
+
+    data = tmp_path / "data"
+    generate_chest_pneumonia(data, n_train=12, n_val=8, n_test=8, size=32, seed=2)
+    config = load_config(None, [f"run.output_dir={tmp_path / 'out'}", f"data.root={data}", "data.generate=false",
+                                "thresholds.per_class={PNEUMONA: {policy: sensitivity, target: 0.9}}"])
+    monkeypatch.setattr(train, "fit_model", lambda *a, **k: pytest.fail("trained before checking the config"))
+    with pytest.raises(ConfigError, match="'PNEUMONA'.*use one of PNEUMONIA"):
+        train.run_train(config)
+    assert not (config.run_dir / "model.keras").exists()
+
+
+def test_the_evaluate_report_does_not_print_a_multiclass_call_as_p_above_its_threshold():
+    from medq.cli import _operating_lines
+
+    multiclass = held(Thresholds.uniform("multiclass", MC_CLASSES, 0.3, "validation"), MC_TRUTH, MC_PROB)
+    text = "\n".join(_operating_lines(multiclass, "test"))
+    assert "B (threshold 0.3): test sensitivity 0.500" in text and "≥" not in text  # B: 1 of 2 called B, by hand
+    binary = held(Thresholds("binary", ["NORMAL", "PNEUMONIA"], {"PNEUMONIA": 0.5}, "validation"),
+                  np.eye(2)[[1, 0]], np.array([[.2, .8], [.9, .1]]))
+    assert "PNEUMONIA ≥ 0.5: test sensitivity 1.000" in "\n".join(_operating_lines(binary, "test"))
