@@ -41,7 +41,8 @@ class ServedModel:
 
     @property
     def input(self) -> TensorSpec:
-        return TensorSpec(self.info.input_name, self.info.spec.input_shape)
+        return TensorSpec(self.info.input_name, self.info.spec.input_shape,
+                          raw_pixels=self.info.spec.normalization == "raw")
 
     @property
     def output(self) -> TensorSpec:

@@ -15,6 +15,12 @@ import numpy as np
 
 HEADER_LENGTH = "inference-header-content-length"
 DATATYPE = "FP32"  # every medq graph takes and returns float32
+# what a client may send instead, as little-endian numpy types: FP16 converts exactly; FP64 is rounded to the nearest
+# float32, as every JSON number is (the model computes in float32); UINT8 only for a model that takes raw 0-255
+# pixels (TensorSpec.raw_pixels), where a pixel value is the input itself. Integer pixels for a model that takes
+# normalised floats would be silently wrong inputs: refused.
+FLOAT_TYPES = {"FP32": "<f4", "FP16": "<f2", "FP64": "<f8"}
+PIXEL_TYPES = {"UINT8": "u1"}
 
 
 class BadRequest(ValueError):
@@ -25,6 +31,12 @@ class BadRequest(ValueError):
 class TensorSpec:
     name: str
     shape: tuple[int, ...]  # without the batch dimension
+    raw_pixels: bool = False  # the model takes 0-255 pixel values (normalization 'raw'): UINT8 is exact
+
+    @property
+    def datatypes(self) -> dict[str, str]:
+        """v2 datatype → numpy type of what this input accepts."""
+        return FLOAT_TYPES | PIXEL_TYPES if self.raw_pixels else FLOAT_TYPES
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "datatype": DATATYPE, "shape": [-1, *self.shape]}
@@ -83,9 +95,12 @@ def parse_infer(body: bytes, header_length: str | None, tensor: TensorSpec, outp
     item = inputs[0]
     if item.get("name") != tensor.name:
         raise BadRequest(f"input {item.get('name')!r}: this model's input is {tensor.name!r}")
-    if item.get("datatype") != DATATYPE:
-        raise BadRequest(f"input {tensor.name!r}: datatype {item.get('datatype')!r}, expected {DATATYPE} "
-                         "(float32 images preprocessed as GET /v2/models/{name} describes)")
+    datatype = item.get("datatype")
+    if datatype not in tensor.datatypes:
+        raise BadRequest(f"input {tensor.name!r}: datatype {datatype!r}, expected {DATATYPE} (also accepted: "
+                         f"{', '.join(d for d in tensor.datatypes if d != DATATYPE)}): the model takes float32 "
+                         "images preprocessed as GET /v2/models/{name} describes")
+    dtype = np.dtype(tensor.datatypes[datatype])
     shape = item.get("shape")
     if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
         raise BadRequest(f"input {tensor.name!r}: 'shape' must be a list of integers")
@@ -101,28 +116,48 @@ def parse_infer(body: bytes, header_length: str | None, tensor: TensorSpec, outp
         raise BadRequest(f"input {tensor.name!r}: 'parameters' must be an object")
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
-        if size != count * 4 or size != len(binary):
+        if size != count * dtype.itemsize or size != len(binary):
             raise BadRequest(f"input {tensor.name!r}: binary_data_size {size} with {len(binary)} binary bytes "
-                             f"in the body; shape {shape} of FP32 needs {count * 4}")
-        x = np.frombuffer(binary, dtype="<f4").reshape(shape)
+                             f"in the body; shape {shape} of {datatype} needs {count * dtype.itemsize}")
+        with np.errstate(over="ignore"):  # an FP64 value beyond float32's range becomes inf: refused below
+            x = np.frombuffer(binary, dtype=dtype).reshape(shape).astype(np.float32)
     else:
         if binary:
             raise BadRequest(f"input {tensor.name!r}: the body carries binary data but the input has no "
                              "binary_data_size parameter")
-        data = item.get("data")
-        if data is None:
+        if item.get("data") is None:
             raise BadRequest(f"input {tensor.name!r}: no 'data' and no binary_data_size")
-        try:
-            x = np.asarray(data, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise BadRequest(f"input {tensor.name!r}: 'data' must hold numbers only") from None
-        if x.size != count:
-            raise BadRequest(f"input {tensor.name!r}: 'data' holds {x.size} values, shape {shape} needs {count}")
-        x = x.reshape(shape)
+        x = _json_data(item["data"], tensor.name, datatype, dtype, shape)
     if not np.isfinite(x).all():
         raise BadRequest(f"input {tensor.name!r}: holds NaN or infinite values")
-    return InferRequest(_request_id(head), np.ascontiguousarray(x, dtype=np.float32),
+    return InferRequest(_request_id(head), np.ascontiguousarray(x),
                         *_requested_outputs(head, output))
+
+
+def _json_data(data: Any, name: str, datatype: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+    """The JSON 'data' of an input: numbers only (no strings, no booleans, which numpy would convert), flat or nested
+    exactly as 'shape' says (a nested array of another shape is a mix-up of dimensions, not a tensor to reshape), and
+    for an integer datatype whole numbers in its range."""
+    try:
+        values = np.asarray(data)
+    except ValueError:  # ragged nesting
+        values = None
+    if values is None or values.dtype.kind not in "iuf":
+        raise BadRequest(f"input {name!r}: 'data' must hold numbers only, as a flat list or nested as the shape "
+                         f"{shape}")
+    count = math.prod(shape)
+    if values.ndim > 1 and list(values.shape) != shape:
+        raise BadRequest(f"input {name!r}: nested 'data' of shape {list(values.shape)}, but 'shape' is {shape}; "
+                         "send the data flat (row-major) or nested as the shape")
+    if values.size != count:
+        raise BadRequest(f"input {name!r}: 'data' holds {values.size} values, shape {shape} needs {count}")
+    if dtype.kind in "iu":
+        limits = np.iinfo(dtype)
+        if values.dtype.kind == "f" or values.min() < limits.min or values.max() > limits.max:
+            raise BadRequest(f"input {name!r}: {datatype} data must be whole numbers from {limits.min} to "
+                             f"{limits.max}")
+    with np.errstate(over="ignore"):  # beyond float32's range: inf, refused by the caller
+        return values.reshape(shape).astype(np.float32)
 
 
 def _request_id(head: dict[str, Any]) -> str | None:
@@ -138,7 +173,7 @@ def _requested_outputs(head: dict[str, Any], output: TensorSpec) -> tuple[bool, 
         raise BadRequest("'parameters' must be an object")
     binary = parameters.get("binary_data_output") is True
     outputs = head.get("outputs")
-    if outputs is None:
+    if not outputs:  # absent or empty: every output, as Triton answers
         return binary, [output.name]
     if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
         raise BadRequest("'outputs' must be a list of objects")
@@ -147,7 +182,14 @@ def _requested_outputs(head: dict[str, Any], output: TensorSpec) -> tuple[bool, 
         if o.get("name") != output.name:
             raise BadRequest(f"output {o.get('name')!r}: this model's output is {output.name!r}")
         names.append(output.name)
-        binary = binary or (o.get("parameters") or {}).get("binary_data") is True
+        asked = o.get("parameters") or {}
+        if not isinstance(asked, dict):
+            raise BadRequest(f"output {output.name!r}: 'parameters' must be an object")
+        if asked.get("classification"):  # Triton's classification extension: labels instead of the tensor
+            raise BadRequest(f"output {output.name!r}: the classification extension is not offered; ask for the "
+                             "probabilities (no 'classification' parameter), the classes are in GET "
+                             "/v2/models/{name}")
+        binary = binary or asked.get("binary_data") is True
     return binary, names
 
 
