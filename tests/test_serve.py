@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -204,6 +205,81 @@ def test_images_in_give_exactly_the_predict_cli_probabilities(tiny, tmp_path, cl
         answers = got.json()["predictions"]
         assert [a["file"] for a in answers] == [p.name for p in paths]
         assert [a["probabilities"] for a in answers] == [expected[p]["probabilities"] for p in paths]
+
+
+def _more_films(folder: Path, source: str) -> dict[str, bytes]:
+    """The same radiograph as the files hospitals also send: 16-bit PNG holding 12-bit values (no sBIT: predict
+    warns), RGBA, gray+alpha and palette PNG, CMYK and progressive JPEG, a JPEG with EXIF Orientation 6 (rotated),
+    a 1×1 PNG, DICOM with RescaleSlope/Intercept, with an inverting VOI LUT, and signed 16-bit."""
+    from PIL import Image
+
+    gray = cv2.resize(cv2.imread(source, cv2.IMREAD_GRAYSCALE), (40, 56))
+    pil = Image.fromarray(gray)
+
+    def saved(image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    rotated = Image.fromarray(np.ascontiguousarray(gray[:, :40]))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    files = {"low16.png": cv2.imencode(".png", gray.astype(np.uint16) * 16)[1].tobytes(),
+             "rgba.png": saved(pil.convert("RGBA"), "PNG"), "la.png": saved(pil.convert("LA"), "PNG"),
+             "palette.png": saved(pil.convert("P"), "PNG"), "cmyk.jpg": saved(pil.convert("CMYK"), "JPEG"),
+             "progressive.jpg": saved(pil, "JPEG", progressive=True), "exif6.jpg": saved(rotated, "JPEG", exif=exif),
+             "one.png": saved(pil.resize((1, 1)), "PNG"),
+             "rescale.dcm": dicom_bytes(gray.astype(np.uint16), rescale=(2.0, -100.0), patient_id=PATIENT),
+             "voi_lut.dcm": dicom_bytes(gray.astype(np.uint16), bits_stored=8, patient_id=PATIENT,
+                                        voi_lut=(0, 8, list(range(255, -1, -1)))),
+             "signed.dcm": dicom_bytes(gray.astype(np.int16) - 128, patient_id=PATIENT)}
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_every_kind_of_image_gets_the_predict_cli_line_warning_included(tiny, tmp_path, clean_thread_env):
+    """predict's JSON line is the oracle, whole (probabilities, prediction, thresholds and any warning): a 16-bit PNG
+    of 12-bit values reads near black, and the server must say so as predict does, not answer silently."""
+    from medq.cli import main
+
+    files = _more_films(tmp_path / "in", tiny.test_files[3])
+    out = tmp_path / "predict.jsonl"
+    assert main(["predict", "--run", str(tiny.run_dir), "--model", "int8", "-q", "-o", str(out),
+                 str(tmp_path / "in")]) == 0
+    expected = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(expected) == set(files) and "error" not in str(expected)
+    assert "data.bit_depth: 12" in expected["low16.png"]["warning"]
+    with serving(tiny.models) as base:
+        url = f"{base}/v1/models/tiny/predict"
+        for name, data in files.items():
+            got = requests.post(url, data=data, timeout=60)
+            assert got.status_code == 200, (name, got.text)
+            assert got.json() == {**expected[name], "file": None}, name
+        got = requests.post(url, files=[("image", (n, d)) for n, d in list(files.items())[:4]], timeout=60)
+        assert got.status_code == 200, got.text
+        assert got.json()["predictions"] == [expected[n] | {"file": n} for n in list(files)[:4]]
+
+
+def test_multipart_parts_are_each_answered_or_the_request_refused_naming_the_part(tiny):
+    """A part without a filename is a form field to the parser: it used to be skipped, so two images got one answer
+    (the client's second image would be matched with nothing, or the first with the second's). A bad part refuses
+    the request naming that part; no answer is given for half a request."""
+    png = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))[1].tobytes()
+    with serving(tiny.models, max_batch_size=4) as base:
+        url = f"{base}/v1/models/tiny/predict"
+        cases = {
+            "part 1 ('a') is a form field": [("a", (None, png)), ("b", ("b.png", png))],
+            "file part 2 ('b.png') of 3 cannot be read: not a PNG, JPEG or DICOM": [
+                ("a", ("a.png", png)), ("b", ("b.png", b"<html>no</html>")), ("c", ("c.png", png))],
+            "serve.max_batch_size 4": [(f"p{i}", (f"p{i}.png", png)) for i in range(5)],
+        }
+        for message, parts in cases.items():
+            answer = requests.post(url, files=parts, timeout=60)
+            assert answer.status_code == 400 and message in answer.json()["error"], (message, answer.text)
+        mixed = requests.post(url, data=png, headers={"Content-Type": "multipart/mixed; boundary=x"}, timeout=60)
+        assert mixed.status_code == 400 and "multipart/form-data" in mixed.json()["error"]
 
 
 # --- batching, the bounded queue ------------------------------------------------------------------------------------
@@ -450,8 +526,9 @@ def test_the_pixel_limit_refuses_a_large_image(tiny):
     models = [dataclasses.replace(m, max_megapixels=0.001) for m in tiny.models]  # 1000 pixels at most
     png = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))[1].tobytes()
     with serving(models) as base:
-        answer = requests.post(f"{base}/v1/models/tiny/predict", data=png, timeout=30)
-        assert answer.status_code == 400 and "max_megapixels" in answer.json()["error"]
+        for image in (png, dicom_bytes(np.full((48, 48), 128, np.uint8))):  # DICOM: from Rows × Columns
+            answer = requests.post(f"{base}/v1/models/tiny/predict", data=image, timeout=30)
+            assert answer.status_code == 400 and "max_megapixels" in answer.json()["error"]
 
 
 def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
@@ -466,6 +543,35 @@ def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
     text = caplog.text
     assert "trace-42" in text and bad.headers["x-request-id"] in text
     assert PATIENT not in text and "Doe" not in text
+
+
+def _bad_dicoms(gray: np.ndarray) -> dict[str, bytes]:
+    """DICOM files holding PATIENT in their patient attributes, each bad in another way, with the words their 400
+    must carry."""
+    import pydicom
+    from pydicom.uid import JPEGLSLossless
+
+    good = dicom_bytes(gray, patient_id=PATIENT)
+    mislabelled = pydicom.dcmread(io.BytesIO(dicom_bytes(gray, jpeg_quality=90, patient_id=PATIENT)))
+    mislabelled.file_meta.TransferSyntaxUID = JPEGLSLossless  # a JPEG-LS decoder given baseline JPEG data fails
+    buffer = io.BytesIO()
+    mislabelled.save_as(buffer)
+    return {"cannot be decoded": good[:len(good) // 2],
+            "without pixel data": dicom_bytes(gray, with_pixels=False, patient_id=PATIENT),
+            "multi-frame": dicom_bytes(np.stack([gray, gray]), frames=2, patient_id=PATIENT),
+            "(JPEG-LS Lossless Image Compression)": buffer.getvalue()}
+
+
+def test_bad_dicoms_are_400s_and_no_patient_attribute_reaches_a_log_or_an_answer(tiny, caplog):
+    gray = cv2.imread(tiny.test_files[2], cv2.IMREAD_GRAYSCALE)
+    with caplog.at_level(logging.INFO), serving(tiny.models) as base:  # every logger, pydicom's included
+        url = f"{base}/v1/models/tiny/predict"
+        for reason, data in _bad_dicoms(gray).items():
+            for answer in (requests.post(url, data=data, timeout=30),
+                           requests.post(url, files=[("a", ("a.dcm", data))], timeout=30)):
+                assert answer.status_code == 400 and reason in answer.json()["error"], (reason, answer.text)
+                assert PATIENT not in answer.text and "Doe" not in answer.text
+    assert PATIENT not in caplog.text and "Doe" not in caplog.text
 
 
 class _HeldEngine:
