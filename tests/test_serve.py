@@ -626,6 +626,9 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path):
     cases = [({"runs": []}, "no run to serve"), ({"threshold": 1.0}, "between 0 and 1"),
              ({"max_queue_size": 4, "max_batch_size": 8}, "could never queue"),
              ({"decode_threads": -1}, "decode_threads -1: must be 0"),
+             ({"max_body_mb": float("nan")}, "max_body_mb nan: must be a finite number"),
+             ({"request_timeout_ms": float("inf")}, "request_timeout_ms inf: must be a finite number"),
+             ({"max_queue_delay_ms": 30000.0}, "not below serve.request_timeout_ms 30000"),
              ({"tls_cert": "cert.pem"}, "go together"), ({"token_file": str(tmp_path / "none")}, "not found")]
     for changes, message in cases:
         settings = dataclasses.replace(ServeConfig(runs=["tiny"]), **changes)
@@ -634,6 +637,52 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path):
     (tmp_path / "blank").write_text("\n")
     with pytest.raises(ConfigError, match="one token"):
         read_token(str(tmp_path / "blank"))
+
+
+def test_a_wrong_tls_pair_is_one_line_before_any_model_loads(tmp_path):
+    """A key of another certificate, a file that is no PEM, an encrypted key (OpenSSL would prompt for its pass
+    phrase on a terminal the server does not have): each a ConfigError naming both files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from medq.errors import ConfigError
+    from medq.serve.server import check_settings
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert, key = served_run.self_signed(tmp_path / "a")
+    _, other_key = served_run.self_signed(tmp_path / "b")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass phrase")))
+    check_settings(ServeConfig(runs=["tiny"], tls_cert=str(cert), tls_key=str(key)))  # the right pair passes
+    for pair, message in [((cert, other_key), "does not belong to the certificate"),
+                          ((garbage, key), "not a PEM certificate"), ((cert, locked), "the key is encrypted")]:
+        with pytest.raises(ConfigError, match=message) as refused:
+            check_settings(ServeConfig(runs=["tiny"], tls_cert=str(pair[0]), tls_key=str(pair[1])))
+        assert str(pair[0]) in str(refused.value) and str(pair[1]) in str(refused.value)
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    import socket
+
+    import medq.serve.server as server
+    from medq.config import load_config
+
+    def load_models(*args, **kwargs):
+        raise AssertionError("the models were loaded before the port was checked")
+
+    monkeypatch.setattr(server, "load_models", load_models)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = load_config(None, ["serve.runs=[tiny]", f"serve.port={port}"])
+        with pytest.raises(MedqError, match=f"127.0.0.1:{port}: the server cannot listen there"):
+            server.run_serve(config, [tmp_path / "tiny"])
 
 
 def test_an_unset_threshold_serves_the_runs_own_thresholds_and_the_metadata_states_them(tmp_path):
