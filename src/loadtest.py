@@ -271,9 +271,25 @@ def get_json(target: Target, path: str, timeout: float = 30.0) -> dict:
                         "running (`medq serve`)?") from exc
     finally:
         conn.close()
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
     if status != 200:
-        raise MedqError(f"{target.base}{path}: HTTP {status}: {body[:200]!r}")
-    return json.loads(body)
+        said = doc.get("error") if isinstance(doc, dict) else None
+        hint = (f"; the server serves the models GET {target.base}/v2/models/NAME answers for (--model)"
+                if status == 404 and path.startswith("/v2/models/") else "")
+        raise MedqError(f"{target.base}{path}: HTTP {status}: "
+                        f"{said if isinstance(said, str) else _excerpt(body)}{hint}")
+    if not isinstance(doc, dict):
+        raise MedqError(f"{target.base}{path}: the answer is not a JSON object ({_excerpt(body)}); is this a medq "
+                        "serve (or other Open Inference Protocol v2) server?")
+    return doc
+
+
+def _excerpt(body: bytes) -> str:
+    """The start of an answer as one line of text, for a message."""
+    return " ".join(body[:120].decode("utf-8", "replace").split()) or "empty body"
 
 
 def probabilities(body: bytes) -> np.ndarray | None:
