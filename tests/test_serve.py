@@ -164,6 +164,53 @@ def test_two_runs_served_side_by_side_with_the_fp32_graph_and_the_keras_model(ti
         load_models(tiny.config, [tiny.run_dir, tmp_path / "elsewhere" / "tiny"])
 
 
+class _MeanEngine:
+    """Stands in for a model: answers each image's per-channel input means (one class per channel, the rest 0) and
+    records the batch shapes it was given."""
+
+    name, precision, facts = "tensorflow", "fp32", {}
+
+    def __init__(self, classes: int):
+        self.classes, self.shapes = classes, []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.shapes.append(x.shape)
+        means = x.mean(axis=(1, 2))
+        return np.pad(means, ((0, 0), (0, self.classes - means.shape[1]))).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def test_two_runs_of_different_input_sizes_and_classes_each_preprocess_as_their_own(tmp_path):
+    """One uniform gray PNG to a 32-px one-channel 'unit' model and a 40-px three-channel 'imagenet' one: each engine
+    gets its own shape and units (hand-computed: 128/255, and (128/255 − mean) / std per ImageNet channel), each
+    answer names its own classes, and a tensor of one model's shape is refused by the other."""
+    from medq.inference import RunInfo
+    from medq.preprocess import PreprocessSpec
+    from medq.serve.models import ServedModel
+
+    small = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", PreprocessSpec(32, 1, "unit"))
+    large = RunInfo(tmp_path, ["benign", "malignant", "normal"], "multiclass", PreprocessSpec(40, 3, "imagenet"))
+    engines = {"small": _MeanEngine(2), "large": _MeanEngine(3)}
+    models = [ServedModel(name, info, engines[name], "v1", None, 100.0, ready=True)
+              for name, info in (("small", small), ("large", large))]
+    png = cv2.imencode(".png", np.full((50, 70), 128, np.uint8))[1].tobytes()
+    gray = 128 / 255
+    with serving(models) as base:
+        answers = {name: requests.post(f"{base}/v1/models/{name}/predict", data=png, timeout=30).json()
+                   for name in engines}
+        assert engines["small"].shapes == [(1, 32, 32, 1)] and engines["large"].shapes == [(1, 40, 40, 3)]
+        assert answers["small"]["probabilities"] == pytest.approx({"NORMAL": gray, "PNEUMONIA": 0.0}, abs=1e-6)
+        imagenet = (gray - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+        assert answers["large"]["probabilities"] == pytest.approx(dict(zip(large.classes, imagenet)), abs=1e-5)
+        assert requests.get(f"{base}/v2/models/large", timeout=30).json()["inputs"][0]["shape"] == [-1, 40, 40, 3]
+        tensor = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [0.5] * 1024}
+        assert requests.post(f"{base}/v2/models/small/infer", json={"inputs": [tensor]}, timeout=30).status_code == 200
+        refused = requests.post(f"{base}/v2/models/large/infer", json={"inputs": [tensor]}, timeout=30)
+        assert refused.status_code == 400 and "expected [N, 40, 40, 3]" in refused.json()["error"]
+
+
 # --- images in: the same answer as `medq predict` -------------------------------------------------------------------
 
 def _films(folder: Path, source: str) -> list[Path]:

@@ -90,3 +90,17 @@ def test_an_empty_outputs_list_is_every_output_and_classification_is_refused():
                                                  "data": pytest.approx([0.2, 0.3, 0.5])}
     with pytest.raises(BadRequest, match="classification extension"):
         _parse(_json_body([0.0] * 4, outputs=[{"name": "output", "parameters": {"classification": 2}}]))
+
+
+def test_batch_sizes_and_header_lengths_outside_what_the_body_allows_are_refused():
+    """Batch 0, a batch above serve.max_batch_size (4 here: the client must split it, never a hang in the queue),
+    and an Inference-Header-Content-Length that is negative, zero or past the body's end."""
+    cases = {"with N ≥ 1": _json_body([], shape=(0, 2, 2, 1)),
+             "5 images in one request, above serve.max_batch_size 4": _json_body([0.0] * 20, shape=(5, 2, 2, 1))}
+    for message, body in cases.items():
+        with pytest.raises(BadRequest, match=message):
+            _parse(body)
+    body, length = _binary_body(np.zeros((1, 2, 2, 1), "<f4"), "FP32")
+    for wrong in ("-5", "0", str(len(body) + 1)):
+        with pytest.raises(BadRequest, match=f"Inference-Header-Content-Length {wrong} is outside the body"):
+            _parse(body, wrong)
