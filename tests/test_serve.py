@@ -661,7 +661,7 @@ def test_not_ready_deadline_and_engine_failure_answers(tiny, caplog):
         in caplog.text
 
 
-def test_serve_settings_are_checked_with_one_line_each(tmp_path):
+def test_serve_settings_are_checked_with_one_line_each(tmp_path, caplog):
     from medq.config import load_config
     from medq.errors import ConfigError
     from medq.serve.server import check_settings, read_token
@@ -684,6 +684,12 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path):
     (tmp_path / "blank").write_text("\n")
     with pytest.raises(ConfigError, match="one token"):
         read_token(str(tmp_path / "blank"))
+    shared = tmp_path / "shared-token"  # as Kubernetes mounts a secret (0644): served, with a warning naming the fix
+    shared.write_text("k9-token\n")
+    shared.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="medq"):
+        assert read_token(str(shared)) == "k9-token"
+    assert f"chmod 600 {shared}" in caplog.text
 
 
 def test_a_wrong_tls_pair_is_one_line_before_any_model_loads(tmp_path):
