@@ -135,6 +135,27 @@ def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
             client.get_model_metadata("other")
 
 
+def test_tritonclient_fp16_and_fp64_tensors_and_the_version_in_the_url(tiny):
+    """numpy's float64 and float16 arrays sent as tritonclient sends them (binary and JSON, the URL with
+    /versions/{v}): the answer is the graph's on the same values as float32 (FP16 exactly, FP64 rounded as numpy
+    rounds it); integer pixels are refused naming FP32."""
+    x64 = _batch(2, seed=11).astype(np.float64) + 1e-9  # values float32 cannot hold exactly
+    with serving(tiny.models) as base:
+        client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
+        version = client.get_model_metadata("tiny")["versions"][0]
+        for array, datatype in ((x64, "FP64"), (x64.astype(np.float16), "FP16")):
+            want = _graph_probs(tiny.int8, array.astype(np.float32))
+            for binary in (True, False):
+                tensor = tritonclient_http.InferInput("input", list(array.shape), datatype)
+                tensor.set_data_from_numpy(array, binary_data=binary)
+                result = client.infer("tiny", [tensor], model_version=version)
+                np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-6, err_msg=datatype)
+        tensor = tritonclient_http.InferInput("input", [1, 32, 32, 1], "UINT8")
+        tensor.set_data_from_numpy(np.full((1, 32, 32, 1), 128, np.uint8))
+        with pytest.raises(tritonclient_http.InferenceServerException, match="expected FP32"):
+            client.infer("tiny", [tensor])
+
+
 def test_two_runs_served_side_by_side_with_the_fp32_graph_and_the_keras_model(tiny, tmp_path):
     import copy
 
