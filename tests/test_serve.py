@@ -348,6 +348,9 @@ def test_multipart_parts_are_each_answered_or_the_request_refused_naming_the_par
             assert answer.status_code == 400 and message in answer.json()["error"], (message, answer.text)
         mixed = requests.post(url, data=png, headers={"Content-Type": "multipart/mixed; boundary=x"}, timeout=60)
         assert mixed.status_code == 400 and "multipart/form-data" in mixed.json()["error"]
+        # curl -d @film.png: the body is the file less its 0x0A/0x0D bytes, which may still decode (to other pixels)
+        form = requests.post(url, data=png, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+        assert form.status_code == 400 and "--data-binary" in form.json()["error"]
 
 
 # --- batching, the bounded queue ------------------------------------------------------------------------------------

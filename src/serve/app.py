@@ -320,6 +320,10 @@ async def _images(request: Request, max_images: int, max_bytes: int) -> tuple[li
             files.append((part.filename, await part.read()))
         if not files:
             raise ServeError(400, "the multipart body holds no file parts; send each image as a file part")
+    elif content_type.startswith("application/x-www-form-urlencoded"):  # curl -d: line breaks stripped from the file
+        raise ServeError(400, "Content-Type application/x-www-form-urlencoded: the file may have been altered on the "
+                         "way (curl -d drops its line-break bytes); send it with curl --data-binary @FILE or as a "
+                         "multipart file part (curl -F image=@FILE)")
     else:
         files = [(None, await request.body())]
     if len(files) > max_images:
