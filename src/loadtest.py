@@ -277,8 +277,9 @@ def get_json(target: Target, path: str, timeout: float = 30.0) -> dict:
         doc = None
     if status != 200:
         said = doc.get("error") if isinstance(doc, dict) else None
-        hint = (f"; the server serves the models GET {target.base}/v2/models/NAME answers for (--model)"
-                if status == 404 and path.startswith("/v2/models/") else "")
+        hint = {404: f"; the server serves the models GET {target.base}/v2/models/NAME answers for (--model)"
+                if path.startswith("/v2/models/") else "",
+                401: "; pass the server's token file with --token-file"}.get(status, "")
         raise MedqError(f"{target.base}{path}: HTTP {status}: "
                         f"{said if isinstance(said, str) else _excerpt(body)}{hint}")
     if not isinstance(doc, dict):

@@ -350,9 +350,9 @@ class Other(BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-def test_a_wrong_model_no_server_or_another_server_is_one_line(stub, capsys):
+def test_a_wrong_model_token_no_server_or_another_server_is_one_line(stub, capsys):
     """What the CLI prints for each: exit 2 and one line naming the URL and what the server said (its v2 {"error"}
-    text, not the raw bytes), never a traceback (a 200 that is not JSON was a JSONDecodeError)."""
+    text, not the raw bytes) with the fix, never a traceback (a 200 that is not JSON was a JSONDecodeError)."""
     import socket
 
     other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
@@ -360,16 +360,20 @@ def test_a_wrong_model_no_server_or_another_server_is_one_line(stub, capsys):
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         free = closed.getsockname()[1]
+
+    def refused(url: str, model: str, message: str) -> None:
+        assert main(["loadtest", url, "--model", model, "--concurrency", "1", "--requests", "2"]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("medq loadtest: error: ")]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
     try:
-        cases = {(stub.url, "nope"): f"{stub.url}/v2/models/nope: HTTP 404: no such route; the server serves",
-                 (f"http://127.0.0.1:{free}", "m"): "no answer",
-                 (f"http://127.0.0.1:{other.server_address[1]}", "m"): "the answer is not a JSON object "
-                                                                       "(<!doctype html> <html>a dashboard"}
-        for (url, model), message in cases.items():
-            assert main(["loadtest", url, "--model", model, "--concurrency", "1", "--requests", "2"]) == 2
-            err = capsys.readouterr().err
-            lines = [line for line in err.splitlines() if line.startswith("medq loadtest: error: ")]
-            assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+        refused(stub.url, "nope", f"{stub.url}/v2/models/nope: HTTP 404: no such route; the server serves the models")
+        refused(f"http://127.0.0.1:{free}", "m", "no answer")
+        refused(f"http://127.0.0.1:{other.server_address[1]}", "m",
+                "the answer is not a JSON object (<!doctype html> <html>a dashboard")
+        stub.token = "s3cret"  # the command passes no --token-file
+        refused(stub.url, "m", "HTTP 401: missing or wrong bearer token; pass the server's token file with --token")
     finally:
         other.shutdown()
         other.server_close()
