@@ -225,7 +225,15 @@ def test_two_runs_of_different_input_sizes_and_classes_each_preprocess_as_their_
         assert answers["small"]["probabilities"] == pytest.approx({"NORMAL": gray, "PNEUMONIA": 0.0}, abs=1e-6)
         imagenet = (gray - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
         assert answers["large"]["probabilities"] == pytest.approx(dict(zip(large.classes, imagenet)), abs=1e-5)
-        assert requests.get(f"{base}/v2/models/large", timeout=30).json()["inputs"][0]["shape"] == [-1, 40, 40, 3]
+        meta = requests.get(f"{base}/v2/models/large", timeout=30).json()
+        assert meta["inputs"][0]["shape"] == [-1, 40, 40, 3]
+        # pixel 0 and 255 through ImageNet's mean and std, by hand: (0 − mean) / std, (1 − mean) / std
+        assert meta["parameters"]["input_range"] == {
+            "min": pytest.approx([-2.117904, -2.035714, -1.804444], abs=1e-5),
+            "max": pytest.approx([2.248908, 2.428571, 2.64], abs=1e-5)}
+        pixels = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [128.0] * 1024}
+        unscaled = requests.post(f"{base}/v2/models/small/infer", json={"inputs": [pixels]}, timeout=30)
+        assert unscaled.status_code == 400 and "outside what the run's preprocessing gives" in unscaled.json()["error"]
         tensor = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [0.5] * 1024}
         assert requests.post(f"{base}/v2/models/small/infer", json={"inputs": [tensor]}, timeout=30).status_code == 200
         refused = requests.post(f"{base}/v2/models/large/infer", json={"inputs": [tensor]}, timeout=30)

@@ -104,3 +104,14 @@ def test_batch_sizes_and_header_lengths_outside_what_the_body_allows_are_refused
     for wrong in ("-5", "0", str(len(body) + 1)):
         with pytest.raises(BadRequest, match=f"Inference-Header-Content-Length {wrong} is outside the body"):
             _parse(body, wrong)
+
+
+def test_values_the_preprocessing_never_gives_are_refused():
+    """0-255 pixels sent to a model that takes pixel / 255 ('unit': [0, 1]) would be answered for another image;
+    the client's own rounding (a hair outside) still passes."""
+    unit = TensorSpec("input", (2, 2, 1), bounds=((0.0,), (1.0,)))
+    assert np.array_equal(_parse(_json_body([0.0, 0.5, 1.0, 1.0004]), tensor=unit).x.ravel(),
+                          np.array([0.0, 0.5, 1.0, 1.0004], np.float32))
+    for data in ([0.0, 12.0, 128.0, 255.0], [-0.5, 0.1, 0.2, 0.3]):
+        with pytest.raises(BadRequest, match="outside what the run's preprocessing gives"):
+            _parse(_json_body(data), tensor=unit)

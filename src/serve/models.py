@@ -20,7 +20,7 @@ import numpy as np
 from medq.data.decode import UnreadableImage, check_header, decode_pixels
 from medq.errors import MedqError
 from medq.inference import MODELS, RunInfo, pixel_warning, read_run, record
-from medq.preprocess import preprocess
+from medq.preprocess import normalization_affine, preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
 from medq.thresholds import DECISION_RULES
@@ -41,8 +41,10 @@ class ServedModel:
 
     @property
     def input(self) -> TensorSpec:
+        scale, offset = normalization_affine(self.info.spec)  # input = 8-bit pixel * scale + offset
+        bounds = (tuple(map(float, offset)), tuple(map(float, 255 * scale + offset)))
         return TensorSpec(self.info.input_name, self.info.spec.input_shape,
-                          raw_pixels=self.info.spec.normalization == "raw")
+                          raw_pixels=self.info.spec.normalization == "raw", bounds=bounds)
 
     @property
     def output(self) -> TensorSpec:
@@ -54,6 +56,8 @@ class ServedModel:
                 "inputs": [self.input.describe()], "outputs": [self.output.describe()],
                 "parameters": {"classes": self.info.classes, "task": self.info.task,
                                "preprocessing": self.info.spec.to_dict(),
+                               # per channel, the values preprocessing gives (pixel 0, 255); others are refused
+                               "input_range": {"min": list(self.input.bounds[0]), "max": list(self.input.bounds[1])},
                                # the decision rule and the thresholds every answer is decided at (medq.thresholds)
                                "decision": DECISION_RULES[self.info.task],
                                "thresholds": dict(self.info.operating(self.threshold).values),

@@ -32,6 +32,9 @@ class TensorSpec:
     name: str
     shape: tuple[int, ...]  # without the batch dimension
     raw_pixels: bool = False  # the model takes 0-255 pixel values (normalization 'raw'): UINT8 is exact
+    # per channel, the smallest and largest value the run's preprocessing gives (medq.preprocess: pixel 0 and 255);
+    # None: unchecked
+    bounds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def datatypes(self) -> dict[str, str]:
@@ -130,8 +133,27 @@ def parse_infer(body: bytes, header_length: str | None, tensor: TensorSpec, outp
         x = _json_data(item["data"], tensor.name, datatype, dtype, shape)
     if not np.isfinite(x).all():
         raise BadRequest(f"input {tensor.name!r}: holds NaN or infinite values")
+    _check_range(x, tensor)
     return InferRequest(_request_id(head), np.ascontiguousarray(x),
                         *_requested_outputs(head, output))
+
+
+def _check_range(x: np.ndarray, tensor: TensorSpec) -> None:
+    """Refuse values the run's preprocessing can never give: 0-255 pixels sent to a model that takes them divided by
+    255 (the classic integration slip) would be answered for another, washed-out image. A margin of 0.1 % of each
+    channel's range allows a client's own float rounding."""
+    if tensor.bounds is None:
+        return
+    low, high = (np.asarray(b, np.float32) for b in tensor.bounds)
+    margin = 1e-3 * (high - low)
+    channels = x.reshape(-1, x.shape[-1])
+    seen_low, seen_high = channels.min(axis=0), channels.max(axis=0)
+    if (seen_low < low - margin).any() or (seen_high > high + margin).any():
+        span = ", ".join(f"[{lo:.4g}, {hi:.4g}]" for lo, hi in zip(low, high))
+        raise BadRequest(f"input {tensor.name!r}: values from {seen_low.min():.4g} to {seen_high.max():.4g}, outside "
+                         f"what the run's preprocessing gives (per channel {span}); send images preprocessed as "
+                         "GET /v2/models/{name} parameters.preprocessing describes (e.g. 8-bit pixels / 255 for "
+                         "'unit')")
 
 
 def _json_data(data: Any, name: str, datatype: str, dtype: np.dtype, shape: list[int]) -> np.ndarray:
