@@ -354,6 +354,9 @@ def test_multipart_parts_are_each_answered_or_the_request_refused_naming_the_par
         for message, parts in cases.items():
             answer = requests.post(url, files=parts, timeout=60)
             assert answer.status_code == 400 and message in answer.json()["error"], (message, answer.text)
+        empty = requests.post(url, data=b"--x--\r\n", headers={"Content-Type": "multipart/form-data; boundary=x"},
+                              timeout=60)  # zero parts
+        assert empty.status_code == 400 and "holds no file parts" in empty.json()["error"]
         mixed = requests.post(url, data=png, headers={"Content-Type": "multipart/mixed; boundary=x"}, timeout=60)
         assert mixed.status_code == 400 and "multipart/form-data" in mixed.json()["error"]
         # curl -d @film.png: the body is the file less its 0x0A/0x0D bytes, which may still decode (to other pixels)
