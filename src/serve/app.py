@@ -6,8 +6,9 @@ and warmed-up :class:`~medq.serve.models.ServedModel` s, ``settings`` the config
 each model its own batcher (queue + worker thread) and stops them at its lifespan's shutdown, after the last request;
 the engines stay open (their owner closes them).
 
-Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image, a wrong tensor
-name, shape or datatype; 401 without the token; 404 for an unknown model or version; 413 for a body above
+Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image (naming the
+multipart part), a form field where a file part belongs, a wrong tensor name, shape or datatype, values the run's
+preprocessing never gives; 401 without the token; 404 for an unknown model or version; 413 for a body above
 ``serve.max_body_mb``; 503 + Retry-After when the model's queue is full or the server is draining; 504 when a request
 waited past its deadline.
 """
