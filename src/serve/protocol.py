@@ -123,7 +123,7 @@ def parse_infer(body: bytes, header_length: str | None, tensor: TensorSpec, outp
             raise BadRequest(f"input {tensor.name!r}: binary_data_size {size} with {len(binary)} binary bytes "
                              f"in the body; shape {shape} of {datatype} needs {count * dtype.itemsize}")
         with np.errstate(over="ignore"):  # an FP64 value beyond float32's range becomes inf: refused below
-            x = np.frombuffer(binary, dtype=dtype).reshape(shape).astype(np.float32)
+            x = np.frombuffer(binary, dtype=dtype).reshape(shape).astype(np.float32, copy=False)  # FP32: a view
     else:
         if binary:
             raise BadRequest(f"input {tensor.name!r}: the body carries binary data but the input has no "
