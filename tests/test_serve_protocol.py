@@ -115,3 +115,14 @@ def test_values_the_preprocessing_never_gives_are_refused():
     for data in ([0.0, 12.0, 128.0, 255.0], [-0.5, 0.1, 0.2, 0.3]):
         with pytest.raises(BadRequest, match="outside what the run's preprocessing gives"):
             _parse(_json_body(data), tensor=unit)
+
+
+def test_shared_memory_is_refused_for_inputs_and_outputs():
+    """An output the client asked to find in its shared-memory region would be read from a region nobody wrote."""
+    region = {"shared_memory_region": "out0", "shared_memory_byte_size": 12}
+    with pytest.raises(BadRequest, match="output 'output': the shared-memory extension is not offered"):
+        _parse(_json_body([0.0] * 4, outputs=[{"name": "output", "parameters": region}]))
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2, 2, 1],
+                                   "parameters": {"shared_memory_region": "in0", "shared_memory_byte_size": 16}}]})
+    with pytest.raises(BadRequest, match="input 'input': the shared-memory extension is not offered"):
+        _parse(body.encode())

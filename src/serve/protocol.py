@@ -117,6 +117,7 @@ def parse_infer(body: bytes, header_length: str | None, tensor: TensorSpec, outp
     parameters = item.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise BadRequest(f"input {tensor.name!r}: 'parameters' must be an object")
+    _refuse_shared_memory(parameters, f"input {tensor.name!r}")
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if size != count * dtype.itemsize or size != len(binary):
@@ -207,12 +208,21 @@ def _requested_outputs(head: dict[str, Any], output: TensorSpec) -> tuple[bool, 
         asked = o.get("parameters") or {}
         if not isinstance(asked, dict):
             raise BadRequest(f"output {output.name!r}: 'parameters' must be an object")
+        _refuse_shared_memory(asked, f"output {output.name!r}")
         if asked.get("classification"):  # Triton's classification extension: labels instead of the tensor
             raise BadRequest(f"output {output.name!r}: the classification extension is not offered; ask for the "
                              "probabilities (no 'classification' parameter), the classes are in GET "
                              "/v2/models/{name}")
         binary = binary or asked.get("binary_data") is True
     return binary, names
+
+
+def _refuse_shared_memory(parameters: dict[str, Any], what: str) -> None:
+    """Triton's shared-memory extension is not offered: an output the client would read from its region, which this
+    server never writes, would be the region's old contents."""
+    if "shared_memory_region" in parameters:
+        raise BadRequest(f"{what}: the shared-memory extension is not offered (GET /v2 lists the extensions); send "
+                         "the tensor in the body and read the answer from it")
 
 
 def encode_infer(model: str, version: str, request: InferRequest, y: np.ndarray) -> tuple[bytes, dict[str, str]]:
