@@ -271,26 +271,33 @@ def get_json(target: Target, path: str, timeout: float = 30.0) -> dict:
                         "running (`medq serve`)?") from exc
     finally:
         conn.close()
+    if status != 200:
+        hint = {404: f"; the server serves the models GET {target.base}/v2/models/NAME answers for (--model)"
+                if path.startswith("/v2/models/") else "",
+                401: "; pass the server's token file with --token-file"}.get(status, "")
+        raise MedqError(f"{target.base}{path}: HTTP {status}: {server_said(body)}{hint}")
     try:
         doc = json.loads(body)
     except ValueError:
         doc = None
-    if status != 200:
-        said = doc.get("error") if isinstance(doc, dict) else None
-        hint = {404: f"; the server serves the models GET {target.base}/v2/models/NAME answers for (--model)"
-                if path.startswith("/v2/models/") else "",
-                401: "; pass the server's token file with --token-file"}.get(status, "")
-        raise MedqError(f"{target.base}{path}: HTTP {status}: "
-                        f"{said if isinstance(said, str) else _excerpt(body)}{hint}")
     if not isinstance(doc, dict):
-        raise MedqError(f"{target.base}{path}: the answer is not a JSON object ({_excerpt(body)}); is this a medq "
+        raise MedqError(f"{target.base}{path}: the answer is not a JSON object ({excerpt(body)}); is this a medq "
                         "serve (or other Open Inference Protocol v2) server?")
     return doc
 
 
-def _excerpt(body: bytes) -> str:
+def excerpt(body: bytes) -> str:
     """The start of an answer as one line of text, for a message."""
     return " ".join(body[:120].decode("utf-8", "replace").split()) or "empty body"
+
+
+def server_said(body: bytes) -> str:
+    """An error answer's v2 ``{"error": ...}`` text, else its start."""
+    try:
+        said = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        said = None
+    return said if isinstance(said, str) else excerpt(body)
 
 
 def probabilities(body: bytes) -> np.ndarray | None:
@@ -580,8 +587,9 @@ def answers_alone(target: Target, goods: list[Payload], timeout: float) -> list[
                                 f"request sent alone ({first_line(exc)})") from exc
             got = probabilities(body) if status == 200 else None
             if got is None:
-                raise MedqError(f"{payload.path}: a good {payload.kind} request sent alone got HTTP {status} "
-                                f"{body[:200]!r}; fix the server or the input before loading it")
+                raise MedqError(f"{payload.path}: a good {payload.kind} request sent alone got HTTP {status}: "
+                                f"{server_said(body) if status != 200 else excerpt(body)}; fix the server or the "
+                                "input before loading it")
             out.append(got)
     finally:
         conn.close()

@@ -372,6 +372,9 @@ def test_a_wrong_model_token_no_server_or_another_server_is_one_line(stub, capsy
         refused(f"http://127.0.0.1:{free}", "m", "no answer")
         refused(f"http://127.0.0.1:{other.server_address[1]}", "m",
                 "the answer is not a JSON object (<!doctype html> <html>a dashboard")
+        stub.misbehave = lambda n, body: 500  # the server fails the inputs sent alone
+        refused(stub.url, "m", "request sent alone got HTTP 500: stub says no; fix the server or the input")
+        stub.misbehave = lambda n, body: None
         stub.token = "s3cret"  # the command passes no --token-file
         refused(stub.url, "m", "HTTP 401: missing or wrong bearer token; pass the server's token file with --token")
     finally:
