@@ -73,7 +73,12 @@ def loopback_target(url: str, model: str, token_file: str | Path | None = None,
                     cacert: str | Path | None = None) -> Target:
     """The server at URL, which must be on a loopback address: http://, or https:// verified against CACERT (the
     server's own certificate when it is self-signed; default: the system's CAs)."""
-    parts = urlsplit(url if "//" in url else f"http://{url}")
+    try:
+        parts = urlsplit(url if "//" in url else f"http://{url}")
+        port = parts.port  # parsed on access: 'abc' or 99999 raise here
+    except ValueError as exc:
+        raise MedqError(f"{url}: not a URL ({first_line(exc)}); give the server's address as http://127.0.0.1:PORT") \
+            from None
     if parts.scheme not in ("http", "https"):
         raise MedqError(f"{url}: only http:// and https:// URLs are load-tested (the server on this machine)")
     if cacert is not None and parts.scheme != "https":
@@ -98,7 +103,7 @@ def loopback_target(url: str, model: str, token_file: str | Path | None = None,
             raise MedqError(f"--cacert {cacert}: not a readable PEM certificate ({first_line(exc)}); give the "
                             "server's certificate (serve.tls_cert) or the CA that signed it") from None
     default_port = 443 if tls else 80
-    return Target(host, parts.port or default_port, model, _read_token(token_file), tls)
+    return Target(host, port or default_port, model, _read_token(token_file), tls)
 
 
 def _read_token(path: str | Path | None) -> str | None:

@@ -370,6 +370,9 @@ def test_a_wrong_model_token_no_server_or_another_server_is_one_line(stub, capsy
     try:
         refused(stub.url, "nope", f"{stub.url}/v2/models/nope: HTTP 404: no such route; the server serves the models")
         refused(f"http://127.0.0.1:{free}", "m", "no answer")
+        for url, why in (("http://127.0.0.1:99999", "Port out of range"), ("http://127.0.0.1:abc", "Port could not"),
+                         ("http://[::1", "Invalid IPv6 URL")):
+            refused(url, "m", f"{url}: not a URL ({why}")
         refused(f"http://127.0.0.1:{other.server_address[1]}", "m",
                 "the answer is not a JSON object (<!doctype html> <html>a dashboard")
         stub.misbehave = lambda n, body: 500  # the server fails the inputs sent alone
