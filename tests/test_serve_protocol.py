@@ -126,3 +126,8 @@ def test_shared_memory_is_refused_for_inputs_and_outputs():
                                    "parameters": {"shared_memory_region": "in0", "shared_memory_byte_size": 16}}]})
     with pytest.raises(BadRequest, match="input 'input': the shared-memory extension is not offered"):
         _parse(body.encode())
+
+
+def test_json_nested_past_the_parsers_depth_is_a_400_not_a_500():
+    with pytest.raises(BadRequest, match="nests deeper"):
+        _parse(b"[" * 100_000 + b"]" * 100_000)

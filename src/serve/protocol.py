@@ -73,6 +73,8 @@ def _json(data: bytes, what: str) -> dict[str, Any]:
         value = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:
         raise BadRequest(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:  # thousands of nested brackets: the parser's stack, not the server, gives out
+        raise BadRequest(f"{what} nests deeper than a tensor's JSON does") from None
     if not isinstance(value, dict):
         raise BadRequest(f"{what} must be a JSON object")
     return value
