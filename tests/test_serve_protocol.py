@@ -131,3 +131,13 @@ def test_shared_memory_is_refused_for_inputs_and_outputs():
 def test_json_nested_past_the_parsers_depth_is_a_400_not_a_500():
     with pytest.raises(BadRequest, match="nests deeper"):
         _parse(b"[" * 100_000 + b"]" * 100_000)
+
+
+def test_each_channel_is_held_to_its_own_range():
+    """Per channel, as ImageNet's normalisation gives each its own: 0.9 is fine in the first channel, not in the
+    third, whose range is [-1, 0]."""
+    rgb = TensorSpec("input", (1, 2, 3), bounds=((0.0, 0.0, -1.0), (1.0, 1.0, 0.0)))
+    good = [0.9, 0.5, -0.5, 0.0, 1.0, -1.0]  # pixel (0, 0) then (0, 1), channels last
+    assert np.array_equal(_parse(_json_body(good, shape=(1, 1, 2, 3)), tensor=rgb).x.ravel(), np.float32(good))
+    with pytest.raises(BadRequest, match="outside what the run's preprocessing gives"):
+        _parse(_json_body([0.9, 0.5, -0.5, 0.0, 1.0, 0.9], shape=(1, 1, 2, 3)), tensor=rgb)
