@@ -80,16 +80,19 @@ def check_tls(cert: str, key: str) -> None:
 
 
 def check_listen(host: str, port: int) -> None:
-    """Bind the address once (as uvicorn will, SO_REUSEADDR) before the models load: a port in use or an address not
-    this machine's is one line at once, not after the warm-up."""
+    """Bind every address the host resolves to (as asyncio's server will, SO_REUSEADDR) before the models load: a
+    port in use or an address not this machine's is one line at once, not after the warm-up."""
     if port == 0:
         return
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+        with contextlib.ExitStack() as held:
+            for family, kind, proto, _, address in set(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                          flags=socket.AI_PASSIVE)):
+                probe = held.enter_context(socket.socket(family, kind, proto))
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as asyncio binds it: IPv6 only, the IPv4 address apart
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
     except OSError as exc:
         raise MedqError(f"{host}:{port}: the server cannot listen there ({exc.strerror or first_line(exc)}); "
                         "choose another --port, or --host an address of this machine") from None
