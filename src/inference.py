@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from medq import runrecord
+from medq.data.decode import low_range_advice
 from medq.errors import MedqError
 from medq.metrics import decisions
 from medq.preprocess import PreprocessSpec
@@ -127,6 +128,15 @@ class Predictor:
     def close(self) -> None:
         if self.graph is not None:
             self.graph.close()
+
+
+def pixel_warning(facts: dict[str, Any], spec: PreprocessSpec) -> str | None:
+    """What the answer for an image decoded with ``facts`` (medq.data.decode) must warn about: a 16-bit image that
+    likely holds 10-14-bit values, read near black as training read its images (predict's and serve's answers)."""
+    if not facts.get("low_range"):
+        return None
+    return (f"a 16-bit image with {low_range_advice(facts['max_value'])} in the run's config and retrain "
+            f"(predict reads pixels as the run's training did: data.bit_depth {spec.bit_depth})")
 
 
 def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,

@@ -73,7 +73,12 @@ def loopback_target(url: str, model: str, token_file: str | Path | None = None,
                     cacert: str | Path | None = None) -> Target:
     """The server at URL, which must be on a loopback address: http://, or https:// verified against CACERT (the
     server's own certificate when it is self-signed; default: the system's CAs)."""
-    parts = urlsplit(url if "//" in url else f"http://{url}")
+    try:
+        parts = urlsplit(url if "//" in url else f"http://{url}")
+        port = parts.port  # parsed on access: 'abc' or 99999 raise here
+    except ValueError as exc:
+        raise MedqError(f"{url}: not a URL ({first_line(exc)}); give the server's address as http://127.0.0.1:PORT") \
+            from None
     if parts.scheme not in ("http", "https"):
         raise MedqError(f"{url}: only http:// and https:// URLs are load-tested (the server on this machine)")
     if cacert is not None and parts.scheme != "https":
@@ -98,7 +103,7 @@ def loopback_target(url: str, model: str, token_file: str | Path | None = None,
             raise MedqError(f"--cacert {cacert}: not a readable PEM certificate ({first_line(exc)}); give the "
                             "server's certificate (serve.tls_cert) or the CA that signed it") from None
     default_port = 443 if tls else 80
-    return Target(host, parts.port or default_port, model, _read_token(token_file), tls)
+    return Target(host, port or default_port, model, _read_token(token_file), tls)
 
 
 def _read_token(path: str | Path | None) -> str | None:
@@ -272,8 +277,32 @@ def get_json(target: Target, path: str, timeout: float = 30.0) -> dict:
     finally:
         conn.close()
     if status != 200:
-        raise MedqError(f"{target.base}{path}: HTTP {status}: {body[:200]!r}")
-    return json.loads(body)
+        hint = {404: f"; the server serves the models GET {target.base}/v2/models/NAME answers for (--model)"
+                if path.startswith("/v2/models/") else "",
+                401: "; pass the server's token file with --token-file"}.get(status, "")
+        raise MedqError(f"{target.base}{path}: HTTP {status}: {server_said(body)}{hint}")
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict):
+        raise MedqError(f"{target.base}{path}: the answer is not a JSON object ({excerpt(body)}); is this a medq "
+                        "serve (or other Open Inference Protocol v2) server?")
+    return doc
+
+
+def excerpt(body: bytes) -> str:
+    """The start of an answer as one line of text, for a message."""
+    return " ".join(body[:120].decode("utf-8", "replace").split()) or "empty body"
+
+
+def server_said(body: bytes) -> str:
+    """An error answer's v2 ``{"error": ...}`` text, else its start."""
+    try:
+        said = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        said = None
+    return said if isinstance(said, str) else excerpt(body)
 
 
 def probabilities(body: bytes) -> np.ndarray | None:
@@ -563,8 +592,9 @@ def answers_alone(target: Target, goods: list[Payload], timeout: float) -> list[
                                 f"request sent alone ({first_line(exc)})") from exc
             got = probabilities(body) if status == 200 else None
             if got is None:
-                raise MedqError(f"{payload.path}: a good {payload.kind} request sent alone got HTTP {status} "
-                                f"{body[:200]!r}; fix the server or the input before loading it")
+                raise MedqError(f"{payload.path}: a good {payload.kind} request sent alone got HTTP {status}: "
+                                f"{server_said(body) if status != 200 else excerpt(body)}; fix the server or the "
+                                "input before loading it")
             out.append(got)
     finally:
         conn.close()

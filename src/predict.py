@@ -31,9 +31,9 @@ import numpy as np
 
 from medq import artifacts, runrecord
 from medq.data.common import UNREAD_IMAGE_SUFFIXES, is_junk, walk
-from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom, low_range_advice
+from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom
 from medq.errors import MedqError
-from medq.inference import Predictor, RunInfo, model_location, read_run, record
+from medq.inference import Predictor, RunInfo, model_location, pixel_warning, read_run, record
 from medq.metrics import decisions
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
@@ -174,18 +174,11 @@ def _load_one(item: ImageInput, spec: PreprocessSpec, ten_crop: bool, keep_image
     try:
         image, facts = decode_pixels(item.path, bit_depth=spec.bit_depth)
         x = ten_crops(image, spec) if ten_crop else preprocess(image, spec)
-        return x, (image if keep_image else None), None, _pixel_warning(facts, spec)
+        return x, (image if keep_image else None), None, pixel_warning(facts, spec)
     except UnreadableImage as exc:
         return None, None, _error_text(item.path, exc), None
     except Exception as exc:  # noqa: BLE001 - one odd file (a codec error, say) must not cost the others
         return None, None, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})", None
-
-
-def _pixel_warning(facts: dict[str, Any], spec: PreprocessSpec) -> str | None:
-    if not facts.get("low_range"):
-        return None
-    return (f"a 16-bit image with {low_range_advice(facts['max_value'])} in the run's config and retrain "
-            f"(predict reads pixels as the run's training did: data.bit_depth {spec.bit_depth})")
 
 
 def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_size: int = 32,

@@ -334,3 +334,52 @@ def test_cli_writes_the_table_and_json_and_exits_1_on_a_failure(stub, tmp_path, 
     stub.ledger.clear()  # n counts from here: 8 inputs alone and 4 requests of the level fine, then 500s
     stub.misbehave = lambda n, body: 500 if n >= 12 else None
     assert main(["loadtest", stub.url, "--model", "m", "--concurrency", "1", "--requests", "8"]) == 1
+
+
+class Other(BaseHTTPRequestHandler):
+    """Some other web server on the port: 200 and a page for every GET."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b"<!doctype html>\n<html>a dashboard</html>"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_wrong_model_token_no_server_or_another_server_is_one_line(stub, capsys):
+    """What the CLI prints for each: exit 2 and one line naming the URL and what the server said (its v2 {"error"}
+    text, not the raw bytes) with the fix, never a traceback (a 200 that is not JSON was a JSONDecodeError)."""
+    import socket
+
+    other = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        free = closed.getsockname()[1]
+
+    def refused(url: str, model: str, message: str) -> None:
+        assert main(["loadtest", url, "--model", model, "--concurrency", "1", "--requests", "2"]) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("medq loadtest: error: ")]
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+
+    try:
+        refused(stub.url, "nope", f"{stub.url}/v2/models/nope: HTTP 404: no such route; the server serves the models")
+        refused(f"http://127.0.0.1:{free}", "m", "no answer")
+        for url, why in (("http://127.0.0.1:99999", "Port out of range"), ("http://127.0.0.1:abc", "Port could not"),
+                         ("http://[::1", "Invalid IPv6 URL")):
+            refused(url, "m", f"{url}: not a URL ({why}")
+        refused(f"http://127.0.0.1:{other.server_address[1]}", "m",
+                "the answer is not a JSON object (<!doctype html> <html>a dashboard")
+        stub.misbehave = lambda n, body: 500  # the server fails the inputs sent alone
+        refused(stub.url, "m", "request sent alone got HTTP 500: stub says no; fix the server or the input")
+        stub.misbehave = lambda n, body: None
+        stub.token = "s3cret"  # the command passes no --token-file
+        refused(stub.url, "m", "HTTP 401: missing or wrong bearer token; pass the server's token file with --token")
+    finally:
+        other.shutdown()
+        other.server_close()

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import gzip
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -134,6 +135,27 @@ def test_v2_protocol_through_tritonclient_json_and_binary(tiny):
             client.get_model_metadata("other")
 
 
+def test_tritonclient_fp16_and_fp64_tensors_and_the_version_in_the_url(tiny):
+    """numpy's float64 and float16 arrays sent as tritonclient sends them (binary and JSON, the URL with
+    /versions/{v}): the answer is the graph's on the same values as float32 (FP16 exactly, FP64 rounded as numpy
+    rounds it); integer pixels are refused naming FP32."""
+    x64 = _batch(2, seed=11).astype(np.float64) + 1e-9  # values float32 cannot hold exactly
+    with serving(tiny.models) as base:
+        client = tritonclient_http.InferenceServerClient(base.removeprefix("http://"))
+        version = client.get_model_metadata("tiny")["versions"][0]
+        for array, datatype in ((x64, "FP64"), (x64.astype(np.float16), "FP16")):
+            want = _graph_probs(tiny.int8, array.astype(np.float32))
+            for binary in (True, False):
+                tensor = tritonclient_http.InferInput("input", list(array.shape), datatype)
+                tensor.set_data_from_numpy(array, binary_data=binary)
+                result = client.infer("tiny", [tensor], model_version=version)
+                np.testing.assert_allclose(result.as_numpy("output"), want, atol=1e-6, err_msg=datatype)
+        tensor = tritonclient_http.InferInput("input", [1, 32, 32, 1], "UINT8")
+        tensor.set_data_from_numpy(np.full((1, 32, 32, 1), 128, np.uint8))
+        with pytest.raises(tritonclient_http.InferenceServerException, match="expected FP32"):
+            client.infer("tiny", [tensor])
+
+
 def test_two_runs_served_side_by_side_with_the_fp32_graph_and_the_keras_model(tiny, tmp_path):
     import copy
 
@@ -161,6 +183,61 @@ def test_two_runs_served_side_by_side_with_the_fp32_graph_and_the_keras_model(ti
                 m.engine.close()
     with pytest.raises(ConfigError, match="two runs named 'tiny'"):
         load_models(tiny.config, [tiny.run_dir, tmp_path / "elsewhere" / "tiny"])
+
+
+class _MeanEngine:
+    """Stands in for a model: answers each image's per-channel input means (one class per channel, the rest 0) and
+    records the batch shapes it was given."""
+
+    name, precision, facts = "tensorflow", "fp32", {}
+
+    def __init__(self, classes: int):
+        self.classes, self.shapes = classes, []
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.shapes.append(x.shape)
+        means = x.mean(axis=(1, 2))
+        return np.pad(means, ((0, 0), (0, self.classes - means.shape[1]))).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def test_two_runs_of_different_input_sizes_and_classes_each_preprocess_as_their_own(tmp_path):
+    """One uniform gray PNG to a 32-px one-channel 'unit' model and a 40-px three-channel 'imagenet' one: each engine
+    gets its own shape and units (hand-computed: 128/255, and (128/255 − mean) / std per ImageNet channel), each
+    answer names its own classes, and a tensor of one model's shape is refused by the other."""
+    from medq.inference import RunInfo
+    from medq.preprocess import PreprocessSpec
+    from medq.serve.models import ServedModel
+
+    small = RunInfo(tmp_path, ["NORMAL", "PNEUMONIA"], "binary", PreprocessSpec(32, 1, "unit"))
+    large = RunInfo(tmp_path, ["benign", "malignant", "normal"], "multiclass", PreprocessSpec(40, 3, "imagenet"))
+    engines = {"small": _MeanEngine(2), "large": _MeanEngine(3)}
+    models = [ServedModel(name, info, engines[name], "v1", None, 100.0, ready=True)
+              for name, info in (("small", small), ("large", large))]
+    png = cv2.imencode(".png", np.full((50, 70), 128, np.uint8))[1].tobytes()
+    gray = 128 / 255
+    with serving(models) as base:
+        answers = {name: requests.post(f"{base}/v1/models/{name}/predict", data=png, timeout=30).json()
+                   for name in engines}
+        assert engines["small"].shapes == [(1, 32, 32, 1)] and engines["large"].shapes == [(1, 40, 40, 3)]
+        assert answers["small"]["probabilities"] == pytest.approx({"NORMAL": gray, "PNEUMONIA": 0.0}, abs=1e-6)
+        imagenet = (gray - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+        assert answers["large"]["probabilities"] == pytest.approx(dict(zip(large.classes, imagenet)), abs=1e-5)
+        meta = requests.get(f"{base}/v2/models/large", timeout=30).json()
+        assert meta["inputs"][0]["shape"] == [-1, 40, 40, 3]
+        # pixel 0 and 255 through ImageNet's mean and std, by hand: (0 − mean) / std, (1 − mean) / std
+        assert meta["parameters"]["input_range"] == {
+            "min": pytest.approx([-2.117904, -2.035714, -1.804444], abs=1e-5),
+            "max": pytest.approx([2.248908, 2.428571, 2.64], abs=1e-5)}
+        pixels = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [128.0] * 1024}
+        unscaled = requests.post(f"{base}/v2/models/small/infer", json={"inputs": [pixels]}, timeout=30)
+        assert unscaled.status_code == 400 and "outside what the run's preprocessing gives" in unscaled.json()["error"]
+        tensor = {"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [0.5] * 1024}
+        assert requests.post(f"{base}/v2/models/small/infer", json={"inputs": [tensor]}, timeout=30).status_code == 200
+        refused = requests.post(f"{base}/v2/models/large/infer", json={"inputs": [tensor]}, timeout=30)
+        assert refused.status_code == 400 and "expected [N, 40, 40, 3]" in refused.json()["error"]
 
 
 # --- images in: the same answer as `medq predict` -------------------------------------------------------------------
@@ -204,6 +281,87 @@ def test_images_in_give_exactly_the_predict_cli_probabilities(tiny, tmp_path, cl
         answers = got.json()["predictions"]
         assert [a["file"] for a in answers] == [p.name for p in paths]
         assert [a["probabilities"] for a in answers] == [expected[p]["probabilities"] for p in paths]
+
+
+def _more_films(folder: Path, source: str) -> dict[str, bytes]:
+    """The same radiograph as the files hospitals also send: 16-bit PNG holding 12-bit values (no sBIT: predict
+    warns), RGBA, gray+alpha and palette PNG, CMYK and progressive JPEG, a JPEG with EXIF Orientation 6 (rotated),
+    a 1×1 PNG, DICOM with RescaleSlope/Intercept, with an inverting VOI LUT, and signed 16-bit."""
+    from PIL import Image
+
+    gray = cv2.resize(cv2.imread(source, cv2.IMREAD_GRAYSCALE), (40, 56))
+    pil = Image.fromarray(gray)
+
+    def saved(image, fmt: str, **options) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        return buffer.getvalue()
+
+    rotated = Image.fromarray(np.ascontiguousarray(gray[:, :40]))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
+    files = {"low16.png": cv2.imencode(".png", gray.astype(np.uint16) * 16)[1].tobytes(),
+             "rgba.png": saved(pil.convert("RGBA"), "PNG"), "la.png": saved(pil.convert("LA"), "PNG"),
+             "palette.png": saved(pil.convert("P"), "PNG"), "cmyk.jpg": saved(pil.convert("CMYK"), "JPEG"),
+             "progressive.jpg": saved(pil, "JPEG", progressive=True), "exif6.jpg": saved(rotated, "JPEG", exif=exif),
+             "one.png": saved(pil.resize((1, 1)), "PNG"),
+             "rescale.dcm": dicom_bytes(gray.astype(np.uint16), rescale=(2.0, -100.0), patient_id=PATIENT),
+             "voi_lut.dcm": dicom_bytes(gray.astype(np.uint16), bits_stored=8, patient_id=PATIENT,
+                                        voi_lut=(0, 8, list(range(255, -1, -1)))),
+             "signed.dcm": dicom_bytes(gray.astype(np.int16) - 128, patient_id=PATIENT)}
+    folder.mkdir(parents=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return files
+
+
+def test_every_kind_of_image_gets_the_predict_cli_line_warning_included(tiny, tmp_path, clean_thread_env):
+    """predict's JSON line is the oracle, whole (probabilities, prediction, thresholds and any warning): a 16-bit PNG
+    of 12-bit values reads near black, and the server must say so as predict does, not answer silently."""
+    from medq.cli import main
+
+    files = _more_films(tmp_path / "in", tiny.test_files[3])
+    out = tmp_path / "predict.jsonl"
+    assert main(["predict", "--run", str(tiny.run_dir), "--model", "int8", "-q", "-o", str(out),
+                 str(tmp_path / "in")]) == 0
+    expected = {Path(r["file"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(expected) == set(files) and "error" not in str(expected)
+    assert "data.bit_depth: 12" in expected["low16.png"]["warning"]
+    with serving(tiny.models) as base:
+        url = f"{base}/v1/models/tiny/predict"
+        for name, data in files.items():
+            got = requests.post(url, data=data, timeout=60)
+            assert got.status_code == 200, (name, got.text)
+            assert got.json() == {**expected[name], "file": None}, name
+        got = requests.post(url, files=[("image", (n, d)) for n, d in list(files.items())[:4]], timeout=60)
+        assert got.status_code == 200, got.text
+        assert got.json()["predictions"] == [expected[n] | {"file": n} for n in list(files)[:4]]
+
+
+def test_multipart_parts_are_each_answered_or_the_request_refused_naming_the_part(tiny):
+    """A part without a filename is a form field to the parser: it used to be skipped, so two images got one answer
+    (the client's second image would be matched with nothing, or the first with the second's). A bad part refuses
+    the request naming that part; no answer is given for half a request."""
+    png = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))[1].tobytes()
+    with serving(tiny.models, max_batch_size=4) as base:
+        url = f"{base}/v1/models/tiny/predict"
+        cases = {
+            "part 1 ('a') is a form field": [("a", (None, png)), ("b", ("b.png", png))],
+            "file part 2 ('b.png') of 3 cannot be read: not a PNG, JPEG or DICOM": [
+                ("a", ("a.png", png)), ("b", ("b.png", b"<html>no</html>")), ("c", ("c.png", png))],
+            "serve.max_batch_size 4": [(f"p{i}", (f"p{i}.png", png)) for i in range(5)],
+        }
+        for message, parts in cases.items():
+            answer = requests.post(url, files=parts, timeout=60)
+            assert answer.status_code == 400 and message in answer.json()["error"], (message, answer.text)
+        empty = requests.post(url, data=b"--x--\r\n", headers={"Content-Type": "multipart/form-data; boundary=x"},
+                              timeout=60)  # zero parts
+        assert empty.status_code == 400 and "holds no file parts" in empty.json()["error"]
+        mixed = requests.post(url, data=png, headers={"Content-Type": "multipart/mixed; boundary=x"}, timeout=60)
+        assert mixed.status_code == 400 and "multipart/form-data" in mixed.json()["error"]
+        # curl -d @film.png: the body is the file less its 0x0A/0x0D bytes, which may still decode (to other pixels)
+        form = requests.post(url, data=png, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
+        assert form.status_code == 400 and "--data-binary" in form.json()["error"]
 
 
 # --- batching, the bounded queue ------------------------------------------------------------------------------------
@@ -450,8 +608,9 @@ def test_the_pixel_limit_refuses_a_large_image(tiny):
     models = [dataclasses.replace(m, max_megapixels=0.001) for m in tiny.models]  # 1000 pixels at most
     png = cv2.imencode(".png", np.full((48, 48), 128, np.uint8))[1].tobytes()
     with serving(models) as base:
-        answer = requests.post(f"{base}/v1/models/tiny/predict", data=png, timeout=30)
-        assert answer.status_code == 400 and "max_megapixels" in answer.json()["error"]
+        for image in (png, dicom_bytes(np.full((48, 48), 128, np.uint8))):  # DICOM: from Rows × Columns
+            answer = requests.post(f"{base}/v1/models/tiny/predict", data=image, timeout=30)
+            assert answer.status_code == 400 and "max_megapixels" in answer.json()["error"]
 
 
 def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
@@ -466,6 +625,35 @@ def test_logs_carry_the_request_id_and_no_patient_attributes(tiny, caplog):
     text = caplog.text
     assert "trace-42" in text and bad.headers["x-request-id"] in text
     assert PATIENT not in text and "Doe" not in text
+
+
+def _bad_dicoms(gray: np.ndarray) -> dict[str, bytes]:
+    """DICOM files holding PATIENT in their patient attributes, each bad in another way, with the words their 400
+    must carry."""
+    import pydicom
+    from pydicom.uid import JPEGLSLossless
+
+    good = dicom_bytes(gray, patient_id=PATIENT)
+    mislabelled = pydicom.dcmread(io.BytesIO(dicom_bytes(gray, jpeg_quality=90, patient_id=PATIENT)))
+    mislabelled.file_meta.TransferSyntaxUID = JPEGLSLossless  # a JPEG-LS decoder given baseline JPEG data fails
+    buffer = io.BytesIO()
+    mislabelled.save_as(buffer)
+    return {"cannot be decoded": good[:len(good) // 2],
+            "without pixel data": dicom_bytes(gray, with_pixels=False, patient_id=PATIENT),
+            "multi-frame": dicom_bytes(np.stack([gray, gray]), frames=2, patient_id=PATIENT),
+            "(JPEG-LS Lossless Image Compression)": buffer.getvalue()}
+
+
+def test_bad_dicoms_are_400s_and_no_patient_attribute_reaches_a_log_or_an_answer(tiny, caplog):
+    gray = cv2.imread(tiny.test_files[2], cv2.IMREAD_GRAYSCALE)
+    with caplog.at_level(logging.INFO), serving(tiny.models) as base:  # every logger, pydicom's included
+        url = f"{base}/v1/models/tiny/predict"
+        for reason, data in _bad_dicoms(gray).items():
+            for answer in (requests.post(url, data=data, timeout=30),
+                           requests.post(url, files=[("a", ("a.dcm", data))], timeout=30)):
+                assert answer.status_code == 400 and reason in answer.json()["error"], (reason, answer.text)
+                assert PATIENT not in answer.text and "Doe" not in answer.text
+    assert PATIENT not in caplog.text and "Doe" not in caplog.text
 
 
 class _HeldEngine:
@@ -508,7 +696,7 @@ def test_not_ready_deadline_and_engine_failure_answers(tiny, caplog):
         in caplog.text
 
 
-def test_serve_settings_are_checked_with_one_line_each(tmp_path):
+def test_serve_settings_are_checked_with_one_line_each(tmp_path, caplog):
     from medq.config import load_config
     from medq.errors import ConfigError
     from medq.serve.server import check_settings, read_token
@@ -520,6 +708,9 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path):
     cases = [({"runs": []}, "no run to serve"), ({"threshold": 1.0}, "between 0 and 1"),
              ({"max_queue_size": 4, "max_batch_size": 8}, "could never queue"),
              ({"decode_threads": -1}, "decode_threads -1: must be 0"),
+             ({"max_body_mb": float("nan")}, "max_body_mb nan: must be a finite number"),
+             ({"request_timeout_ms": float("inf")}, "request_timeout_ms inf: must be a finite number"),
+             ({"max_queue_delay_ms": 30000.0}, "not below serve.request_timeout_ms 30000"),
              ({"tls_cert": "cert.pem"}, "go together"), ({"token_file": str(tmp_path / "none")}, "not found")]
     for changes, message in cases:
         settings = dataclasses.replace(ServeConfig(runs=["tiny"]), **changes)
@@ -528,6 +719,58 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path):
     (tmp_path / "blank").write_text("\n")
     with pytest.raises(ConfigError, match="one token"):
         read_token(str(tmp_path / "blank"))
+    shared = tmp_path / "shared-token"  # as Kubernetes mounts a secret (0644): served, with a warning naming the fix
+    shared.write_text("k9-token\n")
+    shared.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="medq"):
+        assert read_token(str(shared)) == "k9-token"
+    assert f"chmod 600 {shared}" in caplog.text
+
+
+def test_a_wrong_tls_pair_is_one_line_before_any_model_loads(tmp_path):
+    """A key of another certificate, a file that is no PEM, an encrypted key (OpenSSL would prompt for its pass
+    phrase on a terminal the server does not have): each a ConfigError naming both files."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from medq.errors import ConfigError
+    from medq.serve.server import check_settings
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    cert, key = served_run.self_signed(tmp_path / "a")
+    _, other_key = served_run.self_signed(tmp_path / "b")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    locked = tmp_path / "locked.pem"
+    locked.write_bytes(load_pem_private_key(key.read_bytes(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pass phrase")))
+    check_settings(ServeConfig(runs=["tiny"], tls_cert=str(cert), tls_key=str(key)))  # the right pair passes
+    for pair, message in [((cert, other_key), "does not belong to the certificate"),
+                          ((garbage, key), "not a PEM certificate"), ((cert, locked), "the key is encrypted")]:
+        with pytest.raises(ConfigError, match=message) as refused:
+            check_settings(ServeConfig(runs=["tiny"], tls_cert=str(pair[0]), tls_key=str(pair[1])))
+        assert str(pair[0]) in str(refused.value) and str(pair[1]) in str(refused.value)
+
+
+def test_a_port_in_use_is_one_line_before_any_model_loads(tmp_path, monkeypatch):
+    import socket
+
+    import medq.serve.server as server
+    from medq.config import load_config
+
+    def load_models(*args, **kwargs):
+        raise AssertionError("the models were loaded before the port was checked")
+
+    monkeypatch.setattr(server, "load_models", load_models)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = load_config(None, ["serve.runs=[tiny]", f"serve.port={port}"])
+        with pytest.raises(MedqError, match=f"127.0.0.1:{port}: the server cannot listen there"):
+            server.run_serve(config, [tmp_path / "tiny"])
 
 
 def test_an_unset_threshold_serves_the_runs_own_thresholds_and_the_metadata_states_them(tmp_path):

@@ -6,8 +6,9 @@ and warmed-up :class:`~medq.serve.models.ServedModel` s, ``settings`` the config
 each model its own batcher (queue + worker thread) and stops them at its lifespan's shutdown, after the last request;
 the engines stay open (their owner closes them).
 
-Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image, a wrong tensor
-name, shape or datatype; 401 without the token; 404 for an unknown model or version; 413 for a body above
+Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image (naming the
+multipart part), a form field where a file part belongs, a wrong tensor name, shape or datatype, values the run's
+preprocessing never gives; 401 without the token; 404 for an unknown model or version; 413 for a body above
 ``serve.max_body_mb``; 503 + Retry-After when the model's queue is full or the server is draining; 504 when a request
 waited past its deadline.
 """
@@ -279,14 +280,16 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     async def predict_images(name: str, request: Request) -> Response:
         model = served(name)
         files, multipart = await _images(request, settings.max_batch_size, body_limit)
-        try:
-            x = np.stack([await anyio.to_thread.run_sync(model.image_input, data, limiter=decoders)
-                          for _, data in files])
-        except UnreadableImage as exc:
-            raise ServeError(400, f"{name}: {'the image' if len(files) == 1 else 'an image'} cannot be read: {exc}") \
-                from None
+        inputs = []
+        for number, (file, data) in enumerate(files, 1):
+            try:
+                inputs.append(await anyio.to_thread.run_sync(model.image_input, data, limiter=decoders))
+            except UnreadableImage as exc:  # the whole request is refused: no answer is given for a part alone
+                what = "the image" if not multipart else f"file part {number} ({file!r}) of {len(files)}"
+                raise ServeError(400, f"{name}: {what} cannot be read: {exc}") from None
+        x = np.stack([x for x, _ in inputs])
         y = await infer(model, x, request)
-        answers = [model.answer(p, file) for (file, _), p in zip(files, y)]
+        answers = [model.answer(p, file, warning) for (file, _), (_, warning), p in zip(files, inputs, y)]
         return JSONResponse({"predictions": answers} if multipart else answers[0])
 
     @app.get("/metrics")
@@ -299,12 +302,29 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
 async def _images(request: Request, max_images: int, max_bytes: int) -> tuple[list[tuple[str | None, bytes]], bool]:
     """([(the client's file name or None, bytes)] per image, multipart?): a multipart form's file parts, or the
     whole body as one image."""
-    multipart = request.headers.get("content-type", "").startswith("multipart/")
+    content_type = request.headers.get("content-type", "")
+    multipart = content_type.startswith("multipart/")
     if multipart:
-        form = await request.form(max_files=max_images, max_fields=max_images, max_part_size=max_bytes)
-        files = [(part.filename, await part.read()) for _, part in form.multi_items() if hasattr(part, "read")]
+        if not content_type.startswith("multipart/form-data"):
+            raise ServeError(400, f"Content-Type {content_type.split(';')[0]!r}: send images as multipart/form-data "
+                             "file parts, or one image as the body")
+        try:
+            form = await request.form(max_files=max_images, max_fields=max_images, max_part_size=max_bytes)
+        except StarletteHTTPException as exc:  # python-multipart's refusal: too many parts, no boundary, ...
+            raise ServeError(400, f"the multipart body cannot be read: {exc.detail} (at most serve.max_batch_size "
+                             f"{max_images} file parts)") from None
+        files = []
+        for number, (field, part) in enumerate(form.multi_items(), 1):
+            if not hasattr(part, "read"):  # a part without a filename: a form field, which would go unanswered
+                raise ServeError(400, f"part {number} ({field!r}) is a form field, not a file; send each image as a "
+                                 f"file part with a filename (curl -F {field}=@FILE)")
+            files.append((part.filename, await part.read()))
         if not files:
             raise ServeError(400, "the multipart body holds no file parts; send each image as a file part")
+    elif content_type.startswith("application/x-www-form-urlencoded"):  # curl -d: line breaks stripped from the file
+        raise ServeError(400, "Content-Type application/x-www-form-urlencoded: the file may have been altered on the "
+                         "way (curl -d drops its line-break bytes); send it with curl --data-binary @FILE or as a "
+                         "multipart file part (curl -F image=@FILE)")
     else:
         files = [(None, await request.body())]
     if len(files) > max_images:

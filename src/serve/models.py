@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from medq.data.decode import UnreadableImage, check_header
+from medq.data.decode import UnreadableImage, check_header, decode_pixels
 from medq.errors import MedqError
-from medq.inference import MODELS, RunInfo, read_run, record
-from medq.preprocess import load_and_preprocess
+from medq.inference import MODELS, RunInfo, pixel_warning, read_run, record
+from medq.preprocess import normalization_affine, preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
 from medq.thresholds import DECISION_RULES
@@ -41,7 +41,10 @@ class ServedModel:
 
     @property
     def input(self) -> TensorSpec:
-        return TensorSpec(self.info.input_name, self.info.spec.input_shape)
+        scale, offset = normalization_affine(self.info.spec)  # input = 8-bit pixel * scale + offset
+        bounds = (tuple(map(float, offset)), tuple(map(float, 255 * scale + offset)))
+        return TensorSpec(self.info.input_name, self.info.spec.input_shape,
+                          raw_pixels=self.info.spec.normalization == "raw", bounds=bounds)
 
     @property
     def output(self) -> TensorSpec:
@@ -53,6 +56,8 @@ class ServedModel:
                 "inputs": [self.input.describe()], "outputs": [self.output.describe()],
                 "parameters": {"classes": self.info.classes, "task": self.info.task,
                                "preprocessing": self.info.spec.to_dict(),
+                               # per channel, the values preprocessing gives (pixel 0, 255); others are refused
+                               "input_range": {"min": list(self.input.bounds[0]), "max": list(self.input.bounds[1])},
                                # the decision rule and the thresholds every answer is decided at (medq.thresholds)
                                "decision": DECISION_RULES[self.info.task],
                                "thresholds": dict(self.info.operating(self.threshold).values),
@@ -69,13 +74,15 @@ class ServedModel:
             return "keras" if self.engine.precision == "keras" else "tensorflow_graphdef"
         return {"onnxruntime": "onnxruntime_onnx", "openvino": "openvino_ir"}.get(self.engine.name, self.engine.name)
 
-    def image_input(self, data: bytes) -> np.ndarray:
-        """[S, S, C] for one PNG / JPEG / DICOM file's bytes, exactly as `medq predict` and the evaluation compute it
-        (medq.preprocess.load_and_preprocess: the run's decoding options, DICOM display pipeline, preprocessing).
+    def image_input(self, data: bytes) -> tuple[np.ndarray, str | None]:
+        """([S, S, C], the warning `medq predict` gives for it or None) for one PNG / JPEG / DICOM file's bytes,
+        exactly as `medq predict` computes them (medq.data.decode.decode_pixels with the run's bit depth, DICOM
+        display pipeline, medq.preprocess.preprocess, medq.inference.pixel_warning).
 
         The bytes go to a private temporary file (no client-supplied name or path is used) so that the very decoder
-        reads them: content sniffing, libjpeg's corruption check. ``data.max_megapixels`` is checked from a PNG or
-        JPEG header before any pixel is decoded (decompression bombs); DICOM is held to the decoder's own ceiling."""
+        reads them: content sniffing, libjpeg's corruption check. ``data.max_megapixels`` is checked from the header
+        before any pixel is decoded (decompression bombs): PNG and JPEG from their size fields, DICOM from Rows ×
+        Columns. A file the decoder fails on in another way is unreadable too, as `medq predict` reports it."""
         fd, name = tempfile.mkstemp(prefix="medq-serve-")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -83,16 +90,23 @@ class ServedModel:
             problem = check_header(name, self.max_megapixels)
             if problem:
                 raise UnreadableImage(problem)
-            return load_and_preprocess(name, self.info.spec)
+            image, facts = decode_pixels(name, self.max_megapixels, bit_depth=self.info.spec.bit_depth)
+            return preprocess(image, self.info.spec), pixel_warning(facts, self.info.spec)
         except UnreadableImage as exc:
             text = str(exc)
             raise UnreadableImage(text[len(name) + 2:] if text.startswith(f"{name}: ") else text) from None
+        except Exception as exc:  # noqa: BLE001 - a codec's own error: the file's fault, as predict reports it
+            raise UnreadableImage(f"cannot be read ({type(exc).__name__}: "
+                                  f"{' '.join(str(exc).replace(name, 'the file').split())[:160]})") from None
         finally:
             os.unlink(name)
 
-    def answer(self, probabilities: np.ndarray, file: str | None) -> dict[str, Any]:
+    def answer(self, probabilities: np.ndarray, file: str | None, warning: str | None = None) -> dict[str, Any]:
         """The `medq predict` line for one image."""
-        return record(file, probabilities, self.info, self.threshold)
+        line = record(file, probabilities, self.info, self.threshold)
+        if warning:
+            line["warning"] = warning
+        return line
 
 
 def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_megapixels: float, warmup_batch: int = 1,

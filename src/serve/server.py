@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
+import socket
+import ssl
 import stat
 import threading
 import time
@@ -17,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import uvicorn
 
-from medq.errors import ConfigError, MedqError
+from medq.errors import ConfigError, MedqError, first_line
 from medq.hwinfo import intra_op_threads, thread_settings_in_force
 from medq.serve.app import ServerState, create_app
 from medq.serve.models import ServedModel, load_model
@@ -31,8 +34,15 @@ def check_settings(settings: Any) -> None:
         raise ConfigError("serve.runs: no run to serve; pass --run NAME (repeatable) or list them in serve.runs")
     if settings.threshold is not None and not 0.0 < settings.threshold < 1.0:
         raise ConfigError(f"serve.threshold {settings.threshold}: must be between 0 and 1")
+    for key in ("max_queue_delay_ms", "request_timeout_ms", "max_body_mb", "drain_timeout_s"):
+        if not math.isfinite(getattr(settings, key)):  # YAML's .nan and .inf slip past "greater than 0"
+            raise ConfigError(f"serve.{key} {getattr(settings, key)}: must be a finite number")
     if settings.max_queue_delay_ms < 0:
         raise ConfigError(f"serve.max_queue_delay_ms {settings.max_queue_delay_ms}: must be 0 or more")
+    if settings.max_queue_delay_ms >= settings.request_timeout_ms:
+        raise ConfigError(f"serve.max_queue_delay_ms {settings.max_queue_delay_ms:g} is not below "
+                          f"serve.request_timeout_ms {settings.request_timeout_ms:g}: a lone request would wait for "
+                          "company past its own deadline and get 504; lower the delay or raise the timeout")
     if settings.decode_threads < 0:
         raise ConfigError(f"serve.decode_threads {settings.decode_threads}: must be 0 (one per physical core) or more")
     if settings.max_queue_size < settings.max_batch_size:
@@ -46,6 +56,46 @@ def check_settings(settings: Any) -> None:
         value = getattr(settings, key)
         if value is not None and not Path(value).is_file():
             raise ConfigError(f"{value}: serve.{key} file not found")
+    if settings.tls_cert is not None:
+        check_tls(settings.tls_cert, settings.tls_key)
+
+
+def check_tls(cert: str, key: str) -> None:
+    """The certificate and key load as the server will load them, before any model is: a wrong pair is one line, not
+    a traceback after minutes of warm-up, and an encrypted key never makes OpenSSL prompt for a pass phrase."""
+    asked = []
+
+    def password() -> bytes:
+        asked.append(True)
+        return b""
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=password)
+    except (ssl.SSLError, OSError) as exc:
+        why = ("the key is encrypted; give an unencrypted key (`openssl pkey -in KEY -out plain.pem`), readable only "
+               "by the server's user" if asked else
+               "the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(exc) else
+               f"not a PEM certificate and its private key ({first_line(exc)})")
+        raise ConfigError(f"serve.tls_cert {cert}, serve.tls_key {key}: {why}") from None
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind every address the host resolves to (as asyncio's server will, SO_REUSEADDR) before the models load: a
+    port in use or an address not this machine's is one line at once, not after the warm-up."""
+    if port == 0:
+        return
+    try:
+        with contextlib.ExitStack() as held:
+            for family, kind, proto, _, address in set(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                                          flags=socket.AI_PASSIVE)):
+                probe = held.enter_context(socket.socket(family, kind, proto))
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:  # as asyncio binds it: IPv6 only, the IPv4 address apart
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise MedqError(f"{host}:{port}: the server cannot listen there ({exc.strerror or first_line(exc)}); "
+                        "choose another --port, or --host an address of this machine") from None
 
 
 def read_token(path: str | None) -> str | None:
@@ -96,6 +146,7 @@ def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
     settings = config.serve
     check_settings(settings)
     token = read_token(settings.token_file)
+    check_listen(settings.host, settings.port)
     log.info("serve: thread settings in force %s (engine: intra_op_threads=%s, inter_op_threads=%s)",
              {k: v for k, v in thread_settings_in_force().items() if v is not None},
              intra_op_threads(config.runtime), config.runtime.inter_op_threads)
