@@ -132,10 +132,14 @@ export MEDQ_BASE_IMAGE=$base_image MEDQ_UID=$uid MEDQ_GID=$gid
 export DATA_DIR=$work/data OUTPUT_DIR=$work/output MODELS_DIR=$work/models
 
 begin "build (docker-compose build, base $base_image)"
-compose build pipeline  # the services share one image
-# The image replaced by this build is left untagged in the cache; pruned, the cache holds one image's layers (the
-# next build's layer cache) instead of growing by one image per source change until the disk is full.
-docker image prune --force > /dev/null
+compose build pipeline | tee "$work/build.log"  # the services share one image
+# Each build leaves the image it replaced untagged; removed, the cache keeps one build's layers instead of growing by
+# an image per source change until the disk is full. Not `docker image prune`: the build stage's layers (the
+# installed stack, the next build's cache) belong to no tagged image either, so only untagged images that this
+# build did not print (`---> ID`) go.
+for image in $(docker images --quiet --filter dangling=true); do
+  grep -q -- "---> $image" "$work/build.log" || docker rmi "$image" > /dev/null 2>&1 || true
+done
 echo "image medq:latest: $(docker image inspect --format '{{.Size}}' medq:latest | awk '{printf "%.2f GB", $1 / 1e9}')"
 
 begin "container user and bad input"

@@ -391,11 +391,13 @@ case "$*" in
   *"{{.State.ExitCode}}"*) echo 0 ;;
   *"--format"*) echo 1500000000 ;;
   run*) echo "Python 3.11.2" ;;
+  "images --quiet --filter dangling=true") printf "5a1e0b5e0000\\nb0110e100000\\n" ;;  # last build's, this build's
 esac""",
     # the container as the entry point and the services behave: refusals, and the files a run leaves on the host
     "docker-compose": """echo "compose MEDQ_CONFIG=${MEDQ_CONFIG:-} ${*:3}" >> "$CALLS"
 owned() { chown -R "$MEDQ_UID:$MEDQ_GID" "$@"; }
 case "${*:3}" in
+  "build pipeline") printf "Step 10/27 : RUN sh docker/install-wheels.sh\\n ---> b0110e100000\\n" ;;
   "run -T --rm interactive id -u") echo "${STUB_CONTAINER_UID:-$MEDQ_UID}" ;;
   "run -T --rm interactive true")
     [ -z "${STUB_STARTS_ANYWAY:-}" ] || exit 0
@@ -466,8 +468,10 @@ def test_docker_test_script_runs_both_services_in_order_and_stops_its_daemon(tmp
     assert [c for c in compose if c in services] == services  # in this order (other services' checks may sit between)
     assert compose[-1] == "MEDQ_CONFIG= down --remove-orphans"
     assert calls.index("wheelhouse") < calls.index("compose MEDQ_CONFIG= build pipeline")
-    # the image that build replaced is pruned, so the daemon's cache does not grow by an image per change
-    assert calls.index("compose MEDQ_CONFIG= build pipeline") < calls.index("docker image prune --force")
+    # the untagged image the build replaced is removed (the cache does not grow by an image per change), the build
+    # stage's untagged layers the build printed are kept (the next build's cache)
+    assert calls.index("compose MEDQ_CONFIG= build pipeline") < calls.index("docker rmi 5a1e0b5e0000")
+    assert "docker rmi b0110e100000" not in calls
     assert "docker/test.sh: passed" in out and not list(tmp_path.glob("medq-docker-test.*"))  # its folder removed
     dockerd = int((tmp_path / "calls.dockerd").read_text())
     assert not Path(f"/proc/{dockerd}").exists()  # the daemon it started was stopped on exit
