@@ -496,6 +496,11 @@ def _check_ranges(obj: Any, where: str) -> None:
     if isinstance(obj, SubgroupsConfig):
         _check_subgroups(obj, where)
         return
+    if isinstance(obj, ExternalConfig):  # a built-in's name, a map file or pairs, checked before any stage runs
+        from medq.labelmap import from_config
+
+        from_config(obj.label_map, f"{where}.label_map")
+        return
     if isinstance(obj, DataConfig):
         _check_metadata_columns(obj, where)
     if isinstance(obj, LowResConfig):  # 0/0 is "off"; otherwise both are set

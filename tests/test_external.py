@@ -355,3 +355,24 @@ def test_a_mapped_class_without_external_positives_is_said_undefined_never_nan()
     entry = runrecord.ExternalEvaluation(metrics=metrics, counts={"evaluated": 4}, split="test", data_source="x")
     text = "\n".join(" | ".join(r) for r in external.table_rows([entry]))
     assert "nan" not in text.lower() and "None" not in text and "n/a @ 0.5" in text
+
+
+def test_external_label_map_is_checked_when_the_config_loads(tmp_path):
+    """A typo in external.label_map stops loading the config (every command), one line naming the file and listing
+    the built-ins; a built-in's name, an external list's name alone, pairs or a map file load."""
+    bad = tmp_path / "other.yaml"
+    bad.write_text("external:\n  label_map: kagle:rsna\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    message = str(caught.value)
+    assert message.startswith(f"{bad}: external.label_map: 'kagle:rsna' is no built-in mapping") and "\n" not in message
+    assert all(name in message for name in ("kaggle:rsna", "rsna:nih", "nih:rsna-binary"))
+    with pytest.raises(ConfigError, match=r"^--set external.label_map=absent.yaml: .*no such label map file"):
+        load_config(None, ["external.label_map=absent.yaml"])
+    for good in ("kaggle:rsna", "nih", "{PNEUMONIA: Lung Opacity}"):
+        load_config(None, [f"external.label_map={good}"])
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("PNEUMONIA: [Lung Opacity]\n")
+    config = load_config(None, [f"external.label_map={mapping}"])
+    given = labelmap.from_config(config.external.label_map, "external.label_map")
+    assert labelmap.resolve(list(labelmap.KAGGLE), list(labelmap.RSNA), given).pairs == {"PNEUMONIA": ["Lung Opacity"]}
