@@ -15,7 +15,7 @@ import numpy as np
 
 from medq import runrecord
 from medq.errors import MedqError
-from medq.metrics import decisions
+from medq.metrics import decisions, shown_probabilities
 from medq.preprocess import PreprocessSpec
 from medq.thresholds import FALLBACK, Thresholds
 
@@ -135,9 +135,7 @@ def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
     prediction at the operating thresholds (:func:`medq.metrics.decisions`; ``threshold`` None: the run's own) and
     the thresholds it was made at."""
     operating = info.operating(threshold)
-    # 9 significant digits: every float32 probability exactly, so a threshold between two validation scores (a
-    # saturated model's lie a few float32 steps apart, and 6 decimals made them all 1.0) calls them as chosen
-    shown = [float(f"{float(p):.9g}") for p in probs]
+    shown = shown_probabilities(probs)
     out: dict[str, Any] = {"file": None if file is None else str(file), "probabilities": dict(zip(info.classes, shown))}
     # decided on the probabilities the line shows: a reader (or the DICOM SR) applying the rule to them agrees
     called = decisions(info.task, np.array([shown]), operating.per_column())[0]
