@@ -157,9 +157,18 @@ def check_header(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> st
 
             return pixel_problem(image_size(kind, read), max_megapixels)
     except FileNotFoundError:
-        return "file not found"
+        return missing(path)
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
+
+
+BROKEN_LINK = "broken symbolic link (its target does not exist)"
+
+
+def missing(path: Path) -> str:
+    """Why a listed input cannot be opened: a symbolic link whose target does not exist (`ls` still shows the
+    link, so "file not found" would puzzle), or gone."""
+    return BROKEN_LINK if os.path.islink(path) else "file not found"
 
 
 def is_dicom(path: Path) -> bool:
@@ -231,7 +240,7 @@ def _decode(path: Path, max_megapixels: float, bit_depth: int | str) -> tuple[np
     try:
         raw = np.fromfile(path, dtype=np.uint8)
     except FileNotFoundError:
-        raise UnreadableImage(f"{path}: file not found") from None
+        raise UnreadableImage(f"{path}: {missing(path)}") from None
     except OSError as exc:
         raise UnreadableImage(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if raw.size == 0:
