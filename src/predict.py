@@ -15,7 +15,8 @@ binary, the positive class iff p >= t; multiclass, arg-max(p − t); multi-label
 real file once, however often it is given (:func:`distinct_inputs`). Exit code: 0 when at least one image was
 predicted, 1 when none was (a refusal before any work is the CLI's 2).
 A prediction may carry ``"warning"``: a 16-bit image that uses only the low bits of its range (12-bit values in a
-16-bit PNG without sBIT), read with the run's ``data.bit_depth`` as training read its images.
+16-bit PNG without sBIT), read with the run's ``data.bit_depth`` as training read its images; an image smaller
+than the model's input on either side (enlarged to it: a thumbnail or a crop, not the radiograph).
 """
 from __future__ import annotations
 
@@ -203,18 +204,26 @@ def _load_one(item: ImageInput, spec: PreprocessSpec, ten_crop: bool, keep_image
     try:
         image, facts = decode_pixels(item.path, bit_depth=spec.bit_depth)
         x = ten_crops(image, spec) if ten_crop else preprocess(image, spec)
-        return x, (image if keep_image else None), None, _pixel_warning(facts, spec)
+        return x, (image if keep_image else None), None, _pixel_warning(facts, spec, image.shape[:2])
     except UnreadableImage as exc:
         return None, None, _error_text(item.path, exc), None
     except Exception as exc:  # noqa: BLE001 - one odd file (a codec error, say) must not cost the others
         return None, None, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})", None
 
 
-def _pixel_warning(facts: dict[str, Any], spec: PreprocessSpec) -> str | None:
-    if not facts.get("low_range"):
-        return None
-    return (f"a 16-bit image with {low_range_advice(facts['max_value'])} in the run's config and retrain "
-            f"(predict reads pixels as the run's training did: data.bit_depth {spec.bit_depth})")
+def _pixel_warning(facts: dict[str, Any], spec: PreprocessSpec, shape: tuple[int, ...]) -> str | None:
+    """What makes a prediction doubtful though the file decoded: 16-bit values in the low bits only, or an image
+    smaller than the model's input (a thumbnail or a crop, enlarged: the model answers on interpolated pixels)."""
+    found = []
+    if facts.get("low_range"):
+        found.append(f"a 16-bit image with {low_range_advice(facts['max_value'])} in the run's config and retrain "
+                     f"(predict reads pixels as the run's training did: data.bit_depth {spec.bit_depth})")
+    height, width = shape
+    if min(height, width) < spec.image_size:
+        found.append(f"a {width}×{height}-pixel image, smaller than the model's {spec.image_size}×{spec.image_size} "
+                     "input: enlarged to it, so the prediction rests on interpolated pixels; give the full-resolution "
+                     "image, not a thumbnail or a crop")
+    return "; ".join(found) or None
 
 
 def iter_predictions(predictor: Predictor, inputs: list[ImageInput], *, batch_size: int = 32,
