@@ -385,12 +385,12 @@ def test_a_records_prediction_agrees_with_the_probabilities_it_shows(tmp_path):
 def test_a_folder_of_odd_inputs_each_bad_one_listed_with_its_reason_each_real_file_once(tiny, tmp_path, capsys,
                                                                                           clean_thread_env):
     """Inputs nobody tried: links to nowhere and to themselves, a folder link that loops, an empty and a text file
-    named .png, a full-range 16-bit PNG, a non-ASCII name, a thumbnail smaller than the model's input (predicted,
+    named .png, a named pipe and /dev/zero, a full-range 16-bit PNG, a non-ASCII name, a thumbnail smaller than the model's input (predicted,
     with a warning), and one file given again (another spelling, a link, the
     folder holding it). Every bad file is a line with its reason, every real file is predicted once, exit 0."""
     import errno
 
-    from medq.data.decode import BROKEN_LINK
+    from medq.data.decode import BROKEN_LINK, NOT_REGULAR
 
     folder = tmp_path / "odd"
     (folder / "sub").mkdir(parents=True)
@@ -406,12 +406,15 @@ def test_a_folder_of_odd_inputs_each_bad_one_listed_with_its_reason_each_real_fi
     (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)  # a folder loop: entered once
     (folder / "zz_alias.jpeg").symlink_to(good)
     cv2.imwrite(str(folder / "thumb.png"), gray[:20, :40])  # 40 wide, 20 high: below the model's 32-pixel side
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)  # reading it would wait for a writer forever
 
     code = main(["predict", "--run", str(tiny.run_dir), str(folder), str(good), str(folder / "sub" / ".." / "good.jpeg"),
-                 "--quiet"])
+                 str(pipe), "/dev/zero", "--quiet"])
     captured = capsys.readouterr()
     recs = {Path(r["file"]).name: r for r in map(json.loads, captured.out.splitlines())}
-    assert code == 0 and len(captured.out.splitlines()) == len(recs) == 8  # good.jpeg and its alias: one line
+    assert code == 0 and len(captured.out.splitlines()) == len(recs) == 10  # good.jpeg and its alias: one line
+    assert recs["pipe.png"]["error"] == recs["zero"]["error"] == NOT_REGULAR
     assert recs["dangling.png"]["error"] == BROKEN_LINK and recs["empty.png"]["error"] == "empty file (0 bytes)"
     assert os.strerror(errno.ELOOP) in recs["self.png"]["error"] and "not a PNG" in recs["notes.png"]["error"]
     assert "zz_alias.jpeg" not in recs and "lung ünïcödé 肺.jpeg" in recs
@@ -422,7 +425,7 @@ def test_a_folder_of_odd_inputs_each_bad_one_listed_with_its_reason_each_real_fi
     assert recs["thumb.png"]["warning"].startswith("a 40×20-pixel image, smaller than the model's 32×32 input")
     assert not any("warning" in recs[name] for name in ("good.jpeg", "sixteen.png"))  # 48 px: no warning
     last = captured.err.strip().splitlines()[-1]
-    assert re.search(r"4 images predicted .*4 unreadable files skipped .*1 with a warning .*thumb\.png.*; 3 inputs "
+    assert re.search(r"4 images predicted .*6 unreadable files skipped .*1 with a warning .*thumb\.png.*; 3 inputs "
                      "naming a file already given", last)
 
     only_bad = main(["predict", "--run", str(tiny.run_dir), str(folder / "empty.png"), "--quiet"])
