@@ -281,7 +281,8 @@ class SubgroupsConfig:
 
     # which of sex, age, view to report; [] = every one the dataset has
     attributes: list[Literal["sex", "age", "view"]] = field(default_factory=list)
-    # age band edges in years, increasing: [0, 18) [18, 40) … [80, 200); an age outside them is its own row
+    # age band edges in years, increasing: [0, 18) [18, 40) … [80, 200); a top edge at or above 120 (the oldest
+    # valid age) holds 120 too ('≥ 80'); an age outside the bands is its own row
     age_bands: list[float] = field(default_factory=lambda: [0.0, 18.0, 40.0, 60.0, 80.0, 200.0])
     # a subgroup with fewer images is shown but never flagged ("too few images")
     min_images: int = 30
@@ -494,6 +495,11 @@ def _check_ranges(obj: Any, where: str) -> None:
         return
     if isinstance(obj, SubgroupsConfig):
         _check_subgroups(obj, where)
+        return
+    if isinstance(obj, ExternalConfig):  # a built-in's name, a map file or pairs, checked before any stage runs
+        from medq.labelmap import from_config
+
+        from_config(obj.label_map, f"{where}.label_map")
         return
     if isinstance(obj, DataConfig):
         _check_metadata_columns(obj, where)

@@ -29,7 +29,7 @@ from medq.data.common import data_source
 from medq.data.index import DatasetIndex, Sample
 from medq.data.readers import read_dataset
 from medq.errors import ConfigError, DataError
-from medq.metrics import task_metrics, with_ci
+from medq.metrics import shown_probabilities, task_metrics, with_ci
 from medq.preprocess import PreprocessSpec
 
 log = logging.getLogger("medq")
@@ -98,7 +98,7 @@ def run_external(run_dir: str | Path, other: Any, *, split: str = "test",
             "mapping_text": lmap.describe(), "external_classes": list(index.classes), "model_classes": classes,
             "skipped_files": [paths[i] for i in skipped],
             "images": [{"path": paths[i], "external_labels": [c for c, v in zip(index.classes, y_ext[i]) if v >= 0.5],
-                        "probabilities": dict(zip(classes, (round(float(p), 6) for p in row)))}
+                        "probabilities": dict(zip(classes, shown_probabilities(row)))}
                        for i, row in zip(kept, probs)]}
         staged = artifacts.write_json(runrecord.staging_path(run_dir, name), full)
         runrecord.commit(run_dir, STAGE, artifacts={f"external_evaluation_{slug}": staged}, inputs=(model.key,),

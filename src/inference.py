@@ -16,7 +16,7 @@ import numpy as np
 from medq import runrecord
 from medq.data.decode import low_range_advice
 from medq.errors import MedqError
-from medq.metrics import decisions
+from medq.metrics import decisions, shown_probabilities
 from medq.preprocess import PreprocessSpec
 from medq.thresholds import FALLBACK, Thresholds
 
@@ -130,13 +130,21 @@ class Predictor:
             self.graph.close()
 
 
-def pixel_warning(facts: dict[str, Any], spec: PreprocessSpec) -> str | None:
-    """What the answer for an image decoded with ``facts`` (medq.data.decode) must warn about: a 16-bit image that
-    likely holds 10-14-bit values, read near black as training read its images (predict's and serve's answers)."""
-    if not facts.get("low_range"):
-        return None
-    return (f"a 16-bit image with {low_range_advice(facts['max_value'])} in the run's config and retrain "
-            f"(predict reads pixels as the run's training did: data.bit_depth {spec.bit_depth})")
+def pixel_warning(facts: dict[str, Any], spec: PreprocessSpec, shape: tuple[int, ...]) -> str | None:
+    """What the answer for an image of ``shape`` (height, width) decoded with ``facts`` (medq.data.decode) must warn
+    about though the file decoded (predict's and serve's answers alike): 16-bit values in the low bits only (a 10-14
+    bit image, read near black as training read its images), or an image smaller than the model's input (a thumbnail
+    or a crop, enlarged: the model answers on interpolated pixels)."""
+    found = []
+    if facts.get("low_range"):
+        found.append(f"a 16-bit image with {low_range_advice(facts['max_value'])} in the run's config and retrain "
+                     f"(predict reads pixels as the run's training did: data.bit_depth {spec.bit_depth})")
+    height, width = shape
+    if min(height, width) < spec.image_size:
+        found.append(f"a {width}×{height}-pixel image, smaller than the model's {spec.image_size}×{spec.image_size} "
+                     "input: enlarged to it, so the prediction rests on interpolated pixels; give the full-resolution "
+                     "image, not a thumbnail or a crop")
+    return "; ".join(found) or None
 
 
 def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
@@ -145,9 +153,7 @@ def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
     prediction at the operating thresholds (:func:`medq.metrics.decisions`; ``threshold`` None: the run's own) and
     the thresholds it was made at."""
     operating = info.operating(threshold)
-    # 9 significant digits: every float32 probability exactly, so a threshold between two validation scores (a
-    # saturated model's lie a few float32 steps apart, and 6 decimals made them all 1.0) calls them as chosen
-    shown = [float(f"{float(p):.9g}") for p in probs]
+    shown = shown_probabilities(probs)
     out: dict[str, Any] = {"file": None if file is None else str(file), "probabilities": dict(zip(info.classes, shown))}
     # decided on the probabilities the line shows: a reader (or the DICOM SR) applying the rule to them agrees
     called = decisions(info.task, np.array([shown]), operating.per_column())[0]

@@ -143,7 +143,7 @@ def parse_map(items: Iterable[str], where: str = "--map") -> dict[str, list[str]
     items = [str(i) for i in items]
     if len(items) == 1 and "=" not in items[0]:
         if Path(items[0]).suffix.lower() in MAP_FILE_SUFFIXES or Path(items[0]).is_file():
-            return read_map_file(Path(items[0]))
+            return read_map_file(Path(items[0]), where)
         return items[0].strip()
     pairs: dict[str, list[str]] = {}
     for item in items:
@@ -165,12 +165,12 @@ class MapFile(dict):
     source: str = "--map"
 
 
-def read_map_file(path: Path) -> MapFile:
+def read_map_file(path: Path, where: str = "--map") -> MapFile:
     """``--map mapping.yaml``: a YAML (or JSON) mapping {model class: external class, or a list of them}; a missing
     file, a repeated key, a list or a value that is no class name is a one-line ConfigError naming the file."""
     if not path.is_file():
-        raise ConfigError(f"--map {path}: no such label map file; give a YAML file of MODEL_CLASS: EXTERNAL_CLASS "
-                          "lines, MODEL=EXT pairs, or a built-in's name")
+        raise ConfigError(f"{where}: no such label map file {path}; give a YAML file of MODEL_CLASS: EXTERNAL_CLASS "
+                          f"lines, MODEL=EXT pairs, or a built-in's name ({', '.join(builtin_names())})")
     data, repeated = yamlio.read_yaml(path)
     yamlio.refuse_repeated(path, repeated)
     if not isinstance(data, Mapping) or not data:
@@ -181,12 +181,30 @@ def read_map_file(path: Path) -> MapFile:
     return pairs
 
 
+def is_builtin_name(name: str) -> bool:
+    """Whether ``name`` names a built-in mapping: ``model list:external list``, or an external list alone (the
+    model's list is known only with the run)."""
+    return name in builtin_names() or name in _externals()
+
+
+def _externals() -> list[str]:
+    return list(dict.fromkeys(external for _, external in BUILTIN))
+
+
 def from_config(value: Any, where: str) -> dict[str, list[str]] | str | None:
-    """``external.label_map`` of a config: {model class: external class or [classes]} or a built-in's name."""
+    """``external.label_map`` of a config: {model class: external class or [classes]}, a built-in's name or a map
+    file (as ``--map`` takes them). Checked when the config loads (medq.config), so a typo stops every command at
+    once, not only the external evaluation that would use it: an unknown name is a one-line ConfigError listing the
+    built-ins."""
     if value in (None, "", {}):
         return None
     if isinstance(value, str):
-        return value.strip()
+        given = parse_map([value.strip()], where)
+        if isinstance(given, str) and not is_builtin_name(given):
+            raise ConfigError(f"{where}: {given!r} is no built-in mapping (built-ins: {', '.join(builtin_names())}, "
+                              f"or an external list's name alone: {', '.join(_externals())}) and no map file "
+                              f"({'/'.join(MAP_FILE_SUFFIXES)}); or write MODEL_CLASS: EXTERNAL_CLASS lines")
+        return given
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected a mapping MODEL_CLASS: EXTERNAL_CLASS (or a list of them), or a "
                           f"built-in mapping's name ({', '.join(builtin_names())}); got {value!r}")

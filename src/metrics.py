@@ -273,6 +273,14 @@ def clinical_metrics(task: str, y_true: np.ndarray, y_prob: np.ndarray, classes:
 
 # --- paired comparison of two models on the same images -------------------------------------------------------------
 
+def shown_probabilities(probs: Any) -> list[float]:
+    """One image's probabilities as every per-image output writes them (predict, serve, the external evaluation's
+    per-image file): 9 significant digits, so every float32 reads back exactly. Fewer lose the order of a saturated
+    model's scores (a few float32 steps apart; 6 decimals made them all 1.0), and a threshold chosen between two of
+    them would no longer call the written values as it calls the model's."""
+    return [float(f"{float(p):.9g}") for p in np.asarray(probs).ravel()]
+
+
 def decisions(task: str, y_prob: np.ndarray, threshold: float | np.ndarray = 0.5) -> np.ndarray:
     """Each image's call at the operating thresholds (``threshold``: one for all, or one per class column, as
     ``medq.thresholds.Thresholds.per_column`` gives): binary, the positive class iff p ≥ its threshold ([N] bool);

@@ -11,9 +11,12 @@ Output: one JSON object per input file, in input order —
 (multilabel). Decisions are taken at the run's operating thresholds (medq.thresholds: chosen on validation by
 train; the same for every model of the run, so INT8 keeps FP32's operating point), or at ``--threshold``:
 binary, the positive class iff p >= t; multiclass, arg-max(p − t); multi-label, each label iff p >= t.
-``{"file", "error"}`` for a file that cannot be decoded (it is skipped, counted, and the rest are predicted).
+``{"file", "error"}`` for a file that cannot be decoded (it is skipped, counted, and the rest are predicted); each
+real file once, however often it is given (:func:`distinct_inputs`). Exit code: 0 when at least one image was
+predicted, 1 when none was (a refusal before any work is the CLI's 2).
 A prediction may carry ``"warning"``: a 16-bit image that uses only the low bits of its range (12-bit values in a
-16-bit PNG without sBIT), read with the run's ``data.bit_depth`` as training read its images.
+16-bit PNG without sBIT), read with the run's ``data.bit_depth`` as training read its images; an image smaller
+than the model's input on either side (enlarged to it: a thumbnail or a crop, not the radiograph).
 """
 from __future__ import annotations
 
@@ -76,6 +79,20 @@ def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], i
     return found, ignored
 
 
+def distinct_inputs(items: list[ImageInput]) -> tuple[list[ImageInput], int]:
+    """Each real file once, at its first mention: a path given twice, spelled two ways (``./a.png``, ``a.png``, a
+    symbolic link) or given and found in a folder argument too, is one image — one line, one heatmap, one SR, as
+    the dataset readers count it. Returns (inputs, how many repeats were left out)."""
+    seen: set[str] = set()
+    kept = []
+    for item in items:
+        real = os.path.realpath(item.path)
+        if real not in seen:
+            seen.add(real)
+            kept.append(item)
+    return kept, len(items) - len(kept)
+
+
 def _error_text(path: Path, exc: Exception) -> str:
     text = str(exc)
     prefix = f"{path}: "
@@ -105,12 +122,14 @@ def check_outputs(items: list[ImageInput], classes: list[str], output: str | Pat
         out = Path(output)
         if out.is_dir():
             raise MedqError(f"{out}: is a folder; -o takes a file name, e.g. -o {out / 'predictions.jsonl'}")
+        refuse_under_a_file(out, "-o")
     if heatmap_dir is None:
         return
     directory = Path(heatmap_dir)
     if directory.exists() and not directory.is_dir():
         raise MedqError(f"{directory}: is a file; --heatmap takes a folder (created if missing), e.g. "
                         f"--heatmap {directory.with_suffix('')}_heatmaps")
+    refuse_under_a_file(directory, "--heatmap")
     if overwrite or not directory.is_dir():
         return
     used: set[Path] = set()
@@ -119,6 +138,17 @@ def check_outputs(items: list[ImageInput], classes: list[str], output: str | Pat
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise MedqError(f"{existing[0]}: already exists{more}; medq does not replace files it did not write in this "
                         "run — pass --overwrite, or choose an empty --heatmap folder")
+
+
+def refuse_under_a_file(path: Path, option: str) -> None:
+    """An output whose nearest existing parent is a file could only fail once images are predicted (an SR or
+    heatmap half written, the model loaded for nothing): refused before any work, one line."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MedqError(f"{parent}: is a file, so {option} {path} cannot be created under it; name a path "
+                                "under a folder")
+            return
 
 
 @dataclass
@@ -174,7 +204,7 @@ def _load_one(item: ImageInput, spec: PreprocessSpec, ten_crop: bool, keep_image
     try:
         image, facts = decode_pixels(item.path, bit_depth=spec.bit_depth)
         x = ten_crops(image, spec) if ten_crop else preprocess(image, spec)
-        return x, (image if keep_image else None), None, pixel_warning(facts, spec)
+        return x, (image if keep_image else None), None, pixel_warning(facts, spec, image.shape[:2])
     except UnreadableImage as exc:
         return None, None, _error_text(item.path, exc), None
     except Exception as exc:  # noqa: BLE001 - one odd file (a codec error, say) must not cost the others
@@ -221,6 +251,7 @@ class PredictSummary:
     predicted: int = 0
     errors: int = 0
     ignored: int = 0
+    repeated: int = 0  # inputs naming a file already given (distinct_inputs): predicted once
     first_error: str | None = None
     warnings: int = 0
     first_warning: str | None = None
@@ -249,6 +280,9 @@ class PredictSummary:
             text += f"; {self.warnings} with a warning (first: {self.first_warning})"
         if self.ignored:
             text += f"; {self.ignored} non-image file{'s' if self.ignored != 1 else ''} in the folders ignored"
+        if self.repeated:
+            text += f"; {self.repeated} input{'s' if self.repeated != 1 else ''} naming a file already given " \
+                    "(predicted once)"
         if self.output is not None:
             text += f" → {self.output}"
         if self.heatmap_dir is not None:
@@ -278,6 +312,7 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
     info = read_run(run_dir)
     operating = info.operating(threshold)
     items, ignored = collect_inputs(inputs)
+    items, repeated = distinct_inputs(items)
     if not items:
         raise MedqError(f"{', '.join(map(str, inputs))}: no PNG, JPEG or DICOM files found; pass image files or "
                         "folders holding them")
@@ -300,7 +335,7 @@ def run_predict(run_dir: str | Path, inputs: Sequence[str | Path], *, model: str
 
         cam_model = predictor.keras_model if kind == "keras" else load_keras_model(keras_path)
         heatmaps = HeatmapWriter(Path(heatmap_dir), cam_model, info, heatmap_classes, heatmap_layer, operating)
-    summary = PredictSummary(ignored=ignored, model=f"{model if model_file is None else kind} model {path}",
+    summary = PredictSummary(ignored=ignored, repeated=repeated, model=f"{model if model_file is None else kind} model {path}",
                              data_source=info.data_source,
                              output=Path(output) if output is not None else None,
                              heatmap_dir=Path(heatmap_dir) if heatmap_dir is not None else None)
@@ -331,6 +366,7 @@ def plan_dicom_sr(items: list[ImageInput], directory: str | Path | None, overwri
     folder = Path(directory)
     if folder.exists() and not folder.is_dir():
         raise MedqError(f"{folder}: is a file; --dicom-sr takes a folder (created if missing)")
+    refuse_under_a_file(folder, "--dicom-sr")
     targets = plan_targets(folder, [(item.path, item.root) for item in items])
     existing = [t for t in targets.values() if t.exists()]
     if existing and not overwrite:

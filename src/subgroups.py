@@ -101,24 +101,31 @@ def recorded(evaluated: dict[str, Any] | None, benchmark: dict[str, Any] | None)
 
 
 def band_labels(edges: list[float]) -> list[str]:
-    """'[18, 40)' per band, the lower edge included; a top band open beyond any real age is '≥ 80'."""
-    return [f"≥ {lo:g}" if hi > MAX_AGE else f"[{lo:g}, {hi:g})" for lo, hi in zip(edges, edges[1:])]
+    """'[18, 40)' per band, the lower edge included; a top band reaching the oldest valid age (its edge at or beyond
+    MAX_AGE, 120) holds every age from its lower edge on, 120 included: '≥ 80'."""
+    return [f"≥ {lo:g}" if hi >= MAX_AGE else f"[{lo:g}, {hi:g})" for lo, hi in zip(edges, edges[1:])]
 
 
 def age_band(age: str, edges: list[float]) -> str:
-    """'58' → '[40, 60)'; 'unknown' stays; an age outside the edges → 'outside [0, 90)'."""
+    """'58' → '[40, 60)'; 'unknown' stays; an age outside the bands → 'outside [0, 90)', a row of its own (counted,
+    never dropped). Bands are [lo, hi), except that a top edge at MAX_AGE includes it: ages run 0–120 inclusive
+    (medq.data.metadata), so the edges [0, 65, 120] band every valid age, 120 in '≥ 65'."""
     years = age_years(age) if age != UNKNOWN else None
     if years is None:
         return UNKNOWN
     for (lo, hi), label in zip(zip(edges, edges[1:]), band_labels(edges)):
-        if lo <= years < hi:
+        if lo <= years < hi or (hi >= MAX_AGE and lo <= years <= MAX_AGE):
             return label
-    return f"outside [{edges[0]:g}, {edges[-1]:g})"
+    return _outside(edges)
+
+
+def _outside(edges: list[float]) -> str:
+    return f"outside [{edges[0]:g}, {edges[-1]:g}{']' if edges[-1] >= MAX_AGE else ')'}"
 
 
 def _ordered(values: set[str], attribute: str, edges: list[float]) -> list[str]:
     if attribute == "age":
-        order = band_labels(edges) + [f"outside [{edges[0]:g}, {edges[-1]:g})", UNKNOWN]
+        order = band_labels(edges) + [_outside(edges), UNKNOWN]
         return [v for v in order if v in values]
     return sorted(values - {UNKNOWN}) + ([UNKNOWN] if UNKNOWN in values else [])
 

@@ -16,7 +16,7 @@ import pytest
 
 from medq import artifacts, hwinfo, runrecord
 from medq.data import pinned
-from medq.benchmark import plan, report, run_benchmark, summary_text, worker
+from medq.benchmark import plan, report, run_benchmark, runner, summary_text, worker
 from medq.config import load_config
 from medq.errors import ConfigError, MedqError
 
@@ -233,6 +233,34 @@ def test_every_row_is_reported_at_the_run_thresholds_with_hand_counted_sensitivi
     assert "| a | 0.4 | tensorflow-fp32 | 0.667 [" in md and "| a | 0.4 | tensorflow-int8 | 0.333 [" in md
     assert "| 0.750 [" in md and "| 3+ / 4− |" in md
     assert "| b | 0.5 | tensorflow-int8 | 1.000 [" in md  # b: all 3 positives ≥ 0.5, no negative above it
+
+
+def test_a_multiclass_row_is_reported_at_the_argmax_calls_and_says_threshold_not_at_least():
+    """benchmark.md's operating-threshold section of a multiclass run: each row's figures are of the one class an
+    image is called, argmax(p - t) (what predict and serve call), not of each class's own p >= t; a multiclass class
+    is shown as 'c (threshold t)', never 'c ≥ t'. Oracle: the calls counted by hand below."""
+    from medq.thresholds import Thresholds
+
+    rep = _synthetic() | {"task": "multiclass", "classes": ["a", "b", "c"]}
+    chosen = Thresholds("multiclass", ["a", "b", "c"], {"a": 0.5, "b": 0.2, "c": 0.3}, "validation")
+    y = np.eye(3)[[0, 0, 0, 1, 1, 1, 0]]  # c has no test positives
+    probs = np.array([[0.7, 0.25, 0.05],   # p - t = (.2, .05, -.25): a (b's p >= t too)
+                      [0.5, 0.4, 0.1],     # (0, .2, -.2): b, although a's p >= t
+                      [0.45, 0.15, 0.4],   # (-.05, -.05, .1): c
+                      [0.3, 0.6, 0.1],     # b
+                      [0.6, 0.22, 0.18],   # (.1, .02, -.12): a, although b's p >= t
+                      [0.2, 0.3, 0.5],     # (-.3, .1, .2): c, although b's p >= t
+                      [0.8, 0.1, 0.1]])    # a
+    for row in rep["results"]:
+        row["metrics"] = runner._metrics("multiclass", rep["classes"], y, probs, chosen)
+    report.add_comparisons(rep)
+    md = report.markdown(rep)
+    # a: positives 1,2,3,7 called a at 1,7 (2/4; p >= t alone: 3/4); negatives 4,5,6, 5 called a (2/3)
+    assert "| a | 0.5 | tensorflow-int8 | 0.500 [0.150, 0.850] | 0.667 [0.208, 0.939] | 4+ / 3− |" in md
+    # b: positives 4,5,6 called b at 4 only (1/3; p >= t alone: 3/3); negatives 1,2,3,7, 2 called b (3/4)
+    assert "| b | 0.2 | tensorflow-fp32 | 0.333 [0.061, 0.792] | 0.750 [0.301, 0.954] | 3+ / 4− |" in md
+    # c: no positives; called at 3 and 6, so 5 of 7 negatives not called
+    assert "c (threshold 0.3): 0.714–0.714" in md and "c ≥" not in md and "b ≥" not in md
 
 
 def test_comparisons_markdown_chart_and_summary(tmp_path):

@@ -355,3 +355,54 @@ def test_a_mapped_class_without_external_positives_is_said_undefined_never_nan()
     entry = runrecord.ExternalEvaluation(metrics=metrics, counts={"evaluated": 4}, split="test", data_source="x")
     text = "\n".join(" | ".join(r) for r in external.table_rows([entry]))
     assert "nan" not in text.lower() and "None" not in text and "n/a @ 0.5" in text
+
+
+def test_external_label_map_is_checked_when_the_config_loads(tmp_path):
+    """A typo in external.label_map stops loading the config (every command), one line naming the file and listing
+    the built-ins; a built-in's name, an external list's name alone, pairs or a map file load."""
+    bad = tmp_path / "other.yaml"
+    bad.write_text("external:\n  label_map: kagle:rsna\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(bad)
+    message = str(caught.value)
+    assert message.startswith(f"{bad}: external.label_map: 'kagle:rsna' is no built-in mapping") and "\n" not in message
+    assert all(name in message for name in ("kaggle:rsna", "rsna:nih", "nih:rsna-binary"))
+    with pytest.raises(ConfigError, match=r"^--set external.label_map=absent.yaml: .*no such label map file"):
+        load_config(None, ["external.label_map=absent.yaml"])
+    for good in ("kaggle:rsna", "nih", "{PNEUMONIA: Lung Opacity}"):
+        load_config(None, [f"external.label_map={good}"])
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("PNEUMONIA: [Lung Opacity]\n")
+    config = load_config(None, [f"external.label_map={mapping}"])
+    given = labelmap.from_config(config.external.label_map, "external.label_map")
+    assert labelmap.resolve(list(labelmap.KAGGLE), list(labelmap.RSNA), given).pairs == {"PNEUMONIA": ["Lung Opacity"]}
+
+
+def test_the_per_image_file_writes_every_float32_probability_exactly_as_predict_does(world, tmp_path, monkeypatch):
+    """A saturated model's scores lie a few float32 steps below 1; 6 decimals wrote them all as 1.0. The per-image
+    file must give back exactly the float32 values the model returned (as predict and serve print them)."""
+    import shutil
+
+    from medq import runmodel
+
+    root, kaggle, _ = world
+    run_dir = tmp_path / "kaggle"
+    shutil.copytree(kaggle.run_dir, run_dir)  # the module's run keeps its record for the other tests
+    real = runmodel.probabilities
+    injected = {}
+
+    def saturated(*args, **kwargs):
+        probs, kept = real(*args, **kwargs)
+        steps = np.arange(1, len(probs) + 1) % 5 + 1  # 1 - k * 2^-24, k = 1..5: distinct float32, all within 1e-6 of 1
+        top = (np.float32(1.0) - steps.astype(np.float32) * np.float32(2.0 ** -24)).astype(np.float32)
+        injected["probs"] = np.stack([np.float32(1.0) - top, top], axis=1).astype(np.float32)
+        return injected["probs"], kept
+
+    monkeypatch.setattr(runmodel, "probabilities", saturated)
+    other = load_config(None, BASE + [f"data.root={root / 'rsna'}", "data.format=rsna-pneumonia",
+                                      f"run.output_dir={root / 'output'}"])
+    result = run_external(run_dir, other, split="all")
+    written = json.loads((run_dir / result["artifact"]).read_text())["images"]
+    back = np.array([[image["probabilities"][c] for c in labelmap.KAGGLE] for image in written], dtype=np.float32)
+    assert np.array_equal(back, injected["probs"])
+    assert len(set(back[:, 1].tolist())) == 5  # five distinct scores below 1, none written as 1.0

@@ -380,3 +380,63 @@ def test_a_records_prediction_agrees_with_the_probabilities_it_shows(tmp_path):
     # PNEUMONIA, unlike evaluate), so the line, an SR built from it and the model's own output all agree
     rec = record(None, np.array([0.7000004, 0.2999996]), info)
     assert rec["probabilities"]["PNEUMONIA"] == 0.2999996 and rec["prediction"] == "NORMAL"
+
+
+def test_a_folder_of_odd_inputs_each_bad_one_listed_with_its_reason_each_real_file_once(tiny, tmp_path, capsys,
+                                                                                          clean_thread_env):
+    """Inputs nobody tried: links to nowhere and to themselves, a folder link that loops, an empty and a text file
+    named .png, a named pipe and /dev/zero, a full-range 16-bit PNG, a non-ASCII name, a thumbnail smaller than the model's input (predicted,
+    with a warning), and one file given again (another spelling, a link, the
+    folder holding it). Every bad file is a line with its reason, every real file is predicted once, exit 0."""
+    import errno
+
+    from medq.data.decode import BROKEN_LINK, NOT_REGULAR
+
+    folder = tmp_path / "odd"
+    (folder / "sub").mkdir(parents=True)
+    good = folder / "good.jpeg"
+    shutil.copy(tiny.test_files[0], good)
+    gray = cv2.imread(tiny.test_files[1], cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(folder / "sixteen.png"), gray.astype(np.uint16) * 257)  # every 16 bits used: v*257/65535 = v/255
+    shutil.copy(tiny.test_files[2], folder / "lung ünïcödé 肺.jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("not an image\n")
+    (folder / "dangling.png").symlink_to(folder / "gone.png")
+    (folder / "self.png").symlink_to(folder / "self.png")  # ELOOP when followed
+    (folder / "sub" / "up").symlink_to(folder, target_is_directory=True)  # a folder loop: entered once
+    (folder / "zz_alias.jpeg").symlink_to(good)
+    cv2.imwrite(str(folder / "thumb.png"), gray[:20, :40])  # 40 wide, 20 high: below the model's 32-pixel side
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)  # reading it would wait for a writer forever
+
+    code = main(["predict", "--run", str(tiny.run_dir), str(folder), str(good), str(folder / "sub" / ".." / "good.jpeg"),
+                 str(pipe), "/dev/zero", "--quiet"])
+    captured = capsys.readouterr()
+    recs = {Path(r["file"]).name: r for r in map(json.loads, captured.out.splitlines())}
+    assert code == 0 and len(captured.out.splitlines()) == len(recs) == 10  # good.jpeg and its alias: one line
+    assert recs["pipe.png"]["error"] == recs["zero"]["error"] == NOT_REGULAR
+    assert recs["dangling.png"]["error"] == BROKEN_LINK and recs["empty.png"]["error"] == "empty file (0 bytes)"
+    assert os.strerror(errno.ELOOP) in recs["self.png"]["error"] and "not a PNG" in recs["notes.png"]["error"]
+    assert "zz_alias.jpeg" not in recs and "lung ünïcödé 肺.jpeg" in recs
+    reference = _reference_probs(tiny.run_dir / "model_fp32.pb",
+                                 [good, gray, tiny.test_files[2]], tiny.spec.image_size)
+    for name, expected in zip(("good.jpeg", "sixteen.png", "lung ünïcödé 肺.jpeg"), reference):
+        np.testing.assert_allclose(_probs(recs[name]), expected, atol=1e-4)
+    assert recs["thumb.png"]["warning"].startswith("a 40×20-pixel image, smaller than the model's 32×32 input")
+    assert not any("warning" in recs[name] for name in ("good.jpeg", "sixteen.png"))  # 48 px: no warning
+    last = captured.err.strip().splitlines()[-1]
+    assert re.search(r"4 images predicted .*6 unreadable files skipped .*1 with a warning .*thumb\.png.*; 3 inputs "
+                     "naming a file already given", last)
+
+    only_bad = main(["predict", "--run", str(tiny.run_dir), str(folder / "empty.png"), "--quiet"])
+    assert only_bad == 1 and "error" in json.loads(capsys.readouterr().out)  # nothing predicted: exit 1
+
+
+@pytest.mark.parametrize("option", ["-o", "--heatmap", "--dicom-sr"])
+def test_an_output_under_a_file_is_refused_before_any_image_is_read(tiny, tmp_path, capsys, option):
+    blocker = tmp_path / "report.txt"
+    blocker.write_text("a file, not a folder\n")
+    code = main(["predict", "--run", str(tiny.run_dir), tiny.test_files[0], option, str(blocker / "out" / "x"), "-q"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and blocker.read_text() == "a file, not a folder\n"
+    assert f"{blocker}: is a file, so {option} " in captured.err and len(captured.err.strip().splitlines()) == 1

@@ -403,3 +403,23 @@ def test_age_bands_follow_the_config_and_unknown_or_outside_ages_are_rows_of_the
         ["[0, 18)", "[0, 18)", "[18, 40)", "[60, 80)", "≥ 80", "≥ 80", "unknown"]
     assert [age_band(a, [20.0, 65.0, 90.0]) for a in ("19", "20", "64", "65", "95")] == \
         ["outside [20, 90)", "[20, 65)", "[20, 65)", "[65, 90)", "outside [20, 90)"]
+
+
+def test_an_age_of_120_falls_in_the_top_band_when_the_top_edge_is_120_and_every_image_is_in_one_age_row():
+    """Ages are valid from 0 to 120 inclusive (medq.data.metadata); bands are [lo, hi) but a top edge of 120 holds
+    120 itself, so [0, 65, 120] bands every valid age. Ages beyond the edges are a row of their own, never dropped."""
+    from medq.data.metadata import Demographics
+    from medq.subgroups import age_band
+
+    assert [age_band(a, [0.0, 65.0, 120.0]) for a in ("0", "64.9", "65", "119.5", "120")] == \
+        ["[0, 65)", "[0, 65)", "≥ 65", "≥ 65", "≥ 65"]
+    assert [age_band(a, [20.0, 65.0, 120.0]) for a in ("19", "120")] == ["outside [20, 120]", "≥ 65"]
+    truth, score, _ = _known_binary()
+    normalise = Demographics()  # as the readers do: a DICOM Age String '120Y' and a plain '120' are both 120 years
+    meta = [normalise("F", age, "PA") for age in ["040Y"] * 12 + ["120Y", "120"] * 6]
+    y, p = np.stack([1 - truth, truth], 1), np.stack([1 - score, score], 1)
+    table = Subgroups(meta, SubgroupsConfig(attributes=["age"], age_bands=[0.0, 65.0, 120.0], min_images=5)).table(
+        "binary", BINARY, y, p, Thresholds.uniform("binary", BINARY, 0.5, "override"))
+    rows = {r["value"]: r for r in table["groups"]}
+    assert list(rows) == ["[0, 65)", "≥ 65"] and sum(r["n"] for r in rows.values()) == len(truth)
+    assert rows["≥ 65"]["auc"] == pytest.approx(roc_auc_score(truth[12:], score[12:]))

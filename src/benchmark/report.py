@@ -148,7 +148,10 @@ def fidelity_section(report: dict[str, Any]) -> list[str]:
 
 def thresholds_section(report: dict[str, Any]) -> list[str]:
     """Sensitivity and specificity at the run's operating thresholds on the test split, every row at FP32's
-    thresholds: a quantized path that keeps its AUC can still move a clinical operating point."""
+    thresholds: a quantized path that keeps its AUC can still move a clinical operating point. The figures are
+    :func:`medq.thresholds.held`'s (the decision rule's calls: multiclass, the one class arg-max(p − t))."""
+    from medq.thresholds import at
+
     rows = [r for r in report["results"] if ((r.get("metrics") or {}).get("operating_points") or {}).get("classes")]
     if not rows:
         return []
@@ -174,7 +177,7 @@ def thresholds_section(report: dict[str, Any]) -> list[str]:
                      "validation sens. / spec. (chosen at)"], table), "",
              f"Thresholds: {points['source']}; {points['decision_rule']}. Intervals: Wilson 95%."]
             + ([f"No positives in the test split (no sensitivity; specificity over the rows): " + ", ".join(
-                f"{c} ≥ {points['classes'][c]['threshold']:.4g}: {_f(min(v), 3)}–{_f(max(v), 3)}"
+                f"{at(points.get('task'), c, points['classes'][c]['threshold'])}: {_f(min(v), 3)}–{_f(max(v), 3)}"
                 if None not in v else c for c, v in unjudged.items())] if unjudged else [])
             + [f"Note: {n}" for n in points.get("notes") or []] + [""])
 

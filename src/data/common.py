@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from medq.data.decode import MAX_MEGAPIXELS, UnreadableImage, check_header
+from medq.data.decode import BROKEN_LINK, MAX_MEGAPIXELS, UnreadableImage, check_header
 from medq.data.duplicates import raise_first, reconcile
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
@@ -100,14 +100,15 @@ def walk(folder: Path, recursive: bool = True, skip: Callable[[Path], bool] = is
         folders = []
         for entry in entries:
             path = Path(entry.path)
-            if skip(path):
-                yield "skip", path
-            elif entry.is_dir():
+            try:  # a link to itself (or round a cycle of links) raises ELOOP here: a broken link, not a crash
+                kind = "skip" if skip(path) else "folder" if entry.is_dir() else "file" if entry.is_file() else \
+                    "broken link" if entry.is_symlink() else None
+            except OSError:
+                kind = "broken link"
+            if kind == "folder":
                 folders.append(path)
-            elif entry.is_file():
-                yield "file", path
-            elif entry.is_symlink():
-                yield "broken link", path
+            elif kind is not None:
+                yield kind, path
         if recursive:
             stack.extend(reversed(folders))
 
@@ -199,7 +200,7 @@ class Intake:
             elif kind == "seen":
                 self.seen.append(path)
             else:
-                self.skip(path, "broken symbolic link (its target does not exist)")
+                self.skip(path, BROKEN_LINK)
         return sorted(found)
 
     def notes(self) -> list[str]:

@@ -24,6 +24,7 @@ Pixels are read as a viewer shows them:
 from __future__ import annotations
 
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -135,7 +136,10 @@ def check_header(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> st
     One open and a few small reads, no pathlib: it runs on every file of 100k-image datasets at index time."""
     name = os.fspath(path)
     try:
-        with open(name, "rb", buffering=0) as fh:
+        fh = open_regular(name)
+        if fh is None:
+            return NOT_REGULAR
+        with fh:
             head = fh.read(132)
             if not head:
                 return "empty file (0 bytes)"
@@ -157,9 +161,30 @@ def check_header(path: str | Path, max_megapixels: float = MAX_MEGAPIXELS) -> st
 
             return pixel_problem(image_size(kind, read), max_megapixels)
     except FileNotFoundError:
-        return "file not found"
+        return missing(path)
     except OSError as exc:
         return f"cannot be read ({exc.strerror or exc})"
+
+
+BROKEN_LINK = "broken symbolic link (its target does not exist)"
+NOT_REGULAR = "not a regular file (a named pipe, device or socket); give an image file"
+
+
+def open_regular(name: str | Path):
+    """``name`` opened for reading (unbuffered), or None when it is no regular file: a named pipe would block the
+    read until a writer comes (forever), a device such as /dev/zero never end it. Opened without blocking, so a pipe
+    is found out at once; for a regular file the flag changes nothing."""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return open(fd, "rb", buffering=0)
+    os.close(fd)
+    return None
+
+
+def missing(path: Path) -> str:
+    """Why a listed input cannot be opened: a symbolic link whose target does not exist (`ls` still shows the
+    link, so "file not found" would puzzle), or gone."""
+    return BROKEN_LINK if os.path.islink(path) else "file not found"
 
 
 def is_dicom(path: Path) -> bool:
@@ -229,9 +254,13 @@ def _decode(path: Path, max_megapixels: float, bit_depth: int | str) -> tuple[np
     """OpenCV's pixels (gray or BGR; uint8, or uint16 on the scale of ``info['significant_bits']``) or DICOM's
     float32 [0, 1] gray, and the file's facts."""
     try:
-        raw = np.fromfile(path, dtype=np.uint8)
+        fh = open_regular(path)
+        if fh is None:
+            raise UnreadableImage(f"{path}: {NOT_REGULAR}")
+        with fh:
+            raw = np.fromfile(fh, dtype=np.uint8)
     except FileNotFoundError:
-        raise UnreadableImage(f"{path}: file not found") from None
+        raise UnreadableImage(f"{path}: {missing(path)}") from None
     except OSError as exc:
         raise UnreadableImage(f"{path}: cannot be read ({exc.strerror or exc})") from None
     if raw.size == 0:

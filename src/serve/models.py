@@ -91,7 +91,7 @@ class ServedModel:
             if problem:
                 raise UnreadableImage(problem)
             image, facts = decode_pixels(name, self.max_megapixels, bit_depth=self.info.spec.bit_depth)
-            return preprocess(image, self.info.spec), pixel_warning(facts, self.info.spec)
+            return preprocess(image, self.info.spec), pixel_warning(facts, self.info.spec, image.shape[:2])
         except UnreadableImage as exc:
             text = str(exc)
             raise UnreadableImage(text[len(name) + 2:] if text.startswith(f"{name}: ") else text) from None
