@@ -198,7 +198,8 @@ def test_nih_labels_in_chexnet_order_official_lists_and_skips(tmp_path):
     assert "unknown finding 'Covid'" in reasons["00000011_000"]
     assert "together with findings" in reasons["00000012_000"]
     assert "no such file" in reasons["00000013_000"]
-    assert "duplicate row" in reasons["00000001_001"]
+    assert "00000001_001" not in reasons  # its row twice with one label: used once, with a note naming both lines
+    assert any("1 file(s) listed twice with the same label" in n and "00000001_001.png" in n for n in index.notes)
     assert any("missing image files: 1" in n for n in index.notes)
     assert any("official train_val_list.txt" in n for n in index.notes)
     patients = {s.patient for s in index.splits["val"]}
@@ -426,3 +427,59 @@ def test_detection_order_and_unknown_layouts(tmp_path):
         read(tmp_path / "absent")
     with pytest.raises(DataError, match="not a Kaggle pneumonia folder"):
         read(tmp_path / "b", fmt="kaggle-pneumonia")
+
+
+# --- probes of inputs users bring (bug bash): each failed on the code before its fix --------------------------
+
+def nih_table(root: Path, rows: list[tuple[str, str, int]], *, crlf_bom: bool = True) -> Path:
+    """Data_Entry_2017.csv as Excel re-saves it ('CSV UTF-8': a BOM, CRLF line endings, quoted label cells) and
+    the listed images in images_001/images/."""
+    lines = [",".join(CSV_COLUMNS)]
+    for name, labels, patient in rows:
+        lines.append(f'{name},"{labels}",0,{patient},40,M,PA,2500,2048,0.143,0.143')
+        if not (root / "images_001" / "images" / name).exists():
+            image(root / "images_001" / "images" / name)
+    text = ("\r\n" if crlf_bom else "\n").join(lines) + "\r\n"
+    return write(root / "Data_Entry_2017.csv", text.encode("utf-8-sig" if crlf_bom else "utf-8"))
+
+
+NIH_SIX = [(f"0000000{p}_000.png", labels, p) for p, labels in
+           enumerate(("Effusion", "No Finding", "Mass", "No Finding", "Effusion|Mass", "Mass"), start=1)]
+
+
+def test_nih_image_on_two_rows_with_two_labels_is_refused_not_the_first_row_chosen(tmp_path):
+    """The old reader kept the first row's label and listed the second as a 'duplicate row': a silent choice of
+    one of two labels for a medical image."""
+    root = tmp_path / "nih"
+    nih_table(root, NIH_SIX + [("00000001_000.png", "No Finding", 1)])  # line 8 contradicts line 2
+    with pytest.raises(DataError) as exc:
+        read(root)
+    message = str(exc.value)
+    assert "\n" not in message and "00000001_000.png" in message and "line 2" in message and "line 8" in message
+    assert "Effusion" in message and "no finding" in message and "data.label_conflicts" in message
+    index = read(root, label_conflicts="drop-both")
+    names = [Path(s.path).name for v in index.splits.values() for s in v]
+    assert "00000001_000.png" not in names and len(names) == 5
+    assert sum(Path(p).name == "00000001_000.png" for p, _ in index.skipped) == 2  # both rows listed
+
+
+def test_nih_quoted_bom_crlf_table_reads_every_label(tmp_path):
+    index = read(nih_table(tmp_path / "nih", NIH_SIX).parent)
+    labels = {Path(s.path).name: s.label for v in index.splits.values() for s in v}
+    assert labels == {name: vector(*([] if text == "No Finding" else text.split("|"))) for name, text, _ in NIH_SIX}
+
+
+def test_hidden_folders_are_neither_classes_nor_images(tmp_path):
+    """Jupyter leaves .ipynb_checkpoints/ beside and inside the class folders: the old reader made it a class (a
+    3-class model for a 2-class dataset) and read its copies as images."""
+    root = tmp_path / "cxr"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for i in range(4):
+            image(root / cls / f"{cls}{i}.png")
+    image(root / ".ipynb_checkpoints" / "scratch-checkpoint.png")
+    image(root / "NORMAL" / ".ipynb_checkpoints" / "NORMAL0-checkpoint.png")
+    image(root / "PNEUMONIA" / ".git" / "x.png")
+    index = read(root, "folder", val_fraction=0.0, test_fraction=0.25)
+    assert index.classes == ["NORMAL", "PNEUMONIA"]
+    paths = [s.path for v in index.splits.values() for s in v]
+    assert len(paths) == 8 and not any("/." in p for p in paths)

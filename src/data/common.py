@@ -77,8 +77,9 @@ def register(name: str, detect: Callable[[Path], bool] | None = None):
 
 
 def is_junk(path: Path) -> bool:
-    """macOS resource forks and archive debris that ship inside the Kaggle and BUSI archives."""
-    return path.name in JUNK_NAMES or path.name.startswith("._") or "__MACOSX" in path.parts
+    """macOS resource forks and archive debris that ship inside the Kaggle and BUSI archives, and hidden entries:
+    a hidden folder (Jupyter's ``.ipynb_checkpoints``, ``.git``, ``.Trash-1000``) is never a class or its images."""
+    return path.name in JUNK_NAMES or path.name.startswith(".") or "__MACOSX" in path.parts
 
 
 def walk(folder: Path, recursive: bool = True, skip: Callable[[Path], bool] = is_junk
@@ -206,7 +207,8 @@ class Intake:
     def notes(self) -> list[str]:
         out = []
         if self.junk:
-            out.append(f"ignored {self.junk} archive junk entries (__MACOSX, ._*, .DS_Store)")
+            out.append(f"ignored {self.junk} archive junk and hidden entries (__MACOSX, ._*, .DS_Store, "
+                       ".ipynb_checkpoints, ...)")
         if self.seen:
             out.append(f"{len(self.seen)} symbolic link(s) lead to a folder already read (a link loop or a second "
                        f"link), not followed again: {self.seen[0]}" + (" ..." if len(self.seen) > 1 else ""))

@@ -2,6 +2,9 @@
 
 - ``No Finding`` is the all-zero label vector; a label name outside the 14 (or ``No Finding`` mixed with findings)
   makes the row a listed skip rather than a silently wrong label.
+- An ``Image Index`` on several rows is handed to :func:`medq.data.duplicates.reconcile` like any file listed twice:
+  with one label it is used once (a note), with two it is ``data.label_conflicts``' error (or drop-both), never
+  the first row's label chosen silently.
 - The official ``train_val_list.txt`` / ``test_list.txt`` (patient-disjoint) are used when present, validation carved
   patient-wise from train_val; without them the split is patient-wise by ``Patient ID``.
 - Image files are found with one directory scan per ``images*`` folder (a name → path dict), so a 112,120-row table
@@ -107,7 +110,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     files, duplicate_files = image_files(root)
     intake = Intake(strict, max_megapixels, copies, conflicts, report)
     cache: dict[str, tuple[float, ...] | str] = {}
-    samples: dict[str, Sample] = {}
+    samples: list[tuple[str, Sample]] = []  # every row's listing, repeats included: reconcile judges them
     missing = 0
     listed: set[str] = set()
     rows = iter(read_table(table))
@@ -132,9 +135,6 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
         if isinstance(label, str):
             intake.skip(name, label, file_problem=False)
             continue
-        if name in samples:
-            intake.skip(name, f"duplicate row for this image ({table.name} line {line})", file_problem=False)
-            continue
         path = files.get(name)
         if path is None:
             missing += 1
@@ -142,8 +142,12 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
             continue
         patient = row[i_patient].strip().lstrip("0") or name.split("_")[0].lstrip("0") or "0"
         metadata = demographics.of_row(row, i_meta) if demographics else ()
-        samples[name] = intake.sample(path, label, patient, f"{table.name} line {line} ({name})", metadata)
-    checked = {name: s for name, s in samples.items() if intake.admit(s.path)}  # header check: ~20 µs a file
+        samples.append((name, intake.sample(path, label, patient, f"{table.name} line {line} ({name})", metadata)))
+    admitted: dict[str, bool] = {}  # the header check, once per file: ~20 µs a file
+    for _, sample in samples:
+        if sample.path not in admitted:
+            admitted[sample.path] = intake.admit(sample.path)
+    checked = [(name, sample) for name, sample in samples if admitted[sample.path]]
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
     if missing:
         notes.append(f"missing image files: {missing} of the table's rows have no file (unpack every images_*.tar.gz "
@@ -160,7 +164,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
     if all(p.is_file() for p in lists):
         train_val, test = (_read_list(p) for p in lists)
         neither = 0
-        for name, sample in checked.items():  # a name in both lists goes to both: reconcile refuses the leak
+        for name, sample in checked:  # a name in both lists goes to both: reconcile refuses the leak
             for split, listed, file in (("train", train_val, TRAIN_VAL_LIST), ("test", test, TEST_LIST)):
                 if name in listed:
                     splits[split].append(replace(sample, source=f"{file} line {listed[name]} ({name})"))
@@ -170,7 +174,7 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
         if val_split == "official":
             notes.append("the official lists have no validation split: it is carved from train_val")
     else:
-        splits["train"] = list(checked.values())
+        splits["train"] = [sample for _, sample in checked]
         notes.append(f"split: patient-wise by Patient ID ({TRAIN_VAL_LIST} / {TEST_LIST} not found)")
     splits = make_splits(splits, val_split="from-train", val_fraction=val_fraction, test_fraction=test_fraction,
                          seed=seed, notes=notes, intake=intake, classes=CHEXNET_CLASSES)
