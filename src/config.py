@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import re
 import types
@@ -396,8 +397,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return _coerce(value, inner, where)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
-            raise ConfigError(f"{where}: {value!r} is not allowed; use {_type_name(tp)}")
+        if not any(value == a and type(value) is type(a) for a in allowed):  # 3.0 is not the choice 3, True not 1
+            raise ConfigError(f"{where}: {value!r} is not allowed; use {_type_name(tp)}{_yaml11_hint(value)}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
@@ -412,26 +413,31 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         _, inner = typing.get_args(tp)
+        odd = [k for k in value if k is None or isinstance(k, bool)]
+        if odd:  # str(False) would silently be a key 'False' where the file says NO
+            raise ConfigError(f"{where}: the key {odd[0]!r} is not a name{_yaml11_hint(odd[0])}")
         return {str(k): _coerce(v, inner, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
-        return value
+        return _yaml12_numbers(value)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}{_yaml11_hint(value)}")
         return value
     if tp is float:
         if isinstance(value, str):
             value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}{_yaml11_hint(value)}")
+        if not math.isfinite(value):  # nan passes every range check (all comparisons are false)
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {value!r}{_yaml11_hint(value)}")
         return expand_env(value, where)
     raise TypeError(f"unsupported config annotation {tp!r} at {where}")
 
@@ -444,10 +450,36 @@ def _yaml11_float(text: str) -> float | str:
         return text
 
 
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def _yaml12_numbers(value: Any) -> Any:
+    """A free-form value (``model.params``, a search space) with ``1e-3`` read as the number YAML 1.2 makes it:
+    PyYAML (YAML 1.1) keeps it a string, which a layer would get as its dropout rate."""
+    if isinstance(value, str) and _EXPONENT.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_yaml12_numbers(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _yaml12_numbers(v) for k, v in value.items()}
+    return value
+
+
+def _yaml11_hint(value: Any) -> str:
+    """Why YAML made ``value`` what it is, when the file likely says something else."""
+    if isinstance(value, bool):
+        return (" (YAML reads yes/no/on/off/true/false, in any case, as true or false: quote a name, e.g. 'NO')")
+    if value is None:
+        return " (YAML reads an empty value, ~ or null as null: quote a name, e.g. 'null')"
+    if isinstance(value, float) and value.is_integer():
+        return f" (write {int(value)})"
+    return ""
+
+
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls) if f.name not in _NOT_SETTINGS}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # a YAML key may be a number, true/false or null
     if unknown:
         section = f"{where}: " if where else ""
         raise ConfigError(f"{section}unknown key {unknown[0]!r}; allowed: {', '.join(sorted(names))}")
@@ -490,6 +522,8 @@ def check_run_name(name: str, where: str = "run.name") -> str:
 def _check_ranges(obj: Any, where: str) -> None:
     if isinstance(obj, RunConfig):
         check_run_name(obj.name, f"{where}.name" if where else "name")
+        if not obj.output_dir.strip():
+            raise ConfigError(f"{where}.output_dir: empty; name the folder that holds the runs (default: output)")
     if isinstance(obj, (ThresholdsConfig, ClassThresholdConfig)):
         _check_thresholds(obj, where)
         return
@@ -503,6 +537,8 @@ def _check_ranges(obj: Any, where: str) -> None:
         return
     if isinstance(obj, DataConfig):
         _check_metadata_columns(obj, where)
+        if not obj.root.strip():  # '' is the working directory: whatever is there would be read as the dataset
+            raise ConfigError(f"{where}.root: empty; name the dataset folder (or its CSV table)")
     if isinstance(obj, LowResConfig):  # 0/0 is "off"; otherwise both are set
         negative = min(obj.image_size, obj.epochs, obj.learning_rate) < 0
         if negative or (obj.image_size == 0) != (obj.epochs == 0):
@@ -567,6 +603,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    problem = yamlio.other_base(raw, value)
+    if problem:
+        raise ConfigError(f"--set {text!r}: {problem}")
     return path, value
 
 
@@ -584,6 +623,8 @@ def _merge(base: dict[str, Any], path: list[str], value: Any) -> None:
 def read_yaml(path: Path) -> dict[str, Any]:
     """The config file as a mapping of sections; a key repeated at any level is an error (YAML would keep the last
     block silently: two ``train:`` sections lose the first one's settings)."""
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config file; pass a YAML file with --config (see configs/)")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass an existing file with --config (see configs/)")
     data, repeated = yamlio.read_yaml(path)

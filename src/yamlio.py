@@ -6,6 +6,9 @@ loses the first block's settings. :func:`read_yaml` returns the document as ``ya
 repeated key (its section, the lines it appears on); the caller decides whether that is an error (the run config)
 or a warning (deploy.yaml, whose last value is what INC reads too).
 
+Numbers YAML 1.1 reads in a base no reader expects are refused with their line: ``0755`` is octal there (493) and
+``1:30`` base 60 (90); YAML 1.2, and every other tool, read them otherwise.
+
 The loader also pins ``null`` to ``None``: importing ``neural_compressor.conf.config`` rewires the global
 ``yaml.SafeLoader`` to read ``null`` as ``{}``; this subclass took its own copy of the constructors before that.
 """
@@ -15,12 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import re
+
 import yaml
-from yaml.constructor import SafeConstructor
+from yaml.constructor import ConstructorError, SafeConstructor
 
 from medq.errors import ConfigError
 
-_MERGE = "tag:yaml.org,2002:merge"  # `<<: *base` merges another mapping in; its keys may be overridden
+_MERGE = "tag:yaml.org,2002:merge"
+_YAML11_BASES = ((re.compile(r"^[-+]?0[0-7_]+$"), "octal"), (re.compile(r"^[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?$"),
+                                                              "base 60"))  # `<<: *base` merges another mapping in; its keys may be overridden
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,29 @@ class _Loader(yaml.SafeLoader):
             self._find_repeated(value_node, f"{section}.{key_node.value}" if section else key_node.value, seen)
 
 
+def other_base(text: str, value: Any) -> str | None:
+    """Why the plain scalar ``text``, which YAML 1.1 read as the number ``value``, is refused, or None."""
+    for pattern, base in _YAML11_BASES:
+        if isinstance(value, (int, float)) and pattern.match(text.strip()):
+            return (f"{text.strip()} is a number in {base} for YAML 1.1 (= {value}); write the number in decimal, "
+                    "or quote it if it is a name")
+    return None
+
+
+def _plain_number(loader: SafeConstructor, node: yaml.ScalarNode, construct) -> Any:
+    """An int or float as ``yaml.safe_load`` reads it, unless YAML 1.1 reads its digits in another base."""
+    value = construct(loader, node)
+    problem = other_base(node.value, value)
+    if problem:
+        raise ConstructorError(None, None, problem, node.start_mark)
+    return value
+
+
 _Loader.add_constructor("tag:yaml.org,2002:null", SafeConstructor.construct_yaml_null)
+_Loader.add_constructor("tag:yaml.org,2002:int",
+                        lambda loader, node: _plain_number(loader, node, SafeConstructor.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float",
+                        lambda loader, node: _plain_number(loader, node, SafeConstructor.construct_yaml_float))
 
 
 def parse_yaml(text: str, source: str | Path, error: type[ConfigError] = ConfigError) -> tuple[Any, list[RepeatedKey]]:

@@ -161,3 +161,74 @@ def test_an_unknown_data_format_is_refused_with_the_registrys_names(tmp_path):
     listed = set(re.findall(r"'([\w-]+)'", message.split("; use ", 1)[1]))
     assert listed == {"auto", *READERS}
     assert {"kaggle-pneumonia", "nih-chestxray14", "rsna-pneumonia", "busi", "folder", "csv"} <= listed  # the six layouts
+
+
+# --- probes of configs users write (bug bash): each failed on the code before its fix -------------------------
+
+def refused(tmp_path: Path, text: str, *overrides: str) -> str:
+    """The one-line ConfigError a config (or --set) stops with."""
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text) if text else None, list(overrides))
+    message = str(exc.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("text, key", [
+    ("preprocess:\n  channels: 3.0\n", "preprocess.channels"),  # was kept as the float 3.0, not the choice 3
+    ("data:\n  bit_depth: 12.0\n", "data.bit_depth"),
+])
+def test_a_choice_of_numbers_takes_exactly_those_numbers(tmp_path, text, key):
+    assert refused(tmp_path, text).startswith(f"{tmp_path / 'c.yaml'}: {key}: ")
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", ".inf", "-.inf", "inf"])
+def test_a_number_that_is_not_finite_is_refused(tmp_path, value):
+    """NaN passed every range check (its comparisons are all false): a rotation of NaN degrees trained silently."""
+    assert "train.augment.rotation_deg: expected a finite number" in refused(
+        tmp_path, f"train:\n  augment:\n    rotation_deg: {value}\n")
+
+
+@pytest.mark.parametrize("key", ["10", "~", "true"])
+def test_an_unknown_key_that_yaml_reads_as_a_number_or_null_is_one_line(tmp_path, key):
+    """sorted() of a str and an int key raised TypeError: a traceback instead of the unknown key."""
+    assert "train: unknown key" in refused(tmp_path, f"train:\n  trian: 3\n  {key}: 5\n")
+
+
+def test_a_class_named_no_is_refused_not_read_as_a_class_named_false(tmp_path):
+    """YAML 1.1 reads the key NO as false; str(False) made a per-class threshold for a class 'False'."""
+    message = refused(tmp_path, "thresholds:\n  per_class:\n    NO: {policy: youden}\n")
+    assert "thresholds.per_class" in message and "quote" in message
+    config = load_config(write(tmp_path, "thresholds:\n  per_class:\n    'NO': {policy: youden}\n"))
+    assert list(config.thresholds.per_class) == ["NO"]
+
+
+def test_a_string_setting_written_no_says_to_quote_it(tmp_path):
+    assert "quote" in refused(tmp_path, "data:\n  variant: no\n")
+
+
+def test_exponent_numbers_in_free_form_params_are_numbers(tmp_path):
+    """PyYAML keeps 1e-3 a string; model.params passed the string '1e-3' to the model builder."""
+    config = load_config(write(tmp_path, "model:\n  params:\n    dropout: 1e-3\n    widths: [2e1, 'x']\n"))
+    assert config.model.params == {"dropout": 0.001, "widths": [20.0, "x"]}
+
+
+@pytest.mark.parametrize("text, overrides", [
+    ("run:\n  seed: 0755\n", ()),  # YAML 1.1 octal: 493
+    ("serve:\n  drain_timeout_s: 1:30\n", ()),  # YAML 1.1 base 60: 90
+    ("", ("run.seed=0755",)),
+])
+def test_numbers_yaml_11_reads_in_another_base_are_refused_with_their_line(tmp_path, text, overrides):
+    message = refused(tmp_path, text, *overrides)
+    assert "YAML 1.1" in message and ("line 2" in message if text else "--set" in message)
+
+
+@pytest.mark.parametrize("override", ["data.root=", "run.output_dir= "])
+def test_an_empty_folder_setting_is_refused_not_the_working_directory(tmp_path, override):
+    """--set data.root= made the working directory the dataset."""
+    assert "empty" in refused(tmp_path, "", override)
+
+
+def test_a_folder_given_as_the_config_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="a folder, not a config file"):
+        load_config(tmp_path)
