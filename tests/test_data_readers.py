@@ -483,3 +483,54 @@ def test_hidden_folders_are_neither_classes_nor_images(tmp_path):
     assert index.classes == ["NORMAL", "PNEUMONIA"]
     paths = [s.path for v in index.splits.values() for s in v]
     assert len(paths) == 8 and not any("/." in p for p in paths)
+
+
+def one_hot_ref(i: int, n: int) -> tuple[float, ...]:
+    return tuple(float(k == i) for k in range(n))
+
+
+def csv_images(folder: Path, n: int = 8) -> list[str]:
+    return [str(image(folder / "imgs" / f"p{i}.png").relative_to(folder)) for i in range(n)]
+
+
+def test_csv_written_by_pandas_twice_ignores_the_unnamed_index_column(tmp_path):
+    """df.to_csv() keeps the index; read back and saved again it is the column 'Unnamed: 0' (0, 1, 2, ...), which
+    the old reader took as a second label: a multi-label task with a class 'Unnamed: 0' and rows 2+ skipped."""
+    pd = pytest.importorskip("pandas")
+    paths = csv_images(tmp_path)
+    pd.DataFrame({"path": paths, "pneumonia": [i % 2 for i in range(8)]}).to_csv(tmp_path / "first.csv")
+    pd.read_csv(tmp_path / "first.csv").to_csv(tmp_path / "labels.csv", index=False)
+    assert (tmp_path / "labels.csv").read_text().splitlines()[0] == "Unnamed: 0,path,pneumonia"
+    (tmp_path / "first.csv").unlink()
+    index = read(tmp_path / "labels.csv", val_fraction=0.0, test_fraction=0.25)
+    assert index.task == "binary" and index.classes == ["0", "1"] and not index.skipped
+    labels = {Path(s.path).name: s.label for v in index.splits.values() for s in v}
+    assert labels == {f"p{i}.png": one_hot_ref(i % 2, 2) for i in range(8)}
+
+
+def test_csv_labels_spelling_one_number_are_one_class(tmp_path):
+    """A label column partly rewritten as floats (1 and 1.0) was four classes: 0, 0.0, 1, 1.0."""
+    paths = csv_images(tmp_path)
+    cells = ["0", "1", "1.0", "0.0"] * 2
+    write(tmp_path / "t.csv", ("path,label\r\n" + "".join(f"{p},{c}\r\n" for p, c in zip(paths, cells))).encode())
+    index = read(tmp_path / "t.csv", val_fraction=0.0, test_fraction=0.25)
+    assert index.classes == ["0", "1"]
+    labels = {Path(s.path).name: s.label for v in index.splits.values() for s in v}
+    assert labels == {f"p{i}.png": one_hot_ref(int(float(c)), 2) for i, c in enumerate(cells)}
+
+
+def test_csv_column_named_twice_is_refused(tmp_path):
+    """Two 'Effusion' columns made two classes of one name, silently."""
+    paths = csv_images(tmp_path)
+    write(tmp_path / "t.csv", ("path,Effusion,Mass,Effusion\n" + "".join(f"{p},1,0,0\n" for p in paths)).encode())
+    with pytest.raises(DataError, match=r"t\.csv: column 'Effusion' appears twice in the header \(columns 2 and 4\)"):
+        read(tmp_path / "t.csv")
+
+
+def test_csv_written_on_windows_with_backslashes_finds_its_files(tmp_path):
+    paths = csv_images(tmp_path)
+    rows = "".join(f"{p.replace('/', chr(92))},{'AB'[i % 2]}\r\n" for i, p in enumerate(paths))
+    write(tmp_path / "t.csv", ("path,label\r\n" + rows).encode())
+    index = read(tmp_path / "t.csv", val_fraction=0.0, test_fraction=0.25)
+    found = sorted(Path(s.path).name for v in index.splits.values() for s in v)
+    assert found == sorted(Path(p).name for p in paths) and not index.skipped

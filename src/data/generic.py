@@ -1,9 +1,12 @@
 """The generic layouts: a table of paths and labels (``csv``) and a folder per class (``folder``).
 
 csv: a header row; one path column (``path``, ``image``, ``file``, ``filename``, ``image_path`` or ``filepath``),
-relative to the table's folder or absolute; optional ``patient`` and ``split`` (train/val/test) columns; every other
-column is a label. One label column: single-label, the classes are its distinct values. Several label columns:
-multi-label, each a 0/1 column named after its class. Without a patient column each image is its own patient.
+relative to the table's folder or absolute (a relative path written with Windows backslashes is read with slashes);
+optional ``patient`` and ``split`` (train/val/test) columns; every other column is a label, except pandas' unnamed
+index column (``Unnamed: 0``, from ``to_csv`` without ``index=False``). One label column: single-label, the classes
+are its distinct values (``1`` and ``1.0`` are one class, as are ``NORMAL`` and ``normal``). Several label columns:
+multi-label, each a 0/1 column named after its class; a column name written twice is refused. Without a patient
+column each image is its own patient.
 
 folder: ``root/<class>/*`` or ``root/{train,val,test}/<class>/*`` (files below a class folder, at any depth, are that
 class); PNG, JPEG or DICOM by content, whatever the suffix. Missing splits are carved patient-wise by fraction.
@@ -11,7 +14,9 @@ class); PNG, JPEG or DICOM by content, whatever the suffix. Missing splits are c
 from __future__ import annotations
 
 import csv
+import math
 import os
+import re
 from pathlib import Path
 
 from medq.data.common import Intake, finish, make_splits, one_hot, read_table, register, subdirs
@@ -26,6 +31,7 @@ PATH_COLUMNS = ("path", "image", "file", "filename", "image_path", "filepath")
 PATIENT_COLUMNS = ("patient", "patient_id", "patientid", "subject")
 TRUE, FALSE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", ""}
 SEPARATORS = (";", "\t", "|")
+PANDAS_INDEX = re.compile(r"^Unnamed: \d+$")  # pandas' header for a column without one (the index to_csv wrote)
 
 
 def _task(classes: list[str], multilabel: bool = False) -> str:
@@ -39,13 +45,23 @@ def _sorted_values(values: set[str]) -> list[str]:
     return sorted(values)
 
 
+def label_key(value: str) -> str:
+    """What makes two label cells one class: case aside (NORMAL, normal), and the number (1, 1.0, 01: a column a
+    spreadsheet or pandas rewrote as floats in part)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value.lower()
+    return repr(number) if math.isfinite(number) else value.lower()
+
+
 def _label_classes(values: list[str]) -> tuple[list[str], dict[str, str], list[str]]:
-    """(classes, lower-cased value → class, merged spellings): labels that differ only in case (NORMAL, normal) are
-    one class, spelled as most rows spell it."""
+    """(classes, :func:`label_key` → class, merged spellings): labels that differ only in case (NORMAL, normal) or
+    spell one number (1, 1.0) are one class, spelled as most rows spell it."""
     counts: dict[str, dict[str, int]] = {}
     for value in values:
         if value:
-            by_spelling = counts.setdefault(value.lower(), {})
+            by_spelling = counts.setdefault(label_key(value), {})
             by_spelling[value] = by_spelling.get(value, 0) + 1
     spelling = {key: min(found, key=lambda v: (-found[v], v)) for key, found in counts.items()}
     merged = [" / ".join(sorted(found)) + f" → {spelling[key]}" for key, found in sorted(counts.items())
@@ -121,6 +137,12 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
             raise DataError(f"{table}: the columns are separated by {name}, not commas (header {header[0]!r}); "
                             "save the table as comma-separated CSV (spreadsheet programs: 'CSV UTF-8 "
                             "(comma delimited)')")
+    named = [h for h in header if h]
+    twice = next((h for h in named if named.count(h) > 1), None)
+    if twice is not None:  # two columns of one name: two classes of one name, or a label read from either
+        columns = " and ".join(str(i + 1) for i, h in enumerate(header) if h == twice)
+        raise DataError(f"{table}: column {twice!r} appears twice in the header (columns {columns}); rename or "
+                        "remove one")
     i_path = _pick(header, PATH_COLUMNS)
     if i_path is None:
         raise DataError(f"{table}: no path column in the header; name it one of {', '.join(PATH_COLUMNS)}")
@@ -131,7 +153,9 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
                         f"{', '.join(h for h in header if h)} — fix the column name in the config")
     i_meta = [header.index(metadata_columns[a]) if a in (metadata_columns or {}) else None for a in METADATA]
     demographics = Demographics() if metadata_columns else None
-    label_cols = [i for i, h in enumerate(header) if h and i not in (i_path, i_patient, i_split, *i_meta)]
+    index_cols = [h for h in header if PANDAS_INDEX.match(h)]
+    label_cols = [i for i, h in enumerate(header) if h and h not in index_cols
+                  and i not in (i_path, i_patient, i_split, *i_meta)]
     if not label_cols:
         raise DataError(f"{table}: no label column; add one (class names) or several 0/1 columns (multi-label)")
     if variant is not None:
@@ -150,7 +174,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
             raise DataError(f"{table}: column {header[label_cols[0]]!r} holds {len(classes)} distinct label(s); "
                             "a classifier needs at least two")
     splits: dict[str, list[Sample]] = {"train": [], "val": [], "test": []}
-    blank_cells = 0
+    blank_cells = backslashes = 0
     width = max([i_path, *label_cols] + [i for i in (i_patient, i_split) if i is not None]) + 1
     for line, row in rows:
         where = f"{table.name} line {line}"
@@ -159,6 +183,9 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
             continue
         cell = row[i_path].strip()
         path = Path(cell) if Path(cell).is_absolute() else table.parent / cell
+        if "\\" in cell and os.sep == "/" and not path.exists():  # a table written on Windows: imgs\x.png
+            path = table.parent / cell.replace("\\", "/")
+            backslashes += 1
         if multilabel:
             cells = [row[i].strip().lower() for i in label_cols]
             bad = [header[i] for i, c in zip(label_cols, cells) if c not in TRUE | FALSE]
@@ -172,7 +199,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
             if not value:
                 intake.skip(path, f"{where}: empty label", file_problem=False)
                 continue
-            label = one_hot(classes.index(spelling[value.lower()]), len(classes))
+            label = one_hot(classes.index(spelling[label_key(value)]), len(classes))
         split = "train"
         if i_split is not None:
             split = SPLIT_ALIASES.get(row[i_split].strip().lower(), "")
@@ -197,6 +224,10 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
         notes += demographics.notes(table.name)
     if not multilabel and merged:
         notes.append(f"labels differing only in case, read as one class: {'; '.join(merged)}")
+    if index_cols:
+        notes.append(f"column(s) {', '.join(index_cols)} ignored: pandas' unnamed index column, not a label")
+    if backslashes:
+        notes.append(f"{backslashes} path(s) written with Windows backslashes, read with '/'")
     if blank_cells:
         notes.append(f"{blank_cells} blank label cell(s) read as 0 (finding absent); write 0 or 1 in every cell if "
                      "blank means something else")
