@@ -534,3 +534,24 @@ def test_csv_written_on_windows_with_backslashes_finds_its_files(tmp_path):
     index = read(tmp_path / "t.csv", val_fraction=0.0, test_fraction=0.25)
     found = sorted(Path(s.path).name for v in index.splits.values() for s in v)
     assert found == sorted(Path(p).name for p in paths) and not index.skipped
+
+
+def split_tree(root: Path, splits: tuple[str, ...]) -> Path:
+    for split in splits:
+        for cls in ("a", "b"):
+            for i in range(3):
+                image(root / split / cls / f"{split}-{cls}{i}.png")
+    return root
+
+
+def test_folder_dev_split_is_validation_and_other_folders_are_named(tmp_path):
+    """dev/ beside train/ and test/ (and any other folder there) was left out without a word."""
+    index = read(split_tree(tmp_path / "d", ("train", "dev", "test", "extra")), val_split="official")
+    assert sorted(Path(s.path).name for s in index.splits["val"]) == [f"dev-{c}{i}.png" for c in "ab" for i in range(3)]
+    assert any("not read: extra/" in note for note in index.notes)
+
+
+def test_folder_split_given_by_two_folders_is_refused(tmp_path):
+    """val/ and validation/ side by side: one of them was read, the other dropped silently."""
+    with pytest.raises(DataError, match=r"val/ and validation/ are all the val split"):
+        read(split_tree(tmp_path / "d", ("train", "val", "validation", "test")))

@@ -26,7 +26,7 @@ from medq.data.metadata import Demographics
 from medq.errors import DataError
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-                 "test": "test", "testing": "test"}
+                 "dev": "val", "test": "test", "testing": "test"}
 PATH_COLUMNS = ("path", "image", "file", "filename", "image_path", "filepath")
 PATIENT_COLUMNS = ("patient", "patient_id", "patientid", "subject")
 TRUE, FALSE = {"1", "1.0", "true", "yes"}, {"0", "0.0", "false", "no", ""}
@@ -266,6 +266,21 @@ def folder_splits(root: Path) -> dict[str, Path]:
     return found or {"train": root}
 
 
+def _beside_splits(root: Path) -> list[str]:
+    """The folders beside the split folders, which are not read (a note); a split given by two folders (val/ and
+    validation/) is a DataError: reading one of them would leave the other's images out unsaid."""
+    by_split: dict[str, list[str]] = {}
+    others: list[str] = []
+    for d in subdirs(root):
+        split = SPLIT_ALIASES.get(d.name.lower())
+        (by_split.setdefault(split, []) if split else others).append(d.name)
+    for split, names in by_split.items():
+        if len(names) > 1:
+            raise DataError(f"{root}: {' and '.join(n + '/' for n in names)} are all the {split} split; merge them "
+                            "into one folder")
+    return others
+
+
 def _has_file(folder: Path) -> bool:
     with os.scandir(folder) as entries:
         return any(e.is_file() and not e.name.startswith(".") for e in entries)
@@ -290,6 +305,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     if "train" not in layout:
         raise DataError(f"{root}: expected class folders (root/<class>/*) or split folders with a train/ "
                         "(root/train/<class>/*)")
+    unread = _beside_splits(root) if layout != {"train": root} else []
     # Class folders are matched across splits without regard to case (train/NORMAL and test/normal are one class,
     # spelled as in train): otherwise test images would get a class no training image has.
     spelling: dict[str, set[str]] = {}
@@ -318,6 +334,8 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     merged = [" / ".join(sorted(names)) for names in spelling.values() if len(names) > 1]
     notes = [f"classes (folder names): {', '.join(classes)}", f"split folders: {given}",
              *([f"class folders differing only in case, read as one class: {'; '.join(merged)}"] if merged else []),
+             *([f"folders beside the split folders, not read: {', '.join(n + '/' for n in unread)} (a split folder "
+                "is named train, val or test)"] if unread else []),
              "patients: the folder layout does not identify them, so each image is its own patient "
              "(use format: csv with a patient column when several images share one)"]
     splits = make_splits(splits, val_split=val_split, val_fraction=val_fraction, test_fraction=test_fraction,
