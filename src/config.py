@@ -629,8 +629,9 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found; pass an existing file with --config (see configs/)")
     data, repeated = yamlio.read_yaml(path)
     yamlio.refuse_repeated(path, repeated)
-    if data is None:
-        return {}
+    if data is None:  # a truncated or unsaved file would otherwise run on the defaults without a word
+        raise ConfigError(f"{path}: empty (no settings); write the settings (see configs/), or leave out --config to "
+                          "run on the defaults")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (run:, data:, ...), got {type(data).__name__}")
     return data

@@ -232,3 +232,15 @@ def test_an_empty_folder_setting_is_refused_not_the_working_directory(tmp_path, 
 def test_a_folder_given_as_the_config_says_so(tmp_path):
     with pytest.raises(ConfigError, match="a folder, not a config file"):
         load_config(tmp_path)
+
+
+@pytest.mark.parametrize("text", ["", "# train:\n#   epochs: 3\n", "---\n"])
+def test_an_empty_config_file_is_refused_not_run_on_the_defaults(tmp_path, text):
+    with pytest.raises(ConfigError, match=r"c\.yaml: empty \(no settings\)"):
+        load_config(write(tmp_path, text))
+
+
+def test_a_config_saved_with_a_bom_and_crlf_reads_as_written(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("\ufefftrain:\r\n  epochs: 3\r\n".encode("utf-8"))  # Windows Notepad's 'UTF-8 with BOM'
+    assert load_config(path).train.epochs == 3
