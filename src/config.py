@@ -361,6 +361,7 @@ class Config:
 
 _NOT_SETTINGS = ("source", "preprocess_from_model")  # set by load_config, never by the user
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_UNEXPANDED = re.compile(r"\$(\{[^}]*\}?|[A-Za-z_][A-Za-z0-9_]*)")  # $NAME, ${NAME:default}, ${NAME
 
 
 def expand_env(text: str, where: str) -> str:
@@ -371,7 +372,11 @@ def expand_env(text: str, where: str) -> str:
             raise ConfigError(f"{where}: ${{{name}}} is not set; export {name} or write ${{{name}:-default}}")
         return value
 
-    return _ENV.sub(sub, text)
+    expanded = _ENV.sub(sub, text)
+    left = _UNEXPANDED.search(_ENV.sub("", text))
+    if left:  # $DATA_DIR or ${VAR:default} would stay in the path as written: a folder named '$DATA_DIR'
+        raise ConfigError(f"{where}: {left.group(0)!r} is not expanded; write ${{NAME}} or ${{NAME:-default}}")
+    return expanded
 
 
 def _type_name(tp: Any) -> str:

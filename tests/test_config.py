@@ -244,3 +244,11 @@ def test_a_config_saved_with_a_bom_and_crlf_reads_as_written(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_bytes("\ufefftrain:\r\n  epochs: 3\r\n".encode("utf-8"))  # Windows Notepad's 'UTF-8 with BOM'
     assert load_config(path).train.epochs == 3
+
+
+@pytest.mark.parametrize("value", ["$OUTPUT_DIR/runs", "${OUTPUT_DIR:runs}", "${OUTPUT_DIR-runs}", "${OUTPUT_DIR"])
+def test_a_variable_written_as_the_shell_would_but_not_expanded_is_refused(tmp_path, monkeypatch, value):
+    """Left as written, the runs went to a folder literally named '$OUTPUT_DIR' in the working directory."""
+    monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "out"))
+    message = refused(tmp_path, f"run:\n  output_dir: '{value}'\n")
+    assert "run.output_dir" in message and "not expanded" in message and "${NAME:-default}" in message
