@@ -555,3 +555,19 @@ def test_folder_split_given_by_two_folders_is_refused(tmp_path):
     """val/ and validation/ side by side: one of them was read, the other dropped silently."""
     with pytest.raises(DataError, match=r"val/ and validation/ are all the val split"):
         read(split_tree(tmp_path / "d", ("train", "val", "validation", "test")))
+
+
+@pytest.mark.parametrize("rare, flagged", [("PNEUMONIAA", True), ("Pneumonia ", False), ("PNEUMONIA2", False)])
+def test_a_misspelt_label_of_a_few_rows_is_a_warning(tmp_path, rare, flagged):
+    """'PNEUMONIAA' on one row of a hand-typed table became a third class without a word. Case and spacing were
+    already one class; a name differing only in digits is a class of its own (not flagged)."""
+    from medq.data.readers import class_warnings
+
+    paths = csv_images(tmp_path, 21)
+    cells = ["NORMAL", "PNEUMONIA"] * 10 + [rare]
+    write(tmp_path / "t.csv", ("path,label\n" + "".join(f"{p},{c}\n" for p, c in zip(paths, cells))).encode())
+    index = read(tmp_path / "t.csv", val_fraction=0.0, test_fraction=0.0)
+    said = [w for w in class_warnings(index) if "spelt like" in w]
+    assert said == ([f"class 'PNEUMONIAA' has 1 image(s) and is spelt like 'PNEUMONIA' (10): a misspelt label trains "
+                     "as a class of its own; correct the label, or ignore this if 'PNEUMONIAA' is meant"]
+                    if flagged else [])

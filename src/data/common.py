@@ -11,6 +11,7 @@ Split rules (the same for every layout):
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import math
 import os
@@ -305,12 +306,32 @@ def finish(name: str, task: str, classes: list[str], splits: dict[str, list[Samp
 
 
 def class_warnings(index: DatasetIndex) -> list[str]:
-    """One warning per val/test split that lacks a class (multi-label: has no positive of a label), and per
-    multi-label training split with a label no image has (its output is never trained)."""
+    """One warning per val/test split that lacks a class (multi-label: has no positive of a label), per multi-label
+    training split with a label no image has (its output is never trained), and per single-label class that looks
+    like a misspelling of another (:func:`misspelt_classes`)."""
     if index.task != "multilabel":
         return [f"{split} has no image of class {', '.join(missing)}: its {split} sensitivity and AUC are undefined"
-                for split, missing in index.missing_classes().items() if split != "train" and missing]
+                for split, missing in index.missing_classes().items() if split != "train" and missing] + \
+            misspelt_classes(index)
     return [f"{split} has no image with label {', '.join(missing)}: "
             + ("the model's output for it is never trained" if split == "train" else
                f"its {split} sensitivity and AUC are undefined")
             for split, missing in index.missing_classes().items() if missing]
+
+
+def misspelt_classes(index: DatasetIndex) -> list[str]:
+    """A class of a few images whose name is a near spelling of a class of many (PNEUMONIAA beside PNEUMONIA, from
+    a label typed by hand) is most likely wrong labels, trained as a class of its own: a warning naming both.
+    Names that differ only in digits (Type1, Type2) are distinct classes, never flagged."""
+    totals = {c: sum(index.counts(s)[c] for s in SPLITS) for c in index.classes}
+    letters = {c: "".join(ch for ch in c.lower() if not ch.isdigit()) for c in index.classes}
+    out = []
+    for rare, n in totals.items():
+        for common, m in totals.items():
+            if common == rare or n > max(2, m // 20) or letters[rare] == letters[common]:
+                continue
+            if difflib.SequenceMatcher(None, rare.lower(), common.lower()).ratio() >= 0.8:
+                out.append(f"class {rare!r} has {n} image(s) and is spelt like {common!r} ({m}): a misspelt label "
+                           f"trains as a class of its own; correct the label, or ignore this if {rare!r} is meant")
+                break
+    return out
