@@ -211,6 +211,8 @@ def test_exponent_numbers_in_free_form_params_are_numbers(tmp_path):
     """PyYAML keeps 1e-3 a string; model.params passed the string '1e-3' to the model builder."""
     config = load_config(write(tmp_path, "model:\n  params:\n    dropout: 1e-3\n    widths: [2e1, 'x']\n"))
     assert config.model.params == {"dropout": 0.001, "widths": [20.0, "x"]}
+    space = load_config(None, ["tune.search_space.learning_rate=[loguniform, 3e-4, 1E-2]"]).tune.search_space
+    assert space["learning_rate"] == ["loguniform", 0.0003, 0.01]
 
 
 @pytest.mark.parametrize("text, overrides", [
