@@ -469,6 +469,16 @@ def test_nih_quoted_bom_crlf_table_reads_every_label(tmp_path):
     assert labels == {name: vector(*([] if text == "No Finding" else text.split("|"))) for name, text, _ in NIH_SIX}
 
 
+def test_nih_list_names_without_a_table_row_are_counted(tmp_path):
+    """Names in the official lists that the table lacks (a cut-down table) were passed over without a word."""
+    root = nih_table(tmp_path / "nih", NIH_SIX).parent
+    write(root / "train_val_list.txt", "\r\n".join([n for n, _, _ in NIH_SIX[:5]] + ["00099999_000.png"]).encode())
+    write(root / "test_list.txt", f"{NIH_SIX[5][0]}\r\n00099998_000.png\r\n".encode())
+    index = read(root, val_fraction=0.25)
+    assert [Path(s.path).name for s in index.splits["test"]] == [NIH_SIX[5][0]]
+    assert any("2 names in the lists have no row in Data_Entry_2017.csv" in n for n in index.notes)
+
+
 def test_hidden_folders_are_neither_classes_nor_images(tmp_path):
     """Jupyter leaves .ipynb_checkpoints/ beside and inside the class folders: the old reader made it a class (a
     3-class model for a 2-class dataset) and read its copies as images."""

@@ -165,12 +165,14 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
         train_val, test = (_read_list(p) for p in lists)
         neither = 0
         for name, sample in checked:  # a name in both lists goes to both: reconcile refuses the leak
-            for split, listed, file in (("train", train_val, TRAIN_VAL_LIST), ("test", test, TEST_LIST)):
-                if name in listed:
-                    splits[split].append(replace(sample, source=f"{file} line {listed[name]} ({name})"))
+            for split, lines, file in (("train", train_val, TRAIN_VAL_LIST), ("test", test, TEST_LIST)):
+                if name in lines:
+                    splits[split].append(replace(sample, source=f"{file} line {lines[name]} ({name})"))
             neither += name not in train_val and name not in test
+        unlisted_names = len((set(train_val) | set(test)) - listed)  # e.g. a table cut down, or another release's
         notes.append(f"split: the official {TRAIN_VAL_LIST} / {TEST_LIST}"
-                     + (f"; {neither} images in neither list are unused" if neither else ""))
+                     + (f"; {neither} images in neither list are unused" if neither else "")
+                     + (f"; {unlisted_names} names in the lists have no row in {table.name}" if unlisted_names else ""))
         if val_split == "official":
             notes.append("the official lists have no validation split: it is carved from train_val")
     else:
