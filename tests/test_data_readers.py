@@ -581,3 +581,20 @@ def test_a_misspelt_label_of_a_few_rows_is_a_warning(tmp_path, rare, flagged):
     assert said == ([f"class 'PNEUMONIAA' has 1 image(s) and is spelt like 'PNEUMONIA' (10): a misspelt label trains "
                      "as a class of its own; correct the label, or ignore this if 'PNEUMONIAA' is meant"]
                     if flagged else [])
+
+
+def test_busi_mask_copies_made_by_a_file_manager_are_masks_not_images(tmp_path):
+    """'benign (1)_mask (1).png' (a browser's second download) and '_mask copy.png' (macOS Duplicate) were read as
+    images of their class: a lesion outline trained as an ultrasound."""
+    root = tmp_path / "Dataset_BUSI_with_GT"
+    for name, n in (("benign", 5), ("malignant", 5)):
+        for i in range(1, n + 1):
+            image(root / name / f"{name} ({i}).png", "rgb")
+            image(root / name / f"{name} ({i})_mask.png")
+    image(root / "benign" / "benign (1)_mask (1).png")
+    image(root / "benign" / "benign (2)_mask_1 copy.png")
+    image(root / "malignant" / "malignant (3)_MASK_2.png")
+    index = read(root, val_fraction=0.2, test_fraction=0.2)
+    names = sorted(Path(s.path).name for v in index.splits.values() for s in v)
+    assert names == sorted(f"{c} ({i}).png" for c in ("benign", "malignant") for i in range(1, 6))
+    assert any("ignored 13 segmentation masks" in n and "no mask" not in n for n in index.notes)

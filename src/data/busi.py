@@ -1,6 +1,7 @@
 """Breast ultrasound, BUSI layout: ``Dataset_BUSI_with_GT/{benign,malignant,normal}/benign (1).png``.
 
-The ``*_mask.png`` / ``*_mask_1.png`` files are segmentation masks, not images, and are never read as samples.
+The ``*_mask.png`` / ``*_mask_1.png`` files are segmentation masks, not images, and are never read as samples; so are
+their copies a file manager or browser makes (``*_mask (1).png``, ``*_mask copy.png``).
 Default task: benign vs malignant (the ``normal`` images are left out, and the notes say so); variant '3-class' adds
 normal. BUSI does not say which images share a patient, so each image is its own patient; the layout has no split,
 so train/val/test are carved with data.test_fraction and data.val_fraction (stratified by class).
@@ -18,11 +19,16 @@ from medq.errors import DataError
 BUSI_FOLDER = "Dataset_BUSI_with_GT"
 BINARY_CLASSES = ["benign", "malignant"]
 THREE_CLASSES = ["benign", "malignant", "normal"]
-MASK = re.compile(r"_mask(_\d+)?$", re.IGNORECASE)
+MASK = re.compile(r"_mask(?![a-z])", re.IGNORECASE)  # _mask, _mask_1, _mask (1), _mask copy; not _masked
 
 
 def is_mask(path: Path) -> bool:
     return bool(MASK.search(path.stem))
+
+
+def masked_image(mask: Path) -> str:
+    """The stem of the image a mask belongs to: 'benign (1)' for 'benign (1)_mask_2.png'."""
+    return MASK.split(mask.stem)[0]
 
 
 def busi_root(root: Path) -> Path | None:
@@ -64,7 +70,7 @@ def read_busi(root: Path, *, variant: str | None = None, val_split: str = "from-
                          + " / ".join(f.name for f in folders))
         files = [f for folder in folders for f in intake.files(folder)]
         images = [f for f in files if not is_mask(f)]
-        masked = {MASK.sub("", f.stem) for f in files if is_mask(f)}
+        masked = {masked_image(f) for f in files if is_mask(f)}
         masks += len(files) - len(images)
         if name not in classes:
             notes.append(f"left out {len(images)} '{name}' images (binary benign/malignant task; "
