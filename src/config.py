@@ -376,6 +376,8 @@ def expand_env(text: str, where: str) -> str:
     left = _UNEXPANDED.search(_ENV.sub("", text))
     if left:  # $DATA_DIR or ${VAR:default} would stay in the path as written: a folder named '$DATA_DIR'
         raise ConfigError(f"{where}: {left.group(0)!r} is not expanded; write ${{NAME}} or ${{NAME:-default}}")
+    if expanded == "~" or expanded.startswith("~/"):  # as the shell would: not a folder named '~' in the cwd
+        expanded = os.path.expanduser(expanded)
     return expanded
 
 

@@ -254,3 +254,10 @@ def test_a_variable_written_as_the_shell_would_but_not_expanded_is_refused(tmp_p
     monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "out"))
     message = refused(tmp_path, f"run:\n  output_dir: '{value}'\n")
     assert "run.output_dir" in message and "not expanded" in message and "${NAME:-default}" in message
+
+
+def test_a_path_under_the_home_folder_is_expanded_as_the_shell_does(tmp_path, monkeypatch):
+    """'~/runs' was a folder named '~' in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    config = load_config(write(tmp_path, "run:\n  output_dir: ~/runs\ndata:\n  root: '~'\n"))
+    assert config.run.output_dir == str(tmp_path / "home" / "runs") and config.data.root == str(tmp_path / "home")
