@@ -598,3 +598,17 @@ def test_busi_mask_copies_made_by_a_file_manager_are_masks_not_images(tmp_path):
     names = sorted(Path(s.path).name for v in index.splits.values() for s in v)
     assert names == sorted(f"{c} ({i}).png" for c in ("benign", "malignant") for i in range(1, 6))
     assert any("ignored 13 segmentation masks" in n and "no mask" not in n for n in index.notes)
+
+
+def test_nih_finding_spelt_otherwise_is_that_finding_with_a_note(tmp_path):
+    """'Pleural Thickening' (a re-typed table) skipped every such row: the finding left training altogether."""
+    rows = [(n, t, p) for n, t, p in NIH_SIX]
+    rows[0] = (rows[0][0], "Pleural Thickening|effusion", 1)
+    rows[1] = (rows[1][0], "no finding", 2)
+    rows[2] = (rows[2][0], "Pleural-Effusion", 3)  # not a CheXNet name in any spelling: a listed skip
+    index = read(nih_table(tmp_path / "nih", rows).parent)
+    labels = {Path(s.path).name: s.label for v in index.splits.values() for s in v}
+    assert labels[rows[0][0]] == vector("Pleural_Thickening", "Effusion") and labels[rows[1][0]] == vector()
+    assert "unknown finding 'Pleural-Effusion'" in skipped_names(index)[Path(rows[2][0]).stem]
+    assert any("'Pleural Thickening' → 'Pleural_Thickening'" in n and "'effusion' → 'Effusion'" in n
+               for n in index.notes)

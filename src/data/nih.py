@@ -1,7 +1,9 @@
 """NIH ChestX-ray14: ``Data_Entry_2017*.csv`` + ``images_*/images/*.png``, 14 labels in CheXNet's order.
 
 - ``No Finding`` is the all-zero label vector; a label name outside the 14 (or ``No Finding`` mixed with findings)
-  makes the row a listed skip rather than a silently wrong label.
+  makes the row a listed skip rather than a silently wrong label. A name spelt otherwise only in case, spaces,
+  hyphens or underscores (``Pleural Thickening``, ``effusion``, a re-typed or re-exported table) is that finding,
+  with a note: skipping those rows would take every image of the finding out of training.
 - An ``Image Index`` on several rows is handed to :func:`medq.data.duplicates.reconcile` like any file listed twice:
   with one label it is used once (a note), with two it is ``data.label_conflicts``' error (or drop-both), never
   the first row's label chosen silently.
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -73,11 +76,18 @@ def image_files(root: Path) -> tuple[dict[str, str], int]:
     return names, duplicates
 
 
+def _spelling(name: str) -> str:
+    return re.sub(r"[\s_-]+", " ", name).strip().lower()
+
+
+CANONICAL = {_spelling(n): n for n in [*CHEXNET_CLASSES, NO_FINDING]}
+
+
 def label_vector(text: str, cache: dict[str, tuple[float, ...] | str]) -> tuple[float, ...] | str:
     """'Cardiomegaly|Effusion' → multi-hot in CheXNet order; 'No Finding' → zeros; a str is the reason to skip."""
     if text in cache:
         return cache[text]
-    names = [t.strip() for t in text.split("|") if t.strip()]
+    names = [CANONICAL.get(_spelling(t), t.strip()) for t in text.split("|") if t.strip()]
     if not names:
         result: tuple[float, ...] | str = "empty Finding Labels"
     elif NO_FINDING in names:
@@ -149,6 +159,11 @@ def read_nih_chestxray14(root: Path, *, variant: str | None = None, val_split: s
             admitted[sample.path] = intake.admit(sample.path)
     checked = [(name, sample) for name, sample in samples if admitted[sample.path]]
     notes = [f"labels: {table.name}, {len(CHEXNET_CLASSES)} findings in CheXNet order; '{NO_FINDING}' = all zero"]
+    respelled = sorted({t.strip() for text in cache for t in text.split("|")
+                        if t.strip() and t.strip() not in CANONICAL.values() and _spelling(t) in CANONICAL})
+    if respelled:
+        notes.append("finding names spelt otherwise, read as CheXNet's: "
+                     + ", ".join(f"{t!r} → {CANONICAL[_spelling(t)]!r}" for t in respelled))
     if missing:
         notes.append(f"missing image files: {missing} of the table's rows have no file (unpack every images_*.tar.gz "
                      "to use them); listed in skipped")
