@@ -261,3 +261,16 @@ def test_a_path_under_the_home_folder_is_expanded_as_the_shell_does(tmp_path, mo
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     config = load_config(write(tmp_path, "run:\n  output_dir: ~/runs\ndata:\n  root: '~'\n"))
     assert config.run.output_dir == str(tmp_path / "home" / "runs") and config.data.root == str(tmp_path / "home")
+
+
+@pytest.mark.parametrize("data, says", [
+    ("train:\n  epochs: 3\n".encode("utf-16"), "not UTF-8"),  # Notepad's 'Unicode'
+    ("run:\n  name: caf\xe9\n".encode("latin-1"), "not UTF-8"),
+    (b"train:\n\tepochs: 3\n", "line 2"),  # a tab indent
+])
+def test_a_config_that_cannot_be_read_as_yaml_is_one_line_naming_it(tmp_path, data, says):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError) as exc:
+        load_config(path)
+    assert str(exc.value).startswith(f"{path}: ") and says in str(exc.value) and "\n" not in str(exc.value)
