@@ -349,7 +349,7 @@ def test_folder_class_names_match_across_splits_whatever_their_case(tmp_path):
             for i in range(3):
                 image(root / split / cls / f"{cls}{i}.png")
     index = read(root, "folder", val_fraction=0.0)
-    assert index.classes == ["EFFUSION", "NoFinding"]  # spelled as in train, not four classes
+    assert index.classes == ["NoFinding", "EFFUSION"]  # spelled as in train, not four; the finding is positive
     assert index.counts("test") == {"EFFUSION": 3, "NoFinding": 3}
     assert any("differing only in case" in note and "EFFUSION / effusion" in note for note in index.notes)
 
@@ -364,7 +364,7 @@ def test_csv_single_label_with_patients_and_splits(tmp_path):
              "img/4.png,normal,P2,holdout"]
     write(root / "labels.csv", ("\n".join(rows) + "\n").encode())
     index = read(root, val_fraction=0.25)
-    assert index.format == "csv" and index.task == "binary" and index.classes == ["effusion", "normal"]
+    assert index.format == "csv" and index.task == "binary" and index.classes == ["normal", "effusion"]
     assert len(index.splits["test"]) == 2 and len(index.splits["train"]) + len(index.splits["val"]) == 10
     assert {s.patient for s in index.splits["test"]} == {"P5"}
     reasons = {Path(p).name: r for p, r in index.skipped}
@@ -612,3 +612,22 @@ def test_nih_finding_spelt_otherwise_is_that_finding_with_a_note(tmp_path):
     assert "unknown finding 'Pleural-Effusion'" in skipped_names(index)[Path(rows[2][0]).stem]
     assert any("'Pleural Thickening' → 'Pleural_Thickening'" in n and "'effusion' → 'Effusion'" in n
                for n in index.notes)
+
+
+@pytest.mark.parametrize("names, positive", [(("cancer", "normal"), "cancer"), (("Healthy", "COVID-19"), "COVID-19"),
+                                             (("NORMAL", "PNEUMONIA"), "PNEUMONIA"), (("a", "b"), "b")])
+def test_binary_positive_class_is_the_disease_not_the_alphabets_second(tmp_path, names, positive):
+    """Binary metrics and thresholds are about the second class: folders cancer/ and normal/ made 'normal' the
+    positive class, so the reported sensitivity was the specificity for cancer."""
+    root = tmp_path / "d"
+    for cls in names:
+        for i in range(4):
+            image(root / cls / f"{cls}{i}.png")
+    for index in (read(root, "folder", val_fraction=0.0, test_fraction=0.25),
+                  read(write(tmp_path / "t.csv", ("path,label\n" + "".join(
+                      f"d/{c}/{c}{i}.png,{c}\n" for c in names for i in range(4))).encode()),
+                       val_fraction=0.0, test_fraction=0.25)):
+        assert index.classes[1] == positive and len(index.classes) == 2
+        for s in (s for v in index.splits.values() for s in v):
+            assert s.label == ((0.0, 1.0) if Path(s.path).parent.name == positive else (1.0, 0.0))
+        assert any(f"positive class: {positive!r}" in n for n in index.notes)

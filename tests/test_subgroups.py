@@ -121,7 +121,7 @@ def test_csv_table_metadata_columns_are_read_and_are_not_labels(tmp_path):
     config = load_config(None, [f"data.root={root}", "data.generate=false", "data.format=csv",
                                 "data.metadata_columns={sex: Sex, age: Age, view: View}"])
     index = read_dataset(config.data, seed=1)
-    assert index.classes == ["effusion", "normal"]  # Sex, Age and View are not label columns
+    assert index.classes == ["normal", "effusion"]  # Sex, Age and View are not label columns
     expected = {"F": "F", "M": "M", "": "unknown", "female": "F", "O": "O"}  # DICOM's O (other) kept
     for s in (s for split in index.splits.values() for s in split):
         finding, sex, age, view = table[int(Path(s.path).stem)]
@@ -130,7 +130,7 @@ def test_csv_table_metadata_columns_are_read_and_are_not_labels(tmp_path):
     from medq.data.check import check_dataset
 
     checked = check_dataset(root, format="csv", metadata_columns={"sex": "Sex", "age": "Age", "view": "View"})
-    assert checked["classes"] == ["effusion", "normal"] and not checked["errors"]
+    assert checked["classes"] == ["normal", "effusion"] and not checked["errors"]
     assert sum(checked["splits"][s].get("metadata", {}).get("sex", {}).get("F", 0) for s in checked["splits"]) == 6
     with pytest.raises(Exception, match="no column 'Gender'"):
         read_dataset(load_config(None, [f"data.root={root}", "data.generate=false",

@@ -34,6 +34,23 @@ SEPARATORS = (";", "\t", "|")
 PANDAS_INDEX = re.compile(r"^Unnamed: \d+$")  # pandas' header for a column without one (the index to_csv wrote)
 
 
+# Binary tasks report sensitivity, AUC and thresholds for the second class: a class named as the absence of disease
+# goes first, whatever the alphabet says ('cancer' before 'normal' made 'normal' the positive class).
+NEGATIVE_NAMES = {"normal", "healthy", "negative", "benign", "nofinding", "nodisease", "control", "none", "absent"}
+
+
+def binary_order(classes: list[str], notes: list[str]) -> list[str]:
+    """Two classes with the negative one first (a note names the positive class); other class lists as given."""
+    if len(classes) != 2:
+        return classes
+    negative = [c for c in classes if re.sub(r"[^a-z]", "", c.lower()) in NEGATIVE_NAMES]
+    ordered = negative + [c for c in classes if c not in negative] if len(negative) == 1 else classes
+    how = f"{ordered[0]!r} is the absence of it" if len(negative) == 1 else "the second in order"
+    notes.append(f"positive class: {ordered[1]!r} ({how}); sensitivity, specificity, AUC and the operating threshold "
+                 "are about it")
+    return ordered
+
+
 def _task(classes: list[str], multilabel: bool = False) -> str:
     return "multilabel" if multilabel else ("binary" if len(classes) == 2 else "multiclass")
 
@@ -164,12 +181,14 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
     rows = [(line, row) for line, row in enumerate(table_rows, start=1)
             if line > 1 and any(c.strip() for c in row)]
     multilabel = len(label_cols) > 1
+    order_notes: list[str] = []
     if multilabel:
         classes = [header[i] for i in label_cols]
         _check_label_columns(table, header, label_cols, rows, (i_path, i_patient, i_split))
     else:
         classes, spelling, merged = _label_classes([row[label_cols[0]].strip() for _, row in rows
                                                     if len(row) > label_cols[0]])
+        classes = binary_order(classes, order_notes)
         if len(classes) < 2:
             raise DataError(f"{table}: column {header[label_cols[0]]!r} holds {len(classes)} distinct label(s); "
                             "a classifier needs at least two")
@@ -219,6 +238,7 @@ def read_csv_table(root: Path, *, variant: str | None = None, val_split: str = "
              "patients: " + (f"column {header[i_patient]!r}" if i_patient is not None
                              else "no patient column, so each image is its own patient"),
              "split: " + (f"column {header[i_split]!r}" if i_split is not None else "none in the table")]
+    notes += order_notes
     if demographics:
         notes.append("patient metadata: " + ", ".join(f"{a} from column {c!r}" for a, c in metadata_columns.items()))
         notes += demographics.notes(table.name)
@@ -314,7 +334,8 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
         for d in subdirs(layout[split]):
             spelling.setdefault(d.name.lower(), set()).add(d.name)
             canonical.setdefault(d.name.lower(), d.name)
-    classes = sorted(canonical.values())
+    order_notes: list[str] = []
+    classes = binary_order(sorted(canonical.values()), order_notes)
     if len(classes) < 2:
         raise DataError(f"{layout['train']}: found {len(classes)} class folder(s); a classifier needs at least two "
                         "(root/<class>/image files)")
@@ -332,7 +353,7 @@ def read_folder(root: Path, *, variant: str | None = None, val_split: str = "fro
     given = "none (class folders directly under the root)" if layout == {"train": root} else \
         ", ".join(s for s in ("train", "val", "test") if s in layout)
     merged = [" / ".join(sorted(names)) for names in spelling.values() if len(names) > 1]
-    notes = [f"classes (folder names): {', '.join(classes)}", f"split folders: {given}",
+    notes = [f"classes (folder names): {', '.join(classes)}", *order_notes, f"split folders: {given}",
              *([f"class folders differing only in case, read as one class: {'; '.join(merged)}"] if merged else []),
              *([f"folders beside the split folders, not read: {', '.join(n + '/' for n in unread)} (a split folder "
                 "is named train, val or test)"] if unread else []),
