@@ -68,8 +68,8 @@ def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], i
             found.append(ImageInput(path))
             continue
         for kind, file in walk(path, skip=lambda p: p.name.startswith(".") or is_junk(p)):
-            if kind == "broken link":
-                found.append(ImageInput(file, path))  # reported: file not found
+            if kind in ("broken link", "special"):
+                found.append(ImageInput(file, path))  # reported: a broken link, or not a regular file (a pipe)
             elif kind == "file":
                 suffix = file.suffix.lower()
                 if suffix in IMAGE_SUFFIXES | UNREAD_IMAGE_SUFFIXES or (not suffix and is_dicom(file)):

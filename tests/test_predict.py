@@ -440,3 +440,29 @@ def test_an_output_under_a_file_is_refused_before_any_image_is_read(tiny, tmp_pa
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and blocker.read_text() == "a file, not a folder\n"
     assert f"{blocker}: is a file, so {option} " in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_named_pipe_inside_a_folder_is_counted_and_listed_as_unreadable(tiny, tmp_path, capsys, clean_thread_env):
+    """A pipe found in a folder argument is a line with its reason and counted in the summary, not dropped unseen; a
+    link to it is the same file (a repeat), and for the dataset readers not a broken link (its target exists)."""
+    from medq.data.common import Intake
+    from medq.data.decode import NOT_REGULAR
+
+    folder = tmp_path / "with_pipe"
+    folder.mkdir()
+    shutil.copy(tiny.test_files[0], folder / "good.jpeg")
+    os.mkfifo(folder / "queue.png")
+    (folder / "to_queue.png").symlink_to(folder / "queue.png")
+
+    code = main(["predict", "--run", str(tiny.run_dir), str(folder), "--quiet"])
+    captured = capsys.readouterr()
+    recs = {Path(r["file"]).name: r for r in map(json.loads, captured.out.splitlines())}
+    assert code == 0 and set(recs) == {"good.jpeg", "queue.png"}
+    assert recs["queue.png"] == {"file": str(folder / "queue.png"), "error": NOT_REGULAR}
+    assert re.search(r"1 image predicted .*; 1 unreadable file skipped \(first: .*queue\.png: not a regular file.*; "
+                     r"1 input naming a file already given", captured.err)
+
+    intake = Intake()  # the dataset readers list it too, with the same reason
+    assert intake.files(folder) == [folder / "good.jpeg"]
+    assert sorted(intake.skipped) == [(str(folder / "queue.png"), NOT_REGULAR), (str(folder / "to_queue.png"),
+                                                                                 NOT_REGULAR)]
