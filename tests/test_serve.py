@@ -364,6 +364,38 @@ def test_multipart_parts_are_each_answered_or_the_request_refused_naming_the_par
         assert form.status_code == 400 and "--data-binary" in form.json()["error"]
 
 
+def test_gzip_and_deflate_images_are_answered_as_sent_plain_a_bomb_is_413_another_encoding_415(tiny):
+    """/v1 predict undoes Content-Encoding as /v2 infer does (it answered 400 'not a PNG, JPEG or DICOM'); the limit
+    holds after inflating: 4 KiB of gzip inflating to 4 MiB is a 413, not 4 MiB (or 4 GiB) in memory."""
+    import zlib
+
+    png = cv2.imencode(".png", np.full((48, 48), 90, np.uint8))[1].tobytes()
+    jpeg = cv2.imencode(".jpg", np.tile(np.arange(48, dtype=np.uint8) * 5, (48, 1)))[1].tobytes()
+    with serving(tiny.models, max_body_mb=1) as base:
+        url = f"{base}/v1/models/tiny/predict"
+        plain = requests.post(url, data=png, timeout=60).json()
+        for encoding, packed in (("gzip", gzip.compress(png)), ("deflate", zlib.compress(png))):
+            answer = requests.post(url, data=packed, headers={"Content-Encoding": encoding}, timeout=60)
+            assert answer.status_code == 200 and answer.json() == plain, (encoding, answer.text)
+        parts = [("a", ("a.png", png)), ("b", ("b.jpeg", jpeg))]
+        form = requests.Request("POST", url, files=parts).prepare()
+        plain_parts = requests.post(url, files=parts, timeout=60).json()
+        answer = requests.post(url, data=gzip.compress(form.body), timeout=60,
+                               headers={"Content-Type": form.headers["Content-Type"], "Content-Encoding": "gzip"})
+        assert answer.status_code == 200 and answer.json() == plain_parts
+        assert [p["file"] for p in plain_parts["predictions"]] == ["a.png", "b.jpeg"]
+
+        bomb = gzip.compress(png + b"\0" * (4 * 2 ** 20))
+        assert len(bomb) < 16 * 2 ** 10
+        for endpoint in (url, f"{base}/v2/models/tiny/infer"):
+            answer = requests.post(endpoint, data=bomb, headers={"Content-Encoding": "gzip"}, timeout=60)
+            assert answer.status_code == 413 and "inflates to more than serve.max_body_mb (1 MiB)" in \
+                answer.json()["error"], answer.text
+            answer = requests.post(endpoint, data=png, headers={"Content-Encoding": "br"}, timeout=60)
+            assert answer.status_code == 415 and "Content-Encoding 'br'" in answer.json()["error"], answer.text
+        assert requests.post(url, data=png, timeout=60).json() == plain  # the server carries on
+
+
 # --- batching, the bounded queue ------------------------------------------------------------------------------------
 
 def _infer_json(base: str, x: np.ndarray, headers: dict | None = None) -> requests.Response:

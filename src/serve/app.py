@@ -9,7 +9,7 @@ the engines stay open (their owner closes them).
 Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image (naming the
 multipart part), a form field where a file part belongs, a wrong tensor name, shape or datatype, values the run's
 preprocessing never gives; 401 without the token; 404 for an unknown model or version; 413 for a body above
-``serve.max_body_mb``; 503 + Retry-After when the model's queue is full or the server is draining; 504 when a request
+``serve.max_body_mb`` (after undoing a gzip/deflate Content-Encoding); 415 for another Content-Encoding; 503 + Retry-After when the model's queue is full or the server is draining; 504 when a request
 waited past its deadline.
 """
 from __future__ import annotations
@@ -36,7 +36,8 @@ from medq.hwinfo import physical_cores
 from medq.serve.batching import Batcher, DeadlineExceeded, QueueFull, Stopped
 from medq.serve.metrics import CONTENT_TYPE, Metrics
 from medq.serve.models import ServedModel
-from medq.serve.protocol import HEADER_LENGTH, BadRequest, decompress, encode_infer, parse_infer
+from medq.serve.protocol import (HEADER_LENGTH, BadRequest, UnsupportedEncoding, decompress, encode_infer,
+                                 parse_infer)
 
 log = logging.getLogger("medq")
 SERVER_NAME = "medq"
@@ -263,11 +264,8 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_tensor(name: str, request: Request, version: str | None = None) -> Response:
         model = served(name, version)
+        body = await _inflated_body(request, body_limit)
         try:
-            body = decompress(await request.body(), request.headers.get("content-encoding", ""), body_limit)
-            if len(body) > body_limit:
-                raise ServeError(413, f"the request body inflates to more than serve.max_body_mb "
-                                 f"({settings.max_body_mb:g} MiB)")
             parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), model.input, model.output,
                                  settings.max_batch_size)
         except BadRequest as exc:
@@ -299,9 +297,32 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     return app
 
 
+async def _inflated_body(request: Request, limit: int) -> bytes:
+    """The request's body with its gzip or deflate Content-Encoding undone (415 for another encoding): at most
+    ``limit + 1`` bytes are inflated, so a compressed bomb is a 413, never the server's memory."""
+    encoding = request.headers.get("content-encoding", "")
+    try:
+        body = decompress(await request.body(), encoding, limit)
+    except UnsupportedEncoding as exc:
+        raise ServeError(415, str(exc)) from None
+    except BadRequest as exc:
+        raise ServeError(400, str(exc)) from None
+    if len(body) > limit:
+        raise ServeError(413, f"the request body inflates to more than serve.max_body_mb ({limit / 2 ** 20:g} MiB); "
+                         "send smaller images or raise the limit")
+    return body
+
+
 async def _images(request: Request, max_images: int, max_bytes: int) -> tuple[list[tuple[str | None, bytes]], bool]:
     """([(the client's file name or None, bytes)] per image, multipart?): a multipart form's file parts, or the
-    whole body as one image."""
+    whole body as one image; either may come gzip- or deflate-compressed (Content-Encoding)."""
+    if request.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
+        body = await _inflated_body(request, max_bytes)
+
+        async def inflated() -> dict:  # the form parser reads the inflated body, not the wire's
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request(request.scope, inflated)
     content_type = request.headers.get("content-type", "")
     multipart = content_type.startswith("multipart/")
     if multipart:

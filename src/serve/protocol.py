@@ -28,6 +28,10 @@ class BadRequest(ValueError):
     """The client's request is malformed; the message is the 400's."""
 
 
+class UnsupportedEncoding(BadRequest):
+    """A Content-Encoding the server does not undo; the message is the 415's."""
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
@@ -61,7 +65,8 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
-        raise BadRequest(f"Content-Encoding {encoding!r} is not accepted; send gzip, deflate or no encoding")
+        raise UnsupportedEncoding(f"Content-Encoding {encoding!r} is not accepted; send gzip, deflate or no "
+                                  "encoding")
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         return inflater.decompress(body, limit + 1)
