@@ -748,6 +748,11 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path, caplog):
         settings = dataclasses.replace(ServeConfig(runs=["tiny"]), **changes)
         with pytest.raises(ConfigError, match=message):
             check_settings(settings)
+    # the warm-up runs a batch of every size: 1 + 2 + ... + 1024 = 1024 * 1025 / 2 = 524800 images before ready
+    with pytest.raises(ConfigError, match=r"serve.max_batch_size 1024: above 128; the warm-up before ready would run "
+                                          r"524800 images"):
+        check_settings(dataclasses.replace(ServeConfig(runs=["tiny"]), max_batch_size=1024, max_queue_size=2048))
+    check_settings(dataclasses.replace(ServeConfig(runs=["tiny"]), max_batch_size=128, max_queue_size=128))
     (tmp_path / "blank").write_text("\n")
     with pytest.raises(ConfigError, match="one token"):
         read_token(str(tmp_path / "blank"))

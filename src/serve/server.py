@@ -23,7 +23,7 @@ import uvicorn
 from medq.errors import ConfigError, MedqError, first_line
 from medq.hwinfo import intra_op_threads, thread_settings_in_force
 from medq.serve.app import ServerState, create_app
-from medq.serve.models import ServedModel, load_model
+from medq.serve.models import MAX_BATCH_SIZE, ServedModel, load_model, warmup_images
 
 log = logging.getLogger("medq")
 
@@ -45,6 +45,10 @@ def check_settings(settings: Any) -> None:
                           "company past its own deadline and get 504; lower the delay or raise the timeout")
     if settings.decode_threads < 0:
         raise ConfigError(f"serve.decode_threads {settings.decode_threads}: must be 0 (one per physical core) or more")
+    if settings.max_batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"serve.max_batch_size {settings.max_batch_size}: above {MAX_BATCH_SIZE}; the warm-up before "
+                          f"ready would run {warmup_images(settings.max_batch_size)} images (a batch of every size); "
+                          f"set {MAX_BATCH_SIZE} or less (the benchmark's batch sweep shows where img/s stops growing)")
     if settings.max_queue_size < settings.max_batch_size:
         raise ConfigError(f"serve.max_queue_size {settings.max_queue_size} is below serve.max_batch_size "
                           f"{settings.max_batch_size}: a full batch could never queue; raise max_queue_size")
