@@ -466,3 +466,30 @@ def test_a_named_pipe_inside_a_folder_is_counted_and_listed_as_unreadable(tiny, 
     assert intake.files(folder) == [folder / "good.jpeg"]
     assert sorted(intake.skipped) == [(str(folder / "queue.png"), NOT_REGULAR), (str(folder / "to_queue.png"),
                                                                                  NOT_REGULAR)]
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_valid_utf8_json(tiny, tmp_path, capsys, clean_thread_env):
+    """A Latin-1 name (café.png written as b'caf\\xe9.png') used to reach the line as a lone surrogate escape,
+    "\\udce9", which strict JSON parsers reject; its byte now shows as the text \\xe9. UTF-8 names stay as they are."""
+    folder = tmp_path / "names"
+    folder.mkdir()
+    latin = folder / os.fsdecode(b"caf\xe9.png")
+    cv2.imwrite(str(folder / "plain.png"), cv2.imread(tiny.test_files[0], cv2.IMREAD_GRAYSCALE))
+    shutil.copy(folder / "plain.png", latin)
+    os.mkfifo(folder / os.fsdecode(b"queue\xff.png"))  # an error line carries the name too
+    shutil.copy(folder / "plain.png", folder / "lung ü.png")
+    out = tmp_path / "out.jsonl"
+
+    assert main(["predict", "--run", str(tiny.run_dir), str(folder), "-o", str(out), "--quiet"]) == 0
+    lines = out.read_bytes().splitlines()
+    recs = {}
+    for line in lines:
+        rec = json.loads(line.decode("utf-8"))  # strict UTF-8
+        for text in (rec["file"], *rec.get("probabilities", {})):
+            text.encode("utf-8")  # no lone surrogate: raises UnicodeEncodeError otherwise
+        recs[rec["file"]] = rec
+    assert set(recs) == {f"{folder}/caf\\xe9.png", f"{folder}/queue\\xff.png", f"{folder}/lung ü.png",
+                         f"{folder}/plain.png"}
+    assert "not a regular file" in recs[f"{folder}/queue\\xff.png"]["error"]
+    for name in ("caf\\xe9.png", "lung ü.png"):
+        assert recs[f"{folder}/{name}"]["probabilities"] == recs[f"{folder}/plain.png"]["probabilities"]

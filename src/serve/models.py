@@ -19,7 +19,7 @@ import numpy as np
 
 from medq.data.decode import UnreadableImage, check_header, decode_pixels
 from medq.errors import MedqError
-from medq.inference import MODELS, RunInfo, pixel_warning, read_run, record
+from medq.inference import MODELS, RunInfo, pixel_warning, read_run, record, utf8_safe
 from medq.preprocess import normalization_affine, preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
@@ -114,7 +114,7 @@ class ServedModel:
 
     def answer(self, probabilities: np.ndarray, file: str | None, warning: str | None = None) -> dict[str, Any]:
         """The `medq predict` line for one image."""
-        line = record(file, probabilities, self.info, self.threshold)
+        line = utf8_safe(record(file, probabilities, self.info, self.threshold))
         if warning:
             line["warning"] = warning
         return line
