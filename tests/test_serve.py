@@ -52,14 +52,17 @@ def tiny(tmp_path_factory, make_tiny_run):
 
 
 @contextlib.contextmanager
-def serving(models, *, token=None, **settings):
-    """The app on an ephemeral port in a thread of this process; yields its base URL (http://127.0.0.1:PORT)."""
+def serving(models, *, token=None, state=None, **settings):
+    """The app on an ephemeral port in a thread of this process, as `medq serve` runs it (DrainingServer; ``state``:
+    its ServerState, e.g. with a limit); yields its base URL (http://127.0.0.1:PORT)."""
     import uvicorn
 
-    from medq.serve import create_app
+    from medq.serve import ServerState, create_app
+    from medq.serve.server import DrainingServer
 
-    app = create_app(models, ServeConfig(**settings), token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    state = state or ServerState()
+    app = create_app(models, ServeConfig(**settings), token=token, state=state)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), state, 30)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -726,6 +729,49 @@ def test_not_ready_deadline_and_engine_failure_answers(tiny, caplog):
         assert "kernel exploded" not in failed.text  # the details go to the log, not to the client
     assert f"request {failed.headers['x-request-id']}: broken failed on its batch: RuntimeError: kernel exploded" \
         in caplog.text
+
+
+def test_at_its_limit_of_requests_and_connections_the_server_answers_503_as_json(tiny):
+    """`medq serve` caps requests and connections at once; beyond, uvicorn's own limit_concurrency answered a plain
+    text "Service Unavailable" that v2 clients cannot read as {"error": ...}. Probes still answer."""
+    import socket
+
+    from medq.serve import ServerState
+
+    held = _HeldEngine()
+    model = dataclasses.replace(tiny.models[0], name="held", engine=held)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [0.0] * 1024}]}
+    state = ServerState(limit=2)
+    with serving([model], state=state) as base:
+        url = f"{base}/v2/models/held/infer"
+        answers: list[requests.Response] = []
+        threads = [threading.Thread(target=lambda: answers.append(requests.post(url, json=body, timeout=60)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: state.in_flight == 2, "two requests held in flight")
+        refused = requests.post(url, json=body, timeout=30)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json() == {"error": "the server is at its limit of 2 requests and connections at once; "
+                                           "retry after a second"}
+        assert requests.get(f"{base}/v2/health/live", timeout=30).status_code == 200
+        held.release.set()
+        for t in threads:
+            t.join(60)
+        assert [a.status_code for a in answers] == [200, 200]
+
+        host, port = base.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]  # open, nothing sent
+        # the request's own connection is the third: above the limit of 2 connections
+        try:
+            _wait_for(lambda: state.connections() >= 2, "two idle connections counted")
+            refused = requests.post(url, json=body, timeout=30)
+            assert refused.status_code == 503 and "limit of 2" in refused.json()["error"]
+        finally:
+            for sock in idle:
+                sock.close()
+        _wait_for(lambda: state.connections() == 0, "the idle connections closed")
+        assert requests.post(url, json=body, timeout=30).status_code == 200
 
 
 def test_serve_settings_are_checked_with_one_line_each(tmp_path, caplog):

@@ -9,8 +9,9 @@ the engines stay open (their owner closes them).
 Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image (naming the
 multipart part), a form field where a file part belongs, a wrong tensor name, shape or datatype, values the run's
 preprocessing never gives; 401 without the token; 404 for an unknown model or version; 413 for a body above
-``serve.max_body_mb`` (after undoing a gzip/deflate Content-Encoding); 415 for another Content-Encoding; 503 + Retry-After when the model's queue is full or the server is draining; 504 when a request
-waited past its deadline.
+``serve.max_body_mb`` (after undoing a gzip/deflate Content-Encoding); 415 for another Content-Encoding; 503 +
+Retry-After when the model's queue is full, the server is at its limit of requests and connections or draining; 504
+when a request waited past its deadline.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
 import numpy as np
@@ -56,13 +57,21 @@ class ServeError(Exception):
 
 @dataclass
 class ServerState:
-    """What the signal handler and the endpoints share: draining, and how many requests are being handled."""
+    """What the signal handler and the endpoints share: draining, how many requests are being handled, and the cap on
+    requests and open connections (``limit``; None: none) beyond which a request gets 503 + Retry-After at once."""
 
     draining: bool = False
     in_flight: int = 0
+    limit: int | None = None
+    connections: Callable[[], int] = lambda: 0  # open connections, this one's included (the server's count)
 
     def idle(self) -> bool:
         return self.in_flight == 0
+
+    def over_limit(self) -> bool:
+        """Checked before this request counts: ``limit`` others in flight, or more than ``limit`` connections with
+        its own (uvicorn's limit_concurrency did this, answering a plain-text 503 instead of the JSON error)."""
+        return self.limit is not None and (self.in_flight >= self.limit or self.connections() > self.limit)
 
 
 class BodyLimit:
@@ -123,10 +132,16 @@ class EveryRequest:
 
         started = time.perf_counter()
         path = scope["path"]
+        over_limit = not path.startswith("/v2/health/") and self.state.over_limit()  # probes carry no body
         self.state.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            if self.token is not None and not path.startswith("/v2/health/") and \
+            if over_limit:  # the connection closes, so a client holding idle ones gives them back
+                await JSONResponse({"error": f"the server is at its limit of {self.state.limit} requests and "
+                                    "connections at once; retry after a second"}, status_code=503,
+                                   headers={"Retry-After": RETRY_AFTER_S, "Connection": "close"}
+                                   )(scope, receive, send_with_id)
+            elif self.token is not None and not path.startswith("/v2/health/") and \
                     not _authorized(headers.get("authorization", ""), self.token):
                 await JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_with_id)

@@ -155,15 +155,14 @@ def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
              {k: v for k, v in thread_settings_in_force().items() if v is not None},
              intra_op_threads(config.runtime), config.runtime.inter_op_threads)
     models = load_models(config, run_dirs)
-    state = ServerState()
+    # requests and connections at once (each may hold a body up to max_body_mb): a running batch and a full queue per
+    # model, and 32 more; beyond, 503 + Retry-After as JSON (uvicorn's own limit_concurrency answers plain text)
+    state = ServerState(limit=len(models) * (settings.max_queue_size + settings.max_batch_size) + 32)
     try:
         app = create_app(models, settings, token=token, state=state)
         uv = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key, server_header=False,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-                            # connections at once (each may hold a body up to max_body_mb): a running batch and a full
-                            # queue per model, and 32 more; beyond, uvicorn answers 503
-                            limit_concurrency=len(models) * (settings.max_queue_size + settings.max_batch_size) + 32)
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
         server = DrainingServer(uv, state, settings.drain_timeout_s)
         scheme = "https" if settings.tls_cert else "http"
         log.info("serve: %s on %s://%s:%d (batches ≤ %d images, ≤ %g ms wait, queue ≤ %d images%s)",
@@ -188,6 +187,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
         super().__init__(config)
         self.state, self.drain_timeout_s = state, drain_timeout_s
+        state.connections = lambda: len(self.server_state.connections)
         self._drain_deadline: float | None = None
 
     @contextlib.contextmanager
