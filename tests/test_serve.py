@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -772,6 +773,14 @@ def test_at_its_limit_of_requests_and_connections_the_server_answers_503_as_json
                 sock.close()
         _wait_for(lambda: state.connections() == 0, "the idle connections closed")
         assert requests.post(url, json=body, timeout=30).status_code == 200
+
+
+def test_an_answer_naming_a_file_whose_bytes_are_not_utf8_is_valid_utf8_json(tiny):
+    """A name carrying os.fsdecode's surrogate escape (b'caf\\xe9.png') is answered as the text caf\\xe9.png: the
+    JSON encodes as strict UTF-8 (a lone surrogate would not) and the byte stays recognisable."""
+    answer = tiny.models[0].answer(np.array([0.25, 0.75], np.float32), os.fsdecode(b"caf\xe9.png"))
+    line = json.dumps(answer, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    assert json.loads(line)["file"] == "caf" + "\\" + "xe9.png"
 
 
 def test_serve_settings_are_checked_with_one_line_each(tmp_path, caplog):
