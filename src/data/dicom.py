@@ -30,21 +30,43 @@ COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
                "US": "1.2.840.10008.5.1.4.1.1.6.1"}
 
-_FILTERS_LOCK = threading.Lock()
+_QUIET_MODULES = r"pydicom(\.|$)"
+_quiet_lock = threading.Lock()
+_quiet_users = 0  # decodes inside _pydicom_quiet now, in any thread
 
 
 @contextlib.contextmanager
 def _pydicom_quiet() -> Iterator[None]:
     """pydicom's warnings (harmless header and padding oddities of real-world files) silenced inside the block.
 
-    Files are decoded in threads (serve's decode pool, predict's and tf.data's loaders), and warnings.catch_warnings
-    swaps the one process-wide filter list: two threads entering and leaving it interleaved would leave one's filter
-    in place for good. The lock keeps each swap whole, and the filter names pydicom's modules only, so a warning other
-    code raises meanwhile still shows; a process-wide "error" filter cannot turn pydicom's note into an unreadable
-    file either."""
-    with _FILTERS_LOCK, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
+    Files are decoded in parallel threads (serve's decode pool, predict's and tf.data's loaders), and the warning
+    filters are one process-wide list: warnings.catch_warnings swaps it whole, so threads entering and leaving it
+    interleaved would leave one's filter in place for good (and a lock around it would serialise every decode). So
+    one filter, naming pydicom's modules only, is in the list while any thread decodes: the first in adds it, the
+    last out removes that entry alone (filters others added meanwhile stay). A warning other code raises meanwhile
+    still shows."""
+    global _quiet_users
+    with _quiet_lock:
+        if _quiet_users == 0:
+            warnings.filterwarnings("ignore", module=_QUIET_MODULES)
+        _quiet_users += 1
+    try:
         yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                _drop_quiet_filter()
+
+
+def _drop_quiet_filter() -> None:
+    """Remove the entry _pydicom_quiet added (warnings has no public call for it)."""
+    for entry in warnings.filters:
+        if entry[0] == "ignore" and entry[1] is None and entry[2] is Warning and \
+                getattr(entry[3], "pattern", None) == _QUIET_MODULES and entry[4] == 0:
+            warnings.filters.remove(entry)
+            warnings._filters_mutated()  # noqa: SLF001 - what filterwarnings calls: caches see the change
+            return
 
 
 def load_dicom(path: str | Path) -> np.ndarray:
