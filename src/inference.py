@@ -147,6 +147,26 @@ def pixel_warning(facts: dict[str, Any], spec: PreprocessSpec, shape: tuple[int,
     return "; ".join(found) or None
 
 
+def utf8_safe(value: Any) -> Any:
+    """``value`` (a record: dicts, lists, strings, numbers) with every string valid UTF-8 text: the bytes of a file
+    name that are not UTF-8 (os.fsdecode keeps them as lone surrogates, ``\\udcXX``, which strict JSON parsers
+    reject) shown as ``\\xNN``, so ``caf<0xE9>.png`` from a Latin-1 system reads ``caf\\xe9.png``."""
+    if isinstance(value, dict):
+        return {utf8_safe(k): utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [utf8_safe(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        try:  # the file name's own bytes back, each one that is not UTF-8 escaped visibly
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate not from a file name: its code point, escaped
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def record(file: str | Path | None, probs: np.ndarray, info: RunInfo,
            threshold: float | Thresholds | None = None) -> dict[str, Any]:
     """The JSON object for one image (``file``: its path, or an upload's name, or None): its probabilities, the

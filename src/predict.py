@@ -36,7 +36,7 @@ from medq import artifacts, runrecord
 from medq.data.common import UNREAD_IMAGE_SUFFIXES, is_junk, walk
 from medq.data.decode import IMAGE_SUFFIXES, UnreadableImage, decode_pixels, is_dicom
 from medq.errors import MedqError
-from medq.inference import Predictor, RunInfo, model_location, pixel_warning, read_run, record
+from medq.inference import Predictor, RunInfo, model_location, pixel_warning, read_run, record, utf8_safe
 from medq.metrics import decisions
 from medq.preprocess import PreprocessSpec, preprocess
 from medq.progress import progress
@@ -68,8 +68,8 @@ def collect_inputs(arguments: Sequence[str | Path]) -> tuple[list[ImageInput], i
             found.append(ImageInput(path))
             continue
         for kind, file in walk(path, skip=lambda p: p.name.startswith(".") or is_junk(p)):
-            if kind == "broken link":
-                found.append(ImageInput(file, path))  # reported: file not found
+            if kind in ("broken link", "special"):
+                found.append(ImageInput(file, path))  # reported: a broken link, or not a regular file (a pipe)
             elif kind == "file":
                 suffix = file.suffix.lower()
                 if suffix in IMAGE_SUFFIXES | UNREAD_IMAGE_SUFFIXES or (not suffix and is_dicom(file)):
@@ -414,6 +414,7 @@ def _with_dicom_sr(stream: Iterator[dict[str, Any]], targets: dict[Path, Path], 
 
 def _write_lines(stream: Iterator[dict[str, Any]], fh: TextIO, summary: PredictSummary) -> None:
     for rec in stream:
+        rec = utf8_safe(rec)  # every line valid UTF-8 JSON (and the summary printable), whatever the file names
         if "error" in rec:
             summary.errors += 1
             summary.first_error = summary.first_error or f"{rec['file']}: {rec['error']}"

@@ -219,3 +219,55 @@ def test_8bit_files_keep_their_own_pixels_in_rgb_order_and_16bit_ones_become_uni
     g16 = load_pixels(tmp_path / "g16.png")
     assert g16.dtype == np.float32 and g16.shape == (20, 30)
     np.testing.assert_array_equal(g16, load_image(tmp_path / "g16.png"))
+
+
+def test_dicoms_decoded_in_many_threads_leave_the_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """pydicom warns about excess pixel-data padding (a harmless oddity of real files); silencing it must not touch
+    other code's warnings: while 8 threads decode such files, a warning raised elsewhere still shows, and afterwards
+    the process's filter list is exactly what it was (catch_warnings from threads, unguarded, leaves one thread's
+    'ignore' behind for good)."""
+    import io
+    import threading
+    import warnings
+
+    import pydicom
+
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 65536, (128, 128), dtype=np.uint16)
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(stored)))
+    ds.PixelData += b"\0" * 64  # pydicom: "... contains 64 bytes of excess padding to be removed"
+    buffer = io.BytesIO()
+    ds.save_as(buffer)
+    path = tmp_path / "padded.dcm"
+    path.write_bytes(buffer.getvalue())
+    with warnings.catch_warnings(record=True) as seen:  # the oracle that the file does trigger pydicom's warning
+        warnings.simplefilter("always")
+        pydicom.dcmread(path).pixel_array
+    assert any("excess padding" in str(w.message) for w in seen)
+
+    shown: list[str] = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *args, **kwargs: shown.append(str(message)))
+    before = list(warnings.filters)
+    stop, images, failures = threading.Event(), [], []
+
+    def decode() -> None:
+        try:
+            while not stop.is_set():
+                images.append(read_dicom(path)[0])
+        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+            failures.append(exc)
+
+    threads = [threading.Thread(target=decode) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for n in range(200):  # each message new, so the default action shows every one
+        warnings.warn(f"raised elsewhere {n}", UserWarning)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures and images
+    assert warnings.filters == before
+    assert [m for m in shown if m.startswith("raised elsewhere")] == [f"raised elsewhere {n}" for n in range(200)]
+    assert not any("excess padding" in m for m in shown)  # the decoder's own warning stays silenced
+    for image in images[:3]:
+        np.testing.assert_allclose(image, stored / 65535.0, atol=1e-6)

@@ -440,3 +440,56 @@ def test_an_output_under_a_file_is_refused_before_any_image_is_read(tiny, tmp_pa
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and blocker.read_text() == "a file, not a folder\n"
     assert f"{blocker}: is a file, so {option} " in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
+def test_a_named_pipe_inside_a_folder_is_counted_and_listed_as_unreadable(tiny, tmp_path, capsys, clean_thread_env):
+    """A pipe found in a folder argument is a line with its reason and counted in the summary, not dropped unseen; a
+    link to it is the same file (a repeat), and for the dataset readers not a broken link (its target exists)."""
+    from medq.data.common import Intake
+    from medq.data.decode import NOT_REGULAR
+
+    folder = tmp_path / "with_pipe"
+    folder.mkdir()
+    shutil.copy(tiny.test_files[0], folder / "good.jpeg")
+    os.mkfifo(folder / "queue.png")
+    (folder / "to_queue.png").symlink_to(folder / "queue.png")
+
+    code = main(["predict", "--run", str(tiny.run_dir), str(folder), "--quiet"])
+    captured = capsys.readouterr()
+    recs = {Path(r["file"]).name: r for r in map(json.loads, captured.out.splitlines())}
+    assert code == 0 and set(recs) == {"good.jpeg", "queue.png"}
+    assert recs["queue.png"] == {"file": str(folder / "queue.png"), "error": NOT_REGULAR}
+    assert re.search(r"1 image predicted .*; 1 unreadable file skipped \(first: .*queue\.png: not a regular file.*; "
+                     r"1 input naming a file already given", captured.err)
+
+    intake = Intake()  # the dataset readers list it too, with the same reason
+    assert intake.files(folder) == [folder / "good.jpeg"]
+    assert sorted(intake.skipped) == [(str(folder / "queue.png"), NOT_REGULAR), (str(folder / "to_queue.png"),
+                                                                                 NOT_REGULAR)]
+
+
+def test_a_file_name_that_is_not_utf8_is_written_as_valid_utf8_json(tiny, tmp_path, capsys, clean_thread_env):
+    """A Latin-1 name (café.png written as b'caf\\xe9.png') used to reach the line as a lone surrogate escape,
+    "\\udce9", which strict JSON parsers reject; its byte now shows as the text \\xe9. UTF-8 names stay as they are."""
+    folder = tmp_path / "names"
+    folder.mkdir()
+    latin = folder / os.fsdecode(b"caf\xe9.png")
+    cv2.imwrite(str(folder / "plain.png"), cv2.imread(tiny.test_files[0], cv2.IMREAD_GRAYSCALE))
+    shutil.copy(folder / "plain.png", latin)
+    os.mkfifo(folder / os.fsdecode(b"queue\xff.png"))  # an error line carries the name too
+    shutil.copy(folder / "plain.png", folder / "lung ü.png")
+    out = tmp_path / "out.jsonl"
+
+    assert main(["predict", "--run", str(tiny.run_dir), str(folder), "-o", str(out), "--quiet"]) == 0
+    lines = out.read_bytes().splitlines()
+    recs = {}
+    for line in lines:
+        rec = json.loads(line.decode("utf-8"))  # strict UTF-8
+        for text in (rec["file"], *rec.get("probabilities", {})):
+            text.encode("utf-8")  # no lone surrogate: raises UnicodeEncodeError otherwise
+        recs[rec["file"]] = rec
+    assert set(recs) == {f"{folder}/caf\\xe9.png", f"{folder}/queue\\xff.png", f"{folder}/lung ü.png",
+                         f"{folder}/plain.png"}
+    assert "not a regular file" in recs[f"{folder}/queue\\xff.png"]["error"]
+    for name in ("caf\\xe9.png", "lung ü.png"):
+        assert recs[f"{folder}/{name}"]["probabilities"] == recs[f"{folder}/plain.png"]["probabilities"]

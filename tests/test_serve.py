@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -52,14 +53,17 @@ def tiny(tmp_path_factory, make_tiny_run):
 
 
 @contextlib.contextmanager
-def serving(models, *, token=None, **settings):
-    """The app on an ephemeral port in a thread of this process; yields its base URL (http://127.0.0.1:PORT)."""
+def serving(models, *, token=None, state=None, **settings):
+    """The app on an ephemeral port in a thread of this process, as `medq serve` runs it (DrainingServer; ``state``:
+    its ServerState, e.g. with a limit); yields its base URL (http://127.0.0.1:PORT)."""
     import uvicorn
 
-    from medq.serve import create_app
+    from medq.serve import ServerState, create_app
+    from medq.serve.server import DrainingServer
 
-    app = create_app(models, ServeConfig(**settings), token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    state = state or ServerState()
+    app = create_app(models, ServeConfig(**settings), token=token, state=state)
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"), state, 30)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -362,6 +366,38 @@ def test_multipart_parts_are_each_answered_or_the_request_refused_naming_the_par
         # curl -d @film.png: the body is the file less its 0x0A/0x0D bytes, which may still decode (to other pixels)
         form = requests.post(url, data=png, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=60)
         assert form.status_code == 400 and "--data-binary" in form.json()["error"]
+
+
+def test_gzip_and_deflate_images_are_answered_as_sent_plain_a_bomb_is_413_another_encoding_415(tiny):
+    """/v1 predict undoes Content-Encoding as /v2 infer does (it answered 400 'not a PNG, JPEG or DICOM'); the limit
+    holds after inflating: 4 KiB of gzip inflating to 4 MiB is a 413, not 4 MiB (or 4 GiB) in memory."""
+    import zlib
+
+    png = cv2.imencode(".png", np.full((48, 48), 90, np.uint8))[1].tobytes()
+    jpeg = cv2.imencode(".jpg", np.tile(np.arange(48, dtype=np.uint8) * 5, (48, 1)))[1].tobytes()
+    with serving(tiny.models, max_body_mb=1) as base:
+        url = f"{base}/v1/models/tiny/predict"
+        plain = requests.post(url, data=png, timeout=60).json()
+        for encoding, packed in (("gzip", gzip.compress(png)), ("deflate", zlib.compress(png))):
+            answer = requests.post(url, data=packed, headers={"Content-Encoding": encoding}, timeout=60)
+            assert answer.status_code == 200 and answer.json() == plain, (encoding, answer.text)
+        parts = [("a", ("a.png", png)), ("b", ("b.jpeg", jpeg))]
+        form = requests.Request("POST", url, files=parts).prepare()
+        plain_parts = requests.post(url, files=parts, timeout=60).json()
+        answer = requests.post(url, data=gzip.compress(form.body), timeout=60,
+                               headers={"Content-Type": form.headers["Content-Type"], "Content-Encoding": "gzip"})
+        assert answer.status_code == 200 and answer.json() == plain_parts
+        assert [p["file"] for p in plain_parts["predictions"]] == ["a.png", "b.jpeg"]
+
+        bomb = gzip.compress(png + b"\0" * (4 * 2 ** 20))
+        assert len(bomb) < 16 * 2 ** 10
+        for endpoint in (url, f"{base}/v2/models/tiny/infer"):
+            answer = requests.post(endpoint, data=bomb, headers={"Content-Encoding": "gzip"}, timeout=60)
+            assert answer.status_code == 413 and "inflates to more than serve.max_body_mb (1 MiB)" in \
+                answer.json()["error"], answer.text
+            answer = requests.post(endpoint, data=png, headers={"Content-Encoding": "br"}, timeout=60)
+            assert answer.status_code == 415 and "Content-Encoding 'br'" in answer.json()["error"], answer.text
+        assert requests.post(url, data=png, timeout=60).json() == plain  # the server carries on
 
 
 # --- batching, the bounded queue ------------------------------------------------------------------------------------
@@ -696,6 +732,57 @@ def test_not_ready_deadline_and_engine_failure_answers(tiny, caplog):
         in caplog.text
 
 
+def test_at_its_limit_of_requests_and_connections_the_server_answers_503_as_json(tiny):
+    """`medq serve` caps requests and connections at once; beyond, uvicorn's own limit_concurrency answered a plain
+    text "Service Unavailable" that v2 clients cannot read as {"error": ...}. Probes still answer."""
+    import socket
+
+    from medq.serve import ServerState
+
+    held = _HeldEngine()
+    model = dataclasses.replace(tiny.models[0], name="held", engine=held)
+    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 32, 32, 1], "data": [0.0] * 1024}]}
+    state = ServerState(limit=2)
+    with serving([model], state=state) as base:
+        url = f"{base}/v2/models/held/infer"
+        answers: list[requests.Response] = []
+        threads = [threading.Thread(target=lambda: answers.append(requests.post(url, json=body, timeout=60)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        _wait_for(lambda: state.in_flight == 2, "two requests held in flight")
+        refused = requests.post(url, json=body, timeout=30)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert refused.json() == {"error": "the server is at its limit of 2 requests and connections at once; "
+                                           "retry after a second"}
+        assert requests.get(f"{base}/v2/health/live", timeout=30).status_code == 200
+        held.release.set()
+        for t in threads:
+            t.join(60)
+        assert [a.status_code for a in answers] == [200, 200]
+
+        host, port = base.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=30) for _ in range(2)]  # open, nothing sent
+        # the request's own connection is the third: above the limit of 2 connections
+        try:
+            _wait_for(lambda: state.connections() >= 2, "two idle connections counted")
+            refused = requests.post(url, json=body, timeout=30)
+            assert refused.status_code == 503 and "limit of 2" in refused.json()["error"]
+        finally:
+            for sock in idle:
+                sock.close()
+        _wait_for(lambda: state.connections() == 0, "the idle connections closed")
+        assert requests.post(url, json=body, timeout=30).status_code == 200
+
+
+def test_an_answer_naming_a_file_whose_bytes_are_not_utf8_is_valid_utf8_json(tiny):
+    """A name carrying os.fsdecode's surrogate escape (b'caf\\xe9.png') is answered as the text caf\\xe9.png: the
+    JSON encodes as strict UTF-8 (a lone surrogate would not) and the byte stays recognisable."""
+    answer = tiny.models[0].answer(np.array([0.25, 0.75], np.float32), os.fsdecode(b"caf\xe9.png"))
+    line = json.dumps(answer, ensure_ascii=False).encode("utf-8")  # raises on a lone surrogate
+    assert json.loads(line)["file"] == "caf" + "\\" + "xe9.png"
+
+
 def test_serve_settings_are_checked_with_one_line_each(tmp_path, caplog):
     from medq.config import load_config
     from medq.errors import ConfigError
@@ -716,6 +803,11 @@ def test_serve_settings_are_checked_with_one_line_each(tmp_path, caplog):
         settings = dataclasses.replace(ServeConfig(runs=["tiny"]), **changes)
         with pytest.raises(ConfigError, match=message):
             check_settings(settings)
+    # the warm-up runs a batch of every size: 1 + 2 + ... + 1024 = 1024 * 1025 / 2 = 524800 images before ready
+    with pytest.raises(ConfigError, match=r"serve.max_batch_size 1024: above 128; the warm-up before ready would run "
+                                          r"524800 images"):
+        check_settings(dataclasses.replace(ServeConfig(runs=["tiny"]), max_batch_size=1024, max_queue_size=2048))
+    check_settings(dataclasses.replace(ServeConfig(runs=["tiny"]), max_batch_size=128, max_queue_size=128))
     (tmp_path / "blank").write_text("\n")
     with pytest.raises(ConfigError, match="one token"):
         read_token(str(tmp_path / "blank"))

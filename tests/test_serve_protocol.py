@@ -82,6 +82,14 @@ def test_json_data_must_be_numbers_flat_or_nested_exactly_as_the_shape():
                 _parse(_json_body(data))
 
 
+@pytest.mark.parametrize("data", [[0.1, True, 0.3, 0.4], [[[[0.1], [0.2]], [[0.3], [False]]]], [1, 0, 1, True]])
+def test_a_boolean_among_numbers_is_refused_naming_the_input(data):
+    """numpy reads [0.1, true, ...] as [0.1, 1.0, ...]: a stray true would be a pixel of 1.0, answered silently."""
+    assert np.asarray(data).dtype.kind in "if"  # what numpy alone makes of it: numbers
+    with pytest.raises(BadRequest, match=r"input 'input': 'data' holds a boolean \(true/false\)"):
+        _parse(_json_body(data))
+
+
 def test_an_empty_outputs_list_is_every_output_and_classification_is_refused():
     y = np.array([[0.2, 0.3, 0.5]], np.float32)
     request = _parse(_json_body([0.0] * 4, outputs=[]))

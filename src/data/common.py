@@ -20,7 +20,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from medq.data.decode import BROKEN_LINK, MAX_MEGAPIXELS, UnreadableImage, check_header
+from medq.data.decode import BROKEN_LINK, MAX_MEGAPIXELS, NOT_REGULAR, UnreadableImage, check_header
 from medq.data.duplicates import raise_first, reconcile
 from medq.data.index import DatasetIndex, Sample
 from medq.errors import DataError
@@ -85,9 +85,10 @@ def is_junk(path: Path) -> bool:
 
 def walk(folder: Path, recursive: bool = True, skip: Callable[[Path], bool] = is_junk
          ) -> Iterator[tuple[str, Path]]:
-    """What is under ``folder``, as ('file' | 'skip' | 'broken link' | 'seen', path), each folder's files sorted and
-    its sub-folders after them in name order (as os.walk). Symbolic links are followed, but each real folder
-    (st_dev, st_ino) is entered once: a link loop, or a second link to a folder, yields 'seen' and ends there."""
+    """What is under ``folder``, as ('file' | 'skip' | 'broken link' | 'special' | 'seen', path), each folder's files
+    sorted and its sub-folders after them in name order (as os.walk); 'special' is a named pipe, device or socket.
+    Symbolic links are followed, but each real folder (st_dev, st_ino) is entered once: a link loop, or a second link
+    to a folder, yields 'seen' and ends there."""
     entered: set[tuple[int, int]] = set()
     stack = [folder]
     while stack:
@@ -104,7 +105,7 @@ def walk(folder: Path, recursive: bool = True, skip: Callable[[Path], bool] = is
             path = Path(entry.path)
             try:  # a link to itself (or round a cycle of links) raises ELOOP here: a broken link, not a crash
                 kind = "skip" if skip(path) else "folder" if entry.is_dir() else "file" if entry.is_file() else \
-                    "broken link" if entry.is_symlink() else None
+                    "broken link" if not os.path.exists(path) else "special"  # a named pipe, device or socket
             except OSError:
                 kind = "broken link"
             if kind == "folder":
@@ -201,6 +202,8 @@ class Intake:
                 self.junk += 1
             elif kind == "seen":
                 self.seen.append(path)
+            elif kind == "special":
+                self.skip(path, NOT_REGULAR)
             else:
                 self.skip(path, BROKEN_LINK)
         return sorted(found)

@@ -12,10 +12,12 @@ reads — raises :class:`UnreadableImage` with a message that names the file.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -27,6 +29,44 @@ COLOR = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 # SOP classes used when writing: Computed Radiography, Digital X-Ray (for presentation), Ultrasound.
 SOP_CLASSES = {"CR": "1.2.840.10008.5.1.4.1.1.1", "DX": "1.2.840.10008.5.1.4.1.1.1.1",
                "US": "1.2.840.10008.5.1.4.1.1.6.1"}
+
+_QUIET_MODULES = r"pydicom(\.|$)"
+_quiet_lock = threading.Lock()
+_quiet_users = 0  # decodes inside _pydicom_quiet now, in any thread
+
+
+@contextlib.contextmanager
+def _pydicom_quiet() -> Iterator[None]:
+    """pydicom's warnings (harmless header and padding oddities of real-world files) silenced inside the block.
+
+    Files are decoded in parallel threads (serve's decode pool, predict's and tf.data's loaders), and the warning
+    filters are one process-wide list: warnings.catch_warnings swaps it whole, so threads entering and leaving it
+    interleaved would leave one's filter in place for good (and a lock around it would serialise every decode). So
+    one filter, naming pydicom's modules only, is in the list while any thread decodes: the first in adds it, the
+    last out removes that entry alone (filters others added meanwhile stay). A warning other code raises meanwhile
+    still shows."""
+    global _quiet_users
+    with _quiet_lock:
+        if _quiet_users == 0:
+            warnings.filterwarnings("ignore", module=_QUIET_MODULES)
+        _quiet_users += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_users -= 1
+            if _quiet_users == 0:
+                _drop_quiet_filter()
+
+
+def _drop_quiet_filter() -> None:
+    """Remove the entry _pydicom_quiet added (warnings has no public call for it)."""
+    for entry in warnings.filters:
+        if entry[0] == "ignore" and entry[1] is None and entry[2] is Warning and \
+                getattr(entry[3], "pattern", None) == _QUIET_MODULES and entry[4] == 0:
+            warnings.filters.remove(entry)
+            warnings._filters_mutated()  # noqa: SLF001 - what filterwarnings calls: caches see the change
+            return
 
 
 def load_dicom(path: str | Path) -> np.ndarray:
@@ -60,8 +100,7 @@ def header_values(path: str | Path, keywords: Sequence[str]) -> dict[str, str] |
     import pydicom
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with _pydicom_quiet():
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(keywords), force=True)
         return {k: str(ds.get(k, "") or "").strip() for k in keywords}
     except Exception:  # noqa: BLE001 - a damaged header: the image itself is judged by the decoder, not here
@@ -77,8 +116,7 @@ def read_dicom(path: str | Path, max_megapixels: float | None = None) -> tuple[n
     """(image as :func:`load_dicom` returns it, facts: format, width, height, channels, bits, photometric); an
     image whose Rows × Columns exceed ``max_megapixels`` is refused before its pixel data is decoded."""
     path = Path(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about harmless header oddities of real-world files
+    with _pydicom_quiet():
         ds = _read(path)
         try:
             size = (int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0))
@@ -237,8 +275,7 @@ def dicom_bytes(stored: np.ndarray, *, photometric: str = "MONOCHROME2", bits_st
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[uid_seed, patient_id, "series"])
     ds.PatientID, ds.PatientName, ds.Modality = patient_id, patient_id, (modality if with_pixels else "SR")
     ds.BodyPartExamined = "CHEST" if modality in ("CR", "DX") else "BREAST"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # values as real files hold them, e.g. RSNA's PatientAge '58' (not '058Y')
+    with _pydicom_quiet():  # values as real files hold them, e.g. RSNA's PatientAge '58' (not '058Y')
         for keyword, value in (header or {}).items():
             setattr(ds, keyword, value)
     if not with_pixels:

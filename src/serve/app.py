@@ -9,8 +9,9 @@ the engines stay open (their owner closes them).
 Answers: 200 with the result; 400 ``{"error": one line}`` for a malformed body, an undecodable image (naming the
 multipart part), a form field where a file part belongs, a wrong tensor name, shape or datatype, values the run's
 preprocessing never gives; 401 without the token; 404 for an unknown model or version; 413 for a body above
-``serve.max_body_mb``; 503 + Retry-After when the model's queue is full or the server is draining; 504 when a request
-waited past its deadline.
+``serve.max_body_mb`` (after undoing a gzip/deflate Content-Encoding); 415 for another Content-Encoding; 503 +
+Retry-After when the model's queue is full, the server is at its limit of requests and connections or draining; 504
+when a request waited past its deadline.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import anyio
 import numpy as np
@@ -36,7 +37,8 @@ from medq.hwinfo import physical_cores
 from medq.serve.batching import Batcher, DeadlineExceeded, QueueFull, Stopped
 from medq.serve.metrics import CONTENT_TYPE, Metrics
 from medq.serve.models import ServedModel
-from medq.serve.protocol import HEADER_LENGTH, BadRequest, decompress, encode_infer, parse_infer
+from medq.serve.protocol import (HEADER_LENGTH, BadRequest, UnsupportedEncoding, decompress, encode_infer,
+                                 parse_infer)
 
 log = logging.getLogger("medq")
 SERVER_NAME = "medq"
@@ -55,13 +57,21 @@ class ServeError(Exception):
 
 @dataclass
 class ServerState:
-    """What the signal handler and the endpoints share: draining, and how many requests are being handled."""
+    """What the signal handler and the endpoints share: draining, how many requests are being handled, and the cap on
+    requests and open connections (``limit``; None: none) beyond which a request gets 503 + Retry-After at once."""
 
     draining: bool = False
     in_flight: int = 0
+    limit: int | None = None
+    connections: Callable[[], int] = lambda: 0  # open connections, this one's included (the server's count)
 
     def idle(self) -> bool:
         return self.in_flight == 0
+
+    def over_limit(self) -> bool:
+        """Checked before this request counts: ``limit`` others in flight, or more than ``limit`` connections with
+        its own (uvicorn's limit_concurrency did this, answering a plain-text 503 instead of the JSON error)."""
+        return self.limit is not None and (self.in_flight >= self.limit or self.connections() > self.limit)
 
 
 class BodyLimit:
@@ -122,10 +132,16 @@ class EveryRequest:
 
         started = time.perf_counter()
         path = scope["path"]
+        over_limit = not path.startswith("/v2/health/") and self.state.over_limit()  # probes carry no body
         self.state.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            if self.token is not None and not path.startswith("/v2/health/") and \
+            if over_limit:  # the connection closes, so a client holding idle ones gives them back
+                await JSONResponse({"error": f"the server is at its limit of {self.state.limit} requests and "
+                                    "connections at once; retry after a second"}, status_code=503,
+                                   headers={"Retry-After": RETRY_AFTER_S, "Connection": "close"}
+                                   )(scope, receive, send_with_id)
+            elif self.token is not None and not path.startswith("/v2/health/") and \
                     not _authorized(headers.get("authorization", ""), self.token):
                 await JSONResponse({"error": "missing or wrong bearer token (Authorization: Bearer …)"},
                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})(scope, receive, send_with_id)
@@ -263,11 +279,8 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer_tensor(name: str, request: Request, version: str | None = None) -> Response:
         model = served(name, version)
+        body = await _inflated_body(request, body_limit)
         try:
-            body = decompress(await request.body(), request.headers.get("content-encoding", ""), body_limit)
-            if len(body) > body_limit:
-                raise ServeError(413, f"the request body inflates to more than serve.max_body_mb "
-                                 f"({settings.max_body_mb:g} MiB)")
             parsed = parse_infer(body, request.headers.get(HEADER_LENGTH), model.input, model.output,
                                  settings.max_batch_size)
         except BadRequest as exc:
@@ -299,9 +312,32 @@ def create_app(models: Sequence[ServedModel], settings: Any, *, token: str | Non
     return app
 
 
+async def _inflated_body(request: Request, limit: int) -> bytes:
+    """The request's body with its gzip or deflate Content-Encoding undone (415 for another encoding): at most
+    ``limit + 1`` bytes are inflated, so a compressed bomb is a 413, never the server's memory."""
+    encoding = request.headers.get("content-encoding", "")
+    try:
+        body = decompress(await request.body(), encoding, limit)
+    except UnsupportedEncoding as exc:
+        raise ServeError(415, str(exc)) from None
+    except BadRequest as exc:
+        raise ServeError(400, str(exc)) from None
+    if len(body) > limit:
+        raise ServeError(413, f"the request body inflates to more than serve.max_body_mb ({limit / 2 ** 20:g} MiB); "
+                         "send smaller images or raise the limit")
+    return body
+
+
 async def _images(request: Request, max_images: int, max_bytes: int) -> tuple[list[tuple[str | None, bytes]], bool]:
     """([(the client's file name or None, bytes)] per image, multipart?): a multipart form's file parts, or the
-    whole body as one image."""
+    whole body as one image; either may come gzip- or deflate-compressed (Content-Encoding)."""
+    if request.headers.get("content-encoding", "").strip().lower() not in ("", "identity"):
+        body = await _inflated_body(request, max_bytes)
+
+        async def inflated() -> dict:  # the form parser reads the inflated body, not the wire's
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        request = Request(request.scope, inflated)
     content_type = request.headers.get("content-type", "")
     multipart = content_type.startswith("multipart/")
     if multipart:

@@ -19,13 +19,24 @@ import numpy as np
 
 from medq.data.decode import UnreadableImage, check_header, decode_pixels
 from medq.errors import MedqError
-from medq.inference import MODELS, RunInfo, pixel_warning, read_run, record
+from medq.inference import MODELS, RunInfo, pixel_warning, read_run, record, utf8_safe
 from medq.preprocess import normalization_affine, preprocess
 from medq.serve.engines import Engine, open_engine
 from medq.serve.protocol import TensorSpec
 from medq.thresholds import DECISION_RULES
 
 log = logging.getLogger("medq")
+
+# The warm-up runs one batch of every size 1..max_batch_size (see load_model): N (N + 1) / 2 images, quadratic, so the
+# largest batch is bounded rather than the warm-up thinned out (a size left cold would stall the first batch of it
+# while oneDNN builds its kernels). 128 is 8,256 warm-up images, about 2 minutes for DenseNet121 INT8 at 224² on
+# 2 cores; CPU throughput has long stopped growing by then (the benchmark's batch sweep shows where).
+MAX_BATCH_SIZE = 128
+
+
+def warmup_images(max_batch_size: int) -> int:
+    """Images the warm-up runs before the model is ready: one batch of each size 1..max_batch_size."""
+    return max_batch_size * (max_batch_size + 1) // 2
 
 
 @dataclass
@@ -103,7 +114,7 @@ class ServedModel:
 
     def answer(self, probabilities: np.ndarray, file: str | None, warning: str | None = None) -> dict[str, Any]:
         """The `medq predict` line for one image."""
-        line = record(file, probabilities, self.info, self.threshold)
+        line = utf8_safe(record(file, probabilities, self.info, self.threshold))
         if warning:
             line["warning"] = warning
         return line
@@ -126,6 +137,8 @@ def load_model(run_dir: str | Path, model: str, *, threshold: float | None, max_
     # one warm-up batch of every size the batcher may form: oneDNN builds its kernels per input shape, and a size
     # first seen under load would stall its batch while they are built (DenseNet121 INT8 at 224², 2 cores: 20-40 ms
     # more per new size; warming sizes 1..32 takes about 8 s before the server is ready)
+    log.info("serve: %s: warming up: %d images in batches of every size 1..%d", served.name,
+             warmup_images(warmup_batch), warmup_batch)
     warm = np.zeros((warmup_batch, *served.input.shape), np.float32)
     try:
         for size in range(1, warmup_batch):

@@ -23,7 +23,7 @@ import uvicorn
 from medq.errors import ConfigError, MedqError, first_line
 from medq.hwinfo import intra_op_threads, thread_settings_in_force
 from medq.serve.app import ServerState, create_app
-from medq.serve.models import ServedModel, load_model
+from medq.serve.models import MAX_BATCH_SIZE, ServedModel, load_model, warmup_images
 
 log = logging.getLogger("medq")
 
@@ -45,6 +45,10 @@ def check_settings(settings: Any) -> None:
                           "company past its own deadline and get 504; lower the delay or raise the timeout")
     if settings.decode_threads < 0:
         raise ConfigError(f"serve.decode_threads {settings.decode_threads}: must be 0 (one per physical core) or more")
+    if settings.max_batch_size > MAX_BATCH_SIZE:
+        raise ConfigError(f"serve.max_batch_size {settings.max_batch_size}: above {MAX_BATCH_SIZE}; the warm-up before "
+                          f"ready would run {warmup_images(settings.max_batch_size)} images (a batch of every size); "
+                          f"set {MAX_BATCH_SIZE} or less (the benchmark's batch sweep shows where img/s stops growing)")
     if settings.max_queue_size < settings.max_batch_size:
         raise ConfigError(f"serve.max_queue_size {settings.max_queue_size} is below serve.max_batch_size "
                           f"{settings.max_batch_size}: a full batch could never queue; raise max_queue_size")
@@ -151,15 +155,14 @@ def run_serve(config: Any, run_dirs: Sequence[str | Path]) -> int:
              {k: v for k, v in thread_settings_in_force().items() if v is not None},
              intra_op_threads(config.runtime), config.runtime.inter_op_threads)
     models = load_models(config, run_dirs)
-    state = ServerState()
+    # requests and connections at once (each may hold a body up to max_body_mb): a running batch and a full queue per
+    # model, and 32 more; beyond, 503 + Retry-After as JSON (uvicorn's own limit_concurrency answers plain text)
+    state = ServerState(limit=len(models) * (settings.max_queue_size + settings.max_batch_size) + 32)
     try:
         app = create_app(models, settings, token=token, state=state)
         uv = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                             ssl_certfile=settings.tls_cert, ssl_keyfile=settings.tls_key, server_header=False,
-                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)),
-                            # connections at once (each may hold a body up to max_body_mb): a running batch and a full
-                            # queue per model, and 32 more; beyond, uvicorn answers 503
-                            limit_concurrency=len(models) * (settings.max_queue_size + settings.max_batch_size) + 32)
+                            timeout_graceful_shutdown=max(1, int(settings.drain_timeout_s)))
         server = DrainingServer(uv, state, settings.drain_timeout_s)
         scheme = "https" if settings.tls_cert else "http"
         log.info("serve: %s on %s://%s:%d (batches ≤ %d images, ≤ %g ms wait, queue ≤ %d images%s)",
@@ -184,6 +187,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, state: ServerState, drain_timeout_s: float):
         super().__init__(config)
         self.state, self.drain_timeout_s = state, drain_timeout_s
+        state.connections = lambda: len(self.server_state.connections)
         self._drain_deadline: float | None = None
 
     @contextlib.contextmanager
