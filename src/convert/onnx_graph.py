@@ -57,10 +57,18 @@ class OnnxSignature:
 
 
 def signature(model, where: str | Path) -> OnnxSignature:
+    import onnx
+
     inputs, outputs = real_inputs(model.graph), list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         raise MedqError(f"{where}: expected one image input and one output, found {len(inputs)} input(s) "
                         f"({', '.join(i.name for i in inputs)}) and {len(outputs)} output(s)")
+    for kind, value in (("input", inputs[0]), ("output", outputs[0])):
+        elem = value.type.tensor_type.elem_type
+        if elem != onnx.TensorProto.FLOAT:
+            raise MedqError(f"{where}: {kind} {value.name!r} is {onnx.helper.tensor_dtype_to_np_dtype(elem)}; medq "
+                            "feeds float32 pixels and reads float32 outputs: re-export with float32 inputs and "
+                            "outputs (onnxconverter-common's float16 conversion: keep_io_types=True)")
     in_dims, out_dims = _dims(inputs[0]), _dims(outputs[0])
     if len(in_dims) != 4 or in_dims[1] not in (1, 3):
         raise MedqError(f"{where}: input {inputs[0].name!r} has shape {in_dims}; medq converts image classifiers "

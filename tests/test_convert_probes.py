@@ -1,0 +1,120 @@
+"""Probes of the converter with models made elsewhere: heads written by hand, inputs onnxruntime or onnx2tf cannot
+take, TorchScript that only runs at its own size. Models are built node by node with onnx.helper (torch only where
+the probe is about TorchScript)."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from medq.convert import convert
+from medq.convert.parity import phantom_batch, run_frozen
+from medq.errors import MedqError
+from medq.preprocess import PreprocessSpec
+
+SIZE = 32
+
+
+def classifier(path, tail=(), *, classes=3, out="logits", opset=17, dtype=TensorProto.FLOAT,
+               batch="N", out_shape=None):
+    """images [batch, 1, 32, 32] → Conv → Relu → GlobalAveragePool → Flatten → Gemm ('fc', logits) → TAIL
+    (nodes ending in ``out``)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["gap"]),
+             helper.make_node("Flatten", ["gap"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "wf", "bf"], ["fc" if tail else out], transB=1), *tail]
+    inits = [numpy_helper.from_array((rng.standard_normal((6, 1, 3, 3)) * 0.5).astype(np.float32), "w1"),
+             numpy_helper.from_array(np.full(6, 0.1, np.float32), "b1"),
+             numpy_helper.from_array((rng.standard_normal((classes, 6)) * 2).astype(np.float32), "wf"),
+             numpy_helper.from_array(np.zeros(classes, np.float32), "bf")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("images", dtype, [batch, 1, SIZE, SIZE])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, out_shape or [batch, classes])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.save(model, str(path))
+    return path
+
+
+def onnx_outputs(path, x_nhwc):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x_nhwc.transpose(0, 3, 1, 2)})[0]
+
+
+HAND_SOFTMAX = [helper.make_node("Exp", ["fc"], ["e"]),
+                helper.make_node("ReduceSum", ["e", "axes"], ["s"], keepdims=1),
+                helper.make_node("Div", ["e", "s"], ["probs"])]
+
+
+def with_axes(path):
+    model = onnx.load(str(path))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "axes"))
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("tail, classes, task", [
+    (HAND_SOFTMAX, 3, "multiclass"),  # softmax written out: Exp / ReduceSum
+    ([helper.make_node("Softmax", ["fc"], ["sm"], axis=1),  # a softmax, then the positive class's column
+      helper.make_node("Slice", ["sm", "one", "two", "axis1"], ["probs"])], 2, None),
+    ([helper.make_node("Sigmoid", ["fc"], ["sg"]),  # a sigmoid, then clipped away from 0 and 1
+      helper.make_node("Clip", ["sg", "lo", "hi"], ["probs"])], 3, "multilabel"),
+])
+def test_probabilities_behind_ops_the_graph_walk_does_not_know_are_not_activated_twice(tmp_path, tail, classes, task):
+    """Applying a softmax or sigmoid to probabilities is a silently wrong model (every answer squeezed towards the
+    middle, the ranking of classes changed): refused in one line before the slow conversion."""
+    source = classifier(tmp_path / "p.onnx", tail, classes=classes, out="probs",
+                        out_shape=["N", 1] if tail[-1].op_type == "Slice" else None)
+    constants = {"axes": np.array([1], np.int64), "one": np.array([1], np.int64), "two": np.array([2], np.int64),
+                 "axis1": np.array([1], np.int64), "lo": np.array(1e-6, np.float32),
+                 "hi": np.array(1 - 1e-6, np.float32)}
+    used = {name for node in tail for name in node.input}
+    model = onnx.load(str(source))
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items() if k in used)
+    onnx.save(model, str(source))
+    p = onnx_outputs(source, phantom_batch(PreprocessSpec(SIZE, 1, "unit"), 4))
+    assert ((p >= 0) & (p <= 1)).all()  # the oracle: these really are probabilities
+    with pytest.raises(MedqError) as err:
+        convert(source, run_dir=tmp_path / "run", task=task, normalization="unit", verbose=False)
+    text = str(err.value)
+    assert "\n" not in text and str(source) in text and "--model-output" in text
+    assert not (tmp_path / "run" / "model_fp32.pb").exists()
+
+
+def test_declared_probabilities_are_kept_as_they_are(tmp_path):
+    source = with_axes(classifier(tmp_path / "p.onnx", HAND_SOFTMAX, out="probs"))
+    result = convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit",
+                     model_output="probabilities", verbose=False)
+    x = phantom_batch(result.preprocess, 4)
+    expected = onnx_outputs(source, x)  # the file's own probabilities, nothing appended
+    assert np.abs(run_frozen(result.fp32_pb, x) - expected).max() < 1e-5
+    assert np.abs(expected.sum(axis=1) - 1).max() < 1e-5
+
+
+def test_declared_logits_contradicting_a_final_softmax_is_refused(tmp_path):
+    source = classifier(tmp_path / "s.onnx", [helper.make_node("Softmax", ["fc"], ["probs"], axis=1)], out="probs")
+    with pytest.raises(MedqError, match=r"s\.onnx: .*ends in softmax.*--model-output logits"):
+        convert(source, run_dir=tmp_path / "run", normalization="unit", model_output="logits", verbose=False)
+
+
+def half_input(path):
+    """The model of ``classifier`` taking float16 pixels (a model converted with onnxconverter-common's float16
+    without keep_io_types): a Cast to float32 first."""
+    model = onnx.load(str(path))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    model.graph.node[0].input[0] = "images32"
+    model.graph.node.insert(0, helper.make_node("Cast", ["images"], ["images32"], to=TensorProto.FLOAT))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_float16_input_is_one_line(tmp_path):
+    source = half_input(classifier(tmp_path / "half.onnx"))
+    with pytest.raises(MedqError) as err:
+        convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit", verbose=False)
+    text = str(err.value)
+    assert "\n" not in text and str(source) in text and "float16" in text
