@@ -118,3 +118,60 @@ def test_float16_input_is_one_line(tmp_path):
         convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit", verbose=False)
     text = str(err.value)
     assert "\n" not in text and str(source) in text and "float16" in text
+
+
+# ---------------------------------------------------------------- TorchScript made elsewhere
+
+def _scripted(tmp_path, module, name):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / name
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore")
+        torch.jit.script(module.eval()).save(str(path))
+    return path
+
+
+def _gray_net_head_first():
+    """A 1-channel network whose classifier convolution is registered before its stem (the first 4-D tensor of its
+    state_dict has 16 input channels)."""
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.head = nn.Conv2d(16, 3, 1)
+            self.stem = nn.Conv2d(1, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.stem(x))).mean(dim=(2, 3))
+
+    return Net()
+
+
+def test_torchscript_channels_come_from_what_the_module_accepts(tmp_path):
+    torch = pytest.importorskip("torch")
+    model = _gray_net_head_first()
+    path = _scripted(tmp_path, model, "gray.pt")
+    result = convert(path, run_dir=tmp_path / "run", task="multiclass", normalization="unit", image_size=SIZE,
+                     trust_torchscript=True, verbose=False)
+    assert result.preprocess == PreprocessSpec(SIZE, 1, "unit")
+    x = phantom_batch(result.preprocess, 4)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.abs(run_frozen(result.fp32_pb, x) - expected).max() < 1e-5
+
+
+def test_torchscript_that_runs_only_at_its_own_size_is_one_line(tmp_path):
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * SIZE * SIZE, 2))
+    path = _scripted(tmp_path, model, "fixed.pt")
+    with pytest.raises(MedqError) as err:  # 224 px, the default, does not fit its Linear layer
+        convert(path, run_dir=tmp_path / "run", task="binary", normalization="unit", trust_torchscript=True,
+                verbose=False)
+    text = str(err.value)
+    assert "\n" not in text and str(path) in text and "--image-size" in text

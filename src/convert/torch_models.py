@@ -285,13 +285,33 @@ def load_torchscript(path: str | Path, image_size: int, trust: bool) -> LoadedMo
     convs = [t for t in model.state_dict().values() if t.ndim == 4]
     if not convs:
         raise MedqError(f"{path}: no convolution weights in this TorchScript module; medq converts image classifiers")
-    in_channels = int(convs[0].shape[1])
-    with torch.no_grad():
-        out = model(torch.zeros(1, in_channels, image_size, image_size))
+    # The first 4-D tensor is usually the stem's weight, but a module may register its layers in another order:
+    # the channel count is the one the module runs with.
+    in_channels, out, failure = None, None, ""
+    for channels in dict.fromkeys((int(convs[0].shape[1]), 3, 1)):
+        if channels not in (1, 3):
+            continue
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(1, channels, image_size, image_size))
+        except Exception as exc:  # noqa: BLE001 - the module's refusal of this input; the next shape is tried
+            failure = failure or _last_line(exc)
+            continue
+        in_channels = channels
+        break
+    if in_channels is None:
+        raise MedqError(f"{path}: the module does not run on a {image_size}x{image_size} image of 1 or 3 channels "
+                        f"({failure[:200]}); pass the --image-size it was made for")
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise MedqError(f"{path}: the module should return one [N, classes] tensor, got "
                         f"{getattr(out, 'shape', type(out).__name__)}")
     return LoadedModel(model, in_channels, int(out.shape[1]), {"kind": "torchscript"})
+
+
+def _last_line(exc: Exception) -> str:
+    """The cause of a TorchScript error: its message ends with the original exception, after both tracebacks."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def torch_predict(model: Any, x_nchw) -> Any:
