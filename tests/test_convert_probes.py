@@ -175,3 +175,44 @@ def test_torchscript_that_runs_only_at_its_own_size_is_one_line(tmp_path):
                 verbose=False)
     text = str(err.value)
     assert "\n" not in text and str(path) in text and "--image-size" in text
+
+
+# ---------------------------------------------------------------- checkpoints pickling more than tensors
+
+def test_checkpoint_with_numpy_scalars_is_refused_naming_the_flag_and_loads_when_trusted(tmp_path):
+    import argparse
+
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from medq.convert.torch_models import load_checkpoint_model
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
+    path = tmp_path / "best.pth"  # what many training scripts write
+    torch.save({"model": model.state_dict(), "best_auc": np.float64(0.91), "args": argparse.Namespace(lr=0.1)}, path)
+    with pytest.raises(MedqError) as err:
+        load_checkpoint_model(path, "resnet18")
+    text = str(err.value)
+    assert "\n" not in text and text.startswith(f"{path}: the file pickles Python objects") and "--trust-pickle" in text
+
+    loaded = load_checkpoint_model(path, "resnet18", trust_pickle=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
+def test_a_whole_pickled_model_loads_its_tensors_into_the_named_architecture_when_trusted(tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from medq.convert.torch_models import load_checkpoint_model
+
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    path = tmp_path / "whole.pt"
+    torch.save(model, path)
+    with pytest.raises(MedqError, match=r"whole\.pt: the file pickles Python objects .*--trust-pickle"):
+        load_checkpoint_model(path, "resnet18")
+    loaded = load_checkpoint_model(path, "resnet18", trust_pickle=True)
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+    assert loaded.info["layout"] == "pickled ResNet"

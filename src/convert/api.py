@@ -84,13 +84,13 @@ def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
     return _Source(model, "source-onnx", lambda x: onnx_graph.run_onnx(path, x), size, info)
 
 
-def _load_torch(path: Path, arch: str | None, image_size: int, trust_torchscript: bool):
+def _load_torch(path: Path, arch: str | None, image_size: int, trust_torchscript: bool, trust_pickle: bool):
     """The torch model from a checkpoint (strictly loaded) or a trusted TorchScript file: the quick part."""
     if torch_models.is_torchscript(path):
         if arch is not None:
             raise MedqError(f"{path}: a TorchScript file carries its own architecture; drop --arch {arch}")
         return torch_models.load_torchscript(path, image_size, trust_torchscript)
-    return torch_models.load_checkpoint_model(path, arch)
+    return torch_models.load_checkpoint_model(path, arch, trust_pickle)
 
 
 def _torch_source(loaded, path: Path, arch: str | None, image_size: int, opset: int, work: Path) -> _Source:
@@ -198,7 +198,8 @@ def _replace_dir(source: Path, target: Path) -> None:
 def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None, classes: list[str] | None = None,
             task: str | None = None, image_size: int | None = None, normalization: str | None = None,
             opset: int = DEFAULT_OPSET, tolerance: float = PARITY_TOLERANCE, parity_images: int = PARITY_IMAGES,
-            trust_torchscript: bool = False, model_output: str | None = None, verbose: bool = True) -> ConvertResult:
+            trust_torchscript: bool = False, trust_pickle: bool = False, model_output: str | None = None,
+            verbose: bool = True) -> ConvertResult:
     """A PyTorch checkpoint (with ``arch``), a trusted TorchScript file or an ONNX file → a medq run folder.
 
     Writes ``model_fp32.pb`` (``input:0`` [N, S, S, C] → ``output:0`` probabilities), ``model.onnx`` (NCHW, same
@@ -209,7 +210,9 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
     the model was trained with; required unless the architecture defines it (chexnet: imagenet). ``task``: required
     when the model ends in logits with 2+ outputs (it picks softmax or sigmoid). ``model_output``: ``logits`` or
     ``probabilities``, what the model's outputs are when its graph does not show it (outputs that look like
-    probabilities behind ops other than Sigmoid/Softmax are refused without it). ``tolerance``: the largest absolute
+    probabilities behind ops other than Sigmoid/Softmax are refused without it). ``trust_pickle``: unpickle a
+    checkpoint that holds more than tensors (numpy scalars, a whole model: code runs); its tensors still load
+    strictly into ``arch``. ``tolerance``: the largest absolute
     difference of probabilities, and of logits relative to their magnitude when medq appends the head, between any
     two engines. Raises ``MedqError`` (one line naming the file) on bad input or when the engines disagree by more;
     nothing but ``parity.json`` is written then.
@@ -217,14 +220,15 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
     source, run_dir = Path(source), Path(run_dir)
     with runrecord.writer_lock(run_dir, "convert"):
         return _convert(source, run_dir, arch, classes, task, image_size, normalization, opset, tolerance,
-                        parity_images, trust_torchscript, model_output, verbose)
+                        parity_images, trust_torchscript, trust_pickle, model_output, verbose)
 
 
 def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] | None, task: str | None,
              image_size: int | None, normalization: str | None, opset: int, tolerance: float, parity_images: int,
-             trust_torchscript: bool, model_output: str | None, verbose: bool) -> ConvertResult:
+             trust_torchscript: bool, trust_pickle: bool, model_output: str | None, verbose: bool) -> ConvertResult:
     is_onnx = _check_arguments(source, run_dir, arch, opset, parity_images)
-    loaded = None if is_onnx else _load_torch(source, arch, image_size or DEFAULT_IMAGE_SIZE, trust_torchscript)
+    loaded = None if is_onnx else _load_torch(source, arch, image_size or DEFAULT_IMAGE_SIZE, trust_torchscript,
+                                              trust_pickle)
     norm = _normalization(normalization, arch, source)  # checked before the slow steps
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=run_dir) as tmp:

@@ -126,29 +126,53 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``torch.load(weights_only=True)`` → (state_dict, facts about the file's layout)."""
-    path = Path(path)
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load(weights_only=True)``; a file that pickles other objects only with ``trust_pickle``."""
     torch = require_torch(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError (pickled classes), RuntimeError (corrupt zip), EOFError, ...
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: the file pickles Python objects, not just tensors, and is not loaded "
-                                  f"(weights_only=True); save model.state_dict() instead, or export ONNX") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
+        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if not trust_pickle:
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: the file pickles Python objects{what}, not just tensors, and is not loaded "
+                              "(weights_only=True); save model.state_dict() instead, export ONNX, or, only for a file "
+                              "you trust (unpickling runs code stored in it), pass --trust-pickle")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # the class of a pickled model is not importable here, ...
+        raise CheckpointError(f"{path}: not loadable even trusted ({first_line(exc)}); import-free: save "
+                              "model.state_dict() or export ONNX where the model was made") from None
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``torch.load(weights_only=True)`` → (state_dict, facts about the file's layout). With ``trust_pickle``, a
+    file pickling other objects (numpy scalars, argparse Namespaces, a whole model) is unpickled too."""
+    path = Path(path)
+    obj = _torch_load(path, trust_pickle)
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return dict(obj.state_dict()), {"layout": f"pickled {type(obj).__name__}"}
     if _is_state_dict(obj):
         return dict(obj), {"layout": "state_dict"}
     if isinstance(obj, dict):
         for key in STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key)):
+            value = obj.get(key)
+            if isinstance(value, torch.nn.Module):  # {'model': model, 'epoch': ...} saved trusted
+                value = value.state_dict()
+            if _is_state_dict(value):
                 facts: dict[str, Any] = {"layout": f"dict[{key!r}]",
                                          "other_keys": sorted(str(k) for k in obj if k != key)}
                 if isinstance(obj.get("epoch"), int):
-                    facts["epoch"] = obj["epoch"]
-                return dict(obj[key]), facts
+                    facts["epoch"] = int(obj["epoch"])
+                return dict(value), facts
         keys = ", ".join(str(k) for k in list(obj)[:8])
         raise CheckpointError(f"{path}: no state_dict in this checkpoint (top-level keys: {keys}); expected a "
                               f"state_dict or a dict holding one under {' / '.join(repr(k) for k in STATE_DICT_KEYS)}")
@@ -262,9 +286,10 @@ def model_from_state_dict(arch_name: str | None, state_dict: dict[str, Any], whe
     return LoadedModel(model, in_channels, num_outputs, info)
 
 
-def load_checkpoint_model(path: str | Path, arch_name: str | None) -> LoadedModel:
+def load_checkpoint_model(path: str | Path, arch_name: str | None, trust_pickle: bool = False) -> LoadedModel:
+    """Strictly into ``arch_name``'s network; a trusted pickled model keeps only its tensors there."""
     get_architecture(arch_name, path)
-    state_dict, layout = read_checkpoint(path)
+    state_dict, layout = read_checkpoint(path, trust_pickle)
     return model_from_state_dict(arch_name, state_dict, path, layout)
 
 
