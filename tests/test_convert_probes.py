@@ -216,3 +216,17 @@ def test_a_whole_pickled_model_loads_its_tensors_into_the_named_architecture_whe
     with torch.no_grad():
         assert torch.equal(loaded.model(x), model(x))
     assert loaded.info["layout"] == "pickled ResNet"
+
+
+def test_a_symbolic_class_axis_is_read_from_shape_inference(tmp_path):
+    """Exporters that name every axis dynamic write the output as [N, 'classes']: the count is in the graph."""
+    source = classifier(tmp_path / "dyn.onnx", classes=3)
+    model = onnx.load(str(source))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_param = "classes"
+    onnx.save(model, str(source))
+    result = convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit", verbose=False)
+    x = phantom_batch(result.preprocess, 4)
+    logits = onnx_outputs(source, x)
+    assert logits.shape == (4, 3) and result.classes == ["class_0", "class_1", "class_2"]
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.abs(run_frozen(result.fp32_pb, x) - expected).max() < 1e-5

@@ -73,9 +73,21 @@ def signature(model, where: str | Path) -> OnnxSignature:
     if len(in_dims) != 4 or in_dims[1] not in (1, 3):
         raise MedqError(f"{where}: input {inputs[0].name!r} has shape {in_dims}; medq converts image classifiers "
                         "with an NCHW input of 1 or 3 channels (the PyTorch layout)")
+    if len(out_dims) != 2 or not out_dims[1]:  # a symbolic class axis ("classes"): shape inference knows it
+        out_dims = _inferred_dims(model, outputs[0].name) or out_dims
     if len(out_dims) != 2 or not out_dims[1]:
         raise MedqError(f"{where}: output {outputs[0].name!r} has shape {out_dims}; expected [N, classes]")
     return OnnxSignature(in_dims[0], in_dims[1], in_dims[2], in_dims[3], out_dims[1])
+
+
+def _inferred_dims(model, name: str) -> list[int | None] | None:
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no inferred shape: the declared one is reported
+        return None
+    return next((_dims(o) for o in inferred.graph.output if o.name == name), None)
 
 
 def standardize(model, image_size: int, where: str | Path, input_name: str = "input", output_name: str = "output"):
