@@ -560,8 +560,9 @@ def _convert_arguments(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--classes", metavar="A,B,...", help="class names in output order (default: CheXNet's 14 for "
                        "chexnet, else class_0..N-1)")
         p.add_argument("--image-size", type=int, help="input size in pixels (default 224; ONNX: the file's)")
-        p.add_argument("--normalization", choices=["imagenet", "symmetric", "unit"],
-                       help="the preprocessing the model was trained with (default for chexnet: imagenet)")
+        p.add_argument("--normalization", choices=["imagenet", "symmetric", "unit", "raw"],
+                       help="the preprocessing the model was trained with (default for chexnet: imagenet; a model "
+                       "that rescales its input itself: what its first ops expect)")
         p.add_argument("--trust-torchscript", action="store_true",
                        help="allow loading a TorchScript file, which runs code stored in it: only for files you trust")
         p.add_argument("--trust-pickle", action="store_true",

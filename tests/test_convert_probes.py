@@ -230,3 +230,54 @@ def test_a_symbolic_class_axis_is_read_from_shape_inference(tmp_path):
     assert logits.shape == (4, 3) and result.classes == ["class_0", "class_1", "class_2"]
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     assert np.abs(run_frozen(result.fp32_pb, x) - expected).max() < 1e-5
+
+
+# ---------------------------------------------------------------- models that normalise their input themselves
+
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+
+
+def normalizing_inside(path, steps):
+    """``classifier`` with 3 input channels behind STEPS: (op, per-channel or scalar constant) applied to the input
+    first, as a model exported with its own preprocessing does."""
+    classifier(path)
+    model = onnx.load(str(path))
+    graph = model.graph
+    graph.input[0].type.tensor_type.shape.dim[1].dim_value = 3
+    w1 = next(t for t in graph.initializer if t.name == "w1")
+    w1.CopyFrom(numpy_helper.from_array(np.repeat(numpy_helper.to_array(w1), 3, axis=1) / 3, "w1"))
+    current, nodes = "images", []
+    for i, (op, value) in enumerate(steps):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32).reshape(1, -1, 1, 1), f"k{i}"))
+        nodes.append(helper.make_node(op, [current, f"k{i}"], [f"pre{i}"]))
+        current = f"pre{i}"
+    graph.node[0].input[0] = current
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+RAW_IMAGENET = [("Div", 255.0), ("Sub", IMAGENET_MEAN), ("Div", IMAGENET_STD)]
+
+
+def test_a_model_normalising_inside_refuses_a_second_normalisation(tmp_path):
+    source = normalizing_inside(tmp_path / "own.onnx", RAW_IMAGENET)
+    with pytest.raises(MedqError) as err:
+        convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="imagenet", verbose=False)
+    text = str(err.value)
+    assert "\n" not in text and str(source) in text and "pass --normalization raw" in text
+    symmetric = normalizing_inside(tmp_path / "sym.onnx", [("Sub", 0.5), ("Div", 0.5)])
+    with pytest.raises(MedqError, match=r"sym\.onnx: .*pass --normalization unit"):
+        convert(symmetric, run_dir=tmp_path / "run", task="multiclass", normalization="symmetric", verbose=False)
+
+
+def test_a_model_taking_0_255_pixels_gets_them(tmp_path):
+    source = normalizing_inside(tmp_path / "own.onnx", RAW_IMAGENET)
+    result = convert(source, run_dir=tmp_path / "run", task="multiclass", verbose=False)  # read from its graph
+    assert result.preprocess == PreprocessSpec(SIZE, 3, "raw")
+    pixels = np.random.default_rng(5).integers(0, 256, (4, SIZE, SIZE, 3)).astype(np.float32)
+    logits = onnx_outputs(source, pixels)  # the file fed 0-255 pixels, as it was made for
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.abs(run_frozen(result.fp32_pb, pixels) - expected).max() < 1e-5

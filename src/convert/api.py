@@ -31,7 +31,7 @@ OPSETS = range(13, 18)  # what this stack was tested with (torch exporter, onnx2
 PARITY_TOLERANCE = 1e-4  # absolute, on probabilities
 PARITY_IMAGES = 8
 NOISE_IMAGES = 4  # beside the parity phantoms, through the source only: logits spread beyond [0, 1] on them
-NORMALIZATIONS = ("imagenet", "symmetric", "unit")
+NORMALIZATIONS = ("imagenet", "symmetric", "unit", "raw")
 FROZEN_FP32 = "model_fp32.pb"  # the name medq.freeze writes: later stages find it through the manifest either way
 ONNX_FILE = "model.onnx"
 ONNX_FP32_FILE = "model_fp32.onnx"
@@ -114,14 +114,29 @@ def _class_names(classes: list[str] | None, arch: str | None, n: int, where: Pat
     return [f"class_{i}" for i in range(n)]
 
 
-def _normalization(requested: str | None, arch: str | None, where: Path) -> str:
+def _normalization(requested: str | None, arch: str | None, where: Path) -> str | None:
+    """The preprocessing asked for or the architecture's; None when neither says (the graph may, see below)."""
     if requested is None and arch is not None:
         requested = torch_models.get_architecture(arch, where).normalization
-    if requested not in NORMALIZATIONS:
-        got = f"{requested!r} is not one" if requested else "it is not known for this model"
-        raise MedqError(f"{where}: pass --normalization, the preprocessing the model was trained with ({got}): "
-                        "imagenet (ImageNet mean/std), symmetric (mean 0.5, std 0.5) or unit ([0, 1])")
+    if requested is not None and requested not in NORMALIZATIONS:
+        raise MedqError(f"{where}: {requested!r} is not a normalization; pass --normalization "
+                        + " / ".join(NORMALIZATIONS))
     return requested
+
+
+def _graph_normalization(requested: str | None, model, where: Path) -> str:
+    """``requested`` checked against what the graph's first ops do to the pixels themselves: a model that divides
+    by 255 and subtracts a mean inside, fed ImageNet-normalised pixels, normalises twice, silently."""
+    own = onnx_graph.own_normalization(model)
+    if requested is None and own is None:
+        raise MedqError(f"{where}: pass --normalization, the preprocessing the model was trained with (it is not known "
+                        "for this model): imagenet (ImageNet mean/std), symmetric (mean 0.5, std 0.5), unit ([0, 1]) "
+                        "or raw (0-255 pixels)")
+    if own is not None and requested not in (None, own):
+        takes = "0-255 pixels" if own == "raw" else "[0, 1] pixels"
+        raise MedqError(f"{where}: the model's first ops rescale and normalise its input themselves (it takes {takes}); "
+                        f"--normalization {requested} would normalise twice: pass --normalization {own}")
+    return requested or own
 
 
 def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, parity_images: int) -> bool:
@@ -229,13 +244,14 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
     is_onnx = _check_arguments(source, run_dir, arch, opset, parity_images)
     loaded = None if is_onnx else _load_torch(source, arch, image_size or DEFAULT_IMAGE_SIZE, trust_torchscript,
                                               trust_pickle)
-    norm = _normalization(normalization, arch, source)  # checked before the slow steps
+    requested = _normalization(normalization, arch, source)  # checked before the slow steps
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=run_dir) as tmp:
         work = Path(tmp)
         src = _read_onnx_source(source, image_size) if is_onnx else \
             _torch_source(loaded, source, arch, image_size or DEFAULT_IMAGE_SIZE, opset, work)
         sig = onnx_graph.signature(src.onnx_model, source)
+        norm = _graph_normalization(requested, src.onnx_model, source)
         plan = head.plan_head(head.model_ending(src.onnx_model), sig.num_outputs, task, source, model_output)
         names = _class_names(classes, src.arch, plan.num_classes, source)
         spec = PreprocessSpec(src.image_size, sig.channels, norm)
@@ -281,7 +297,8 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
 
     source_info = {**src.info, "path": str(source.resolve()), "sha256": artifacts.sha256(source),
                    "model_ends_in": plan.model_ends_in, "appended_head": list(plan.appended),
-                   "normalization_from": "argument" if normalization else "architecture default",
+                   "normalization_from": "argument" if normalization else
+                   "architecture default" if requested else "model graph",
                    "model_output_declared": model_output}
     manifest = runrecord.commit(
         run_dir, "convert", artifacts={"fp32_pb": staged_pb, "onnx": staged_onnx},

@@ -90,6 +90,48 @@ def _inferred_dims(model, name: str) -> list[int | None] | None:
     return next((_dims(o) for o in inferred.graph.output if o.name == name), None)
 
 
+_AFFINE_OPS = ("Sub", "Div", "Mul", "Add")
+
+
+def own_normalization(model) -> str | None:
+    """The input a model expects when its first ops rescale and normalise the pixels themselves (a chain of
+    Sub/Div/Mul/Add by constants on the input, folded into one per-channel ``x * scale + offset``): ``raw`` for
+    0–255 pixels (a scale near 1/255), ``unit`` for [0, 1] pixels it normalises itself (mean/std); None when the
+    first op is not such a chain."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    name, scale, offset, steps = real_inputs(graph)[0].name, np.ones(1), np.zeros(1), 0
+    while True:
+        users = [n for n in graph.node if name in n.input]
+        if len(users) != 1 or users[0].op_type not in _AFFINE_OPS or len(users[0].input) != 2:
+            break
+        node = users[0]
+        other = node.input[1] if node.input[0] == name else node.input[0]
+        if other not in constants or (node.op_type in ("Sub", "Div") and node.input[0] != name):
+            break  # c - x or c / x is no normalisation
+        c = constants[other].astype(np.float64).reshape(-1)  # a scalar or one value per channel
+        if node.op_type == "Sub":
+            offset = offset - c
+        elif node.op_type == "Add":
+            offset = offset + c
+        elif node.op_type == "Mul":
+            scale, offset = scale * c, offset * c
+        else:
+            scale, offset = scale / c, offset / c
+        name, steps = node.output[0], steps + 1
+    if not steps:
+        return None
+    if np.abs(scale).max() < 0.05:
+        return "raw"
+    if np.abs(scale).max() > 1.5 or np.abs(offset).max() > 0.3:
+        return "unit"
+    return None
+
+
 def standardize(model, image_size: int, where: str | Path, input_name: str = "input", output_name: str = "output"):
     """A copy of ``model`` with the tensor names medq uses, a dynamic batch axis and a fixed ``image_size``.
 
