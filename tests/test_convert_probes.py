@@ -281,3 +281,23 @@ def test_a_model_taking_0_255_pixels_gets_them(tmp_path):
     logits = onnx_outputs(source, pixels)  # the file fed 0-255 pixels, as it was made for
     expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     assert np.abs(run_frozen(result.fp32_pb, pixels) - expected).max() < 1e-5
+
+
+def test_safetensors_checkpoint_loads_every_tensor(tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from medq.convert.torch_models import load_checkpoint_model
+
+    torch.manual_seed(2)
+    model = torchvision.models.resnet18(weights=None, num_classes=2).eval()
+    path = tmp_path / "model.safetensors"  # Hugging Face / timm's format: no pickle at all
+    safetensors_torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    loaded = load_checkpoint_model(path, "resnet18")
+    assert loaded.info["layout"] == "safetensors"
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(MedqError, match=r"damaged\.safetensors: not a readable safetensors file"):
+        load_checkpoint_model(damaged, "resnet18")

@@ -151,10 +151,34 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
                               "model.state_dict() or export ONNX where the model was made") from None
 
 
+def _is_safetensors(path: Path) -> bool:
+    """Its name, or the safetensors layout: an 8-byte header length, then the JSON header (torch's files start
+    with a zip's or a pickle's magic bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: a safetensors file; reading it needs the safetensors package, which is not "
+                              f"installed; {INSTALL_HINT}") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # a damaged header or a truncated file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+
+
 def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``torch.load(weights_only=True)`` → (state_dict, facts about the file's layout). With ``trust_pickle``, a
-    file pickling other objects (numpy scalars, argparse Namespaces, a whole model) is unpickled too."""
+    """``torch.load(weights_only=True)`` (or a safetensors file: tensors only by design) → (state_dict, facts about
+    the file's layout). With ``trust_pickle``, a file pickling other objects (numpy scalars, argparse Namespaces, a
+    whole model) is unpickled too."""
     path = Path(path)
+    require_torch(path)
+    if path.is_file() and _is_safetensors(path):
+        return _read_safetensors(path), {"layout": "safetensors"}
     obj = _torch_load(path, trust_pickle)
     import torch
 
