@@ -559,7 +559,8 @@ def _convert_arguments(p: argparse.ArgumentParser, name: str) -> None:
                        "multilabel a sigmoid")
         p.add_argument("--classes", metavar="A,B,...", help="class names in output order (default: CheXNet's 14 for "
                        "chexnet, else class_0..N-1)")
-        p.add_argument("--image-size", type=int, help="input size in pixels (default 224; ONNX: the file's)")
+        p.add_argument("--image-size", type=int,
+                       help="input size in pixels (default 224; ONNX: the file's, required when dynamic)")
         p.add_argument("--normalization", choices=["imagenet", "symmetric", "unit", "raw"],
                        help="the preprocessing the model was trained with (default for chexnet: imagenet; a model "
                        "that rescales its input itself: what its first ops expect)")

@@ -301,3 +301,34 @@ def test_safetensors_checkpoint_loads_every_tensor(tmp_path):
     damaged.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(MedqError, match=r"damaged\.safetensors: not a readable safetensors file"):
         load_checkpoint_model(damaged, "resnet18")
+
+
+def _with_input_dims(path, dims):
+    model = onnx.load(str(path))
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, dims):
+        if isinstance(value, str):
+            dim.dim_param = value
+        else:
+            dim.dim_value = value
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_dynamic_input_size_is_not_guessed(tmp_path):
+    """[N, 1, 'H', 'W']: the file does not say the size the model was trained at; 224 by default would be a
+    silently different resolution for a model trained at 32 or 512."""
+    source = _with_input_dims(classifier(tmp_path / "hw.onnx"), ["N", 1, "H", "W"])
+    with pytest.raises(MedqError) as err:
+        convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit", verbose=False)
+    text = str(err.value)
+    assert "\n" not in text and str(source) in text and "pass --image-size" in text
+
+
+def test_two_outputs_are_one_line(tmp_path):
+    source = classifier(tmp_path / "two.onnx")
+    model = onnx.load(str(source))
+    model.graph.output.append(helper.make_tensor_value_info("flat", TensorProto.FLOAT, ["N", 6]))
+    onnx.save(model, str(source))
+    with pytest.raises(MedqError, match=r"two\.onnx: expected one image input and one output, found 1 input\(s\) "
+                                        r"\(images\) and 2 output\(s\)$"):
+        convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit", verbose=False)

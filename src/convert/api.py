@@ -77,7 +77,10 @@ def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
     if image_size is not None and sig.height is not None and image_size != sig.height:
         raise MedqError(f"{path}: the model takes {sig.height}x{sig.width} images, not {image_size}; "
                         f"drop --image-size or pass --image-size {sig.height}")
-    size = sig.height or image_size or DEFAULT_IMAGE_SIZE
+    if sig.height is None and image_size is None:  # a size the file does not state is not guessed
+        raise MedqError(f"{path}: the model's input size is dynamic ({sig.height or '?'}x{sig.width or '?'}), so "
+                        "the file does not say the size it was trained at; pass --image-size")
+    size = sig.height or image_size
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     info = {"kind": "onnx", "opset": opset, "input": onnx_graph.real_inputs(model.graph)[0].name,
             "output": model.graph.output[0].name, "producer": model.producer_name or None}
@@ -134,8 +137,8 @@ def _graph_normalization(requested: str | None, model, where: Path) -> str:
                         "or raw (0-255 pixels)")
     if own is not None and requested not in (None, own):
         takes = "0-255 pixels" if own == "raw" else "[0, 1] pixels"
-        raise MedqError(f"{where}: the model's first ops rescale and normalise its input themselves (it takes {takes}); "
-                        f"--normalization {requested} would normalise twice: pass --normalization {own}")
+        raise MedqError(f"{where}: the model's first ops rescale and normalise its input themselves (it takes "
+                        f"{takes}); --normalization {requested} would normalise twice: pass --normalization {own}")
     return requested or own
 
 
@@ -221,14 +224,15 @@ def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None,
     head), ``saved_model/`` (the network as onnx2tf converted it, NHWC, its own outputs: no appended head),
     ``parity.json`` and the manifest entries later stages read.
 
-    ``image_size``: default 224 for PyTorch input, the file's own size for ONNX. ``normalization``: the preprocessing
-    the model was trained with; required unless the architecture defines it (chexnet: imagenet). ``task``: required
-    when the model ends in logits with 2+ outputs (it picks softmax or sigmoid). ``model_output``: ``logits`` or
-    ``probabilities``, what the model's outputs are when its graph does not show it (outputs that look like
-    probabilities behind ops other than Sigmoid/Softmax are refused without it). ``trust_pickle``: unpickle a
+    ``image_size``: default 224 for PyTorch input, the file's own size for ONNX (required when the file's is
+    dynamic). ``normalization``: the preprocessing the model was trained with; required unless the architecture
+    defines it (chexnet: imagenet) or the graph's first ops show what they expect (``raw``/``unit``). ``task``:
+    required when the model ends in logits with 2+ outputs (it picks softmax or sigmoid). ``model_output``:
+    ``logits`` or ``probabilities``, what the model's outputs are when its graph does not show it (outputs that look
+    like probabilities behind ops other than Sigmoid/Softmax are refused without it). ``trust_pickle``: unpickle a
     checkpoint that holds more than tensors (numpy scalars, a whole model: code runs); its tensors still load
-    strictly into ``arch``. ``tolerance``: the largest absolute
-    difference of probabilities, and of logits relative to their magnitude when medq appends the head, between any
+    strictly into ``arch``. ``tolerance``: the largest absolute difference of probabilities, and of logits relative
+    to their magnitude when medq appends the head, between any
     two engines. Raises ``MedqError`` (one line naming the file) on bad input or when the engines disagree by more;
     nothing but ``parity.json`` is written then.
     """
