@@ -127,7 +127,7 @@ def check_outputs(plan: HeadPlan, y: np.ndarray, where: str | Path) -> None:
     y = np.asarray(y, dtype=np.float64)
     if not (np.isfinite(y).all() and y.min() >= 0.0 and y.max() <= 1.0):
         return
-    sums = " and summing to 1 per image" if y.shape[1] > 1 and np.allclose(y.sum(axis=1), 1.0, atol=1e-3) else ""
+    sums = " and sum to 1 per image" if y.shape[1] > 1 and np.allclose(y.sum(axis=1), 1.0, atol=1e-3) else ""
     raise MedqError(f"{where}: the model's outputs on {len(y)} probe images all lie in [0, 1]{sums}, yet its graph "
                     f"does not end in Sigmoid or Softmax: they look like probabilities already, and a {activation} on "
                     "top would silently squeeze every answer; pass --model-output probabilities to keep them as they "
