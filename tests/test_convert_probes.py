@@ -1,7 +1,7 @@
 """Probes of the converter with models made elsewhere: heads written by hand, inputs onnxruntime or onnx2tf cannot
 take, TorchScript that only runs at its own size. Models are built node by node with onnx.helper (torch only where
 the probe is about TorchScript)."""
-import json
+import warnings
 
 import numpy as np
 import onnx
@@ -125,8 +125,8 @@ def test_float16_input_is_one_line(tmp_path):
 def _scripted(tmp_path, module, name):
     torch = pytest.importorskip("torch")
     path = tmp_path / name
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
         torch.jit.script(module.eval()).save(str(path))
     return path
 

@@ -147,8 +147,9 @@ def _torch_load(path: Path, trust_pickle: bool) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # the class of a pickled model is not importable here, ...
-        raise CheckpointError(f"{path}: not loadable even trusted ({first_line(exc)}); import-free: save "
-                              "model.state_dict() or export ONNX where the model was made") from None
+        raise CheckpointError(f"{path}: not loadable even trusted ({first_line(exc)}; a pickled class must be "
+                              "importable here); save model.state_dict() or export ONNX where the model was "
+                              "made") from None
 
 
 def _is_safetensors(path: Path) -> bool:
