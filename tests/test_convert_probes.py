@@ -332,3 +332,21 @@ def test_two_outputs_are_one_line(tmp_path):
     with pytest.raises(MedqError, match=r"two\.onnx: expected one image input and one output, found 1 input\(s\) "
                                         r"\(images\) and 2 output\(s\)$"):
         convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit", verbose=False)
+
+
+def test_weights_in_an_external_data_file_convert_and_are_hashed(tmp_path):
+    import hashlib
+
+    source = classifier(tmp_path / "big.onnx")
+    onnx.save_model(onnx.load(str(source)), str(source), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="big.onnx.data", size_threshold=0)
+    data = tmp_path / "big.onnx.data"
+    result = convert(source, run_dir=tmp_path / "run", task="multiclass", normalization="unit", verbose=False)
+    x = phantom_batch(result.preprocess, 4)
+    logits = onnx_outputs(source, x)
+    expected = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    assert np.abs(run_frozen(result.fp32_pb, x) - expected).max() < 1e-5
+    from medq import runrecord
+
+    recorded = runrecord.read_manifest(tmp_path / "run")["source_model"]["external_data"]
+    assert recorded == {"big.onnx.data": hashlib.sha256(data.read_bytes()).hexdigest()}

@@ -84,6 +84,9 @@ def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     info = {"kind": "onnx", "opset": opset, "input": onnx_graph.real_inputs(model.graph)[0].name,
             "output": model.graph.output[0].name, "producer": model.producer_name or None}
+    external = onnx_graph.external_data_files(path)
+    if external:  # the weights live beside the file: their hashes are the model's too
+        info["external_data"] = {f.name: artifacts.sha256(f) for f in external}
     return _Source(model, "source-onnx", lambda x: onnx_graph.run_onnx(path, x), size, info)
 
 

@@ -35,6 +35,16 @@ def load_onnx(path: str | Path):
     return model
 
 
+def external_data_files(path: Path) -> list[Path]:
+    """The files an ONNX model keeps its weights in beside itself (``model.onnx.data``), each once."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return [Path(path).parent / location for location in sorted(locations)]
+
+
 def real_inputs(graph) -> list:
     """Graph inputs that are fed at run time (older exporters also list every initializer as an input)."""
     initializers = {t.name for t in graph.initializer}
