@@ -350,3 +350,14 @@ def test_weights_in_an_external_data_file_convert_and_are_hashed(tmp_path):
 
     recorded = runrecord.read_manifest(tmp_path / "run")["source_model"]["external_data"]
     assert recorded == {"big.onnx.data": hashlib.sha256(data.read_bytes()).hexdigest()}
+
+
+def test_a_softmax_over_the_batch_axis_is_refused(tmp_path):
+    source = classifier(tmp_path / "batch.onnx", [helper.make_node("Softmax", ["fc"], ["probs"], axis=0)], out="probs")
+    x = phantom_batch(PreprocessSpec(SIZE, 1, "unit"), 2)
+    alone = onnx_outputs(source, x[:1])
+    assert np.allclose(alone, 1.0)  # the oracle: a lone image gets probability 1 for every class
+    with pytest.raises(MedqError) as err:
+        convert(source, run_dir=tmp_path / "run", normalization="unit", verbose=False)
+    text = str(err.value)
+    assert "\n" not in text and str(source) in text and "axis 0, the batch" in text

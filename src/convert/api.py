@@ -259,7 +259,7 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
             _torch_source(loaded, source, arch, image_size or DEFAULT_IMAGE_SIZE, opset, work)
         sig = onnx_graph.signature(src.onnx_model, source)
         norm = _graph_normalization(requested, src.onnx_model, source)
-        plan = head.plan_head(head.model_ending(src.onnx_model), sig.num_outputs, task, source, model_output)
+        plan = head.plan_head(head.model_ending(src.onnx_model, source), sig.num_outputs, task, source, model_output)
         names = _class_names(classes, src.arch, plan.num_classes, source)
         spec = PreprocessSpec(src.image_size, sig.channels, norm)
 

@@ -49,13 +49,19 @@ class HeadPlan:
     num_classes: int
 
 
-def model_ending(model) -> str:
-    """Walk back from the graph output through shape-only ops to the op that makes it."""
+def model_ending(model, where: str | Path = "model") -> str:
+    """Walk back from the graph output through shape-only ops to the op that makes it. A softmax over the batch axis
+    (axis 0) is refused: each image's answer would depend on the others in its batch (1.0 for a lone image)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     name = model.graph.output[0].name
     while name in producers:
         node = producers[name]
         if node.op_type in _ENDINGS:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            if node.op_type != "Sigmoid" and axis == 0:
+                raise MedqError(f"{where}: the model ends in a {node.op_type} over axis 0, the batch: each image's "
+                                "probabilities would depend on the other images of its batch; export it with the "
+                                "softmax over the classes (dim=1)")
             return _ENDINGS[node.op_type]
         if node.op_type not in _PASS_THROUGH or not node.input:
             break
