@@ -259,7 +259,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     result = convert(args.source, run_dir=config.run_dir, arch=args.arch, classes=classes, task=args.task,
                      image_size=args.image_size, normalization=args.normalization, opset=args.opset,
                      tolerance=args.tolerance, parity_images=args.parity_images,
-                     trust_torchscript=args.trust_torchscript, verbose=not args.quiet)
+                     trust_torchscript=args.trust_torchscript, trust_pickle=args.trust_pickle,
+                     model_output=args.model_output,
+                     verbose=not args.quiet)
     log.info("frozen graph: %s (%s, %d classes, preprocessing %s)", result.fp32_pb, result.task,
              len(result.classes), result.preprocess.to_dict())
     return 0
@@ -557,11 +559,19 @@ def _convert_arguments(p: argparse.ArgumentParser, name: str) -> None:
                        "multilabel a sigmoid")
         p.add_argument("--classes", metavar="A,B,...", help="class names in output order (default: CheXNet's 14 for "
                        "chexnet, else class_0..N-1)")
-        p.add_argument("--image-size", type=int, help="input size in pixels (default 224; ONNX: the file's)")
-        p.add_argument("--normalization", choices=["imagenet", "symmetric", "unit"],
-                       help="the preprocessing the model was trained with (default for chexnet: imagenet)")
+        p.add_argument("--image-size", type=int,
+                       help="input size in pixels (default 224; ONNX: the file's, required when dynamic)")
+        p.add_argument("--normalization", choices=["imagenet", "symmetric", "unit", "raw"],
+                       help="the preprocessing the model was trained with (default for chexnet: imagenet; a model "
+                       "that rescales its input itself: what its first ops expect)")
         p.add_argument("--trust-torchscript", action="store_true",
                        help="allow loading a TorchScript file, which runs code stored in it: only for files you trust")
+        p.add_argument("--trust-pickle", action="store_true",
+                       help="allow a checkpoint that pickles more than tensors (numpy scalars, a whole model), which "
+                       "runs code stored in it when loaded: only for files you trust; tensors still load into --arch")
+        p.add_argument("--model-output", choices=["logits", "probabilities"],
+                       help="what the model's outputs are, when its graph does not end in Sigmoid/Softmax to say so "
+                       "(probabilities get no activation appended)")
     else:
         p.add_argument("--source", help="a frozen .pb or Keras model to export instead of the run's model_fp32.pb")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, 13-17 (default 17)")

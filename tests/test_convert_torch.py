@@ -106,10 +106,12 @@ def _layouts(model):
                           "optimizer": torch.optim.SGD(model.parameters(), 0.1).state_dict()},
         "model_state_dict": {"model_state_dict": sd, "epoch": 1},
         "dataparallel": nn.DataParallel(model).state_dict(),
+        "model": {"model": nn.DataParallel(model).state_dict(), "epoch": 7, "best_auc": 0.8},
+        "net": {"net": sd, "acc": 91.2},
     }
 
 
-@pytest.mark.parametrize("layout", ["bare", "training-dict", "model_state_dict", "dataparallel"])
+@pytest.mark.parametrize("layout", ["bare", "training-dict", "model_state_dict", "dataparallel", "model", "net"])
 def test_checkpoint_layouts_load_every_tensor(tmp_path, layout):
     model = randomize(torchvision.models.resnet18(weights=None, num_classes=3), seed=1)
     path = tmp_path / f"{layout}.pt"

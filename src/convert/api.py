@@ -22,7 +22,7 @@ from medq.convert.dense_concat import chain_concatenations
 from medq.convert.pool_padding import rewrite_pool_padding
 from medq.onnxio import graph_def_to_onnx
 from medq.data.nih import CHEXNET_CLASSES
-from medq.errors import MedqError
+from medq.errors import MedqError, first_line
 from medq.preprocess import PreprocessSpec
 
 DEFAULT_IMAGE_SIZE = 224
@@ -30,7 +30,8 @@ DEFAULT_OPSET = 17
 OPSETS = range(13, 18)  # what this stack was tested with (torch exporter, onnx2tf 1.28, tf2onnx 1.17)
 PARITY_TOLERANCE = 1e-4  # absolute, on probabilities
 PARITY_IMAGES = 8
-NORMALIZATIONS = ("imagenet", "symmetric", "unit")
+NOISE_IMAGES = 4  # beside the parity phantoms, through the source only: logits spread beyond [0, 1] on them
+NORMALIZATIONS = ("imagenet", "symmetric", "unit", "raw")
 FROZEN_FP32 = "model_fp32.pb"  # the name medq.freeze writes: later stages find it through the manifest either way
 ONNX_FILE = "model.onnx"
 ONNX_FP32_FILE = "model_fp32.onnx"
@@ -76,20 +77,26 @@ def _read_onnx_source(path: Path, image_size: int | None) -> _Source:
     if image_size is not None and sig.height is not None and image_size != sig.height:
         raise MedqError(f"{path}: the model takes {sig.height}x{sig.width} images, not {image_size}; "
                         f"drop --image-size or pass --image-size {sig.height}")
-    size = sig.height or image_size or DEFAULT_IMAGE_SIZE
+    if sig.height is None and image_size is None:  # a size the file does not state is not guessed
+        raise MedqError(f"{path}: the model's input size is dynamic ({sig.height or '?'}x{sig.width or '?'}), so "
+                        "the file does not say the size it was trained at; pass --image-size")
+    size = sig.height or image_size
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     info = {"kind": "onnx", "opset": opset, "input": onnx_graph.real_inputs(model.graph)[0].name,
             "output": model.graph.output[0].name, "producer": model.producer_name or None}
+    external = onnx_graph.external_data_files(path)
+    if external:  # the weights live beside the file: their hashes are the model's too
+        info["external_data"] = {f.name: artifacts.sha256(f) for f in external}
     return _Source(model, "source-onnx", lambda x: onnx_graph.run_onnx(path, x), size, info)
 
 
-def _load_torch(path: Path, arch: str | None, image_size: int, trust_torchscript: bool):
+def _load_torch(path: Path, arch: str | None, image_size: int, trust_torchscript: bool, trust_pickle: bool):
     """The torch model from a checkpoint (strictly loaded) or a trusted TorchScript file: the quick part."""
     if torch_models.is_torchscript(path):
         if arch is not None:
             raise MedqError(f"{path}: a TorchScript file carries its own architecture; drop --arch {arch}")
         return torch_models.load_torchscript(path, image_size, trust_torchscript)
-    return torch_models.load_checkpoint_model(path, arch)
+    return torch_models.load_checkpoint_model(path, arch, trust_pickle)
 
 
 def _torch_source(loaded, path: Path, arch: str | None, image_size: int, opset: int, work: Path) -> _Source:
@@ -113,14 +120,29 @@ def _class_names(classes: list[str] | None, arch: str | None, n: int, where: Pat
     return [f"class_{i}" for i in range(n)]
 
 
-def _normalization(requested: str | None, arch: str | None, where: Path) -> str:
+def _normalization(requested: str | None, arch: str | None, where: Path) -> str | None:
+    """The preprocessing asked for or the architecture's; None when neither says (the graph may, see below)."""
     if requested is None and arch is not None:
         requested = torch_models.get_architecture(arch, where).normalization
-    if requested not in NORMALIZATIONS:
-        got = f"{requested!r} is not one" if requested else "it is not known for this model"
-        raise MedqError(f"{where}: pass --normalization, the preprocessing the model was trained with ({got}): "
-                        "imagenet (ImageNet mean/std), symmetric (mean 0.5, std 0.5) or unit ([0, 1])")
+    if requested is not None and requested not in NORMALIZATIONS:
+        raise MedqError(f"{where}: {requested!r} is not a normalization; pass --normalization "
+                        + " / ".join(NORMALIZATIONS))
     return requested
+
+
+def _graph_normalization(requested: str | None, model, where: Path) -> str:
+    """``requested`` checked against what the graph's first ops do to the pixels themselves: a model that divides
+    by 255 and subtracts a mean inside, fed ImageNet-normalised pixels, normalises twice, silently."""
+    own = onnx_graph.own_normalization(model)
+    if requested is None and own is None:
+        raise MedqError(f"{where}: pass --normalization, the preprocessing the model was trained with (it is not known "
+                        "for this model): imagenet (ImageNet mean/std), symmetric (mean 0.5, std 0.5), unit ([0, 1]) "
+                        "or raw (0-255 pixels)")
+    if own is not None and requested not in (None, own):
+        takes = "0-255 pixels" if own == "raw" else "[0, 1] pixels"
+        raise MedqError(f"{where}: the model's first ops rescale and normalise its input themselves (it takes "
+                        f"{takes}); --normalization {requested} would normalise twice: pass --normalization {own}")
+    return requested or own
 
 
 def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, parity_images: int) -> bool:
@@ -140,10 +162,23 @@ def _check_arguments(source: Path, run_dir: Path, arch: str | None, opset: int, 
     return is_onnx
 
 
-def _raw_outputs(src: _Source, network, saved_model: Path, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
+def _source_outputs(src: _Source, x: np.ndarray, where: Path) -> np.ndarray:
+    """The source's own outputs on NHWC ``x``, in the engine it came from; its failure is one line."""
+    try:
+        return src.predict(x.transpose(0, 3, 1, 2))
+    except MedqError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's or torch's refusal of the input, as one line
+        raise MedqError(f"{where}: {src.engine} could not run the model on {x.shape[1]}x{x.shape[2]} images with "
+                        f"{x.shape[3]} channel(s) ({first_line(exc)}); check --image-size, or that the file runs "
+                        f"in {src.engine}") from None
+
+
+def _raw_outputs(src: _Source, source_raw: np.ndarray, network, saved_model: Path, x: np.ndarray,
+                 batch: int) -> dict[str, np.ndarray]:
     """The network's own outputs (before medq's head) in the source engine, onnxruntime and the SavedModel."""
     serve = onnx_graph.load_serving(saved_model)
-    return {src.engine: src.predict(x.transpose(0, 3, 1, 2)),
+    return {src.engine: source_raw,
             "onnxruntime": parity.in_batches(lambda b: onnx_graph.run_onnx(network, b.transpose(0, 3, 1, 2)), x, batch),
             "tensorflow": parity.in_batches(lambda b: serve(b).numpy(), x, batch)}
 
@@ -184,45 +219,57 @@ def _replace_dir(source: Path, target: Path) -> None:
 def convert(source: str | Path, *, run_dir: str | Path, arch: str | None = None, classes: list[str] | None = None,
             task: str | None = None, image_size: int | None = None, normalization: str | None = None,
             opset: int = DEFAULT_OPSET, tolerance: float = PARITY_TOLERANCE, parity_images: int = PARITY_IMAGES,
-            trust_torchscript: bool = False, verbose: bool = True) -> ConvertResult:
+            trust_torchscript: bool = False, trust_pickle: bool = False, model_output: str | None = None,
+            verbose: bool = True) -> ConvertResult:
     """A PyTorch checkpoint (with ``arch``), a trusted TorchScript file or an ONNX file → a medq run folder.
 
     Writes ``model_fp32.pb`` (``input:0`` [N, S, S, C] → ``output:0`` probabilities), ``model.onnx`` (NCHW, same
     head), ``saved_model/`` (the network as onnx2tf converted it, NHWC, its own outputs: no appended head),
     ``parity.json`` and the manifest entries later stages read.
 
-    ``image_size``: default 224 for PyTorch input, the file's own size for ONNX. ``normalization``: the preprocessing
-    the model was trained with; required unless the architecture defines it (chexnet: imagenet). ``task``: required
-    when the model ends in logits with 2+ outputs (it picks softmax or sigmoid). ``tolerance``: the largest absolute
-    difference of probabilities, and of logits relative to their magnitude when medq appends the head, between any
+    ``image_size``: default 224 for PyTorch input, the file's own size for ONNX (required when the file's is
+    dynamic). ``normalization``: the preprocessing the model was trained with; required unless the architecture
+    defines it (chexnet: imagenet) or the graph's first ops show what they expect (``raw``/``unit``). ``task``:
+    required when the model ends in logits with 2+ outputs (it picks softmax or sigmoid). ``model_output``:
+    ``logits`` or ``probabilities``, what the model's outputs are when its graph does not show it (outputs that look
+    like probabilities behind ops other than Sigmoid/Softmax are refused without it). ``trust_pickle``: unpickle a
+    checkpoint that holds more than tensors (numpy scalars, a whole model: code runs); its tensors still load
+    strictly into ``arch``. ``tolerance``: the largest absolute difference of probabilities, and of logits relative
+    to their magnitude when medq appends the head, between any
     two engines. Raises ``MedqError`` (one line naming the file) on bad input or when the engines disagree by more;
     nothing but ``parity.json`` is written then.
     """
     source, run_dir = Path(source), Path(run_dir)
     with runrecord.writer_lock(run_dir, "convert"):
         return _convert(source, run_dir, arch, classes, task, image_size, normalization, opset, tolerance,
-                        parity_images, trust_torchscript, verbose)
+                        parity_images, trust_torchscript, trust_pickle, model_output, verbose)
 
 
 def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] | None, task: str | None,
              image_size: int | None, normalization: str | None, opset: int, tolerance: float, parity_images: int,
-             trust_torchscript: bool, verbose: bool) -> ConvertResult:
+             trust_torchscript: bool, trust_pickle: bool, model_output: str | None, verbose: bool) -> ConvertResult:
     is_onnx = _check_arguments(source, run_dir, arch, opset, parity_images)
-    loaded = None if is_onnx else _load_torch(source, arch, image_size or DEFAULT_IMAGE_SIZE, trust_torchscript)
-    norm = _normalization(normalization, arch, source)  # checked before the slow steps
+    loaded = None if is_onnx else _load_torch(source, arch, image_size or DEFAULT_IMAGE_SIZE, trust_torchscript,
+                                              trust_pickle)
+    requested = _normalization(normalization, arch, source)  # checked before the slow steps
     run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".convert-", dir=run_dir) as tmp:
         work = Path(tmp)
         src = _read_onnx_source(source, image_size) if is_onnx else \
             _torch_source(loaded, source, arch, image_size or DEFAULT_IMAGE_SIZE, opset, work)
         sig = onnx_graph.signature(src.onnx_model, source)
-        plan = head.plan_head(head.model_ending(src.onnx_model), sig.num_outputs, task, source)
+        norm = _graph_normalization(requested, src.onnx_model, source)
+        plan = head.plan_head(head.model_ending(src.onnx_model, source), sig.num_outputs, task, source, model_output)
         names = _class_names(classes, src.arch, plan.num_classes, source)
         spec = PreprocessSpec(src.image_size, sig.channels, norm)
 
         network = onnx_graph.standardize(src.onnx_model, spec.image_size, source)  # the source's own outputs
         network_path = work / "network.onnx"
         network_path.write_bytes(network.SerializeToString())
+        x = parity.phantom_batch(spec, parity_images)
+        # phantoms and noise: what the source makes of them tells logits from probabilities, before the slow steps
+        source_raw = _source_outputs(src, np.concatenate([x, parity.noise_batch(spec, NOISE_IMAGES)]), source)
+        head.check_outputs(plan, source_raw, source)
         onnx_path = work / ONNX_FILE
         onnx_path.write_bytes(head.append_head(network, plan).SerializeToString())
         # The SavedModel is the network as onnx2tf converts it; the head is added in TF when freezing.
@@ -237,9 +284,8 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
         graph_def, batchnorms = restore_batchnorms(graph_def)
         graph_def, chained = chain_concatenations(graph_def)
 
-        x = parity.phantom_batch(spec, parity_images)
         batch = _parity_batch(network, sig, x)
-        raw = _raw_outputs(src, network, saved_model, x, batch)
+        raw = _raw_outputs(src, source_raw[:len(x)], network, saved_model, x, batch)
         probabilities = {src.engine: head.apply_head(plan, raw[src.engine]),
                          "onnxruntime": parity.in_batches(
                              lambda b: onnx_graph.run_onnx(onnx_path, b.transpose(0, 3, 1, 2)), x, batch),
@@ -258,7 +304,9 @@ def _convert(source: Path, run_dir: Path, arch: str | None, classes: list[str] |
 
     source_info = {**src.info, "path": str(source.resolve()), "sha256": artifacts.sha256(source),
                    "model_ends_in": plan.model_ends_in, "appended_head": list(plan.appended),
-                   "normalization_from": "argument" if normalization else "architecture default"}
+                   "normalization_from": "argument" if normalization else
+                   "architecture default" if requested else "model graph",
+                   "model_output_declared": model_output}
     manifest = runrecord.commit(
         run_dir, "convert", artifacts={"fp32_pb": staged_pb, "onnx": staged_onnx},
         sources={"source_model": source_info["sha256"]},

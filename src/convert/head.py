@@ -11,6 +11,13 @@ What the source model ends with (found in its ONNX graph) and the task decide th
 | logits        | N ≥ 2   | binary/multiclass (required)  | softmax                          |
 | logits        | N ≥ 2   | multilabel (required)         | sigmoid                          |
 | logits        | 1       | binary                        | sigmoid, two-column              |
+| probabilities (declared) | N ≥ 2 | any (required)           | nothing                          |
+| probabilities (declared) | 1   | binary                        | two-column                       |
+
+A graph that ends in none of the activations may still end in probabilities: a softmax written out (Exp / ReduceSum),
+a sigmoid then a Clip, a softmax then a Slice of one column. A second activation on top of those is a silently wrong
+model (answers squeezed towards the middle, the class ranking changed), so ``check_outputs`` refuses such outputs
+unless the user declares what they are (``model_output``: ``logits`` or ``probabilities``).
 
 Binary is two one-hot columns everywhere in medq, hence the two-column step for single-output models.
 The same steps exist three times: as ONNX nodes (``append_head``, in ``model.onnx``), as TensorFlow ops
@@ -28,6 +35,7 @@ import numpy as np
 from medq.errors import MedqError
 
 TASKS = ("binary", "multiclass", "multilabel")
+MODEL_OUTPUTS = ("logits", "probabilities")  # what a user may declare the model's outputs to be
 # ONNX ops that end a network in probabilities, and ops that may sit between them and the graph output.
 _ENDINGS = {"Sigmoid": "sigmoid", "Softmax": "softmax", "LogSoftmax": "log-softmax"}
 _PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
@@ -35,19 +43,25 @@ _PASS_THROUGH = {"Identity", "Flatten", "Reshape", "Squeeze", "Cast"}
 
 @dataclass(frozen=True)
 class HeadPlan:
-    model_ends_in: str  # 'sigmoid' | 'softmax' | 'log-softmax' | 'logits'
+    model_ends_in: str  # 'sigmoid' | 'softmax' | 'log-softmax' | 'logits' | 'probabilities' (declared)
     task: str
     appended: tuple[str, ...]  # steps from: 'exp', 'softmax', 'sigmoid', 'two-column'
     num_classes: int
 
 
-def model_ending(model) -> str:
-    """Walk back from the graph output through shape-only ops to the op that makes it."""
+def model_ending(model, where: str | Path = "model") -> str:
+    """Walk back from the graph output through shape-only ops to the op that makes it. A softmax over the batch axis
+    (axis 0) is refused: each image's answer would depend on the others in its batch (1.0 for a lone image)."""
     producers = {out: node for node in model.graph.node for out in node.output}
     name = model.graph.output[0].name
     while name in producers:
         node = producers[name]
         if node.op_type in _ENDINGS:
+            axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+            if node.op_type != "Sigmoid" and axis == 0:
+                raise MedqError(f"{where}: the model ends in a {node.op_type} over axis 0, the batch: each image's "
+                                "probabilities would depend on the other images of its batch; export it with the "
+                                "softmax over the classes (dim=1)")
             return _ENDINGS[node.op_type]
         if node.op_type not in _PASS_THROUGH or not node.input:
             break
@@ -55,12 +69,32 @@ def model_ending(model) -> str:
     return "logits"
 
 
-def plan_head(model_ends_in: str, num_outputs: int, task: str | None, where: str | Path) -> HeadPlan:
+def plan_head(model_ends_in: str, num_outputs: int, task: str | None, where: str | Path,
+              declared: str | None = None) -> HeadPlan:
+    """``declared``: what the user says the outputs are (``model_output``), None to go by the graph."""
     if task is not None and task not in TASKS:
         raise MedqError(f"{where}: unknown task {task!r}; use one of {', '.join(TASKS)}")
+    if declared is not None and declared not in MODEL_OUTPUTS:
+        raise MedqError(f"{where}: unknown model output {declared!r}; use one of {', '.join(MODEL_OUTPUTS)}")
+    if declared == "logits" and model_ends_in != "logits":
+        raise MedqError(f"{where}: the model's graph ends in {model_ends_in}, so its outputs are not logits; drop "
+                        "--model-output logits")
+    if declared == "probabilities" and model_ends_in == "logits":
+        model_ends_in = "probabilities"
 
     def wrong(why: str) -> MedqError:
         return MedqError(f"{where}: the model has {num_outputs} output(s) ending in {model_ends_in}; {why}")
+
+    if model_ends_in == "probabilities":
+        if num_outputs == 1:
+            if task not in (None, "binary"):
+                raise wrong(f"one output is a binary classifier, not {task}: pass --task binary")
+            return HeadPlan(model_ends_in, "binary", ("two-column",), 2)
+        if task is None:
+            raise wrong("pass --task: binary or multiclass if they sum to 1 per image, else multilabel")
+        if task == "binary" and num_outputs != 2:
+            raise wrong("binary means 2 classes: pass --task multiclass or --task multilabel")
+        return HeadPlan(model_ends_in, task, (), num_outputs)
 
     if num_outputs == 1:
         if task not in (None, "binary"):
@@ -85,6 +119,25 @@ def plan_head(model_ends_in: str, num_outputs: int, task: str | None, where: str
             raise wrong("that is single-label: pass --task multiclass (or binary)")
         return HeadPlan(model_ends_in, task, ("exp",) if model_ends_in == "log-softmax" else (), num_outputs)
     return HeadPlan(model_ends_in, task, ("sigmoid",) if task == "multilabel" else ("softmax",), num_outputs)
+
+
+def check_outputs(plan: HeadPlan, y: np.ndarray, where: str | Path) -> None:
+    """Refuse outputs that look like probabilities when the plan appends an activation to them.
+
+    ``y``: the source's own outputs on the probe images. Logits of a real network spread beyond [0, 1] on phantoms
+    and noise; outputs that all stay inside are taken for probabilities (a false alarm costs the user one flag).
+    """
+    activation = next((s for s in plan.appended if s in ("sigmoid", "softmax")), None)
+    if plan.model_ends_in != "logits" or activation is None:
+        return
+    y = np.asarray(y, dtype=np.float64)
+    if not (np.isfinite(y).all() and y.min() >= 0.0 and y.max() <= 1.0):
+        return
+    sums = " and sum to 1 per image" if y.shape[1] > 1 and np.allclose(y.sum(axis=1), 1.0, atol=1e-3) else ""
+    raise MedqError(f"{where}: the model's outputs on {len(y)} probe images all lie in [0, 1]{sums}, yet its graph "
+                    f"does not end in Sigmoid or Softmax: they look like probabilities already, and a {activation} on "
+                    "top would silently squeeze every answer; pass --model-output probabilities to keep them as they "
+                    "are, or --model-output logits if they really are logits")
 
 
 def apply_head(plan: HeadPlan, y: np.ndarray) -> np.ndarray:

@@ -35,6 +35,16 @@ def load_onnx(path: str | Path):
     return model
 
 
+def external_data_files(path: Path) -> list[Path]:
+    """The files an ONNX model keeps its weights in beside itself (``model.onnx.data``), each once."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    locations = {ExternalDataInfo(t).location for t in model.graph.initializer if uses_external_data(t)}
+    return [Path(path).parent / location for location in sorted(locations)]
+
+
 def real_inputs(graph) -> list:
     """Graph inputs that are fed at run time (older exporters also list every initializer as an input)."""
     initializers = {t.name for t in graph.initializer}
@@ -57,17 +67,79 @@ class OnnxSignature:
 
 
 def signature(model, where: str | Path) -> OnnxSignature:
+    import onnx
+
     inputs, outputs = real_inputs(model.graph), list(model.graph.output)
     if len(inputs) != 1 or len(outputs) != 1:
         raise MedqError(f"{where}: expected one image input and one output, found {len(inputs)} input(s) "
                         f"({', '.join(i.name for i in inputs)}) and {len(outputs)} output(s)")
+    for kind, value in (("input", inputs[0]), ("output", outputs[0])):
+        elem = value.type.tensor_type.elem_type
+        if elem != onnx.TensorProto.FLOAT:
+            raise MedqError(f"{where}: {kind} {value.name!r} is {onnx.helper.tensor_dtype_to_np_dtype(elem)}; medq "
+                            "feeds float32 pixels and reads float32 outputs: re-export with float32 inputs and "
+                            "outputs (onnxconverter-common's float16 conversion: keep_io_types=True)")
     in_dims, out_dims = _dims(inputs[0]), _dims(outputs[0])
     if len(in_dims) != 4 or in_dims[1] not in (1, 3):
         raise MedqError(f"{where}: input {inputs[0].name!r} has shape {in_dims}; medq converts image classifiers "
                         "with an NCHW input of 1 or 3 channels (the PyTorch layout)")
+    if len(out_dims) != 2 or not out_dims[1]:  # a symbolic class axis ("classes"): shape inference knows it
+        out_dims = _inferred_dims(model, outputs[0].name) or out_dims
     if len(out_dims) != 2 or not out_dims[1]:
         raise MedqError(f"{where}: output {outputs[0].name!r} has shape {out_dims}; expected [N, classes]")
     return OnnxSignature(in_dims[0], in_dims[1], in_dims[2], in_dims[3], out_dims[1])
+
+
+def _inferred_dims(model, name: str) -> list[int | None] | None:
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no inferred shape: the declared one is reported
+        return None
+    return next((_dims(o) for o in inferred.graph.output if o.name == name), None)
+
+
+_AFFINE_OPS = ("Sub", "Div", "Mul", "Add")
+
+
+def own_normalization(model) -> str | None:
+    """The input a model expects when its first ops rescale and normalise the pixels themselves (a chain of
+    Sub/Div/Mul/Add by constants on the input, folded into one per-channel ``x * scale + offset``): ``raw`` for
+    0–255 pixels (a scale near 1/255), ``unit`` for [0, 1] pixels it normalises itself (mean/std); None when the
+    first op is not such a chain."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                      if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})
+    name, scale, offset, steps = real_inputs(graph)[0].name, np.ones(1), np.zeros(1), 0
+    while True:
+        users = [n for n in graph.node if name in n.input]
+        if len(users) != 1 or users[0].op_type not in _AFFINE_OPS or len(users[0].input) != 2:
+            break
+        node = users[0]
+        other = node.input[1] if node.input[0] == name else node.input[0]
+        if other not in constants or (node.op_type in ("Sub", "Div") and node.input[0] != name):
+            break  # c - x or c / x is no normalisation
+        c = constants[other].astype(np.float64).reshape(-1)  # a scalar or one value per channel
+        if node.op_type == "Sub":
+            offset = offset - c
+        elif node.op_type == "Add":
+            offset = offset + c
+        elif node.op_type == "Mul":
+            scale, offset = scale * c, offset * c
+        else:
+            scale, offset = scale / c, offset / c
+        name, steps = node.output[0], steps + 1
+    if not steps:
+        return None
+    if np.abs(scale).max() < 0.05:
+        return "raw"
+    if np.abs(scale).max() > 1.5 or np.abs(offset).max() > 0.3:
+        return "unit"
+    return None
 
 
 def standardize(model, image_size: int, where: str | Path, input_name: str = "input", output_name: str = "output"):

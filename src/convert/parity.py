@@ -29,6 +29,13 @@ def phantom_batch(spec: PreprocessSpec, n: int) -> np.ndarray:
     return np.stack([preprocess(image, spec) for image in images]).astype(np.float32)
 
 
+def noise_batch(spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` images of uniform 8-bit noise, preprocessed → float32 ``[n, S, S, C]`` (the whole normalised range)."""
+    rng = np.random.default_rng(seed)
+    shape = (spec.image_size, spec.image_size) + ((3,) if spec.channels == 3 else ())
+    return np.stack([preprocess(rng.integers(0, 256, shape, dtype=np.uint8), spec) for _ in range(n)])
+
+
 def run_frozen(graph_def, x: np.ndarray, input_name: str = "input", output_name: str = "output",
                batch_size: int | None = None) -> np.ndarray:
     from medq.graph import FrozenGraph

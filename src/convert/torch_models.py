@@ -126,29 +126,78 @@ def _is_state_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``torch.load(weights_only=True)`` → (state_dict, facts about the file's layout)."""
-    path = Path(path)
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load(weights_only=True)``; a file that pickles other objects only with ``trust_pickle``."""
     torch = require_torch(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError (pickled classes), RuntimeError (corrupt zip), EOFError, ...
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise CheckpointError(f"{path}: the file pickles Python objects, not just tensors, and is not loaded "
-                                  f"(weights_only=True); save model.state_dict() instead, or export ONNX") from None
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
+        if "weights_only" not in str(exc) and "Unsupported global" not in str(exc):
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first_line(exc)})") from None
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+    if not trust_pickle:
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(f"{path}: the file pickles Python objects{what}, not just tensors, and is not loaded "
+                              "(weights_only=True); save model.state_dict() instead, export ONNX, or, only for a file "
+                              "you trust (unpickling runs code stored in it), pass --trust-pickle")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # the class of a pickled model is not importable here, ...
+        raise CheckpointError(f"{path}: not loadable even trusted ({first_line(exc)}; a pickled class must be "
+                              "importable here); save model.state_dict() or export ONNX where the model was "
+                              "made") from None
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Its name, or the safetensors layout: an 8-byte header length, then the JSON header (torch's files start
+    with a zip's or a pickle's magic bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return path.suffix.lower() == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(f"{path}: a safetensors file; reading it needs the safetensors package, which is not "
+                              f"installed; {INSTALL_HINT}") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # a damaged header or a truncated file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({first_line(exc)})") from None
+
+
+def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``torch.load(weights_only=True)`` (or a safetensors file: tensors only by design) → (state_dict, facts about
+    the file's layout). With ``trust_pickle``, a file pickling other objects (numpy scalars, argparse Namespaces, a
+    whole model) is unpickled too."""
+    path = Path(path)
+    require_torch(path)
+    if path.is_file() and _is_safetensors(path):
+        return _read_safetensors(path), {"layout": "safetensors"}
+    obj = _torch_load(path, trust_pickle)
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        return dict(obj.state_dict()), {"layout": f"pickled {type(obj).__name__}"}
     if _is_state_dict(obj):
         return dict(obj), {"layout": "state_dict"}
     if isinstance(obj, dict):
         for key in STATE_DICT_KEYS:
-            if _is_state_dict(obj.get(key)):
+            value = obj.get(key)
+            if isinstance(value, torch.nn.Module):  # {'model': model, 'epoch': ...} saved trusted
+                value = value.state_dict()
+            if _is_state_dict(value):
                 facts: dict[str, Any] = {"layout": f"dict[{key!r}]",
                                          "other_keys": sorted(str(k) for k in obj if k != key)}
                 if isinstance(obj.get("epoch"), int):
-                    facts["epoch"] = obj["epoch"]
-                return dict(obj[key]), facts
+                    facts["epoch"] = int(obj["epoch"])
+                return dict(value), facts
         keys = ", ".join(str(k) for k in list(obj)[:8])
         raise CheckpointError(f"{path}: no state_dict in this checkpoint (top-level keys: {keys}); expected a "
                               f"state_dict or a dict holding one under {' / '.join(repr(k) for k in STATE_DICT_KEYS)}")
@@ -262,9 +311,10 @@ def model_from_state_dict(arch_name: str | None, state_dict: dict[str, Any], whe
     return LoadedModel(model, in_channels, num_outputs, info)
 
 
-def load_checkpoint_model(path: str | Path, arch_name: str | None) -> LoadedModel:
+def load_checkpoint_model(path: str | Path, arch_name: str | None, trust_pickle: bool = False) -> LoadedModel:
+    """Strictly into ``arch_name``'s network; a trusted pickled model keeps only its tensors there."""
     get_architecture(arch_name, path)
-    state_dict, layout = read_checkpoint(path)
+    state_dict, layout = read_checkpoint(path, trust_pickle)
     return model_from_state_dict(arch_name, state_dict, path, layout)
 
 
@@ -285,13 +335,33 @@ def load_torchscript(path: str | Path, image_size: int, trust: bool) -> LoadedMo
     convs = [t for t in model.state_dict().values() if t.ndim == 4]
     if not convs:
         raise MedqError(f"{path}: no convolution weights in this TorchScript module; medq converts image classifiers")
-    in_channels = int(convs[0].shape[1])
-    with torch.no_grad():
-        out = model(torch.zeros(1, in_channels, image_size, image_size))
+    # The first 4-D tensor is usually the stem's weight, but a module may register its layers in another order:
+    # the channel count is the one the module runs with.
+    in_channels, out, failure = None, None, ""
+    for channels in dict.fromkeys((int(convs[0].shape[1]), 3, 1)):
+        if channels not in (1, 3):
+            continue
+        try:
+            with torch.no_grad():
+                out = model(torch.zeros(1, channels, image_size, image_size))
+        except Exception as exc:  # noqa: BLE001 - the module's refusal of this input; the next shape is tried
+            failure = failure or _last_line(exc)
+            continue
+        in_channels = channels
+        break
+    if in_channels is None:
+        raise MedqError(f"{path}: the module does not run on a {image_size}x{image_size} image of 1 or 3 channels "
+                        f"({failure[:200]}); pass the --image-size it was made for")
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise MedqError(f"{path}: the module should return one [N, classes] tensor, got "
                         f"{getattr(out, 'shape', type(out).__name__)}")
     return LoadedModel(model, in_channels, int(out.shape[1]), {"kind": "torchscript"})
+
+
+def _last_line(exc: Exception) -> str:
+    """The cause of a TorchScript error: its message ends with the original exception, after both tracebacks."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def torch_predict(model: Any, x_nchw) -> Any:
