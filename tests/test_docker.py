@@ -529,9 +529,9 @@ def test_ci_runs_setup_the_fast_tier_docker_test_and_the_slow_tier_in_that_order
     code, calls, out = ci()
     assert code == 0 and "CI: passed" in out
     assert calls[:3] == ["setup", "fast", "docker"] and len(calls) == 4 and calls[3].startswith("slow@")
-    # the slow tier's deadline: the budget's end (35 min) less the longest slow test (10 min), from CI's start
+    # the slow tier's deadline: the budget's end (35 min) less the longest slow test's room (5 min), from CI's start
     deadline = int(calls[3].split("@")[1])
-    assert before + 2100 - 600 - 5 <= deadline <= time.time() + 2100 - 600
+    assert before + 2100 - 300 - 5 <= deadline <= time.time() + 2100 - 300
 
 
 @pytest.mark.parametrize("failing, named", [("FAST_STATUS", "fast tier (exit 1)"),
