@@ -29,7 +29,10 @@ STAGE_SETS = ["preprocess.image_size=224", "preprocess.channels=3", "preprocess.
               "train.batch_size=32", "train.tensorboard=false", "train.low_res.epochs=0", "tune.enabled=false",
               "benchmark.precisions=[fp32, int8]", "benchmark.reference=[]", "benchmark.instances=[]",
               "benchmark.batch_sizes=[1, 32]", "benchmark.latency_iterations=20", "benchmark.throughput_iterations=3",
-              "quantize.precisions=[fp32, int8]"]
+              "quantize.precisions=[fp32, int8]",
+              # one epoch on hard-linked films learns nothing; the scale run measures time and memory, not accuracy,
+              # so quantize's chance guard (an FP32 model at chance has nothing for INT8 to preserve) is waived
+              "quantize.allow_chance=true"]
 
 
 def base_films(folder: Path, n: int) -> list[tuple[Path, str]]:
